@@ -1,0 +1,181 @@
+//! Element types and quantized block geometry.
+
+use crate::{Error, Result};
+
+/// A tensor element type: plain floats or a block-quantized format.
+///
+/// Quantized types pack `block_size()` weights of one row into
+/// `block_bytes()` bytes; a row's length must be a multiple of the block size.
+/// The numbering follows GGUF's `ggml_type`.
+#[allow(non_camel_case_types)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q2_K,
+    Q3_K,
+    Q4_K,
+    Q5_K,
+    Q6_K,
+}
+
+impl DType {
+    /// Every supported type.
+    pub const ALL: [DType; 13] = [
+        DType::F32,
+        DType::F16,
+        DType::BF16,
+        DType::Q4_0,
+        DType::Q4_1,
+        DType::Q5_0,
+        DType::Q5_1,
+        DType::Q8_0,
+        DType::Q2_K,
+        DType::Q3_K,
+        DType::Q4_K,
+        DType::Q5_K,
+        DType::Q6_K,
+    ];
+
+    /// Elements per block (1 for plain floats).
+    pub const fn block_size(self) -> usize {
+        match self {
+            DType::F32 | DType::F16 | DType::BF16 => 1,
+            DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 => 32,
+            DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K => 256,
+        }
+    }
+
+    /// Bytes per block.
+    pub const fn block_bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+            DType::Q4_0 => 18,
+            DType::Q4_1 => 20,
+            DType::Q5_0 => 22,
+            DType::Q5_1 => 24,
+            DType::Q8_0 => 34,
+            DType::Q2_K => 84,
+            DType::Q3_K => 110,
+            DType::Q4_K => 144,
+            DType::Q5_K => 176,
+            DType::Q6_K => 210,
+        }
+    }
+
+    /// True for block-quantized types.
+    pub const fn is_quantized(self) -> bool {
+        self.block_size() > 1
+    }
+
+    /// Bytes of a row of `n` elements, or an error when `n` is not a whole
+    /// number of blocks.
+    pub fn row_bytes(self, n: usize) -> Result<usize> {
+        if n % self.block_size() != 0 {
+            return Err(Error::Model(format!(
+                "row of {n} elements is not a multiple of the {self} block size {}",
+                self.block_size()
+            )));
+        }
+        (n / self.block_size())
+            .checked_mul(self.block_bytes())
+            .ok_or_else(|| Error::Model(format!("row of {n} {self} elements overflows")))
+    }
+
+    /// Bytes of a tensor with the given element count (checked).
+    pub fn tensor_bytes(self, shape: &[usize]) -> Result<usize> {
+        let inner = *shape.last().unwrap_or(&1);
+        let outer = shape[..shape.len().saturating_sub(1)]
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| Error::Model(format!("tensor shape {shape:?} overflows")))?;
+        self.row_bytes(inner)?
+            .checked_mul(outer)
+            .ok_or_else(|| Error::Model(format!("tensor shape {shape:?} overflows")))
+    }
+
+    /// GGUF's numeric type id.
+    pub const fn ggml_id(self) -> u32 {
+        match self {
+            DType::F32 => 0,
+            DType::F16 => 1,
+            DType::Q4_0 => 2,
+            DType::Q4_1 => 3,
+            DType::Q5_0 => 6,
+            DType::Q5_1 => 7,
+            DType::Q8_0 => 8,
+            DType::Q2_K => 10,
+            DType::Q3_K => 11,
+            DType::Q4_K => 12,
+            DType::Q5_K => 13,
+            DType::Q6_K => 14,
+            DType::BF16 => 30,
+        }
+    }
+
+    /// The type with GGUF id `id`, if sluice supports it.
+    pub fn from_ggml_id(id: u32) -> Option<DType> {
+        DType::ALL.into_iter().find(|t| t.ggml_id() == id)
+    }
+
+    /// Name as GGUF and llama.cpp write it (`Q4_K`, `F16`, ...).
+    pub const fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+            DType::Q4_0 => "Q4_0",
+            DType::Q4_1 => "Q4_1",
+            DType::Q5_0 => "Q5_0",
+            DType::Q5_1 => "Q5_1",
+            DType::Q8_0 => "Q8_0",
+            DType::Q2_K => "Q2_K",
+            DType::Q3_K => "Q3_K",
+            DType::Q4_K => "Q4_K",
+            DType::Q5_K => "Q5_K",
+            DType::Q6_K => "Q6_K",
+        }
+    }
+
+    /// Parses a name case-insensitively (`q8_0`, `bf16`).
+    pub fn parse(s: &str) -> Option<DType> {
+        DType::ALL
+            .into_iter()
+            .find(|t| t.name().eq_ignore_ascii_case(s))
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_roundtrip_and_names_parse() {
+        for t in DType::ALL {
+            assert_eq!(DType::from_ggml_id(t.ggml_id()), Some(t));
+            assert_eq!(DType::parse(&t.name().to_lowercase()), Some(t));
+        }
+        assert_eq!(DType::from_ggml_id(9), None);
+    }
+
+    #[test]
+    fn row_bytes_rejects_partial_blocks_and_overflow() {
+        assert_eq!(DType::Q4_K.row_bytes(512).unwrap(), 288);
+        assert!(DType::Q4_K.row_bytes(96).is_err());
+        assert!(DType::F32.tensor_bytes(&[usize::MAX, 4]).is_err());
+        assert_eq!(DType::Q8_0.tensor_bytes(&[3, 64]).unwrap(), 3 * 68);
+    }
+}

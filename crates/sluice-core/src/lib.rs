@@ -1,0 +1,19 @@
+//! Core vocabulary shared by every sluice crate.
+//!
+//! * [`DType`]: element and quantized-block types, with the byte geometry of
+//!   their blocks (GGUF's numbering, since GGUF is the richest format).
+//! * [`quant`]: reference dequantization of every block type.
+//! * [`Backend`]: the trait a compute backend (CPU, Metal, simulated device)
+//!   implements; the forward pass is written against it only.
+//! * [`ops`]: the portable element-wise kernels that backends default to.
+//! * [`Error`]: the one error type of the library crates.
+
+pub mod backend;
+pub mod dtype;
+pub mod error;
+pub mod ops;
+pub mod quant;
+
+pub use backend::{AttnParams, Backend, WeightView};
+pub use dtype::DType;
+pub use error::{Error, Result};

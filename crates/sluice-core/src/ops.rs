@@ -1,0 +1,249 @@
+//! Portable element-wise kernels in f32, written to match the reference
+//! (PyTorch) order of operations closely enough for the 1e-3 oracle bound.
+
+use crate::AttnParams;
+
+/// RMSNorm of each `w.len()`-long row of `x`, in place:
+/// `x · rsqrt(mean(x²) + eps) · w`.
+pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
+    let d = w.len();
+    for row in x.chunks_exact_mut(d) {
+        let ss: f32 = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let r = 1.0 / (ss + eps).sqrt();
+        for (v, &g) in row.iter_mut().zip(w) {
+            *v = (*v * r) * g;
+        }
+    }
+}
+
+/// How rotary embedding pairs dimensions within a head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Dimension `i` with `i + rot/2` (Hugging Face's rotate_half, GGUF "neox").
+    Neox,
+    /// Dimension `2i` with `2i + 1` (GGUF "norm", llama-arch files whose Q/K
+    /// rows were permuted by the converter).
+    Interleaved,
+}
+
+/// Rotary position embedding parameters.
+#[derive(Clone, Copy, Debug)]
+pub struct Rope {
+    /// Base of the frequencies (`rope_theta`).
+    pub theta: f32,
+    /// Dimensions rotated per head (`head_dim` unless partial rotary).
+    pub rot_dim: usize,
+    /// Pairing convention.
+    pub style: RopeStyle,
+}
+
+impl Rope {
+    /// `(cos, sin)` tables for one position, `rot_dim / 2` entries each.
+    pub fn tables(&self, pos: usize, cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
+        let half = self.rot_dim / 2;
+        cos.clear();
+        sin.clear();
+        for i in 0..half {
+            let inv = 1.0 / self.theta.powf((2 * i) as f32 / self.rot_dim as f32);
+            let a = pos as f32 * inv;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+
+    /// Rotates every head of one row (`heads × head_dim`) in place.
+    pub fn apply(&self, row: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
+        let half = self.rot_dim / 2;
+        for h in row.chunks_exact_mut(head_dim) {
+            match self.style {
+                RopeStyle::Neox => {
+                    for i in 0..half {
+                        let (a, b) = (h[i], h[i + half]);
+                        h[i] = a * cos[i] - b * sin[i];
+                        h[i + half] = b * cos[i] + a * sin[i];
+                    }
+                }
+                RopeStyle::Interleaved => {
+                    for i in 0..half {
+                        let (a, b) = (h[2 * i], h[2 * i + 1]);
+                        h[2 * i] = a * cos[i] - b * sin[i];
+                        h[2 * i + 1] = b * cos[i] + a * sin[i];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Numerically stable softmax in place.
+pub fn softmax(x: &mut [f32]) {
+    let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut s = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - m).exp();
+        s += *v;
+    }
+    for v in x.iter_mut() {
+        *v /= s;
+    }
+}
+
+/// `silu(x) = x · sigmoid(x)`.
+#[inline]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// `sigmoid(x)`.
+#[inline]
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// `gate[i] = silu(gate[i]) · up[i]`, the SwiGLU activation, in place.
+pub fn swiglu(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = silu(*g) * u;
+    }
+}
+
+/// `a · b` with eight independent accumulators, so the compiler emits SIMD
+/// without reassociating anything.
+#[inline(always)]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut tail = 0.0;
+    for (x, y) in ra.iter().zip(rb) {
+        tail += x * y;
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+/// One head of causal attention for the query row `qh` at position `pos`.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_head(
+    qh: &[f32],
+    k: &[f32],
+    v: &[f32],
+    pos: usize,
+    kvh: usize,
+    p: &AttnParams,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let d = p.head_dim;
+    let kv_dim = p.n_kv_heads * d;
+    let first = match p.window {
+        Some(w) if w > 0 => (pos + 1).saturating_sub(w),
+        _ => 0,
+    };
+    scores.clear();
+    for j in first..=pos {
+        let kj = &k[j * kv_dim + kvh * d..j * kv_dim + kvh * d + d];
+        scores.push(dot(qh, kj) * p.scale);
+    }
+    softmax(scores);
+    out.fill(0.0);
+    for (s, j) in scores.iter().zip(first..=pos) {
+        let vj = &v[j * kv_dim + kvh * d..j * kv_dim + kvh * d + d];
+        for (o, &x) in out.iter_mut().zip(vj) {
+            *o += s * x;
+        }
+    }
+}
+
+/// Reference causal attention (see [`crate::Backend::attention`]).
+pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    n: usize,
+    pos0: usize,
+    p: &AttnParams,
+    out: &mut [f32],
+) {
+    let d = p.head_dim;
+    let q_dim = p.n_heads * d;
+    let group = p.n_heads / p.n_kv_heads;
+    let mut scores = Vec::new();
+    for t in 0..n {
+        for h in 0..p.n_heads {
+            let qh = &q[t * q_dim + h * d..t * q_dim + h * d + d];
+            let o = &mut out[t * q_dim + h * d..t * q_dim + h * d + d];
+            attend_head(qh, k, v, pos0 + t, h / group, p, &mut scores, o);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn softmax_sums_to_one_and_keeps_order() {
+        let mut x = vec![1.0, 3.0, -2.0, 9.0];
+        softmax(&mut x);
+        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(x[3] > 0.99 && x[1] > x[0] && x[0] > x[2]);
+        let mut big = vec![0.0, 1000.0];
+        softmax(&mut big);
+        assert_eq!(big, vec![0.0, 1.0]);
+    }
+
+    #[test]
+    fn dot_matches_naive() {
+        let a: Vec<f32> = (0..37).map(|i| i as f32 * 0.5 - 3.0).collect();
+        let b: Vec<f32> = (0..37).map(|i| (i % 5) as f32 - 2.0).collect();
+        let naive: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        assert!((dot(&a, &b) - naive).abs() < 1e-4);
+    }
+
+    #[test]
+    fn rope_styles_rotate_different_pairs_and_keep_norms() {
+        let rope = |style| Rope {
+            theta: 10000.0,
+            rot_dim: 4,
+            style,
+        };
+        let (mut c, mut s) = (Vec::new(), Vec::new());
+        rope(RopeStyle::Neox).tables(3, &mut c, &mut s);
+        let mut a = vec![1.0, 0.0, 0.0, 0.0];
+        rope(RopeStyle::Neox).apply(&mut a, 4, &c, &s);
+        let mut b = vec![1.0, 0.0, 0.0, 0.0];
+        rope(RopeStyle::Interleaved).apply(&mut b, 4, &c, &s);
+        // Neox pairs dim 0 with dim 2, interleaved pairs it with dim 1.
+        assert!(a[2].abs() > 0.1 && a[1] == 0.0);
+        assert!(b[1].abs() > 0.1 && b[2] == 0.0);
+        let n = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>();
+        assert!((n(&a) - 1.0).abs() < 1e-6 && (n(&b) - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn attention_window_limits_keys() {
+        // Two positions, one head; window 1 means each query sees only itself.
+        let p = AttnParams {
+            n_heads: 1,
+            n_kv_heads: 1,
+            head_dim: 1,
+            scale: 1.0,
+            window: Some(1),
+        };
+        let (q, k, v) = (vec![1.0, 1.0], vec![1.0, 1.0], vec![5.0, 7.0]);
+        let mut out = vec![0.0; 2];
+        attention(&q, &k, &v, 2, 0, &p, &mut out);
+        assert_eq!(out, vec![5.0, 7.0]);
+        let p = AttnParams { window: None, ..p };
+        attention(&q, &k, &v, 2, 0, &p, &mut out);
+        assert_eq!(out[1], 6.0);
+    }
+}

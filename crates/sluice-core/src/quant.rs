@@ -1,0 +1,367 @@
+//! Dequantization of every supported block type.
+//!
+//! These follow ggml's reference C code operation for operation, so that the
+//! results equal `gguf.quants.dequantize` bit for bit; the CPU backend's
+//! kernels are built on them and the oracle tests hold them to that.
+
+use crate::{DType, Error, Result};
+use half::{bf16, f16};
+
+#[inline(always)]
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// Dequantizes `dst.len()` elements of type `dtype` stored in `src`.
+///
+/// `dst.len()` must be a multiple of the block size and `src` exactly the
+/// bytes of that many elements.
+pub fn dequantize(dtype: DType, src: &[u8], dst: &mut [f32]) -> Result<()> {
+    let need = dtype.row_bytes(dst.len())?;
+    if src.len() != need {
+        return Err(Error::Invalid(format!(
+            "dequantize {dtype}: {} elements need {need} bytes, got {}",
+            dst.len(),
+            src.len()
+        )));
+    }
+    dequantize_unchecked(dtype, src, dst);
+    Ok(())
+}
+
+/// [`dequantize`] without the length checks; panics (never UB) on a mismatch.
+pub fn dequantize_unchecked(dtype: DType, src: &[u8], dst: &mut [f32]) {
+    let bs = dtype.block_size();
+    let bb = dtype.block_bytes();
+    match dtype {
+        DType::F32 => {
+            for (d, s) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+            }
+        }
+        DType::F16 => {
+            for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *d = f16::from_le_bytes([s[0], s[1]]).to_f32();
+            }
+        }
+        DType::BF16 => {
+            for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *d = bf16::from_le_bytes([s[0], s[1]]).to_f32();
+            }
+        }
+        _ => {
+            let f = block_fn(dtype);
+            for (y, b) in dst.chunks_exact_mut(bs).zip(src.chunks_exact(bb)) {
+                f(b, y);
+            }
+        }
+    }
+}
+
+type BlockFn = fn(&[u8], &mut [f32]);
+
+fn block_fn(dtype: DType) -> BlockFn {
+    match dtype {
+        DType::Q4_0 => q4_0,
+        DType::Q4_1 => q4_1,
+        DType::Q5_0 => q5_0,
+        DType::Q5_1 => q5_1,
+        DType::Q8_0 => q8_0,
+        DType::Q2_K => q2_k,
+        DType::Q3_K => q3_k,
+        DType::Q4_K => q4_k,
+        DType::Q5_K => q5_k,
+        DType::Q6_K => q6_k,
+        DType::F32 | DType::F16 | DType::BF16 => unreachable!("not a block type"),
+    }
+}
+
+fn q4_0(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let qs = &b[2..18];
+    for j in 0..16 {
+        y[j] = ((qs[j] & 0x0f) as i32 - 8) as f32 * d;
+        y[j + 16] = ((qs[j] >> 4) as i32 - 8) as f32 * d;
+    }
+}
+
+fn q4_1(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let m = f16_at(b, 2);
+    let qs = &b[4..20];
+    for j in 0..16 {
+        y[j] = (qs[j] & 0x0f) as f32 * d + m;
+        y[j + 16] = (qs[j] >> 4) as f32 * d + m;
+    }
+}
+
+fn q5_0(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+    let qs = &b[6..22];
+    for j in 0..16 {
+        let xh0 = (((qh >> j) << 4) & 0x10) as i32;
+        let xh1 = ((qh >> (j + 12)) & 0x10) as i32;
+        y[j] = (((qs[j] & 0x0f) as i32 | xh0) - 16) as f32 * d;
+        y[j + 16] = (((qs[j] >> 4) as i32 | xh1) - 16) as f32 * d;
+    }
+}
+
+fn q5_1(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let m = f16_at(b, 2);
+    let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+    let qs = &b[8..24];
+    for j in 0..16 {
+        let xh0 = ((qh >> j) << 4) & 0x10;
+        let xh1 = (qh >> (j + 12)) & 0x10;
+        y[j] = ((qs[j] & 0x0f) as u32 | xh0) as f32 * d + m;
+        y[j + 16] = ((qs[j] >> 4) as u32 | xh1) as f32 * d + m;
+    }
+}
+
+fn q8_0(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    for (o, &q) in y.iter_mut().zip(&b[2..34]) {
+        *o = q as i8 as f32 * d;
+    }
+}
+
+fn q2_k(b: &[u8], y: &mut [f32]) {
+    let scales = &b[0..16];
+    let qs = &b[16..80];
+    let d = f16_at(b, 80);
+    let min = f16_at(b, 82);
+    let mut is = 0;
+    let mut out = 0;
+    for n in 0..2 {
+        let q = &qs[n * 32..n * 32 + 32];
+        for shift in [0u32, 2, 4, 6] {
+            for half in 0..2 {
+                let sc = scales[is];
+                is += 1;
+                let dl = d * (sc & 0x0f) as f32;
+                let ml = min * (sc >> 4) as f32;
+                for l in 0..16 {
+                    y[out] = dl * ((q[l + 16 * half] >> shift) & 3) as f32 - ml;
+                    out += 1;
+                }
+            }
+        }
+    }
+}
+
+fn q3_k(b: &[u8], y: &mut [f32]) {
+    let hm = &b[0..32];
+    let qs = &b[32..96];
+    let sc = &b[96..108];
+    let d_all = f16_at(b, 108);
+    // Unpack the 16 6-bit scales exactly as ggml does.
+    const KMASK1: u32 = 0x0303_0303;
+    const KMASK2: u32 = 0x0f0f_0f0f;
+    let a0 = u32::from_le_bytes([sc[0], sc[1], sc[2], sc[3]]);
+    let a1 = u32::from_le_bytes([sc[4], sc[5], sc[6], sc[7]]);
+    let tmp = u32::from_le_bytes([sc[8], sc[9], sc[10], sc[11]]);
+    let aux = [
+        (a0 & KMASK2) | ((tmp & KMASK1) << 4),
+        (a1 & KMASK2) | (((tmp >> 2) & KMASK1) << 4),
+        ((a0 >> 4) & KMASK2) | (((tmp >> 4) & KMASK1) << 4),
+        ((a1 >> 4) & KMASK2) | (((tmp >> 6) & KMASK1) << 4),
+    ];
+    let mut scales = [0i8; 16];
+    for (i, s) in scales.iter_mut().enumerate() {
+        *s = (aux[i / 4] >> (8 * (i % 4))) as u8 as i8;
+    }
+    let mut is = 0;
+    let mut out = 0;
+    let mut m = 1u8;
+    for n in 0..2 {
+        let q = &qs[n * 32..n * 32 + 32];
+        for shift in [0u32, 2, 4, 6] {
+            for half in 0..2 {
+                let dl = d_all * (scales[is] as i32 - 32) as f32;
+                is += 1;
+                for l in 0..16 {
+                    let i = l + 16 * half;
+                    let hi = if hm[i] & m != 0 { 0 } else { 4 };
+                    y[out] = dl * (((q[i] >> shift) & 3) as i32 - hi) as f32;
+                    out += 1;
+                }
+            }
+            m <<= 1;
+        }
+    }
+}
+
+/// The (scale, min) pair `j` of a Q4_K/Q5_K 12-byte packed scale array.
+#[inline(always)]
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+fn q4_k(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let min = f16_at(b, 2);
+    let scales = &b[4..16];
+    let qs = &b[16..144];
+    for j in 0..4 {
+        let (s1, m1) = scale_min_k4(2 * j, scales);
+        let (s2, m2) = scale_min_k4(2 * j + 1, scales);
+        let (d1, m1) = (d * s1 as f32, min * m1 as f32);
+        let (d2, m2) = (d * s2 as f32, min * m2 as f32);
+        let q = &qs[32 * j..32 * j + 32];
+        let o = &mut y[64 * j..64 * j + 64];
+        for l in 0..32 {
+            o[l] = d1 * (q[l] & 0x0f) as f32 - m1;
+            o[l + 32] = d2 * (q[l] >> 4) as f32 - m2;
+        }
+    }
+}
+
+fn q5_k(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let min = f16_at(b, 2);
+    let scales = &b[4..16];
+    let qh = &b[16..48];
+    let ql = &b[48..176];
+    for j in 0..4 {
+        let (s1, m1) = scale_min_k4(2 * j, scales);
+        let (s2, m2) = scale_min_k4(2 * j + 1, scales);
+        let (d1, m1) = (d * s1 as f32, min * m1 as f32);
+        let (d2, m2) = (d * s2 as f32, min * m2 as f32);
+        let (u1, u2) = (1u8 << (2 * j), 2u8 << (2 * j));
+        let q = &ql[32 * j..32 * j + 32];
+        let o = &mut y[64 * j..64 * j + 64];
+        for l in 0..32 {
+            let h1 = if qh[l] & u1 != 0 { 16 } else { 0 };
+            let h2 = if qh[l] & u2 != 0 { 16 } else { 0 };
+            o[l] = d1 * ((q[l] & 0x0f) + h1) as f32 - m1;
+            o[l + 32] = d2 * ((q[l] >> 4) + h2) as f32 - m2;
+        }
+    }
+}
+
+fn q6_k(b: &[u8], y: &mut [f32]) {
+    let ql = &b[0..128];
+    let qh = &b[128..192];
+    let sc = &b[192..208];
+    let d = f16_at(b, 208);
+    for n in 0..2 {
+        let ql = &ql[64 * n..64 * n + 64];
+        let qh = &qh[32 * n..32 * n + 32];
+        let sc = &sc[8 * n..8 * n + 8];
+        let o = &mut y[128 * n..128 * n + 128];
+        for l in 0..32 {
+            let is = l / 16;
+            let q1 = ((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) as i32 - 32;
+            let q2 = ((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+            let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+            let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+            o[l] = d * (sc[is] as i8 as f32) * q1 as f32;
+            o[l + 32] = d * (sc[is + 2] as i8 as f32) * q2 as f32;
+            o[l + 64] = d * (sc[is + 4] as i8 as f32) * q3 as f32;
+            o[l + 96] = d * (sc[is + 6] as i8 as f32) * q4 as f32;
+        }
+    }
+}
+
+/// Quantizes `src` to Q8_0 the way ggml's reference quantizer does.
+///
+/// Used by `synth` and by tests; the engine never requantizes silently.
+pub fn quantize_q8_0(src: &[f32], dst: &mut Vec<u8>) {
+    for blk in src.chunks(32) {
+        let amax = blk.iter().fold(0f32, |a, &v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        dst.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+        for i in 0..32 {
+            let v = blk.get(i).copied().unwrap_or(0.0) * id;
+            dst.push(v.round() as i8 as u8);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q8_0_roundtrip_is_close() {
+        let x: Vec<f32> = (0..64).map(|i| ((i * 37 % 19) as f32 - 9.0) * 0.13).collect();
+        let mut q = Vec::new();
+        quantize_q8_0(&x, &mut q);
+        let mut y = vec![0.0; 64];
+        dequantize(DType::Q8_0, &q, &mut y).unwrap();
+        for (a, b) in x.iter().zip(&y) {
+            assert!((a - b).abs() < 0.01, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn dequantize_rejects_wrong_lengths() {
+        let mut y = vec![0.0; 32];
+        assert!(dequantize(DType::Q8_0, &[0u8; 33], &mut y).is_err());
+        let mut y = vec![0.0; 31];
+        assert!(dequantize(DType::Q8_0, &[0u8; 34], &mut y).is_err());
+    }
+}
+
+/// Byte offsets of the f16 scale fields inside one block of `dtype`
+/// (empty for plain float types).
+pub fn scale_field_offsets(dtype: DType) -> &'static [usize] {
+    match dtype {
+        DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => &[0],
+        DType::Q4_1 | DType::Q5_1 | DType::Q4_K | DType::Q5_K => &[0, 2],
+        DType::Q2_K => &[80, 82],
+        DType::Q3_K => &[108],
+        DType::Q6_K => &[208],
+        DType::F32 | DType::F16 | DType::BF16 => &[],
+    }
+}
+
+/// Deterministic pseudo-random tensor bytes of `elems` elements of `dtype`
+/// whose values are finite and of order `scale` once dequantized: random
+/// quant codes with sane block scales. Used by `synth` and by tests.
+pub fn random_tensor_bytes(dtype: DType, elems: usize, seed: u64, scale: f32) -> Vec<u8> {
+    let mut s = seed ^ 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        // splitmix64
+        s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let unit = |n: &mut dyn FnMut() -> u64| (n() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+    let mut out = Vec::with_capacity(dtype.row_bytes(elems).unwrap_or(0));
+    match dtype {
+        DType::F32 => (0..elems).for_each(|_| out.extend((unit(&mut next) * scale).to_le_bytes())),
+        DType::F16 => (0..elems)
+            .for_each(|_| out.extend(f16::from_f32(unit(&mut next) * scale).to_le_bytes())),
+        DType::BF16 => (0..elems)
+            .for_each(|_| out.extend(bf16::from_f32(unit(&mut next) * scale).to_le_bytes())),
+        _ => {
+            let bb = dtype.block_bytes();
+            // Codes span ~16-64 levels: scale the block factor down to match.
+            let d = scale / if dtype == DType::Q8_0 { 127.0 } else { 16.0 };
+            for _ in 0..elems / dtype.block_size() {
+                let start = out.len();
+                for _ in 0..bb {
+                    out.push(next() as u8);
+                }
+                for &o in scale_field_offsets(dtype) {
+                    let v = f16::from_f32(d * (0.25 + 0.75 * unit(&mut next).abs()));
+                    out[start + o..start + o + 2].copy_from_slice(&v.to_le_bytes());
+                }
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,935 @@
+#!/usr/bin/env python3
+"""Oracle-fixture generator for sluice.
+
+Builds tiny *random* Mixture-of-Experts causal LMs with Hugging Face
+`transformers`, saves them exactly as `save_pretrained` writes them, and records
+the logits that transformers computes for a fixed token sequence.  The Rust
+forward pass is tested against these numbers.  It also writes GGUF versions of
+some models (llama.cpp `convert_hf_to_gguf.py` conventions) with their own
+oracle logits, and raw quant-block test vectors for the GGML block formats.
+
+Nothing is downloaded: the tokenizer is a tiny byte-level BPE trained here on a
+fixed corpus, the weights come from a seeded torch RNG.
+
+Set-up (outside the repository; exact versions in scripts/requirements-fixtures.txt):
+
+    python3 -m venv /work/venv
+    /work/venv/bin/pip install -r scripts/requirements-fixtures.txt
+
+Usage
+-----
+Regenerate the whole committed fixture set (models, GGUF files, quant vectors,
+README.md) -- deterministic, re-running gives identical weights and logits:
+
+    /work/venv/bin/python scripts/make_fixtures.py --out tests/fixtures
+
+Only some of the built-in fixtures (names as in `--list`):
+
+    /work/venv/bin/python scripts/make_fixtures.py --out tests/fixtures --only qwen3_moe,mixtral.f16.gguf
+    /work/venv/bin/python scripts/make_fixtures.py --list
+
+One extra model with another seed and/or other shapes, written to a directory of
+your choice (config.json, safetensors, tokenizer.json, expected.json, and with
+--gguf also DIR/model.<type>.gguf + DIR/model.<type>.expected.json):
+
+    /work/venv/bin/python scripts/make_fixtures.py --arch qwen3_moe --seed 7 \\
+        --hidden 104 --experts 9 --top-k 2 --layers 4 --heads 4 --kv-heads 1 \\
+        --head-dim 20 --moe-inter 44 --vocab 355 --only-one /tmp/extra_qwen3 --gguf q8_0
+
+Shape flags (all optional; defaults are those of the built-in fixture of that
+arch): --hidden --experts --top-k --layers --heads --kv-heads --head-dim
+--moe-inter --inter --shared-inter --vocab --init-range --rope-theta
+--mlp-only-layers "1,3" --norm-topk-prob {0,1} --tie {0,1} --dtype {float32,bfloat16}
+--layout {per_expert,fused} --max-shard-size 200KB.
+
+Robustness: for every MoE layer and every position the gap between the k-th and
+(k+1)-th largest router probability must exceed --min-gap (1e-3); otherwise the
+next seed is tried (the seed actually used is recorded in expected.json and the
+README).  For GGUF files the check is done on the model with the dequantized
+weights as well.
+
+Oracle convention: float32, model.eval(), torch.no_grad(),
+attn_implementation="eager", experts_implementation="eager", one sequence,
+no padding, positions 0..T-1; logits for every position.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import gguf
+import safetensors
+import tokenizers
+import transformers
+from gguf import GGMLQuantizationType as QT
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
+
+# ----------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TOKENIZER_VOCAB = 300  # 3 specials + 256 byte symbols + 41 merges
+TOKENIZER_CORPUS = (
+    ["the cat sat on the mat. the dog ate the rat!"] * 3
+    + [
+        "a quick brown fox jumps over the lazy dog",
+        "mixture of experts streams weights from disk",
+        "the the the cat cat sat",
+    ]
+)
+PROMPT = "the cat sat on the mat. the dog ate the rat!"
+
+
+def build_tokenizer() -> Tokenizer:
+    """Byte-level BPE (GPT-2 pre-tokenizer regex), 300 tokens, deterministic."""
+    tok = Tokenizer(tok_models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(TOKENIZER_CORPUS, trainer)
+    assert tok.get_vocab_size() == TOKENIZER_VOCAB, tok.get_vocab_size()
+    return tok
+
+
+def prompt_ids(tok: Tokenizer) -> list[int]:
+    ids = tok.encode(PROMPT).ids
+    assert 11 <= len(ids) <= 13 and len(set(ids)) < len(ids), ids
+    return ids
+
+
+# ----------------------------------------------------------------------------
+# Model specs
+# ----------------------------------------------------------------------------
+
+ARCH_CLASSES = {
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"),
+}
+
+# Geometry of the built-in fixtures.  Keys are generic; make_config() maps them
+# onto each architecture's config fields.
+BASE = {
+    "qwen3_moe": dict(
+        arch="qwen3_moe", seed=1000, vocab=331, hidden=96, layers=3, heads=4, kv_heads=2,
+        head_dim=24, experts=12, top_k=3, moe_inter=40, inter=72, norm_topk_prob=True,
+        mlp_only_layers=[1], rope_theta=50000.0, tie=False, init_range=0.15, rms_eps=1e-6,
+    ),
+    "qwen2_moe": dict(
+        arch="qwen2_moe", seed=2000, vocab=347, hidden=80, layers=3, heads=5, kv_heads=1,
+        head_dim=None, experts=10, top_k=2, moe_inter=36, shared_inter=56, inter=64,
+        norm_topk_prob=False, mlp_only_layers=[2], rope_theta=10000.0, tie=False,
+        init_range=0.15, rms_eps=1e-6,
+    ),
+    "mixtral": dict(
+        arch="mixtral", seed=3000, vocab=309, hidden=72, layers=3, heads=6, kv_heads=2,
+        head_dim=None, experts=6, top_k=2, moe_inter=48, rope_theta=1e6, tie=False,
+        init_range=0.15, rms_eps=1e-5,
+    ),
+    "olmoe": dict(
+        arch="olmoe", seed=4000, vocab=373, hidden=88, layers=3, heads=4, kv_heads=2,
+        head_dim=None, experts=14, top_k=5, moe_inter=28, norm_topk_prob=False,
+        rope_theta=10000.0, tie=True, init_range=0.15, rms_eps=1e-5,
+    ),
+}
+
+# safetensors model fixtures: name -> spec (BASE entry + overrides)
+MODEL_FIXTURES = {
+    "qwen3_moe": dict(BASE["qwen3_moe"]),
+    # identical weights (same seed) saved with save_original_format=False:
+    # stacked experts mlp.experts.gate_up_proj [E,2I,H] / mlp.experts.down_proj [E,H,I]
+    "qwen3_moe_fused": dict(BASE["qwen3_moe"], layout="fused"),
+    # another seed, weights stored as bfloat16; config.json uses the hub spelling num_experts
+    "qwen3_moe_bf16": dict(BASE["qwen3_moe"], seed=1100, dtype="bfloat16", config_rename={"num_local_experts": "num_experts"}),
+    "qwen2_moe": dict(BASE["qwen2_moe"]),
+    # second qwen2_moe (other seed, smaller geometry), sharded into several files
+    "qwen2_moe_sharded": dict(
+        BASE["qwen2_moe"], seed=2100, vocab=317, hidden=56, heads=7, kv_heads=7, experts=7, top_k=3,
+        moe_inter=20, shared_inter=44, inter=52, mlp_only_layers=[0], norm_topk_prob=True,
+        max_shard_size="150KB",
+    ),
+    "mixtral": dict(BASE["mixtral"]),
+    "olmoe": dict(BASE["olmoe"]),
+}
+
+# GGUF fixtures: name -> (spec, quant type for 2-D/3-D weights)
+GGUF_FIXTURES = {
+    # same seed/geometry as models/qwen3_moe -> same weights (F16-rounded)
+    "qwen3_moe.f16.gguf": (dict(BASE["qwen3_moe"]), "F16"),
+    # own geometry: every matrix row length a multiple of 32 (96, 160), not a power of two
+    "qwen3_moe.q8_0.gguf": (
+        dict(BASE["qwen3_moe"], seed=1200, vocab=339, hidden=96, heads=4, kv_heads=2, head_dim=24,
+             experts=6, top_k=2, moe_inter=96, inter=160, mlp_only_layers=[2]),
+        "Q8_0",
+    ),
+    # own geometry: rows of 96 -> Q4_0; shared-expert down_proj rows of 56 -> F16 fallback
+    "qwen2_moe.q4_0.gguf": (
+        dict(BASE["qwen2_moe"], seed=2200, vocab=353, hidden=96, heads=6, kv_heads=2, experts=8,
+             top_k=2, moe_inter=96, shared_inter=56, inter=160, mlp_only_layers=[1], init_range=0.12),
+        "Q4_0",
+    ),
+    # same seed/geometry as models/mixtral; Q/K rows permuted for llama.cpp's interleaved rope
+    "mixtral.f16.gguf": (dict(BASE["mixtral"], alignment=64), "F16"),
+    # same seed/geometry as models/olmoe; tied embeddings -> no output.weight
+    "olmoe.bf16.gguf": (dict(BASE["olmoe"]), "BF16"),
+}
+
+
+def make_config(spec: dict):
+    arch = spec["arch"]
+    cfg_cls = getattr(transformers, ARCH_CLASSES[arch][0])
+    kw = dict(
+        vocab_size=spec["vocab"],
+        hidden_size=spec["hidden"],
+        num_hidden_layers=spec["layers"],
+        num_attention_heads=spec["heads"],
+        num_key_value_heads=spec["kv_heads"],
+        num_experts_per_tok=spec["top_k"],
+        max_position_embeddings=512,
+        initializer_range=spec["init_range"],
+        rms_norm_eps=spec["rms_eps"],
+        tie_word_embeddings=spec["tie"],
+        rope_parameters={"rope_type": "default", "rope_theta": float(spec["rope_theta"])},
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    if spec.get("head_dim"):
+        kw["head_dim"] = spec["head_dim"]
+    if arch == "qwen3_moe":
+        kw.update(num_experts=spec["experts"], moe_intermediate_size=spec["moe_inter"],
+                  intermediate_size=spec["inter"], norm_topk_prob=spec["norm_topk_prob"],
+                  mlp_only_layers=list(spec.get("mlp_only_layers", [])), decoder_sparse_step=1,
+                  attention_bias=False, use_sliding_window=False, sliding_window=None)
+    elif arch == "qwen2_moe":
+        kw.update(num_experts=spec["experts"], moe_intermediate_size=spec["moe_inter"],
+                  intermediate_size=spec["inter"], shared_expert_intermediate_size=spec["shared_inter"],
+                  norm_topk_prob=spec["norm_topk_prob"], mlp_only_layers=list(spec.get("mlp_only_layers", [])),
+                  decoder_sparse_step=1, qkv_bias=True, use_sliding_window=False)
+    elif arch == "mixtral":
+        kw.update(num_local_experts=spec["experts"], intermediate_size=spec["moe_inter"], sliding_window=None)
+    elif arch == "olmoe":
+        kw.update(num_experts=spec["experts"], intermediate_size=spec["moe_inter"],
+                  norm_topk_prob=spec["norm_topk_prob"], clip_qkv=None, attention_bias=False, pad_token_id=None)
+    else:
+        raise ValueError(arch)
+    cfg = cfg_cls(**kw)
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def build_model(spec: dict, seed: int):
+    """Random model in float32.  Norm weights and biases are randomised too (HF
+    initialises them to 1 / 0, which would hide norm/bias mix-ups)."""
+    cfg = make_config(spec)
+    torch.manual_seed(seed)
+    model_cls = getattr(transformers, ARCH_CLASSES[spec["arch"]][1])
+    model = model_cls(cfg).to(torch.float32)
+    g = torch.Generator().manual_seed(seed * 7919 + 17)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                p.copy_(1.0 + 0.25 * (torch.rand(p.shape, generator=g) * 2 - 1))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    set_eager(model)
+    model.eval()
+    return model
+
+
+def set_eager(model):
+    model.set_attn_implementation("eager")
+    model.set_experts_implementation("eager")
+
+
+# ----------------------------------------------------------------------------
+# Forward + router gap check
+# ----------------------------------------------------------------------------
+
+def is_router(mod) -> bool:
+    return type(mod).__name__.endswith("TopKRouter")
+
+
+@torch.no_grad()
+def forward_with_gaps(model, ids: list[int], top_k: int):
+    """Returns (logits [T,V] float32 numpy, min router gap, per-layer gaps)."""
+    gaps = []
+
+    def hook(mod, inp, out):
+        logits = out[0].float()
+        probs = torch.softmax(logits, dim=-1)
+        srt = torch.sort(probs, dim=-1, descending=True).values
+        gaps.append(float((srt[:, top_k - 1] - srt[:, top_k]).min()))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if is_router(m)]
+    try:
+        out = model(input_ids=torch.tensor([ids], dtype=torch.long), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    logits = out.logits[0].float().numpy()
+    assert np.isfinite(logits).all()
+    return logits, (min(gaps) if gaps else float("inf")), gaps
+
+
+def versions() -> dict:
+    return {"transformers": transformers.__version__, "torch": torch.__version__.split("+")[0]}
+
+
+def write_expected(path: Path, ids, logits: np.ndarray, meta: dict):
+    # %.9g round-trips float32 exactly
+    rows = [[float(f"{v:.9g}") for v in row] for row in logits.astype(np.float32).tolist()]
+    doc = {"tokens": list(map(int, ids)), "logits": rows, "meta": meta}
+    path.write_text(json.dumps(doc, separators=(",", ":")) + "\n")
+
+
+# ----------------------------------------------------------------------------
+# safetensors model fixture
+# ----------------------------------------------------------------------------
+
+def find_seed(spec: dict, ids, min_gap: float, extra_check=None, max_tries: int = 200):
+    """First seed >= spec['seed'] whose routers have a top-k gap > min_gap
+    (and for which extra_check(model, seed) also passes)."""
+    seed = spec["seed"]
+    for _ in range(max_tries):
+        model = build_model(spec, seed)
+        logits, gap, _ = forward_with_gaps(model, ids, spec["top_k"])
+        if spec.get("dtype", "float32") == "bfloat16":
+            # round the parameters only: model.to(bfloat16) would also round the
+            # rotary inv_freq buffer, which a bf16 checkpoint does not contain
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.copy_(p.to(torch.bfloat16).to(torch.float32))
+            logits, gap, _ = forward_with_gaps(model, ids, spec["top_k"])
+        ok = gap > min_gap
+        extra = None
+        if ok and extra_check is not None:
+            extra = extra_check(model, seed)
+            ok = extra is not None
+        if ok:
+            return seed, model, logits, gap, extra
+        print(f"    seed {seed}: router gap {gap:.2e} too small, trying next seed", flush=True)
+        seed += 1
+    raise RuntimeError("no seed with a large enough router gap")
+
+
+def make_model_fixture(name: str, spec: dict, out_dir: Path, tok: Tokenizer, ids, min_gap: float) -> dict:
+    print(f"[model] {name}", flush=True)
+    seed, model, logits, gap, _ = find_seed(spec, ids, min_gap)
+    d = out_dir
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    save_kw = dict(safe_serialization=True)
+    if spec.get("layout") == "fused":
+        save_kw["save_original_format"] = False
+    if spec.get("max_shard_size"):
+        save_kw["max_shard_size"] = spec["max_shard_size"]
+    if spec.get("dtype", "float32") == "bfloat16":
+        # parameters are already bf16-exact; the cast is lossless
+        to_save = copy.deepcopy(model).to(torch.bfloat16)
+        to_save.save_pretrained(d, **save_kw)
+    else:
+        model.save_pretrained(d, **save_kw)
+    if spec.get("config_rename"):
+        cfg = json.loads((d / "config.json").read_text())
+        cfg = {spec["config_rename"].get(k, k): v for k, v in cfg.items()}
+        (d / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    tok.save(str(d / "tokenizer.json"))
+
+    meta = dict(versions(), seed=seed, dtype="float32", weights_dtype=spec.get("dtype", "float32"),
+                arch=spec["arch"], prompt=PROMPT, min_router_gap=gap)
+    write_expected(d / "expected.json", ids, logits, meta)
+
+    # ---- verification: reload what was written, recompute, compare ----
+    model_cls = getattr(transformers, ARCH_CLASSES[spec["arch"]][1])
+    re = model_cls.from_pretrained(d, dtype=torch.float32, attn_implementation="eager",
+                                   experts_implementation="eager")
+    re.eval()
+    rl, rgap, _ = forward_with_gaps(re, ids, spec["top_k"])
+    err = float(np.abs(rl - logits).max())
+    assert err <= 1e-5, (name, err)
+    files = sorted(p.name for p in d.iterdir())
+    info = dict(name=name, seed=seed, min_gap=gap, reload_max_abs_err=err, files=files,
+                logit_absmax=float(np.abs(logits).max()), logit_std=float(logits.std()))
+    print(f"    seed={seed} min_router_gap={gap:.4f} |logits|max={info['logit_absmax']:.2f} "
+          f"std={info['logit_std']:.2f} reload_err={err:.1e} files={len(files)}", flush=True)
+    return info
+
+
+def check_layouts(per_expert_dir: Path, fused_dir: Path, spec: dict):
+    """Asserts that the fused file holds exactly the per-expert tensors, with
+    gate_up_proj[e, :I] == experts.e.gate_proj and gate_up_proj[e, I:] == up_proj."""
+    a = load_file(str(per_expert_dir / "model.safetensors"))
+    b = load_file(str(fused_dir / "model.safetensors"))
+    inter = spec["moe_inter"]
+    n = 0
+    for k, v in b.items():
+        if k.endswith("mlp.experts.gate_up_proj"):
+            pre = k[: -len("gate_up_proj")]
+            for e in range(v.shape[0]):
+                assert torch.equal(v[e, :inter], a[f"{pre}{e}.gate_proj.weight"])
+                assert torch.equal(v[e, inter:], a[f"{pre}{e}.up_proj.weight"])
+            n += 1
+        elif k.endswith("mlp.experts.down_proj"):
+            pre = k[: -len("down_proj")]
+            for e in range(v.shape[0]):
+                assert torch.equal(v[e], a[f"{pre}{e}.down_proj.weight"])
+        else:
+            assert torch.equal(v, a[k]), k
+    assert n > 0
+    print(f"    layouts verified: fused gate_up_proj[:, :I] = gate_proj, [:, I:] = up_proj ({n} layers)")
+
+
+# ----------------------------------------------------------------------------
+# GGUF
+# ----------------------------------------------------------------------------
+
+GGUF_ARCH = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral": "llama", "olmoe": "olmoe"}
+FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "BF16": 32}
+
+
+def llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf.py LlamaModel.permute (n_head = heads for Q, kv heads for K)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_state_to_gguf(model, spec: dict) -> list[tuple[str, np.ndarray, str]]:
+    """(gguf name, float32 array in numpy/PyTorch order, role) in llama.cpp naming.
+    role: 'norm' | 'bias' | 'router' | 'weight'."""
+    arch = spec["arch"]
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    out = []
+    out.append(("token_embd.weight", sd["model.embed_tokens.weight"], "weight"))
+    for b in range(spec["layers"]):
+        p = f"model.layers.{b}."
+        blk = f"blk.{b}."
+        out.append((blk + "attn_norm.weight", sd[p + "input_layernorm.weight"], "norm"))
+        for hf, gg in [("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output")]:
+            w = sd[p + f"self_attn.{hf}.weight"]
+            if arch == "mixtral" and hf == "q_proj":
+                w = llama_permute(w, spec["heads"])
+            if arch == "mixtral" and hf == "k_proj":
+                w = llama_permute(w, spec["kv_heads"])
+            out.append((blk + gg + ".weight", w, "weight"))
+            if p + f"self_attn.{hf}.bias" in sd:
+                out.append((blk + gg + ".bias", sd[p + f"self_attn.{hf}.bias"], "bias"))
+        if p + "self_attn.q_norm.weight" in sd:
+            out.append((blk + "attn_q_norm.weight", sd[p + "self_attn.q_norm.weight"], "norm"))
+            out.append((blk + "attn_k_norm.weight", sd[p + "self_attn.k_norm.weight"], "norm"))
+        out.append((blk + "ffn_norm.weight", sd[p + "post_attention_layernorm.weight"], "norm"))
+        if p + "mlp.experts.gate_up_proj" in sd:
+            gu = sd[p + "mlp.experts.gate_up_proj"]  # [E, 2I, H]
+            inter = gu.shape[1] // 2
+            out.append((blk + "ffn_gate_inp.weight", sd[p + "mlp.gate.weight"], "router"))
+            out.append((blk + "ffn_gate_exps.weight", np.ascontiguousarray(gu[:, :inter]), "weight"))
+            out.append((blk + "ffn_up_exps.weight", np.ascontiguousarray(gu[:, inter:]), "weight"))
+            out.append((blk + "ffn_down_exps.weight", sd[p + "mlp.experts.down_proj"], "weight"))
+            if p + "mlp.shared_expert.gate_proj.weight" in sd:
+                out.append((blk + "ffn_gate_inp_shexp.weight", sd[p + "mlp.shared_expert_gate.weight"], "router"))
+                for hf, gg in [("gate_proj", "ffn_gate_shexp"), ("up_proj", "ffn_up_shexp"), ("down_proj", "ffn_down_shexp")]:
+                    out.append((blk + gg + ".weight", sd[p + f"mlp.shared_expert.{hf}.weight"], "weight"))
+        else:
+            for hf, gg in [("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")]:
+                out.append((blk + gg + ".weight", sd[p + f"mlp.{hf}.weight"], "weight"))
+    out.append(("output_norm.weight", sd["model.norm.weight"], "norm"))
+    if not spec["tie"]:
+        out.append(("output.weight", sd["lm_head.weight"], "weight"))
+    n_hf = len(sd) - (1 if spec["tie"] and "lm_head.weight" in sd else 0)
+    n_out = len(out) - sum(1 for n, _, _ in out if n.endswith("ffn_gate_exps.weight"))  # gate+up <- gate_up
+    assert n_out == n_hf, (n_out, n_hf, sorted(sd))
+    return out
+
+
+def choose_qtype(role: str, arr: np.ndarray, qname: str) -> QT:
+    """convert_hf_to_gguf.py policy: 1-D, *_norm, biases, routers (ffn_gate_inp,
+    ffn_gate_inp_shexp) -> F32; everything else the file type, falling back to F16
+    when the row length is not a multiple of the block size."""
+    if role in ("norm", "bias", "router") or arr.ndim <= 1:
+        return QT.F32
+    qt = QT[qname]
+    block = gguf.GGML_QUANT_SIZES[qt][0]
+    if arr.shape[-1] % block != 0:
+        return QT.F16
+    return qt
+
+
+def write_gguf(path: Path, model, spec: dict, qname: str, tok: Tokenizer, seed: int) -> dict:
+    arch = spec["arch"]
+    ga = GGUF_ARCH[arch]
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), ga)
+    w.add_custom_alignment(spec.get("alignment", 32))  # writes general.alignment
+    w.add_type("model")
+    w.add_name(f"sluice-fixture-{path.name}")
+    w.add_block_count(spec["layers"])
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(spec["hidden"])
+    if arch == "qwen3_moe" or arch == "qwen2_moe":
+        w.add_feed_forward_length(spec["inter"])  # dense-MLP layers (mlp_only_layers)
+    else:
+        w.add_feed_forward_length(spec["moe_inter"])  # mixtral / olmoe: intermediate_size = expert FFN
+    w.add_head_count(spec["heads"])
+    w.add_head_count_kv(spec["kv_heads"])
+    w.add_rope_freq_base(float(spec["rope_theta"]))
+    w.add_layer_norm_rms_eps(float(spec["rms_eps"]))
+    w.add_expert_count(spec["experts"])
+    w.add_expert_used_count(spec["top_k"])
+    if spec.get("head_dim"):  # convert_hf_to_gguf writes these only when config.json has head_dim
+        w.add_key_length(spec["head_dim"])
+        w.add_value_length(spec["head_dim"])
+    if arch in ("qwen3_moe", "qwen2_moe"):
+        w.add_expert_feed_forward_length(spec["moe_inter"])
+    if arch == "qwen2_moe":
+        w.add_expert_shared_feed_forward_length(spec["shared_inter"])
+    if arch == "mixtral":  # LlamaModel.set_gguf_parameters extras
+        w.add_vocab_size(spec["vocab"])
+        w.add_rope_dimension_count(spec["hidden"] // spec["heads"])
+    # Not written by convert_hf_to_gguf for these archs (llama.cpp hard-codes it per arch);
+    # added so a reader need not hard-code it.  true = renormalise the top-k weights.
+    norm_w = {"qwen3_moe": spec.get("norm_topk_prob"), "qwen2_moe": spec.get("norm_topk_prob"),
+              "mixtral": True, "olmoe": spec.get("norm_topk_prob")}[arch]
+    w.add_expert_weights_norm(bool(norm_w))
+    w.add_file_type(FILE_TYPE[qname])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    # tokenizer (TextModel._set_vocab_gpt2 conventions)
+    tj = json.loads(tok.to_str())
+    inv = {i: t for t, i in tj["model"]["vocab"].items()}
+    for at in tj["added_tokens"]:
+        inv[at["id"]] = at["content"]
+    special_ids = {at["id"] for at in tj["added_tokens"] if at["special"]}
+    tokens, types = [], []
+    for i in range(spec["vocab"]):
+        if i in inv:
+            tokens.append(inv[i])
+            types.append(gguf.TokenType.CONTROL if i in special_ids else gguf.TokenType.NORMAL)
+        else:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(0)
+    w.add_add_bos_token(False)
+
+    qtypes = {}
+    for name, arr, role in hf_state_to_gguf(model, spec):
+        qt = choose_qtype(role, arr, qname)
+        arr = np.ascontiguousarray(arr.astype(np.float32))
+        if qt == QT.F32:
+            w.add_tensor(name, arr)
+        elif qt == QT.F16:
+            w.add_tensor(name, arr.astype(np.float16))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(arr, qt), raw_dtype=qt)
+        qtypes[name] = qt.name
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return qtypes
+
+
+def gguf_to_model(path: Path, spec: dict, seed: int):
+    """Fresh model whose parameters are the GGUF tensors dequantized to float32
+    (llama permutation undone for mixtral)."""
+    r = gguf.GGUFReader(str(path))
+    t = {}
+    for ti in r.tensors:
+        a = gguf.quants.dequantize(ti.data, ti.tensor_type).astype(np.float32)
+        t[ti.name] = a.reshape([int(x) for x in reversed(ti.shape.tolist())])
+    model = build_model(spec, seed)
+    sd = model.state_dict()
+    new = {}
+    arch = spec["arch"]
+    new["model.embed_tokens.weight"] = t["token_embd.weight"]
+    new["model.norm.weight"] = t["output_norm.weight"]
+    if not spec["tie"]:
+        new["lm_head.weight"] = t["output.weight"]
+    for b in range(spec["layers"]):
+        p, blk = f"model.layers.{b}.", f"blk.{b}."
+        new[p + "input_layernorm.weight"] = t[blk + "attn_norm.weight"]
+        new[p + "post_attention_layernorm.weight"] = t[blk + "ffn_norm.weight"]
+        for hf, gg in [("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output")]:
+            a = t[blk + gg + ".weight"]
+            if arch == "mixtral" and hf == "q_proj":
+                a = llama_unpermute(a, spec["heads"])
+            if arch == "mixtral" and hf == "k_proj":
+                a = llama_unpermute(a, spec["kv_heads"])
+            new[p + f"self_attn.{hf}.weight"] = a
+            if blk + gg + ".bias" in t:
+                new[p + f"self_attn.{hf}.bias"] = t[blk + gg + ".bias"]
+        if blk + "attn_q_norm.weight" in t:
+            new[p + "self_attn.q_norm.weight"] = t[blk + "attn_q_norm.weight"]
+            new[p + "self_attn.k_norm.weight"] = t[blk + "attn_k_norm.weight"]
+        if blk + "ffn_gate_exps.weight" in t:
+            new[p + "mlp.gate.weight"] = t[blk + "ffn_gate_inp.weight"]
+            new[p + "mlp.experts.gate_up_proj"] = np.concatenate(
+                [t[blk + "ffn_gate_exps.weight"], t[blk + "ffn_up_exps.weight"]], axis=1)
+            new[p + "mlp.experts.down_proj"] = t[blk + "ffn_down_exps.weight"]
+            if blk + "ffn_gate_inp_shexp.weight" in t:
+                new[p + "mlp.shared_expert_gate.weight"] = t[blk + "ffn_gate_inp_shexp.weight"]
+                for hf, gg in [("gate_proj", "ffn_gate_shexp"), ("up_proj", "ffn_up_shexp"), ("down_proj", "ffn_down_shexp")]:
+                    new[p + f"mlp.shared_expert.{hf}.weight"] = t[blk + gg + ".weight"]
+        else:
+            for hf, gg in [("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")]:
+                new[p + f"mlp.{hf}.weight"] = t[blk + gg + ".weight"]
+    if spec["tie"]:
+        sd_keys = set(sd) - {"lm_head.weight"}
+    else:
+        sd_keys = set(sd)
+    assert set(new) == sd_keys, (set(new) ^ sd_keys)
+    for k, v in new.items():
+        assert tuple(sd[k].shape) == v.shape, (k, sd[k].shape, v.shape)
+    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in new.items()}, strict=False)
+    if spec["tie"]:
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    set_eager(model)
+    model.eval()
+    return model, r
+
+
+def make_gguf_fixture(name: str, spec: dict, qname: str, out_path: Path, tok, ids, min_gap: float,
+                      expected_path: Path | None = None) -> dict:
+    print(f"[gguf] {name}", flush=True)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    state = {}
+
+    def check(model, seed):
+        qtypes = write_gguf(out_path, model, spec, qname, tok, seed)
+        dq, reader = gguf_to_model(out_path, spec, seed)
+        logits, gap, _ = forward_with_gaps(dq, ids, spec["top_k"])
+        if gap <= min_gap:
+            print(f"    seed {seed}: dequantized router gap {gap:.2e} too small", flush=True)
+            return None
+        state.update(qtypes=qtypes, logits=logits, gap=gap, reader=reader)
+        return True
+
+    seed, model, f32_logits, f32_gap, _ = find_seed(spec, ids, min_gap, extra_check=check)
+    logits = state["logits"]
+    meta = dict(versions(), gguf=gguf_version(), seed=seed, dtype="float32", arch=spec["arch"],
+                gguf_arch=GGUF_ARCH[spec["arch"]], weights=f"{qname} (dequantized with gguf.quants.dequantize)",
+                prompt=PROMPT, min_router_gap=state["gap"],
+                max_abs_diff_vs_float32_weights=float(np.abs(logits - f32_logits).max()))
+    exp = expected_path or out_path.with_name(out_path.name[: -len(".gguf")] + ".expected.json")
+    write_expected(exp, ids, logits, meta)
+    counts = {}
+    for v in state["qtypes"].values():
+        counts[v] = counts.get(v, 0) + 1
+    info = dict(name=name, seed=seed, min_gap=state["gap"], qtypes=counts, size=out_path.stat().st_size,
+                diff_vs_f32=meta["max_abs_diff_vs_float32_weights"], logit_absmax=float(np.abs(logits).max()),
+                tensor_types=state["qtypes"])
+    print(f"    seed={seed} min_router_gap(dequant)={state['gap']:.4f} types={counts} "
+          f"max|dq-f32 logits|={info['diff_vs_f32']:.3e} size={info['size']}", flush=True)
+    return info
+
+
+def gguf_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("gguf")
+    except Exception:
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------
+# Quant block test vectors
+# ----------------------------------------------------------------------------
+
+# byte offsets of the f16 super-block scale fields that are overwritten with sane values
+KQUANT_SCALE_FIELDS = {
+    "Q2_K": {"d": 80, "dmin": 82},   # scales[16] @0, qs[64] @16, d @80, dmin @82 (84 bytes)
+    "Q3_K": {"d": 108},              # hmask[32] @0, qs[64] @32, scales[12] @96, d @108 (110 bytes)
+    "Q4_K": {"d": 0, "dmin": 2},     # d @0, dmin @2, scales[12] @4, qs[128] @16 (144 bytes)
+    "Q5_K": {"d": 0, "dmin": 2},     # d @0, dmin @2, scales[12] @4, qh[32] @16, qs[128] @48 (176 bytes)
+    "Q6_K": {"d": 208},              # ql[128] @0, qh[64] @128, scales[16] (int8) @192, d @208 (210 bytes)
+}
+BLOCK_LAYOUTS = {
+    "F16": "IEEE binary16 little-endian, 1 element per block",
+    "BF16": "bfloat16 little-endian (upper 16 bits of an f32), 1 element per block",
+    "Q4_0": "d f16 @0, qs[16] @2; x[j] = d*((qs[j]&0xF)-8), x[j+16] = d*((qs[j]>>4)-8) (18 bytes)",
+    "Q4_1": "d f16 @0, m f16 @2, qs[16] @4; x[j] = d*(qs[j]&0xF)+m, x[j+16] = d*(qs[j]>>4)+m (20 bytes)",
+    "Q5_0": "d f16 @0, qh u32 @2, qs[16] @6; 5th bit of x[j] is bit j of qh, of x[j+16] bit j+16; value-16 (22 bytes)",
+    "Q5_1": "d f16 @0, m f16 @2, qh u32 @4, qs[16] @8 (24 bytes)",
+    "Q8_0": "d f16 @0, qs[32] int8 @2 (34 bytes)",
+    "Q2_K": "scales[16] @0, qs[64] @16, d f16 @80, dmin f16 @82 (84 bytes)",
+    "Q3_K": "hmask[32] @0, qs[64] @32, scales[12] @96, d f16 @108 (110 bytes)",
+    "Q4_K": "d f16 @0, dmin f16 @2, scales[12] @4, qs[128] @16 (144 bytes)",
+    "Q5_K": "d f16 @0, dmin f16 @2, scales[12] @4, qh[32] @16, qs[128] @48 (176 bytes)",
+    "Q6_K": "ql[128] @0, qh[64] @128, scales[16] int8 @192, d f16 @208 (210 bytes)",
+}
+
+
+def make_quants(out: Path, seed: int = 12345) -> dict:
+    print("[quants]", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    index = {}
+    for name in ["F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]:
+        qt = QT[name]
+        block, tsize = gguf.GGML_QUANT_SIZES[qt]
+        if name in ("F16", "BF16"):
+            n_blocks = 256
+            x = (rng.standard_normal(n_blocks) * np.exp(rng.uniform(-6, 6, n_blocks))).astype(np.float32)
+            x[:6] = [0.0, -0.0, 1.0, -2.5, 6.0e-8, -3.0e-6]  # includes f16 subnormals and -0
+            raw = (x.astype(np.float16).view(np.uint8) if name == "F16" else gguf.quants.quantize(x, qt))
+        elif name in KQUANT_SCALE_FIELDS:
+            n_blocks = 8
+            raw = rng.integers(0, 256, size=(n_blocks, tsize), dtype=np.uint8)
+            for b in range(n_blocks):
+                for fld, off in KQUANT_SCALE_FIELDS[name].items():
+                    v = rng.uniform(0.01, 0.5) * (1 if rng.random() < 0.5 or fld == "dmin" else -1)
+                    raw[b, off:off + 2] = np.frombuffer(np.float16(v).tobytes(), dtype=np.uint8)
+            raw = raw.reshape(-1)
+        else:
+            n_blocks = 8
+            scales = np.array([1e-3, 0.02, 0.5, 1.0, 3.0, 17.0, 250.0, 0.07], dtype=np.float32)
+            x = (rng.standard_normal((n_blocks, block)) * scales[:, None]).astype(np.float32)
+            x[1] -= 0.05  # an all-negative-leaning block
+            x[4] = np.abs(x[4])  # an all-positive block
+            raw = gguf.quants.quantize(x.reshape(1, -1), qt).reshape(-1)
+        raw = np.ascontiguousarray(raw, dtype=np.uint8)
+        assert raw.size == n_blocks * tsize, (name, raw.size)
+        deq = gguf.quants.dequantize(raw.reshape(1, -1), qt).astype(np.float32).reshape(-1)
+        assert deq.size == n_blocks * block and np.isfinite(deq).all(), name
+        (out / f"{name}.bin").write_bytes(raw.tobytes())
+        (out / f"{name}.f32").write_bytes(deq.astype("<f4").tobytes())
+        entry = {"n_blocks": n_blocks, "block_size": block, "type_size": tsize, "ggml_type_id": int(qt),
+                 "layout": BLOCK_LAYOUTS[name]}
+        if name in KQUANT_SCALE_FIELDS:
+            entry["random_bytes_except_f16_fields_at"] = KQUANT_SCALE_FIELDS[name]
+        index[name] = entry
+    index["_note"] = ("<TYPE>.bin = raw GGML blocks; <TYPE>.f32 = little-endian float32 of "
+                      "gguf.quants.dequantize(bin, GGMLQuantizationType.<TYPE>), flattened. "
+                      "F16/BF16/Q4_0..Q8_0: quantized random floats of varied magnitude; "
+                      "K-quants: random bytes with the f16 super-block scale fields overwritten by "
+                      "finite values of magnitude 0.01..0.5 (offsets in random_bytes_except_f16_fields_at). "
+                      f"gguf-py {gguf_version()}.")
+    (out / "index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return index
+
+
+# ----------------------------------------------------------------------------
+# README
+# ----------------------------------------------------------------------------
+
+def dir_size(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def geometry_str(spec: dict) -> str:
+    s = (f"vocab {spec['vocab']}, hidden {spec['hidden']}, layers {spec['layers']}, heads {spec['heads']}/"
+         f"kv {spec['kv_heads']}, head_dim {spec.get('head_dim') or spec['hidden'] // spec['heads']}"
+         f"{'' if spec.get('head_dim') else ' (implicit)'}, experts {spec['experts']} top-{spec['top_k']}, "
+         f"expert inter {spec['moe_inter']}")
+    if spec["arch"] in ("qwen3_moe", "qwen2_moe"):
+        s += f", dense inter {spec['inter']} (mlp_only_layers {spec.get('mlp_only_layers')})"
+    if spec["arch"] == "qwen2_moe":
+        s += f", shared-expert inter {spec['shared_inter']}, qkv bias"
+    if "norm_topk_prob" in spec:
+        s += f", norm_topk_prob {spec['norm_topk_prob']}"
+    s += f", rope_theta {spec['rope_theta']:g}, rms_eps {spec['rms_eps']:g}, tied {spec['tie']}"
+    return s
+
+
+def write_readme(out: Path, model_infos: list, gguf_infos: list, argv: list[str]):
+    v = versions()
+    lines = []
+    lines.append("# Oracle fixtures\n")
+    lines.append("Generated by `scripts/make_fixtures.py` (do not edit by hand; re-run it). Command:\n")
+    lines.append("```\n/work/venv/bin/python scripts/make_fixtures.py " + " ".join(argv) + "\n```\n")
+    lines.append(f"Versions: transformers {v['transformers']}, torch {v['torch']}, gguf-py {gguf_version()}, "
+                 f"safetensors {safetensors.__version__}, tokenizers {tokenizers.__version__}, numpy {np.__version__} "
+                 "(pinned in `scripts/requirements-fixtures.txt`).\n")
+    lines.append(
+        "All models are random (seeded) with `initializer_range` 0.12-0.15; RMSNorm weights are randomised to "
+        "U(0.75, 1.25) and qkv biases to N(0, 0.1) so that norm/bias mix-ups are visible. "
+        "`expected.json` = `{\"tokens\", \"logits\" [T][vocab], \"meta\"}`; logits are computed by transformers in "
+        "float32 (eval, no_grad, eager attention, eager experts) for the prompt "
+        f"`{PROMPT}` tokenized by the fixture tokenizer (13 ids, with repeats), at every position. "
+        "The `min_router_gap` in meta is the smallest (k-th minus (k+1)-th) router softmax probability over all "
+        "MoE layers and positions (required > 1e-3, so 1e-6 float noise cannot flip an expert choice).\n")
+    lines.append("Tokenizer (`tokenizer.json`, same in every model dir): byte-level BPE, GPT-2 pre-tokenizer regex, "
+                 "300 tokens = 3 specials (`<|endoftext|>`=0, `<|im_start|>`=1, `<|im_end|>`=2) + 256 byte "
+                 "symbols + 41 merges; model vocab sizes are larger (rows past 299 are unused padding rows).\n")
+    lines.append("## safetensors models (`models/<name>/`)\n")
+    lines.append("| name | arch | seed | min gap | files | size | geometry |\n|---|---|---|---|---|---|---|")
+    for mi in model_infos:
+        spec = MODEL_FIXTURES.get(mi["name"], mi.get("spec"))
+        extra = []
+        if spec.get("layout") == "fused":
+            extra.append("**fused** expert layout (save_original_format=False), same weights/logits as qwen3_moe")
+        if spec.get("dtype") == "bfloat16":
+            extra.append("**bf16** weights (logits from the bf16 weights upcast to f32); config.json key "
+                         "`num_local_experts` renamed to `num_experts` (hub spelling; transformers reads both)")
+        if spec.get("max_shard_size"):
+            extra.append(f"**sharded** (max_shard_size {spec['max_shard_size']}) + model.safetensors.index.json")
+        g = geometry_str(spec) + ("; " + "; ".join(extra) if extra else "")
+        nst = sum(1 for f in mi["files"] if f.endswith(".safetensors"))
+        lines.append(f"| {mi['name']} | {spec['arch']} | {mi['seed']} | {mi['min_gap']:.4f} | {nst} safetensors | "
+                     f"{dir_size(out / 'models' / mi['name']) / 1e6:.2f} MB | {g} |")
+    lines.append("")
+    lines.append("## GGUF files (`models/<name>.gguf` + `models/<name without .gguf>.expected.json`)\n")
+    lines.append("GGUF v3, little-endian, written with gguf-py's GGUFWriter following llama.cpp "
+                 "`convert_hf_to_gguf.py`: norms, biases and routers (`ffn_gate_inp`, `ffn_gate_inp_shexp`) F32; other "
+                 "matrices in the file type, F16 when the row length is not a multiple of the block size (32). "
+                 "Experts stacked: `blk.N.ffn_{gate,up}_exps.weight` numpy [E, I, H] (ggml ne [H, I, E]), "
+                 "`blk.N.ffn_down_exps.weight` numpy [E, H, I]. Mixtral (`llama` arch) has Q/K rows permuted "
+                 "(LlamaModel.permute). Expected logits: transformers float32 with the weights replaced by the "
+                 "GGUF tensors dequantized with `gguf.quants.dequantize` (permutation undone).\n")
+    lines.append("| file | gguf arch | seed | min gap (dequant) | tensor types | size | geometry |\n|---|---|---|---|---|---|---|")
+    for gi in gguf_infos:
+        spec, q = GGUF_FIXTURES[gi["name"]]
+        lines.append(f"| {gi['name']} | {GGUF_ARCH[spec['arch']]} | {gi['seed']} | {gi['min_gap']:.4f} | "
+                     f"{', '.join(f'{k}:{n}' for k, n in sorted(gi['qtypes'].items()))} | {gi['size'] / 1e6:.2f} MB | "
+                     f"{geometry_str(spec)}; alignment {spec.get('alignment', 32)} |")
+    lines.append("")
+    lines.append("## Expert storage layouts (safetensors)\n")
+    lines.append(
+        "transformers 5.x keeps experts in memory as stacked tensors and `save_pretrained` (default "
+        "`save_original_format=True`) converts them back to the original per-expert checkpoint layout:\n\n"
+        "* per-expert (qwen3_moe, qwen2_moe, olmoe): `model.layers.N.mlp.experts.E.{gate_proj,up_proj}.weight` [I, H], "
+        "`model.layers.N.mlp.experts.E.down_proj.weight` [H, I], router `model.layers.N.mlp.gate.weight` [E, H]; "
+        "qwen2_moe also `mlp.shared_expert.{gate,up,down}_proj.weight` and `mlp.shared_expert_gate.weight` [1, H].\n"
+        "* per-expert (mixtral): `model.layers.N.block_sparse_moe.experts.E.w1.weight` (gate) [I, H], `...w3.weight` "
+        "(up) [I, H], `...w2.weight` (down) [H, I], router `model.layers.N.block_sparse_moe.gate.weight` [E, H].\n"
+        "* fused (`models/qwen3_moe_fused`, save_original_format=False): `model.layers.N.mlp.experts.gate_up_proj` "
+        "[E, 2I, H] (no `.weight` suffix; rows 0..I-1 = gate_proj, rows I..2I-1 = up_proj, verified against the "
+        "per-expert file and the modeling code's `.chunk(2, dim=-1)`), `model.layers.N.mlp.experts.down_proj` [E, H, I].\n")
+    lines.append("## Quant block vectors (`quants/`)\n")
+    lines.append("`<TYPE>.bin` raw blocks, `<TYPE>.f32` = gguf-py dequantization (little-endian f32); `index.json` has "
+                 "n_blocks, block_size, type_size, ggml_type_id and the byte layout / overwritten scale-field offsets.\n")
+    total = dir_size(out) 
+    lines.append(f"Total size of tests/fixtures: about {total / 1e6:.1f} MB (README included).\n")
+    (out / "README.md").write_text("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------
+
+SHAPE_FLAGS = ["hidden", "experts", "top_k", "layers", "heads", "kv_heads", "head_dim", "moe_inter", "inter",
+               "shared_inter", "vocab"]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="tests/fixtures", help="fixture root (default tests/fixtures)")
+    ap.add_argument("--only", default=None, help="comma-separated built-in fixture names (see --list)")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--no-gguf", action="store_true")
+    ap.add_argument("--no-quants", action="store_true")
+    ap.add_argument("--min-gap", type=float, default=1e-3)
+    # single custom model
+    ap.add_argument("--arch", choices=sorted(ARCH_CLASSES))
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--only-one", metavar="DIR", help="write one custom model (needs --arch) to DIR")
+    ap.add_argument("--gguf", choices=["f16", "bf16", "q8_0", "q4_0"], help="with --only-one: also write DIR/model.<type>.gguf")
+    for f in SHAPE_FLAGS:
+        ap.add_argument("--" + f.replace("_", "-"), type=int)
+    ap.add_argument("--init-range", type=float)
+    ap.add_argument("--rope-theta", type=float)
+    ap.add_argument("--mlp-only-layers", type=str)
+    ap.add_argument("--norm-topk-prob", type=int, choices=[0, 1])
+    ap.add_argument("--tie", type=int, choices=[0, 1])
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"])
+    ap.add_argument("--layout", choices=["per_expert", "fused"])
+    ap.add_argument("--max-shard-size", type=str)
+    args = ap.parse_args()
+
+    names = list(MODEL_FIXTURES) + list(GGUF_FIXTURES) + ["quants"]
+    if args.list:
+        print("\n".join(names))
+        return
+
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    tok = build_tokenizer()
+    ids = prompt_ids(tok)
+    print(f"prompt ids: {ids}")
+
+    if args.arch or args.only_one:
+        if not (args.arch and args.only_one):
+            ap.error("--only-one DIR and --arch NAME go together")
+        spec = dict(BASE[args.arch])
+        if args.seed is not None:
+            spec["seed"] = args.seed
+        for f in SHAPE_FLAGS:
+            if getattr(args, f) is not None:
+                spec[f] = getattr(args, f)
+        for f in ["init_range", "rope_theta", "dtype", "layout", "max_shard_size"]:
+            if getattr(args, f) is not None:
+                spec[f] = getattr(args, f)
+        if args.mlp_only_layers is not None:
+            spec["mlp_only_layers"] = [int(x) for x in args.mlp_only_layers.split(",") if x.strip()]
+        if args.norm_topk_prob is not None:
+            spec["norm_topk_prob"] = bool(args.norm_topk_prob)
+        if args.tie is not None:
+            spec["tie"] = bool(args.tie)
+        d = Path(args.only_one)
+        make_model_fixture(d.name, spec, d, tok, ids, args.min_gap)
+        if args.gguf:
+            q = args.gguf.upper()
+            make_gguf_fixture(f"model.{args.gguf}.gguf", spec, q, d / f"model.{args.gguf}.gguf", tok, ids, args.min_gap)
+        return
+
+    out = Path(args.out)
+    only = set(args.only.split(",")) if args.only else None
+    if only:
+        unknown = only - set(names)
+        if unknown:
+            ap.error(f"unknown fixture(s) {sorted(unknown)}; see --list")
+    (out / "models").mkdir(parents=True, exist_ok=True)
+
+    model_infos, gguf_infos = [], []
+    for name, spec in MODEL_FIXTURES.items():
+        if only and name not in only:
+            continue
+        model_infos.append(make_model_fixture(name, spec, out / "models" / name, tok, ids, args.min_gap))
+    if (not only or "qwen3_moe_fused" in only) and (out / "models/qwen3_moe/model.safetensors").exists() \
+            and (out / "models/qwen3_moe_fused/model.safetensors").exists():
+        check_layouts(out / "models/qwen3_moe", out / "models/qwen3_moe_fused", MODEL_FIXTURES["qwen3_moe"])
+        a = json.loads((out / "models/qwen3_moe/expected.json").read_text())
+        b = json.loads((out / "models/qwen3_moe_fused/expected.json").read_text())
+        assert a["logits"] == b["logits"] and a["meta"]["seed"] == b["meta"]["seed"]
+    if not args.no_gguf:
+        for name, (spec, q) in GGUF_FIXTURES.items():
+            if only and name not in only:
+                continue
+            gguf_infos.append(make_gguf_fixture(name, spec, q, out / "models" / name, tok, ids, args.min_gap))
+    if not args.no_quants and (not only or "quants" in only):
+        make_quants(out / "quants")
+    summary = {"models": model_infos, "gguf": [{k: v for k, v in g.items() if k != "tensor_types"} for g in gguf_infos]}
+    if not only:
+        write_readme(out, model_infos, gguf_infos, sys.argv[1:])
+        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
