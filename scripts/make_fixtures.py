@@ -129,25 +129,25 @@ ARCH_CLASSES = {
 # onto each architecture's config fields.
 BASE = {
     "qwen3_moe": dict(
-        arch="qwen3_moe", seed=1000, vocab=331, hidden=96, layers=3, heads=4, kv_heads=2,
-        head_dim=24, experts=12, top_k=3, moe_inter=40, inter=72, norm_topk_prob=True,
+        arch="qwen3_moe", seed=1000, vocab=307, hidden=72, layers=3, heads=4, kv_heads=2,
+        head_dim=24, experts=10, top_k=3, moe_inter=24, inter=56, norm_topk_prob=True,
         mlp_only_layers=[1], rope_theta=50000.0, tie=False, init_range=0.15, rms_eps=1e-6,
     ),
     "qwen2_moe": dict(
-        arch="qwen2_moe", seed=2000, vocab=347, hidden=80, layers=3, heads=5, kv_heads=1,
-        head_dim=None, experts=10, top_k=2, moe_inter=36, shared_inter=56, inter=64,
+        arch="qwen2_moe", seed=2000, vocab=329, hidden=80, layers=3, heads=5, kv_heads=1,
+        head_dim=None, experts=8, top_k=2, moe_inter=28, shared_inter=56, inter=44,
         norm_topk_prob=False, mlp_only_layers=[2], rope_theta=10000.0, tie=False,
         init_range=0.15, rms_eps=1e-6,
     ),
     "mixtral": dict(
-        arch="mixtral", seed=3000, vocab=309, hidden=72, layers=3, heads=6, kv_heads=2,
-        head_dim=None, experts=6, top_k=2, moe_inter=48, rope_theta=1e6, tie=False,
+        arch="mixtral", seed=3000, vocab=309, hidden=60, layers=3, heads=6, kv_heads=2,
+        head_dim=None, experts=6, top_k=2, moe_inter=30, rope_theta=1e6, tie=False,
         init_range=0.15, rms_eps=1e-5,
     ),
     "olmoe": dict(
-        arch="olmoe", seed=4000, vocab=373, hidden=88, layers=3, heads=4, kv_heads=2,
-        head_dim=None, experts=14, top_k=5, moe_inter=28, norm_topk_prob=False,
-        rope_theta=10000.0, tie=True, init_range=0.15, rms_eps=1e-5,
+        arch="olmoe", seed=4000, vocab=313, hidden=84, layers=3, heads=6, kv_heads=2,
+        head_dim=None, experts=12, top_k=4, moe_inter=18, norm_topk_prob=False,
+        rope_theta=10000.0, tie=True, init_range=0.2, rms_eps=1e-5,
     ),
 }
 
@@ -157,14 +157,15 @@ MODEL_FIXTURES = {
     # identical weights (same seed) saved with save_original_format=False:
     # stacked experts mlp.experts.gate_up_proj [E,2I,H] / mlp.experts.down_proj [E,H,I]
     "qwen3_moe_fused": dict(BASE["qwen3_moe"], layout="fused"),
-    # another seed, weights stored as bfloat16; config.json uses the hub spelling num_experts
-    "qwen3_moe_bf16": dict(BASE["qwen3_moe"], seed=1100, dtype="bfloat16", config_rename={"num_local_experts": "num_experts"}),
+    # another seed, weights stored as bfloat16; config.json rewritten in the transformers-4 /
+    # hub style (num_experts, top-level rope_theta, torch_dtype) -- transformers 5 reads it identically
+    "qwen3_moe_bf16": dict(BASE["qwen3_moe"], seed=1100, dtype="bfloat16", legacy_config=True),
     "qwen2_moe": dict(BASE["qwen2_moe"]),
     # second qwen2_moe (other seed, smaller geometry), sharded into several files
     "qwen2_moe_sharded": dict(
-        BASE["qwen2_moe"], seed=2100, vocab=317, hidden=56, heads=7, kv_heads=7, experts=7, top_k=3,
+        BASE["qwen2_moe"], seed=2100, vocab=303, hidden=56, heads=7, kv_heads=7, experts=6, top_k=3,
         moe_inter=20, shared_inter=44, inter=52, mlp_only_layers=[0], norm_topk_prob=True,
-        max_shard_size="150KB",
+        max_shard_size="120KB",
     ),
     "mixtral": dict(BASE["mixtral"]),
     "olmoe": dict(BASE["olmoe"]),
@@ -176,8 +177,8 @@ GGUF_FIXTURES = {
     "qwen3_moe.f16.gguf": (dict(BASE["qwen3_moe"]), "F16"),
     # own geometry: every matrix row length a multiple of 32 (96, 160), not a power of two
     "qwen3_moe.q8_0.gguf": (
-        dict(BASE["qwen3_moe"], seed=1200, vocab=339, hidden=96, heads=4, kv_heads=2, head_dim=24,
-             experts=6, top_k=2, moe_inter=96, inter=160, mlp_only_layers=[2]),
+        dict(BASE["qwen3_moe"], seed=1200, vocab=305, hidden=96, heads=4, kv_heads=2, head_dim=24,
+             experts=5, top_k=2, moe_inter=96, inter=160, mlp_only_layers=[2]),
         "Q8_0",
     ),
     # own geometry: rows of 96 -> Q4_0; shared-expert down_proj rows of 56 -> F16 fallback
@@ -348,9 +349,15 @@ def make_model_fixture(name: str, spec: dict, out_dir: Path, tok: Tokenizer, ids
         to_save.save_pretrained(d, **save_kw)
     else:
         model.save_pretrained(d, **save_kw)
-    if spec.get("config_rename"):
+    if spec.get("legacy_config"):
         cfg = json.loads((d / "config.json").read_text())
-        cfg = {spec["config_rename"].get(k, k): v for k, v in cfg.items()}
+        rp = cfg.pop("rope_parameters")
+        assert rp.get("rope_type") == "default", rp
+        cfg["rope_theta"] = rp["rope_theta"]
+        cfg["rope_scaling"] = None
+        cfg["torch_dtype"] = cfg.pop("dtype")
+        if "num_local_experts" in cfg:
+            cfg["num_experts"] = cfg.pop("num_local_experts")
         (d / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     tok.save(str(d / "tokenizer.json"))
 
@@ -754,8 +761,54 @@ def geometry_str(spec: dict) -> str:
         s += f", shared-expert inter {spec['shared_inter']}, qkv bias"
     if "norm_topk_prob" in spec:
         s += f", norm_topk_prob {spec['norm_topk_prob']}"
-    s += f", rope_theta {spec['rope_theta']:g}, rms_eps {spec['rms_eps']:g}, tied {spec['tie']}"
+    s += f", rope_theta {spec['rope_theta']:g}, rms_eps {spec['rms_eps']:g}, tied {spec['tie']}, init {spec['init_range']}"
     return s
+
+
+SEMANTICS = """## Semantics the Rust side must reproduce (verified)
+
+* RMSNorm: `x / sqrt(mean(x^2) + eps) * w`, computed in f32 (eps from config / `attention.layer_norm_rms_epsilon`).
+* Rope (HF): `rotate_half` convention on each head (pairs `(i, i + d/2)`), `inv_freq = theta^(-2i/d)`,
+  d = head_dim, positions 0..T-1, `rope_type` "default" everywhere.  In GGUF: `qwen2moe`, `qwen3moe`, `olmoe`
+  keep the HF weight order and llama.cpp uses NEOX rope (same halves pairing); arch `llama` (Mixtral) has the
+  Q and K rows permuted by convert_hf_to_gguf's `LlamaModel.permute` (per head: rows [0..d/2) and [d/2..d)
+  interleaved), so llama.cpp's "normal" rope on adjacent pairs `(2i, 2i+1)` is equivalent.
+* qwen3_moe: `q_norm` / `k_norm` (length head_dim) are RMSNorms applied per head, after q/k projection and
+  before rope.  head_dim 24 != hidden/heads.  No attention bias.
+* olmoe: `q_norm` has length hidden_size (= heads*head_dim) and `k_norm` length kv_heads*head_dim: RMSNorm over
+  the WHOLE projection before splitting into heads (then rope).  clip_qkv null.  Tied embeddings (no
+  lm_head.weight in safetensors, no output.weight in GGUF).
+* qwen2_moe: q/k/v have biases (o_proj has none); MoE out = routed experts + `sigmoid(shared_expert_gate(x)) *
+  shared_expert(x)`; `shared_expert_gate.weight` is [1, H] (GGUF `ffn_gate_inp_shexp.weight`, ne [H, 1], F32).
+* Router (all four archs): `logits = x @ gate.weight.T`; softmax over ALL experts in f32 first, then top-k
+  (ties: torch.topk, never exercised here); if `norm_topk_prob` (qwen3_moe, qwen2_moe_sharded: true; qwen2_moe,
+  olmoe: false) the k weights are divided by their sum; Mixtral ALWAYS renormalises (no config flag).  Expert
+  output = `down(silu(gate x) * up x) * weight`, summed over the k experts.
+* Dense-MLP layers (`mlp_only_layers`) in qwen2/3_moe use `intermediate_size`; experts use `moe_intermediate_size`.
+* GGUF metadata: `<arch>.expert_weights_norm` (bool) is written by this script for every file (llama.cpp's converter
+  does not write it for these archs and hard-codes qwen3moe=true, qwen2moe=false, olmoe=false, llama=true);
+  `attention.key_length`/`value_length` are written only when config.json has head_dim (qwen3moe files), as
+  convert_hf_to_gguf does -- otherwise head_dim = embedding_length / head_count.  `feed_forward_length` is the
+  dense-MLP size for qwen2moe/qwen3moe and the expert size for llama/olmoe; `expert_feed_forward_length` (and
+  `expert_shared_feed_forward_length` for qwen2moe) give the expert sizes.  `llama.vocab_size` and
+  `llama.rope.dimension_count` are written for Mixtral as LlamaModel does.  mixtral.f16.gguf uses
+  `general.alignment` 64, the others 32.
+* Tokenizer in GGUF: `tokenizer.ggml.model` "gpt2", `pre` "gpt-2", tokens padded to the model vocab with
+  `[PAD<i>]` (token_type 5 = UNUSED), specials token_type 3, merges as "a b" strings, bos = eos = 0,
+  add_bos_token false.  (tokenizer.json stores merges as 2-element arrays.)
+* `scripts/gguf_numpy_reference.py tests/fixtures/models/*.gguf` is an independent float64 numpy forward that reads
+  only the GGUF files with these rules and matches every GGUF oracle to < 1e-5.
+"""
+
+EXTRA_USAGE = """## Extra models for ad-hoc comparisons
+
+```
+/work/venv/bin/python scripts/make_fixtures.py --arch qwen3_moe --seed 7 --hidden 104 --experts 9 --top-k 2 \\
+    --layers 4 --heads 4 --kv-heads 1 --head-dim 20 --moe-inter 44 --vocab 355 --only-one /tmp/extra --gguf q8_0
+```
+writes /tmp/extra/{config.json, model.safetensors, tokenizer.json, expected.json, model.q8_0.gguf,
+model.q8_0.expected.json}; see the script docstring for all flags.
+"""
 
 
 def write_readme(out: Path, model_infos: list, gguf_infos: list, argv: list[str]):
@@ -768,7 +821,8 @@ def write_readme(out: Path, model_infos: list, gguf_infos: list, argv: list[str]
                  f"safetensors {safetensors.__version__}, tokenizers {tokenizers.__version__}, numpy {np.__version__} "
                  "(pinned in `scripts/requirements-fixtures.txt`).\n")
     lines.append(
-        "All models are random (seeded) with `initializer_range` 0.12-0.15; RMSNorm weights are randomised to "
+        "All models are random (seeded; `initializer_range` as listed, larger than HF's 0.02 so routers are not "
+        "near-uniform); RMSNorm weights are randomised to "
         "U(0.75, 1.25) and qkv biases to N(0, 0.1) so that norm/bias mix-ups are visible. "
         "`expected.json` = `{\"tokens\", \"logits\" [T][vocab], \"meta\"}`; logits are computed by transformers in "
         "float32 (eval, no_grad, eager attention, eager experts) for the prompt "
@@ -786,8 +840,10 @@ def write_readme(out: Path, model_infos: list, gguf_infos: list, argv: list[str]
         if spec.get("layout") == "fused":
             extra.append("**fused** expert layout (save_original_format=False), same weights/logits as qwen3_moe")
         if spec.get("dtype") == "bfloat16":
-            extra.append("**bf16** weights (logits from the bf16 weights upcast to f32); config.json key "
-                         "`num_local_experts` renamed to `num_experts` (hub spelling; transformers reads both)")
+            extra.append("**bf16** weights (logits from the bf16 weights upcast to f32); config.json post-edited "
+                         "to the transformers-4/hub style: `num_experts` instead of `num_local_experts`, top-level "
+                         "`rope_theta` + `rope_scaling: null` instead of `rope_parameters`, `torch_dtype` instead of "
+                         "`dtype` (transformers 5 loads it to identical logits, verified)")
         if spec.get("max_shard_size"):
             extra.append(f"**sharded** (max_shard_size {spec['max_shard_size']}) + model.safetensors.index.json")
         g = geometry_str(spec) + ("; " + "; ".join(extra) if extra else "")
@@ -822,10 +878,13 @@ def write_readme(out: Path, model_infos: list, gguf_infos: list, argv: list[str]
         "* fused (`models/qwen3_moe_fused`, save_original_format=False): `model.layers.N.mlp.experts.gate_up_proj` "
         "[E, 2I, H] (no `.weight` suffix; rows 0..I-1 = gate_proj, rows I..2I-1 = up_proj, verified against the "
         "per-expert file and the modeling code's `.chunk(2, dim=-1)`), `model.layers.N.mlp.experts.down_proj` [E, H, I].\n")
+    lines.append(SEMANTICS)
     lines.append("## Quant block vectors (`quants/`)\n")
     lines.append("`<TYPE>.bin` raw blocks, `<TYPE>.f32` = gguf-py dequantization (little-endian f32); `index.json` has "
                  "n_blocks, block_size, type_size, ggml_type_id and the byte layout / overwritten scale-field offsets.\n")
-    total = dir_size(out) 
+    lines.append("`summary.json` is the machine-readable manifest of this run (seeds, gaps, files, sizes).\n")
+    lines.append(EXTRA_USAGE)
+    total = dir_size(out)
     lines.append(f"Total size of tests/fixtures: about {total / 1e6:.1f} MB (README included).\n")
     (out / "README.md").write_text("\n".join(lines))
 

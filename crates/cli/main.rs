@@ -1,1 +1,262 @@
-fn main() {}
+//! The `sluice` command line.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use sluice_backend_cpu::CpuBackend;
+use sluice_core::Backend;
+use sluice_engine::model::Ffn;
+use sluice_engine::{Model, Sampler, Session, TextStream, Tokenizer};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "Stream MoE expert weights from storage into compute")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Print the logits at every position of a token sequence as JSON.
+    Logits(LogitsArgs),
+    /// Generate text, streamed as it is produced.
+    Generate(GenerateArgs),
+    /// Describe a model: architecture, experts, bytes, quant types.
+    Inspect(InspectArgs),
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Safetensors model directory or GGUF file.
+    #[arg(long)]
+    model: PathBuf,
+    /// Compute threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Args)]
+struct LogitsArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// Comma-separated token ids.
+    #[arg(long, value_delimiter = ',', required = true)]
+    tokens: Vec<u32>,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// Prompt text (needs a tokenizer).
+    #[arg(long, conflicts_with = "tokens")]
+    prompt: Option<String>,
+    /// Prompt as comma-separated token ids.
+    #[arg(long, value_delimiter = ',')]
+    tokens: Option<Vec<u32>>,
+    /// Tokens to generate.
+    #[arg(short = 'n', long = "max-tokens", default_value_t = 64)]
+    n: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling mass.
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Prompt tokens processed per forward batch.
+    #[arg(long, default_value_t = 256)]
+    batch: usize,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// Safetensors model directory or GGUF file.
+    path: PathBuf,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn open(m: &ModelArgs) -> Result<(Arc<Model>, Arc<dyn Backend>)> {
+    let model = Model::open(&m.model).with_context(|| format!("loading {}", m.model.display()))?;
+    let backend = CpuBackend::new(m.threads)?;
+    Ok((Arc::new(model), Arc::new(backend)))
+}
+
+fn logits(a: LogitsArgs) -> Result<()> {
+    let (model, backend) = open(&a.m)?;
+    let mut s = Session::new(model.clone(), backend);
+    let l = s.forward(&a.tokens, true)?;
+    let rows: Vec<&[f32]> = l.chunks_exact(model.config.vocab).collect();
+    let out = serde_json::json!({"tokens": a.tokens, "logits": rows});
+    let stdout = std::io::stdout();
+    let mut w = std::io::BufWriter::new(stdout.lock());
+    serde_json::to_writer(&mut w, &out)?;
+    writeln!(w)?;
+    Ok(())
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    let (model, backend) = open(&a.m)?;
+    let tok = Tokenizer::for_model(&model.files)?;
+    let prompt: Vec<u32> = match (&a.prompt, &a.tokens, &tok) {
+        (Some(p), _, Some(t)) => t.encode(p)?,
+        (Some(_), _, None) => bail!(
+            "{} has no tokenizer: pass the prompt as --tokens 1,2,3",
+            a.m.model.display()
+        ),
+        (None, Some(ids), _) => ids.clone(),
+        (None, None, _) => bail!("give a --prompt or --tokens"),
+    };
+    if prompt.is_empty() {
+        bail!("the prompt is empty");
+    }
+    let mut s = Session::new(model.clone(), backend);
+    let mut sampler = Sampler::new(a.temperature, a.top_p, a.seed);
+    let t0 = Instant::now();
+    let mut last = Vec::new();
+    for chunk in prompt.chunks(a.batch.max(1)) {
+        last = s.forward(chunk, false)?;
+    }
+    let ttft = t0.elapsed();
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut stream = TextStream::new();
+    let t1 = Instant::now();
+    let mut produced = 0;
+    for i in 0..a.n {
+        let next = sampler.sample(&last);
+        produced += 1;
+        match &tok {
+            Some(t) => write!(out, "{}", stream.push(t, next)?)?,
+            None => write!(out, "{}{next}", if i > 0 { "," } else { "" })?,
+        }
+        out.flush()?;
+        if !a.ignore_eos && model.config.eos.contains(&next) {
+            break;
+        }
+        if i + 1 < a.n {
+            last = s.forward(&[next], false)?;
+        }
+    }
+    writeln!(out)?;
+    let dt = t1.elapsed().as_secs_f64();
+    eprintln!(
+        "prompt {} tokens in {:.3}s ({:.1} tok/s); generated {produced} tokens at {:.2} tok/s",
+        prompt.len(),
+        ttft.as_secs_f64(),
+        prompt.len() as f64 / ttft.as_secs_f64().max(1e-9),
+        produced as f64 / dt.max(1e-9)
+    );
+    Ok(())
+}
+
+fn inspect(a: InspectArgs) -> Result<()> {
+    let model = Model::open(&a.path).with_context(|| format!("loading {}", a.path.display()))?;
+    let c = &model.config;
+    let mut expert_bytes = 0u64;
+    let mut per_expert = BTreeMap::<u64, usize>::new();
+    let mut moe_layers = 0;
+    let mut shared = false;
+    for l in &model.layers {
+        if let Ffn::Moe(m) = &l.ffn {
+            moe_layers += 1;
+            shared |= m.shared.is_some();
+            for e in &m.experts {
+                expert_bytes += e.nbytes();
+                *per_expert.entry(e.nbytes()).or_default() += 1;
+            }
+        }
+    }
+    let total = model.files.total_tensor_bytes();
+    let file_bytes: u64 = model.files.files().iter().map(|f| f.len()).sum();
+    let mut types = BTreeMap::<String, (usize, u64)>::new();
+    for t in model.files.tensors() {
+        let e = types.entry(t.dtype_name.clone()).or_default();
+        e.0 += 1;
+        e.1 += t.nbytes;
+    }
+    let bytes_per_expert = per_expert.keys().next_back().copied().unwrap_or(0);
+    let container = if model.files.gguf().is_some() { "gguf" } else { "safetensors" };
+    let j = serde_json::json!({
+        "path": a.path,
+        "container": container,
+        "architecture": c.arch.hf_name(),
+        "layers": c.n_layers,
+        "moe_layers": moe_layers,
+        "hidden_size": c.hidden,
+        "heads": c.n_heads,
+        "kv_heads": c.n_kv_heads,
+        "head_dim": c.head_dim,
+        "vocab": c.vocab,
+        "experts": c.n_experts,
+        "top_k": c.top_k,
+        "shared_expert": shared,
+        "bytes_per_expert": bytes_per_expert,
+        "expert_bytes": expert_bytes,
+        "dense_bytes": total - expert_bytes,
+        "tensor_bytes": total,
+        "file_bytes": file_bytes,
+        "expert_share": if file_bytes > 0 { expert_bytes as f64 / file_bytes as f64 } else { 0.0 },
+        "active_bytes_per_token": (total - expert_bytes) + bytes_per_expert * (c.top_k * moe_layers) as u64,
+        "quant_types": types.iter().map(|(k, (n, b))| (k.clone(), serde_json::json!({"tensors": n, "bytes": b}))).collect::<serde_json::Map<_, _>>(),
+    });
+    if a.json {
+        println!("{j}");
+        return Ok(());
+    }
+    let mb = |b: u64| format!("{:.2} MiB", b as f64 / (1 << 20) as f64);
+    println!("{} ({container})", a.path.display());
+    println!("  architecture     {}", c.arch.hf_name());
+    println!("  layers           {} ({moe_layers} MoE)", c.n_layers);
+    println!(
+        "  attention        {} heads, {} kv heads, head dim {}, hidden {}",
+        c.n_heads, c.n_kv_heads, c.head_dim, c.hidden
+    );
+    println!(
+        "  experts          {} per layer, top-{}{}",
+        c.n_experts,
+        c.top_k,
+        if shared { " + shared expert" } else { "" }
+    );
+    println!("  bytes per expert {} ({bytes_per_expert} B)", mb(bytes_per_expert));
+    println!("  expert bytes     {}", mb(expert_bytes));
+    println!("  dense bytes      {}", mb(total - expert_bytes));
+    println!(
+        "  experts share    {:.1}% of {}",
+        100.0 * expert_bytes as f64 / file_bytes.max(1) as f64,
+        mb(file_bytes)
+    );
+    println!(
+        "  quant types      {}",
+        types
+            .iter()
+            .map(|(k, (n, _))| format!("{k}×{n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Logits(a) => logits(a),
+        Cmd::Generate(a) => generate(a),
+        Cmd::Inspect(a) => inspect(a),
+    };
+    if let Err(e) = r {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

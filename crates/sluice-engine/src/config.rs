@@ -1,0 +1,353 @@
+//! Architecture hyper-parameters, normalized from a Hugging Face
+//! `config.json` or from GGUF metadata into one [`Config`].
+
+use sluice_core::ops::RopeStyle;
+use sluice_core::{Error, Result};
+use sluice_format::{Gguf, ModelFiles, Value};
+
+/// Supported architectures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// Qwen3-30B-A3B, Qwen3-235B-A22B: per-head q/k RMSNorm.
+    Qwen3Moe,
+    /// Qwen1.5-MoE / Qwen2-57B-A14B: qkv bias, sigmoid-gated shared expert.
+    Qwen2Moe,
+    /// Mixtral 8x7B / 8x22B.
+    Mixtral,
+    /// OLMoE: q/k RMSNorm over the whole projection, optional qkv clipping.
+    Olmoe,
+}
+
+impl Arch {
+    /// Hugging Face `model_type`.
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Arch::Qwen3Moe => "qwen3_moe",
+            Arch::Qwen2Moe => "qwen2_moe",
+            Arch::Mixtral => "mixtral",
+            Arch::Olmoe => "olmoe",
+        }
+    }
+}
+
+/// Everything the forward pass needs to know about a model's shape.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Architecture.
+    pub arch: Arch,
+    /// Vocabulary (rows of the embedding).
+    pub vocab: usize,
+    /// Model width.
+    pub hidden: usize,
+    /// Decoder layers.
+    pub n_layers: usize,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads.
+    pub n_kv_heads: usize,
+    /// Dimension of one head.
+    pub head_dim: usize,
+    /// Rotary embedding base.
+    pub rope_theta: f32,
+    /// Rotated dimensions per head.
+    pub rot_dim: usize,
+    /// Rotary pairing.
+    pub rope_style: RopeStyle,
+    /// RMSNorm epsilon.
+    pub rms_eps: f32,
+    /// Routed experts per MoE layer.
+    pub n_experts: usize,
+    /// Experts each token uses.
+    pub top_k: usize,
+    /// Renormalize the top-k router probabilities to sum to one.
+    pub norm_topk_prob: bool,
+    /// Whether each layer is an MoE layer (else a dense MLP).
+    pub moe_layers: Vec<bool>,
+    /// Sliding attention window of each layer.
+    pub windows: Vec<Option<usize>>,
+    /// OLMoE's clamp of q, k and v.
+    pub clip_qkv: Option<f32>,
+    /// The output projection is the embedding.
+    pub tie_embeddings: bool,
+    /// End-of-sequence tokens.
+    pub eos: Vec<u32>,
+    /// Beginning-of-sequence token.
+    pub bos: Option<u32>,
+    /// Trained context length, if known.
+    pub max_ctx: Option<usize>,
+}
+
+fn bad(msg: impl Into<String>) -> Error {
+    Error::Model(msg.into())
+}
+
+fn get_usize(c: &serde_json::Value, k: &str) -> Option<usize> {
+    c.get(k).and_then(|v| v.as_u64()).map(|v| v as usize)
+}
+
+fn need(c: &serde_json::Value, k: &str) -> Result<usize> {
+    get_usize(c, k).ok_or_else(|| bad(format!("config.json: missing or invalid \"{k}\"")))
+}
+
+fn ids(v: Option<&serde_json::Value>) -> Vec<u32> {
+    match v {
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64().map(|x| x as u32))
+            .collect(),
+        _ => vec![],
+    }
+}
+
+/// Sanity bounds so that a hostile config cannot make us allocate
+/// absurd buffers before any tensor is checked against it.
+fn check(cfg: &Config) -> Result<()> {
+    let limits = [
+        ("hidden size", cfg.hidden, 1 << 17),
+        ("layer count", cfg.n_layers, 4096),
+        ("head count", cfg.n_heads, 4096),
+        ("head dim", cfg.head_dim, 4096),
+        ("vocabulary", cfg.vocab, 1 << 24),
+        ("expert count", cfg.n_experts, 1 << 16),
+    ];
+    for (what, v, max) in limits {
+        if v == 0 || v > max {
+            return Err(bad(format!("{what} {v} is out of range (1..={max})")));
+        }
+    }
+    if cfg.n_kv_heads == 0 || cfg.n_heads % cfg.n_kv_heads != 0 {
+        return Err(bad(format!(
+            "{} query heads are not a multiple of {} key/value heads",
+            cfg.n_heads, cfg.n_kv_heads
+        )));
+    }
+    if cfg.moe_layers.iter().any(|&m| m) && (cfg.top_k == 0 || cfg.top_k > cfg.n_experts) {
+        return Err(bad(format!(
+            "top-k {} is not in 1..={} experts",
+            cfg.top_k, cfg.n_experts
+        )));
+    }
+    if cfg.rot_dim == 0 || cfg.rot_dim > cfg.head_dim || cfg.rot_dim % 2 != 0 {
+        return Err(bad(format!(
+            "rotary dimension {} does not fit head dim {}",
+            cfg.rot_dim, cfg.head_dim
+        )));
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Reads the configuration of an opened model.
+    pub fn from_files(files: &ModelFiles) -> Result<Config> {
+        let cfg = if let Some(c) = files.hf_config() {
+            Config::from_hf(c)?
+        } else if let Some(g) = files.gguf() {
+            Config::from_gguf(g, files)?
+        } else {
+            unreachable!("a container is safetensors or GGUF")
+        };
+        check(&cfg)?;
+        Ok(cfg)
+    }
+
+    /// From a Hugging Face `config.json`.
+    pub fn from_hf(c: &serde_json::Value) -> Result<Config> {
+        // Multimodal checkpoints nest the language model's config.
+        let c = c.get("text_config").unwrap_or(c);
+        let mt = c
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| bad("config.json: no \"model_type\""))?;
+        let arch = match mt {
+            "qwen3_moe" => Arch::Qwen3Moe,
+            "qwen2_moe" => Arch::Qwen2Moe,
+            "mixtral" => Arch::Mixtral,
+            "olmoe" => Arch::Olmoe,
+            other => {
+                return Err(Error::Unsupported(format!(
+                    "architecture \"{other}\" (supported: qwen3_moe, qwen2_moe, mixtral, olmoe)"
+                )))
+            }
+        };
+        let hidden = need(c, "hidden_size")?;
+        let n_layers = need(c, "num_hidden_layers")?;
+        let n_heads = need(c, "num_attention_heads")?;
+        let n_kv_heads = get_usize(c, "num_key_value_heads").unwrap_or(n_heads);
+        let head_dim = get_usize(c, "head_dim").unwrap_or(hidden / n_heads.max(1));
+        let rope = c.get("rope_parameters");
+        let rope_theta = c
+            .get("rope_theta")
+            .or_else(|| rope.and_then(|r| r.get("rope_theta")))
+            .and_then(|v| v.as_f64())
+            .unwrap_or(10000.0) as f32;
+        let partial = c
+            .get("partial_rotary_factor")
+            .or_else(|| rope.and_then(|r| r.get("partial_rotary_factor")))
+            .and_then(|v| v.as_f64())
+            .unwrap_or(1.0);
+        if let Some(t) = rope
+            .and_then(|r| r.get("rope_type"))
+            .and_then(|v| v.as_str())
+            .filter(|t| *t != "default")
+        {
+            return Err(Error::Unsupported(format!("rope_type \"{t}\"")));
+        }
+        // transformers 5 writes `num_local_experts` for every MoE family;
+        // hub checkpoints of the Qwen and OLMoE families say `num_experts`.
+        let n_experts = get_usize(c, "num_local_experts")
+            .or_else(|| get_usize(c, "num_experts"))
+            .ok_or_else(|| bad("config.json: missing \"num_experts\" / \"num_local_experts\""))?;
+        let top_k = need(c, "num_experts_per_tok")?;
+        let norm_topk_prob = match arch {
+            Arch::Mixtral => true,
+            _ => c.get("norm_topk_prob").and_then(|v| v.as_bool()).unwrap_or(false),
+        };
+        let (step, mlp_only) = match arch {
+            Arch::Qwen3Moe | Arch::Qwen2Moe => (
+                get_usize(c, "decoder_sparse_step").unwrap_or(1).max(1),
+                ids(c.get("mlp_only_layers")),
+            ),
+            _ => (1, vec![]),
+        };
+        let moe_layers = (0..n_layers)
+            .map(|i| !mlp_only.contains(&(i as u32)) && n_experts > 0 && (i + 1) % step == 0)
+            .collect();
+        let window = c
+            .get("sliding_window")
+            .and_then(|v| v.as_u64())
+            .filter(|&w| w > 0)
+            .map(|w| w as usize);
+        let use_sw = c
+            .get("use_sliding_window")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(arch == Arch::Mixtral);
+        let layer_types: Option<Vec<String>> = c.get("layer_types").and_then(|v| {
+            v.as_array().map(|a| {
+                a.iter()
+                    .map(|x| x.as_str().unwrap_or("").to_string())
+                    .collect()
+            })
+        });
+        let windows = (0..n_layers)
+            .map(|i| {
+                let sliding = match &layer_types {
+                    Some(t) => t.get(i).is_some_and(|s| s == "sliding_attention"),
+                    None => arch != Arch::Olmoe,
+                };
+                window.filter(|_| use_sw && sliding)
+            })
+            .collect();
+        let mut rot_dim = ((head_dim as f64) * partial) as usize;
+        rot_dim -= rot_dim % 2;
+        Ok(Config {
+            arch,
+            vocab: need(c, "vocab_size")?,
+            hidden,
+            n_layers,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            rope_theta,
+            rot_dim,
+            rope_style: RopeStyle::Neox,
+            rms_eps: c
+                .get("rms_norm_eps")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(1e-6) as f32,
+            n_experts,
+            top_k,
+            norm_topk_prob,
+            moe_layers,
+            windows,
+            clip_qkv: c.get("clip_qkv").and_then(|v| v.as_f64()).map(|v| v as f32),
+            tie_embeddings: c
+                .get("tie_word_embeddings")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
+            eos: ids(c.get("eos_token_id")),
+            bos: ids(c.get("bos_token_id")).first().copied(),
+            max_ctx: get_usize(c, "max_position_embeddings"),
+        })
+    }
+
+    /// From GGUF metadata (hyper-parameters under `<arch>.*`).
+    pub fn from_gguf(g: &Gguf, files: &ModelFiles) -> Result<Config> {
+        let a = g
+            .architecture()
+            .ok_or_else(|| bad("GGUF: no general.architecture"))?
+            .to_string();
+        let num = |k: &str| g.get(&format!("{a}.{k}")).and_then(Value::as_u64).map(|v| v as usize);
+        let req = |k: &str| num(k).ok_or_else(|| bad(format!("GGUF: missing {a}.{k}")));
+        let n_experts = num("expert_count").unwrap_or(0);
+        let arch = match a.as_str() {
+            "qwen3moe" => Arch::Qwen3Moe,
+            "qwen2moe" => Arch::Qwen2Moe,
+            "olmoe" => Arch::Olmoe,
+            "llama" if n_experts > 0 => Arch::Mixtral,
+            other => {
+                return Err(Error::Unsupported(format!(
+                    "GGUF architecture \"{other}\"{} (supported: qwen3moe, qwen2moe, olmoe, llama with experts)",
+                    if other == "llama" { " without experts" } else { "" }
+                )))
+            }
+        };
+        let hidden = req("embedding_length")?;
+        let n_layers = req("block_count")?;
+        let n_heads = req("attention.head_count")?;
+        let n_kv_heads = num("attention.head_count_kv").unwrap_or(n_heads);
+        let head_dim = num("attention.key_length").unwrap_or(hidden / n_heads.max(1));
+        let flt = |k: &str| g.get(&format!("{a}.{k}")).and_then(Value::as_f64);
+        let norm_topk_prob = g
+            .get(&format!("{a}.expert_weights_norm"))
+            .and_then(Value::as_bool)
+            .unwrap_or(matches!(arch, Arch::Qwen3Moe | Arch::Mixtral));
+        let moe_layers = (0..n_layers)
+            .map(|i| files.tensor(&format!("blk.{i}.ffn_gate_inp.weight")).is_some())
+            .collect();
+        let vocab = files
+            .tensor("token_embd.weight")
+            .map(|t| t.shape[0])
+            .ok_or_else(|| bad("GGUF: no token_embd.weight"))?;
+        let window = num("attention.sliding_window");
+        let tok = |k: &str| {
+            g.get(&format!("tokenizer.ggml.{k}"))
+                .and_then(Value::as_u64)
+                .map(|v| v as u32)
+        };
+        Ok(Config {
+            arch,
+            vocab,
+            hidden,
+            n_layers,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            rope_theta: flt("rope.freq_base").unwrap_or(10000.0) as f32,
+            rot_dim: num("rope.dimension_count").unwrap_or(head_dim),
+            // llama.cpp's converter permutes llama-arch Q/K rows so that
+            // its "normal" (interleaved) rope applies; the others are neox.
+            rope_style: if a == "llama" {
+                RopeStyle::Interleaved
+            } else {
+                RopeStyle::Neox
+            },
+            rms_eps: flt("attention.layer_norm_rms_epsilon").unwrap_or(1e-6) as f32,
+            n_experts,
+            top_k: num("expert_used_count").unwrap_or(0),
+            norm_topk_prob,
+            moe_layers,
+            windows: vec![window; n_layers],
+            clip_qkv: flt("attention.clamp_kqv").map(|v| v as f32),
+            tie_embeddings: files.tensor("output.weight").is_none(),
+            eos: tok("eos_token_id").into_iter().collect(),
+            bos: tok("bos_token_id"),
+            max_ctx: num("context_length"),
+        })
+    }
+
+    /// Index of the first MoE layer, if any.
+    pub fn first_moe_layer(&self) -> Option<usize> {
+        self.moe_layers.iter().position(|&m| m)
+    }
+}

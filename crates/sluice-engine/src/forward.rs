@@ -1,0 +1,263 @@
+//! The forward pass: one [`Session`] per sequence, holding its KV cache.
+//!
+//! A call to [`Session::forward`] processes a batch of tokens (the whole
+//! prompt chunk, or one token while decoding) layer by layer. Mixture-of-
+//! experts blocks run expert-major: the router's choices for every token in
+//! the batch are grouped by expert, and each chosen expert's three matrices
+//! are applied once to all of its tokens. Results are accumulated per token
+//! in ascending expert order, the order transformers uses, so the output is
+//! independent of where the expert bytes came from.
+
+use crate::model::{Ffn, Layer, Linear, Mlp, Model, Moe};
+use sluice_core::ops::{self, Rope};
+use sluice_core::{AttnParams, Backend, Error, Result};
+use std::sync::Arc;
+
+/// One routing decision, reported to a [`RouteObserver`].
+#[derive(Clone, Debug)]
+pub struct Route<'a> {
+    /// Position of the token in the sequence.
+    pub pos: usize,
+    /// Layer index.
+    pub layer: usize,
+    /// Chosen experts, best first.
+    pub experts: &'a [usize],
+    /// Their weights (after any renormalization).
+    pub weights: &'a [f32],
+}
+
+/// Receives every routing decision (trace recording, statistics).
+pub type RouteObserver = Box<dyn FnMut(&Route<'_>) + Send>;
+
+/// A sequence being processed: the model, a backend and the KV cache.
+pub struct Session {
+    model: Arc<Model>,
+    backend: Arc<dyn Backend>,
+    /// Per layer: keys and values, `pos × kv_dim` each.
+    kv: Vec<(Vec<f32>, Vec<f32>)>,
+    pos: usize,
+    observer: Option<RouteObserver>,
+}
+
+impl Session {
+    /// A new, empty sequence.
+    pub fn new(model: Arc<Model>, backend: Arc<dyn Backend>) -> Self {
+        let n = model.config.n_layers;
+        Session {
+            model,
+            backend,
+            kv: vec![(Vec::new(), Vec::new()); n],
+            pos: 0,
+            observer: None,
+        }
+    }
+
+    /// Tokens processed so far.
+    pub fn pos(&self) -> usize {
+        self.pos
+    }
+
+    /// Forgets the sequence.
+    pub fn reset(&mut self) {
+        self.pos = 0;
+        for (k, v) in &mut self.kv {
+            k.clear();
+            v.clear();
+        }
+    }
+
+    /// Installs a routing observer.
+    pub fn set_observer(&mut self, o: Option<RouteObserver>) {
+        self.observer = o;
+    }
+
+    /// Bytes held by the KV cache.
+    pub fn kv_bytes(&self) -> usize {
+        self.kv.iter().map(|(k, v)| (k.len() + v.len()) * 4).sum()
+    }
+
+    /// Runs `tokens` through the model. Returns the logits of every
+    /// position (`tokens.len() × vocab`) when `all_logits`, else of the
+    /// last position only.
+    pub fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
+        let model = self.model.clone();
+        let c = &model.config;
+        let n = tokens.len();
+        if n == 0 {
+            return Err(Error::Invalid("no tokens to process".into()));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab) {
+            return Err(Error::Invalid(format!(
+                "token id {bad} is outside the vocabulary of {} tokens",
+                c.vocab
+            )));
+        }
+        let h = c.hidden;
+        let mut x = vec![0f32; n * h];
+        for (t, row) in tokens.iter().zip(x.chunks_exact_mut(h)) {
+            model.embed.row_f32(*t as usize, row)?;
+        }
+        for (li, layer) in model.layers.iter().enumerate() {
+            self.attention(li, layer, &mut x, n)?;
+            let mut hn = x.clone();
+            ops::rms_norm(&mut hn, &layer.ffn_norm, c.rms_eps);
+            let out = match &layer.ffn {
+                Ffn::Dense(m) => self.mlp(m, &hn, n)?,
+                Ffn::Moe(m) => self.moe(li, m, &hn, n)?,
+            };
+            for (a, b) in x.iter_mut().zip(&out) {
+                *a += b;
+            }
+        }
+        self.pos += n;
+        let rows = if all_logits { &x[..] } else { &x[(n - 1) * h..] };
+        let m = rows.len() / h;
+        let mut xn = rows.to_vec();
+        ops::rms_norm(&mut xn, &model.norm, c.rms_eps);
+        let mut logits = vec![0f32; m * c.vocab];
+        self.backend
+            .matmul(model.lm_head.view(), &xn, m, &mut logits)?;
+        Ok(logits)
+    }
+
+    fn linear(&self, l: &Linear, x: &[f32], n: usize) -> Result<Vec<f32>> {
+        let mut y = vec![0f32; n * l.w.rows];
+        self.backend.matmul(l.w.view(), x, n, &mut y)?;
+        if let Some(b) = &l.bias {
+            for row in y.chunks_exact_mut(b.len()) {
+                for (v, bb) in row.iter_mut().zip(b) {
+                    *v += bb;
+                }
+            }
+        }
+        Ok(y)
+    }
+
+    fn attention(&mut self, li: usize, layer: &Layer, x: &mut [f32], n: usize) -> Result<()> {
+        let c = &self.model.config;
+        let mut hn = x.to_vec();
+        ops::rms_norm(&mut hn, &layer.attn_norm, c.rms_eps);
+        let mut q = self.linear(&layer.q, &hn, n)?;
+        let mut k = self.linear(&layer.k, &hn, n)?;
+        let mut v = self.linear(&layer.v, &hn, n)?;
+        if let Some(w) = &layer.q_norm {
+            ops::rms_norm(&mut q, w, c.rms_eps);
+        }
+        if let Some(w) = &layer.k_norm {
+            ops::rms_norm(&mut k, w, c.rms_eps);
+        }
+        if let Some(clip) = c.clip_qkv {
+            for t in q.iter_mut().chain(k.iter_mut()).chain(v.iter_mut()) {
+                *t = t.clamp(-clip, clip);
+            }
+        }
+        let rope = Rope {
+            theta: c.rope_theta,
+            rot_dim: c.rot_dim,
+            style: c.rope_style,
+        };
+        let (qd, kd) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for t in 0..n {
+            rope.tables(self.pos + t, &mut cos, &mut sin);
+            rope.apply(&mut q[t * qd..(t + 1) * qd], c.head_dim, &cos, &sin);
+            rope.apply(&mut k[t * kd..(t + 1) * kd], c.head_dim, &cos, &sin);
+        }
+        let (kc, vc) = &mut self.kv[li];
+        kc.extend_from_slice(&k);
+        vc.extend_from_slice(&v);
+        let p = AttnParams {
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
+            window: c.windows[li],
+        };
+        let mut att = vec![0f32; n * qd];
+        self.backend
+            .attention(&q, kc, vc, n, self.pos, &p, &mut att);
+        let o = self.linear(&layer.o, &att, n)?;
+        for (a, b) in x.iter_mut().zip(&o) {
+            *a += b;
+        }
+        Ok(())
+    }
+
+    fn mlp(&self, m: &Mlp, x: &[f32], n: usize) -> Result<Vec<f32>> {
+        let i = m.gate.rows;
+        let mut g = vec![0f32; n * i];
+        let mut u = vec![0f32; n * i];
+        self.backend.matmul(m.gate.view(), x, n, &mut g)?;
+        self.backend.matmul(m.up.view(), x, n, &mut u)?;
+        ops::swiglu(&mut g, &u);
+        let mut y = vec![0f32; n * m.down.rows];
+        self.backend.matmul(m.down.view(), &g, n, &mut y)?;
+        Ok(y)
+    }
+
+    fn moe(&mut self, li: usize, m: &Moe, x: &[f32], n: usize) -> Result<Vec<f32>> {
+        let c = &self.model.config;
+        let (h, ne, k) = (c.hidden, c.n_experts, c.top_k);
+        let mut logits = vec![0f32; n * ne];
+        self.backend.matmul(m.router.view(), x, n, &mut logits)?;
+        // Per expert: (token, weight) pairs.
+        let mut assigned: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ne];
+        let mut idx: Vec<usize> = Vec::with_capacity(ne);
+        for t in 0..n {
+            let probs = &mut logits[t * ne..(t + 1) * ne];
+            ops::softmax(probs);
+            idx.clear();
+            idx.extend(0..ne);
+            // Highest probability first; ties to the lower index.
+            idx.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+            let chosen = &idx[..k];
+            let mut w: Vec<f32> = chosen.iter().map(|&e| probs[e]).collect();
+            if c.norm_topk_prob {
+                let s: f32 = w.iter().sum();
+                w.iter_mut().for_each(|v| *v /= s);
+            }
+            if let Some(o) = &mut self.observer {
+                o(&crate::forward::Route {
+                    pos: self.pos + t,
+                    layer: li,
+                    experts: chosen,
+                    weights: &w,
+                });
+            }
+            for (&e, &wt) in chosen.iter().zip(&w) {
+                assigned[e].push((t, wt));
+            }
+        }
+        let mut out = vec![0f32; n * h];
+        let mut xe = Vec::new();
+        for (e, toks) in assigned.iter().enumerate() {
+            if toks.is_empty() {
+                continue;
+            }
+            xe.clear();
+            for &(t, _) in toks {
+                xe.extend_from_slice(&x[t * h..(t + 1) * h]);
+            }
+            let y = self.mlp(&m.experts[e], &xe, toks.len())?;
+            for (&(t, wt), yr) in toks.iter().zip(y.chunks_exact(h)) {
+                for (o, v) in out[t * h..(t + 1) * h].iter_mut().zip(yr) {
+                    *o += v * wt;
+                }
+            }
+        }
+        if let Some(s) = &m.shared {
+            let y = self.mlp(s, x, n)?;
+            let mut gate = vec![1f32; n];
+            if let Some(g) = &m.shared_gate {
+                self.backend.matmul(g.view(), x, n, &mut gate)?;
+                gate.iter_mut().for_each(|v| *v = ops::sigmoid(*v));
+            }
+            for t in 0..n {
+                for (o, v) in out[t * h..(t + 1) * h].iter_mut().zip(&y[t * h..(t + 1) * h]) {
+                    *o += gate[t] * v;
+                }
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,523 @@
+//! Model weights, borrowed in place from the container's maps.
+//!
+//! Loading resolves every tensor the architecture needs by name (Hugging
+//! Face or GGUF naming), checks its shape against the [`Config`], and keeps
+//! a [`TensorBytes`] range: no weight is copied, except the small norm and
+//! bias vectors, which are converted to f32. Experts, whether stored one
+//! tensor per expert or stacked per layer, become one [`Mlp`] each whose
+//! three matrices are byte ranges of the file.
+
+use crate::config::{Arch, Config};
+use sluice_core::{quant, DType, Error, Result, WeightView};
+use sluice_format::{ModelFiles, TensorBytes, TensorInfo};
+
+/// A 2-D weight matrix stored in a model file.
+#[derive(Clone, Debug)]
+pub struct Weight {
+    /// Element type.
+    pub dtype: DType,
+    /// Output features.
+    pub rows: usize,
+    /// Input features.
+    pub cols: usize,
+    /// Index of the file holding it.
+    pub file: usize,
+    /// Its bytes (a range of the mapped file).
+    pub data: TensorBytes,
+}
+
+impl Weight {
+    /// Borrowed view for a backend.
+    pub fn view(&self) -> WeightView<'_> {
+        WeightView {
+            dtype: self.dtype,
+            rows: self.rows,
+            cols: self.cols,
+            data: &self.data,
+        }
+    }
+
+    /// `(file, offset, length)` of its bytes.
+    pub fn range(&self) -> (usize, u64, u64) {
+        (self.file, self.data.offset() as u64, self.data.len() as u64)
+    }
+
+    /// Dequantizes row `r` into `out`.
+    pub fn row_f32(&self, r: usize, out: &mut [f32]) -> Result<()> {
+        if r >= self.rows {
+            return Err(Error::Invalid(format!(
+                "row {r} out of range: the matrix has {} rows",
+                self.rows
+            )));
+        }
+        let rb = self.data.len() / self.rows;
+        quant::dequantize(self.dtype, &self.data[r * rb..(r + 1) * rb], out)
+    }
+}
+
+/// A projection with an optional bias.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    /// Weight matrix.
+    pub w: Weight,
+    /// Bias, one per output feature.
+    pub bias: Option<Vec<f32>>,
+}
+
+/// A SwiGLU MLP: one routed expert, a shared expert or a dense layer's MLP.
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    /// `intermediate × hidden`.
+    pub gate: Weight,
+    /// `intermediate × hidden`.
+    pub up: Weight,
+    /// `hidden × intermediate`.
+    pub down: Weight,
+}
+
+impl Mlp {
+    /// Bytes of the three matrices.
+    pub fn nbytes(&self) -> u64 {
+        (self.gate.data.len() + self.up.data.len() + self.down.data.len()) as u64
+    }
+}
+
+/// A mixture-of-experts block.
+#[derive(Clone, Debug)]
+pub struct Moe {
+    /// Router: `n_experts × hidden`.
+    pub router: Weight,
+    /// Routed experts.
+    pub experts: Vec<Mlp>,
+    /// Always-on shared expert (Qwen2-MoE).
+    pub shared: Option<Mlp>,
+    /// Sigmoid gate of the shared expert: `1 × hidden`.
+    pub shared_gate: Option<Weight>,
+}
+
+/// The feed-forward half of a layer.
+#[derive(Clone, Debug)]
+pub enum Ffn {
+    /// A dense MLP.
+    Dense(Mlp),
+    /// A mixture of experts.
+    Moe(Moe),
+}
+
+/// One decoder layer.
+#[derive(Clone, Debug)]
+pub struct Layer {
+    /// RMSNorm before attention.
+    pub attn_norm: Vec<f32>,
+    /// Projections.
+    pub q: Linear,
+    /// Projections.
+    pub k: Linear,
+    /// Projections.
+    pub v: Linear,
+    /// Output projection.
+    pub o: Linear,
+    /// RMSNorm of queries: per head (`head_dim`) or whole (`heads·head_dim`).
+    pub q_norm: Option<Vec<f32>>,
+    /// RMSNorm of keys, likewise.
+    pub k_norm: Option<Vec<f32>>,
+    /// RMSNorm before the feed-forward block.
+    pub ffn_norm: Vec<f32>,
+    /// Feed-forward block.
+    pub ffn: Ffn,
+}
+
+/// A loaded model.
+pub struct Model {
+    /// Hyper-parameters.
+    pub config: Config,
+    /// The opened files (keeps the maps alive and answers `inspect`).
+    pub files: ModelFiles,
+    /// Token embedding: `vocab × hidden`.
+    pub embed: Weight,
+    /// Decoder layers.
+    pub layers: Vec<Layer>,
+    /// Final RMSNorm.
+    pub norm: Vec<f32>,
+    /// Output projection: `vocab × hidden` (the embedding when tied).
+    pub lm_head: Weight,
+}
+
+struct Loader<'a> {
+    files: &'a ModelFiles,
+}
+
+impl Loader<'_> {
+    fn info(&self, name: &str) -> Result<&TensorInfo> {
+        self.files
+            .tensor(name)
+            .ok_or_else(|| Error::Model(format!("tensor {name} is missing")))
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.files.tensor(name).is_some()
+    }
+
+    fn dtype(&self, t: &TensorInfo) -> Result<DType> {
+        t.dtype.ok_or_else(|| {
+            Error::Unsupported(format!("tensor {} has dtype {}", t.name, t.dtype_name))
+        })
+    }
+
+    /// A matrix, checked against the expected `[rows, cols]` (0 = any).
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Weight> {
+        let t = self.info(name)?;
+        let shape = squeeze(&t.shape);
+        if shape.len() != 2
+            || (rows != 0 && shape[0] != rows)
+            || (cols != 0 && shape[1] != cols)
+        {
+            return Err(Error::Model(format!(
+                "tensor {name} has shape {:?}, expected [{}, {}]",
+                t.shape,
+                dim(rows),
+                dim(cols)
+            )));
+        }
+        Ok(Weight {
+            dtype: self.dtype(t)?,
+            rows: shape[0],
+            cols: shape[1],
+            file: t.file,
+            data: self.files.bytes(t),
+        })
+    }
+
+    fn opt_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Option<Weight>> {
+        if self.has(name) {
+            self.matrix(name, rows, cols).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// A 1-D tensor of `len` elements, converted to f32.
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        let t = self.info(name)?;
+        let n: usize = t.shape.iter().product();
+        if n != len {
+            return Err(Error::Model(format!(
+                "tensor {name} has shape {:?}, expected {len} elements",
+                t.shape
+            )));
+        }
+        let mut v = vec![0f32; len];
+        quant::dequantize(self.dtype(t)?, &self.files.bytes(t), &mut v)
+            .map_err(|e| Error::Model(format!("tensor {name}: {e}")))?;
+        Ok(v)
+    }
+
+    fn opt_vector(&self, name: &str, len: usize) -> Result<Option<Vec<f32>>> {
+        if self.has(name) {
+            self.vector(name, len).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// A q/k norm whose length says whether it is per head or whole.
+    fn qk_norm(&self, name: &str, head_dim: usize, whole: usize) -> Result<Option<Vec<f32>>> {
+        let Some(t) = self.files.tensor(name) else {
+            return Ok(None);
+        };
+        let n: usize = t.shape.iter().product();
+        let len = if n == head_dim { head_dim } else { whole };
+        self.vector(name, len).map(Some)
+    }
+
+    /// Expert `e` of a stacked `[E, rows, cols]` tensor (`sub` selects a
+    /// half of the rows for fused gate/up tensors: (index, parts)).
+    fn stacked(&self, name: &str, e: usize, n_experts: usize, sub: (usize, usize)) -> Result<Weight> {
+        let t = self.info(name)?;
+        if t.shape.len() != 3 || t.shape[0] != n_experts || t.shape[1] % sub.1 != 0 {
+            return Err(Error::Model(format!(
+                "stacked expert tensor {name} has shape {:?}, expected [{n_experts}, rows, cols]",
+                t.shape
+            )));
+        }
+        let dtype = self.dtype(t)?;
+        let (rows, cols) = (t.shape[1] / sub.1, t.shape[2]);
+        let rb = dtype.row_bytes(cols)?;
+        let per_expert = t.shape[1] * rb;
+        let off = e * per_expert + sub.0 * rows * rb;
+        let data = self
+            .files
+            .bytes(t)
+            .slice(off, rows * rb)
+            .ok_or_else(|| Error::Model(format!("tensor {name}: expert {e} out of range")))?;
+        Ok(Weight {
+            dtype,
+            rows,
+            cols,
+            file: t.file,
+            data,
+        })
+    }
+}
+
+fn dim(d: usize) -> String {
+    if d == 0 {
+        "*".into()
+    } else {
+        d.to_string()
+    }
+}
+
+/// Drops leading unit dimensions (`[1, H]` router rows stored as 3-D).
+fn squeeze(shape: &[usize]) -> Vec<usize> {
+    let mut s: Vec<usize> = shape.to_vec();
+    while s.len() > 2 && s[0] == 1 {
+        s.remove(0);
+    }
+    s
+}
+
+fn check_mlp(m: &Mlp, hidden: usize, what: &str) -> Result<()> {
+    let i = m.gate.rows;
+    let ok = m.gate.cols == hidden
+        && m.up.rows == i
+        && m.up.cols == hidden
+        && m.down.rows == hidden
+        && m.down.cols == i;
+    if !ok {
+        return Err(Error::Model(format!(
+            "{what}: gate {}x{}, up {}x{}, down {}x{} do not form an MLP of width {hidden}",
+            m.gate.rows, m.gate.cols, m.up.rows, m.up.cols, m.down.rows, m.down.cols
+        )));
+    }
+    Ok(())
+}
+
+impl Model {
+    /// Loads an opened model.
+    pub fn load(files: ModelFiles) -> Result<Model> {
+        let config = Config::from_files(&files)?;
+        let (embed, layers, norm, lm_head) = {
+            let l = Loader { files: &files };
+            if files.gguf().is_some() {
+                load_gguf(&l, &config)?
+            } else {
+                load_hf(&l, &config)?
+            }
+        };
+        Ok(Model {
+            config,
+            files,
+            embed,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+
+    /// Opens and loads the model at `path`.
+    pub fn open(path: impl AsRef<std::path::Path>) -> Result<Model> {
+        Model::load(ModelFiles::open(path)?)
+    }
+}
+
+type Parts = (Weight, Vec<Layer>, Vec<f32>, Weight);
+
+fn attn_dims(c: &Config) -> (usize, usize) {
+    (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim)
+}
+
+fn load_hf(l: &Loader, c: &Config) -> Result<Parts> {
+    let p = ["model.", "model.language_model.", "language_model.model."]
+        .into_iter()
+        .find(|p| l.has(&format!("{p}embed_tokens.weight")))
+        .ok_or_else(|| Error::Model("no embed_tokens.weight tensor".into()))?;
+    let h = c.hidden;
+    let embed = l.matrix(&format!("{p}embed_tokens.weight"), c.vocab, h)?;
+    let (qd, kd) = attn_dims(c);
+    let mut layers = Vec::with_capacity(c.n_layers);
+    for i in 0..c.n_layers {
+        let b = format!("{p}layers.{i}.");
+        let lin = |n: &str, rows: usize, cols: usize| -> Result<Linear> {
+            Ok(Linear {
+                w: l.matrix(&format!("{b}self_attn.{n}.weight"), rows, cols)?,
+                bias: l.opt_vector(&format!("{b}self_attn.{n}.bias"), rows)?,
+            })
+        };
+        let mlp = |base: &str, names: [&str; 3]| -> Result<Mlp> {
+            let m = Mlp {
+                gate: l.matrix(&format!("{base}.{}.weight", names[0]), 0, h)?,
+                up: l.matrix(&format!("{base}.{}.weight", names[1]), 0, h)?,
+                down: l.matrix(&format!("{base}.{}.weight", names[2]), h, 0)?,
+            };
+            check_mlp(&m, h, base)?;
+            Ok(m)
+        };
+        let ffn = if c.moe_layers[i] {
+            let base = ["mlp", "block_sparse_moe"]
+                .into_iter()
+                .map(|m| format!("{b}{m}"))
+                .find(|m| l.has(&format!("{m}.gate.weight")))
+                .ok_or_else(|| Error::Model(format!("layer {i}: no router ({b}mlp.gate.weight)")))?;
+            let router = l.matrix(&format!("{base}.gate.weight"), c.n_experts, h)?;
+            let ne = c.n_experts;
+            let experts = if l.has(&format!("{base}.experts.gate_up_proj")) {
+                let gu = format!("{base}.experts.gate_up_proj");
+                let dn = format!("{base}.experts.down_proj");
+                (0..ne)
+                    .map(|e| {
+                        let m = Mlp {
+                            gate: l.stacked(&gu, e, ne, (0, 2))?,
+                            up: l.stacked(&gu, e, ne, (1, 2))?,
+                            down: l.stacked(&dn, e, ne, (0, 1))?,
+                        };
+                        check_mlp(&m, h, &gu)?;
+                        Ok(m)
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            } else {
+                let names = if l.has(&format!("{base}.experts.0.w1.weight")) {
+                    ["w1", "w3", "w2"]
+                } else {
+                    ["gate_proj", "up_proj", "down_proj"]
+                };
+                (0..ne)
+                    .map(|e| mlp(&format!("{base}.experts.{e}"), names))
+                    .collect::<Result<Vec<_>>>()?
+            };
+            let shared = if l.has(&format!("{b}mlp.shared_expert.gate_proj.weight")) {
+                Some(mlp(
+                    &format!("{b}mlp.shared_expert"),
+                    ["gate_proj", "up_proj", "down_proj"],
+                )?)
+            } else {
+                None
+            };
+            let shared_gate = l.opt_matrix(&format!("{b}mlp.shared_expert_gate.weight"), 1, h)?;
+            Ffn::Moe(Moe {
+                router,
+                experts,
+                shared,
+                shared_gate,
+            })
+        } else {
+            Ffn::Dense(mlp(&format!("{b}mlp"), ["gate_proj", "up_proj", "down_proj"])?)
+        };
+        layers.push(Layer {
+            attn_norm: l.vector(&format!("{b}input_layernorm.weight"), h)?,
+            q: lin("q_proj", qd, h)?,
+            k: lin("k_proj", kd, h)?,
+            v: lin("v_proj", kd, h)?,
+            o: lin("o_proj", h, qd)?,
+            q_norm: l.qk_norm(&format!("{b}self_attn.q_norm.weight"), c.head_dim, qd)?,
+            k_norm: l.qk_norm(&format!("{b}self_attn.k_norm.weight"), c.head_dim, kd)?,
+            ffn_norm: l.vector(&format!("{b}post_attention_layernorm.weight"), h)?,
+            ffn,
+        });
+    }
+    let norm = l.vector(&format!("{p}norm.weight"), h)?;
+    let lm_head = match l.opt_matrix("lm_head.weight", c.vocab, h)? {
+        Some(w) if !c.tie_embeddings => w,
+        _ => embed.clone(),
+    };
+    Ok((embed, layers, norm, lm_head))
+}
+
+fn load_gguf(l: &Loader, c: &Config) -> Result<Parts> {
+    let h = c.hidden;
+    let embed = l.matrix("token_embd.weight", c.vocab, h)?;
+    let (qd, kd) = attn_dims(c);
+    let mut layers = Vec::with_capacity(c.n_layers);
+    for i in 0..c.n_layers {
+        let b = format!("blk.{i}.");
+        let lin = |n: &str, rows: usize, cols: usize| -> Result<Linear> {
+            Ok(Linear {
+                w: l.matrix(&format!("{b}{n}.weight"), rows, cols)?,
+                bias: l.opt_vector(&format!("{b}{n}.bias"), rows)?,
+            })
+        };
+        let mlp = |suffix: &str| -> Result<Mlp> {
+            let m = Mlp {
+                gate: l.matrix(&format!("{b}ffn_gate{suffix}.weight"), 0, h)?,
+                up: l.matrix(&format!("{b}ffn_up{suffix}.weight"), 0, h)?,
+                down: l.matrix(&format!("{b}ffn_down{suffix}.weight"), h, 0)?,
+            };
+            check_mlp(&m, h, &format!("{b}ffn{suffix}"))?;
+            Ok(m)
+        };
+        let ffn = if c.moe_layers[i] {
+            let ne = c.n_experts;
+            let router = l.matrix(&format!("{b}ffn_gate_inp.weight"), ne, h)?;
+            let experts = if l.has(&format!("{b}ffn_gate_exps.weight")) {
+                let n = |k: &str| format!("{b}ffn_{k}_exps.weight");
+                (0..ne)
+                    .map(|e| {
+                        let m = Mlp {
+                            gate: l.stacked(&n("gate"), e, ne, (0, 1))?,
+                            up: l.stacked(&n("up"), e, ne, (0, 1))?,
+                            down: l.stacked(&n("down"), e, ne, (0, 1))?,
+                        };
+                        check_mlp(&m, h, &n("gate"))?;
+                        Ok(m)
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            } else {
+                // Older files: one tensor per expert, `ffn_gate.E.weight`.
+                (0..ne)
+                    .map(|e| mlp(&format!(".{e}")))
+                    .collect::<Result<Vec<_>>>()?
+            };
+            let shared = if l.has(&format!("{b}ffn_gate_shexp.weight")) {
+                Some(mlp("_shexp")?)
+            } else {
+                None
+            };
+            let sg = format!("{b}ffn_gate_inp_shexp.weight");
+            let shared_gate = if l.has(&sg) {
+                let v = l.vector(&sg, h)?;
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                Some(Weight {
+                    dtype: DType::F32,
+                    rows: 1,
+                    cols: h,
+                    file: 0,
+                    data: TensorBytes::from_vec(bytes),
+                })
+            } else {
+                None
+            };
+            Ffn::Moe(Moe {
+                router,
+                experts,
+                shared,
+                shared_gate,
+            })
+        } else {
+            Ffn::Dense(mlp("")?)
+        };
+        layers.push(Layer {
+            attn_norm: l.vector(&format!("{b}attn_norm.weight"), h)?,
+            q: lin("attn_q", qd, h)?,
+            k: lin("attn_k", kd, h)?,
+            v: lin("attn_v", kd, h)?,
+            o: lin("attn_output", h, qd)?,
+            q_norm: l.qk_norm(&format!("{b}attn_q_norm.weight"), c.head_dim, qd)?,
+            k_norm: l.qk_norm(&format!("{b}attn_k_norm.weight"), c.head_dim, kd)?,
+            ffn_norm: l.vector(&format!("{b}ffn_norm.weight"), h)?,
+            ffn,
+        });
+    }
+    let norm = l.vector("output_norm.weight", h)?;
+    let lm_head = match l.opt_matrix("output.weight", c.vocab, h)? {
+        Some(w) => w,
+        None => embed.clone(),
+    };
+    Ok((embed, layers, norm, lm_head))
+}
+
+impl Model {
+    /// Whether the architecture keeps a shared expert.
+    pub fn arch(&self) -> Arch {
+        self.config.arch
+    }
+}

@@ -1,0 +1,66 @@
+//! Shared helpers of the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+/// The repository's fixtures directory.
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// The built `sluice` binary.
+pub fn sluice() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+}
+
+/// An oracle: tokens and the reference logits at every position.
+pub struct Expected {
+    pub tokens: Vec<u32>,
+    pub logits: Vec<Vec<f32>>,
+}
+
+pub fn read_expected(p: &Path) -> Expected {
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    let tokens = v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect();
+    let logits = v["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        })
+        .collect();
+    Expected { tokens, logits }
+}
+
+/// Asserts `got` matches `want` within `rel × max|want|` at every position.
+pub fn assert_close(name: &str, got: &[Vec<f32>], want: &[Vec<f32>], rel: f32) {
+    assert_eq!(got.len(), want.len(), "{name}: position count");
+    let max = want
+        .iter()
+        .flatten()
+        .fold(0f32, |a, &b| a.max(b.abs()));
+    let mut worst = 0f32;
+    for (p, (g, w)) in got.iter().zip(want).enumerate() {
+        assert_eq!(g.len(), w.len(), "{name}: vocab at position {p}");
+        for (a, b) in g.iter().zip(w) {
+            assert!(a.is_finite(), "{name}: non-finite logit at position {p}");
+            worst = worst.max((a - b).abs());
+        }
+    }
+    assert!(
+        worst <= rel * max,
+        "{name}: max abs error {worst} exceeds {rel} × max|logit| = {}",
+        rel * max
+    );
+}

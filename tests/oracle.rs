@@ -1,0 +1,105 @@
+//! Oracle tests: every fixture model's logits at all positions against the
+//! logits Hugging Face transformers computed (scripts/make_fixtures.py).
+//! Float weights must match within 1e-3 × max|logit|; GGUF files against
+//! transformers run on the same weights dequantized.
+
+mod common;
+
+use common::*;
+use sluice_backend_cpu::CpuBackend;
+use sluice_engine::{Model, Session};
+use std::path::Path;
+use std::sync::Arc;
+
+fn run_model(path: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let model = Arc::new(Model::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())));
+    let be = Arc::new(CpuBackend::new(Some(2)).unwrap());
+    let mut s = Session::new(model.clone(), be);
+    let l = s.forward(tokens, true).unwrap();
+    l.chunks_exact(model.config.vocab).map(<[f32]>::to_vec).collect()
+}
+
+/// Every (model path, expected.json) pair under tests/fixtures/models.
+fn oracles() -> Vec<(std::path::PathBuf, std::path::PathBuf)> {
+    let dir = fixtures().join("models");
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() && p.join("expected.json").is_file() {
+            v.push((p.clone(), p.join("expected.json")));
+        } else if p.extension().is_some_and(|x| x == "gguf") {
+            let exp = p.with_extension("expected.json");
+            assert!(exp.is_file(), "{} has no oracle", p.display());
+            v.push((p, exp));
+        }
+    }
+    v.sort();
+    v
+}
+
+#[test]
+fn fixture_set_covers_every_architecture_and_layout() {
+    let names: Vec<String> = oracles()
+        .iter()
+        .map(|(p, _)| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    for want in [
+        "qwen3_moe",
+        "qwen2_moe",
+        "mixtral",
+        "olmoe",
+        "qwen3_moe_fused",
+        "qwen2_moe_sharded",
+        "qwen3_moe.q8_0.gguf",
+        "qwen2_moe.q4_0.gguf",
+        "mixtral.f16.gguf",
+    ] {
+        assert!(names.iter().any(|n| n == want), "fixture {want} missing: {names:?}");
+    }
+}
+
+#[test]
+fn all_fixtures_match_transformers() {
+    let mut checked = 0;
+    for (model, exp) in oracles() {
+        let e = read_expected(&exp);
+        let got = run_model(&model, &e.tokens);
+        assert_close(&model.display().to_string(), &got, &e.logits, 1e-3);
+        checked += 1;
+    }
+    assert!(checked >= 12, "only {checked} oracles found");
+}
+
+#[test]
+fn prompt_in_pieces_equals_prompt_at_once() {
+    // KV cache correctness: feeding tokens one by one must give the same
+    // last-position logits as one batch (up to float reassociation).
+    let p = fixtures().join("models/qwen2_moe");
+    let e = read_expected(&p.join("expected.json"));
+    let model = Arc::new(Model::open(&p).unwrap());
+    let be = Arc::new(CpuBackend::new(Some(2)).unwrap());
+    let mut s = Session::new(model.clone(), be);
+    let mut last = Vec::new();
+    for (i, t) in e.tokens.iter().enumerate() {
+        last = s.forward(&[*t], false).unwrap();
+        assert_eq!(s.pos(), i + 1);
+    }
+    assert_close("incremental", &[last], &[e.logits.last().unwrap().clone()], 1e-3);
+}
+
+#[test]
+fn logits_cli_prints_json_matching_the_oracle() {
+    let p = fixtures().join("models/olmoe");
+    let e = read_expected(&p.join("expected.json"));
+    let toks: Vec<String> = e.tokens.iter().map(u32::to_string).collect();
+    let out = sluice()
+        .args(["logits", "--model", p.to_str().unwrap(), "--tokens", &toks.join(",")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let got: Vec<Vec<f32>> = serde_json::from_value(v["logits"].clone()).unwrap();
+    let tokens: Vec<u32> = serde_json::from_value(v["tokens"].clone()).unwrap();
+    assert_eq!(tokens, e.tokens);
+    assert_close("cli", &got, &e.logits, 1e-3);
+}
