@@ -16,7 +16,9 @@ fn run_model(path: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
     let be = Arc::new(CpuBackend::new(Some(2)).unwrap());
     let mut s = Session::new(model.clone(), be);
     let l = s.forward(tokens, true).unwrap();
-    l.chunks_exact(model.config.vocab).map(<[f32]>::to_vec).collect()
+    l.chunks_exact(model.config.vocab)
+        .map(<[f32]>::to_vec)
+        .collect()
 }
 
 /// Every (model path, expected.json) pair under tests/fixtures/models.
@@ -54,7 +56,10 @@ fn fixture_set_covers_every_architecture_and_layout() {
         "qwen2_moe.q4_0.gguf",
         "mixtral.f16.gguf",
     ] {
-        assert!(names.iter().any(|n| n == want), "fixture {want} missing: {names:?}");
+        assert!(
+            names.iter().any(|n| n == want),
+            "fixture {want} missing: {names:?}"
+        );
     }
 }
 
@@ -84,7 +89,12 @@ fn prompt_in_pieces_equals_prompt_at_once() {
         last = s.forward(&[*t], false).unwrap();
         assert_eq!(s.pos(), i + 1);
     }
-    assert_close("incremental", &[last], &[e.logits.last().unwrap().clone()], 1e-3);
+    assert_close(
+        "incremental",
+        &[last],
+        &[e.logits.last().unwrap().clone()],
+        1e-3,
+    );
 }
 
 #[test]
@@ -93,10 +103,20 @@ fn logits_cli_prints_json_matching_the_oracle() {
     let e = read_expected(&p.join("expected.json"));
     let toks: Vec<String> = e.tokens.iter().map(u32::to_string).collect();
     let out = sluice()
-        .args(["logits", "--model", p.to_str().unwrap(), "--tokens", &toks.join(",")])
+        .args([
+            "logits",
+            "--model",
+            p.to_str().unwrap(),
+            "--tokens",
+            &toks.join(","),
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let got: Vec<Vec<f32>> = serde_json::from_value(v["logits"].clone()).unwrap();
     let tokens: Vec<u32> = serde_json::from_value(v["tokens"].clone()).unwrap();

@@ -14,9 +14,21 @@ fn every_block_type_matches_gguf_py() {
     for t in DType::ALL.into_iter().filter(|t| *t != DType::F32) {
         let entry = &idx[t.name()];
         assert!(entry.is_object(), "no recorded blocks for {t}");
-        assert_eq!(entry["type_size"].as_u64().unwrap() as usize, t.block_bytes(), "{t}");
-        assert_eq!(entry["block_size"].as_u64().unwrap() as usize, t.block_size(), "{t}");
-        assert_eq!(entry["ggml_type_id"].as_u64().unwrap() as u32, t.ggml_id(), "{t}");
+        assert_eq!(
+            entry["type_size"].as_u64().unwrap() as usize,
+            t.block_bytes(),
+            "{t}"
+        );
+        assert_eq!(
+            entry["block_size"].as_u64().unwrap() as usize,
+            t.block_size(),
+            "{t}"
+        );
+        assert_eq!(
+            entry["ggml_type_id"].as_u64().unwrap() as u32,
+            t.ggml_id(),
+            "{t}"
+        );
         let raw = std::fs::read(dir.join(format!("{}.bin", t.name()))).unwrap();
         let want: Vec<f32> = std::fs::read(dir.join(format!("{}.f32", t.name())))
             .unwrap()

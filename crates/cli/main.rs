@@ -13,7 +13,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "Stream MoE expert weights from storage into compute")]
+#[command(
+    name = "sluice",
+    version,
+    about = "Stream MoE expert weights from storage into compute"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -187,7 +191,11 @@ fn inspect(a: InspectArgs) -> Result<()> {
         e.1 += t.nbytes;
     }
     let bytes_per_expert = per_expert.keys().next_back().copied().unwrap_or(0);
-    let container = if model.files.gguf().is_some() { "gguf" } else { "safetensors" };
+    let container = if model.files.gguf().is_some() {
+        "gguf"
+    } else {
+        "safetensors"
+    };
     let j = serde_json::json!({
         "path": a.path,
         "container": container,
@@ -229,7 +237,10 @@ fn inspect(a: InspectArgs) -> Result<()> {
         c.top_k,
         if shared { " + shared expert" } else { "" }
     );
-    println!("  bytes per expert {} ({bytes_per_expert} B)", mb(bytes_per_expert));
+    println!(
+        "  bytes per expert {} ({bytes_per_expert} B)",
+        mb(bytes_per_expert)
+    );
     println!("  expert bytes     {}", mb(expert_bytes));
     println!("  dense bytes      {}", mb(total - expert_bytes));
     println!(

@@ -20,8 +20,7 @@ pub struct Expected {
 }
 
 pub fn read_expected(p: &Path) -> Expected {
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
     let tokens = v["tokens"]
         .as_array()
         .unwrap()
@@ -46,10 +45,7 @@ pub fn read_expected(p: &Path) -> Expected {
 /// Asserts `got` matches `want` within `rel × max|want|` at every position.
 pub fn assert_close(name: &str, got: &[Vec<f32>], want: &[Vec<f32>], rel: f32) {
     assert_eq!(got.len(), want.len(), "{name}: position count");
-    let max = want
-        .iter()
-        .flatten()
-        .fold(0f32, |a, &b| a.max(b.abs()));
+    let max = want.iter().flatten().fold(0f32, |a, &b| a.max(b.abs()));
     let mut worst = 0f32;
     for (p, (g, w)) in got.iter().zip(want).enumerate() {
         assert_eq!(g.len(), w.len(), "{name}: vocab at position {p}");

@@ -146,6 +146,7 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         q: &[f32],
@@ -251,16 +252,26 @@ mod tests {
 
     #[test]
     fn parallel_attention_equals_reference() {
-        let p = AttnParams { n_heads: 4, n_kv_heads: 2, head_dim: 8, scale: 0.3, window: None };
+        let p = AttnParams {
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 8,
+            scale: 0.3,
+            window: None,
+        };
         let n = 40;
         let mk = |s: u64, len: usize| -> Vec<f32> {
             quant::random_tensor_bytes(DType::F32, len, s, 1.0)
-                .chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect()
         };
         let (q, k, v) = (mk(1, n * 32), mk(2, n * 16), mk(3, n * 16));
         let mut a = vec![0.0; n * 32];
         let mut b = vec![0.0; n * 32];
-        CpuBackend::new(Some(2)).unwrap().attention(&q, &k, &v, n, 0, &p, &mut a);
+        CpuBackend::new(Some(2))
+            .unwrap()
+            .attention(&q, &k, &v, n, 0, &p, &mut a);
         ops::attention(&q, &k, &v, n, 0, &p, &mut b);
         assert_eq!(a, b);
     }

@@ -78,6 +78,7 @@ pub trait Backend: Send + Sync {
     /// `q` is `n × (n_heads·head_dim)`; `k` and `v` hold the cache for
     /// positions `0..pos0 + n`, each row `n_kv_heads·head_dim`; `out` is
     /// shaped like `q`.
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         q: &[f32],

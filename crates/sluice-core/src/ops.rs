@@ -163,6 +163,7 @@ pub fn attend_head(
 }
 
 /// Reference causal attention (see [`crate::Backend::attention`]).
+#[allow(clippy::too_many_arguments)]
 pub fn attention(
     q: &[f32],
     k: &[f32],

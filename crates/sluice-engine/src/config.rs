@@ -91,7 +91,9 @@ fn need(c: &serde_json::Value, k: &str) -> Result<usize> {
 
 fn ids(v: Option<&serde_json::Value>) -> Vec<u32> {
     match v {
-        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
+        }
         Some(serde_json::Value::Array(a)) => a
             .iter()
             .filter_map(|x| x.as_u64().map(|x| x as u32))
@@ -201,7 +203,10 @@ impl Config {
         let top_k = need(c, "num_experts_per_tok")?;
         let norm_topk_prob = match arch {
             Arch::Mixtral => true,
-            _ => c.get("norm_topk_prob").and_then(|v| v.as_bool()).unwrap_or(false),
+            _ => c
+                .get("norm_topk_prob")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
         };
         let (step, mlp_only) = match arch {
             Arch::Qwen3Moe | Arch::Qwen2Moe => (
@@ -277,7 +282,11 @@ impl Config {
             .architecture()
             .ok_or_else(|| bad("GGUF: no general.architecture"))?
             .to_string();
-        let num = |k: &str| g.get(&format!("{a}.{k}")).and_then(Value::as_u64).map(|v| v as usize);
+        let num = |k: &str| {
+            g.get(&format!("{a}.{k}"))
+                .and_then(Value::as_u64)
+                .map(|v| v as usize)
+        };
         let req = |k: &str| num(k).ok_or_else(|| bad(format!("GGUF: missing {a}.{k}")));
         let n_experts = num("expert_count").unwrap_or(0);
         let arch = match a.as_str() {
@@ -303,7 +312,11 @@ impl Config {
             .and_then(Value::as_bool)
             .unwrap_or(matches!(arch, Arch::Qwen3Moe | Arch::Mixtral));
         let moe_layers = (0..n_layers)
-            .map(|i| files.tensor(&format!("blk.{i}.ffn_gate_inp.weight")).is_some())
+            .map(|i| {
+                files
+                    .tensor(&format!("blk.{i}.ffn_gate_inp.weight"))
+                    .is_some()
+            })
             .collect();
         let vocab = files
             .tensor("token_embd.weight")

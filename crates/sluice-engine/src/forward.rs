@@ -110,7 +110,11 @@ impl Session {
             }
         }
         self.pos += n;
-        let rows = if all_logits { &x[..] } else { &x[(n - 1) * h..] };
+        let rows = if all_logits {
+            &x[..]
+        } else {
+            &x[(n - 1) * h..]
+        };
         let m = rows.len() / h;
         let mut xn = rows.to_vec();
         ops::rms_norm(&mut xn, &model.norm, c.rms_eps);
@@ -253,7 +257,10 @@ impl Session {
                 gate.iter_mut().for_each(|v| *v = ops::sigmoid(*v));
             }
             for t in 0..n {
-                for (o, v) in out[t * h..(t + 1) * h].iter_mut().zip(&y[t * h..(t + 1) * h]) {
+                for (o, v) in out[t * h..(t + 1) * h]
+                    .iter_mut()
+                    .zip(&y[t * h..(t + 1) * h])
+                {
                     *o += gate[t] * v;
                 }
             }

@@ -168,10 +168,7 @@ impl Loader<'_> {
     fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Weight> {
         let t = self.info(name)?;
         let shape = squeeze(&t.shape);
-        if shape.len() != 2
-            || (rows != 0 && shape[0] != rows)
-            || (cols != 0 && shape[1] != cols)
-        {
+        if shape.len() != 2 || (rows != 0 && shape[0] != rows) || (cols != 0 && shape[1] != cols) {
             return Err(Error::Model(format!(
                 "tensor {name} has shape {:?}, expected [{}, {}]",
                 t.shape,
@@ -232,7 +229,13 @@ impl Loader<'_> {
 
     /// Expert `e` of a stacked `[E, rows, cols]` tensor (`sub` selects a
     /// half of the rows for fused gate/up tensors: (index, parts)).
-    fn stacked(&self, name: &str, e: usize, n_experts: usize, sub: (usize, usize)) -> Result<Weight> {
+    fn stacked(
+        &self,
+        name: &str,
+        e: usize,
+        n_experts: usize,
+        sub: (usize, usize),
+    ) -> Result<Weight> {
         let t = self.info(name)?;
         if t.shape.len() != 3 || t.shape[0] != n_experts || t.shape[1] % sub.1 != 0 {
             return Err(Error::Model(format!(
@@ -358,7 +361,9 @@ fn load_hf(l: &Loader, c: &Config) -> Result<Parts> {
                 .into_iter()
                 .map(|m| format!("{b}{m}"))
                 .find(|m| l.has(&format!("{m}.gate.weight")))
-                .ok_or_else(|| Error::Model(format!("layer {i}: no router ({b}mlp.gate.weight)")))?;
+                .ok_or_else(|| {
+                    Error::Model(format!("layer {i}: no router ({b}mlp.gate.weight)"))
+                })?;
             let router = l.matrix(&format!("{base}.gate.weight"), c.n_experts, h)?;
             let ne = c.n_experts;
             let experts = if l.has(&format!("{base}.experts.gate_up_proj")) {
@@ -401,7 +406,10 @@ fn load_hf(l: &Loader, c: &Config) -> Result<Parts> {
                 shared_gate,
             })
         } else {
-            Ffn::Dense(mlp(&format!("{b}mlp"), ["gate_proj", "up_proj", "down_proj"])?)
+            Ffn::Dense(mlp(
+                &format!("{b}mlp"),
+                ["gate_proj", "up_proj", "down_proj"],
+            )?)
         };
         layers.push(Layer {
             attn_norm: l.vector(&format!("{b}input_layernorm.weight"), h)?,

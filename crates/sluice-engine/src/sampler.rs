@@ -90,6 +90,9 @@ mod tests {
             (0..50).map(|_| s.sample(&logits)).collect::<Vec<_>>()
         };
         assert_eq!(draw(3), draw(3));
-        assert!(draw(3).iter().any(|&t| t != 0), "temperature never explored");
+        assert!(
+            draw(3).iter().any(|&t| t != 0),
+            "temperature never explored"
+        );
     }
 }

@@ -16,7 +16,10 @@ impl TensorBytes {
     /// The range `start..start + len` of `backing`; panics if out of bounds
     /// (callers validate ranges against the file size when parsing).
     pub fn new(backing: Arc<dyn AsRef<[u8]> + Send + Sync>, start: usize, len: usize) -> Self {
-        assert!(start + len <= (*backing).as_ref().len(), "range beyond backing");
+        assert!(
+            start + len <= (*backing).as_ref().len(),
+            "range beyond backing"
+        );
         TensorBytes {
             backing,
             start,

@@ -216,10 +216,14 @@ pub fn parse(b: &[u8]) -> Result<Gguf, String> {
     // A key/value takes at least 8 + 4 + 1 bytes, a tensor record at least
     // 8 + 4 + 8 + 4 + 8.
     if n_kv.saturating_mul(13) > c.remaining() as u64 {
-        return Err(format!("header claims {n_kv} metadata entries, more than the file holds"));
+        return Err(format!(
+            "header claims {n_kv} metadata entries, more than the file holds"
+        ));
     }
     if n_tensors.saturating_mul(32) > c.remaining() as u64 {
-        return Err(format!("header claims {n_tensors} tensors, more than the file holds"));
+        return Err(format!(
+            "header claims {n_tensors} tensors, more than the file holds"
+        ));
     }
     let mut meta = BTreeMap::new();
     for _ in 0..n_kv {
@@ -237,7 +241,9 @@ pub fn parse(b: &[u8]) -> Result<Gguf, String> {
                 .as_u64()
                 .ok_or("general.alignment is not an unsigned integer")?;
             if a == 0 || !a.is_power_of_two() || a > 1 << 20 {
-                return Err(format!("general.alignment {a} is not a power of two ≤ 1 MiB"));
+                return Err(format!(
+                    "general.alignment {a} is not a power of two ≤ 1 MiB"
+                ));
             }
             a
         }
@@ -253,7 +259,9 @@ pub fn parse(b: &[u8]) -> Result<Gguf, String> {
         let name = c.string("tensor name")?;
         let nd = c.u32()?;
         if nd == 0 || nd > MAX_DIMS {
-            return Err(format!("tensor {i} ({name}): {nd} dimensions (1 to {MAX_DIMS} allowed)"));
+            return Err(format!(
+                "tensor {i} ({name}): {nd} dimensions (1 to {MAX_DIMS} allowed)"
+            ));
         }
         let mut dims = Vec::with_capacity(nd as usize);
         for _ in 0..nd {

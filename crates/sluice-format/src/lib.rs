@@ -64,7 +64,10 @@ impl MappedFile {
         let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         let meta = f.metadata().map_err(|e| Error::io(path, e))?;
         if !meta.is_file() {
-            return Err(Error::Invalid(format!("{}: not a regular file", path.display())));
+            return Err(Error::Invalid(format!(
+                "{}: not a regular file",
+                path.display()
+            )));
         }
         // SAFETY: the map is read-only and model files are treated as
         // immutable while sluice runs; a file truncated underneath us would
@@ -112,7 +115,11 @@ impl ModelFiles {
             let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
             let n = f.read(&mut magic).map_err(|e| Error::io(path, e))?;
             if n < 4 {
-                return Err(format_err(path, "model", "file is shorter than any model header"));
+                return Err(format_err(
+                    path,
+                    "model",
+                    "file is shorter than any model header",
+                ));
             }
         }
         if &magic == b"GGUF" {

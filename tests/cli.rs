@@ -1,0 +1,247 @@
+//! The `sluice` binary, driven as a user would: the happy paths, and bad
+//! input that must end in one clear `error:` line and a non-zero exit.
+
+mod common;
+
+use common::*;
+use std::path::PathBuf;
+
+fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sluice-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Runs sluice expecting failure; returns stderr, asserting it is one clean
+/// error line (no panic, no backtrace).
+fn fails(args: &[&str]) -> String {
+    let out = sluice().args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{args:?} succeeded");
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "{err}"
+    );
+    assert!(
+        err.starts_with("error: ") && err.trim_end().lines().count() == 1,
+        "{err}"
+    );
+    err
+}
+
+#[test]
+fn generate_streams_text_and_is_deterministic() {
+    let m = fixtures().join("models/qwen3_moe");
+    let run = |extra: &[&str]| {
+        let mut a = vec![
+            "generate",
+            "--model",
+            m.to_str().unwrap(),
+            "--prompt",
+            "the river",
+            "-n",
+            "12",
+            "--ignore-eos",
+        ];
+        a.extend_from_slice(extra);
+        let out = sluice().args(&a).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stderr).contains("generated 12 tokens"));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let greedy = run(&[]);
+    assert!(!greedy.trim().is_empty());
+    assert_eq!(greedy, run(&[]), "greedy decoding must be deterministic");
+    let sampled = run(&["--temperature", "1.5", "--seed", "3"]);
+    assert_eq!(sampled, run(&["--temperature", "1.5", "--seed", "3"]));
+}
+
+#[test]
+fn generate_with_token_ids_and_gguf_vocab() {
+    let m = fixtures().join("models/qwen3_moe.q8_0.gguf");
+    let out = sluice()
+        .args([
+            "generate",
+            "--model",
+            m.to_str().unwrap(),
+            "--tokens",
+            "261,267,270",
+            "-n",
+            "5",
+            "--ignore-eos",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The GGUF carries its vocabulary, so the output is text, and encoding
+    // a prompt through that vocabulary works too.
+    let out = sluice()
+        .args([
+            "generate",
+            "--model",
+            m.to_str().unwrap(),
+            "--prompt",
+            "the river",
+            "-n",
+            "3",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn gguf_tokenizer_matches_tokenizer_json() {
+    use sluice_engine::Tokenizer;
+    use sluice_format::ModelFiles;
+    let st = ModelFiles::open(fixtures().join("models/qwen3_moe")).unwrap();
+    let gg = ModelFiles::open(fixtures().join("models/qwen3_moe.f16.gguf")).unwrap();
+    let (a, b) = (
+        Tokenizer::for_model(&st).unwrap().unwrap(),
+        Tokenizer::for_model(&gg).unwrap().unwrap(),
+    );
+    for text in ["the river runs", "Hello, world! 123", "  spaces\nand lines"] {
+        let ids = a.encode(text).unwrap();
+        assert_eq!(ids, b.encode(text).unwrap(), "{text:?}");
+        assert_eq!(a.decode(&ids).unwrap(), b.decode(&ids).unwrap());
+    }
+}
+
+#[test]
+fn inspect_reports_experts_and_bytes() {
+    let m = fixtures().join("models/qwen2_moe.q4_0.gguf");
+    let out = sluice()
+        .args(["inspect", m.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["architecture"], "qwen2_moe");
+    assert_eq!(v["experts"], 8);
+    assert_eq!(v["top_k"], 2);
+    assert_eq!(v["shared_expert"], true);
+    let (e, d, t) = (
+        v["expert_bytes"].as_u64().unwrap(),
+        v["dense_bytes"].as_u64().unwrap(),
+        v["tensor_bytes"].as_u64().unwrap(),
+    );
+    assert_eq!(e + d, t);
+    let moe_layers = v["moe_layers"].as_u64().unwrap();
+    assert_eq!(e, v["bytes_per_expert"].as_u64().unwrap() * 8 * moe_layers);
+    assert!(v["quant_types"]["Q4_0"]["tensors"].as_u64().unwrap() > 0);
+    let share = v["expert_share"].as_f64().unwrap();
+    assert!(share > 0.0 && share < 1.0);
+    // Human-readable form says the same.
+    let out = sluice()
+        .args(["inspect", m.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        s.contains("top-2 + shared expert") && s.contains("Q4_0"),
+        "{s}"
+    );
+}
+
+#[test]
+fn missing_path_is_a_clear_error() {
+    let e = fails(&["logits", "--model", "/nonexistent/model", "--tokens", "1"]);
+    assert!(e.contains("/nonexistent/model"), "{e}");
+}
+
+#[test]
+fn directory_without_config_is_a_clear_error() {
+    let d = tmpdir("nocfg");
+    let e = fails(&["inspect", d.to_str().unwrap()]);
+    assert!(e.contains("no config.json"), "{e}");
+}
+
+#[test]
+fn unsupported_architecture_is_named() {
+    let d = tmpdir("arch");
+    let src = fixtures().join("models/qwen3_moe");
+    for f in ["model.safetensors", "config.json"] {
+        std::fs::copy(src.join(f), d.join(f)).unwrap();
+    }
+    let cfg = std::fs::read_to_string(d.join("config.json")).unwrap();
+    std::fs::write(
+        d.join("config.json"),
+        cfg.replace("\"qwen3_moe\"", "\"llama4\""),
+    )
+    .unwrap();
+    let e = fails(&["inspect", d.to_str().unwrap()]);
+    assert!(e.contains("llama4") && e.contains("unsupported"), "{e}");
+}
+
+#[test]
+fn token_outside_vocabulary_is_rejected() {
+    let m = fixtures().join("models/mixtral");
+    let e = fails(&[
+        "logits",
+        "--model",
+        m.to_str().unwrap(),
+        "--tokens",
+        "1,999999",
+    ]);
+    assert!(e.contains("999999") && e.contains("vocabulary"), "{e}");
+}
+
+#[test]
+fn truncated_and_corrupt_files_are_clear_errors() {
+    let d = tmpdir("corrupt");
+    let gguf = std::fs::read(fixtures().join("models/qwen3_moe.f16.gguf")).unwrap();
+    for (name, bytes) in [
+        ("trunc.gguf", gguf[..gguf.len() / 2].to_vec()),
+        ("header.gguf", gguf[..100].to_vec()),
+        ("tiny.gguf", b"GG".to_vec()),
+    ] {
+        let p = d.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        let e = fails(&["inspect", p.to_str().unwrap()]);
+        assert!(e.contains(name), "{e}");
+    }
+    // A safetensors header that lies about its length.
+    let sd = d.join("st");
+    std::fs::create_dir_all(&sd).unwrap();
+    std::fs::copy(
+        fixtures().join("models/olmoe/config.json"),
+        sd.join("config.json"),
+    )
+    .unwrap();
+    let mut st = std::fs::read(fixtures().join("models/olmoe/model.safetensors")).unwrap();
+    st[..8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+    std::fs::write(sd.join("model.safetensors"), st).unwrap();
+    let e = fails(&["inspect", sd.to_str().unwrap()]);
+    assert!(e.contains("model.safetensors"), "{e}");
+}
+
+#[test]
+fn wrongly_shaped_tensor_names_the_tensor() {
+    let d = tmpdir("shape");
+    let src = fixtures().join("models/qwen3_moe");
+    for f in ["model.safetensors", "config.json"] {
+        std::fs::copy(src.join(f), d.join(f)).unwrap();
+    }
+    let cfg = std::fs::read_to_string(d.join("config.json")).unwrap();
+    std::fs::write(
+        d.join("config.json"),
+        cfg.replace("\"hidden_size\": 72", "\"hidden_size\": 80"),
+    )
+    .unwrap();
+    let e = fails(&["inspect", d.to_str().unwrap()]);
+    assert!(e.contains("embed_tokens") && e.contains("shape"), "{e}");
+}
