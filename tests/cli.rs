@@ -170,19 +170,22 @@ fn directory_without_config_is_a_clear_error() {
     assert!(e.contains("no config.json"), "{e}");
 }
 
-#[test]
-fn unsupported_architecture_is_named() {
-    let d = tmpdir("arch");
+/// A copy of the qwen3_moe fixture whose config.json has `from` replaced.
+fn fixture_with_config_edit(tag: &str, from: &str, to: &str) -> PathBuf {
+    let d = tmpdir(tag);
     let src = fixtures().join("models/qwen3_moe");
     for f in ["model.safetensors", "config.json"] {
         std::fs::copy(src.join(f), d.join(f)).unwrap();
     }
     let cfg = std::fs::read_to_string(d.join("config.json")).unwrap();
-    std::fs::write(
-        d.join("config.json"),
-        cfg.replace("\"qwen3_moe\"", "\"llama4\""),
-    )
-    .unwrap();
+    assert!(cfg.contains(from), "fixture config has no {from}");
+    std::fs::write(d.join("config.json"), cfg.replace(from, to)).unwrap();
+    d
+}
+
+#[test]
+fn unsupported_architecture_is_named() {
+    let d = fixture_with_config_edit("arch", "\"qwen3_moe\"", "\"llama4\"");
     let e = fails(&["inspect", d.to_str().unwrap()]);
     assert!(e.contains("llama4") && e.contains("unsupported"), "{e}");
 }
@@ -231,17 +234,7 @@ fn truncated_and_corrupt_files_are_clear_errors() {
 
 #[test]
 fn wrongly_shaped_tensor_names_the_tensor() {
-    let d = tmpdir("shape");
-    let src = fixtures().join("models/qwen3_moe");
-    for f in ["model.safetensors", "config.json"] {
-        std::fs::copy(src.join(f), d.join(f)).unwrap();
-    }
-    let cfg = std::fs::read_to_string(d.join("config.json")).unwrap();
-    std::fs::write(
-        d.join("config.json"),
-        cfg.replace("\"hidden_size\": 72", "\"hidden_size\": 80"),
-    )
-    .unwrap();
+    let d = fixture_with_config_edit("shape", "\"hidden_size\": 72", "\"hidden_size\": 80");
     let e = fails(&["inspect", d.to_str().unwrap()]);
     assert!(e.contains("embed_tokens") && e.contains("shape"), "{e}");
 }

@@ -143,7 +143,20 @@ impl Config {
     /// Reads the configuration of an opened model.
     pub fn from_files(files: &ModelFiles) -> Result<Config> {
         let cfg = if let Some(c) = files.hf_config() {
-            Config::from_hf(c)?
+            let mut cfg = Config::from_hf(c)?;
+            // generation_config.json may list more end-of-turn tokens.
+            let gen = files.path.join("generation_config.json");
+            if let Some(g) = std::fs::read_to_string(gen)
+                .ok()
+                .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            {
+                for id in ids(g.get("eos_token_id")) {
+                    if !cfg.eos.contains(&id) {
+                        cfg.eos.push(id);
+                    }
+                }
+            }
+            cfg
         } else if let Some(g) = files.gguf() {
             Config::from_gguf(g, files)?
         } else {
