@@ -59,4 +59,9 @@ pub fn assert_close(name: &str, got: &[Vec<f32>], want: &[Vec<f32>], rel: f32) {
         "{name}: max abs error {worst} exceeds {rel} × max|logit| = {}",
         rel * max
     );
+    // Shown with `cargo test --test oracle -- --nocapture`.
+    println!(
+        "{name}: max abs error {worst:.2e}, max|logit| {max:.2}, relative {:.2e}",
+        worst / max
+    );
 }
