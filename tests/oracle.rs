@@ -102,22 +102,9 @@ fn logits_cli_prints_json_matching_the_oracle() {
     let p = fixtures().join("models/olmoe");
     let e = read_expected(&p.join("expected.json"));
     let toks: Vec<String> = e.tokens.iter().map(u32::to_string).collect();
-    let out = sluice()
-        .args([
-            "logits",
-            "--model",
-            p.to_str().unwrap(),
-            "--tokens",
-            &toks.join(","),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let toks = toks.join(",");
+    let (out, _) = run_ok(&["logits", "--model", p.to_str().unwrap(), "--tokens", &toks]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let got: Vec<Vec<f32>> = serde_json::from_value(v["logits"].clone()).unwrap();
     let tokens: Vec<u32> = serde_json::from_value(v["tokens"].clone()).unwrap();
     assert_eq!(tokens, e.tokens);

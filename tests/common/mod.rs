@@ -13,6 +13,14 @@ pub fn sluice() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
 }
 
+/// Runs sluice with `args`, asserting success; returns (stdout, stderr).
+pub fn run_ok(args: &[&str]) -> (String, String) {
+    let out = sluice().args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "sluice {args:?} failed: {err}");
+    (String::from_utf8_lossy(&out.stdout).into_owned(), err)
+}
+
 /// An oracle: tokens and the reference logits at every position.
 pub struct Expected {
     pub tokens: Vec<u32>,

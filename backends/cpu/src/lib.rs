@@ -8,7 +8,7 @@
 //! with AVX2, and picked at start-up.
 
 use rayon::prelude::*;
-use sluice_core::{ops, quant, AttnParams, Backend, DType, Error, Result, WeightView};
+use sluice_core::{ops, quant, AttnParams, Backend, Error, Result, WeightView};
 
 /// Multithreaded CPU backend.
 pub struct CpuBackend {
@@ -180,8 +180,9 @@ impl Backend for CpuBackend {
     }
 }
 
-/// Reference product for tests: dequantize the whole matrix, then naive f32.
-pub fn reference_matmul(w: WeightView<'_>, x: &[f32], n: usize) -> Result<Vec<f32>> {
+/// Reference product for tests: dequantize the whole matrix, then f64 sums.
+#[cfg(test)]
+fn reference_matmul(w: WeightView<'_>, x: &[f32], n: usize) -> Result<Vec<f32>> {
     let mut wf = vec![0f32; w.rows * w.cols];
     quant::dequantize(w.dtype, w.data, &mut wf)?;
     let mut y = vec![0f32; n * w.rows];
@@ -197,15 +198,11 @@ pub fn reference_matmul(w: WeightView<'_>, x: &[f32], n: usize) -> Result<Vec<f3
     Ok(y)
 }
 
-/// Whether the backend supports `dtype` for matmul (all of [`DType::ALL`]).
-pub fn supports(dtype: DType) -> bool {
-    DType::ALL.contains(&dtype)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use sluice_core::DType;
 
     fn dtype_strategy() -> impl Strategy<Value = DType> {
         proptest::sample::select(DType::ALL.to_vec())

@@ -286,22 +286,6 @@ fn q6_k(b: &[u8], y: &mut [f32]) {
     }
 }
 
-/// Quantizes `src` to Q8_0 the way ggml's reference quantizer does.
-///
-/// Used by `synth` and by tests; the engine never requantizes silently.
-pub fn quantize_q8_0(src: &[f32], dst: &mut Vec<u8>) {
-    for blk in src.chunks(32) {
-        let amax = blk.iter().fold(0f32, |a, &v| a.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        dst.extend_from_slice(&f16::from_f32(d).to_le_bytes());
-        for i in 0..32 {
-            let v = blk.get(i).copied().unwrap_or(0.0) * id;
-            dst.push(v.round() as i8 as u8);
-        }
-    }
-}
-
 /// Byte offsets of the f16 scale fields inside one block of `dtype`
 /// (empty for plain float types).
 pub fn scale_field_offsets(dtype: DType) -> &'static [usize] {
@@ -317,7 +301,7 @@ pub fn scale_field_offsets(dtype: DType) -> &'static [usize] {
 
 /// Deterministic pseudo-random tensor bytes of `elems` elements of `dtype`
 /// whose values are finite and of order `scale` once dequantized: random
-/// quant codes with sane block scales. Used by `synth` and by tests.
+/// quant codes with sane block scales. Used by the benchmarks and tests.
 pub fn random_tensor_bytes(dtype: DType, elems: usize, seed: u64, scale: f32) -> Vec<u8> {
     let mut s = seed ^ 0x9e37_79b9_7f4a_7c15;
     let mut next = move || {
@@ -358,20 +342,6 @@ pub fn random_tensor_bytes(dtype: DType, elems: usize, seed: u64, scale: f32) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn q8_0_roundtrip_is_close() {
-        let x: Vec<f32> = (0..64)
-            .map(|i| ((i * 37 % 19) as f32 - 9.0) * 0.13)
-            .collect();
-        let mut q = Vec::new();
-        quantize_q8_0(&x, &mut q);
-        let mut y = vec![0.0; 64];
-        dequantize(DType::Q8_0, &q, &mut y).unwrap();
-        for (a, b) in x.iter().zip(&y) {
-            assert!((a - b).abs() < 0.01, "{a} vs {b}");
-        }
-    }
 
     #[test]
     fn dequantize_rejects_wrong_lengths() {

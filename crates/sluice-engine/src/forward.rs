@@ -212,16 +212,20 @@ impl Session {
             ops::softmax(probs);
             idx.clear();
             idx.extend(0..ne);
-            // Highest probability first; ties to the lower index.
-            idx.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
-            let chosen = &idx[..k];
+            // Highest probability first, ties to the lower index: a total
+            // order, so selecting the k best then sorting them is exact.
+            let best = |a: &usize, b: &usize| probs[*b].total_cmp(&probs[*a]).then(a.cmp(b));
+            idx.select_nth_unstable_by(k - 1, best);
+            let chosen = &mut idx[..k];
+            chosen.sort_unstable_by(best);
+            let chosen = &*chosen;
             let mut w: Vec<f32> = chosen.iter().map(|&e| probs[e]).collect();
             if c.norm_topk_prob {
                 let s: f32 = w.iter().sum();
                 w.iter_mut().for_each(|v| *v /= s);
             }
             if let Some(o) = &mut self.observer {
-                o(&crate::forward::Route {
+                o(&Route {
                     pos: self.pos + t,
                     layer: li,
                     experts: chosen,

@@ -7,7 +7,7 @@
 //! tensor per expert or stacked per layer, become one [`Mlp`] each whose
 //! three matrices are byte ranges of the file.
 
-use crate::config::{Arch, Config};
+use crate::config::Config;
 use sluice_core::{quant, DType, Error, Result, WeightView};
 use sluice_format::{ModelFiles, TensorBytes, TensorInfo};
 
@@ -217,6 +217,31 @@ impl Loader<'_> {
         }
     }
 
+    /// A projection `{base}.weight` with its optional `{base}.bias`.
+    fn linear(&self, base: &str, rows: usize, cols: usize) -> Result<Linear> {
+        Ok(Linear {
+            w: self.matrix(&format!("{base}.weight"), rows, cols)?,
+            bias: self.opt_vector(&format!("{base}.bias"), rows)?,
+        })
+    }
+
+    /// A layer from its attention tensors' names and its feed-forward block.
+    fn layer(&self, c: &Config, n: &LayerNames, ffn: Ffn) -> Result<Layer> {
+        let h = c.hidden;
+        let (qd, kd) = attn_dims(c);
+        Ok(Layer {
+            attn_norm: self.vector(&format!("{}.weight", n.attn_norm), h)?,
+            q: self.linear(&n.q, qd, h)?,
+            k: self.linear(&n.k, kd, h)?,
+            v: self.linear(&n.v, kd, h)?,
+            o: self.linear(&n.o, h, qd)?,
+            q_norm: self.qk_norm(&format!("{}.weight", n.q_norm), c.head_dim, qd)?,
+            k_norm: self.qk_norm(&format!("{}.weight", n.k_norm), c.head_dim, kd)?,
+            ffn_norm: self.vector(&format!("{}.weight", n.ffn_norm), h)?,
+            ffn,
+        })
+    }
+
     /// A q/k norm whose length says whether it is per head or whole.
     fn qk_norm(&self, name: &str, head_dim: usize, whole: usize) -> Result<Option<Vec<f32>>> {
         let Some(t) = self.files.tensor(name) else {
@@ -260,6 +285,49 @@ impl Loader<'_> {
             file: t.file,
             data,
         })
+    }
+}
+
+/// Base names (without `.weight`) of a layer's attention tensors and norms,
+/// which differ only in spelling between Hugging Face and GGUF files.
+struct LayerNames {
+    attn_norm: String,
+    q: String,
+    k: String,
+    v: String,
+    o: String,
+    q_norm: String,
+    k_norm: String,
+    ffn_norm: String,
+}
+
+impl LayerNames {
+    fn hf(b: &str) -> Self {
+        let a = |n: &str| format!("{b}self_attn.{n}");
+        LayerNames {
+            attn_norm: format!("{b}input_layernorm"),
+            q: a("q_proj"),
+            k: a("k_proj"),
+            v: a("v_proj"),
+            o: a("o_proj"),
+            q_norm: a("q_norm"),
+            k_norm: a("k_norm"),
+            ffn_norm: format!("{b}post_attention_layernorm"),
+        }
+    }
+
+    fn gguf(b: &str) -> Self {
+        let a = |n: &str| format!("{b}{n}");
+        LayerNames {
+            attn_norm: a("attn_norm"),
+            q: a("attn_q"),
+            k: a("attn_k"),
+            v: a("attn_v"),
+            o: a("attn_output"),
+            q_norm: a("attn_q_norm"),
+            k_norm: a("attn_k_norm"),
+            ffn_norm: a("ffn_norm"),
+        }
     }
 }
 
@@ -337,16 +405,9 @@ fn load_hf(l: &Loader, c: &Config) -> Result<Parts> {
         .ok_or_else(|| Error::Model("no embed_tokens.weight tensor".into()))?;
     let h = c.hidden;
     let embed = l.matrix(&format!("{p}embed_tokens.weight"), c.vocab, h)?;
-    let (qd, kd) = attn_dims(c);
     let mut layers = Vec::with_capacity(c.n_layers);
     for i in 0..c.n_layers {
         let b = format!("{p}layers.{i}.");
-        let lin = |n: &str, rows: usize, cols: usize| -> Result<Linear> {
-            Ok(Linear {
-                w: l.matrix(&format!("{b}self_attn.{n}.weight"), rows, cols)?,
-                bias: l.opt_vector(&format!("{b}self_attn.{n}.bias"), rows)?,
-            })
-        };
         let mlp = |base: &str, names: [&str; 3]| -> Result<Mlp> {
             let m = Mlp {
                 gate: l.matrix(&format!("{base}.{}.weight", names[0]), 0, h)?,
@@ -411,17 +472,7 @@ fn load_hf(l: &Loader, c: &Config) -> Result<Parts> {
                 ["gate_proj", "up_proj", "down_proj"],
             )?)
         };
-        layers.push(Layer {
-            attn_norm: l.vector(&format!("{b}input_layernorm.weight"), h)?,
-            q: lin("q_proj", qd, h)?,
-            k: lin("k_proj", kd, h)?,
-            v: lin("v_proj", kd, h)?,
-            o: lin("o_proj", h, qd)?,
-            q_norm: l.qk_norm(&format!("{b}self_attn.q_norm.weight"), c.head_dim, qd)?,
-            k_norm: l.qk_norm(&format!("{b}self_attn.k_norm.weight"), c.head_dim, kd)?,
-            ffn_norm: l.vector(&format!("{b}post_attention_layernorm.weight"), h)?,
-            ffn,
-        });
+        layers.push(l.layer(c, &LayerNames::hf(&b), ffn)?);
     }
     let norm = l.vector(&format!("{p}norm.weight"), h)?;
     let lm_head = match l.opt_matrix("lm_head.weight", c.vocab, h)? {
@@ -434,16 +485,9 @@ fn load_hf(l: &Loader, c: &Config) -> Result<Parts> {
 fn load_gguf(l: &Loader, c: &Config) -> Result<Parts> {
     let h = c.hidden;
     let embed = l.matrix("token_embd.weight", c.vocab, h)?;
-    let (qd, kd) = attn_dims(c);
     let mut layers = Vec::with_capacity(c.n_layers);
     for i in 0..c.n_layers {
         let b = format!("blk.{i}.");
-        let lin = |n: &str, rows: usize, cols: usize| -> Result<Linear> {
-            Ok(Linear {
-                w: l.matrix(&format!("{b}{n}.weight"), rows, cols)?,
-                bias: l.opt_vector(&format!("{b}{n}.bias"), rows)?,
-            })
-        };
         let mlp = |suffix: &str| -> Result<Mlp> {
             let m = Mlp {
                 gate: l.matrix(&format!("{b}ffn_gate{suffix}.weight"), 0, h)?,
@@ -503,17 +547,7 @@ fn load_gguf(l: &Loader, c: &Config) -> Result<Parts> {
         } else {
             Ffn::Dense(mlp("")?)
         };
-        layers.push(Layer {
-            attn_norm: l.vector(&format!("{b}attn_norm.weight"), h)?,
-            q: lin("attn_q", qd, h)?,
-            k: lin("attn_k", kd, h)?,
-            v: lin("attn_v", kd, h)?,
-            o: lin("attn_output", h, qd)?,
-            q_norm: l.qk_norm(&format!("{b}attn_q_norm.weight"), c.head_dim, qd)?,
-            k_norm: l.qk_norm(&format!("{b}attn_k_norm.weight"), c.head_dim, kd)?,
-            ffn_norm: l.vector(&format!("{b}ffn_norm.weight"), h)?,
-            ffn,
-        });
+        layers.push(l.layer(c, &LayerNames::gguf(&b), ffn)?);
     }
     let norm = l.vector("output_norm.weight", h)?;
     let lm_head = match l.opt_matrix("output.weight", c.vocab, h)? {
@@ -521,11 +555,4 @@ fn load_gguf(l: &Loader, c: &Config) -> Result<Parts> {
         None => embed.clone(),
     };
     Ok((embed, layers, norm, lm_head))
-}
-
-impl Model {
-    /// Whether the architecture keeps a shared expert.
-    pub fn arch(&self) -> Arch {
-        self.config.arch
-    }
 }
