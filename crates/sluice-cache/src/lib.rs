@@ -1,0 +1,309 @@
+//! The expert cache's bookkeeping, free of I/O: which expert sits in which
+//! slot, which slots are pinned or still loading, and which one to evict.
+//!
+//! The same [`SlotCache`] runs in the streaming engine (slots backed by
+//! aligned buffers that reads land in), in trace statistics and in the
+//! simulator (slots backed by nothing), so hit rates measured without a
+//! model are the hit rates the engine gets.
+//!
+//! Invariants, checked by property tests:
+//! - a key is in at most one slot, a slot holds at most one key;
+//! - a pinned slot, or one whose read is in flight, is never evicted;
+//! - the number of slots never changes, so the byte budget they were sized
+//!   from is never exceeded.
+
+mod policy;
+
+pub use policy::{policy_by_name, Lfu, Lru, Policy, RouterAware, POLICY_NAMES};
+
+use std::collections::HashMap;
+
+/// One expert of one layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ExpertKey {
+    /// Layer index.
+    pub layer: u32,
+    /// Expert index within the layer.
+    pub expert: u32,
+}
+
+impl ExpertKey {
+    /// Key of expert `expert` of layer `layer`.
+    pub fn new(layer: usize, expert: usize) -> Self {
+        ExpertKey {
+            layer: layer as u32,
+            expert: expert as u32,
+        }
+    }
+}
+
+/// What a slot holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotState {
+    /// Nothing.
+    Free,
+    /// A read into the slot is in flight: its bytes are not valid yet.
+    Loading,
+    /// The expert's bytes are valid.
+    Ready,
+}
+
+#[derive(Clone, Debug)]
+struct Slot {
+    key: Option<ExpertKey>,
+    state: SlotState,
+    pins: u32,
+}
+
+/// The answer to [`SlotCache::acquire`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Acquire {
+    /// The expert is in this slot (ready, or loading by an earlier request).
+    Hit(usize),
+    /// The expert was given this slot: the caller must fill it, then call
+    /// [`SlotCache::mark_ready`] (or [`SlotCache::mark_failed`]).
+    Miss(usize),
+    /// Every slot is pinned or loading: nothing can be evicted now.
+    Full,
+}
+
+/// Counters since creation (or the last [`SlotCache::reset_stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Demand lookups that found the expert resident or loading.
+    pub hits: u64,
+    /// Demand lookups that had to read it.
+    pub misses: u64,
+    /// Residents dropped to make room.
+    pub evictions: u64,
+}
+
+impl CacheStats {
+    /// Hits over lookups (0 when there were none).
+    pub fn hit_rate(&self) -> f64 {
+        let n = self.hits + self.misses;
+        if n == 0 {
+            0.0
+        } else {
+            self.hits as f64 / n as f64
+        }
+    }
+}
+
+/// A fixed number of expert slots with pinning and a pluggable eviction
+/// policy. Logical time (`step`) is supplied by the caller: the engine uses
+/// the token index, so policies can weigh recency in tokens.
+pub struct SlotCache {
+    slots: Vec<Slot>,
+    map: HashMap<ExpertKey, usize>,
+    free: Vec<usize>,
+    policy: Box<dyn Policy>,
+    stats: CacheStats,
+}
+
+impl SlotCache {
+    /// `n` empty slots evicted by `policy`.
+    pub fn new(n: usize, policy: Box<dyn Policy>) -> Self {
+        SlotCache {
+            slots: vec![
+                Slot {
+                    key: None,
+                    state: SlotState::Free,
+                    pins: 0
+                };
+                n
+            ],
+            map: HashMap::with_capacity(n),
+            // Popped from the back: hand out slot 0 first.
+            free: (0..n).rev().collect(),
+            policy,
+            stats: CacheStats::default(),
+        }
+    }
+
+    /// Number of slots.
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Name of the eviction policy.
+    pub fn policy_name(&self) -> &'static str {
+        self.policy.name()
+    }
+
+    /// Slot holding `key`, if any (ready or loading).
+    pub fn slot_of(&self, key: ExpertKey) -> Option<usize> {
+        self.map.get(&key).copied()
+    }
+
+    /// State of a slot.
+    pub fn state(&self, slot: usize) -> SlotState {
+        self.slots[slot].state
+    }
+
+    /// Key held by a slot.
+    pub fn key(&self, slot: usize) -> Option<ExpertKey> {
+        self.slots[slot].key
+    }
+
+    /// Pin count of a slot.
+    pub fn pins(&self, slot: usize) -> u32 {
+        self.slots[slot].pins
+    }
+
+    /// Resident keys (ready or loading).
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether nothing is resident.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> CacheStats {
+        self.stats
+    }
+
+    /// Zeroes the counters (residents stay).
+    pub fn reset_stats(&mut self) {
+        self.stats = CacheStats::default();
+    }
+
+    /// Demand lookup of `key` at time `step`, with the router's probability
+    /// for it. Pins the slot on `Hit` and `Miss`; each pin is undone by one
+    /// [`release`](Self::release).
+    pub fn acquire(&mut self, key: ExpertKey, step: u64, prob: f32) -> Acquire {
+        let r = self.lookup(key, step, prob);
+        match r {
+            Acquire::Hit(s) | Acquire::Miss(s) => {
+                self.slots[s].pins += 1;
+                if matches!(r, Acquire::Hit(_)) {
+                    self.stats.hits += 1;
+                } else {
+                    self.stats.misses += 1;
+                }
+            }
+            Acquire::Full => {}
+        }
+        r
+    }
+
+    /// Like [`acquire`](Self::acquire) but neither pins nor counts: for
+    /// prefetches and for warming a cache from a trace.
+    pub fn prefetch(&mut self, key: ExpertKey, step: u64, prob: f32) -> Acquire {
+        self.lookup(key, step, prob)
+    }
+
+    fn lookup(&mut self, key: ExpertKey, step: u64, prob: f32) -> Acquire {
+        if let Some(&s) = self.map.get(&key) {
+            self.policy.touch(key, step, prob);
+            return Acquire::Hit(s);
+        }
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                let slots = &self.slots;
+                let map = &self.map;
+                let evictable = |k: ExpertKey| {
+                    map.get(&k).is_some_and(|&s| {
+                        slots[s].pins == 0 && slots[s].state == SlotState::Ready
+                    })
+                };
+                let Some(victim) = self.policy.victim(&evictable) else {
+                    return Acquire::Full;
+                };
+                debug_assert!(evictable(victim), "policy chose a protected victim");
+                if !evictable(victim) {
+                    return Acquire::Full;
+                }
+                let s = self.map.remove(&victim).expect("victim is resident");
+                self.policy.remove(victim);
+                self.stats.evictions += 1;
+                s
+            }
+        };
+        let sl = &mut self.slots[slot];
+        sl.key = Some(key);
+        sl.state = SlotState::Loading;
+        self.map.insert(key, slot);
+        self.policy.insert(key, step, prob);
+        Acquire::Miss(slot)
+    }
+
+    /// The read into `slot` completed: its bytes are valid.
+    pub fn mark_ready(&mut self, slot: usize) {
+        debug_assert_eq!(self.slots[slot].state, SlotState::Loading);
+        self.slots[slot].state = SlotState::Ready;
+    }
+
+    /// The read into `slot` failed: the slot is emptied (never left marked
+    /// valid half-filled). Pins stay with their holders, who release them.
+    pub fn mark_failed(&mut self, slot: usize) {
+        if let Some(k) = self.slots[slot].key.take() {
+            self.map.remove(&k);
+            self.policy.remove(k);
+        }
+        self.slots[slot].state = SlotState::Free;
+        if self.slots[slot].pins == 0 {
+            self.free.push(slot);
+        }
+    }
+
+    /// Undoes one pin of `slot`.
+    pub fn release(&mut self, slot: usize) {
+        let s = &mut self.slots[slot];
+        assert!(s.pins > 0, "release of an unpinned slot {slot}");
+        s.pins -= 1;
+        if s.pins == 0 && s.key.is_none() && !self.free.contains(&slot) {
+            // A failed slot comes back once its last holder lets go.
+            self.free.push(slot);
+        }
+    }
+
+    /// Drops `key` if it is resident and neither pinned nor loading.
+    /// Returns whether it was dropped.
+    pub fn evict(&mut self, key: ExpertKey) -> bool {
+        let Some(&s) = self.map.get(&key) else {
+            return false;
+        };
+        if self.slots[s].pins > 0 || self.slots[s].state != SlotState::Ready {
+            return false;
+        }
+        self.map.remove(&key);
+        self.policy.remove(key);
+        self.slots[s] = Slot {
+            key: None,
+            state: SlotState::Free,
+            pins: 0,
+        };
+        self.free.push(s);
+        true
+    }
+
+    /// Checks the internal invariants (tests and debug builds).
+    pub fn check(&self) -> Result<(), String> {
+        for (k, &s) in &self.map {
+            if self.slots[s].key != Some(*k) {
+                return Err(format!("map says {k:?} is in slot {s}, slot disagrees"));
+            }
+            if self.slots[s].state == SlotState::Free {
+                return Err(format!("{k:?} maps to free slot {s}"));
+            }
+        }
+        let held = self.slots.iter().filter(|s| s.key.is_some()).count();
+        if held != self.map.len() {
+            return Err(format!("{held} slots hold keys, map has {}", self.map.len()));
+        }
+        for &f in &self.free {
+            if self.slots[f].key.is_some() || self.slots[f].pins > 0 {
+                return Err(format!("free slot {f} is held or pinned"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
