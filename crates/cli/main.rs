@@ -1,16 +1,18 @@
 //! The `sluice` command line.
 
+mod bench;
+mod stream_args;
+mod tools;
+
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use sluice_backend_cpu::CpuBackend;
-use sluice_core::Backend;
 use sluice_engine::model::Ffn;
-use sluice_engine::{Model, Sampler, Session, TextStream, Tokenizer};
+use sluice_engine::{Model, Sampler, TextStream, Tokenizer};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
+use stream_args::ModelArgs;
 
 #[derive(Parser)]
 #[command(
@@ -31,16 +33,14 @@ enum Cmd {
     Generate(GenerateArgs),
     /// Describe a model: architecture, experts, bytes, quant types.
     Inspect(InspectArgs),
-}
-
-#[derive(Args)]
-struct ModelArgs {
-    /// Safetensors model directory or GGUF file.
-    #[arg(long)]
-    model: PathBuf,
-    /// Compute threads (default: all cores).
-    #[arg(long)]
-    threads: Option<usize>,
+    /// Measure decode speed, hit rate, bandwidth and memory under a RAM cap.
+    Bench(bench::BenchArgs),
+    /// Rewrite a model into the packed streaming layout.
+    Pack(tools::PackArgs),
+    /// Write a random-weight model of a real geometry.
+    Synth(tools::SynthArgs),
+    /// Measure the drive's read bandwidth and latency with O_DIRECT.
+    Probe(tools::ProbeArgs),
 }
 
 #[derive(Args)]
@@ -91,15 +91,13 @@ struct InspectArgs {
     json: bool,
 }
 
-fn open(m: &ModelArgs) -> Result<(Arc<Model>, Arc<dyn Backend>)> {
-    let model = Model::open(&m.model).with_context(|| format!("loading {}", m.model.display()))?;
-    let backend = CpuBackend::new(m.threads)?;
-    Ok((Arc::new(model), Arc::new(backend)))
-}
-
 fn logits(a: LogitsArgs) -> Result<()> {
-    let (model, backend) = open(&a.m)?;
-    let mut s = Session::new(model.clone(), backend);
+    let mut o = stream_args::open(&a.m, a.tokens.len(), a.tokens.len())?;
+    for n in &o.notes {
+        eprintln!("note: {n}");
+    }
+    let model = o.model.clone();
+    let mut s = o.session();
     let l = s.forward(&a.tokens, true)?;
     let rows: Vec<&[f32]> = l.chunks_exact(model.config.vocab).collect();
     let out = serde_json::json!({"tokens": a.tokens, "logits": rows});
@@ -111,8 +109,12 @@ fn logits(a: LogitsArgs) -> Result<()> {
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
-    let (model, backend) = open(&a.m)?;
-    let tok = Tokenizer::for_model(&model.files)?;
+    // The prompt's length is known only after tokenizing: open the
+    // container for its tokenizer first (headers only).
+    let tok = Tokenizer::for_model(
+        &sluice_format::ModelFiles::open(&a.m.model)
+            .with_context(|| format!("loading {}", a.m.model.display()))?,
+    )?;
     let prompt: Vec<u32> = match (&a.prompt, &a.tokens, &tok) {
         (Some(p), _, Some(t)) => t.encode(p)?,
         (Some(_), _, None) => bail!(
@@ -125,7 +127,12 @@ fn generate(a: GenerateArgs) -> Result<()> {
     if prompt.is_empty() {
         bail!("the prompt is empty");
     }
-    let mut s = Session::new(model.clone(), backend);
+    let mut o = stream_args::open(&a.m, prompt.len() + a.n + 1, a.batch.max(1))?;
+    for n in &o.notes {
+        eprintln!("note: {n}");
+    }
+    let model = o.model.clone();
+    let mut s = o.session();
     let mut sampler = Sampler::new(a.temperature, a.top_p, a.seed);
     let t0 = Instant::now();
     let mut last = Vec::new();
@@ -162,6 +169,16 @@ fn generate(a: GenerateArgs) -> Result<()> {
         prompt.len() as f64 / ttft.as_secs_f64().max(1e-9),
         produced as f64 / dt.max(1e-9)
     );
+    if let Some(st) = s.streamer() {
+        let x = st.stats();
+        eprintln!(
+            "experts: hit rate {:.3}, {:.2} MB read, stalled {:.3}s; peak RSS {:.1} MB",
+            x.hit_rate(),
+            x.bytes_read as f64 / 1e6,
+            x.stall.as_secs_f64(),
+            sluice_io::sys::peak_rss_bytes().unwrap_or(0) as f64 / 1e6
+        );
+    }
     Ok(())
 }
 
@@ -265,6 +282,10 @@ fn main() {
         Cmd::Logits(a) => logits(a),
         Cmd::Generate(a) => generate(a),
         Cmd::Inspect(a) => inspect(a),
+        Cmd::Bench(a) => bench::bench(a),
+        Cmd::Pack(a) => tools::pack(a),
+        Cmd::Synth(a) => tools::synth(a),
+        Cmd::Probe(a) => tools::probe(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

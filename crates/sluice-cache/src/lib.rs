@@ -207,9 +207,8 @@ impl SlotCache {
                 let slots = &self.slots;
                 let map = &self.map;
                 let evictable = |k: ExpertKey| {
-                    map.get(&k).is_some_and(|&s| {
-                        slots[s].pins == 0 && slots[s].state == SlotState::Ready
-                    })
+                    map.get(&k)
+                        .is_some_and(|&s| slots[s].pins == 0 && slots[s].state == SlotState::Ready)
                 };
                 let Some(victim) = self.policy.victim(&evictable) else {
                     return Acquire::Full;
@@ -294,7 +293,10 @@ impl SlotCache {
         }
         let held = self.slots.iter().filter(|s| s.key.is_some()).count();
         if held != self.map.len() {
-            return Err(format!("{held} slots hold keys, map has {}", self.map.len()));
+            return Err(format!(
+                "{held} slots hold keys, map has {}",
+                self.map.len()
+            ));
         }
         for &f in &self.free {
             if self.slots[f].key.is_some() || self.slots[f].pins > 0 {

@@ -68,7 +68,11 @@ impl Policy for Lru {
     }
     fn victim(&mut self, evictable: &dyn Fn(ExpertKey) -> bool) -> Option<ExpertKey> {
         // Least recent first.
-        self.order.iter().rev().map(|(k, _)| *k).find(|&k| evictable(k))
+        self.order
+            .iter()
+            .rev()
+            .map(|(k, _)| *k)
+            .find(|&k| evictable(k))
     }
 }
 
@@ -101,14 +105,21 @@ impl DecayedScores {
     fn add(&mut self, key: ExpertKey, step: u64, w: f64) {
         self.now = self.now.max(step);
         let h = self.half_life;
-        let e = self.all.entry(key).or_insert(Decayed { score: 0.0, at: step });
+        let e = self.all.entry(key).or_insert(Decayed {
+            score: 0.0,
+            at: step,
+        });
         let dt = step.saturating_sub(e.at) as f64;
         e.score = e.score * (-dt / h).exp2() + w;
         e.at = e.at.max(step);
     }
 
     fn value(&self, k: &ExpertKey) -> (f64, u64) {
-        let d = self.all.get(k).copied().unwrap_or(Decayed { score: 0.0, at: 0 });
+        let d = self
+            .all
+            .get(k)
+            .copied()
+            .unwrap_or(Decayed { score: 0.0, at: 0 });
         let dt = self.now.saturating_sub(d.at) as f64;
         (d.score * (-dt / self.half_life).exp2(), d.at)
     }
@@ -121,9 +132,7 @@ impl DecayedScores {
             .copied()
             .filter(|&k| evictable(k))
             .map(|k| (self.value(&k), k))
-            .min_by(|((a, at), ka), ((b, bt), kb)| {
-                a.total_cmp(b).then(at.cmp(bt)).then(ka.cmp(kb))
-            })
+            .min_by(|((a, at), ka), ((b, bt), kb)| a.total_cmp(b).then(at.cmp(bt)).then(ka.cmp(kb)))
             .map(|(_, k)| k)
     }
 

@@ -339,6 +339,117 @@ pub fn random_tensor_bytes(dtype: DType, elems: usize, seed: u64, scale: f32) ->
     out
 }
 
+/// Types [`quantize`] can produce.
+pub const QUANTIZE_TARGETS: &[DType] = &[
+    DType::F32,
+    DType::F16,
+    DType::BF16,
+    DType::Q8_0,
+    DType::Q4_0,
+];
+
+/// Quantizes `src` (a whole number of blocks) to `dtype`, appending to
+/// `out`, with the reference formulas of ggml / gguf-py (Q8_0: scale
+/// max|x|/127, round to nearest; Q4_0: scale = the signed value of largest
+/// magnitude / -8, codes `trunc(x/d + 8.5)` clamped to 15).
+pub fn quantize(dtype: DType, src: &[f32], out: &mut Vec<u8>) -> Result<()> {
+    let bs = dtype.block_size();
+    if src.len() % bs != 0 {
+        return Err(Error::Invalid(format!(
+            "{} values are not a whole number of {dtype:?} blocks of {bs}",
+            src.len()
+        )));
+    }
+    match dtype {
+        DType::F32 => src.iter().for_each(|v| out.extend(v.to_le_bytes())),
+        DType::F16 => src
+            .iter()
+            .for_each(|v| out.extend(f16::from_f32(*v).to_le_bytes())),
+        DType::BF16 => src
+            .iter()
+            .for_each(|v| out.extend(bf16::from_f32(*v).to_le_bytes())),
+        DType::Q8_0 => {
+            for b in src.chunks_exact(32) {
+                let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend(f16::from_f32(d).to_le_bytes());
+                out.extend(b.iter().map(|v| (v * id).round() as i8 as u8));
+            }
+        }
+        DType::Q4_0 => {
+            for b in src.chunks_exact(32) {
+                let max = b
+                    .iter()
+                    .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+                let d = max / -8.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend(f16::from_f32(d).to_le_bytes());
+                let q = |v: f32| ((v * id + 8.5) as i32).clamp(0, 15) as u8;
+                for j in 0..16 {
+                    out.push(q(b[j]) | (q(b[j + 16]) << 4));
+                }
+            }
+        }
+        _ => {
+            return Err(Error::Unsupported(format!(
+                "quantizing to {dtype:?} (supported: F32, F16, BF16, Q8_0, Q4_0)"
+            )))
+        }
+    }
+    Ok(())
+}
+
+/// Fills `out` (a whole tensor of `dtype`) with pseudo-random values of
+/// order `scale`, like [`random_tensor_bytes`] but in place and fast enough
+/// to synthesize models at disk speed: random codes eight bytes at a time,
+/// then sane block scales.
+pub fn fill_random_tensor(dtype: DType, out: &mut [u8], seed: u64, scale: f32) {
+    let mut s = seed ^ 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let unit = |z: u64| (z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+    match dtype {
+        DType::F32 => out
+            .chunks_exact_mut(4)
+            .for_each(|c| c.copy_from_slice(&(unit(next()) * scale).to_le_bytes())),
+        DType::F16 => out
+            .chunks_exact_mut(2)
+            .for_each(|c| c.copy_from_slice(&f16::from_f32(unit(next()) * scale).to_le_bytes())),
+        DType::BF16 => out
+            .chunks_exact_mut(2)
+            .for_each(|c| c.copy_from_slice(&bf16::from_f32(unit(next()) * scale).to_le_bytes())),
+        _ => {
+            let mut chunks = out.chunks_exact_mut(8);
+            for c in &mut chunks {
+                c.copy_from_slice(&next().to_le_bytes());
+            }
+            let z = next().to_le_bytes();
+            let rem = chunks.into_remainder();
+            let n = rem.len();
+            rem.copy_from_slice(&z[..n]);
+            let d = scale / if dtype == DType::Q8_0 { 127.0 } else { 16.0 };
+            let bb = dtype.block_bytes();
+            for blk in out.chunks_exact_mut(bb) {
+                for (i, &o) in scale_field_offsets(dtype).iter().enumerate() {
+                    let u = unit(next());
+                    // Codes are offset (Q4_0 spans -8..7): a random sign on
+                    // the block scale cancels the mean, which would otherwise
+                    // bias every row the same way and make routing constant.
+                    let sign = if i == 0 && u < 0.0 { -1.0 } else { 1.0 };
+                    let v = f16::from_f32(sign * d * (0.25 + 0.75 * u.abs()));
+                    blk[o..o + 2].copy_from_slice(&v.to_le_bytes());
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -349,5 +460,57 @@ mod tests {
         assert!(dequantize(DType::Q8_0, &[0u8; 33], &mut y).is_err());
         let mut y = vec![0.0; 31];
         assert!(dequantize(DType::Q8_0, &[0u8; 34], &mut y).is_err());
+    }
+
+    #[test]
+    fn quantize_round_trips_within_half_a_step() {
+        let x: Vec<f32> = (0..256)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        for dt in QUANTIZE_TARGETS {
+            let mut b = Vec::new();
+            quantize(*dt, &x, &mut b).unwrap();
+            assert_eq!(b.len(), dt.row_bytes(x.len()).unwrap());
+            let mut y = vec![0f32; x.len()];
+            dequantize(*dt, &b, &mut y).unwrap();
+            for blk in 0..x.len() / 32 {
+                let r = blk * 32..blk * 32 + 32;
+                let amax = x[r.clone()].iter().fold(0f32, |m, v| m.max(v.abs()));
+                let step = match dt {
+                    DType::Q8_0 => amax / 127.0,
+                    // The clamp at code 15 costs up to a whole step.
+                    DType::Q4_0 => amax / 8.0 * 2.0,
+                    _ => amax / 128.0,
+                };
+                for i in r {
+                    assert!(
+                        (x[i] - y[i]).abs() <= step * 0.51 + 1e-6,
+                        "{dt:?} {i}: {} vs {}",
+                        x[i],
+                        y[i]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn random_fill_dequantizes_to_finite_values() {
+        for dt in [
+            DType::Q4_0,
+            DType::Q8_0,
+            DType::Q4_K,
+            DType::Q6_K,
+            DType::F16,
+            DType::BF16,
+        ] {
+            let n = 512;
+            let mut b = vec![0u8; dt.row_bytes(n).unwrap()];
+            fill_random_tensor(dt, &mut b, 3, 0.1);
+            let mut y = vec![0f32; n];
+            dequantize(dt, &b, &mut y).unwrap();
+            assert!(y.iter().all(|v| v.is_finite() && v.abs() < 100.0), "{dt:?}");
+            assert!(y.iter().any(|v| *v != 0.0));
+        }
     }
 }

@@ -139,7 +139,107 @@ fn check(cfg: &Config) -> Result<()> {
     Ok(())
 }
 
+/// GGUF metadata key under which packed files store [`Config::to_json`].
+pub const PACKED_CONFIG_KEY: &str = "sluice.config";
+
 impl Config {
+    /// The normalized configuration as JSON (stored in packed files).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "arch": self.arch.hf_name(),
+            "vocab": self.vocab,
+            "hidden": self.hidden,
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "rope_theta": self.rope_theta,
+            "rot_dim": self.rot_dim,
+            "rope_style": match self.rope_style {
+                RopeStyle::Neox => "neox",
+                RopeStyle::Interleaved => "interleaved",
+            },
+            "rms_eps": self.rms_eps,
+            "n_experts": self.n_experts,
+            "top_k": self.top_k,
+            "norm_topk_prob": self.norm_topk_prob,
+            "moe_layers": self.moe_layers,
+            "windows": self.windows,
+            "clip_qkv": self.clip_qkv,
+            "tie_embeddings": self.tie_embeddings,
+            "eos": self.eos,
+            "bos": self.bos,
+            "max_ctx": self.max_ctx,
+        })
+    }
+
+    /// Inverse of [`to_json`](Self::to_json); checked like any config.
+    pub fn from_json(v: &serde_json::Value) -> Result<Config> {
+        let n = |k: &str| need(v, k);
+        let f = |k: &str| {
+            v.get(k)
+                .and_then(|x| x.as_f64())
+                .map(|x| x as f32)
+                .ok_or_else(|| bad(format!("packed config: missing or invalid \"{k}\"")))
+        };
+        let b = |k: &str| v.get(k).and_then(|x| x.as_bool()).unwrap_or(false);
+        let arch = match v.get("arch").and_then(|x| x.as_str()) {
+            Some("qwen3_moe") => Arch::Qwen3Moe,
+            Some("qwen2_moe") => Arch::Qwen2Moe,
+            Some("mixtral") => Arch::Mixtral,
+            Some("olmoe") => Arch::Olmoe,
+            other => return Err(bad(format!("packed config: unknown arch {other:?}"))),
+        };
+        let n_layers = n("n_layers")?.min(4096);
+        let list = |k: &str| -> Result<Vec<serde_json::Value>> {
+            let a = v
+                .get(k)
+                .and_then(|x| x.as_array())
+                .ok_or_else(|| bad(format!("packed config: missing \"{k}\"")))?;
+            if a.len() != n_layers {
+                return Err(bad(format!(
+                    "packed config: \"{k}\" has {} entries for {n_layers} layers",
+                    a.len()
+                )));
+            }
+            Ok(a.clone())
+        };
+        let cfg = Config {
+            arch,
+            vocab: n("vocab")?,
+            hidden: n("hidden")?,
+            n_layers,
+            n_heads: n("n_heads")?,
+            n_kv_heads: n("n_kv_heads")?,
+            head_dim: n("head_dim")?,
+            rope_theta: f("rope_theta")?,
+            rot_dim: n("rot_dim")?,
+            rope_style: match v.get("rope_style").and_then(|x| x.as_str()) {
+                Some("interleaved") => RopeStyle::Interleaved,
+                _ => RopeStyle::Neox,
+            },
+            rms_eps: f("rms_eps")?,
+            n_experts: n("n_experts")?,
+            top_k: n("top_k")?,
+            norm_topk_prob: b("norm_topk_prob"),
+            moe_layers: list("moe_layers")?
+                .iter()
+                .map(|x| x.as_bool().unwrap_or(false))
+                .collect(),
+            windows: list("windows")?
+                .iter()
+                .map(|x| x.as_u64().map(|w| w as usize))
+                .collect(),
+            clip_qkv: v.get("clip_qkv").and_then(|x| x.as_f64()).map(|x| x as f32),
+            tie_embeddings: b("tie_embeddings"),
+            eos: ids(v.get("eos")),
+            bos: v.get("bos").and_then(|x| x.as_u64()).map(|x| x as u32),
+            max_ctx: get_usize(v, "max_ctx"),
+        };
+        check(&cfg)?;
+        Ok(cfg)
+    }
+
     /// Reads the configuration of an opened model.
     pub fn from_files(files: &ModelFiles) -> Result<Config> {
         let cfg = if let Some(c) = files.hf_config() {
@@ -158,7 +258,15 @@ impl Config {
             }
             cfg
         } else if let Some(g) = files.gguf() {
-            Config::from_gguf(g, files)?
+            match g.get(PACKED_CONFIG_KEY).and_then(Value::as_str) {
+                // A packed file carries the normalized config verbatim.
+                Some(j) => {
+                    let v: serde_json::Value = serde_json::from_str(j)
+                        .map_err(|e| bad(format!("{PACKED_CONFIG_KEY}: {e}")))?;
+                    Config::from_json(&v)?
+                }
+                None => Config::from_gguf(g, files)?,
+            }
         } else {
             unreachable!("a container is safetensors or GGUF")
         };

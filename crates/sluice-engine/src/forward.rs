@@ -9,8 +9,9 @@
 //! independent of where the expert bytes came from.
 
 use crate::model::{Ffn, Layer, Linear, Mlp, Model, Moe};
+use crate::stream::Streamer;
 use sluice_core::ops::{self, Rope};
-use sluice_core::{AttnParams, Backend, Error, Result};
+use sluice_core::{AttnParams, Backend, Error, Result, WeightView};
 use std::sync::Arc;
 
 /// One routing decision, reported to a [`RouteObserver`].
@@ -37,6 +38,7 @@ pub struct Session {
     kv: Vec<(Vec<f32>, Vec<f32>)>,
     pos: usize,
     observer: Option<RouteObserver>,
+    streamer: Option<Streamer>,
 }
 
 impl Session {
@@ -49,7 +51,33 @@ impl Session {
             kv: vec![(Vec::new(), Vec::new()); n],
             pos: 0,
             observer: None,
+            streamer: None,
         }
+    }
+
+    /// A sequence whose routed experts come from `streamer` (see
+    /// [`Streamer::open`], which prepared `model`) instead of the model's
+    /// maps. The KV cache is reserved for `ctx` tokens up front, as the
+    /// RAM budget assumed.
+    pub fn streaming(
+        model: Arc<Model>,
+        backend: Arc<dyn Backend>,
+        streamer: Streamer,
+        ctx: usize,
+    ) -> Self {
+        let mut s = Session::new(model, backend);
+        let kd = s.model.config.n_kv_heads * s.model.config.head_dim;
+        for (k, v) in &mut s.kv {
+            k.reserve_exact(ctx * kd);
+            v.reserve_exact(ctx * kd);
+        }
+        s.streamer = Some(streamer);
+        s
+    }
+
+    /// The streamer, when experts are streamed.
+    pub fn streamer(&self) -> Option<&Streamer> {
+        self.streamer.as_ref()
     }
 
     /// Tokens processed so far.
@@ -188,15 +216,12 @@ impl Session {
     }
 
     fn mlp(&self, m: &Mlp, x: &[f32], n: usize) -> Result<Vec<f32>> {
-        let i = m.gate.rows;
-        let mut g = vec![0f32; n * i];
-        let mut u = vec![0f32; n * i];
-        self.backend.matmul(m.gate.view(), x, n, &mut g)?;
-        self.backend.matmul(m.up.view(), x, n, &mut u)?;
-        ops::swiglu(&mut g, &u);
-        let mut y = vec![0f32; n * m.down.rows];
-        self.backend.matmul(m.down.view(), &g, n, &mut y)?;
-        Ok(y)
+        mlp(
+            &*self.backend,
+            [m.gate.view(), m.up.view(), m.down.view()],
+            x,
+            n,
+        )
     }
 
     fn moe(&mut self, li: usize, m: &Moe, x: &[f32], n: usize) -> Result<Vec<f32>> {
@@ -238,19 +263,38 @@ impl Session {
         }
         let mut out = vec![0f32; n * h];
         let mut xe = Vec::new();
-        for (e, toks) in assigned.iter().enumerate() {
-            if toks.is_empty() {
-                continue;
-            }
+        let backend = self.backend.clone();
+        let mut run = |e: usize, w: [WeightView<'_>; 3]| -> Result<()> {
+            let toks = &assigned[e];
             xe.clear();
             for &(t, _) in toks {
                 xe.extend_from_slice(&x[t * h..(t + 1) * h]);
             }
-            let y = self.mlp(&m.experts[e], &xe, toks.len())?;
+            let y = mlp(&*backend, w, &xe, toks.len())?;
             for (&(t, wt), yr) in toks.iter().zip(y.chunks_exact(h)) {
                 for (o, v) in out[t * h..(t + 1) * h].iter_mut().zip(yr) {
                     *o += v * wt;
                 }
+            }
+            Ok(())
+        };
+        if let Some(st) = &mut self.streamer {
+            // Ascending expert order, as in the resident branch below, so
+            // the sums are the same floating-point operations.
+            let wanted: Vec<(usize, f32)> = assigned
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| !t.is_empty())
+                .map(|(e, t)| (e, t.iter().fold(0f32, |a, &(_, w)| a.max(w))))
+                .collect();
+            st.run_experts(li, &wanted, (self.pos + n - 1) as u64, &mut run)?;
+        } else {
+            for (e, toks) in assigned.iter().enumerate() {
+                if toks.is_empty() {
+                    continue;
+                }
+                let x = &m.experts[e];
+                run(e, [x.gate.view(), x.up.view(), x.down.view()])?;
             }
         }
         if let Some(s) = &m.shared {
@@ -271,4 +315,18 @@ impl Session {
         }
         Ok(out)
     }
+}
+
+/// A SwiGLU MLP through `backend`: `down(silu(gate x) * up x)`.
+fn mlp(backend: &dyn Backend, w: [WeightView<'_>; 3], x: &[f32], n: usize) -> Result<Vec<f32>> {
+    let [gate, up, down] = w;
+    let i = gate.rows;
+    let mut g = vec![0f32; n * i];
+    let mut u = vec![0f32; n * i];
+    backend.matmul(gate, x, n, &mut g)?;
+    backend.matmul(up, x, n, &mut u)?;
+    ops::swiglu(&mut g, &u);
+    let mut y = vec![0f32; n * down.rows];
+    backend.matmul(down, &g, n, &mut y)?;
+    Ok(y)
 }

@@ -12,7 +12,10 @@
 pub mod config;
 pub mod forward;
 pub mod model;
+pub mod pack;
 pub mod sampler;
+pub mod stream;
+pub mod synth;
 pub mod tokenizer;
 
 pub use config::{Arch, Config};

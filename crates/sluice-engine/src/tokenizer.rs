@@ -23,6 +23,9 @@ fn tok_err(e: impl std::fmt::Display) -> Error {
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// GGUF metadata key under which packed files store a `tokenizer.json`.
+pub const PACKED_TOKENIZER_KEY: &str = "sluice.tokenizer";
+
 impl Tokenizer {
     /// The tokenizer of a model, if it has one.
     pub fn for_model(files: &ModelFiles) -> Result<Option<Tokenizer>> {
@@ -38,6 +41,10 @@ impl Tokenizer {
         let Some(g) = files.gguf() else {
             return Ok(None);
         };
+        if let Some(j) = g.get(PACKED_TOKENIZER_KEY).and_then(Value::as_str) {
+            let inner = tokenizers::Tokenizer::from_bytes(j.as_bytes()).map_err(tok_err)?;
+            return Ok(Some(Tokenizer { inner }));
+        }
         let model = g.get("tokenizer.ggml.model").and_then(Value::as_str);
         let Some(tokens) = g.get("tokenizer.ggml.tokens").and_then(Value::as_array) else {
             return Ok(None);
@@ -149,6 +156,11 @@ impl Tokenizer {
     /// Text of `ids`.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, false).map_err(tok_err)
+    }
+
+    /// The tokenizer as `tokenizer.json` text (stored in packed files).
+    pub fn to_json(&self) -> String {
+        self.inner.to_string(false).unwrap_or_default()
     }
 
     /// Vocabulary size including added tokens.

@@ -10,6 +10,7 @@ pub struct TensorBytes {
     backing: Arc<dyn AsRef<[u8]> + Send + Sync>,
     start: usize,
     len: usize,
+    mapped: bool,
 }
 
 impl TensorBytes {
@@ -24,7 +25,29 @@ impl TensorBytes {
             backing,
             start,
             len,
+            mapped: false,
         }
+    }
+
+    /// A range of a mapped model file: [`offset`](Self::offset) is then a
+    /// file offset, and streaming code reads it from the file instead of
+    /// touching the map.
+    pub fn mapped(backing: Arc<dyn AsRef<[u8]> + Send + Sync>, start: usize, len: usize) -> Self {
+        TensorBytes {
+            mapped: true,
+            ..TensorBytes::new(backing, start, len)
+        }
+    }
+
+    /// Whether this is a range of a mapped file (else owned bytes).
+    pub fn is_mapped(&self) -> bool {
+        self.mapped
+    }
+
+    /// Owned bytes in any buffer (aligned I/O buffers, for instance),
+    /// starting `start` bytes in.
+    pub fn owned(backing: Arc<dyn AsRef<[u8]> + Send + Sync>, start: usize, len: usize) -> Self {
+        TensorBytes::new(backing, start, len)
     }
 
     /// Owned bytes (converted or synthesized tensors).
@@ -34,6 +57,7 @@ impl TensorBytes {
             backing: Arc::new(v),
             start: 0,
             len,
+            mapped: false,
         }
     }
 
@@ -44,6 +68,7 @@ impl TensorBytes {
             backing: self.backing.clone(),
             start: self.start + offset,
             len,
+            mapped: self.mapped,
         })
     }
 

@@ -10,9 +10,11 @@
 
 mod bytes;
 pub mod gguf;
+pub mod gguf_write;
 
 pub use bytes::TensorBytes;
 pub use gguf::{Gguf, Value};
+pub use gguf_write::{GgufWriter, MetaValue, TensorSpec};
 
 use memmap2::Mmap;
 use sluice_core::{DType, Error, Result};
@@ -153,11 +155,22 @@ impl ModelFiles {
 
     /// The bytes of a tensor, borrowed from its file's map.
     pub fn bytes(&self, t: &TensorInfo) -> TensorBytes {
-        TensorBytes::new(
+        TensorBytes::mapped(
             self.files[t.file].map.clone(),
             t.offset as usize,
             t.nbytes as usize,
         )
+    }
+
+    /// Tells the kernel that the maps are read at random: touching one
+    /// small tensor then faults in one page, not a read-ahead window, so
+    /// streaming modes that read through their own buffers keep the page
+    /// cache (and the process's RSS) out of the picture.
+    pub fn advise_random(&self) {
+        for f in &self.files {
+            // Advice is a hint; failure changes nothing observable.
+            let _ = f.map.advise(memmap2::Advice::Random);
+        }
     }
 
     /// Total bytes of all tensors.

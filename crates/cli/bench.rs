@@ -1,0 +1,332 @@
+//! `sluice bench`: decode tok/s, time to first token, bytes per token, hit
+//! rate, achieved vs probed bandwidth, stall vs compute, peak RSS vs cap.
+
+use crate::stream_args::{open, ModelArgs};
+use anyhow::{bail, Result};
+use clap::Args;
+use sluice_engine::model::Ffn;
+use sluice_engine::stream::StreamStats;
+use sluice_engine::{Sampler, Session};
+use sluice_io::{EngineOptions, IoKind};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// Tokens to decode.
+    #[arg(long, default_value_t = 16)]
+    tokens: usize,
+    /// Prompt tokens (random ids) processed before decoding.
+    #[arg(long, default_value_t = 8)]
+    prompt_tokens: usize,
+    /// Seed of the prompt's token ids.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Skip the warm run (same tokens again with the cache kept).
+    #[arg(long)]
+    no_warm: bool,
+    /// Seconds the drive probe runs.
+    #[arg(long, default_value_t = 2.0)]
+    probe_seconds: f64,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Figures of one pass (cold or warm).
+struct Pass {
+    ttft_s: f64,
+    decode_s: f64,
+    tokens: usize,
+    io: Option<StreamStats>,
+    storage_read: u64,
+    expert_bytes_used: u64,
+}
+
+impl Pass {
+    fn tok_per_s(&self) -> f64 {
+        self.tokens as f64 / self.decode_s.max(1e-12)
+    }
+    fn json(&self) -> serde_json::Value {
+        let per = |b: u64| b as f64 / self.tokens.max(1) as f64;
+        let (bytes_read, hit_rate, read_gbps, stall) = match &self.io {
+            Some(s) => (
+                s.bytes_read,
+                serde_json::json!(s.hit_rate()),
+                serde_json::json!(s.bytes_read as f64 / s.io_busy.as_secs_f64().max(1e-12) / 1e9),
+                serde_json::json!(s.stall.as_secs_f64()),
+            ),
+            // mmap: what the kernel fetched for us; hits are estimated from
+            // the expert bytes the router used against what was fetched.
+            None => (
+                self.storage_read,
+                serde_json::json!((1.0
+                    - self.storage_read as f64 / self.expert_bytes_used.max(1) as f64)
+                    .clamp(0.0, 1.0)),
+                serde_json::Value::Null,
+                serde_json::Value::Null,
+            ),
+        };
+        let stall_s = stall.as_f64().unwrap_or(0.0);
+        serde_json::json!({
+            "tok_per_s": self.tok_per_s(),
+            "ttft_s": self.ttft_s,
+            "decode_s": self.decode_s,
+            "bytes_read_per_token": per(bytes_read),
+            "expert_bytes_used_per_token": per(self.expert_bytes_used),
+            "hit_rate": hit_rate,
+            "read_gbps": read_gbps,
+            "stall_s": stall,
+            "compute_s": self.decode_s - stall_s,
+        })
+    }
+}
+
+/// Bytes this process caused to be fetched from storage (/proc/self/io).
+fn storage_read_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("read_bytes:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn run_pass(s: &mut Session, prompt: &[u32], n: usize, used: &AtomicU64) -> Result<Pass> {
+    s.reset();
+    let stats0 = s.streamer().map(|st| st.stats());
+    let t0 = Instant::now();
+    let mut last = s.forward(prompt, false)?;
+    let ttft = t0.elapsed().as_secs_f64();
+    let before = s.streamer().map(|st| st.stats());
+    let _ = stats0;
+    let read0 = storage_read_bytes();
+    used.store(0, Ordering::Relaxed);
+    let t1 = Instant::now();
+    for _ in 0..n {
+        let next = Sampler::argmax(&last);
+        last = s.forward(&[next], false)?;
+    }
+    let decode_s = t1.elapsed().as_secs_f64();
+    let io = match (s.streamer().map(|st| st.stats()), before) {
+        (Some(a), Some(b)) => Some(a.since(&b)),
+        _ => None,
+    };
+    Ok(Pass {
+        ttft_s: ttft,
+        decode_s,
+        tokens: n,
+        io,
+        storage_read: storage_read_bytes().saturating_sub(read0),
+        expert_bytes_used: used.load(Ordering::Relaxed),
+    })
+}
+
+pub fn bench(a: BenchArgs) -> Result<()> {
+    if a.tokens == 0 || a.prompt_tokens == 0 {
+        bail!("--tokens and --prompt-tokens must be at least 1");
+    }
+    let ctx = a.prompt_tokens + a.tokens + 1;
+    // Cold: the model's pages leave the page cache before anything runs.
+    let files = sluice_format::ModelFiles::open(&a.m.model)?;
+    let paths: Vec<_> = files.files().iter().map(|f| f.path.clone()).collect();
+    drop(files);
+    let mut dropped = true;
+    for p in &paths {
+        dropped &= sluice_io::sys::drop_page_cache(p).is_ok();
+    }
+    let t_load = Instant::now();
+    let mut o = open(&a.m, ctx, a.prompt_tokens)?;
+    let load_s = t_load.elapsed().as_secs_f64();
+    let c = o.model.config.clone();
+    // Bytes of each layer's experts, to count what the router used.
+    let per_layer: Vec<u64> = o
+        .model
+        .layers
+        .iter()
+        .map(|l| match &l.ffn {
+            Ffn::Moe(m) => m.experts.first().map_or(0, |e| e.nbytes()),
+            Ffn::Dense(_) => 0,
+        })
+        .collect();
+    let record = per_layer.iter().copied().max().unwrap_or(0) as usize;
+    // The physical limit, measured now on the drive holding the model, at
+    // the engine's request size and the queue depth a layer's misses use.
+    let biggest = paths
+        .iter()
+        .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .cloned()
+        .expect("a model has a file");
+    let qd = c.top_k.min(a.m.stream.queue_depth).max(1);
+    let probe = {
+        let kind = match a.m.stream.engine() {
+            Some(k) => k,
+            None => IoKind::Pread,
+        };
+        let mut e = sluice_io::open_engine(&EngineOptions {
+            kind,
+            direct: true,
+            queue_depth: qd,
+            threads: qd,
+            register: false,
+        })?;
+        let f = e.open(&biggest)?;
+        let len = std::fs::metadata(&biggest)?.len();
+        let req = record.clamp(4096, (len / 2).max(4096) as usize);
+        sluice_io::probe::probe(
+            e.as_mut(),
+            f,
+            len,
+            req,
+            qd,
+            64 << 20,
+            a.probe_seconds,
+            a.seed,
+        )?
+    };
+    let mut s = o.session();
+    let used = Arc::new(AtomicU64::new(0));
+    {
+        let used = used.clone();
+        let per_layer = per_layer.clone();
+        s.set_observer(Some(Box::new(move |r| {
+            used.fetch_add(
+                per_layer[r.layer] * r.experts.len() as u64,
+                Ordering::Relaxed,
+            );
+        })));
+    }
+    let mut rng = fastrand::Rng::with_seed(a.seed);
+    let prompt: Vec<u32> = (0..a.prompt_tokens)
+        .map(|_| rng.u32(0..c.vocab as u32))
+        .collect();
+    let cold = run_pass(&mut s, &prompt, a.tokens, &used)?;
+    let warm = if a.no_warm {
+        None
+    } else {
+        Some(run_pass(&mut s, &prompt, a.tokens, &used)?)
+    };
+    let peak = sluice_io::sys::peak_rss_bytes().unwrap_or(0);
+    let cap = a.m.stream.ram_cap;
+    let mut notes = o.notes.clone();
+    if !dropped {
+        notes.push("the page cache could not be dropped before the cold run".into());
+    }
+    if let Some(cap) = cap {
+        if peak > cap {
+            notes.push(format!("peak RSS {peak} exceeded the cap {cap}"));
+        }
+    }
+    let budget = s.streamer().map(|st| {
+        let b = st.budget();
+        serde_json::json!({"baseline": b.baseline, "margin": b.margin, "dense": b.dense, "kv": b.kv,
+            "scratch": b.scratch, "slot": b.slot, "slots": b.slots, "experts": b.experts_total})
+    });
+    let mut j = cold.json();
+    let m = j.as_object_mut().expect("object");
+    let extra = serde_json::json!({
+        "model": a.m.model,
+        "architecture": c.arch.hf_name(),
+        "io_engine": o.io_name,
+        "direct": s.streamer().is_some_and(|st| st.direct()),
+        "cache_policy": s.streamer().map(|st| st.policy()),
+        "capped": o.capped && cap.is_some_and(|c| peak <= c),
+        "ram_cap_bytes": cap,
+        "peak_rss_bytes": peak,
+        "probe_gbps": probe.gbps,
+        "probe": {"request_bytes": probe.request_bytes, "queue_depth": probe.queue_depth,
+                  "gbps": probe.gbps, "p50_latency_s": probe.p50_latency_s, "p99_latency_s": probe.p99_latency_s,
+                  "seconds": probe.seconds, "file": biggest},
+        "cold": true,
+        "page_cache_dropped": dropped,
+        "tokens": a.tokens,
+        "prompt_tokens": a.prompt_tokens,
+        "load_s": load_s,
+        "expert_record_bytes": record,
+        "budget": budget,
+        "warm": warm.as_ref().map(|w| w.json()),
+        "machine": machine(),
+        "notes": notes,
+    });
+    for (k, v) in extra.as_object().expect("object") {
+        m.insert(k.clone(), v.clone());
+    }
+    if a.json {
+        println!("{j}");
+        return Ok(());
+    }
+    let f = |v: &serde_json::Value| v.as_f64().map_or("n/a".into(), |x| format!("{x:.3}"));
+    println!(
+        "sluice bench: {} ({})",
+        a.m.model.display(),
+        c.arch.hf_name()
+    );
+    println!("  machine          {}", j["machine"]);
+    for n in &notes {
+        println!("  note             {n}");
+    }
+    println!(
+        "  probe            {:.3} GB/s at {} KiB × qd {} (O_DIRECT), p50 {:.2} ms",
+        probe.gbps,
+        probe.request_bytes / 1024,
+        probe.queue_depth,
+        probe.p50_latency_s * 1e3
+    );
+    for (name, p) in [
+        ("cold", Some(&j)),
+        ("warm", j.get("warm").filter(|w| !w.is_null())),
+    ] {
+        let Some(p) = p else { continue };
+        println!(
+            "  {name:<5}            {} tok/s decode, TTFT {} s, hit rate {}, {:.2} MB read/token, read {} GB/s ({:.0}% of probe), stall {} s, compute {} s",
+            f(&p["tok_per_s"]),
+            f(&p["ttft_s"]),
+            f(&p["hit_rate"]),
+            p["bytes_read_per_token"].as_f64().unwrap_or(0.0) / 1e6,
+            f(&p["read_gbps"]),
+            100.0 * p["read_gbps"].as_f64().unwrap_or(0.0) / probe.gbps.max(1e-12),
+            f(&p["stall_s"]),
+            f(&p["compute_s"]),
+        );
+    }
+    println!(
+        "  memory           peak RSS {:.1} MB, cap {}, capped: {}",
+        peak as f64 / 1e6,
+        cap.map_or("none".into(), |c| format!("{:.1} MB", c as f64 / 1e6)),
+        j["capped"]
+    );
+    Ok(())
+}
+
+/// CPU model, cores and kernel, for the record.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|x| x.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(String::new(), |kb| {
+            format!(", {:.0} GB RAM", kb as f64 / 1e6)
+        });
+    format!("{cpu}, {cores} cores{mem}, Linux {kernel}")
+}

@@ -1,0 +1,215 @@
+//! Flags shared by every command that runs a model: RAM cap, read engine,
+//! expert cache; and opening a model for resident or streaming runs.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use sluice_backend_cpu::CpuBackend;
+use sluice_core::Backend;
+use sluice_engine::stream::{parse_size, StreamOptions, Streamer};
+use sluice_engine::{Model, Session};
+use sluice_format::ModelFiles;
+use sluice_io::{EngineOptions, IoKind};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// Safetensors model directory, GGUF file or packed file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Compute threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub stream: StreamArgs,
+}
+
+#[derive(Args, Clone, Default)]
+pub struct StreamArgs {
+    /// Byte budget for everything sluice keeps resident (e.g. 12G, 512M):
+    /// dense weights, KV cache, expert slots, buffers. Streams experts.
+    #[arg(long, value_parser = parse_cap)]
+    pub ram_cap: Option<u64>,
+    /// Read engine: uring, pread or mmap (the page-cache baseline). Default:
+    /// uring when --ram-cap is given, else the model is used in place (mmap).
+    #[arg(long, value_parser = parse_io)]
+    pub io: Option<IoKind>,
+    /// Read through the page cache instead of O_DIRECT (uring, pread).
+    #[arg(long)]
+    pub buffered: bool,
+    /// Reads in flight at most.
+    #[arg(long, default_value_t = 16)]
+    pub queue_depth: usize,
+    /// Threads of the pread engine.
+    #[arg(long, default_value_t = 8)]
+    pub io_threads: usize,
+    /// Use exactly this many expert slots (they must fit the cap).
+    #[arg(long)]
+    pub cache_slots: Option<usize>,
+    /// Expert cache eviction: lru, lfu (decayed counts) or router (recency
+    /// weighted by router probabilities).
+    #[arg(long, default_value = "lru")]
+    pub cache_policy: String,
+    /// Check every expert record against the packed file's checksums.
+    #[arg(long)]
+    pub verify: bool,
+    /// Run inside a new memory cgroup limited to --ram-cap (needs root), so
+    /// that the page cache of mmap and buffered modes counts against it.
+    #[arg(long, requires = "ram_cap")]
+    pub cgroup: bool,
+}
+
+fn parse_cap(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+fn parse_io(s: &str) -> Result<IoKind, String> {
+    IoKind::parse(s).ok_or_else(|| format!("unknown read engine {s:?} (uring, pread, mmap)"))
+}
+
+impl StreamArgs {
+    /// The engine used: `None` means the model's maps, in place.
+    pub fn engine(&self) -> Option<IoKind> {
+        match (self.io, self.ram_cap) {
+            (Some(IoKind::Mmap), _) => None,
+            (Some(k), _) => Some(k),
+            (None, Some(_)) => Some(IoKind::Uring),
+            (None, None) => None,
+        }
+    }
+}
+
+/// A model ready to run: resident (mmap) or streaming.
+pub struct Opened {
+    pub model: Arc<Model>,
+    pub backend: Arc<dyn Backend>,
+    pub streamer: Option<Streamer>,
+    pub ctx: usize,
+    /// Engine name for reports.
+    pub io_name: &'static str,
+    /// Whether everything sluice holds, page cache included, is under the cap.
+    pub capped: bool,
+    /// Why it is or is not capped, and fallbacks.
+    pub notes: Vec<String>,
+}
+
+impl Opened {
+    pub fn session(&mut self) -> Session {
+        match self.streamer.take() {
+            Some(st) => Session::streaming(self.model.clone(), self.backend.clone(), st, self.ctx),
+            None => Session::new(self.model.clone(), self.backend.clone()),
+        }
+    }
+}
+
+/// Opens `m.model` for `ctx` tokens processed in batches of up to `batch`.
+pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
+    let s = &m.stream;
+    let mut notes = Vec::new();
+    if s.cgroup {
+        let cap = s.ram_cap.expect("clap requires --ram-cap");
+        let p = sluice_io::sys::enter_memory_cgroup(cap)
+            .context("--cgroup: entering a memory cgroup")?;
+        notes.push(format!(
+            "running in memory cgroup {} limited to {cap} bytes",
+            p.display()
+        ));
+    }
+    let backend: Arc<dyn Backend> = Arc::new(CpuBackend::new(m.threads)?);
+    let load = || -> Result<ModelFiles> {
+        ModelFiles::open(&m.model).with_context(|| format!("loading {}", m.model.display()))
+    };
+    let Some(kind) = s.engine() else {
+        let model =
+            Model::load(load()?).with_context(|| format!("loading {}", m.model.display()))?;
+        let (capped, why) = cgroup_capped(s.ram_cap);
+        if s.ram_cap.is_some() || s.io.is_some() {
+            notes.push(format!(
+                "mmap: weights are read in place through the page cache; {why}"
+            ));
+        }
+        return Ok(Opened {
+            model: Arc::new(model),
+            backend,
+            streamer: None,
+            ctx,
+            io_name: "mmap",
+            capped,
+            notes,
+        });
+    };
+    let files = load()?;
+    if !s.buffered {
+        // Only a few small vectors are read through the map: one page each.
+        files.advise_random();
+    }
+    let mut model = Model::load(files).with_context(|| format!("loading {}", m.model.display()))?;
+    let threads = m
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let opts = StreamOptions {
+        io: EngineOptions {
+            kind,
+            direct: !s.buffered,
+            queue_depth: s.queue_depth.max(1),
+            threads: s.io_threads.max(1),
+            register: true,
+        },
+        ram_cap: s.ram_cap,
+        slots: s.cache_slots,
+        policy: s.cache_policy.clone(),
+        verify: s.verify,
+        ctx,
+        batch,
+        threads,
+    };
+    let streamer = Streamer::open(&mut model, &opts)?;
+    notes.extend(streamer.notes().iter().cloned());
+    let (capped, why) = if streamer.direct() {
+        (
+            s.ram_cap.is_some(),
+            if s.ram_cap.is_some() {
+                "direct I/O: the page cache is not used, RSS is everything".to_string()
+            } else {
+                "no --ram-cap given".to_string()
+            },
+        )
+    } else {
+        cgroup_capped(s.ram_cap)
+    };
+    notes.push(format!(
+        "streaming: {}; {} slots ({} policy); {}",
+        streamer.engine_description(),
+        streamer.budget().slots,
+        streamer.policy(),
+        why
+    ));
+    notes.push(format!("budget: {}", streamer.budget().describe()));
+    Ok(Opened {
+        io_name: kind.name(),
+        model: Arc::new(model),
+        backend,
+        streamer: Some(streamer),
+        ctx,
+        capped,
+        notes,
+    })
+}
+
+/// Whether a memory cgroup holds this process to at most `cap`.
+fn cgroup_capped(cap: Option<u64>) -> (bool, String) {
+    let Some(cap) = cap else {
+        return (false, "no --ram-cap given".into());
+    };
+    match sluice_io::sys::memory_cgroup_limit() {
+        Some(l) if l <= cap => (true, format!("capped by a memory cgroup of {l} bytes")),
+        Some(l) => (
+            false,
+            format!("NOT capped: the page cache counts as memory and the memory cgroup allows {l} bytes (> cap); use --cgroup"),
+        ),
+        None => (
+            false,
+            "NOT capped: the page cache counts as memory and no memory cgroup limits it; use --cgroup".into(),
+        ),
+    }
+}

@@ -1,0 +1,289 @@
+//! `sluice pack`, `sluice synth` and `sluice probe`.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use sluice_core::DType;
+use sluice_engine::pack::{pack as pack_model, PackOptions, PackSummary};
+use sluice_engine::stream::{fmt_size, parse_size};
+use sluice_engine::synth::{self, SynthOptions};
+use sluice_engine::{Model, Tokenizer};
+use sluice_io::{EngineOptions, IoKind};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct PackArgs {
+    /// Model to rewrite (safetensors directory or GGUF file).
+    src: PathBuf,
+    /// Output file.
+    #[arg(short, long)]
+    out: PathBuf,
+    /// Record alignment: 4K (default) or 16K for Apple storage.
+    #[arg(long, default_value = "4K")]
+    align: String,
+    /// Re-quantize experts (q8_0, q4_0, f16, bf16, f32). Changes the
+    /// model's output.
+    #[arg(long)]
+    expert_quant: Option<String>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+pub struct SynthArgs {
+    /// Geometry: qwen3-30b-a3b, mixtral-8x7b, small-moe.
+    #[arg(long)]
+    preset: String,
+    /// Number of layers (default: the preset's).
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Type of every matrix: q4 (= q4_0), q8 (= q8_0), q4_k, q6_k, f16...
+    #[arg(long, default_value = "q4")]
+    quant: String,
+    /// Record alignment.
+    #[arg(long, default_value = "4K")]
+    align: String,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output file.
+    #[arg(short, long)]
+    out: PathBuf,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+pub struct ProbeArgs {
+    /// A file to read, or a directory where a scratch file is written.
+    path: PathBuf,
+    /// Engine: uring or pread (always O_DIRECT).
+    #[arg(long, default_value = "uring")]
+    io: String,
+    /// Request sizes.
+    #[arg(long, value_delimiter = ',', default_value = "4K,64K,512K,2M,8M")]
+    sizes: Vec<String>,
+    /// Queue depths.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
+    qd: Vec<usize>,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 1.0)]
+    seconds: f64,
+    /// Size of the scratch file written when PATH is a directory.
+    #[arg(long, default_value = "1G")]
+    file_size: String,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn dtype_arg(s: &str) -> Result<DType> {
+    let t = match s.to_ascii_lowercase().as_str() {
+        "q4" => "q4_0".to_string(),
+        "q8" => "q8_0".to_string(),
+        x => x.to_string(),
+    };
+    DType::parse(&t).with_context(|| format!("unknown quant type {s:?}"))
+}
+
+fn align_arg(s: &str) -> Result<u64> {
+    let a = parse_size(s)?;
+    if a < 4096 || !a.is_power_of_two() {
+        bail!("--align {s}: must be a power of two of at least 4K");
+    }
+    Ok(a)
+}
+
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Progress {
+    fn new(quiet: bool) -> Self {
+        let bar = (!quiet).then(|| {
+            let b = indicatif::ProgressBar::new(0);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+                )
+                .expect("valid template"),
+            );
+            b
+        });
+        Progress { bar }
+    }
+    fn update(&mut self, done: u64, total: u64) {
+        if let Some(b) = &self.bar {
+            b.set_length(total);
+            b.set_position(done);
+        }
+    }
+    fn finish(self) {
+        if let Some(b) = self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+fn report(out: &Path, s: &PackSummary, secs: f64) {
+    println!(
+        "wrote {}: {} ({:.1} MB/s), {} expert records of {} each, dense {}",
+        out.display(),
+        fmt_size(s.file_bytes),
+        s.file_bytes as f64 / secs.max(1e-9) / 1e6,
+        s.records,
+        fmt_size(s.record_bytes),
+        fmt_size(s.dense_bytes)
+    );
+}
+
+pub fn pack(a: PackArgs) -> Result<()> {
+    let model = Model::open(&a.src).with_context(|| format!("loading {}", a.src.display()))?;
+    let tok = Tokenizer::for_model(&model.files)?.map(|t| t.to_json());
+    let expert_quant = a.expert_quant.as_deref().map(dtype_arg).transpose()?;
+    if let Some(q) = expert_quant {
+        eprintln!("note: experts are re-quantized to {q:?}: the packed model's output differs from the source's");
+    }
+    let opts = PackOptions {
+        align: align_arg(&a.align)?,
+        expert_quant,
+    };
+    let t = Instant::now();
+    let mut p = Progress::new(a.quiet);
+    let s = pack_model(&model, tok, &a.out, &opts, &mut |d, n| p.update(d, n))?;
+    p.finish();
+    report(&a.out, &s, t.elapsed().as_secs_f64());
+    Ok(())
+}
+
+pub fn synth(a: SynthArgs) -> Result<()> {
+    let preset = synth::preset(&a.preset)?;
+    let opts = SynthOptions {
+        layers: a.layers,
+        quant: dtype_arg(&a.quant)?,
+        align: align_arg(&a.align)?,
+        seed: a.seed,
+    };
+    let t = Instant::now();
+    let mut p = Progress::new(a.quiet);
+    let s = synth::synth(preset, &opts, &a.out, &mut |d, n| p.update(d, n))?;
+    p.finish();
+    report(&a.out, &s, t.elapsed().as_secs_f64());
+    Ok(())
+}
+
+pub fn probe(a: ProbeArgs) -> Result<()> {
+    let kind = IoKind::parse(&a.io).with_context(|| format!("unknown engine {:?}", a.io))?;
+    if kind == IoKind::Mmap {
+        bail!("probe measures the drive with O_DIRECT: use --io uring or pread");
+    }
+    let meta = std::fs::metadata(&a.path).with_context(|| format!("{}", a.path.display()))?;
+    let (file, scratch) = if meta.is_dir() {
+        let size = parse_size(&a.file_size)?;
+        let p = a.path.join(format!(".sluice-probe-{}", std::process::id()));
+        write_scratch(&p, size)?;
+        (p.clone(), Some(p))
+    } else {
+        (a.path.clone(), None)
+    };
+    let r = (|| -> Result<serde_json::Value> {
+        let len = std::fs::metadata(&file)?.len();
+        let mut results = Vec::new();
+        let mut engine_desc = String::new();
+        let mut notes = Vec::new();
+        for &qd in &a.qd {
+            let mut e = sluice_io::open_engine(&EngineOptions {
+                kind,
+                direct: true,
+                queue_depth: qd.max(1),
+                threads: qd.max(1),
+                register: false,
+            })?;
+            let f = e.open(&file)?;
+            engine_desc = e.describe();
+            notes.extend(
+                e.notes()
+                    .into_iter()
+                    .filter(|n| !notes.contains(n))
+                    .collect::<Vec<_>>(),
+            );
+            for sz in &a.sizes {
+                let req = parse_size(sz)? as usize;
+                if req as u64 > len {
+                    bail!(
+                        "request size {sz} is larger than {} ({len} bytes)",
+                        file.display()
+                    );
+                }
+                let p = sluice_io::probe::probe(
+                    e.as_mut(),
+                    f,
+                    len,
+                    req,
+                    qd.max(1),
+                    32 << 20,
+                    a.seconds,
+                    1,
+                )?;
+                if !a.json {
+                    println!(
+                        "{:>8} × qd {:>3}: {:>7.3} GB/s  p50 {:>8.3} ms  p99 {:>8.3} ms",
+                        sz,
+                        qd,
+                        p.gbps,
+                        p.p50_latency_s * 1e3,
+                        p.p99_latency_s * 1e3
+                    );
+                }
+                results.push(serde_json::json!({
+                    "request_bytes": p.request_bytes, "queue_depth": p.queue_depth, "gbps": p.gbps,
+                    "mean_latency_s": p.mean_latency_s, "p50_latency_s": p.p50_latency_s,
+                    "p99_latency_s": p.p99_latency_s, "bytes": p.bytes, "seconds": p.seconds,
+                }));
+            }
+        }
+        let best = results
+            .iter()
+            .filter_map(|r| r["gbps"].as_f64())
+            .fold(0f64, f64::max);
+        Ok(serde_json::json!({
+            "path": file, "engine": engine_desc, "notes": notes, "results": results,
+            "max_gbps": best, "machine": crate::bench::machine(),
+        }))
+    })();
+    if let Some(p) = scratch {
+        let _ = std::fs::remove_file(p);
+    }
+    let j = r?;
+    if a.json {
+        println!("{j}");
+    } else {
+        println!(
+            "engine: {}; best {:.3} GB/s",
+            j["engine"],
+            j["max_gbps"].as_f64().unwrap_or(0.0)
+        );
+    }
+    Ok(())
+}
+
+/// A scratch file of random bytes (random, so no layer can compress it).
+fn write_scratch(p: &Path, size: u64) -> Result<()> {
+    use std::io::Write;
+    let f = std::fs::File::create(p).with_context(|| format!("{}", p.display()))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+    let mut rng = fastrand::Rng::with_seed(7);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = size.max(1 << 20);
+    while left > 0 {
+        buf.iter_mut().for_each(|b| *b = rng.u8(..));
+        let n = (left as usize).min(buf.len());
+        w.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    w.flush()?;
+    w.get_ref().sync_all()?;
+    Ok(())
+}

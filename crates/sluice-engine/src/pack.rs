@@ -1,0 +1,406 @@
+//! The packed layout: a GGUF file laid out for streaming.
+//!
+//! Dense weights come first, in their own region. Then, layer by layer,
+//! each expert is one record: its gate, up and down matrices back to back
+//! (32-byte aligned inside the record, as GGUF requires), the record
+//! starting on an `align` boundary (4 KiB by default, 16 KiB for Apple
+//! storage), so one expert is one aligned read. The manifest is the GGUF
+//! header itself: per-expert tensors `blk.L.ffn_{gate,up,down}.E.weight`
+//! give each record's offset, size and quant type, and `sluice.*` keys add
+//! the normalized config, the tokenizer, the alignment and one xxh3-64
+//! checksum per record. Any GGUF reader can open the file; sluice reads it
+//! like any other GGUF model.
+//!
+//! Packing reads the source with `pread` one record at a time, so it never
+//! holds more than a record (or one dense tensor) in memory.
+
+use crate::config::{Arch, Config, PACKED_CONFIG_KEY};
+use crate::model::{Ffn, Model, Weight};
+use crate::tokenizer::PACKED_TOKENIZER_KEY;
+use sluice_core::{quant, DType, Error, Result};
+use sluice_format::{GgufWriter, MetaValue, ModelFiles, TensorSpec, Value};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use xxhash_rust::xxh3::xxh3_64;
+
+/// Metadata keys of the packed layout.
+pub mod keys {
+    /// Layout version (1).
+    pub const VERSION: &str = "sluice.pack.version";
+    /// Record alignment in bytes.
+    pub const ALIGN: &str = "sluice.pack.align";
+    /// Checksum algorithm (`xxh3-64`).
+    pub const CHECKSUM: &str = "sluice.pack.checksum";
+    /// One checksum per record, MoE layers in order, experts in order.
+    pub const CHECKSUMS: &str = "sluice.pack.checksums";
+    /// Quant type experts were re-quantized to, if any.
+    pub const EXPERT_QUANT: &str = "sluice.pack.expert_quant";
+    /// Where the weights came from (a path, or `synth:<preset>`).
+    pub const SOURCE: &str = "sluice.pack.source";
+}
+
+/// Options of [`pack`].
+#[derive(Clone, Debug)]
+pub struct PackOptions {
+    /// Record alignment (a power of two ≥ 4096).
+    pub align: u64,
+    /// Re-quantize expert matrices to this type (changes the model's output).
+    pub expert_quant: Option<DType>,
+}
+
+impl Default for PackOptions {
+    fn default() -> Self {
+        PackOptions {
+            align: 4096,
+            expert_quant: None,
+        }
+    }
+}
+
+/// What was written.
+#[derive(Clone, Debug, Default)]
+pub struct PackSummary {
+    /// Size of the output file.
+    pub file_bytes: u64,
+    /// Bytes of dense tensors.
+    pub dense_bytes: u64,
+    /// Expert records written.
+    pub records: u64,
+    /// Bytes of one record of the first MoE layer (padding excluded).
+    pub record_bytes: u64,
+    /// Bytes of all expert matrices.
+    pub expert_bytes: u64,
+}
+
+/// The packed-layout facts of an opened model, if it is packed.
+#[derive(Clone, Debug)]
+pub struct PackInfo {
+    /// Record alignment.
+    pub align: u64,
+    /// Per MoE layer (in layer order), per expert: xxh3-64 of the record.
+    pub checksums: Vec<u64>,
+}
+
+impl PackInfo {
+    /// Reads the `sluice.pack.*` keys of a model, `None` if it is not packed.
+    pub fn of(files: &ModelFiles) -> Result<Option<PackInfo>> {
+        let Some(g) = files.gguf() else {
+            return Ok(None);
+        };
+        let Some(v) = g.get(keys::VERSION).and_then(Value::as_u64) else {
+            return Ok(None);
+        };
+        let bad = |m: &str| Error::Format {
+            path: files.path.clone(),
+            format: "packed",
+            msg: m.to_string(),
+        };
+        if v != 1 {
+            return Err(bad(&format!("layout version {v} (this sluice reads 1)")));
+        }
+        let align = g.get(keys::ALIGN).and_then(Value::as_u64).unwrap_or(4096);
+        let checksums = match g.get(keys::CHECKSUMS).and_then(Value::as_array) {
+            Some(a) => a
+                .iter()
+                .map(|x| {
+                    x.as_u64()
+                        .ok_or_else(|| bad("a record checksum is not a u64"))
+                })
+                .collect::<Result<Vec<_>>>()?,
+            None => Vec::new(),
+        };
+        Ok(Some(PackInfo { align, checksums }))
+    }
+}
+
+/// Where a tensor's bytes come from.
+pub(crate) enum Src<'a> {
+    /// A weight of an opened model (read with pread when mapped).
+    Weight(&'a Weight),
+    /// f32 values (norms, biases).
+    F32(&'a [f32]),
+    /// One f32 value repeated.
+    Const(f32),
+    /// Pseudo-random values of order `scale` (synthetic models).
+    Random { seed: u64, scale: f32 },
+}
+
+pub(crate) struct Item<'a> {
+    pub spec: TensorSpec,
+    pub src: Src<'a>,
+    /// Re-quantize from the source's type to `spec.dtype`.
+    pub convert: bool,
+}
+
+/// A model's tensors in packed order: dense ones, then per MoE layer the
+/// records of its experts (three items each).
+pub(crate) struct Plan<'a> {
+    pub config: &'a Config,
+    pub dense: Vec<Item<'a>>,
+    pub experts: Vec<Vec<[Item<'a>; 3]>>,
+    pub tokenizer: Option<String>,
+    pub source: String,
+    pub align: u64,
+    pub expert_quant: Option<DType>,
+}
+
+/// The GGUF `general.architecture` of each architecture.
+pub(crate) fn gguf_arch(a: Arch) -> &'static str {
+    match a {
+        Arch::Qwen3Moe => "qwen3moe",
+        Arch::Qwen2Moe => "qwen2moe",
+        Arch::Mixtral => "llama",
+        Arch::Olmoe => "olmoe",
+    }
+}
+
+pub(crate) fn spec(name: String, dtype: DType, shape: Vec<usize>, align: u64) -> TensorSpec {
+    TensorSpec {
+        name,
+        dtype,
+        shape,
+        align,
+    }
+}
+
+/// Rewrites `model` into the packed layout at `out`. `progress` is called
+/// with (bytes written, bytes total).
+pub fn pack(
+    model: &Model,
+    tokenizer_json: Option<String>,
+    out: &Path,
+    opts: &PackOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<PackSummary> {
+    if !opts.align.is_power_of_two() || opts.align < 4096 {
+        return Err(Error::Invalid(format!(
+            "record alignment {} is not a power of two ≥ 4096",
+            opts.align
+        )));
+    }
+    if let Some(q) = opts.expert_quant {
+        if !quant::QUANTIZE_TARGETS.contains(&q) {
+            return Err(Error::Unsupported(format!(
+                "re-quantizing experts to {q:?} (supported: f32, f16, bf16, q8_0, q4_0)"
+            )));
+        }
+    }
+    let c = &model.config;
+    fn w<'a>(name: String, w: &'a Weight) -> Item<'a> {
+        Item {
+            spec: spec(name, w.dtype, vec![w.rows, w.cols], 0),
+            src: Src::Weight(w),
+            convert: false,
+        }
+    }
+    fn v<'a>(name: String, x: &'a [f32]) -> Item<'a> {
+        Item {
+            spec: spec(name, DType::F32, vec![x.len()], 0),
+            src: Src::F32(x),
+            convert: false,
+        }
+    }
+    let mut dense = vec![w("token_embd.weight".into(), &model.embed)];
+    let mut experts = Vec::new();
+    for (i, l) in model.layers.iter().enumerate() {
+        let b = format!("blk.{i}.");
+        dense.push(v(format!("{b}attn_norm.weight"), &l.attn_norm));
+        for (n, lin) in [("q", &l.q), ("k", &l.k), ("v", &l.v), ("output", &l.o)] {
+            dense.push(w(format!("{b}attn_{n}.weight"), &lin.w));
+            if let Some(bias) = &lin.bias {
+                dense.push(v(format!("{b}attn_{n}.bias"), bias));
+            }
+        }
+        if let Some(x) = &l.q_norm {
+            dense.push(v(format!("{b}attn_q_norm.weight"), x));
+        }
+        if let Some(x) = &l.k_norm {
+            dense.push(v(format!("{b}attn_k_norm.weight"), x));
+        }
+        dense.push(v(format!("{b}ffn_norm.weight"), &l.ffn_norm));
+        match &l.ffn {
+            Ffn::Dense(m) => {
+                dense.push(w(format!("{b}ffn_gate.weight"), &m.gate));
+                dense.push(w(format!("{b}ffn_up.weight"), &m.up));
+                dense.push(w(format!("{b}ffn_down.weight"), &m.down));
+            }
+            Ffn::Moe(m) => {
+                dense.push(w(format!("{b}ffn_gate_inp.weight"), &m.router));
+                if let Some(s) = &m.shared {
+                    dense.push(w(format!("{b}ffn_gate_shexp.weight"), &s.gate));
+                    dense.push(w(format!("{b}ffn_up_shexp.weight"), &s.up));
+                    dense.push(w(format!("{b}ffn_down_shexp.weight"), &s.down));
+                }
+                if let Some(g) = &m.shared_gate {
+                    let mut it = w(format!("{b}ffn_gate_inp_shexp.weight"), g);
+                    it.spec.shape = vec![g.cols];
+                    dense.push(it);
+                }
+                let recs = m
+                    .experts
+                    .iter()
+                    .enumerate()
+                    .map(|(e, x)| {
+                        let mut r = [
+                            w(format!("{b}ffn_gate.{e}.weight"), &x.gate),
+                            w(format!("{b}ffn_up.{e}.weight"), &x.up),
+                            w(format!("{b}ffn_down.{e}.weight"), &x.down),
+                        ];
+                        r[0].spec.align = opts.align;
+                        if let Some(q) = opts.expert_quant {
+                            for it in &mut r {
+                                it.convert = it.spec.dtype != q;
+                                it.spec.dtype = q;
+                            }
+                        }
+                        r
+                    })
+                    .collect();
+                experts.push(recs);
+            }
+        }
+    }
+    dense.push(v("output_norm.weight".into(), &model.norm));
+    if !c.tie_embeddings {
+        dense.push(w("output.weight".into(), &model.lm_head));
+    }
+    let plan = Plan {
+        config: c,
+        dense,
+        experts,
+        tokenizer: tokenizer_json,
+        source: model.files.path.display().to_string(),
+        align: opts.align,
+        expert_quant: opts.expert_quant,
+    };
+    write(&plan, Some(&model.files), out, progress)
+}
+
+/// Writes a plan. `files` resolves `Src::Weight` sources.
+pub(crate) fn write(
+    plan: &Plan,
+    files: Option<&ModelFiles>,
+    out: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<PackSummary> {
+    let n_records: usize = plan.experts.iter().map(Vec::len).sum();
+    let mut meta = vec![
+        (
+            "general.architecture".to_string(),
+            MetaValue::Str(gguf_arch(plan.config.arch).into()),
+        ),
+        (keys::VERSION.into(), MetaValue::U32(1)),
+        (keys::ALIGN.into(), MetaValue::U64(plan.align)),
+        (keys::CHECKSUM.into(), MetaValue::Str("xxh3-64".into())),
+        (keys::SOURCE.into(), MetaValue::Str(plan.source.clone())),
+        (
+            PACKED_CONFIG_KEY.into(),
+            MetaValue::Str(plan.config.to_json().to_string()),
+        ),
+    ];
+    if let Some(q) = plan.expert_quant {
+        meta.push((keys::EXPERT_QUANT.into(), MetaValue::Str(format!("{q:?}"))));
+    }
+    if let Some(t) = &plan.tokenizer {
+        meta.push((PACKED_TOKENIZER_KEY.into(), MetaValue::Str(t.clone())));
+    }
+    // Checksums are known only once the records are written: the array
+    // has a fixed size, so it is patched in place at the end.
+    let sums_index = meta.len();
+    meta.push((keys::CHECKSUMS.into(), MetaValue::U64s(vec![0; n_records])));
+    let mut specs: Vec<TensorSpec> = plan.dense.iter().map(|i| i.spec.clone()).collect();
+    for layer in &plan.experts {
+        for rec in layer {
+            specs.extend(rec.iter().map(|i| i.spec.clone()));
+        }
+    }
+    let (mut wr, offsets) = GgufWriter::create(out, &meta, &specs)?;
+    let total: u64 = offsets.last().copied().unwrap_or(0)
+        + specs
+            .last()
+            .map(|s| s.dtype.tensor_bytes(&s.shape).unwrap_or(0) as u64)
+            .unwrap_or(0);
+    let mut summary = PackSummary::default();
+    let n_files = files.map_or(0, |f| f.files().len());
+    let mut readers: Vec<Option<std::fs::File>> = (0..n_files).map(|_| None).collect();
+    let mut buf = Vec::new();
+    for it in &plan.dense {
+        fill(it, files, &mut readers, &mut buf)?;
+        summary.dense_bytes += buf.len() as u64;
+        wr.write_tensor(&buf)?;
+        progress(wr.position(), total);
+    }
+    let mut sums = Vec::with_capacity(n_records);
+    let mut rec = Vec::new();
+    for layer in &plan.experts {
+        for r in layer {
+            rec.clear();
+            for (j, it) in r.iter().enumerate() {
+                fill(it, files, &mut readers, &mut buf)?;
+                if j > 0 {
+                    // The padding GGUF puts between tensors is part of the
+                    // record as read, so it is hashed too.
+                    rec.resize(rec.len().next_multiple_of(32), 0);
+                }
+                rec.extend_from_slice(&buf);
+                wr.write_tensor(&buf)?;
+                summary.expert_bytes += buf.len() as u64;
+            }
+            if summary.record_bytes == 0 {
+                summary.record_bytes = rec.len() as u64;
+            }
+            sums.push(xxh3_64(&rec));
+            summary.records += 1;
+            progress(wr.position(), total);
+        }
+    }
+    wr.patch_u64s(sums_index, &sums)?;
+    summary.file_bytes = wr.finish()?;
+    Ok(summary)
+}
+
+/// The bytes of one item in its target type, into `buf`.
+fn fill(
+    it: &Item,
+    files: Option<&ModelFiles>,
+    readers: &mut [Option<std::fs::File>],
+    buf: &mut Vec<u8>,
+) -> Result<()> {
+    buf.clear();
+    match &it.src {
+        Src::F32(x) => buf.extend(x.iter().flat_map(|v| v.to_le_bytes())),
+        Src::Const(v) => {
+            let n: usize = it.spec.shape.iter().product();
+            buf.extend(std::iter::repeat_n(v.to_le_bytes(), n).flatten());
+        }
+        Src::Random { seed, scale } => {
+            buf.resize(it.spec.dtype.tensor_bytes(&it.spec.shape)?, 0);
+            quant::fill_random_tensor(it.spec.dtype, buf, *seed, *scale);
+        }
+        Src::Weight(w) => {
+            buf.resize(w.data.len(), 0);
+            if w.data.is_mapped() {
+                let files = files
+                    .ok_or_else(|| Error::Invalid("a file-backed weight without files".into()))?;
+                let f = &files.files()[w.file];
+                let r = match &mut readers[w.file] {
+                    Some(r) => r,
+                    slot => slot
+                        .insert(std::fs::File::open(&f.path).map_err(|e| Error::io(&f.path, e))?),
+                };
+                r.read_exact_at(buf, w.data.offset() as u64)
+                    .map_err(|e| Error::io(&f.path, e))?;
+            } else {
+                buf.copy_from_slice(&w.data);
+            }
+            if it.convert {
+                let mut x = vec![0f32; w.rows * w.cols];
+                quant::dequantize(w.dtype, buf, &mut x)?;
+                buf.clear();
+                quant::quantize(it.spec.dtype, &x, buf)
+                    .map_err(|e| Error::Invalid(format!("{}: {e}", it.spec.name)))?;
+            }
+        }
+    }
+    Ok(())
+}

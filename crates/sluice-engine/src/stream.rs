@@ -1,0 +1,866 @@
+//! Streaming experts from storage into a RAM-capped cache.
+//!
+//! [`Streamer::open`] turns a loaded model into a streaming one: dense
+//! weights are read once through the read engine into owned, aligned
+//! buffers (the model file's map is never touched for them, so the page
+//! cache stays out of it in direct mode), and every routed expert becomes a
+//! read plan: the byte ranges of its three matrices, merged when they are
+//! adjacent (one read per expert in the packed layout), and where each
+//! matrix lands in a slot. Slots are preallocated aligned buffers, sized
+//! from the RAM budget that is left once dense weights, the KV cache,
+//! scratch and the process's own footprint are counted ([`Budget`]).
+//!
+//! The forward pass asks [`Streamer::run_experts`] for the experts a layer
+//! routed to, in ascending order: hits are pinned, misses get a slot and are
+//! read in one batch, and each expert is computed as soon as its bytes are
+//! in, in order, so the result is bit-identical to the resident run.
+
+use crate::config::Config;
+use crate::model::{Ffn, Model, Weight};
+use crate::pack::PackInfo;
+use sluice_cache::{policy_by_name, Acquire, ExpertKey, SlotCache, SlotState};
+use sluice_core::{DType, Error, Result, WeightView};
+use sluice_format::TensorBytes;
+use sluice_io::{AlignedBuf, Completion, EngineOptions, FileId, ReadEngine, ReadReq};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How to stream.
+#[derive(Clone, Debug)]
+pub struct StreamOptions {
+    /// Read engine.
+    pub io: EngineOptions,
+    /// Byte budget for everything sluice keeps resident; `None`: no cap
+    /// (every expert gets a slot, up to the memory the machine has).
+    pub ram_cap: Option<u64>,
+    /// Use exactly this many expert slots (must fit the cap).
+    pub slots: Option<usize>,
+    /// Eviction policy (`lru`, `lfu`, `router`).
+    pub policy: String,
+    /// Check each record against the packed manifest's checksum.
+    pub verify: bool,
+    /// Tokens the KV cache must hold.
+    pub ctx: usize,
+    /// Largest batch of tokens one forward call processes.
+    pub batch: usize,
+    /// Compute threads (for scratch accounting).
+    pub threads: usize,
+}
+
+impl Default for StreamOptions {
+    fn default() -> Self {
+        StreamOptions {
+            io: EngineOptions::default(),
+            ram_cap: None,
+            slots: None,
+            policy: "lru".into(),
+            verify: false,
+            ctx: 4096,
+            batch: 512,
+            threads: 1,
+        }
+    }
+}
+
+/// Where the RAM cap goes. All figures in bytes.
+#[derive(Clone, Debug, Default)]
+pub struct Budget {
+    /// The cap (`u64::MAX` when none).
+    pub cap: u64,
+    /// Resident set of the process before any weight was read: code,
+    /// tokenizer, headers, allocator.
+    pub baseline: u64,
+    /// Safety margin for allocator slack and thread stacks.
+    pub margin: u64,
+    /// Dense weights, read into owned buffers.
+    pub dense: u64,
+    /// KV cache for `ctx` tokens.
+    pub kv: u64,
+    /// Activations and per-thread buffers for the largest batch.
+    pub scratch: u64,
+    /// One expert slot (largest read plan, widened for direct I/O).
+    pub slot: u64,
+    /// Slots allocated.
+    pub slots: usize,
+    /// Routed experts in the model.
+    pub experts_total: usize,
+}
+
+impl Budget {
+    /// Bytes planned in all.
+    pub fn planned(&self) -> u64 {
+        self.baseline
+            + self.margin
+            + self.dense
+            + self.kv
+            + self.scratch
+            + self.slot * self.slots as u64
+    }
+
+    /// One line for the user.
+    pub fn describe(&self) -> String {
+        let mb = |b: u64| b as f64 / 1e6;
+        let cap = if self.cap == u64::MAX {
+            "no cap".to_string()
+        } else {
+            format!("cap {:.1} MB", mb(self.cap))
+        };
+        format!(
+            "{cap}: process {:.1} MB + margin {:.1} MB + dense {:.1} MB + KV {:.1} MB + scratch {:.1} MB + {} expert slots × {:.2} MB = {:.1} MB ({} of {} experts fit)",
+            mb(self.baseline),
+            mb(self.margin),
+            mb(self.dense),
+            mb(self.kv),
+            mb(self.scratch),
+            self.slots,
+            mb(self.slot),
+            mb(self.planned()),
+            self.slots.min(self.experts_total),
+            self.experts_total
+        )
+    }
+}
+
+/// Counters of a streaming run.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StreamStats {
+    /// Expert lookups served from the cache.
+    pub hits: u64,
+    /// Expert lookups that had to read.
+    pub misses: u64,
+    /// Read requests issued.
+    pub reads: u64,
+    /// Bytes the engine moved (including alignment widening).
+    pub bytes_read: u64,
+    /// Bytes of expert data wanted.
+    pub bytes_wanted: u64,
+    /// Time the compute thread waited for reads.
+    pub stall: Duration,
+    /// Time at least one read was in flight.
+    pub io_busy: Duration,
+}
+
+impl StreamStats {
+    /// Hits over lookups.
+    pub fn hit_rate(&self) -> f64 {
+        let n = self.hits + self.misses;
+        if n == 0 {
+            0.0
+        } else {
+            self.hits as f64 / n as f64
+        }
+    }
+
+    /// `self - earlier`, for per-phase figures.
+    pub fn since(&self, earlier: &StreamStats) -> StreamStats {
+        StreamStats {
+            hits: self.hits - earlier.hits,
+            misses: self.misses - earlier.misses,
+            reads: self.reads - earlier.reads,
+            bytes_read: self.bytes_read - earlier.bytes_read,
+            bytes_wanted: self.bytes_wanted - earlier.bytes_wanted,
+            stall: self.stall.saturating_sub(earlier.stall),
+            io_busy: self.io_busy.saturating_sub(earlier.io_busy),
+        }
+    }
+}
+
+/// One read of an expert's plan.
+#[derive(Clone, Copy, Debug)]
+struct Seg {
+    file: FileId,
+    offset: u64,
+    len: usize,
+    /// Start of this read's destination within the slot.
+    dst: usize,
+}
+
+/// Where one matrix of an expert lies once its reads are in.
+#[derive(Clone, Copy, Debug)]
+struct Mat {
+    seg: usize,
+    rel: usize,
+    len: usize,
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+}
+
+#[derive(Clone, Debug)]
+struct ExpertPlan {
+    segs: Vec<Seg>,
+    mats: [Mat; 3],
+    checksum: Option<u64>,
+}
+
+/// A slot whose reads are in flight.
+struct Loading {
+    key: ExpertKey,
+    remaining: usize,
+    error: Option<Error>,
+}
+
+/// The streaming half of a session: read engine, slots and cache.
+pub struct Streamer {
+    engine: Box<dyn ReadEngine>,
+    cache: SlotCache,
+    /// Owns the slot memory; reads land through `ptrs`.
+    _bufs: Vec<AlignedBuf>,
+    ptrs: Vec<*mut u8>,
+    slot_bytes: usize,
+    align: usize,
+    /// Per layer (None for dense layers), per expert.
+    plans: Vec<Option<Vec<ExpertPlan>>>,
+    loading: HashMap<usize, Loading>,
+    verify: bool,
+    budget: Budget,
+    stats: StreamStats,
+    busy_since: Option<Instant>,
+    notes: Vec<String>,
+    done: Vec<Completion>,
+    loading_errors: Vec<(usize, Error)>,
+}
+
+// SAFETY: the raw slot pointers point into `_bufs`, which the streamer owns
+// and never reallocates; moving the streamer to another thread moves the
+// buffers with it, and all access goes through `&mut self` or `&self`.
+unsafe impl Send for Streamer {}
+
+fn merge_plan(w: [&Weight; 3], file_ids: &[FileId], align: usize) -> Result<(Vec<Seg>, [Mat; 3])> {
+    let mut order = [0usize, 1, 2];
+    let range = |i: usize| (w[i].file, w[i].data.offset() as u64, w[i].data.len());
+    order.sort_by_key(|&i| (range(i).0, range(i).1));
+    let mut segs: Vec<Seg> = Vec::with_capacity(3);
+    let mut at = [(0usize, 0usize); 3];
+    for &i in &order {
+        let (file, off, len) = range(i);
+        let fid = file_ids[file];
+        match segs.last_mut() {
+            // Adjacent or nearly: one read, a few wasted bytes.
+            Some(s)
+                if s.file == fid && off >= s.offset && off - s.offset - s.len as u64 <= 4096 =>
+            {
+                let rel = (off - s.offset) as usize;
+                s.len = s.len.max(rel + len);
+                at[i] = (segs.len() - 1, rel);
+            }
+            _ => {
+                segs.push(Seg {
+                    file: fid,
+                    offset: off,
+                    len,
+                    dst: 0,
+                });
+                at[i] = (segs.len() - 1, 0);
+            }
+        }
+    }
+    let mut dst = 0;
+    for s in &mut segs {
+        s.dst = dst;
+        dst += sluice_io::max_widened_len(s.len, align).next_multiple_of(align.max(64));
+    }
+    let mat = |i: usize| Mat {
+        seg: at[i].0,
+        rel: at[i].1,
+        len: w[i].data.len(),
+        dtype: w[i].dtype,
+        rows: w[i].rows,
+        cols: w[i].cols,
+    };
+    Ok((segs, [mat(0), mat(1), mat(2)]))
+}
+
+fn plan_bytes(segs: &[Seg], align: usize) -> usize {
+    segs.last().map_or(0, |s| {
+        s.dst + sluice_io::max_widened_len(s.len, align).next_multiple_of(align.max(64))
+    })
+}
+
+/// Every dense weight of a model, mutably (tied weights once).
+fn dense_weights(m: &mut Model) -> Vec<&mut Weight> {
+    let mut v: Vec<&mut Weight> = vec![&mut m.embed];
+    if !m.config.tie_embeddings {
+        v.push(&mut m.lm_head);
+    }
+    for l in &mut m.layers {
+        v.extend([&mut l.q.w, &mut l.k.w, &mut l.v.w, &mut l.o.w]);
+        match &mut l.ffn {
+            Ffn::Dense(d) => v.extend([&mut d.gate, &mut d.up, &mut d.down]),
+            Ffn::Moe(moe) => {
+                v.push(&mut moe.router);
+                if let Some(s) = &mut moe.shared {
+                    v.extend([&mut s.gate, &mut s.up, &mut s.down]);
+                }
+                if let Some(g) = &mut moe.shared_gate {
+                    v.push(g);
+                }
+            }
+        }
+    }
+    v
+}
+
+/// Bytes of activations and buffers for a batch of `n` tokens.
+fn scratch_bytes(c: &Config, inter: usize, n: usize, ctx: usize, threads: usize) -> u64 {
+    let (h, qd, kd) = (c.hidden, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+    let per_token = 8 * h + 3 * qd + 2 * kd + 3 * inter + 2 * c.n_experts;
+    let per_thread = ctx + 4 * h.max(inter).max(qd);
+    // Twice over: the allocator does not hand every freed page back.
+    2 * 4 * (n * per_token + c.vocab * n.min(8) + threads * per_thread) as u64
+}
+
+impl Streamer {
+    /// Prepares `model` for streaming: reads its dense weights into owned
+    /// buffers, sizes the expert slots from the budget, opens the engine.
+    /// Fails with a message naming the shortfall when the cap cannot hold
+    /// dense weights, KV cache and one layer's top-k experts.
+    pub fn open(model: &mut Model, opts: &StreamOptions) -> Result<Streamer> {
+        let mut engine = sluice_io::open_engine(&opts.io)?;
+        let mut notes = engine.notes();
+        let mut file_ids = Vec::new();
+        for f in model.files.files() {
+            file_ids.push(engine.open(&f.path)?);
+        }
+        for n in engine.notes() {
+            if !notes.contains(&n) {
+                notes.push(n);
+            }
+        }
+        let align = engine.align().max(1);
+        let c = model.config.clone();
+        // Read plans of every routed expert.
+        let pack = PackInfo::of(&model.files)?;
+        let mut plans = Vec::with_capacity(c.n_layers);
+        let mut moe_index = 0;
+        let mut max_plan = 0usize;
+        let mut inter = 0usize;
+        let mut experts_total = 0usize;
+        for l in &model.layers {
+            let Ffn::Moe(m) = &l.ffn else {
+                plans.push(None);
+                continue;
+            };
+            let mut ps = Vec::with_capacity(m.experts.len());
+            for (e, x) in m.experts.iter().enumerate() {
+                inter = inter.max(x.gate.rows);
+                let (segs, mats) = merge_plan([&x.gate, &x.up, &x.down], &file_ids, align)?;
+                max_plan = max_plan.max(plan_bytes(&segs, align));
+                let checksum = match &pack {
+                    Some(p) if segs.len() == 1 => {
+                        p.checksums.get(moe_index * m.experts.len() + e).copied()
+                    }
+                    _ => None,
+                };
+                ps.push(ExpertPlan {
+                    segs,
+                    mats,
+                    checksum,
+                });
+            }
+            experts_total += ps.len();
+            moe_index += 1;
+            plans.push(Some(ps));
+        }
+        if opts.verify
+            && !plans
+                .iter()
+                .flatten()
+                .flatten()
+                .any(|p| p.checksum.is_some())
+        {
+            return Err(Error::Invalid(
+                "--verify needs a packed model with record checksums (make one with `sluice pack`)"
+                    .into(),
+            ));
+        }
+        // The budget, from what is resident now.
+        let baseline = sluice_io::sys::rss_bytes().unwrap_or(0);
+        let mut dense = 0u64;
+        for w in dense_weights(model) {
+            if w.data.is_mapped() {
+                dense += sluice_io::max_widened_len(w.data.len(), align) as u64;
+            }
+        }
+        let kv = (opts.ctx * c.n_layers * 2 * c.n_kv_heads * c.head_dim * 4) as u64;
+        let scratch = scratch_bytes(&c, inter, opts.batch.max(1), opts.ctx, opts.threads.max(1));
+        let cap = opts.ram_cap.unwrap_or(u64::MAX);
+        let margin = if cap == u64::MAX {
+            0
+        } else {
+            (16 << 20) + cap / 100
+        };
+        let mut budget = Budget {
+            cap,
+            baseline,
+            margin,
+            dense,
+            kv,
+            scratch,
+            slot: max_plan as u64,
+            slots: 0,
+            experts_total,
+        };
+        let fixed = budget.planned();
+        let min_slots = if experts_total == 0 { 0 } else { c.top_k };
+        let fit = if max_plan == 0 {
+            0
+        } else if cap == u64::MAX {
+            // No cap: room for every expert, within what the machine has.
+            let avail = mem_available_bytes().unwrap_or(u64::MAX);
+            (avail.saturating_sub(fixed) / max_plan as u64).min(experts_total as u64) as usize
+        } else {
+            (cap.saturating_sub(fixed) / max_plan as u64).min(experts_total as u64) as usize
+        };
+        let slots = match opts.slots {
+            Some(0) if experts_total > 0 => {
+                return Err(Error::Invalid("--cache-slots must be at least 1".into()))
+            }
+            Some(s) if s > fit && cap != u64::MAX => {
+                return Err(Error::Invalid(format!(
+                    "{s} expert slots do not fit: {}",
+                    Budget {
+                        slots: s,
+                        ..budget.clone()
+                    }
+                    .describe()
+                )))
+            }
+            // Fewer slots than top-k still computes correctly, a wave of
+            // reads at a time: allowed when asked for explicitly.
+            Some(s) => s.min(experts_total.max(1)),
+            None if fit < min_slots => {
+                let need = fixed + max_plan as u64 * min_slots as u64;
+                return Err(Error::Invalid(format!(
+                    "--ram-cap {} is too small for this model: dense weights {:.1} MB + KV cache {:.1} MB + scratch {:.1} MB + process {:.1} MB + one layer's {} experts ({:.1} MB) need at least {}",
+                    fmt_size(cap),
+                    dense as f64 / 1e6,
+                    kv as f64 / 1e6,
+                    scratch as f64 / 1e6,
+                    (baseline + margin) as f64 / 1e6,
+                    min_slots,
+                    (max_plan * min_slots) as f64 / 1e6,
+                    fmt_size(need)
+                )));
+            }
+            None => fit,
+        };
+        budget.slots = slots;
+        // Dense weights, read through the engine into owned buffers.
+        let mut seen: HashMap<(usize, usize, usize), TensorBytes> = HashMap::new();
+        for w in dense_weights(model) {
+            if !w.data.is_mapped() {
+                continue;
+            }
+            let key = (w.file, w.data.offset(), w.data.len());
+            if let Some(b) = seen.get(&key) {
+                w.data = b.clone();
+                continue;
+            }
+            let (buf, skip) =
+                sluice_io::read_exact(engine.as_mut(), file_ids[w.file], key.1 as u64, key.2)?;
+            let b = TensorBytes::owned(Arc::new(buf), skip, key.2);
+            seen.insert(key, b.clone());
+            w.data = b;
+        }
+        if c.tie_embeddings {
+            model.lm_head = model.embed.clone();
+        }
+        // Slots: one aligned buffer each, allocated now, never per read.
+        let mut bufs = Vec::with_capacity(slots);
+        for _ in 0..slots {
+            bufs.push(AlignedBuf::new(max_plan.max(1), align.max(64))?);
+        }
+        let ptrs: Vec<*mut u8> = bufs.iter_mut().map(|b| b.as_mut_ptr()).collect();
+        if slots > 0 && opts.io.register {
+            let regions: Vec<(*mut u8, usize)> = ptrs.iter().map(|&p| (p, max_plan)).collect();
+            // SAFETY: the regions are the slot buffers, owned by the
+            // streamer and dropped after the engine (field order).
+            let _ = unsafe { engine.register_buffers(&regions) }?;
+        }
+        for n in engine.notes() {
+            if !notes.contains(&n) {
+                notes.push(n);
+            }
+        }
+        let policy = policy_by_name(&opts.policy).ok_or_else(|| {
+            Error::Invalid(format!(
+                "unknown cache policy {:?} (known: {})",
+                opts.policy,
+                sluice_cache::POLICY_NAMES.join(", ")
+            ))
+        })?;
+        Ok(Streamer {
+            engine,
+            cache: SlotCache::new(slots, policy),
+            _bufs: bufs,
+            ptrs,
+            slot_bytes: max_plan,
+            align,
+            plans,
+            loading: HashMap::new(),
+            verify: opts.verify,
+            budget,
+            stats: StreamStats::default(),
+            busy_since: None,
+            notes,
+            done: Vec::new(),
+            loading_errors: Vec::new(),
+        })
+    }
+
+    /// The budget the slots were sized from.
+    pub fn budget(&self) -> &Budget {
+        &self.budget
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> StreamStats {
+        self.stats
+    }
+
+    /// The read engine, described.
+    pub fn engine_description(&self) -> String {
+        self.engine.describe()
+    }
+
+    /// Whether reads bypass the page cache.
+    pub fn direct(&self) -> bool {
+        self.engine.direct()
+    }
+
+    /// Fallbacks and conditions worth telling the user.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
+    }
+
+    /// The cache's eviction policy.
+    pub fn policy(&self) -> &'static str {
+        self.cache.policy_name()
+    }
+
+    /// Bytes of one expert of `layer` as stored (the wanted bytes of its
+    /// reads), `None` for a dense layer.
+    pub fn expert_bytes(&self, layer: usize) -> Option<u64> {
+        let p = self.plans.get(layer)?.as_ref()?.first()?;
+        Some(p.segs.iter().map(|s| s.len as u64).sum())
+    }
+
+    /// Adds the reads that fill `slot` with `key` to `reqs`.
+    fn queue_reads(&mut self, slot: usize, key: ExpertKey, reqs: &mut Vec<ReadReq>) {
+        let plan =
+            &self.plans[key.layer as usize].as_ref().expect("MoE layer")[key.expert as usize];
+        for (i, s) in plan.segs.iter().enumerate() {
+            reqs.push(ReadReq {
+                file: s.file,
+                offset: s.offset,
+                len: s.len,
+                // SAFETY: dst + cap lies within slot `slot`'s buffer
+                // (plan_bytes ≤ slot_bytes by construction).
+                dst: unsafe { self.ptrs[slot].add(s.dst) },
+                cap: self.slot_bytes - s.dst,
+                buf_index: Some(slot as u32),
+                tag: (slot as u64) << 8 | i as u64,
+            });
+        }
+        self.stats.reads += plan.segs.len() as u64;
+        self.stats.bytes_wanted += plan.segs.iter().map(|s| s.len as u64).sum::<u64>();
+        self.loading.insert(
+            slot,
+            Loading {
+                key,
+                remaining: plan.segs.len(),
+                error: None,
+            },
+        );
+    }
+
+    /// Submits queued reads in one batch.
+    fn submit(&mut self, reqs: &[ReadReq]) -> Result<()> {
+        if reqs.is_empty() {
+            return Ok(());
+        }
+        if self.busy_since.is_none() {
+            self.busy_since = Some(Instant::now());
+        }
+        // SAFETY: every destination is a slot in state Loading: the cache
+        // neither evicts nor hands out its bytes until `absorb` has seen all
+        // of its completions, and the buffers outlive the engine.
+        unsafe { self.engine.submit(reqs) }
+    }
+
+    /// Processes completions: marks slots ready (or failed).
+    fn absorb(&mut self) -> Result<()> {
+        let done = std::mem::take(&mut self.done);
+        let mut last = None::<Instant>;
+        for c in &done {
+            let slot = (c.tag >> 8) as usize;
+            last = Some(last.map_or(c.completed, |l: Instant| l.max(c.completed)));
+            let Some(ld) = self.loading.get_mut(&slot) else {
+                continue;
+            };
+            ld.remaining -= 1;
+            match &c.result {
+                Ok(d) => self.stats.bytes_read += d.bytes_read as u64,
+                Err(e) => {
+                    if ld.error.is_none() {
+                        ld.error = Some(Error::Invalid(format!(
+                            "reading layer {} expert {}: {e}",
+                            ld.key.layer, ld.key.expert
+                        )));
+                    }
+                }
+            }
+            if ld.remaining == 0 {
+                let ld = self.loading.remove(&slot).expect("present");
+                let mut err = ld.error;
+                if err.is_none() && self.verify {
+                    err = self.check(slot, ld.key).err();
+                }
+                match err {
+                    None => self.cache.mark_ready(slot),
+                    Some(e) => {
+                        self.cache.mark_failed(slot);
+                        self.loading_errors.push((slot, e));
+                    }
+                }
+            }
+        }
+        if self.engine.in_flight() == 0 {
+            if let (Some(s), Some(l)) = (self.busy_since.take(), last) {
+                self.stats.io_busy += l.saturating_duration_since(s);
+            }
+        }
+        self.done = done;
+        self.done.clear();
+        Ok(())
+    }
+
+    fn check(&self, slot: usize, key: ExpertKey) -> Result<()> {
+        let plan =
+            &self.plans[key.layer as usize].as_ref().expect("MoE layer")[key.expert as usize];
+        let (Some(want), [s]) = (plan.checksum, plan.segs.as_slice()) else {
+            return Ok(());
+        };
+        let b = self.seg_bytes(slot, s);
+        let got = xxhash_rust::xxh3::xxh3_64(b);
+        if got != want {
+            return Err(Error::Invalid(format!(
+                "{}: checksum mismatch in layer {} expert {} (record at offset {}, {} bytes): the file is corrupt",
+                self.engine.path(s.file).display(),
+                key.layer,
+                key.expert,
+                s.offset,
+                s.len
+            )));
+        }
+        Ok(())
+    }
+
+    fn seg_bytes(&self, slot: usize, s: &Seg) -> &[u8] {
+        let skip = (s.offset % self.align as u64) as usize;
+        // SAFETY: the slot's reads have completed (state Ready, or being
+        // verified right after its last completion), so the kernel no longer
+        // writes to it; the range lies inside the slot buffer.
+        unsafe { std::slice::from_raw_parts(self.ptrs[slot].add(s.dst + skip), s.len) }
+    }
+
+    /// Waits until `slot` is no longer loading.
+    fn wait_slot(&mut self, slot: usize) -> Result<()> {
+        if self.cache.state(slot) != SlotState::Loading {
+            return Ok(());
+        }
+        let t = Instant::now();
+        while self.cache.state(slot) == SlotState::Loading && self.loading.contains_key(&slot) {
+            let mut done = std::mem::take(&mut self.done);
+            let r = self.engine.wait(1, &mut done);
+            self.done = done;
+            r?;
+            self.absorb()?;
+        }
+        self.stats.stall += t.elapsed();
+        Ok(())
+    }
+
+    /// Runs `f(expert, [gate, up, down])` for each of `experts` (ascending
+    /// expert ids with the router probability that chose them) of `layer`,
+    /// reading missing experts in batches as large as the free slots allow.
+    pub fn run_experts(
+        &mut self,
+        layer: usize,
+        experts: &[(usize, f32)],
+        step: u64,
+        f: &mut dyn FnMut(usize, [WeightView<'_>; 3]) -> Result<()>,
+    ) -> Result<()> {
+        let mut i = 0;
+        let mut wave: Vec<(usize, usize)> = Vec::new();
+        let mut reqs: Vec<ReadReq> = Vec::new();
+        while i < experts.len() {
+            wave.clear();
+            reqs.clear();
+            while i < experts.len() {
+                let (e, p) = experts[i];
+                let key = ExpertKey::new(layer, e);
+                match self.cache.acquire(key, step, p) {
+                    Acquire::Hit(_) => self.stats.hits += 1,
+                    Acquire::Miss(s) => {
+                        self.stats.misses += 1;
+                        self.queue_reads(s, key, &mut reqs);
+                    }
+                    Acquire::Full => break,
+                }
+                if let Some(s) = self.cache.slot_of(key) {
+                    wave.push((e, s));
+                }
+                i += 1;
+            }
+            if wave.is_empty() {
+                return Err(Error::Invalid(format!(
+                    "no expert slot can be freed in layer {layer}: {} slots, all in use",
+                    self.cache.capacity()
+                )));
+            }
+            if let Err(err) = self.submit(&reqs) {
+                for &(_, s) in &wave {
+                    if self.loading.remove(&s).is_some() {
+                        self.cache.mark_failed(s);
+                    }
+                }
+                return self.fail(&wave, err);
+            }
+            // The whole wave is read before any of it is computed: the
+            // stall is then exactly the I/O time of a batch of requests at
+            // the wave's queue depth, comparable with the probe. Overlap
+            // with compute comes from prefetching the next layers.
+            for w in 0..wave.len() {
+                if let Err(err) = self.wait_slot(wave[w].1) {
+                    return self.fail(&wave, err);
+                }
+            }
+            for w in 0..wave.len() {
+                let (e, s) = wave[w];
+                if self.cache.state(s) != SlotState::Ready {
+                    let err = self.take_error(s).unwrap_or_else(|| {
+                        Error::Invalid(format!("layer {layer} expert {e}: read failed"))
+                    });
+                    return self.fail(&wave[w..], err);
+                }
+                let r = {
+                    let plan = &self.plans[layer].as_ref().expect("MoE layer")[e];
+                    let view = |m: &Mat| WeightView {
+                        dtype: m.dtype,
+                        rows: m.rows,
+                        cols: m.cols,
+                        data: &self.seg_bytes(s, &plan.segs[m.seg])[m.rel..m.rel + m.len],
+                    };
+                    f(
+                        e,
+                        [
+                            view(&plan.mats[0]),
+                            view(&plan.mats[1]),
+                            view(&plan.mats[2]),
+                        ],
+                    )
+                };
+                self.cache.release(s);
+                if let Err(err) = r {
+                    return self.fail(&wave[w + 1..], err);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn take_error(&mut self, slot: usize) -> Option<Error> {
+        let i = self.loading_errors.iter().position(|(s, _)| *s == slot)?;
+        Some(self.loading_errors.swap_remove(i).1)
+    }
+
+    /// Releases the pins of `rest` after an error, draining their reads so
+    /// that no buffer is written after the error returns.
+    fn fail(&mut self, rest: &[(usize, usize)], err: Error) -> Result<()> {
+        while self.engine.in_flight() > 0 {
+            let mut done = std::mem::take(&mut self.done);
+            let r = self.engine.wait(1, &mut done);
+            self.done = done;
+            if r.is_err() {
+                break;
+            }
+            let _ = self.absorb();
+        }
+        for &(_, s) in rest {
+            self.cache.release(s);
+        }
+        self.loading_errors.clear();
+        Err(err)
+    }
+}
+
+/// `MemAvailable` from /proc/meminfo.
+fn mem_available_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let l = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = l.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// `1.5G`-style size for messages.
+pub fn fmt_size(b: u64) -> String {
+    if b == u64::MAX {
+        return "unlimited".into();
+    }
+    let units = [("G", 1u64 << 30), ("M", 1 << 20), ("K", 1 << 10)];
+    for (u, n) in units {
+        if b >= n {
+            return format!("{:.2}{u}", b as f64 / n as f64);
+        }
+    }
+    format!("{b}")
+}
+
+/// Parses `12G`, `512M`, `1.5G`, `4096` (binary units).
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let unit = t[i..].to_ascii_uppercase();
+            let m: u64 = match unit.trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                _ => return Err(Error::Invalid(format!("size {s:?}: unknown unit {unit:?}"))),
+            };
+            (&t[..i], m)
+        }
+        None => (t, 1),
+    };
+    let v: f64 = num.trim().parse().map_err(|_| {
+        Error::Invalid(format!(
+            "size {s:?} is not a number with an optional K/M/G/T unit"
+        ))
+    })?;
+    if !(v.is_finite() && v >= 0.0) || v * mult as f64 > u64::MAX as f64 / 2.0 {
+        return Err(Error::Invalid(format!("size {s:?} is out of range")));
+    }
+    Ok((v * mult as f64) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("12G").unwrap(), 12 << 30);
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("16K").unwrap(), 16 << 10);
+        assert_eq!(parse_size("1.5GiB").unwrap(), 3 << 29);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("-1G").is_err());
+        assert!(parse_size("G").is_err());
+    }
+}

@@ -1,0 +1,255 @@
+//! Synthetic models: real geometries with random weights, written in the
+//! packed layout at disk speed, so that models larger than RAM exist on any
+//! machine. The numbers they produce mean nothing; their shapes, byte
+//! counts and I/O are those of the real model.
+
+use crate::config::{Arch, Config};
+use crate::pack::{self, spec, Item, PackSummary, Plan, Src};
+use sluice_core::ops::RopeStyle;
+use sluice_core::{DType, Error, Result};
+use std::path::Path;
+
+/// A real model's geometry.
+#[derive(Clone, Copy, Debug)]
+pub struct Preset {
+    /// Name on the command line.
+    pub name: &'static str,
+    /// What it is.
+    pub about: &'static str,
+    arch: Arch,
+    vocab: usize,
+    hidden: usize,
+    layers: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    expert_inter: usize,
+    experts: usize,
+    top_k: usize,
+    rope_theta: f32,
+    rms_eps: f32,
+    qk_norm: bool,
+}
+
+/// The presets `sluice synth` knows.
+pub const PRESETS: &[Preset] = &[
+    Preset {
+        name: "qwen3-30b-a3b",
+        about: "Qwen3-30B-A3B: 48 layers, 128 experts of 2048→768→2048, top-8",
+        arch: Arch::Qwen3Moe,
+        vocab: 151_936,
+        hidden: 2048,
+        layers: 48,
+        heads: 32,
+        kv_heads: 4,
+        head_dim: 128,
+        expert_inter: 768,
+        experts: 128,
+        top_k: 8,
+        rope_theta: 1e6,
+        rms_eps: 1e-6,
+        qk_norm: true,
+    },
+    Preset {
+        name: "mixtral-8x7b",
+        about: "Mixtral-8x7B: 32 layers, 8 experts of 4096→14336→4096, top-2",
+        arch: Arch::Mixtral,
+        vocab: 32_000,
+        hidden: 4096,
+        layers: 32,
+        heads: 32,
+        kv_heads: 8,
+        head_dim: 128,
+        expert_inter: 14_336,
+        experts: 8,
+        top_k: 2,
+        rope_theta: 1e6,
+        rms_eps: 1e-5,
+        qk_norm: false,
+    },
+    Preset {
+        name: "small-moe",
+        about: "a small Qwen3-MoE geometry for tests and quick demos: 8 layers, 64 experts of 512→512→512, top-4",
+        arch: Arch::Qwen3Moe,
+        vocab: 2048,
+        hidden: 512,
+        layers: 8,
+        heads: 8,
+        kv_heads: 2,
+        head_dim: 64,
+        expert_inter: 512,
+        experts: 64,
+        top_k: 4,
+        rope_theta: 1e6,
+        rms_eps: 1e-6,
+        qk_norm: true,
+    },
+];
+
+/// Looks a preset up by name.
+pub fn preset(name: &str) -> Result<&'static Preset> {
+    PRESETS.iter().find(|p| p.name == name).ok_or_else(|| {
+        let names: Vec<&str> = PRESETS.iter().map(|p| p.name).collect();
+        Error::Invalid(format!(
+            "unknown preset {name:?} (known: {})",
+            names.join(", ")
+        ))
+    })
+}
+
+/// Options of [`synth`].
+#[derive(Clone, Debug)]
+pub struct SynthOptions {
+    /// Override the number of layers.
+    pub layers: Option<usize>,
+    /// Type of every matrix.
+    pub quant: DType,
+    /// Record alignment.
+    pub align: u64,
+    /// Seed of the random weights.
+    pub seed: u64,
+}
+
+impl Default for SynthOptions {
+    fn default() -> Self {
+        SynthOptions {
+            layers: None,
+            quant: DType::Q4_0,
+            align: 4096,
+            seed: 0,
+        }
+    }
+}
+
+impl Preset {
+    /// The config of this geometry with `layers` layers.
+    pub fn config(&self, layers: usize) -> Config {
+        Config {
+            arch: self.arch,
+            vocab: self.vocab,
+            hidden: self.hidden,
+            n_layers: layers,
+            n_heads: self.heads,
+            n_kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            rope_theta: self.rope_theta,
+            rot_dim: self.head_dim,
+            rope_style: RopeStyle::Neox,
+            rms_eps: self.rms_eps,
+            n_experts: self.experts,
+            top_k: self.top_k,
+            norm_topk_prob: true,
+            moe_layers: vec![true; layers],
+            windows: vec![None; layers],
+            clip_qkv: None,
+            tie_embeddings: false,
+            eos: vec![],
+            bos: None,
+            max_ctx: Some(32_768),
+        }
+    }
+}
+
+fn seed_of(name: &str, seed: u64) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(name.as_bytes(), seed)
+}
+
+/// Writes a random-weight model of `preset`'s geometry to `out`.
+pub fn synth(
+    preset: &Preset,
+    opts: &SynthOptions,
+    out: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<PackSummary> {
+    let layers = opts.layers.unwrap_or(preset.layers);
+    if layers == 0 || layers > 4096 {
+        return Err(Error::Invalid(format!(
+            "{layers} layers is out of range (1..=4096)"
+        )));
+    }
+    let c = preset.config(layers);
+    let q = opts.quant;
+    let bs = q.block_size();
+    for d in [c.hidden, preset.expert_inter, c.n_heads * c.head_dim] {
+        if d % bs != 0 {
+            return Err(Error::Unsupported(format!(
+                "{q:?} needs rows that are multiples of {bs}; {} has a dimension of {d}",
+                preset.name
+            )));
+        }
+    }
+    let m = |name: String, rows: usize, cols: usize, scale: f32| Item {
+        src: Src::Random {
+            seed: seed_of(&name, opts.seed),
+            scale,
+        },
+        spec: spec(name, q, vec![rows, cols], 0),
+        convert: false,
+    };
+    // Norm weights are all ones.
+    let v = |name: String, len: usize| Item {
+        spec: spec(name, DType::F32, vec![len], 0),
+        src: Src::Const(1.0),
+        convert: false,
+    };
+    let (h, qd, kd, i) = (
+        c.hidden,
+        c.n_heads * c.head_dim,
+        c.n_kv_heads * c.head_dim,
+        preset.expert_inter,
+    );
+    // Weights of order 1/sqrt(width) keep activations finite; the router
+    // is sharper so that routing varies from token to token.
+    let s = 1.0 / (h as f32).sqrt();
+    let mut dense = vec![m("token_embd.weight".into(), c.vocab, h, 1.0)];
+    let mut experts = Vec::new();
+    for l in 0..layers {
+        let b = format!("blk.{l}.");
+        dense.push(v(format!("{b}attn_norm.weight"), c.hidden));
+        dense.push(m(format!("{b}attn_q.weight"), qd, h, s));
+        dense.push(m(format!("{b}attn_k.weight"), kd, h, s));
+        dense.push(m(format!("{b}attn_v.weight"), kd, h, s));
+        dense.push(m(format!("{b}attn_output.weight"), h, qd, s));
+        if preset.qk_norm {
+            dense.push(v(format!("{b}attn_q_norm.weight"), c.head_dim));
+            dense.push(v(format!("{b}attn_k_norm.weight"), c.head_dim));
+        }
+        dense.push(v(format!("{b}ffn_norm.weight"), c.hidden));
+        dense.push(m(
+            format!("{b}ffn_gate_inp.weight"),
+            c.n_experts,
+            h,
+            4.0 * s,
+        ));
+        experts.push(
+            (0..c.n_experts)
+                .map(|e| {
+                    let mut r = [
+                        m(format!("{b}ffn_gate.{e}.weight"), i, h, s),
+                        m(format!("{b}ffn_up.{e}.weight"), i, h, s),
+                        m(
+                            format!("{b}ffn_down.{e}.weight"),
+                            h,
+                            i,
+                            1.0 / (i as f32).sqrt(),
+                        ),
+                    ];
+                    r[0].spec.align = opts.align;
+                    r
+                })
+                .collect(),
+        );
+    }
+    dense.push(v("output_norm.weight".into(), c.hidden));
+    dense.push(m("output.weight".into(), c.vocab, h, s));
+    let plan = Plan {
+        config: &c,
+        dense,
+        experts,
+        tokenizer: None,
+        source: format!("synth:{} seed {}", preset.name, opts.seed),
+        align: opts.align,
+        expert_quant: None,
+    };
+    pack::write(&plan, None, out, progress)
+}

@@ -1,0 +1,483 @@
+//! Read engines of sluice: the ways expert bytes get from storage into memory.
+//!
+//! Three engines share one batched, completion-based interface, [`ReadEngine`]:
+//!
+//! * [`uring`]: `io_uring`, normally with `O_DIRECT`, registered files and
+//!   registered (fixed) destination buffers. The fastest path on NVMe.
+//! * [`pread`]: a pool of threads issuing `pread(2)`; the fallback where
+//!   `io_uring` is disabled (containers, `kernel.io_uring_disabled`).
+//! * [`mmap`]: copies out of a memory map; always through the page cache.
+//!   The baseline the other two are measured against.
+//!
+//! With `O_DIRECT` the kernel moves whole 4 KiB-aligned blocks straight into the
+//! destination, bypassing the page cache (whose memory would otherwise count
+//! against the RAM cap). A wanted range that is not block aligned is therefore
+//! *widened* ([`widened_len`]) and its bytes land `skip` bytes into the
+//! destination ([`Done::skip`]).
+//!
+//! [`sys`] has the process-memory helpers (RSS, cgroup limits, page-cache
+//! eviction) and [`probe`] measures what a drive delivers at a request size
+//! and queue depth.
+
+#![warn(missing_docs, clippy::undocumented_unsafe_blocks)]
+
+use std::path::Path;
+use std::time::Instant;
+
+use sluice_core::{Error, Result};
+
+mod buf;
+mod common;
+pub mod mmap;
+pub mod pread;
+pub mod probe;
+pub mod sys;
+pub mod uring;
+
+pub use buf::AlignedBuf;
+
+/// Alignment of file offsets, lengths and destination addresses under
+/// `O_DIRECT`. 4096 covers every logical block size in common use (512 and
+/// 4096), so one constant works on every drive.
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// Which read engine to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoKind {
+    /// `io_uring` (see [`uring`]).
+    Uring,
+    /// A thread pool issuing `pread(2)` (see [`pread`]).
+    Pread,
+    /// Copies out of a memory map (see [`mmap`]).
+    Mmap,
+}
+
+impl IoKind {
+    /// The name used on the command line and in reports: `uring`, `pread`, `mmap`.
+    pub fn name(self) -> &'static str {
+        match self {
+            IoKind::Uring => "uring",
+            IoKind::Pread => "pread",
+            IoKind::Mmap => "mmap",
+        }
+    }
+
+    /// Parses a name as written by [`IoKind::name`]; `io_uring` is accepted
+    /// too since that is what people call it.
+    pub fn parse(s: &str) -> Option<IoKind> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "uring" | "io_uring" => Some(IoKind::Uring),
+            "pread" => Some(IoKind::Pread),
+            "mmap" => Some(IoKind::Mmap),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for IoKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How to open a read engine.
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    /// The engine wanted; [`open_engine`] may fall back from `Uring` to `Pread`.
+    pub kind: IoKind,
+    /// Open files with `O_DIRECT` (bypassing the page cache). Ignored by
+    /// [`IoKind::Mmap`], which always reads through the page cache.
+    pub direct: bool,
+    /// Most reads handed to the kernel at once: the `io_uring` submission
+    /// queue size, or the number of jobs the pread pool works on at once.
+    /// More requests than this may be submitted; they wait in the engine.
+    pub queue_depth: usize,
+    /// Worker threads of the pread pool.
+    pub threads: usize,
+    /// Use `io_uring` registered files and buffers when the kernel permits.
+    pub register: bool,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            kind: IoKind::Uring,
+            direct: true,
+            queue_depth: 16,
+            threads: 8,
+            register: true,
+        }
+    }
+}
+
+/// A file opened by [`ReadEngine::open`]: an index into the engine's files.
+pub type FileId = usize;
+
+/// One read.
+///
+/// The engine reads at least `offset..offset + len` of `file` into `dst`. When
+/// the engine is aligned ([`ReadEngine::align`] > 1, i.e. `O_DIRECT`), it widens
+/// the read to `align_down(offset) .. align_up(offset + len)` and the wanted
+/// bytes land at `dst + skip`, with `skip = offset - align_down(offset)`
+/// reported in [`Done`]. Reading past the end of the file in the widened tail
+/// is fine: a short read succeeds once the wanted range is covered.
+#[derive(Clone, Copy, Debug)]
+pub struct ReadReq {
+    /// The file, as returned by [`ReadEngine::open`].
+    pub file: FileId,
+    /// Byte offset of the wanted range in the file.
+    pub offset: u64,
+    /// Length of the wanted range.
+    pub len: usize,
+    /// Where the (widened) read goes. Must be aligned to [`ReadEngine::align`].
+    pub dst: *mut u8,
+    /// Bytes available at `dst`; must be at least
+    /// `widened_len(offset, len, engine.align())` or the engine refuses the
+    /// request with [`Error::Invalid`].
+    pub cap: usize,
+    /// Index of the buffer, among those given to
+    /// [`ReadEngine::register_buffers`], that holds `dst..dst + cap`. Lets
+    /// `io_uring` use fixed-buffer reads (no per-read page pinning).
+    pub buf_index: Option<u32>,
+    /// Caller's identifier, returned in the [`Completion`].
+    pub tag: u64,
+}
+
+// SAFETY: a ReadReq is plain data; the pointer is only dereferenced by an engine
+// under the contract of `ReadEngine::submit`, which makes the caller guarantee
+// exclusive access to the destination until the completion is returned,
+// whichever thread does the writing.
+unsafe impl Send for ReadReq {}
+
+fn align_down(x: u64, align: u64) -> u64 {
+    x - x % align
+}
+
+/// The room a destination needs for a wanted read of `len` bytes at `offset`
+/// under alignment `align` (1 when not direct): the length of
+/// `align_down(offset) .. align_up(offset + len)`. Zero for an empty read.
+/// Saturates instead of overflowing for absurd inputs (which the engines then
+/// refuse).
+pub fn widened_len(offset: u64, len: usize, align: usize) -> usize {
+    if len == 0 {
+        return 0;
+    }
+    let a = align.max(1) as u64;
+    let start = align_down(offset, a);
+    let Some(end) = offset.checked_add(len as u64) else {
+        return usize::MAX;
+    };
+    let end_up = match end % a {
+        0 => end,
+        r => match end.checked_add(a - r) {
+            Some(e) => e,
+            None => return usize::MAX,
+        },
+    };
+    usize::try_from(end_up - start).unwrap_or(usize::MAX)
+}
+
+/// An upper bound of [`widened_len`] over every offset: `len` rounded up to
+/// `align`, plus `align`. For sizing destination slots before offsets are
+/// known. With `align <= 1` nothing is widened and this is `len`.
+pub fn max_widened_len(len: usize, align: usize) -> usize {
+    if align <= 1 {
+        return len;
+    }
+    let rounded = match len % align {
+        0 => len,
+        r => len.saturating_add(align - r),
+    };
+    rounded.saturating_add(align)
+}
+
+/// The result of one [`ReadReq`].
+#[derive(Debug)]
+pub struct Completion {
+    /// The request's [`ReadReq::tag`].
+    pub tag: u64,
+    /// What was read, or why not: an I/O error ([`Error::Io`] naming the file,
+    /// with the offset in the message), including an unexpected end of file
+    /// before the wanted range was covered.
+    pub result: Result<Done>,
+    /// When the request was handed to [`ReadEngine::submit`].
+    pub submitted: Instant,
+    /// When the engine saw it finish.
+    pub completed: Instant,
+}
+
+impl Completion {
+    /// Time from submission to completion, in seconds.
+    pub fn latency_s(&self) -> f64 {
+        self.completed
+            .saturating_duration_since(self.submitted)
+            .as_secs_f64()
+    }
+}
+
+/// A successful read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Done {
+    /// Offset in the destination of the first wanted byte.
+    pub skip: usize,
+    /// Length of the wanted range (the request's `len`).
+    pub len: usize,
+    /// Bytes physically read, including widening (may stop short of the
+    /// widened end at end of file).
+    pub bytes_read: usize,
+}
+
+/// A batched, completion-based reader of files.
+///
+/// Reads are queued with [`submit`](ReadEngine::submit) and their
+/// [`Completion`]s collected with [`wait`](ReadEngine::wait) or
+/// [`poll`](ReadEngine::poll), in any order.
+pub trait ReadEngine: Send {
+    /// The engine actually in use (after any fallback).
+    fn kind(&self) -> IoKind;
+
+    /// One line for the user, e.g. `io_uring, O_DIRECT, queue depth 16,
+    /// registered files, registered buffers`; states fallbacks.
+    fn describe(&self) -> String;
+
+    /// Whether reads bypass the page cache: `O_DIRECT` was asked for and every
+    /// opened file got it.
+    fn direct(&self) -> bool;
+
+    /// Alignment this engine needs of destinations, and to which it widens
+    /// reads: [`DIRECT_ALIGN`] while any opened file is `O_DIRECT` (or, before
+    /// any file is opened, when `O_DIRECT` was asked for), else 1. Query it after
+    /// opening the files.
+    fn align(&self) -> usize;
+
+    /// Opens a file for reading. When the filesystem refuses `O_DIRECT`
+    /// (`EINVAL`, e.g. tmpfs), opens it buffered and records a note.
+    fn open(&mut self, path: &Path) -> Result<FileId>;
+
+    /// Registers destination buffers (`io_uring` fixed buffers), replacing any
+    /// registered before. Returns `Ok(false)` when the engine does not support
+    /// it or the kernel refuses (e.g. `RLIMIT_MEMLOCK`), recording a note in the
+    /// latter case.
+    ///
+    /// # Safety
+    ///
+    /// Each region `(ptr, len)` must stay allocated until the engine is dropped
+    /// (the kernel keeps its pages pinned and may write to them).
+    unsafe fn register_buffers(&mut self, bufs: &[(*mut u8, usize)]) -> Result<bool> {
+        let _ = bufs;
+        Ok(false)
+    }
+
+    /// Queues reads. Either every request is accepted or none is (a request
+    /// that is invalid for this engine fails the whole call with
+    /// [`Error::Invalid`]).
+    ///
+    /// # Safety
+    ///
+    /// For each request, `dst..dst + cap` must be valid for writes and neither
+    /// read nor written by anyone else until its [`Completion`] has been
+    /// returned by [`wait`](ReadEngine::wait)/[`poll`](ReadEngine::poll) or the
+    /// engine has been dropped (dropping waits for reads in flight).
+    unsafe fn submit(&mut self, reqs: &[ReadReq]) -> Result<()>;
+
+    /// Blocks until at least `min` completions (capped at
+    /// [`in_flight`](ReadEngine::in_flight)) have been appended to `out`; may
+    /// append more. On error, completions already appended are still
+    /// returned (their destinations are released).
+    fn wait(&mut self, min: usize, out: &mut Vec<Completion>) -> Result<()>;
+
+    /// Appends the completions that are finished, without blocking.
+    fn poll(&mut self, out: &mut Vec<Completion>) -> Result<()>;
+
+    /// Reads submitted whose completions have not been returned yet.
+    fn in_flight(&self) -> usize;
+
+    /// Fallbacks and notable conditions, for the user.
+    fn notes(&self) -> Vec<String>;
+
+    /// Path of an opened file, for messages.
+    ///
+    /// # Panics
+    ///
+    /// If `file` was not returned by [`open`](ReadEngine::open) on this engine.
+    fn path(&self, file: FileId) -> &Path;
+}
+
+/// Opens an engine of `opts.kind`.
+///
+/// When `io_uring` is refused (`kernel.io_uring_disabled=2`, or
+/// `io_uring_setup` failing with `EPERM`/`ENOSYS`/a seccomp filter), falls back
+/// to the pread pool with the same `O_DIRECT` setting and a note saying why.
+/// Fails with [`Error::Invalid`] on a zero queue depth or thread count.
+pub fn open_engine(opts: &EngineOptions) -> Result<Box<dyn ReadEngine>> {
+    if opts.queue_depth == 0 || opts.queue_depth > uring::MAX_QUEUE_DEPTH {
+        return Err(Error::Invalid(format!(
+            "queue depth {} out of range 1..={}",
+            opts.queue_depth,
+            uring::MAX_QUEUE_DEPTH
+        )));
+    }
+    if opts.threads == 0 {
+        return Err(Error::Invalid(
+            "the pread pool needs at least one thread".into(),
+        ));
+    }
+    Ok(match opts.kind {
+        IoKind::Uring => match uring::UringEngine::new(opts) {
+            Ok(e) => Box::new(e),
+            Err(reason) => fallback_to_pread(opts, &reason)?,
+        },
+        IoKind::Pread => Box::new(pread::PreadEngine::new(opts)?),
+        IoKind::Mmap => Box::new(mmap::MmapEngine::new(opts)),
+    })
+}
+
+fn fallback_to_pread(opts: &EngineOptions, reason: &Error) -> Result<Box<dyn ReadEngine>> {
+    let mut engine = pread::PreadEngine::new(opts)?;
+    let reason = match reason {
+        Error::Unsupported(m) => m.clone(),
+        e => e.to_string(),
+    };
+    engine.set_fallback(format!("io_uring refused ({reason}); using the pread pool"));
+    Ok(Box::new(engine))
+}
+
+/// Reads exactly `offset..offset + len` of `file` into a fresh buffer, sized
+/// and aligned for the engine, and returns it with the offset of the wanted
+/// bytes in it: they are `buf[skip..skip + len]`.
+///
+/// For one-off reads (headers, tests); the engine must be idle
+/// ([`ReadEngine::in_flight`] = 0), else [`Error::Invalid`].
+pub fn read_exact(
+    engine: &mut dyn ReadEngine,
+    file: FileId,
+    offset: u64,
+    len: usize,
+) -> Result<(AlignedBuf, usize)> {
+    if engine.in_flight() != 0 {
+        return Err(Error::Invalid(format!(
+            "read_exact needs an idle engine; {} reads are in flight",
+            engine.in_flight()
+        )));
+    }
+    let align = engine.align();
+    let mut buf = AlignedBuf::new(widened_len(offset, len, align), align)?;
+    let req = ReadReq {
+        file,
+        offset,
+        len,
+        dst: buf.as_mut_ptr(),
+        cap: buf.len(),
+        buf_index: None,
+        tag: 0,
+    };
+    // SAFETY: `buf` is exclusively ours and outlives the read: we wait for the
+    // only read in flight below before returning or dropping it; if waiting
+    // fails we leak the buffer rather than free memory the kernel may write.
+    unsafe { engine.submit(&[req])? };
+    let mut out = Vec::with_capacity(1);
+    while out.is_empty() {
+        if let Err(e) = engine.wait(1, &mut out) {
+            std::mem::forget(buf);
+            return Err(e);
+        }
+    }
+    let done = out.pop().expect("one completion").result?;
+    Ok((buf, done.skip))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kind_names_round_trip() {
+        for k in [IoKind::Uring, IoKind::Pread, IoKind::Mmap] {
+            assert_eq!(IoKind::parse(k.name()), Some(k));
+        }
+        assert_eq!(IoKind::parse("io_uring"), Some(IoKind::Uring));
+        assert_eq!(IoKind::parse("aio"), None);
+    }
+
+    #[test]
+    fn widening_examples() {
+        assert_eq!(widened_len(0, 4096, 4096), 4096);
+        assert_eq!(widened_len(32, 4096, 4096), 8192);
+        assert_eq!(widened_len(4095, 1, 4096), 4096);
+        assert_eq!(widened_len(4095, 2, 4096), 8192);
+        assert_eq!(widened_len(100, 7, 1), 7);
+        assert_eq!(widened_len(100, 0, 4096), 0);
+        assert_eq!(max_widened_len(4096, 4096), 8192);
+        assert_eq!(max_widened_len(1, 4096), 8192);
+        assert_eq!(max_widened_len(7, 1), 7);
+        assert_eq!(widened_len(u64::MAX - 1, 10, 4096), usize::MAX);
+    }
+
+    #[test]
+    fn invalid_options_are_refused() {
+        let bad = EngineOptions {
+            queue_depth: 0,
+            ..EngineOptions::default()
+        };
+        assert!(matches!(open_engine(&bad), Err(Error::Invalid(_))));
+        let bad = EngineOptions {
+            threads: 0,
+            ..EngineOptions::default()
+        };
+        assert!(matches!(open_engine(&bad), Err(Error::Invalid(_))));
+    }
+
+    /// Reads longer than one kernel read are continued where they stopped.
+    #[test]
+    fn long_reads_continue_in_chunks() {
+        let path = std::env::temp_dir().join(format!("sluice-chunks-{}", std::process::id()));
+        let mut rng = fastrand::Rng::with_seed(3);
+        let data: Vec<u8> = (0..200_000).map(|_| rng.u8(..)).collect();
+        std::fs::write(&path, &data).unwrap();
+        for direct in [true, false] {
+            let opts = EngineOptions {
+                direct,
+                queue_depth: 2,
+                threads: 2,
+                ..EngineOptions::default()
+            };
+            let mut engines: Vec<Box<dyn ReadEngine>> = Vec::new();
+            let mut p = pread::PreadEngine::new(&opts).unwrap();
+            p.max_chunk = 8192;
+            engines.push(Box::new(p));
+            match uring::UringEngine::new(&opts) {
+                Ok(mut u) => {
+                    u.max_chunk = 8192;
+                    engines.push(Box::new(u));
+                }
+                Err(e) => eprintln!("io_uring unavailable, not tested: {e}"),
+            }
+            for mut e in engines {
+                e.open(&path).unwrap();
+                eprintln!("{} ({:?})", e.describe(), e.notes());
+                for (off, len) in [(123u64, 150_000usize), (0, 200_000), (190_001, 9_999)] {
+                    let (buf, skip) = read_exact(e.as_mut(), 0, off, len).unwrap();
+                    let off = off as usize;
+                    assert!(buf[skip..skip + len] == data[off..off + len], "{off}+{len}");
+                }
+                let err = read_exact(e.as_mut(), 0, 100_000, 100_001).unwrap_err();
+                assert!(err.to_string().contains("unexpected end of file"), "{err}");
+            }
+        }
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn fallback_engine_says_why() {
+        let opts = EngineOptions::default();
+        let e = fallback_to_pread(&opts, &Error::Unsupported("test".into())).unwrap();
+        assert_eq!(e.kind(), IoKind::Pread);
+        assert!(e.notes().iter().any(|n| n.contains("io_uring refused")));
+        assert!(
+            e.describe().contains("io_uring refused"),
+            "{}",
+            e.describe()
+        );
+        assert!(e.direct());
+    }
+}

@@ -1,0 +1,167 @@
+//! Measures what a drive delivers through an engine: random reads of one
+//! size at one queue depth, as expert fetches are.
+
+use std::time::Instant;
+
+use sluice_core::{Error, Result};
+
+use crate::{max_widened_len, AlignedBuf, Completion, FileId, ReadEngine, ReadReq, DIRECT_ALIGN};
+
+/// The outcome of a [`probe`].
+#[derive(Clone, Debug)]
+pub struct ProbeResult {
+    /// Bytes wanted per request.
+    pub request_bytes: usize,
+    /// Requests kept in flight.
+    pub queue_depth: usize,
+    /// Throughput of wanted bytes, in 10^9 bytes per second.
+    pub gbps: f64,
+    /// Mean request latency, seconds (submission to completion).
+    pub mean_latency_s: f64,
+    /// Median request latency, seconds.
+    pub p50_latency_s: f64,
+    /// 99th percentile request latency, seconds.
+    pub p99_latency_s: f64,
+    /// Wanted bytes read in all.
+    pub bytes: u64,
+    /// Wall time of the measurement, seconds.
+    pub seconds: f64,
+}
+
+/// Reads `request_bytes` at random 4096-aligned offsets of `file` (of length
+/// `file_len`), keeping `queue_depth` requests in flight, until both
+/// `min_bytes` and `min_seconds` are reached (but no longer than
+/// `10 * min_seconds` when that is positive). Deterministic offsets for a
+/// given `seed`.
+///
+/// The engine must be idle. Drop the file's page cache first
+/// ([`crate::sys::drop_page_cache`]) to measure the drive rather than memory
+/// when the engine is not direct.
+#[allow(clippy::too_many_arguments)]
+pub fn probe(
+    engine: &mut dyn ReadEngine,
+    file: FileId,
+    file_len: u64,
+    request_bytes: usize,
+    queue_depth: usize,
+    min_bytes: u64,
+    min_seconds: f64,
+    seed: u64,
+) -> Result<ProbeResult> {
+    if request_bytes == 0 || request_bytes as u64 > file_len {
+        return Err(Error::Invalid(format!(
+            "probe: request size {request_bytes} must be between 1 and the file size {file_len}"
+        )));
+    }
+    if queue_depth == 0 {
+        return Err(Error::Invalid(
+            "probe: queue depth must be at least 1".into(),
+        ));
+    }
+    if engine.in_flight() != 0 {
+        return Err(Error::Invalid(format!(
+            "probe needs an idle engine; {} reads are in flight",
+            engine.in_flight()
+        )));
+    }
+    let align = engine.align();
+    let slot_len = max_widened_len(request_bytes, align);
+    let mut bufs = (0..queue_depth)
+        .map(|_| AlignedBuf::new(slot_len, DIRECT_ALIGN))
+        .collect::<Result<Vec<_>>>()?;
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let max_block = (file_len - request_bytes as u64) / DIRECT_ALIGN as u64;
+    let mut request = |buf: &mut AlignedBuf, tag: usize| ReadReq {
+        file,
+        offset: rng.u64(0..=max_block) * DIRECT_ALIGN as u64,
+        len: request_bytes,
+        dst: buf.as_mut_ptr(),
+        cap: buf.len(),
+        buf_index: None,
+        tag: tag as u64,
+    };
+
+    let start = Instant::now();
+    let hard_stop = (min_seconds > 0.0).then_some(min_seconds * 10.0);
+    let mut latencies = Vec::new();
+    let mut bytes = 0u64;
+    let mut first_error = None;
+    let mut last_completion = start;
+    let mut done = Vec::with_capacity(queue_depth);
+
+    let initial: Vec<ReadReq> = bufs
+        .iter_mut()
+        .enumerate()
+        .map(|(i, b)| request(b, i))
+        .collect();
+    // SAFETY: each request targets its own buffer of `bufs`, which nothing
+    // else touches and which outlive every read: we wait for all of them
+    // below before returning, and leak the buffers if waiting fails.
+    unsafe { engine.submit(&initial)? };
+    let mut stopping = false;
+    while engine.in_flight() > 0 {
+        done.clear();
+        if let Err(e) = engine.wait(1, &mut done) {
+            std::mem::forget(bufs);
+            return Err(e);
+        }
+        let mut again = Vec::with_capacity(done.len());
+        for c in done.drain(..) {
+            let Completion {
+                tag,
+                result,
+                submitted,
+                completed,
+            } = c;
+            match result {
+                Ok(d) => {
+                    bytes += d.len as u64;
+                    latencies.push(completed.saturating_duration_since(submitted).as_secs_f64());
+                    last_completion = last_completion.max(completed);
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                    stopping = true;
+                }
+            }
+            if !stopping {
+                let elapsed = start.elapsed().as_secs_f64();
+                let enough = bytes >= min_bytes && elapsed >= min_seconds;
+                if enough || hard_stop.is_some_and(|h| elapsed >= h) {
+                    stopping = true;
+                }
+            }
+            if !stopping {
+                again.push(request(&mut bufs[tag as usize], tag as usize));
+            }
+        }
+        if !again.is_empty() {
+            // SAFETY: as for the initial batch; each buffer's previous read
+            // has completed (its completion is what freed it).
+            if let Err(e) = unsafe { engine.submit(&again) } {
+                first_error.get_or_insert(e);
+                stopping = true;
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    let seconds = last_completion.duration_since(start).as_secs_f64();
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
+    Ok(ProbeResult {
+        request_bytes,
+        queue_depth,
+        gbps: if seconds > 0.0 {
+            bytes as f64 / seconds / 1e9
+        } else {
+            0.0
+        },
+        mean_latency_s: latencies.iter().sum::<f64>() / latencies.len() as f64,
+        p50_latency_s: pct(0.5),
+        p99_latency_s: pct(0.99),
+        bytes,
+        seconds,
+    })
+}
