@@ -15,21 +15,6 @@ fn tmpdir(tag: &str) -> PathBuf {
 
 /// Runs sluice expecting failure; returns stderr, asserting it is one clean
 /// error line (no panic, no backtrace).
-fn fails(args: &[&str]) -> String {
-    let out = sluice().args(args).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "{args:?} succeeded");
-    assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
-    assert!(
-        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
-        "{err}"
-    );
-    assert!(
-        err.starts_with("error: ") && err.trim_end().lines().count() == 1,
-        "{err}"
-    );
-    err
-}
 
 #[test]
 fn generate_streams_text_and_is_deterministic() {

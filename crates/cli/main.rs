@@ -277,7 +277,25 @@ fn inspect(a: InspectArgs) -> Result<()> {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            // One line, like every other error; `--help` has the rest.
+            let msg = e.to_string();
+            let line = msg.lines().next().unwrap_or("invalid arguments");
+            eprintln!("error: {}", line.trim_start_matches("error: "));
+            std::process::exit(1);
+        }
+    };
     let r = match cli.cmd {
         Cmd::Logits(a) => logits(a),
         Cmd::Generate(a) => generate(a),

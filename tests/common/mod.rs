@@ -73,3 +73,27 @@ pub fn assert_close(name: &str, got: &[Vec<f32>], want: &[Vec<f32>], rel: f32) {
         worst / max
     );
 }
+
+/// Runs sluice expecting failure: exit code 1, one `error:` line, no panic.
+#[allow(dead_code)]
+pub fn fails(args: &[&str]) -> String {
+    let out = sluice().args(args).output().unwrap();
+    let all = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{args:?} succeeded");
+    // Informational `note:` lines may precede the error.
+    let err: String = all
+        .lines()
+        .filter(|l| !l.starts_with("note: "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {all}");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "{err}"
+    );
+    assert!(
+        err.starts_with("error: ") && err.trim_end().lines().count() == 1,
+        "{err}"
+    );
+    err
+}

@@ -1,0 +1,278 @@
+//! Streaming through the CLI: bit-identical logits under a cap that forces
+//! misses, the packed layout and its checksums, and a peak RSS that stays
+//! under the cap while a model several times its size streams.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+
+const TOKENS: &str = "261,267,270,276,262,274,16,262,269,277,262,275,3";
+
+fn scratch(name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join("streaming");
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+fn logits(model: &Path, extra: &[&str]) -> String {
+    let m = model.to_str().unwrap();
+    let mut args = vec!["logits", "--model", m, "--tokens", TOKENS];
+    args.extend_from_slice(extra);
+    run_ok(&args).0
+}
+
+/// One slot forces a miss in every MoE layer for every token (top-k ≥ 2),
+/// and the logits stay bit-identical to the resident run, for every
+/// container and both engines.
+#[test]
+fn streamed_logits_are_bit_identical_to_resident() {
+    for f in [
+        "qwen3_moe",
+        "qwen2_moe_sharded",
+        "qwen2_moe.q4_0.gguf",
+        "mixtral.f16.gguf",
+        "olmoe.bf16.gguf",
+    ] {
+        let m = fixtures().join("models").join(f);
+        let resident = logits(&m, &[]);
+        for io in ["uring", "pread"] {
+            for slots in ["1", "3"] {
+                let s = logits(&m, &["--io", io, "--cache-slots", slots]);
+                assert!(
+                    s == resident,
+                    "{f}: --io {io} with {slots} slots changed the logits"
+                );
+            }
+        }
+        let capped = logits(&m, &["--ram-cap", "256M", "--io", "pread", "--buffered"]);
+        assert!(capped == resident, "{f}: buffered pread changed the logits");
+    }
+}
+
+#[test]
+fn packed_model_matches_source_and_checks_records() {
+    let src = fixtures().join("models").join("qwen2_moe.q4_0.gguf");
+    let out = scratch("qwen2_moe.packed.gguf");
+    let o = out.to_str().unwrap();
+    run_ok(&[
+        "pack",
+        src.to_str().unwrap(),
+        "-o",
+        o,
+        "--align",
+        "16K",
+        "--quiet",
+    ]);
+    let want = logits(&src, &[]);
+    assert!(logits(&out, &[]) == want, "packing changed the logits");
+    assert!(
+        logits(&out, &["--io", "uring", "--cache-slots", "2", "--verify"]) == want,
+        "streaming the packed file changed the logits"
+    );
+    // Records start on 16 KiB boundaries and hold gate, up, down back to back.
+    let g = sluice_format::ModelFiles::open(&out).unwrap();
+    let layer = (0..8)
+        .find(|l| g.tensor(&format!("blk.{l}.ffn_gate.3.weight")).is_some())
+        .unwrap();
+    let t = |n: &str| g.tensor(&format!("blk.{layer}.ffn_{n}.3.weight")).unwrap();
+    let (gate, up, down) = (t("gate"), t("up"), t("down"));
+    assert_eq!(gate.offset % 16384, 0);
+    assert!(up.offset - (gate.offset + gate.nbytes) < 32);
+    assert!(down.offset - (up.offset + up.nbytes) < 32);
+    // Flip one byte in every record of that layer (whichever expert the
+    // router picks first is corrupt): --verify names the layer and expert.
+    let mut bytes = std::fs::read(&out).unwrap();
+    for e in 0.. {
+        let Some(u) = g.tensor(&format!("blk.{layer}.ffn_up.{e}.weight")) else {
+            break;
+        };
+        bytes[(u.offset + 5) as usize] ^= 0x40;
+    }
+    let bad = scratch("qwen2_moe.corrupt.gguf");
+    std::fs::write(&bad, &bytes).unwrap();
+    let b = bad.to_str().unwrap();
+    let err = fails(&[
+        "logits",
+        "--model",
+        b,
+        "--tokens",
+        TOKENS,
+        "--io",
+        "pread",
+        "--cache-slots",
+        "16",
+        "--verify",
+    ]);
+    assert!(
+        err.contains(&format!("checksum mismatch in layer {layer} expert "))
+            && err.contains("qwen2_moe.corrupt.gguf"),
+        "{err}"
+    );
+    // --verify on a model without checksums is refused up front.
+    let err = fails(&[
+        "logits",
+        "--model",
+        src.to_str().unwrap(),
+        "--tokens",
+        "1",
+        "--io",
+        "uring",
+        "--verify",
+    ]);
+    assert!(err.contains("packed"), "{err}");
+}
+
+#[test]
+fn requantized_pack_is_announced_and_close() {
+    let src = fixtures().join("models").join("qwen3_moe");
+    let out = scratch("qwen3_moe.q8.gguf");
+    let r = sluice()
+        .args(["pack", src.to_str().unwrap(), "-o", out.to_str().unwrap()])
+        .args(["--expert-quant", "bf16", "--quiet"])
+        .output()
+        .unwrap();
+    assert!(r.status.success());
+    assert!(String::from_utf8_lossy(&r.stderr).contains("re-quantized"));
+    let parse = |s: String| -> Vec<f32> {
+        let j: serde_json::Value = serde_json::from_str(&s).unwrap();
+        j["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap() as f32)
+            })
+            .collect()
+    };
+    let a = parse(logits(&src, &[]));
+    let b = parse(logits(&out, &[]));
+    let max = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = a
+        .iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(err > 0.0, "re-quantization changed nothing");
+    assert!(
+        err < 0.05 * max,
+        "Q8_0 experts moved logits by {err} (max {max})"
+    );
+}
+
+/// The honest cap: a synthetic model over four times the cap streams with
+/// O_DIRECT, and the process's peak RSS (VmHWM) stays under the cap.
+#[test]
+fn peak_rss_stays_under_the_cap() {
+    let out = scratch("small-moe.gguf");
+    let o = out.to_str().unwrap();
+    run_ok(&[
+        "synth",
+        "--preset",
+        "small-moe",
+        "--quant",
+        "q8",
+        "-o",
+        o,
+        "--quiet",
+    ]);
+    let size = std::fs::metadata(&out).unwrap().len();
+    let cap: u64 = 96 << 20;
+    assert!(size > 4 * cap, "model {size} is not over 4x the cap");
+    let (stdout, _) = run_ok(&[
+        "bench",
+        "--model",
+        o,
+        "--ram-cap",
+        "96M",
+        "--io",
+        "uring",
+        "--tokens",
+        "6",
+        "--prompt-tokens",
+        "3",
+        "--probe-seconds",
+        "0.2",
+        "--json",
+    ]);
+    let j: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    for k in [
+        "tok_per_s",
+        "ttft_s",
+        "bytes_read_per_token",
+        "hit_rate",
+        "read_gbps",
+        "probe_gbps",
+        "stall_s",
+        "compute_s",
+        "peak_rss_bytes",
+        "ram_cap_bytes",
+        "io_engine",
+        "capped",
+    ] {
+        assert!(j.get(k).is_some(), "bench JSON lacks {k}: {j}");
+    }
+    let peak = j["peak_rss_bytes"].as_u64().unwrap();
+    assert!(peak > 0 && peak <= cap, "peak RSS {peak} > cap {cap}");
+    assert_eq!(j["ram_cap_bytes"].as_u64(), Some(cap));
+    assert_eq!(j["capped"], true);
+    assert_eq!(j["io_engine"], "uring");
+    let hit = j["hit_rate"].as_f64().unwrap();
+    assert!(hit < 1.0, "everything hit: the cap did not bind");
+    assert!(j["bytes_read_per_token"].as_f64().unwrap() > 0.0);
+    assert!(j["probe_gbps"].as_f64().unwrap() > 0.0);
+    assert!(j["warm"]["tok_per_s"].as_f64().unwrap() > 0.0);
+
+    // The page-cache baseline says it was not capped (no memory cgroup).
+    let (stdout, _) = run_ok(&[
+        "bench",
+        "--model",
+        o,
+        "--ram-cap",
+        "96M",
+        "--io",
+        "mmap",
+        "--tokens",
+        "2",
+        "--prompt-tokens",
+        "2",
+        "--probe-seconds",
+        "0.1",
+        "--json",
+        "--no-warm",
+    ]);
+    let j: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let limited = sluice_io::sys::memory_cgroup_limit().is_some_and(|l| l <= cap);
+    assert_eq!(j["capped"], limited, "{j}");
+    assert_eq!(j["io_engine"], "mmap");
+
+    // A cap below dense weights + one layer's experts is refused up front.
+    let err = fails(&["bench", "--model", o, "--ram-cap", "12M", "--tokens", "1"]);
+    assert!(err.contains("too small"), "{err}");
+}
+
+#[test]
+fn bad_streaming_options_are_refused() {
+    let m = fixtures().join("models").join("qwen3_moe");
+    let m = m.to_str().unwrap();
+    let err = fails(&["logits", "--model", m, "--tokens", "1", "--ram-cap", "12Q"]);
+    assert!(err.contains("unit"), "{err}");
+    let err = fails(&["logits", "--model", m, "--tokens", "1", "--io", "floppy"]);
+    assert!(err.contains("floppy"), "{err}");
+    let err = fails(&[
+        "logits",
+        "--model",
+        m,
+        "--tokens",
+        "1",
+        "--io",
+        "uring",
+        "--cache-policy",
+        "fifo",
+    ]);
+    assert!(err.contains("fifo"), "{err}");
+    let err = fails(&["synth", "--preset", "gpt-5", "-o", "/nonexistent/x"]);
+    assert!(err.contains("unknown preset"), "{err}");
+}
