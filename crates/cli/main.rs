@@ -41,6 +41,9 @@ enum Cmd {
     Synth(tools::SynthArgs),
     /// Measure the drive's read bandwidth and latency with O_DIRECT.
     Probe(tools::ProbeArgs),
+    /// Synthesize a model several times larger than a small RAM cap and
+    /// stream it: tok/s, hit rate, achieved vs probed bandwidth.
+    Demo(tools::DemoArgs),
 }
 
 #[derive(Args)]
@@ -304,6 +307,7 @@ fn main() {
         Cmd::Pack(a) => tools::pack(a),
         Cmd::Synth(a) => tools::synth(a),
         Cmd::Probe(a) => tools::probe(a),
+        Cmd::Demo(a) => tools::demo(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

@@ -40,6 +40,10 @@ pub struct StreamArgs {
     /// Reads in flight at most.
     #[arg(long, default_value_t = 16)]
     pub queue_depth: usize,
+    /// Split expert reads into requests of at most this size (0: one
+    /// request per contiguous range), so a layer's misses fill the queue.
+    #[arg(long, default_value = "512K", value_parser = parse_cap)]
+    pub read_chunk: u64,
     /// Threads of the pread engine.
     #[arg(long, default_value_t = 8)]
     pub io_threads: usize,
@@ -162,6 +166,7 @@ pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
         ctx,
         batch,
         threads,
+        read_chunk: s.read_chunk as usize,
     };
     let streamer = Streamer::open(&mut model, &opts)?;
     notes.extend(streamer.notes().iter().cloned());

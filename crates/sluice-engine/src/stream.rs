@@ -46,6 +46,8 @@ pub struct StreamOptions {
     pub batch: usize,
     /// Compute threads (for scratch accounting).
     pub threads: usize,
+    /// Split reads larger than this into chunks (0: never).
+    pub read_chunk: usize,
 }
 
 impl Default for StreamOptions {
@@ -59,6 +61,7 @@ impl Default for StreamOptions {
             ctx: 4096,
             batch: 512,
             threads: 1,
+            read_chunk: 512 << 10,
         }
     }
 }
@@ -131,6 +134,8 @@ pub struct StreamStats {
     pub misses: u64,
     /// Read requests issued.
     pub reads: u64,
+    /// Batches of reads submitted together (one per wave with a miss).
+    pub batches: u64,
     /// Bytes the engine moved (including alignment widening).
     pub bytes_read: u64,
     /// Bytes of expert data wanted.
@@ -158,6 +163,7 @@ impl StreamStats {
             hits: self.hits - earlier.hits,
             misses: self.misses - earlier.misses,
             reads: self.reads - earlier.reads,
+            batches: self.batches - earlier.batches,
             bytes_read: self.bytes_read - earlier.bytes_read,
             bytes_wanted: self.bytes_wanted - earlier.bytes_wanted,
             stall: self.stall.saturating_sub(earlier.stall),
@@ -210,6 +216,7 @@ pub struct Streamer {
     ptrs: Vec<*mut u8>,
     slot_bytes: usize,
     align: usize,
+    chunk: usize,
     /// Per layer (None for dense layers), per expert.
     plans: Vec<Option<Vec<ExpertPlan>>>,
     loading: HashMap<usize, Loading>,
@@ -498,6 +505,11 @@ impl Streamer {
             ptrs,
             slot_bytes: max_plan,
             align,
+            chunk: if opts.read_chunk == 0 {
+                0
+            } else {
+                opts.read_chunk.next_multiple_of(align)
+            },
             plans,
             loading: HashMap::new(),
             verify: opts.verify,
@@ -540,6 +552,24 @@ impl Streamer {
         self.cache.policy_name()
     }
 
+    /// Size of one read request: the chunk size, or the whole read when
+    /// the largest plan is smaller.
+    pub fn request_bytes(&self) -> usize {
+        let biggest = self
+            .plans
+            .iter()
+            .flatten()
+            .flatten()
+            .flat_map(|p| p.segs.iter().map(|s| s.len))
+            .max()
+            .unwrap_or(0);
+        if self.chunk == 0 {
+            biggest
+        } else {
+            biggest.min(self.chunk)
+        }
+    }
+
     /// Bytes of one expert of `layer` as stored (the wanted bytes of its
     /// reads), `None` for a dense layer.
     pub fn expert_bytes(&self, layer: usize) -> Option<u64> {
@@ -551,26 +581,45 @@ impl Streamer {
     fn queue_reads(&mut self, slot: usize, key: ExpertKey, reqs: &mut Vec<ReadReq>) {
         let plan =
             &self.plans[key.layer as usize].as_ref().expect("MoE layer")[key.expert as usize];
-        for (i, s) in plan.segs.iter().enumerate() {
-            reqs.push(ReadReq {
-                file: s.file,
-                offset: s.offset,
-                len: s.len,
-                // SAFETY: dst + cap lies within slot `slot`'s buffer
-                // (plan_bytes ≤ slot_bytes by construction).
-                dst: unsafe { self.ptrs[slot].add(s.dst) },
-                cap: self.slot_bytes - s.dst,
-                buf_index: Some(slot as u32),
-                tag: (slot as u64) << 8 | i as u64,
-            });
+        let before = reqs.len();
+        let align = self.align as u64;
+        let chunk = self.chunk as u64;
+        for s in &plan.segs {
+            // Large reads are split at aligned boundaries so a layer's few
+            // experts keep the drive's queue full; the chunks land back to
+            // back exactly where one widened read would have put them.
+            let base = s.offset - s.offset % align;
+            let end = s.offset + s.len as u64;
+            let mut at = s.offset;
+            while at < end {
+                let stop = if chunk == 0 {
+                    end
+                } else {
+                    ((at - at % align) + chunk).min(end)
+                };
+                let rel = (at - at % align - base) as usize;
+                reqs.push(ReadReq {
+                    file: s.file,
+                    offset: at,
+                    len: (stop - at) as usize,
+                    // SAFETY: dst + cap lies within slot `slot`'s buffer:
+                    // rel + the widened chunk ≤ the segment's widened room.
+                    dst: unsafe { self.ptrs[slot].add(s.dst + rel) },
+                    cap: self.slot_bytes - s.dst - rel,
+                    buf_index: Some(slot as u32),
+                    tag: (slot as u64) << 8,
+                });
+                at = stop;
+            }
         }
-        self.stats.reads += plan.segs.len() as u64;
+        let n = reqs.len() - before;
+        self.stats.reads += n as u64;
         self.stats.bytes_wanted += plan.segs.iter().map(|s| s.len as u64).sum::<u64>();
         self.loading.insert(
             slot,
             Loading {
                 key,
-                remaining: plan.segs.len(),
+                remaining: n,
                 error: None,
             },
         );
@@ -584,6 +633,7 @@ impl Streamer {
         if self.busy_since.is_none() {
             self.busy_since = Some(Instant::now());
         }
+        self.stats.batches += 1;
         // SAFETY: every destination is a slot in state Loading: the cache
         // neither evicts nor hands out its bytes until `absorb` has seen all
         // of its completions, and the buffers outlive the engine.

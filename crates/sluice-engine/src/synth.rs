@@ -108,6 +108,10 @@ pub struct SynthOptions {
     pub align: u64,
     /// Seed of the random weights.
     pub seed: u64,
+    /// Write experts stacked per layer (`ffn_gate_exps` `[E, I, H]`, as
+    /// llama.cpp's converters do) instead of one aligned record per expert:
+    /// for measuring what the packed layout gains.
+    pub stacked: bool,
 }
 
 impl Default for SynthOptions {
@@ -117,6 +121,7 @@ impl Default for SynthOptions {
             quant: DType::Q4_0,
             align: 4096,
             seed: 0,
+            stacked: false,
         }
     }
 }
@@ -221,6 +226,19 @@ pub fn synth(
             h,
             4.0 * s,
         ));
+        if opts.stacked {
+            let ne = c.n_experts;
+            for (n, rows, cols, sc) in [
+                ("gate", i, h, s),
+                ("up", i, h, s),
+                ("down", h, i, 1.0 / (i as f32).sqrt()),
+            ] {
+                let mut it = m(format!("{b}ffn_{n}_exps.weight"), rows, cols, sc);
+                it.spec.shape = vec![ne, rows, cols];
+                dense.push(it);
+            }
+            continue;
+        }
         experts.push(
             (0..c.n_experts)
                 .map(|e| {

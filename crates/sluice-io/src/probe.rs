@@ -48,6 +48,52 @@ pub fn probe(
     min_seconds: f64,
     seed: u64,
 ) -> Result<ProbeResult> {
+    run(
+        engine,
+        file,
+        file_len,
+        (request_bytes, queue_depth, false),
+        min_bytes,
+        min_seconds,
+        seed,
+    )
+}
+
+/// Like [`probe`], but in bursts: `queue_depth` requests are submitted
+/// together and all awaited before the next burst, the pattern of a forward
+/// pass that reads one layer's missing experts and then computes. The
+/// ratio of [`probe`] to this is what the drive idles between bursts.
+#[allow(clippy::too_many_arguments)]
+pub fn probe_bursts(
+    engine: &mut dyn ReadEngine,
+    file: FileId,
+    file_len: u64,
+    request_bytes: usize,
+    queue_depth: usize,
+    min_bytes: u64,
+    min_seconds: f64,
+    seed: u64,
+) -> Result<ProbeResult> {
+    run(
+        engine,
+        file,
+        file_len,
+        (request_bytes, queue_depth, true),
+        min_bytes,
+        min_seconds,
+        seed,
+    )
+}
+
+fn run(
+    engine: &mut dyn ReadEngine,
+    file: FileId,
+    file_len: u64,
+    (request_bytes, queue_depth, bursts): (usize, usize, bool),
+    min_bytes: u64,
+    min_seconds: f64,
+    seed: u64,
+) -> Result<ProbeResult> {
     if request_bytes == 0 || request_bytes as u64 > file_len {
         return Err(Error::Invalid(format!(
             "probe: request size {request_bytes} must be between 1 and the file size {file_len}"
@@ -88,6 +134,7 @@ pub fn probe(
     let mut first_error = None;
     let mut last_completion = start;
     let mut done = Vec::with_capacity(queue_depth);
+    let mut idle: Vec<usize> = Vec::with_capacity(queue_depth);
 
     let initial: Vec<ReadReq> = bufs
         .iter_mut()
@@ -107,8 +154,9 @@ pub fn probe(
         }
         let mut again = Vec::with_capacity(done.len());
         for c in done.drain(..) {
+            idle.push(c.tag as usize);
             let Completion {
-                tag,
+                tag: _,
                 result,
                 submitted,
                 completed,
@@ -131,8 +179,11 @@ pub fn probe(
                     stopping = true;
                 }
             }
-            if !stopping {
-                again.push(request(&mut bufs[tag as usize], tag as usize));
+        }
+        // Steady mode refills at once; burst mode once the burst is done.
+        if !stopping && (!bursts || engine.in_flight() == 0) {
+            for t in idle.drain(..) {
+                again.push(request(&mut bufs[t], t));
             }
         }
         if !again.is_empty() {
