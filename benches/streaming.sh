@@ -23,13 +23,14 @@ run mmap-cgroup    --model "$dir/q30.gguf" --io mmap --cgroup
 python3 - "$dir" <<'PY'
 import json, sys, os
 d = sys.argv[1]
-keys = ["tok_per_s", "ttft_s", "hit_rate", "bytes_read_per_token", "read_gbps", "probe_gbps", "stall_s", "compute_s", "peak_rss_bytes", "ram_cap_bytes", "capped"]
-print("| run | " + " | ".join(keys) + " | warm tok/s |")
-print("|---" * (len(keys) + 2) + "|")
+keys = ["tok_per_s", "ttft_s", "hit_rate", "bytes_read_per_token", "read_gbps", "probe_gbps", "probe_burst_gbps", "stall_s", "compute_s", "peak_rss_bytes", "capped"]
+print("| run | " + " | ".join(keys) + " | probe request × qd | warm tok/s | warm read_gbps |")
+print("|---" * (len(keys) + 4) + "|")
 for n in ["uring-packed", "pread-packed", "uring-stacked", "mmap-cgroup"]:
     j = json.load(open(os.path.join(d, n + ".json")))
     def f(v):
         if isinstance(v, float): return f"{v:.3g}"
         return str(v)
-    print(f"| {n} | " + " | ".join(f(j[k]) for k in keys) + f" | {f(j['warm']['tok_per_s'])} |")
+    p = j["probe"]
+    print(f"| {n} | " + " | ".join(f(j[k]) for k in keys) + f" | {p['request_bytes'] // 1024} KiB × {p['queue_depth']} | {f(j['warm']['tok_per_s'])} | {f(j['warm']['read_gbps'])} |")
 PY

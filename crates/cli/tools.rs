@@ -302,7 +302,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "qwen3-30b-a3b")]
     preset: String,
     /// Layers of the preset to keep.
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 8)]
     layers: usize,
     /// RAM cap the model streams under.
     #[arg(long, default_value = "768M")]

@@ -372,39 +372,8 @@ pub fn scale_field_offsets(dtype: DType) -> &'static [usize] {
 /// whose values are finite and of order `scale` once dequantized: random
 /// quant codes with sane block scales. Used by the benchmarks and tests.
 pub fn random_tensor_bytes(dtype: DType, elems: usize, seed: u64, scale: f32) -> Vec<u8> {
-    let mut s = seed ^ 0x9e37_79b9_7f4a_7c15;
-    let mut next = move || {
-        // splitmix64
-        s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    };
-    let unit = |n: &mut dyn FnMut() -> u64| (n() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
-    let mut out = Vec::with_capacity(dtype.row_bytes(elems).unwrap_or(0));
-    match dtype {
-        DType::F32 => (0..elems).for_each(|_| out.extend((unit(&mut next) * scale).to_le_bytes())),
-        DType::F16 => (0..elems)
-            .for_each(|_| out.extend(f16::from_f32(unit(&mut next) * scale).to_le_bytes())),
-        DType::BF16 => (0..elems)
-            .for_each(|_| out.extend(bf16::from_f32(unit(&mut next) * scale).to_le_bytes())),
-        _ => {
-            let bb = dtype.block_bytes();
-            // Codes span ~16-64 levels: scale the block factor down to match.
-            let d = scale / if dtype == DType::Q8_0 { 127.0 } else { 16.0 };
-            for _ in 0..elems / dtype.block_size() {
-                let start = out.len();
-                for _ in 0..bb {
-                    out.push(next() as u8);
-                }
-                for &o in scale_field_offsets(dtype) {
-                    let v = f16::from_f32(d * (0.25 + 0.75 * unit(&mut next).abs()));
-                    out[start + o..start + o + 2].copy_from_slice(&v.to_le_bytes());
-                }
-            }
-        }
-    }
+    let mut out = vec![0u8; dtype.row_bytes(elems).unwrap_or(0)];
+    fill_random_tensor(dtype, &mut out, seed, scale);
     out
 }
 
