@@ -370,6 +370,18 @@ impl Streamer {
             moe_index += 1;
             plans.push(Some(ps));
         }
+        if let Some(p) = &pack {
+            if !p.checksums.is_empty() && p.checksums.len() != experts_total {
+                return Err(Error::Format {
+                    path: model.files.path.clone(),
+                    format: "packed",
+                    msg: format!(
+                        "the manifest has {} record checksums for {experts_total} experts",
+                        p.checksums.len()
+                    ),
+                });
+            }
+        }
         if opts.verify
             && !plans
                 .iter()
