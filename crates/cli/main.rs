@@ -3,6 +3,7 @@
 mod bench;
 mod stream_args;
 mod tools;
+mod trace;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -44,6 +45,8 @@ enum Cmd {
     /// Synthesize a model several times larger than a small RAM cap and
     /// stream it: tok/s, hit rate, achieved vs probed bandwidth.
     Demo(tools::DemoArgs),
+    /// Routing traces: statistics of cache policies and predictors, import.
+    Trace(trace::TraceArgs),
 }
 
 #[derive(Args)]
@@ -308,6 +311,7 @@ fn main() {
         Cmd::Synth(a) => tools::synth(a),
         Cmd::Probe(a) => tools::probe(a),
         Cmd::Demo(a) => tools::demo(a),
+        Cmd::Trace(a) => trace::trace(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

@@ -13,8 +13,10 @@
 //!   from is never exceeded.
 
 mod policy;
+mod predict;
 
 pub use policy::{policy_by_name, Lfu, Lru, Policy, RouterAware, POLICY_NAMES};
+pub use predict::{predictor_by_name, Belady, CrossLayer, History, Predictor, PREDICTOR_NAMES};
 
 use std::collections::HashMap;
 
@@ -190,10 +192,10 @@ impl SlotCache {
         r
     }
 
-    /// Like [`acquire`](Self::acquire) but neither pins nor counts: for
-    /// prefetches and for warming a cache from a trace.
-    pub fn prefetch(&mut self, key: ExpertKey, step: u64, prob: f32) -> Acquire {
-        self.lookup(key, step, prob)
+    /// Like [`acquire`](Self::acquire) but neither pins nor counts, and
+    /// tells the policy it is not a use (probability 0): for prefetches.
+    pub fn prefetch(&mut self, key: ExpertKey, step: u64) -> Acquire {
+        self.lookup(key, step, 0.0)
     }
 
     fn lookup(&mut self, key: ExpertKey, step: u64, prob: f32) -> Acquire {
@@ -231,6 +233,12 @@ impl SlotCache {
         Acquire::Miss(slot)
     }
 
+    /// Tells the policy that `key` was used at `step` without looking it
+    /// up (routes seen before the cache started, e.g. a prompt).
+    pub fn observe(&mut self, key: ExpertKey, step: u64, prob: f32) {
+        self.policy.touch(key, step, prob);
+    }
+
     /// The read into `slot` completed: its bytes are valid.
     pub fn mark_ready(&mut self, slot: usize) {
         debug_assert_eq!(self.slots[slot].state, SlotState::Loading);
@@ -248,6 +256,16 @@ impl SlotCache {
         if self.slots[slot].pins == 0 {
             self.free.push(slot);
         }
+    }
+
+    /// Pins `slot` (which must hold a key) without counting a lookup: a
+    /// prefetcher protects what it just fetched until the demand comes.
+    pub fn pin(&mut self, slot: usize) {
+        assert!(
+            self.slots[slot].key.is_some(),
+            "pin of an empty slot {slot}"
+        );
+        self.slots[slot].pins += 1;
     }
 
     /// Undoes one pin of `slot`.

@@ -154,16 +154,25 @@ impl Lfu {
     }
 }
 
+/// A use counts once; probability 0 marks a prefetch, which is not a use.
+fn use_weight(prob: f32) -> f64 {
+    if prob > 0.0 {
+        1.0
+    } else {
+        0.0
+    }
+}
+
 impl Policy for Lfu {
     fn name(&self) -> &'static str {
         "lfu"
     }
-    fn insert(&mut self, key: ExpertKey, step: u64, _: f32) {
-        self.0.add(key, step, 1.0);
+    fn insert(&mut self, key: ExpertKey, step: u64, prob: f32) {
+        self.0.add(key, step, use_weight(prob));
         self.0.resident.push(key);
     }
-    fn touch(&mut self, key: ExpertKey, step: u64, _: f32) {
-        self.0.add(key, step, 1.0);
+    fn touch(&mut self, key: ExpertKey, step: u64, prob: f32) {
+        self.0.add(key, step, use_weight(prob));
     }
     fn remove(&mut self, key: ExpertKey) {
         self.0.remove(key);

@@ -152,7 +152,7 @@ proptest! {
                         (0..slots).all(|s| c.pins(s) > 0 || c.state(s) != SlotState::Ready),
                         "Full with an evictable slot"),
                 },
-                Op::Prefetch(e) => if let Acquire::Miss(s) = c.prefetch(k(e), step, 0.1) {
+                Op::Prefetch(e) => if let Acquire::Miss(s) = c.prefetch(k(e), step) {
                     loading.push(s);
                 },
                 Op::Complete(i, ok) => if !loading.is_empty() {

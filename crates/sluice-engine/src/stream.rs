@@ -761,22 +761,55 @@ impl Streamer {
         while i < experts.len() {
             wave.clear();
             reqs.clear();
-            while i < experts.len() {
-                let (e, p) = experts[i];
+            // Residents first: pinned, they are safe from this wave's own
+            // misses (which would otherwise evict an expert about to be
+            // used and read it again).
+            let rest = &experts[i..];
+            let mut got: Vec<Option<usize>> = vec![None; rest.len()];
+            for (o, &(e, p)) in rest.iter().enumerate() {
+                let key = ExpertKey::new(layer, e);
+                if self.cache.slot_of(key).is_some() {
+                    if let Acquire::Hit(s) = self.cache.acquire(key, step, p) {
+                        got[o] = Some(s);
+                        self.stats.hits += 1;
+                    }
+                }
+            }
+            let mut end = rest.len();
+            for (o, &(e, p)) in rest.iter().enumerate() {
+                if got[o].is_some() {
+                    continue;
+                }
                 let key = ExpertKey::new(layer, e);
                 match self.cache.acquire(key, step, p) {
-                    Acquire::Hit(_) => self.stats.hits += 1,
+                    Acquire::Hit(s) => {
+                        self.stats.hits += 1;
+                        got[o] = Some(s);
+                    }
                     Acquire::Miss(s) => {
                         self.stats.misses += 1;
                         self.queue_reads(s, key, &mut reqs);
+                        got[o] = Some(s);
                     }
-                    Acquire::Full => break,
+                    Acquire::Full => {
+                        end = o;
+                        break;
+                    }
                 }
-                if let Some(s) = self.cache.slot_of(key) {
-                    wave.push((e, s));
-                }
-                i += 1;
             }
+            // A wave is a run of consecutive experts, so that outputs are
+            // still accumulated in ascending order across waves; residents
+            // pinned beyond it wait for the next wave.
+            for g in got.iter_mut().skip(end) {
+                if let Some(s) = g.take() {
+                    self.cache.release(s);
+                    self.stats.hits -= 1;
+                }
+            }
+            for (o, g) in got.iter().take(end).enumerate() {
+                wave.push((rest[o].0, g.expect("acquired")));
+            }
+            i += end;
             if wave.is_empty() {
                 return Err(Error::Invalid(format!(
                     "no expert slot can be freed in layer {layer}: {} slots, all in use",

@@ -1,0 +1,267 @@
+//! Predictors of the router's next choices, and Belady's optimal eviction
+//! for measurement. Like the cache they are pure logic: the engine feeds
+//! them routes as the forward pass makes them, trace statistics feed them
+//! recorded routes, and both get the same predictions.
+
+use crate::{ExpertKey, Policy};
+use std::collections::{HashMap, VecDeque};
+
+/// Predicts which experts a layer will use for the current token.
+pub trait Predictor: Send {
+    /// Short name (`xlayer`, `history`).
+    fn name(&self) -> &'static str;
+    /// Layer `layer` of the current token chose `experts`. Calls come in
+    /// forward order: every layer of a token, then the next token.
+    fn observe(&mut self, layer: usize, experts: &[u32]);
+    /// Up to `m` experts of `layer` for the current token, most likely
+    /// first, into `out` (cleared first). Called after `layer - 1` of the
+    /// current token has been observed.
+    fn predict(&mut self, layer: usize, m: usize, out: &mut Vec<u32>);
+}
+
+/// Names accepted by [`predictor_by_name`].
+pub const PREDICTOR_NAMES: &[&str] = &["xlayer", "history"];
+
+/// The predictor called `name` for a model of `layers` × `experts`.
+pub fn predictor_by_name(name: &str, layers: usize, experts: usize) -> Option<Box<dyn Predictor>> {
+    Some(match name {
+        "xlayer" => Box::new(CrossLayer::new(layers, experts)),
+        "history" => Box::new(History::new(layers, experts, 16.0)),
+        _ => return None,
+    })
+}
+
+/// Cross-layer co-occurrence: how often expert `b` of layer `l` was chosen
+/// by a token that chose expert `a` at layer `l − 1`, learned online from
+/// every token seen (prompt included). The experts the current token chose
+/// one layer up vote for this layer's. Prediction costs one pass over the
+/// row of each of the k previous experts (k × E additions).
+pub struct CrossLayer {
+    experts: usize,
+    /// Per layer l ≥ 1: E × E counts, row = expert at l − 1.
+    counts: Vec<Vec<f32>>,
+    /// The current token's choices at each layer (empty when unknown).
+    current: Vec<Vec<u32>>,
+    scores: Vec<f32>,
+    /// Breaks the cold start: frequencies per layer.
+    freq: Vec<Vec<f32>>,
+}
+
+impl CrossLayer {
+    /// An empty model of `layers` × `experts`.
+    pub fn new(layers: usize, experts: usize) -> Self {
+        CrossLayer {
+            experts,
+            counts: (0..layers)
+                .map(|l| {
+                    if l == 0 {
+                        Vec::new()
+                    } else {
+                        vec![0.0; experts * experts]
+                    }
+                })
+                .collect(),
+            current: vec![Vec::new(); layers],
+            scores: vec![0.0; experts],
+            freq: vec![vec![0.0; experts]; layers],
+        }
+    }
+}
+
+fn top_m(scores: &[f32], m: usize, out: &mut Vec<u32>) {
+    out.clear();
+    out.extend((0..scores.len() as u32).filter(|&e| scores[e as usize] > 0.0));
+    let by = |a: &u32, b: &u32| {
+        scores[*b as usize]
+            .total_cmp(&scores[*a as usize])
+            .then(a.cmp(b))
+    };
+    if out.len() > m {
+        out.select_nth_unstable_by(m, by);
+        out.truncate(m);
+    }
+    out.sort_by(by);
+}
+
+impl Predictor for CrossLayer {
+    fn name(&self) -> &'static str {
+        "xlayer"
+    }
+
+    fn observe(&mut self, layer: usize, experts: &[u32]) {
+        if layer >= self.current.len() {
+            return;
+        }
+        let e = self.experts;
+        if layer == 0 {
+            // A new token: forget the previous token's choices.
+            self.current.iter_mut().for_each(Vec::clear);
+        }
+        if layer > 0 {
+            let (prev, counts) = (&self.current[layer - 1], &mut self.counts[layer]);
+            for &a in prev {
+                for &b in experts {
+                    if (a as usize) < e && (b as usize) < e {
+                        counts[a as usize * e + b as usize] += 1.0;
+                    }
+                }
+            }
+        }
+        for &b in experts {
+            if let Some(f) = self.freq[layer].get_mut(b as usize) {
+                *f += 1.0;
+            }
+        }
+        self.current[layer].clear();
+        self.current[layer].extend_from_slice(experts);
+    }
+
+    fn predict(&mut self, layer: usize, m: usize, out: &mut Vec<u32>) {
+        out.clear();
+        if layer >= self.current.len() {
+            return;
+        }
+        let e = self.experts;
+        self.scores.iter_mut().for_each(|s| *s = 0.0);
+        if layer > 0 {
+            for &a in &self.current[layer - 1] {
+                if (a as usize) < e {
+                    let row = &self.counts[layer][a as usize * e..(a as usize + 1) * e];
+                    for (s, c) in self.scores.iter_mut().zip(row) {
+                        *s += c;
+                    }
+                }
+            }
+        }
+        // A small frequency term orders experts the co-occurrences have
+        // not separated (and is all there is for layer 0 and cold starts).
+        let total: f32 = self.freq[layer].iter().sum::<f32>().max(1.0);
+        for (s, f) in self.scores.iter_mut().zip(&self.freq[layer]) {
+            *s += 1e-3 * f / total;
+        }
+        top_m(&self.scores, m, out);
+    }
+}
+
+/// Frequency and recency at the same layer across recent tokens: decayed
+/// counts with a half-life in tokens.
+pub struct History {
+    half_life: f32,
+    /// Per layer: (score, token of last update) per expert.
+    scores: Vec<Vec<(f32, u64)>>,
+    token: u64,
+    tmp: Vec<f32>,
+}
+
+impl History {
+    /// Counts that halve every `half_life` tokens.
+    pub fn new(layers: usize, experts: usize, half_life: f32) -> Self {
+        History {
+            half_life: half_life.max(1e-3),
+            scores: vec![vec![(0.0, 0); experts]; layers],
+            token: 0,
+            tmp: vec![0.0; experts],
+        }
+    }
+}
+
+impl Predictor for History {
+    fn name(&self) -> &'static str {
+        "history"
+    }
+
+    fn observe(&mut self, layer: usize, experts: &[u32]) {
+        if layer == 0 {
+            self.token += 1;
+        }
+        let Some(row) = self.scores.get_mut(layer) else {
+            return;
+        };
+        for &b in experts {
+            if let Some((s, at)) = row.get_mut(b as usize) {
+                let dt = (self.token - *at) as f32;
+                *s = *s * (-dt / self.half_life).exp2() + 1.0;
+                *at = self.token;
+            }
+        }
+    }
+
+    fn predict(&mut self, layer: usize, m: usize, out: &mut Vec<u32>) {
+        let Some(row) = self.scores.get(layer) else {
+            out.clear();
+            return;
+        };
+        for (t, (s, at)) in self.tmp.iter_mut().zip(row) {
+            *t = s * (-((self.token + 1 - at) as f32) / self.half_life).exp2();
+        }
+        top_m(&self.tmp, m, out);
+    }
+}
+
+/// Belady's optimal eviction: the resident used furthest in the future
+/// (or never). Needs the whole future, so it exists for measurement only.
+/// Built from the sequence of steps (each step the keys demanded then);
+/// `insert`/`touch` must be called with the step index.
+pub struct Belady {
+    uses: HashMap<ExpertKey, VecDeque<u64>>,
+    resident: Vec<ExpertKey>,
+    now: u64,
+}
+
+impl Belady {
+    /// The oracle for `steps`, where step `i` demands `steps[i]`.
+    pub fn new(steps: &[Vec<ExpertKey>]) -> Self {
+        let mut uses: HashMap<ExpertKey, VecDeque<u64>> = HashMap::new();
+        for (i, s) in steps.iter().enumerate() {
+            for k in s {
+                uses.entry(*k).or_default().push_back(i as u64);
+            }
+        }
+        Belady {
+            uses,
+            resident: Vec::new(),
+            now: 0,
+        }
+    }
+
+    fn next_use(&self, k: &ExpertKey) -> u64 {
+        self.uses
+            .get(k)
+            .and_then(|q| q.iter().find(|&&u| u > self.now).copied())
+            .unwrap_or(u64::MAX)
+    }
+
+    fn advance(&mut self, key: ExpertKey, step: u64) {
+        self.now = self.now.max(step);
+        if let Some(q) = self.uses.get_mut(&key) {
+            while q.front().is_some_and(|&u| u <= step) {
+                q.pop_front();
+            }
+        }
+    }
+}
+
+impl Policy for Belady {
+    fn name(&self) -> &'static str {
+        "belady"
+    }
+    fn insert(&mut self, key: ExpertKey, step: u64, _: f32) {
+        self.advance(key, step);
+        self.resident.push(key);
+    }
+    fn touch(&mut self, key: ExpertKey, step: u64, _: f32) {
+        self.advance(key, step);
+    }
+    fn remove(&mut self, key: ExpertKey) {
+        if let Some(i) = self.resident.iter().position(|&k| k == key) {
+            self.resident.swap_remove(i);
+        }
+    }
+    fn victim(&mut self, evictable: &dyn Fn(ExpertKey) -> bool) -> Option<ExpertKey> {
+        self.resident
+            .iter()
+            .copied()
+            .filter(|&k| evictable(k))
+            .max_by_key(|k| (self.next_use(k), *k))
+    }
+}
