@@ -38,11 +38,13 @@ fn streamed_logits_are_bit_identical_to_resident() {
         let resident = logits(&m, &[]);
         for io in ["uring", "pread"] {
             for slots in ["1", "3"] {
-                let s = logits(&m, &["--io", io, "--cache-slots", slots]);
-                assert!(
-                    s == resident,
-                    "{f}: --io {io} with {slots} slots changed the logits"
-                );
+                for pf in ["none", "gate", "xlayer", "history"] {
+                    let s = logits(&m, &["--io", io, "--cache-slots", slots, "--prefetch", pf]);
+                    assert!(
+                        s == resident,
+                        "{f}: --io {io} with {slots} slots, prefetch {pf} changed the logits"
+                    );
+                }
             }
         }
         let capped = logits(&m, &["--ram-cap", "256M", "--io", "pread", "--buffered"]);
@@ -224,6 +226,23 @@ fn peak_rss_stays_under_the_cap() {
     assert!(j["bytes_read_per_token"].as_f64().unwrap() > 0.0);
     assert!(j["probe_gbps"].as_f64().unwrap() > 0.0);
     assert!(j["warm"]["tok_per_s"].as_f64().unwrap() > 0.0);
+    // Prefetch figures, and a prompt that reads each expert it needs once.
+    for k in [
+        "prefetch_recall",
+        "prefetch_precision",
+        "all_k_ready_rate",
+        "wasted_prefetch_bytes_per_token",
+        "overlap_ratio",
+        "predictor_s_per_token",
+    ] {
+        assert!(j[k].as_f64().is_some(), "bench JSON lacks {k}: {j}");
+    }
+    let read = j["prefill_bytes_read"].as_u64().unwrap();
+    let distinct = j["prefill_distinct_expert_bytes"].as_u64().unwrap();
+    assert!(
+        read > 0 && read <= distinct,
+        "prompt read {read} bytes for {distinct} of experts"
+    );
 
     // The page-cache baseline says it was not capped (no memory cgroup).
     let (stdout, _) = run_ok(&[

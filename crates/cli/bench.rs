@@ -5,7 +5,7 @@ use crate::stream_args::{open, ModelArgs};
 use anyhow::{bail, Result};
 use clap::Args;
 use sluice_engine::model::Ffn;
-use sluice_engine::stream::StreamStats;
+use sluice_engine::stream::{PrefetchStats, StreamStats};
 use sluice_engine::{Sampler, Session};
 use sluice_io::{EngineOptions, IoKind};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,8 +42,12 @@ struct Pass {
     decode_s: f64,
     tokens: usize,
     io: Option<StreamStats>,
+    pf: Option<PrefetchStats>,
     storage_read: u64,
     expert_bytes_used: u64,
+    /// Bytes the prompt read, and the bytes of the distinct experts it used.
+    prefill_read: u64,
+    prefill_distinct: u64,
 }
 
 impl Pass {
@@ -71,6 +75,14 @@ impl Pass {
             ),
         };
         let stall_s = stall.as_f64().unwrap_or(0.0);
+        let overlap = match &self.io {
+            Some(s) if s.io_busy.as_secs_f64() > 0.0 => serde_json::json!((1.0
+                - s.stall.as_secs_f64() / s.io_busy.as_secs_f64())
+            .clamp(0.0, 1.0)),
+            _ => serde_json::Value::Null,
+        };
+        let r = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+        let pf = self.pf.as_ref();
         serde_json::json!({
             "tok_per_s": self.tok_per_s(),
             "ttft_s": self.ttft_s,
@@ -81,6 +93,15 @@ impl Pass {
             "read_gbps": read_gbps,
             "stall_s": stall,
             "compute_s": self.decode_s - stall_s,
+            "overlap_ratio": overlap,
+            "prefetch_recall": pf.map(|p| r(p.predicted_used, p.demanded)),
+            "prefetch_precision": pf.map(|p| r(p.predicted_used, p.predicted)),
+            "all_k_ready_rate": pf.map(|p| r(p.all_ready, p.layer_steps)),
+            "wasted_prefetch_bytes_per_token": pf.map(|p| per(p.wasted_bytes)),
+            "prefetch_bytes_per_token": pf.map(|p| per(p.bytes)),
+            "predictor_s_per_token": pf.map(|p| p.predictor.as_secs_f64() / self.tokens.max(1) as f64),
+            "prefill_bytes_read": self.prefill_read,
+            "prefill_distinct_expert_bytes": self.prefill_distinct,
         })
     }
 }
@@ -97,16 +118,21 @@ fn storage_read_bytes() -> u64 {
         .unwrap_or(0)
 }
 
-fn run_pass(s: &mut Session, prompt: &[u32], n: usize, used: &AtomicU64) -> Result<Pass> {
+fn run_pass(s: &mut Session, prompt: &[u32], n: usize, obs: &Observed) -> Result<Pass> {
     s.reset();
     let stats0 = s.streamer().map(|st| st.stats());
+    obs.distinct.lock().expect("not poisoned").clear();
     let t0 = Instant::now();
     let mut last = s.forward(prompt, false)?;
     let ttft = t0.elapsed().as_secs_f64();
+    let prefill_distinct: u64 = {
+        let d = obs.distinct.lock().expect("not poisoned");
+        d.iter().map(|&(l, _)| obs.per_layer[l]).sum()
+    };
     let before = s.streamer().map(|st| st.stats());
-    let _ = stats0;
+    let pf0 = s.streamer().map(|st| st.prefetch_stats());
     let read0 = storage_read_bytes();
-    used.store(0, Ordering::Relaxed);
+    obs.used.store(0, Ordering::Relaxed);
     let t1 = Instant::now();
     for _ in 0..n {
         let next = Sampler::argmax(&last);
@@ -117,14 +143,33 @@ fn run_pass(s: &mut Session, prompt: &[u32], n: usize, used: &AtomicU64) -> Resu
         (Some(a), Some(b)) => Some(a.since(&b)),
         _ => None,
     };
+    let pf = match (s.streamer().map(|st| st.prefetch_stats()), pf0) {
+        (Some(a), Some(b)) if s.streamer().is_some_and(|st| st.predictor_name().is_some()) => {
+            Some(a.since(&b))
+        }
+        _ => None,
+    };
     Ok(Pass {
         ttft_s: ttft,
         decode_s,
         tokens: n,
         io,
+        pf,
         storage_read: storage_read_bytes().saturating_sub(read0),
-        expert_bytes_used: used.load(Ordering::Relaxed),
+        expert_bytes_used: obs.used.load(Ordering::Relaxed),
+        prefill_read: match (before, stats0) {
+            (Some(b), Some(a)) => b.since(&a).bytes_read,
+            _ => 0,
+        },
+        prefill_distinct,
     })
+}
+
+/// What the route observer collects.
+struct Observed {
+    per_layer: Vec<u64>,
+    used: AtomicU64,
+    distinct: std::sync::Mutex<std::collections::HashSet<(usize, usize)>>,
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
@@ -163,26 +208,33 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         .cloned()
         .expect("a model has a file");
     let mut s = o.session();
-    let used = Arc::new(AtomicU64::new(0));
+    let obs = Arc::new(Observed {
+        per_layer: per_layer.clone(),
+        used: AtomicU64::new(0),
+        distinct: Default::default(),
+    });
     {
-        let used = used.clone();
-        let per_layer = per_layer.clone();
+        let obs = obs.clone();
         s.set_observer(Some(Box::new(move |r| {
-            used.fetch_add(
-                per_layer[r.layer] * r.experts.len() as u64,
+            obs.used.fetch_add(
+                obs.per_layer[r.layer] * r.experts.len() as u64,
                 Ordering::Relaxed,
             );
+            let mut d = obs.distinct.lock().expect("not poisoned");
+            for &e in r.experts {
+                d.insert((r.layer, e));
+            }
         })));
     }
     let mut rng = fastrand::Rng::with_seed(a.seed);
     let prompt: Vec<u32> = (0..a.prompt_tokens)
         .map(|_| rng.u32(0..c.vocab as u32))
         .collect();
-    let cold = run_pass(&mut s, &prompt, a.tokens, &used)?;
+    let cold = run_pass(&mut s, &prompt, a.tokens, &obs)?;
     let warm = if a.no_warm {
         None
     } else {
-        Some(run_pass(&mut s, &prompt, a.tokens, &used)?)
+        Some(run_pass(&mut s, &prompt, a.tokens, &obs)?)
     };
     let peak = sluice_io::sys::peak_rss_bytes().unwrap_or(0);
     // The queue depth the run used: reads per batch, on average.

@@ -59,7 +59,7 @@ struct LogitsArgs {
 }
 
 #[derive(Args)]
-struct GenerateArgs {
+pub(crate) struct GenerateArgs {
     #[command(flatten)]
     m: ModelArgs,
     /// Prompt text (needs a tokenizer).
@@ -114,7 +114,8 @@ fn logits(a: LogitsArgs) -> Result<()> {
     Ok(())
 }
 
-fn generate(a: GenerateArgs) -> Result<()> {
+/// Generates; with `record`, writes the run's routing trace there.
+pub(crate) fn generate(a: GenerateArgs, record: Option<&std::path::Path>) -> Result<()> {
     // The prompt's length is known only after tokenizing: open the
     // container for its tokenizer first (headers only).
     let tok = Tokenizer::for_model(
@@ -139,6 +140,20 @@ fn generate(a: GenerateArgs) -> Result<()> {
     }
     let model = o.model.clone();
     let mut s = o.session();
+    type Routes = Vec<(usize, usize, Vec<u32>, Vec<f32>)>;
+    let routes: std::sync::Arc<std::sync::Mutex<Routes>> = Default::default();
+    if record.is_some() {
+        let r = routes.clone();
+        s.set_observer(Some(Box::new(move |x| {
+            r.lock().expect("not poisoned").push((
+                x.pos,
+                x.layer,
+                x.experts.iter().map(|&e| e as u32).collect(),
+                x.weights.to_vec(),
+            ));
+        })));
+    }
+    let mut fed: Vec<u32> = prompt.clone();
     let mut sampler = Sampler::new(a.temperature, a.top_p, a.seed);
     let t0 = Instant::now();
     let mut last = Vec::new();
@@ -164,6 +179,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         }
         if i + 1 < a.n {
             last = s.forward(&[next], false)?;
+            fed.push(next);
         }
     }
     writeln!(out)?;
@@ -175,6 +191,38 @@ fn generate(a: GenerateArgs) -> Result<()> {
         prompt.len() as f64 / ttft.as_secs_f64().max(1e-9),
         produced as f64 / dt.max(1e-9)
     );
+    if let Some(path) = record {
+        let c = &model.config;
+        let mut steps: Vec<sluice_trace::Step> = fed
+            .iter()
+            .enumerate()
+            .map(|(p, &t)| sluice_trace::Step {
+                pos: p,
+                token: Some(t),
+                decode: p >= prompt.len(),
+                layers: vec![None; c.n_layers],
+            })
+            .collect();
+        for (pos, layer, experts, weights) in routes.lock().expect("not poisoned").drain(..) {
+            if let Some(st) = steps.get_mut(pos) {
+                st.layers[layer] = Some(sluice_trace::LayerRoute { experts, weights });
+            }
+        }
+        let t = sluice_trace::Trace {
+            model_id: a.m.model.display().to_string(),
+            layers: c.n_layers,
+            experts: c.n_experts,
+            top_k: c.top_k,
+            steps,
+        };
+        std::fs::write(path, t.to_json().to_string())
+            .with_context(|| format!("{}", path.display()))?;
+        eprintln!(
+            "wrote routing trace {} ({} tokens)",
+            path.display(),
+            fed.len()
+        );
+    }
     if let Some(st) = s.streamer() {
         let x = st.stats();
         eprintln!(
@@ -304,7 +352,7 @@ fn main() {
     };
     let r = match cli.cmd {
         Cmd::Logits(a) => logits(a),
-        Cmd::Generate(a) => generate(a),
+        Cmd::Generate(a) => generate(a, None),
         Cmd::Inspect(a) => inspect(a),
         Cmd::Bench(a) => bench::bench(a),
         Cmd::Pack(a) => tools::pack(a),

@@ -54,6 +54,21 @@ pub struct StreamArgs {
     /// weighted by router probabilities).
     #[arg(long, default_value = "lru")]
     pub cache_policy: String,
+    /// Prefetch the next layer's experts while this one computes, predicted
+    /// by: none, gate (the next layer's router applied to this layer's
+    /// hidden state), xlayer (co-occurrence with the previous layer's
+    /// choices) or history (recent use at that layer); auto: gate, or
+    /// xlayer under --replay (whose routes the model's router does not
+    /// make).
+    #[arg(long, default_value = "auto")]
+    pub prefetch: String,
+    /// Experts prefetched per layer (default: the model's top-k).
+    #[arg(long, default_value_t = 0)]
+    pub prefetch_k: usize,
+    /// Route by a recorded trace instead of the router (JSON or llama.cpp
+    /// CSV): a synthetic model then has a real model's locality.
+    #[arg(long)]
+    pub replay: Option<PathBuf>,
     /// Check every expert record against the packed file's checksums.
     #[arg(long)]
     pub verify: bool,
@@ -95,14 +110,17 @@ pub struct Opened {
     pub capped: bool,
     /// Why it is or is not capped, and fallbacks.
     pub notes: Vec<String>,
+    replay: Option<sluice_engine::forward::Replay>,
 }
 
 impl Opened {
     pub fn session(&mut self) -> Session {
-        match self.streamer.take() {
+        let mut s = match self.streamer.take() {
             Some(st) => Session::streaming(self.model.clone(), self.backend.clone(), st, self.ctx),
             None => Session::new(self.model.clone(), self.backend.clone()),
-        }
+        };
+        s.set_replay(self.replay.take());
+        s
     }
 }
 
@@ -110,6 +128,10 @@ impl Opened {
 pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
     let s = &m.stream;
     let mut notes = Vec::new();
+    let trace = match &s.replay {
+        Some(p) => Some(sluice_trace::Trace::open(p).with_context(|| "--replay".to_string())?),
+        None => None,
+    };
     if s.cgroup {
         let cap = s.ram_cap.expect("clap requires --ram-cap");
         let p = sluice_io::sys::enter_memory_cgroup(cap)
@@ -132,6 +154,10 @@ pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
                 "mmap: weights are read in place through the page cache; {why}"
             ));
         }
+        let replay = trace.map(|t| sluice_engine::forward::Replay::new(&t, &model.config));
+        if let Some(r) = &replay {
+            notes.push(r.description.clone());
+        }
         return Ok(Opened {
             model: Arc::new(model),
             backend,
@@ -140,6 +166,7 @@ pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
             io_name: "mmap",
             capped,
             notes,
+            replay,
         });
     };
     let files = load()?;
@@ -167,6 +194,12 @@ pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
         batch,
         threads,
         read_chunk: s.read_chunk as usize,
+        prefetch: match (s.prefetch.as_str(), &s.replay) {
+            ("auto", Some(_)) => "xlayer".into(),
+            ("auto", None) => "gate".into(),
+            (p, _) => p.into(),
+        },
+        prefetch_k: s.prefetch_k,
     };
     let streamer = Streamer::open(&mut model, &opts)?;
     notes.extend(streamer.notes().iter().cloned());
@@ -183,14 +216,20 @@ pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
         cgroup_capped(s.ram_cap)
     };
     notes.push(format!(
-        "streaming: {}; {} slots ({} policy); {}",
+        "streaming: {}; {} slots ({} policy); prefetch {}; {}",
         streamer.engine_description(),
         streamer.budget().slots,
         streamer.policy(),
+        streamer.predictor_name().unwrap_or("off"),
         why
     ));
     notes.push(format!("budget: {}", streamer.budget().describe()));
+    let replay = trace.map(|t| sluice_engine::forward::Replay::new(&t, &model.config));
+    if let Some(r) = &replay {
+        notes.push(r.description.clone());
+    }
     Ok(Opened {
+        replay,
         io_name: kind.name(),
         model: Arc::new(model),
         backend,

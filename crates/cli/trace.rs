@@ -19,6 +19,18 @@ enum TraceCmd {
     Stats(StatsArgs),
     /// Convert a trace (JSON or llama.cpp moe-trace CSV) to sluice's JSON.
     Import(ImportArgs),
+    /// Generate like `sluice generate` and write the run's routing trace
+    /// (token, phase, layer, experts, weights) as JSON.
+    Record(Box<RecordArgs>),
+}
+
+#[derive(Args)]
+struct RecordArgs {
+    #[command(flatten)]
+    g: crate::GenerateArgs,
+    /// Output trace.
+    #[arg(short, long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -51,6 +63,10 @@ struct ImportArgs {
 pub fn trace(a: TraceArgs) -> Result<()> {
     match a.cmd {
         TraceCmd::Stats(s) => trace_stats(s),
+        TraceCmd::Record(r) => {
+            let r = *r;
+            crate::generate(r.g, Some(&r.out))
+        }
         TraceCmd::Import(i) => {
             let t = Trace::open(&i.input)?;
             std::fs::write(&i.out, t.to_json().to_string())

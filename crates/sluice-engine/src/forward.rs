@@ -9,6 +9,7 @@
 //! independent of where the expert bytes came from.
 
 use crate::model::{Ffn, Layer, Linear, Mlp, Model, Moe};
+pub use crate::replay::Replay;
 use crate::stream::Streamer;
 use sluice_core::ops::{self, Rope};
 use sluice_core::{AttnParams, Backend, Error, Result, WeightView};
@@ -39,6 +40,7 @@ pub struct Session {
     pos: usize,
     observer: Option<RouteObserver>,
     streamer: Option<Streamer>,
+    replay: Option<Replay>,
 }
 
 impl Session {
@@ -52,7 +54,15 @@ impl Session {
             pos: 0,
             observer: None,
             streamer: None,
+            replay: None,
         }
+    }
+
+    /// Makes MoE layers use `replay`'s recorded choices instead of the
+    /// router's (routing replay: a synthetic model with a real model's
+    /// locality). The output then no longer follows the model's router.
+    pub fn set_replay(&mut self, replay: Option<Replay>) {
+        self.replay = replay;
     }
 
     /// A sequence whose routed experts come from `streamer` (see
@@ -232,6 +242,7 @@ impl Session {
         // Per expert: (token, weight) pairs.
         let mut assigned: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ne];
         let mut idx: Vec<usize> = Vec::with_capacity(ne);
+        let mut chosen_all: Vec<usize> = Vec::with_capacity(n * k);
         for t in 0..n {
             let probs = &mut logits[t * ne..(t + 1) * ne];
             ops::softmax(probs);
@@ -243,7 +254,13 @@ impl Session {
             idx.select_nth_unstable_by(k - 1, best);
             let chosen = &mut idx[..k];
             chosen.sort_unstable_by(best);
-            let chosen = &*chosen;
+            if let Some(r) = &self.replay {
+                // The trace's choice replaces the router's; the router's
+                // probabilities still weight the chosen experts.
+                r.choose(self.pos + t, li, &mut idx, ne);
+                idx.truncate(k);
+            }
+            let chosen = &idx[..k];
             let mut w: Vec<f32> = chosen.iter().map(|&e| probs[e]).collect();
             if c.norm_topk_prob {
                 let s: f32 = w.iter().sum();
@@ -259,6 +276,33 @@ impl Session {
             }
             for (&e, &wt) in chosen.iter().zip(&w) {
                 assigned[e].push((t, wt));
+            }
+            chosen_all.extend_from_slice(chosen);
+        }
+        if let Some(st) = &mut self.streamer {
+            let next = c
+                .moe_layers
+                .iter()
+                .skip(li + 1)
+                .position(|&m| m)
+                .map(|d| li + 1 + d);
+            let per_token: Vec<&[usize]> = chosen_all.chunks_exact(k).collect();
+            st.routed(li, next, &per_token);
+            if let (Some(kp), Some(nl), 1) = (st.gate_k(), next, n) {
+                // Speculative gating: the next MoE layer's router applied
+                // to this layer's hidden state.
+                if let Ffn::Moe(nm) = &self.model.layers[nl].ffn {
+                    let t = std::time::Instant::now();
+                    let mut g = vec![0f32; ne];
+                    self.backend.matmul(nm.router.view(), x, 1, &mut g)?;
+                    let mut order: Vec<usize> = (0..ne).collect();
+                    let kp = kp.clamp(1, ne);
+                    let by = |a: &usize, b: &usize| g[*b].total_cmp(&g[*a]).then(a.cmp(b));
+                    order.select_nth_unstable_by(kp - 1, by);
+                    order.truncate(kp);
+                    order.sort_unstable_by(by);
+                    st.hint(nl, order.iter().map(|&e| e as u32).collect(), t.elapsed());
+                }
             }
         }
         let mut out = vec![0f32; n * h];

@@ -13,6 +13,7 @@ pub mod config;
 pub mod forward;
 pub mod model;
 pub mod pack;
+pub mod replay;
 pub mod sampler;
 pub mod stream;
 pub mod synth;

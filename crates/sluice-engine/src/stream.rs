@@ -18,7 +18,9 @@
 use crate::config::Config;
 use crate::model::{Ffn, Model, Weight};
 use crate::pack::PackInfo;
-use sluice_cache::{policy_by_name, Acquire, ExpertKey, SlotCache, SlotState};
+use sluice_cache::{
+    policy_by_name, predictor_by_name, Acquire, ExpertKey, Predictor, SlotCache, SlotState,
+};
 use sluice_core::{DType, Error, Result, WeightView};
 use sluice_format::TensorBytes;
 use sluice_io::{AlignedBuf, Completion, EngineOptions, FileId, ReadEngine, ReadReq};
@@ -48,6 +50,11 @@ pub struct StreamOptions {
     pub threads: usize,
     /// Split reads larger than this into chunks (0: never).
     pub read_chunk: usize,
+    /// Predictor that prefetches the next layer's experts (`none`,
+    /// `xlayer`, `history`).
+    pub prefetch: String,
+    /// Experts prefetched per layer (0: the model's top-k).
+    pub prefetch_k: usize,
 }
 
 impl Default for StreamOptions {
@@ -62,6 +69,8 @@ impl Default for StreamOptions {
             batch: 512,
             threads: 1,
             read_chunk: 512 << 10,
+            prefetch: "none".into(),
+            prefetch_k: 0,
         }
     }
 }
@@ -172,6 +181,43 @@ impl StreamStats {
     }
 }
 
+/// Counters of the prefetcher.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PrefetchStats {
+    /// Experts predicted.
+    pub predicted: u64,
+    /// Of those, experts the layer then used.
+    pub predicted_used: u64,
+    /// Experts the predicted layers used.
+    pub demanded: u64,
+    /// Layer-steps with a prediction.
+    pub layer_steps: u64,
+    /// Layer-steps whose experts were all resident and read when demanded.
+    pub all_ready: u64,
+    /// Bytes read for prefetches.
+    pub bytes: u64,
+    /// Bytes read for prefetches the layer did not use.
+    pub wasted_bytes: u64,
+    /// Time spent in the predictor.
+    pub predictor: Duration,
+}
+
+impl PrefetchStats {
+    /// `self - earlier`.
+    pub fn since(&self, e: &PrefetchStats) -> PrefetchStats {
+        PrefetchStats {
+            predicted: self.predicted - e.predicted,
+            predicted_used: self.predicted_used - e.predicted_used,
+            demanded: self.demanded - e.demanded,
+            layer_steps: self.layer_steps - e.layer_steps,
+            all_ready: self.all_ready - e.all_ready,
+            bytes: self.bytes - e.bytes,
+            wasted_bytes: self.wasted_bytes - e.wasted_bytes,
+            predictor: self.predictor.saturating_sub(e.predictor),
+        }
+    }
+}
+
 /// One read of an expert's plan.
 #[derive(Clone, Copy, Debug)]
 struct Seg {
@@ -227,6 +273,24 @@ pub struct Streamer {
     notes: Vec<String>,
     done: Vec<Completion>,
     loading_errors: Vec<(usize, Error)>,
+    predictor: Option<Box<dyn Predictor>>,
+    /// Speculative gating: the forward pass applies the next layer's
+    /// router to this layer's hidden state and hands the result over.
+    gate: bool,
+    prefetch_k: usize,
+    queue_depth: usize,
+    /// Prediction for the next MoE layer, issued after the current
+    /// layer's demand reads.
+    pending: Option<(usize, Vec<u32>)>,
+    /// Per layer: the last prediction, to score it against the demand.
+    predicted: HashMap<usize, Vec<u32>>,
+    /// Slots pinned by prefetches until their layer's demand.
+    prefetch_pins: Vec<(usize, usize)>,
+    /// Prefetched experts not yet used, with their bytes.
+    prefetched: HashMap<ExpertKey, u64>,
+    pstats: PrefetchStats,
+    /// Routes of a batch's layers so far, per token.
+    batch_routes: Vec<(usize, Vec<Vec<u32>>)>,
 }
 
 // SAFETY: the raw slot pointers point into `_bufs`, which the streamer owns
@@ -503,6 +567,18 @@ impl Streamer {
                 notes.push(n);
             }
         }
+        let gate = opts.prefetch == "gate";
+        let predictor = match opts.prefetch.as_str() {
+            "none" | "gate" => None,
+            name => Some(
+                predictor_by_name(name, c.n_layers, c.n_experts).ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "unknown predictor {name:?} (known: none, gate, {})",
+                        sluice_cache::PREDICTOR_NAMES.join(", ")
+                    ))
+                })?,
+            ),
+        };
         let policy = policy_by_name(&opts.policy).ok_or_else(|| {
             Error::Invalid(format!(
                 "unknown cache policy {:?} (known: {})",
@@ -531,6 +607,20 @@ impl Streamer {
             notes,
             done: Vec::new(),
             loading_errors: Vec::new(),
+            predictor,
+            gate,
+            prefetch_k: if opts.prefetch_k == 0 {
+                c.top_k
+            } else {
+                opts.prefetch_k
+            },
+            queue_depth: opts.io.queue_depth.max(1),
+            pending: None,
+            predicted: HashMap::new(),
+            prefetch_pins: Vec::new(),
+            prefetched: HashMap::new(),
+            pstats: PrefetchStats::default(),
+            batch_routes: Vec::new(),
         })
     }
 
@@ -745,6 +835,161 @@ impl Streamer {
         Ok(())
     }
 
+    /// Prefetcher counters so far.
+    pub fn prefetch_stats(&self) -> PrefetchStats {
+        self.pstats
+    }
+
+    /// The prefetch predictor's name, if one runs.
+    pub fn predictor_name(&self) -> Option<&'static str> {
+        if self.gate {
+            return Some("gate");
+        }
+        self.predictor.as_ref().map(|p| p.name())
+    }
+
+    /// With speculative gating, how many experts to take from the next
+    /// layer's router (`None`: gating is not the predictor).
+    pub fn gate_k(&self) -> Option<usize> {
+        self.gate.then_some(self.prefetch_k)
+    }
+
+    /// A prediction made outside (speculative gating) for `layer`, and the
+    /// time it took; issued after the current layer's demand reads.
+    pub fn hint(&mut self, layer: usize, experts: Vec<u32>, took: Duration) {
+        self.predicted.insert(layer, experts.clone());
+        self.pending = Some((layer, experts));
+        self.pstats.predictor += took;
+    }
+
+    /// Layer `layer` routed the batch to `chosen` (per token, best first).
+    /// The predictor learns from it; for a single token it also predicts
+    /// `next` (the next MoE layer), whose reads are issued right after this
+    /// layer's demand reads.
+    pub fn routed(&mut self, layer: usize, next: Option<usize>, chosen: &[&[usize]]) {
+        let Some(p) = &mut self.predictor else {
+            return;
+        };
+        let t = Instant::now();
+        if chosen.len() == 1 {
+            let ids: Vec<u32> = chosen[0].iter().map(|&e| e as u32).collect();
+            p.observe(layer, &ids);
+        } else {
+            // A batch arrives layer by layer; predictors learn token by
+            // token (every layer of a token, then the next), so the batch
+            // is replayed to them in that order once its last layer is in.
+            self.batch_routes.push((
+                layer,
+                chosen
+                    .iter()
+                    .map(|c| c.iter().map(|&e| e as u32).collect())
+                    .collect(),
+            ));
+            if next.is_none() {
+                let routes = std::mem::take(&mut self.batch_routes);
+                for tok in 0..chosen.len() {
+                    for (l, per) in &routes {
+                        p.observe(*l, &per[tok]);
+                    }
+                }
+            }
+        }
+        if let (Some(next), 1) = (next, chosen.len()) {
+            let mut pred = Vec::new();
+            p.predict(next, self.prefetch_k, &mut pred);
+            self.predicted.insert(next, pred.clone());
+            self.pending = Some((next, pred));
+        }
+        self.pstats.predictor += t.elapsed();
+    }
+
+    /// Issues the pending prediction's reads (after the demand batch, so
+    /// demand goes first), pinning what it fetches until its layer runs.
+    fn issue_prefetch(&mut self, step: u64) -> Result<()> {
+        let Some((layer, pred)) = self.pending.take() else {
+            return Ok(());
+        };
+        let mut reqs = Vec::new();
+        let chunk = std::mem::replace(&mut self.chunk, 0);
+        for e in pred {
+            // Prefetches go out unchunked, at most a queue's worth, so the
+            // next layer's demand does not queue behind a flood of them.
+            if reqs.len() >= self.queue_depth {
+                break;
+            }
+            let key = ExpertKey::new(layer, e as usize);
+            match self.cache.prefetch(key, step) {
+                Acquire::Hit(s) => {
+                    self.cache.pin(s);
+                    self.prefetch_pins.push((layer, s));
+                }
+                Acquire::Miss(s) => {
+                    let before = self.stats.bytes_wanted;
+                    self.queue_reads(s, key, &mut reqs);
+                    let bytes = self.stats.bytes_wanted - before;
+                    self.pstats.bytes += bytes;
+                    self.prefetched.insert(key, bytes);
+                    self.cache.pin(s);
+                    self.prefetch_pins.push((layer, s));
+                }
+                Acquire::Full => break,
+            }
+        }
+        self.chunk = chunk;
+        self.submit(&reqs)
+    }
+
+    /// Scores the prediction for `layer` against its demand and lets go of
+    /// the prefetch pins for it.
+    fn settle_prefetch(&mut self, layer: usize, experts: &[(usize, f32)]) {
+        if let Some(pred) = self.predicted.remove(&layer) {
+            self.pstats.layer_steps += 1;
+            self.pstats.predicted += pred.len() as u64;
+            self.pstats.demanded += experts.len() as u64;
+            self.pstats.predicted_used += pred
+                .iter()
+                .filter(|&&p| experts.iter().any(|&(e, _)| e == p as usize))
+                .count() as u64;
+        }
+        let mut keep = Vec::new();
+        for (l, s) in std::mem::take(&mut self.prefetch_pins) {
+            if l == layer {
+                self.cache.release(s);
+            } else {
+                keep.push((l, s));
+            }
+        }
+        self.prefetch_pins = keep;
+        let used: Vec<ExpertKey> = experts
+            .iter()
+            .map(|&(e, _)| ExpertKey::new(layer, e))
+            .collect();
+        let mut wasted = 0;
+        self.prefetched.retain(|k, b| {
+            if k.layer as usize != layer {
+                return true;
+            }
+            if !used.contains(k) {
+                wasted += *b;
+            }
+            false
+        });
+        self.pstats.wasted_bytes += wasted;
+    }
+
+    /// Absorbs completed reads without blocking (better completion times,
+    /// and prefetched slots turn ready as soon as possible).
+    fn poll(&mut self) -> Result<()> {
+        if self.engine.in_flight() == 0 {
+            return Ok(());
+        }
+        let mut done = std::mem::take(&mut self.done);
+        let r = self.engine.poll(&mut done);
+        self.done = done;
+        r?;
+        self.absorb()
+    }
+
     /// Runs `f(expert, [gate, up, down])` for each of `experts` (ascending
     /// expert ids with the router probability that chose them) of `layer`,
     /// reading missing experts in batches as large as the free slots allow.
@@ -755,6 +1000,9 @@ impl Streamer {
         step: u64,
         f: &mut dyn FnMut(usize, [WeightView<'_>; 3]) -> Result<()>,
     ) -> Result<()> {
+        self.poll()?;
+        let predicted = self.predicted.contains_key(&layer);
+        let mut first = true;
         let mut i = 0;
         let mut wave: Vec<(usize, usize)> = Vec::new();
         let mut reqs: Vec<ReadReq> = Vec::new();
@@ -816,12 +1064,28 @@ impl Streamer {
                     self.cache.capacity()
                 )));
             }
+            if first {
+                first = false;
+                if predicted && reqs.is_empty() && end == rest.len() {
+                    self.poll()?;
+                    if wave
+                        .iter()
+                        .all(|&(_, s)| self.cache.state(s) == SlotState::Ready)
+                    {
+                        self.pstats.all_ready += 1;
+                    }
+                }
+                self.settle_prefetch(layer, experts);
+            }
             if let Err(err) = self.submit(&reqs) {
                 for &(_, s) in &wave {
                     if self.loading.remove(&s).is_some() {
                         self.cache.mark_failed(s);
                     }
                 }
+                return self.fail(&wave, err);
+            }
+            if let Err(err) = self.issue_prefetch(step) {
                 return self.fail(&wave, err);
             }
             // The whole wave is read before any of it is computed: the
@@ -887,6 +1151,10 @@ impl Streamer {
         for &(_, s) in rest {
             self.cache.release(s);
         }
+        for (_, s) in std::mem::take(&mut self.prefetch_pins) {
+            self.cache.release(s);
+        }
+        self.pending = None;
         self.loading_errors.clear();
         Err(err)
     }

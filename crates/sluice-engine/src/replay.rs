@@ -1,0 +1,89 @@
+//! Routing replay: a recorded trace's expert choices drive a model's MoE
+//! layers, so a synthetic model reproduces a real model's locality on real
+//! I/O. Where geometries differ the mapping is explicit: token `p` replays
+//! trace step `p mod steps`; the model's i-th MoE layer replays the trace's
+//! `(i mod trace MoE layers)`-th; expert `e` maps to `e mod experts`; a
+//! trace with fewer experts per token than the model is topped up with the
+//! router's best remaining choices, one with more is cut to the model's k.
+
+use crate::config::Config;
+use sluice_trace::Trace;
+
+/// A trace prepared for one model.
+pub struct Replay {
+    /// Per step, per model layer: the experts to use (empty: router's).
+    steps: Vec<Vec<Vec<usize>>>,
+    /// The mapping, in words, for the user.
+    pub description: String,
+}
+
+impl Replay {
+    /// Maps `trace` onto a model of config `c`.
+    pub fn new(trace: &Trace, c: &Config) -> Replay {
+        let tl = trace.moe_layers();
+        let model_moe: Vec<usize> = (0..c.n_layers).filter(|&l| c.moe_layers[l]).collect();
+        let steps: Vec<Vec<Vec<usize>>> = trace
+            .steps
+            .iter()
+            .map(|s| {
+                let mut per = vec![Vec::new(); c.n_layers];
+                for (i, &ml) in model_moe.iter().enumerate() {
+                    if tl.is_empty() {
+                        break;
+                    }
+                    if let Some(r) = &s.layers[tl[i % tl.len()]] {
+                        let mut ex: Vec<usize> = Vec::new();
+                        for &e in &r.experts {
+                            let e = e as usize % c.n_experts;
+                            if !ex.contains(&e) {
+                                ex.push(e);
+                            }
+                        }
+                        per[ml] = ex;
+                    }
+                }
+                per
+            })
+            .collect();
+        let description = format!(
+            "routing replay of {} ({} tokens, {} MoE layers × {} experts, top-{}) onto {} MoE layers × {} experts, top-{}: token p replays step p mod {}, MoE layer i replays trace MoE layer i mod {}, expert e → e mod {}{}",
+            trace.model_id,
+            trace.steps.len(),
+            tl.len(),
+            trace.experts,
+            trace.top_k,
+            model_moe.len(),
+            c.n_experts,
+            c.top_k,
+            trace.steps.len(),
+            tl.len().max(1),
+            c.n_experts,
+            match trace.top_k.cmp(&c.top_k) {
+                std::cmp::Ordering::Less => ", the router's best remaining experts fill each step to the model's k",
+                std::cmp::Ordering::Greater => ", each step cut to the model's k",
+                std::cmp::Ordering::Equal => "",
+            }
+        );
+        Replay { steps, description }
+    }
+
+    /// Rewrites `idx` (the router's ranking, best first, `ne` experts) so
+    /// that its head is the replayed choice for token `pos` at `layer`.
+    pub(crate) fn choose(&self, pos: usize, layer: usize, idx: &mut Vec<usize>, ne: usize) {
+        if self.steps.is_empty() {
+            return;
+        }
+        let want = &self.steps[pos % self.steps.len()][layer];
+        if want.is_empty() {
+            return;
+        }
+        let router: Vec<usize> = idx.clone();
+        idx.clear();
+        idx.extend(want.iter().copied().filter(|&e| e < ne));
+        for e in router {
+            if !idx.contains(&e) {
+                idx.push(e);
+            }
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! Routing traces through the CLI: record, stats, import, replay.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+
+fn scratch(name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join("traces");
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+fn record(model: &Path, out: &Path) {
+    run_ok(&[
+        "trace",
+        "record",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "the river bank",
+        "-n",
+        "16",
+        "--ignore-eos",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+}
+
+#[test]
+fn recorded_trace_feeds_stats() {
+    let m = fixtures().join("models/qwen3_moe");
+    let t = scratch("qwen3_moe.trace.json");
+    record(&m, &t);
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&t).unwrap()).unwrap();
+    assert_eq!(j["meta"]["top_k"], 3);
+    let routes = j["routes"].as_array().unwrap();
+    assert!(routes.iter().any(|r| r["phase"] == "prefill"));
+    assert!(routes.iter().any(|r| r["phase"] == "decode"));
+    let (out, _) = run_ok(&[
+        "trace",
+        "stats",
+        t.to_str().unwrap(),
+        "--slots",
+        "3,6",
+        "--json",
+        "--phase",
+        "decode",
+    ]);
+    let s: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for n in ["3", "6"] {
+        let b = s["policies"]["belady"][n].as_f64().unwrap();
+        let l = s["policies"]["lru"][n].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&l) && l <= b, "lru {l} belady {b}");
+        let p = &s["predictors"]["xlayer"][n];
+        for k in [
+            "recall",
+            "precision",
+            "all_k_ready_rate",
+            "wasted_prefetches_per_token",
+        ] {
+            assert!(p[k].as_f64().is_some(), "{k} missing: {p}");
+        }
+    }
+    // Ten experts, six slots: Belady must hit more than with three.
+    assert!(s["policies"]["belady"]["6"].as_f64() > s["policies"]["belady"]["3"].as_f64());
+}
+
+#[test]
+fn csv_imports_and_bad_traces_fail_clearly() {
+    let csv = scratch("t.csv");
+    std::fs::write(
+        &csv,
+        "layer,expert\n0,1\n0,2\n1,3\n1,0\n0,2\n0,4\n1,3\n1,1\n",
+    )
+    .unwrap();
+    let out = scratch("t.json");
+    run_ok(&[
+        "trace",
+        "import",
+        csv.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    let (s, _) = run_ok(&[
+        "trace",
+        "stats",
+        out.to_str().unwrap(),
+        "--slots",
+        "2",
+        "--json",
+    ]);
+    let j: serde_json::Value = serde_json::from_str(&s).unwrap();
+    assert_eq!(j["tokens"], 2);
+    assert_eq!(j["top_k"], 2);
+    let bad = scratch("bad.json");
+    std::fs::write(
+        &bad,
+        r#"{"meta":{"num_layers":2,"num_experts":4},"routes":[{"layers":{"0":{"experts":[7]}}}]}"#,
+    )
+    .unwrap();
+    let err = fails(&["trace", "stats", bad.to_str().unwrap()]);
+    assert!(
+        err.contains("bad.json") && err.contains("expert 7"),
+        "{err}"
+    );
+    let err = fails(&["trace", "stats", "/nonexistent/trace.json"]);
+    assert!(err.contains("/nonexistent/trace.json"), "{err}");
+}
+
+/// Replaying a model's own trace reproduces its logits exactly, resident
+/// or streamed with prefetch; replaying another order changes them.
+#[test]
+fn replay_of_own_trace_is_exact() {
+    let m = fixtures().join("models/qwen3_moe");
+    let ms = m.to_str().unwrap();
+    let t = scratch("own.trace.json");
+    record(&m, &t);
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&t).unwrap()).unwrap();
+    let toks: Vec<String> = j["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["token_id"].to_string())
+        .collect();
+    let toks = toks.join(",");
+    let plain = run_ok(&["logits", "--model", ms, "--tokens", &toks]).0;
+    let replayed = run_ok(&[
+        "logits",
+        "--model",
+        ms,
+        "--tokens",
+        &toks,
+        "--replay",
+        t.to_str().unwrap(),
+    ])
+    .0;
+    assert!(
+        plain == replayed,
+        "replaying the model's own routes changed its logits"
+    );
+    let streamed = run_ok(&[
+        "logits",
+        "--model",
+        ms,
+        "--tokens",
+        &toks,
+        "--replay",
+        t.to_str().unwrap(),
+        "--io",
+        "uring",
+        "--cache-slots",
+        "4",
+        "--prefetch",
+        "xlayer",
+    ])
+    .0;
+    assert!(plain == streamed);
+    // Another trace's routes (shifted by one token) give other logits.
+    let mut shifted = j.clone();
+    let r = shifted["routes"].as_array_mut().unwrap();
+    r.rotate_left(1);
+    let ts = scratch("shifted.trace.json");
+    std::fs::write(&ts, shifted.to_string()).unwrap();
+    let other = run_ok(&[
+        "logits",
+        "--model",
+        ms,
+        "--tokens",
+        &toks,
+        "--replay",
+        ts.to_str().unwrap(),
+    ])
+    .0;
+    assert!(other != plain, "replay had no effect");
+}
