@@ -156,6 +156,35 @@ fn replay_of_own_trace_is_exact() {
     ])
     .0;
     assert!(plain == streamed);
+    let oracle = run_ok(&[
+        "logits",
+        "--model",
+        ms,
+        "--tokens",
+        &toks,
+        "--replay",
+        t.to_str().unwrap(),
+        "--io",
+        "pread",
+        "--cache-slots",
+        "4",
+        "--prefetch",
+        "oracle",
+    ])
+    .0;
+    assert!(plain == oracle, "oracle prefetch changed the logits");
+    let err = fails(&[
+        "logits",
+        "--model",
+        ms,
+        "--tokens",
+        "1",
+        "--prefetch",
+        "oracle",
+        "--io",
+        "uring",
+    ]);
+    assert!(err.contains("--replay"), "{err}");
     // Another trace's routes (shifted by one token) give other logits.
     let mut shifted = j.clone();
     let r = shifted["routes"].as_array_mut().unwrap();

@@ -57,7 +57,8 @@ pub struct StreamArgs {
     /// Prefetch the next layer's experts while this one computes, predicted
     /// by: none, gate (the next layer's router applied to this layer's
     /// hidden state), xlayer (co-occurrence with the previous layer's
-    /// choices) or history (recent use at that layer); auto: gate, or
+    /// choices), history (recent use at that layer) or oracle (the
+    /// --replay trace's actual choice: an upper bound); auto: gate, or
     /// xlayer under --replay (whose routes the model's router does not
     /// make).
     #[arg(long, default_value = "auto")]
@@ -128,6 +129,9 @@ impl Opened {
 pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
     let s = &m.stream;
     let mut notes = Vec::new();
+    if s.prefetch == "oracle" && s.replay.is_none() {
+        anyhow::bail!("--prefetch oracle needs a --replay trace to know the future from");
+    }
     let trace = match &s.replay {
         Some(p) => Some(sluice_trace::Trace::open(p).with_context(|| "--replay".to_string())?),
         None => None,

@@ -288,6 +288,11 @@ impl Session {
                 .map(|d| li + 1 + d);
             let per_token: Vec<&[usize]> = chosen_all.chunks_exact(k).collect();
             st.routed(li, next, &per_token);
+            if let (true, Some(r), Some(nl), 1) = (st.wants_oracle(), &self.replay, next, n) {
+                let t = std::time::Instant::now();
+                let e: Vec<u32> = r.experts(self.pos, nl).iter().map(|&e| e as u32).collect();
+                st.hint(nl, e, t.elapsed());
+            }
             if let (Some(kp), Some(nl), 1) = (st.gate_k(), next, n) {
                 // Speculative gating: the next MoE layer's router applied
                 // to this layer's hidden state.

@@ -67,6 +67,16 @@ impl Replay {
         Replay { steps, description }
     }
 
+    /// The replayed experts of token `pos` at `layer` (empty: the router's).
+    pub fn experts(&self, pos: usize, layer: usize) -> &[usize] {
+        if self.steps.is_empty() {
+            return &[];
+        }
+        self.steps[pos % self.steps.len()]
+            .get(layer)
+            .map_or(&[], |v| v.as_slice())
+    }
+
     /// Rewrites `idx` (the router's ranking, best first, `ne` experts) so
     /// that its head is the replayed choice for token `pos` at `layer`.
     pub(crate) fn choose(&self, pos: usize, layer: usize, idx: &mut Vec<usize>, ne: usize) {

@@ -274,9 +274,11 @@ pub struct Streamer {
     done: Vec<Completion>,
     loading_errors: Vec<(usize, Error)>,
     predictor: Option<Box<dyn Predictor>>,
-    /// Speculative gating: the forward pass applies the next layer's
-    /// router to this layer's hidden state and hands the result over.
-    gate: bool,
+    /// Predictions made by the forward pass and handed over with
+    /// [`Streamer::hint`]: `gate` (speculative gating: the next layer's
+    /// router on this layer's hidden state) or `oracle` (the replayed
+    /// trace's actual next choice: the upper bound, for measurement).
+    external: Option<&'static str>,
     prefetch_k: usize,
     queue_depth: usize,
     /// Prediction for the next MoE layer, issued after the current
@@ -567,13 +569,17 @@ impl Streamer {
                 notes.push(n);
             }
         }
-        let gate = opts.prefetch == "gate";
+        let external = match opts.prefetch.as_str() {
+            "gate" => Some("gate"),
+            "oracle" => Some("oracle"),
+            _ => None,
+        };
         let predictor = match opts.prefetch.as_str() {
-            "none" | "gate" => None,
+            "none" | "gate" | "oracle" => None,
             name => Some(
                 predictor_by_name(name, c.n_layers, c.n_experts).ok_or_else(|| {
                     Error::Invalid(format!(
-                        "unknown predictor {name:?} (known: none, gate, {})",
+                        "unknown predictor {name:?} (known: none, gate, oracle, {})",
                         sluice_cache::PREDICTOR_NAMES.join(", ")
                     ))
                 })?,
@@ -608,7 +614,7 @@ impl Streamer {
             done: Vec::new(),
             loading_errors: Vec::new(),
             predictor,
-            gate,
+            external,
             prefetch_k: if opts.prefetch_k == 0 {
                 c.top_k
             } else {
@@ -842,16 +848,19 @@ impl Streamer {
 
     /// The prefetch predictor's name, if one runs.
     pub fn predictor_name(&self) -> Option<&'static str> {
-        if self.gate {
-            return Some("gate");
-        }
-        self.predictor.as_ref().map(|p| p.name())
+        self.external
+            .or_else(|| self.predictor.as_ref().map(|p| p.name()))
     }
 
     /// With speculative gating, how many experts to take from the next
     /// layer's router (`None`: gating is not the predictor).
     pub fn gate_k(&self) -> Option<usize> {
-        self.gate.then_some(self.prefetch_k)
+        (self.external == Some("gate")).then_some(self.prefetch_k)
+    }
+
+    /// Whether the replayed trace's next choice is to be prefetched.
+    pub fn wants_oracle(&self) -> bool {
+        self.external == Some("oracle")
     }
 
     /// A prediction made outside (speculative gating) for `layer`, and the
