@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Streaming benchmark: a synthetic Qwen3-30B-A3B (48 layers, Q4_0, 16 GiB)
-# under a 4 GiB RAM cap, through each read engine, packed vs stacked GGUF.
+# under a 4 GiB RAM cap, through each read engine, packed vs stacked GGUF,
+# without prefetch (benches/prefetch.sh measures that).
 # Usage: benches/streaming.sh DIR [CAP] [TOKENS]; results land in DIR/*.json.
 # Needs root for --cgroup (the mmap baseline's page cache counted in the cap).
 set -euo pipefail
@@ -14,7 +15,7 @@ mkdir -p "$dir"
 run() {
   local name=$1; shift
   echo "== $name: $sluice bench $*" >&2
-  "$sluice" bench "$@" --ram-cap "$cap" --tokens "$tokens" --prompt-tokens 4 --probe-seconds 2 --json > "$dir/$name.json"
+  "$sluice" bench "$@" --prefetch none --ram-cap "$cap" --tokens "$tokens" --prompt-tokens 4 --probe-seconds 2 --json > "$dir/$name.json"
 }
 run uring-packed   --model "$dir/q30.gguf" --io uring
 run pread-packed   --model "$dir/q30.gguf" --io pread

@@ -287,6 +287,11 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let (probe, burst) = probe;
     let cap = a.m.stream.ram_cap;
     let mut notes = o.notes.clone();
+    if let Some(p) = s.streamer().and_then(|st| st.predictor_name()) {
+        notes.push(format!(
+            "prefetch {p}: reads overlap compute and are reaped between layers, so read_gbps (bytes over time with reads in flight) is a lower bound; compare engines with --prefetch none"
+        ));
+    }
     if !dropped {
         notes.push("the page cache could not be dropped before the cold run".into());
     }
