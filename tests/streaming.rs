@@ -47,6 +47,23 @@ fn streamed_logits_are_bit_identical_to_resident() {
                 }
             }
         }
+        let deep = logits(
+            &m,
+            &[
+                "--io",
+                "uring",
+                "--cache-slots",
+                "4",
+                "--prefetch",
+                "gate",
+                "--prefetch-depth",
+                "3",
+            ],
+        );
+        assert!(
+            deep == resident,
+            "{f}: prefetching 3 layers ahead changed the logits"
+        );
         let capped = logits(&m, &["--ram-cap", "256M", "--io", "pread", "--buffered"]);
         assert!(capped == resident, "{f}: buffered pread changed the logits");
     }

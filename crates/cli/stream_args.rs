@@ -66,6 +66,9 @@ pub struct StreamArgs {
     /// Experts prefetched per layer (default: the model's top-k).
     #[arg(long, default_value_t = 0)]
     pub prefetch_k: usize,
+    /// MoE layers ahead that gate and oracle prefetch for.
+    #[arg(long, default_value_t = 1)]
+    pub prefetch_depth: usize,
     /// Route by a recorded trace instead of the router (JSON or llama.cpp
     /// CSV): a synthetic model then has a real model's locality.
     #[arg(long)]
@@ -204,6 +207,7 @@ pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
             (p, _) => p.into(),
         },
         prefetch_k: s.prefetch_k,
+        prefetch_depth: s.prefetch_depth,
     };
     let streamer = Streamer::open(&mut model, &opts)?;
     notes.extend(streamer.notes().iter().cloned());

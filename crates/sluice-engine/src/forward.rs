@@ -288,15 +288,25 @@ impl Session {
                 .map(|d| li + 1 + d);
             let per_token: Vec<&[usize]> = chosen_all.chunks_exact(k).collect();
             st.routed(li, next, &per_token);
-            if let (true, Some(r), Some(nl), 1) = (st.wants_oracle(), &self.replay, next, n) {
-                let t = std::time::Instant::now();
-                let e: Vec<u32> = r.experts(self.pos, nl).iter().map(|&e| e as u32).collect();
-                st.hint(nl, e, t.elapsed());
+            // The next MoE layers within the prefetch depth.
+            let ahead: Vec<usize> = (li + 1..c.n_layers)
+                .filter(|&l| c.moe_layers[l])
+                .take(st.depth())
+                .collect();
+            if let (true, Some(r), 1) = (st.wants_oracle(), &self.replay, n) {
+                for &nl in &ahead {
+                    let t = std::time::Instant::now();
+                    let e: Vec<u32> = r.experts(self.pos, nl).iter().map(|&e| e as u32).collect();
+                    st.hint(nl, e, t.elapsed());
+                }
             }
-            if let (Some(kp), Some(nl), 1) = (st.gate_k(), next, n) {
-                // Speculative gating: the next MoE layer's router applied
+            if let (Some(kp), 1) = (st.gate_k(), n) {
+                // Speculative gating: the next MoE layers' routers applied
                 // to this layer's hidden state.
-                if let Ffn::Moe(nm) = &self.model.layers[nl].ffn {
+                for &nl in &ahead {
+                    let Ffn::Moe(nm) = &self.model.layers[nl].ffn else {
+                        continue;
+                    };
                     let t = std::time::Instant::now();
                     let mut g = vec![0f32; ne];
                     self.backend.matmul(nm.router.view(), x, 1, &mut g)?;

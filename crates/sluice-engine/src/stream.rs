@@ -55,6 +55,8 @@ pub struct StreamOptions {
     pub prefetch: String,
     /// Experts prefetched per layer (0: the model's top-k).
     pub prefetch_k: usize,
+    /// MoE layers ahead that gating and the oracle prefetch for (≥ 1).
+    pub prefetch_depth: usize,
 }
 
 impl Default for StreamOptions {
@@ -71,6 +73,7 @@ impl Default for StreamOptions {
             read_chunk: 512 << 10,
             prefetch: "none".into(),
             prefetch_k: 0,
+            prefetch_depth: 1,
         }
     }
 }
@@ -283,7 +286,8 @@ pub struct Streamer {
     queue_depth: usize,
     /// Prediction for the next MoE layer, issued after the current
     /// layer's demand reads.
-    pending: Option<(usize, Vec<u32>)>,
+    pending: Vec<(usize, Vec<u32>)>,
+    depth: usize,
     /// Per layer: the last prediction, to score it against the demand.
     predicted: HashMap<usize, Vec<u32>>,
     /// Slots pinned by prefetches until their layer's demand.
@@ -621,7 +625,8 @@ impl Streamer {
                 opts.prefetch_k
             },
             queue_depth: opts.io.queue_depth.max(1),
-            pending: None,
+            pending: Vec::new(),
+            depth: opts.prefetch_depth.max(1),
             predicted: HashMap::new(),
             prefetch_pins: Vec::new(),
             prefetched: HashMap::new(),
@@ -867,7 +872,8 @@ impl Streamer {
     /// time it took; issued after the current layer's demand reads.
     pub fn hint(&mut self, layer: usize, experts: Vec<u32>, took: Duration) {
         self.predicted.insert(layer, experts.clone());
-        self.pending = Some((layer, experts));
+        self.pending.retain(|(l, _)| *l != layer);
+        self.pending.push((layer, experts));
         self.pstats.predictor += took;
     }
 
@@ -907,7 +913,8 @@ impl Streamer {
             let mut pred = Vec::new();
             p.predict(next, self.prefetch_k, &mut pred);
             self.predicted.insert(next, pred.clone());
-            self.pending = Some((next, pred));
+            self.pending.retain(|(l, _)| *l != next);
+            self.pending.push((next, pred));
         }
         self.pstats.predictor += t.elapsed();
     }
@@ -915,37 +922,46 @@ impl Streamer {
     /// Issues the pending prediction's reads (after the demand batch, so
     /// demand goes first), pinning what it fetches until its layer runs.
     fn issue_prefetch(&mut self, step: u64) -> Result<()> {
-        let Some((layer, pred)) = self.pending.take() else {
+        if self.pending.is_empty() {
             return Ok(());
-        };
+        }
         let mut reqs = Vec::new();
         let chunk = std::mem::replace(&mut self.chunk, 0);
-        for e in pred {
-            // Prefetches go out unchunked, at most a queue's worth, so the
-            // next layer's demand does not queue behind a flood of them.
-            if reqs.len() >= self.queue_depth {
-                break;
-            }
-            let key = ExpertKey::new(layer, e as usize);
-            match self.cache.prefetch(key, step) {
-                Acquire::Hit(s) => {
-                    self.cache.pin(s);
-                    self.prefetch_pins.push((layer, s));
+        // Nearest layer first: it is needed soonest.
+        let pending = std::mem::take(&mut self.pending);
+        'layers: for (layer, pred) in pending {
+            for e in pred {
+                // Prefetches go out unchunked, at most a queue's worth, so
+                // the next layer's demand does not queue behind a flood.
+                if reqs.len() >= self.queue_depth {
+                    break 'layers;
                 }
-                Acquire::Miss(s) => {
-                    let before = self.stats.bytes_wanted;
-                    self.queue_reads(s, key, &mut reqs);
-                    let bytes = self.stats.bytes_wanted - before;
-                    self.pstats.bytes += bytes;
-                    self.prefetched.insert(key, bytes);
-                    self.cache.pin(s);
-                    self.prefetch_pins.push((layer, s));
+                let key = ExpertKey::new(layer, e as usize);
+                match self.cache.prefetch(key, step) {
+                    Acquire::Hit(s) => {
+                        self.cache.pin(s);
+                        self.prefetch_pins.push((layer, s));
+                    }
+                    Acquire::Miss(s) => {
+                        let before = self.stats.bytes_wanted;
+                        self.queue_reads(s, key, &mut reqs);
+                        let bytes = self.stats.bytes_wanted - before;
+                        self.pstats.bytes += bytes;
+                        self.prefetched.insert(key, bytes);
+                        self.cache.pin(s);
+                        self.prefetch_pins.push((layer, s));
+                    }
+                    Acquire::Full => break 'layers,
                 }
-                Acquire::Full => break,
             }
         }
         self.chunk = chunk;
         self.submit(&reqs)
+    }
+
+    /// MoE layers ahead that gating and the oracle predict.
+    pub fn depth(&self) -> usize {
+        self.depth
     }
 
     /// Scores the prediction for `layer` against its demand and lets go of
@@ -1163,7 +1179,7 @@ impl Streamer {
         for (_, s) in std::mem::take(&mut self.prefetch_pins) {
             self.cache.release(s);
         }
-        self.pending = None;
+        self.pending.clear();
         self.loading_errors.clear();
         Err(err)
     }
