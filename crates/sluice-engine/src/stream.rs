@@ -161,12 +161,12 @@ pub struct StreamStats {
 impl StreamStats {
     /// Hits over lookups.
     pub fn hit_rate(&self) -> f64 {
-        let n = self.hits + self.misses;
-        if n == 0 {
-            0.0
-        } else {
-            self.hits as f64 / n as f64
+        sluice_cache::CacheStats {
+            hits: self.hits,
+            misses: self.misses,
+            evictions: 0,
         }
+        .hit_rate()
     }
 
     /// `self - earlier`, for per-phase figures.
