@@ -49,8 +49,7 @@ pub fn dequantize_unchecked(dtype: DType, src: &[u8], dst: &mut [f32]) {
                 src.len() >= n * bb,
                 "dequantize: source shorter than its blocks"
             );
-            // SAFETY: AVX2 is present (checked at run time), and the block
-            // counts of `src` and `dst` were checked just above.
+            // SAFETY: AVX2 is present (checked at run time), and the block counts of `src` and `dst` were checked just above.
             unsafe {
                 if dtype == DType::Q4_0 {
                     simd::q4_0(&src[..n * bb], &mut dst[..n * bs])

@@ -564,8 +564,7 @@ impl Streamer {
         let ptrs: Vec<*mut u8> = bufs.iter_mut().map(|b| b.as_mut_ptr()).collect();
         if slots > 0 && opts.io.register {
             let regions: Vec<(*mut u8, usize)> = ptrs.iter().map(|&p| (p, max_plan)).collect();
-            // SAFETY: the regions are the slot buffers, owned by the
-            // streamer and dropped after the engine (field order).
+            // SAFETY: the regions are the slot buffers, owned by the streamer and dropped after the engine (field order).
             let _ = unsafe { engine.register_buffers(&regions) }?;
         }
         for n in engine.notes() {
@@ -715,8 +714,7 @@ impl Streamer {
                     file: s.file,
                     offset: at,
                     len: (stop - at) as usize,
-                    // SAFETY: dst + cap lies within slot `slot`'s buffer:
-                    // rel + the widened chunk ≤ the segment's widened room.
+                    // SAFETY: dst + cap lies within slot `slot`'s buffer: rel + the widened chunk ≤ the segment's widened room.
                     dst: unsafe { self.ptrs[slot].add(s.dst + rel) },
                     cap: self.slot_bytes - s.dst - rel,
                     buf_index: Some(slot as u32),
@@ -747,9 +745,7 @@ impl Streamer {
             self.busy_since = Some(Instant::now());
         }
         self.stats.batches += 1;
-        // SAFETY: every destination is a slot in state Loading: the cache
-        // neither evicts nor hands out its bytes until `absorb` has seen all
-        // of its completions, and the buffers outlive the engine.
+        // SAFETY: every destination is a slot in state Loading: the cache neither evicts nor hands out its bytes until `absorb` has seen all of its completions, and the buffers outlive the engine.
         unsafe { self.engine.submit(reqs) }
     }
 
@@ -823,9 +819,7 @@ impl Streamer {
 
     fn seg_bytes(&self, slot: usize, s: &Seg) -> &[u8] {
         let skip = (s.offset % self.align as u64) as usize;
-        // SAFETY: the slot's reads have completed (state Ready, or being
-        // verified right after its last completion), so the kernel no longer
-        // writes to it; the range lies inside the slot buffer.
+        // SAFETY: the slot's reads have completed (state Ready, or being verified right after its last completion), so the kernel no longer writes to it; the range lies inside the slot buffer.
         unsafe { std::slice::from_raw_parts(self.ptrs[slot].add(s.dst + skip), s.len) }
     }
 

@@ -71,9 +71,7 @@ impl MappedFile {
                 path.display()
             )));
         }
-        // SAFETY: the map is read-only and model files are treated as
-        // immutable while sluice runs; a file truncated underneath us would
-        // fault, as with every mmap-based loader, and is documented.
+        // SAFETY: the map is read-only and model files are treated as immutable while sluice runs; a file truncated underneath us would fault, as with every mmap-based loader, and is documented.
         let map = unsafe { Mmap::map(&f) }.map_err(|e| Error::io(path, e))?;
         Ok(MappedFile {
             path: path.to_path_buf(),

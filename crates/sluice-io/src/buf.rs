@@ -78,8 +78,7 @@ impl AlignedBuf {
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
         if self.len != 0 {
-            // SAFETY: allocated in `new` with exactly this size and alignment,
-            // which `new` validated as a Layout.
+            // SAFETY: allocated in `new` with exactly this size and alignment, which `new` validated as a Layout.
             unsafe {
                 dealloc(
                     self.ptr.as_ptr(),
@@ -93,8 +92,7 @@ impl Drop for AlignedBuf {
 impl Deref for AlignedBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        // SAFETY: ptr is valid for `len` initialised (zeroed at allocation)
-        // bytes, or dangling-but-aligned with len 0; we own them.
+        // SAFETY: ptr is valid for `len` initialised (zeroed at allocation) bytes, or dangling-but-aligned with len 0; we own them.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 }

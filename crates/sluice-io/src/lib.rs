@@ -371,9 +371,7 @@ pub fn read_exact(
         buf_index: None,
         tag: 0,
     };
-    // SAFETY: `buf` is exclusively ours and outlives the read: we wait for the
-    // only read in flight below before returning or dropping it; if waiting
-    // fails we leak the buffer rather than free memory the kernel may write.
+    // SAFETY: `buf` is exclusively ours and outlives the read: we wait for the only read in flight below before returning or dropping it; if waiting fails we leak the buffer rather than free memory the kernel may write.
     unsafe { engine.submit(&[req])? };
     let mut out = Vec::with_capacity(1);
     while out.is_empty() {

@@ -68,9 +68,7 @@ impl MmapEngine {
                 .as_ref()
                 .expect("a non-empty range lies in a non-empty file");
             let src = &map[req.offset as usize..req.offset as usize + req.len];
-            // SAFETY: the caller of `submit` guarantees dst..dst+cap is valid
-            // for writes and exclusively ours; submit checked cap >= len. The
-            // source is our private map, so the ranges cannot overlap.
+            // SAFETY: the caller of `submit` guarantees dst..dst+cap is valid for writes and exclusively ours; submit checked cap >= len. The source is our private map, so the ranges cannot overlap.
             unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), req.dst, req.len) };
         }
         Ok(Done {
@@ -111,10 +109,7 @@ impl ReadEngine for MmapEngine {
         let map = if len == 0 {
             None
         } else {
-            // SAFETY: the map is only read, by copies. Model files are not
-            // modified while sluice runs; if one were truncated underneath us a
-            // copy could fault (SIGBUS), the inherent risk of reading by mmap,
-            // which is why this engine is the baseline and not the default.
+            // SAFETY: the map is only read, by copies. Model files are not modified while sluice runs; if one were truncated underneath us a copy could fault (SIGBUS), the inherent risk of reading by mmap, which is why this engine is the baseline and not the default.
             Some(unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?)
         };
         self.files.push(MappedFile {

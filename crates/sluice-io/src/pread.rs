@@ -135,9 +135,7 @@ fn run(job: Job) -> Completion {
         let asked = (plan.total - done).min(chunk);
         // Through libc rather than `FileExt::read_at` so that no `&mut [u8]`
         // is formed over a destination the caller may not have initialised.
-        // SAFETY: the submitter guaranteed dst..dst+cap is valid for writes
-        // and exclusively ours until this completion is returned; the plan
-        // checked cap >= total, and done + asked <= total.
+        // SAFETY: the submitter guaranteed dst..dst+cap is valid for writes and exclusively ours until this completion is returned; the plan checked cap >= total, and done + asked <= total.
         let n = unsafe {
             libc::pread(
                 file.file.as_raw_fd(),

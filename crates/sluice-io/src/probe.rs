@@ -141,9 +141,7 @@ fn run(
         .enumerate()
         .map(|(i, b)| request(b, i))
         .collect();
-    // SAFETY: each request targets its own buffer of `bufs`, which nothing
-    // else touches and which outlive every read: we wait for all of them
-    // below before returning, and leak the buffers if waiting fails.
+    // SAFETY: each request targets its own buffer of `bufs`, which nothing else touches and which outlive every read: we wait for all of them below before returning, and leak the buffers if waiting fails.
     unsafe { engine.submit(&initial)? };
     let mut stopping = false;
     while engine.in_flight() > 0 {
@@ -187,8 +185,7 @@ fn run(
             }
         }
         if !again.is_empty() {
-            // SAFETY: as for the initial batch; each buffer's previous read
-            // has completed (its completion is what freed it).
+            // SAFETY: as for the initial batch; each buffer's previous read has completed (its completion is what freed it).
             if let Err(e) = unsafe { engine.submit(&again) } {
                 first_error.get_or_insert(e);
                 stopping = true;

@@ -268,16 +268,14 @@ pub fn page_cache_resident(path: &Path) -> Option<u64> {
     if len == 0 {
         return Some(0);
     }
-    // SAFETY: the map is never read (mincore does not fault pages in), so
-    // concurrent changes to the file cannot hurt.
+    // SAFETY: the map is never read (mincore does not fault pages in), so concurrent changes to the file cannot hurt.
     let map = unsafe { memmap2::Mmap::map(&file) }.ok()?;
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     let page = if page > 0 { page as usize } else { 4096 };
     let pages = map.len().div_ceil(page);
     let mut vec = vec![0u8; pages];
-    // SAFETY: the map is page aligned and `len` bytes long, and `vec` has one
-    // byte per page of it, as mincore requires.
+    // SAFETY: the map is page aligned and `len` bytes long, and `vec` has one byte per page of it, as mincore requires.
     let rc = unsafe {
         libc::mincore(
             map.as_ptr() as *mut libc::c_void,

@@ -177,8 +177,7 @@ impl UringEngine {
         let slot = self.slab[idx].as_mut().expect("live slot");
         let offset = slot.plan.start + slot.done as u64;
         let len = (slot.plan.total - slot.done).min(self.max_chunk);
-        // SAFETY: done < total <= cap, so the pointer stays inside the
-        // destination the submitter lent us.
+        // SAFETY: done < total <= cap, so the pointer stays inside the destination the submitter lent us.
         let buf = unsafe { slot.req.dst.add(slot.done) };
         let fixed_buf = match slot.req.buf_index {
             Some(i) if !self.fixed_bufs.is_empty() => Some(i as u16),
@@ -202,10 +201,7 @@ impl UringEngine {
                 .build(),
         };
         let entry = entry.user_data(idx as u64);
-        // SAFETY: the entry's buffer is valid for `len` bytes of writes until
-        // its completion (submit's contract), the file stays open as long as
-        // the engine, and Drop waits for the completion before anything the
-        // entry refers to can go away.
+        // SAFETY: the entry's buffer is valid for `len` bytes of writes until its completion (submit's contract), the file stays open as long as the engine, and Drop waits for the completion before anything the entry refers to can go away.
         let pushed = unsafe { self.ring.submission().push(&entry) }.is_ok();
         if pushed {
             slot.asked = len;
@@ -435,8 +431,7 @@ impl ReadEngine for UringEngine {
                 iov_len: len,
             })
             .collect();
-        // SAFETY: the caller guarantees each region stays allocated until the
-        // engine is dropped, which unregisters them (the ring closes).
+        // SAFETY: the caller guarantees each region stays allocated until the engine is dropped, which unregisters them (the ring closes).
         match unsafe { self.ring.submitter().register_buffers(&iovecs) } {
             Ok(()) => {
                 self.fixed_bufs = bufs.iter().map(|&(p, l)| (p as usize, l)).collect();

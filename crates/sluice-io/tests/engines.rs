@@ -159,9 +159,7 @@ fn random_reads_every_engine() {
         let mut out = Vec::new();
         let mut seen = HashSet::new();
         for (bi, batch) in reqs.chunks(60).enumerate() {
-            // SAFETY: each request has its own buffer in `slots`, untouched
-            // until its completion is checked; `slots` outlives the engine's
-            // reads (we wait for all of them before it is dropped).
+            // SAFETY: each request has its own buffer in `slots`, untouched until its completion is checked; `slots` outlives the engine's reads (we wait for all of them before it is dropped).
             unsafe { e.submit(batch).unwrap() };
             let before = out.len();
             e.wait(5, &mut out).unwrap();
@@ -215,8 +213,7 @@ fn interleaved_submit_and_wait_keep_many_in_flight() {
                     *slot = Some(Pending { offset, len, buf });
                 }
             }
-            // SAFETY: as in random_reads_every_engine; a slot's buffer is
-            // only reused after its completion came back.
+            // SAFETY: as in random_reads_every_engine; a slot's buffer is only reused after its completion came back.
             unsafe { e.submit(&batch).unwrap() };
             out.clear();
             e.wait(1, &mut out).unwrap();
@@ -421,8 +418,7 @@ fn registered_buffers_with_read_fixed() {
             .iter_mut()
             .map(|a| (a.as_mut_ptr(), a.len()))
             .collect();
-        // SAFETY: the arenas are dropped after the engine (declared before it
-        // is dropped explicitly at the end of the iteration).
+        // SAFETY: the arenas are dropped after the engine (declared before it is dropped explicitly at the end of the iteration).
         let registered = unsafe { e.register_buffers(&regions) }.unwrap();
         eprintln!(
             "uring direct={direct}: registered={registered}: {} | {:?}",
@@ -472,8 +468,7 @@ fn registered_buffers_with_read_fixed() {
             let r = unsafe { e.submit(&[missing]) };
             assert!(matches!(r, Err(Error::Invalid(_))), "{r:?}");
         }
-        // SAFETY: each request has its own slot in the arenas, which outlive
-        // the engine.
+        // SAFETY: each request has its own slot in the arenas, which outlive the engine.
         unsafe { e.submit(&reqs).unwrap() };
         let mut out = Vec::new();
         e.wait(reqs.len(), &mut out).unwrap();
@@ -552,8 +547,7 @@ fn dropping_with_reads_in_flight_waits_for_them() {
                     tag: i as u64,
                 })
                 .collect();
-            // SAFETY: the buffers outlive the engine, whose Drop waits for
-            // the reads it started.
+            // SAFETY: the buffers outlive the engine, whose Drop waits for the reads it started.
             unsafe { e.submit(&reqs).unwrap() };
             assert_eq!(e.in_flight(), 64);
         }
