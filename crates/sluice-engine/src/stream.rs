@@ -1020,127 +1020,13 @@ impl Streamer {
         f: &mut dyn FnMut(usize, [WeightView<'_>; 3]) -> Result<()>,
     ) -> Result<()> {
         self.poll()?;
-        let predicted = self.predicted.contains_key(&layer);
-        let mut first = true;
         let mut i = 0;
         let mut wave: Vec<(usize, usize)> = Vec::new();
-        let mut reqs: Vec<ReadReq> = Vec::new();
         while i < experts.len() {
-            wave.clear();
-            reqs.clear();
-            // Residents first: pinned, they are safe from this wave's own
-            // misses (which would otherwise evict an expert about to be
-            // used and read it again).
-            let rest = &experts[i..];
-            let mut got: Vec<Option<usize>> = vec![None; rest.len()];
-            for (o, &(e, p)) in rest.iter().enumerate() {
-                let key = ExpertKey::new(layer, e);
-                if self.cache.slot_of(key).is_some() {
-                    if let Acquire::Hit(s) = self.cache.acquire(key, step, p) {
-                        got[o] = Some(s);
-                        self.stats.hits += 1;
-                    }
-                }
-            }
-            let mut end = rest.len();
-            for (o, &(e, p)) in rest.iter().enumerate() {
-                if got[o].is_some() {
-                    continue;
-                }
-                let key = ExpertKey::new(layer, e);
-                match self.cache.acquire(key, step, p) {
-                    Acquire::Hit(s) => {
-                        self.stats.hits += 1;
-                        got[o] = Some(s);
-                    }
-                    Acquire::Miss(s) => {
-                        self.stats.misses += 1;
-                        self.queue_reads(s, key, &mut reqs);
-                        got[o] = Some(s);
-                    }
-                    Acquire::Full => {
-                        end = o;
-                        break;
-                    }
-                }
-            }
-            // A wave is a run of consecutive experts, so that outputs are
-            // still accumulated in ascending order across waves; residents
-            // pinned beyond it wait for the next wave.
-            for g in got.iter_mut().skip(end) {
-                if let Some(s) = g.take() {
-                    self.cache.release(s);
-                    self.stats.hits -= 1;
-                }
-            }
-            for (o, g) in got.iter().take(end).enumerate() {
-                wave.push((rest[o].0, g.expect("acquired")));
-            }
-            i += end;
-            if wave.is_empty() {
-                return Err(Error::Invalid(format!(
-                    "no expert slot can be freed in layer {layer}: {} slots, all in use",
-                    self.cache.capacity()
-                )));
-            }
-            if first {
-                first = false;
-                if predicted && reqs.is_empty() && end == rest.len() {
-                    self.poll()?;
-                    if wave
-                        .iter()
-                        .all(|&(_, s)| self.cache.state(s) == SlotState::Ready)
-                    {
-                        self.pstats.all_ready += 1;
-                    }
-                }
-                self.settle_prefetch(layer, experts);
-            }
-            if let Err(err) = self.submit(&reqs) {
-                for &(_, s) in &wave {
-                    if self.loading.remove(&s).is_some() {
-                        self.cache.mark_failed(s);
-                    }
-                }
-                return self.fail(&wave, err);
-            }
-            if let Err(err) = self.issue_prefetch(step) {
-                return self.fail(&wave, err);
-            }
-            // The whole wave is read before any of it is computed: the
-            // stall is then exactly the I/O time of a batch of requests at
-            // the wave's queue depth, comparable with the probe. Overlap
-            // with compute comes from prefetching the next layers.
-            for w in 0..wave.len() {
-                if let Err(err) = self.wait_slot(wave[w].1) {
-                    return self.fail(&wave, err);
-                }
-            }
+            i += self.load_wave(layer, experts, i, step, &mut wave)?;
             for w in 0..wave.len() {
                 let (e, s) = wave[w];
-                if self.cache.state(s) != SlotState::Ready {
-                    let err = self.take_error(s).unwrap_or_else(|| {
-                        Error::Invalid(format!("layer {layer} expert {e}: read failed"))
-                    });
-                    return self.fail(&wave[w..], err);
-                }
-                let r = {
-                    let plan = &self.plans[layer].as_ref().expect("MoE layer")[e];
-                    let view = |m: &Mat| WeightView {
-                        dtype: m.dtype,
-                        rows: m.rows,
-                        cols: m.cols,
-                        data: &self.seg_bytes(s, &plan.segs[m.seg])[m.rel..m.rel + m.len],
-                    };
-                    f(
-                        e,
-                        [
-                            view(&plan.mats[0]),
-                            view(&plan.mats[1]),
-                            view(&plan.mats[2]),
-                        ],
-                    )
-                };
+                let r = f(e, self.views(layer, e, s));
                 self.cache.release(s);
                 if let Err(err) = r {
                     return self.fail(&wave[w + 1..], err);
@@ -1148,6 +1034,198 @@ impl Streamer {
             }
         }
         Ok(())
+    }
+
+    /// Makes `experts` of `layer` resident (missing ones read in one batch)
+    /// and pins them; returns their slots in the same order. Each slot is
+    /// released with [`unpin`](Self::unpin). For embedders that run their
+    /// own compute on the expert bytes.
+    pub fn pin_experts(&mut self, layer: usize, experts: &[usize], step: u64) -> Result<Vec<usize>> {
+        if self.plans.get(layer).is_none_or(|p| p.is_none()) {
+            return Err(Error::Invalid(format!("layer {layer} is not an MoE layer")));
+        }
+        let n = self.plans[layer].as_ref().map_or(0, Vec::len);
+        if let Some(&bad) = experts.iter().find(|&&e| e >= n) {
+            return Err(Error::Invalid(format!(
+                "expert {bad} is out of range: layer {layer} has {n} experts"
+            )));
+        }
+        let mut uniq: Vec<usize> = experts.to_vec();
+        uniq.sort_unstable();
+        uniq.dedup();
+        if uniq.len() > self.cache.capacity() {
+            return Err(Error::Invalid(format!(
+                "{} experts cannot be resident at once in {} slots",
+                uniq.len(),
+                self.cache.capacity()
+            )));
+        }
+        self.poll()?;
+        let want: Vec<(usize, f32)> = uniq.iter().map(|&e| (e, 1.0)).collect();
+        let mut wave = Vec::new();
+        let got = self.load_wave(layer, &want, 0, step, &mut wave)?;
+        if got < want.len() {
+            let _ = self.fail(&wave, Error::Invalid(String::new()));
+            return Err(Error::Invalid(format!(
+                "only {got} of {} experts could be pinned in layer {layer}: other slots are in use",
+                want.len()
+            )));
+        }
+        // One pin per requested id (duplicates pin twice).
+        let mut out = Vec::with_capacity(experts.len());
+        for &e in experts {
+            let s = wave.iter().find(|w| w.0 == e).expect("loaded").1;
+            if out.iter().any(|&(x, _)| x == e) {
+                self.cache.pin(s);
+            }
+            out.push((e, s));
+        }
+        Ok(out.into_iter().map(|(_, s)| s).collect())
+    }
+
+    /// Undoes one pin taken by [`pin_experts`](Self::pin_experts).
+    pub fn unpin(&mut self, slot: usize) {
+        self.cache.release(slot);
+    }
+
+    /// Where the three matrices of expert `e` of `layer`, resident in
+    /// `slot`, lie: `(dtype, rows, cols, pointer, bytes)` each. The memory
+    /// stays valid and unchanged while the slot is pinned, whoever holds the
+    /// streamer.
+    pub fn expert_parts(&self, layer: usize, e: usize, slot: usize) -> [(DType, usize, usize, *const u8, usize); 3] {
+        self.views(layer, e, slot)
+            .map(|v| (v.dtype, v.rows, v.cols, v.data.as_ptr(), v.data.len()))
+    }
+
+    /// The file ranges of expert `e` of `layer`'s gate, up and down
+    /// matrices: `(file path, offset, bytes)`.
+    pub fn expert_source(&self, layer: usize, e: usize) -> Option<[(std::path::PathBuf, u64, usize); 3]> {
+        let plan = self.plans.get(layer)?.as_ref()?.get(e)?;
+        Some(plan.mats.map(|m| {
+            let s = &plan.segs[m.seg];
+            (self.engine.path(s.file).to_path_buf(), s.offset + m.rel as u64, m.len)
+        }))
+    }
+
+    fn views(&self, layer: usize, e: usize, slot: usize) -> [WeightView<'_>; 3] {
+        let plan = &self.plans[layer].as_ref().expect("MoE layer")[e];
+        plan.mats.map(|m| WeightView {
+            dtype: m.dtype,
+            rows: m.rows,
+            cols: m.cols,
+            data: &self.seg_bytes(slot, &plan.segs[m.seg])[m.rel..m.rel + m.len],
+        })
+    }
+
+    /// Acquires, reads and awaits the longest run of `experts[from..]` the
+    /// slots allow (residents pinned first), leaving them pinned and ready
+    /// in `wave`; returns how many it took. On error nothing stays pinned.
+    fn load_wave(
+        &mut self,
+        layer: usize,
+        experts: &[(usize, f32)],
+        from: usize,
+        step: u64,
+        wave: &mut Vec<(usize, usize)>,
+    ) -> Result<usize> {
+        wave.clear();
+        let mut reqs: Vec<ReadReq> = Vec::new();
+        let rest = &experts[from..];
+        // Residents first: pinned, they are safe from this wave's own
+        // misses (which would otherwise evict an expert about to be used
+        // and read it again).
+        let mut got: Vec<Option<usize>> = vec![None; rest.len()];
+        for (o, &(e, p)) in rest.iter().enumerate() {
+            let key = ExpertKey::new(layer, e);
+            if self.cache.slot_of(key).is_some() {
+                if let Acquire::Hit(s) = self.cache.acquire(key, step, p) {
+                    got[o] = Some(s);
+                    self.stats.hits += 1;
+                }
+            }
+        }
+        let mut end = rest.len();
+        for (o, &(e, p)) in rest.iter().enumerate() {
+            if got[o].is_some() {
+                continue;
+            }
+            let key = ExpertKey::new(layer, e);
+            match self.cache.acquire(key, step, p) {
+                Acquire::Hit(s) => {
+                    self.stats.hits += 1;
+                    got[o] = Some(s);
+                }
+                Acquire::Miss(s) => {
+                    self.stats.misses += 1;
+                    self.queue_reads(s, key, &mut reqs);
+                    got[o] = Some(s);
+                }
+                Acquire::Full => {
+                    end = o;
+                    break;
+                }
+            }
+        }
+        // A wave is a run of consecutive experts, so that outputs are still
+        // accumulated in ascending order across waves; residents pinned
+        // beyond it wait for the next wave.
+        for g in got.iter_mut().skip(end) {
+            if let Some(s) = g.take() {
+                self.cache.release(s);
+                self.stats.hits -= 1;
+            }
+        }
+        for (o, g) in got.iter().take(end).enumerate() {
+            wave.push((rest[o].0, g.expect("acquired")));
+        }
+        if wave.is_empty() {
+            return Err(Error::Invalid(format!(
+                "no expert slot can be freed in layer {layer}: {} slots, all in use",
+                self.cache.capacity()
+            )));
+        }
+        if from == 0 {
+            if self.predicted.contains_key(&layer) && reqs.is_empty() && end == rest.len() {
+                self.poll()?;
+                if wave
+                    .iter()
+                    .all(|&(_, s)| self.cache.state(s) == SlotState::Ready)
+                {
+                    self.pstats.all_ready += 1;
+                }
+            }
+            self.settle_prefetch(layer, experts);
+        }
+        if let Err(err) = self.submit(&reqs) {
+            for &(_, s) in wave.iter() {
+                if self.loading.remove(&s).is_some() {
+                    self.cache.mark_failed(s);
+                }
+            }
+            return self.fail(wave, err).map(|_| 0);
+        }
+        if let Err(err) = self.issue_prefetch(step) {
+            return self.fail(wave, err).map(|_| 0);
+        }
+        // The whole wave is read before any of it is computed: the stall is
+        // then exactly the I/O time of a batch of requests at the wave's
+        // queue depth, comparable with the probe. Overlap with compute comes
+        // from prefetching the next layers.
+        for w in 0..wave.len() {
+            if let Err(err) = self.wait_slot(wave[w].1) {
+                return self.fail(wave, err).map(|_| 0);
+            }
+        }
+        for w in 0..wave.len() {
+            let (e, s) = wave[w];
+            if self.cache.state(s) != SlotState::Ready {
+                let err = self.take_error(s).unwrap_or_else(|| {
+                    Error::Invalid(format!("layer {layer} expert {e}: read failed"))
+                });
+                return self.fail(wave, err).map(|_| 0);
+            }
+        }
+        Ok(end)
     }
 
     fn take_error(&mut self, slot: usize) -> Option<Error> {
