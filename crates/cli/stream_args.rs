@@ -208,6 +208,7 @@ pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
         },
         prefetch_k: s.prefetch_k,
         prefetch_depth: s.prefetch_depth,
+        dense: true,
     };
     let streamer = Streamer::open(&mut model, &opts)?;
     notes.extend(streamer.notes().iter().cloned());

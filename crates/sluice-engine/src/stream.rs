@@ -57,6 +57,9 @@ pub struct StreamOptions {
     pub prefetch_k: usize,
     /// MoE layers ahead that gating and the oracle prefetch for (≥ 1).
     pub prefetch_depth: usize,
+    /// Read the dense weights into RAM (the forward pass needs them; an
+    /// embedder that only wants expert bytes does not).
+    pub dense: bool,
 }
 
 impl Default for StreamOptions {
@@ -74,6 +77,7 @@ impl Default for StreamOptions {
             prefetch: "none".into(),
             prefetch_k: 0,
             prefetch_depth: 1,
+            dense: true,
         }
     }
 }
@@ -468,7 +472,7 @@ impl Streamer {
         let baseline = sluice_io::sys::rss_bytes().unwrap_or(0);
         let mut dense = 0u64;
         for w in dense_weights(model) {
-            if w.data.is_mapped() {
+            if w.data.is_mapped() && opts.dense {
                 dense += sluice_io::max_widened_len(w.data.len(), align) as u64;
             }
         }
@@ -539,7 +543,7 @@ impl Streamer {
         // Dense weights, read through the engine into owned buffers.
         let mut seen: HashMap<(usize, usize, usize), TensorBytes> = HashMap::new();
         for w in dense_weights(model) {
-            if !w.data.is_mapped() {
+            if !w.data.is_mapped() || !opts.dense {
                 continue;
             }
             let key = (w.file, w.data.offset(), w.data.len());
@@ -953,6 +957,17 @@ impl Streamer {
         self.submit(&reqs)
     }
 
+    /// Issues pending predictions' reads now (an embedder's hint).
+    pub fn prefetch_now(&mut self, step: u64) -> Result<()> {
+        self.poll()?;
+        self.issue_prefetch(step)
+    }
+
+    /// The first MoE layer after `layer`.
+    pub fn next_moe_layer(&self, layer: usize) -> Option<usize> {
+        (layer + 1..self.plans.len()).find(|&l| self.plans[l].is_some())
+    }
+
     /// MoE layers ahead that gating and the oracle predict.
     pub fn depth(&self) -> usize {
         self.depth
@@ -1040,7 +1055,12 @@ impl Streamer {
     /// and pins them; returns their slots in the same order. Each slot is
     /// released with [`unpin`](Self::unpin). For embedders that run their
     /// own compute on the expert bytes.
-    pub fn pin_experts(&mut self, layer: usize, experts: &[usize], step: u64) -> Result<Vec<usize>> {
+    pub fn pin_experts(
+        &mut self,
+        layer: usize,
+        experts: &[usize],
+        step: u64,
+    ) -> Result<Vec<usize>> {
         if self.plans.get(layer).is_none_or(|p| p.is_none()) {
             return Err(Error::Invalid(format!("layer {layer} is not an MoE layer")));
         }
@@ -1092,18 +1112,31 @@ impl Streamer {
     /// `slot`, lie: `(dtype, rows, cols, pointer, bytes)` each. The memory
     /// stays valid and unchanged while the slot is pinned, whoever holds the
     /// streamer.
-    pub fn expert_parts(&self, layer: usize, e: usize, slot: usize) -> [(DType, usize, usize, *const u8, usize); 3] {
+    pub fn expert_parts(
+        &self,
+        layer: usize,
+        e: usize,
+        slot: usize,
+    ) -> [(DType, usize, usize, *const u8, usize); 3] {
         self.views(layer, e, slot)
             .map(|v| (v.dtype, v.rows, v.cols, v.data.as_ptr(), v.data.len()))
     }
 
     /// The file ranges of expert `e` of `layer`'s gate, up and down
     /// matrices: `(file path, offset, bytes)`.
-    pub fn expert_source(&self, layer: usize, e: usize) -> Option<[(std::path::PathBuf, u64, usize); 3]> {
+    pub fn expert_source(
+        &self,
+        layer: usize,
+        e: usize,
+    ) -> Option<[(std::path::PathBuf, u64, usize); 3]> {
         let plan = self.plans.get(layer)?.as_ref()?.get(e)?;
         Some(plan.mats.map(|m| {
             let s = &plan.segs[m.seg];
-            (self.engine.path(s.file).to_path_buf(), s.offset + m.rel as u64, m.len)
+            (
+                self.engine.path(s.file).to_path_buf(),
+                s.offset + m.rel as u64,
+                m.len,
+            )
         }))
     }
 
