@@ -192,6 +192,29 @@ impl SlotCache {
         r
     }
 
+    /// Acquires the experts one step uses (a layer's choices for a token or
+    /// a batch): those already resident first, so that none of the step's
+    /// own misses evicts an expert the step is about to use, then the
+    /// misses in the given order until no slot can be freed. Returns one
+    /// answer per key, in the keys' order (`Full` for those not acquired).
+    pub fn acquire_step(&mut self, keys: &[(ExpertKey, f32)], step: u64) -> Vec<Acquire> {
+        let mut out = vec![Acquire::Full; keys.len()];
+        for (o, &(k, p)) in keys.iter().enumerate() {
+            if self.map.contains_key(&k) {
+                out[o] = self.acquire(k, step, p);
+            }
+        }
+        for (o, &(k, p)) in keys.iter().enumerate() {
+            if out[o] == Acquire::Full {
+                out[o] = self.acquire(k, step, p);
+                if out[o] == Acquire::Full {
+                    break;
+                }
+            }
+        }
+        out
+    }
+
     /// Like [`acquire`](Self::acquire) but neither pins nor counts, and
     /// tells the policy it is not a use (probability 0): for prefetches.
     pub fn prefetch(&mut self, key: ExpertKey, step: u64) -> Acquire {

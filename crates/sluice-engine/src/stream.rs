@@ -501,7 +501,7 @@ impl Streamer {
             0
         } else if cap == u64::MAX {
             // No cap: room for every expert, within what the machine has.
-            let avail = mem_available_bytes().unwrap_or(u64::MAX);
+            let avail = sluice_io::sys::mem_available_bytes().unwrap_or(u64::MAX);
             (avail.saturating_sub(fixed) / max_plan as u64).min(experts_total as u64) as usize
         } else {
             (cap.saturating_sub(fixed) / max_plan as u64).min(experts_total as u64) as usize
@@ -553,7 +553,7 @@ impl Streamer {
             }
             let (buf, skip) =
                 sluice_io::read_exact(engine.as_mut(), file_ids[w.file], key.1 as u64, key.2)?;
-            let b = TensorBytes::owned(Arc::new(buf), skip, key.2);
+            let b = TensorBytes::new(Arc::new(buf), skip, key.2);
             seen.insert(key, b.clone());
             w.data = b;
         }
@@ -684,13 +684,6 @@ impl Streamer {
         } else {
             biggest.min(self.chunk)
         }
-    }
-
-    /// Bytes of one expert of `layer` as stored (the wanted bytes of its
-    /// reads), `None` for a dense layer.
-    pub fn expert_bytes(&self, layer: usize) -> Option<u64> {
-        let p = self.plans.get(layer)?.as_ref()?.first()?;
-        Some(p.segs.iter().map(|s| s.len as u64).sum())
     }
 
     /// Adds the reads that fill `slot` with `key` to `reqs`.
@@ -1164,52 +1157,32 @@ impl Streamer {
         wave.clear();
         let mut reqs: Vec<ReadReq> = Vec::new();
         let rest = &experts[from..];
-        // Residents first: pinned, they are safe from this wave's own
-        // misses (which would otherwise evict an expert about to be used
-        // and read it again).
-        let mut got: Vec<Option<usize>> = vec![None; rest.len()];
-        for (o, &(e, p)) in rest.iter().enumerate() {
-            let key = ExpertKey::new(layer, e);
-            if self.cache.slot_of(key).is_some() {
-                if let Acquire::Hit(s) = self.cache.acquire(key, step, p) {
-                    got[o] = Some(s);
-                    self.stats.hits += 1;
-                }
-            }
-        }
-        let mut end = rest.len();
-        for (o, &(e, p)) in rest.iter().enumerate() {
-            if got[o].is_some() {
-                continue;
-            }
-            let key = ExpertKey::new(layer, e);
-            match self.cache.acquire(key, step, p) {
-                Acquire::Hit(s) => {
-                    self.stats.hits += 1;
-                    got[o] = Some(s);
-                }
-                Acquire::Miss(s) => {
-                    self.stats.misses += 1;
-                    self.queue_reads(s, key, &mut reqs);
-                    got[o] = Some(s);
-                }
-                Acquire::Full => {
-                    end = o;
-                    break;
-                }
-            }
-        }
+        let keys: Vec<(ExpertKey, f32)> = rest
+            .iter()
+            .map(|&(e, p)| (ExpertKey::new(layer, e), p))
+            .collect();
+        let got = self.cache.acquire_step(&keys, step);
         // A wave is a run of consecutive experts, so that outputs are still
         // accumulated in ascending order across waves; residents pinned
         // beyond it wait for the next wave.
-        for g in got.iter_mut().skip(end) {
-            if let Some(s) = g.take() {
-                self.cache.release(s);
-                self.stats.hits -= 1;
+        let end = got
+            .iter()
+            .position(|a| *a == Acquire::Full)
+            .unwrap_or(got.len());
+        for (o, a) in got.iter().enumerate() {
+            match *a {
+                Acquire::Hit(s) if o >= end => self.cache.release(s),
+                Acquire::Hit(s) => {
+                    self.stats.hits += 1;
+                    wave.push((rest[o].0, s));
+                }
+                Acquire::Miss(s) => {
+                    self.stats.misses += 1;
+                    self.queue_reads(s, keys[o].0, &mut reqs);
+                    wave.push((rest[o].0, s));
+                }
+                Acquire::Full => {}
             }
-        }
-        for (o, g) in got.iter().take(end).enumerate() {
-            wave.push((rest[o].0, g.expect("acquired")));
         }
         if wave.is_empty() {
             return Err(Error::Invalid(format!(
@@ -1288,14 +1261,6 @@ impl Streamer {
         self.loading_errors.clear();
         Err(err)
     }
-}
-
-/// `MemAvailable` from /proc/meminfo.
-fn mem_available_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let l = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = l.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }
 
 /// `1.5G`-style size for messages.

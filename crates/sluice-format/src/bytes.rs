@@ -44,12 +44,6 @@ impl TensorBytes {
         self.mapped
     }
 
-    /// Owned bytes in any buffer (aligned I/O buffers, for instance),
-    /// starting `start` bytes in.
-    pub fn owned(backing: Arc<dyn AsRef<[u8]> + Send + Sync>, start: usize, len: usize) -> Self {
-        TensorBytes::new(backing, start, len)
-    }
-
     /// Owned bytes (converted or synthesized tensors).
     pub fn from_vec(v: Vec<u8>) -> Self {
         let len = v.len();

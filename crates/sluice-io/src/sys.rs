@@ -37,6 +37,12 @@ pub fn rss_bytes() -> Option<u64> {
     status_kb("VmRSS")
 }
 
+/// Memory the kernel could give without swapping (`MemAvailable`), bytes.
+pub fn mem_available_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_status_kb(&meminfo, "MemAvailable")
+}
+
 /// Which cgroup hierarchy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Hierarchy {

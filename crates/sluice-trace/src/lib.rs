@@ -403,17 +403,14 @@ fn simulate(
             }
             let mut pinned = Vec::with_capacity(r.experts.len());
             let mut all = true;
-            // Residents of this step first, so that no miss of the step
-            // evicts an expert the step is about to use.
-            let mut order: Vec<usize> = (0..r.experts.len()).collect();
-            order.sort_by_key(|&i| {
-                c.slot_of(ExpertKey::new(l, r.experts[i] as usize))
-                    .is_none()
-            });
-            for i in order {
-                let e = r.experts[i];
-                let key = ExpertKey::new(l, e as usize);
-                match c.acquire(key, step, prob(i)) {
+            let keys: Vec<(ExpertKey, f32)> = r
+                .experts
+                .iter()
+                .enumerate()
+                .map(|(i, &e)| (ExpertKey::new(l, e as usize), prob(i)))
+                .collect();
+            for (&e, a) in r.experts.iter().zip(c.acquire_step(&keys, step)) {
+                match a {
                     Acquire::Hit(slot) => {
                         sim.hits[l] += 1;
                         if unused[l].remove(&e) {

@@ -142,16 +142,24 @@ fn hints_and_observations_prefetch() {
 
 #[test]
 fn embedding_example_matches_the_engine() {
+    // Built here, so that running this test alone cannot skip it; the test
+    // profile's artifacts leave only the example's own build.
     let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap().join("examples");
-    let bin = dir.join("moe_layer");
-    if !bin.exists() {
-        eprintln!(
-            "skipped: {} not built (cargo test builds examples)",
-            bin.display()
-        );
-        return;
+    let profile_dir = exe.parent().unwrap().parent().unwrap();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = std::process::Command::new(cargo);
+    build.args(["build", "-p", "sluice", "--example", "moe_layer"]);
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        build.arg("--release");
+    } else {
+        build.args(["--profile", "test"]);
     }
+    assert!(
+        build.status().unwrap().success(),
+        "building the example failed"
+    );
+    let bin = profile_dir.join("examples").join("moe_layer");
+    assert!(bin.exists(), "{} was not built", bin.display());
     for m in ["qwen3_moe", "qwen2_moe.q4_0.gguf", "olmoe.bf16.gguf"] {
         let out = std::process::Command::new(&bin)
             .arg(fixture(m))
