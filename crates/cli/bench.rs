@@ -48,6 +48,8 @@ struct Pass {
     /// Bytes the prompt read, and the bytes of the distinct experts it used.
     prefill_read: u64,
     prefill_distinct: u64,
+    /// On a simulated device: device seconds of prefill, decode, stall.
+    device: Option<(f64, f64, f64)>,
 }
 
 impl Pass {
@@ -102,6 +104,10 @@ impl Pass {
             "predictor_s_per_token": pf.map(|p| p.predictor.as_secs_f64() / self.tokens.max(1) as f64),
             "prefill_bytes_read": self.prefill_read,
             "prefill_distinct_expert_bytes": self.prefill_distinct,
+            "device_tok_per_s": self.device.map(|d| self.tokens as f64 / d.1.max(1e-12)),
+            "device_ttft_s": self.device.map(|d| d.0),
+            "device_decode_s": self.device.map(|d| d.1),
+            "device_stall_s": self.device.map(|d| d.2),
         })
     }
 }
@@ -118,13 +124,21 @@ fn storage_read_bytes() -> u64 {
         .unwrap_or(0)
 }
 
-fn run_pass(s: &mut Session, prompt: &[u32], n: usize, obs: &Observed) -> Result<Pass> {
+fn run_pass(
+    s: &mut Session,
+    prompt: &[u32],
+    n: usize,
+    obs: &Observed,
+    clock: Option<&sluice_backend_sim::DeviceClock>,
+) -> Result<Pass> {
     s.reset();
+    let d0 = clock.map(|c| c.time());
     let stats0 = s.streamer().map(|st| st.stats());
     obs.distinct.lock().expect("not poisoned").clear();
     let t0 = Instant::now();
     let mut last = s.forward(prompt, false)?;
     let ttft = t0.elapsed().as_secs_f64();
+    let d1 = clock.map(|c| c.time());
     let prefill_distinct: u64 = {
         let d = obs.distinct.lock().expect("not poisoned");
         d.iter().map(|&(l, _)| obs.per_layer[l]).sum()
@@ -139,6 +153,12 @@ fn run_pass(s: &mut Session, prompt: &[u32], n: usize, obs: &Observed) -> Result
         last = s.forward(&[next], false)?;
     }
     let decode_s = t1.elapsed().as_secs_f64();
+    let device = match (d0, d1, clock.map(|c| c.time())) {
+        (Some(a), Some(b), Some(c)) => {
+            Some((b.now_s - a.now_s, c.now_s - b.now_s, c.stall_s - b.stall_s))
+        }
+        _ => None,
+    };
     let io = match (s.streamer().map(|st| st.stats()), before) {
         (Some(a), Some(b)) => Some(a.since(&b)),
         _ => None,
@@ -162,6 +182,7 @@ fn run_pass(s: &mut Session, prompt: &[u32], n: usize, obs: &Observed) -> Result
             _ => 0,
         },
         prefill_distinct,
+        device,
     })
 }
 
@@ -230,11 +251,12 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let prompt: Vec<u32> = (0..a.prompt_tokens)
         .map(|_| rng.u32(0..c.vocab as u32))
         .collect();
-    let cold = run_pass(&mut s, &prompt, a.tokens, &obs)?;
+    let clock = o.clock.clone();
+    let cold = run_pass(&mut s, &prompt, a.tokens, &obs, clock.as_deref())?;
     let warm = if a.no_warm {
         None
     } else {
-        Some(run_pass(&mut s, &prompt, a.tokens, &obs)?)
+        Some(run_pass(&mut s, &prompt, a.tokens, &obs, clock.as_deref())?)
     };
     let peak = sluice_io::sys::peak_rss_bytes().unwrap_or(0);
     // The queue depth the run used: reads per batch, on average.
@@ -310,6 +332,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let extra = serde_json::json!({
         "model": a.m.model,
         "architecture": c.arch.hf_name(),
+        "backend": a.m.backend,
+        "device": (a.m.backend == "sim").then(|| a.m.device.clone()),
         "io_engine": o.io_name,
         "direct": s.streamer().is_some_and(|st| st.direct()),
         "cache_policy": s.streamer().map(|st| st.policy()),
@@ -375,6 +399,16 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             f(&p["stall_s"]),
             f(&p["compute_s"]),
         );
+        if !p["device_tok_per_s"].is_null() {
+            println!(
+                "  {name:<5} device     {} tok/s decode, TTFT {} s, stall {} s of {} s (device time: {})",
+                f(&p["device_tok_per_s"]),
+                f(&p["device_ttft_s"]),
+                f(&p["device_stall_s"]),
+                f(&p["device_decode_s"]),
+                a.m.device
+            );
+        }
     }
     println!(
         "  memory           peak RSS {:.1} MB, cap {}, capped: {}",

@@ -1,6 +1,8 @@
 //! The `sluice` command line.
 
 mod bench;
+mod hostprof;
+mod sim;
 mod stream_args;
 mod tools;
 mod trace;
@@ -47,6 +49,9 @@ enum Cmd {
     Demo(tools::DemoArgs),
     /// Routing traces: statistics of cache policies and predictors, import.
     Trace(trace::TraceArgs),
+    /// Predict tok/s, TTFT, hit rate and stalls on a device (profile),
+    /// for any RAM cap and flash bandwidth; sweeps write CSV and SVG.
+    Sim(sim::SimArgs),
 }
 
 #[derive(Args)]
@@ -360,6 +365,7 @@ fn main() {
         Cmd::Probe(a) => tools::probe(a),
         Cmd::Demo(a) => tools::demo(a),
         Cmd::Trace(a) => trace::trace(a),
+        Cmd::Sim(a) => sim::sim(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

@@ -4,8 +4,9 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use sluice_backend_cpu::CpuBackend;
+use sluice_backend_sim::{DeviceClock, PacedEngine, SimBackend};
 use sluice_core::Backend;
-use sluice_engine::stream::{parse_size, StreamOptions, Streamer};
+use sluice_engine::stream::{parse_size, EngineWrap, StreamOptions, Streamer};
 use sluice_engine::{Model, Session};
 use sluice_format::ModelFiles;
 use sluice_io::{EngineOptions, IoKind};
@@ -20,6 +21,15 @@ pub struct ModelArgs {
     /// Compute threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Compute backend: cpu, or sim (the CPU's numerics on a profiled
+    /// device's clock: its RAM cap by default, flash reads paced to its
+    /// bandwidth and latency, compute timed by its throughput).
+    #[arg(long, default_value = "cpu")]
+    pub backend: String,
+    /// Device of --backend sim: a built-in profile (iphone-17-pro,
+    /// macbook-pro-m3-max-48gb, host) or a profile TOML file.
+    #[arg(long, default_value = "iphone-17-pro")]
+    pub device: String,
     #[command(flatten)]
     pub stream: StreamArgs,
 }
@@ -114,6 +124,8 @@ pub struct Opened {
     pub capped: bool,
     /// Why it is or is not capped, and fallbacks.
     pub notes: Vec<String>,
+    /// The simulated device's clock (`--backend sim`).
+    pub clock: Option<Arc<DeviceClock>>,
     replay: Option<sluice_engine::forward::Replay>,
 }
 
@@ -130,8 +142,36 @@ impl Opened {
 
 /// Opens `m.model` for `ctx` tokens processed in batches of up to `batch`.
 pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
-    let s = &m.stream;
     let mut notes = Vec::new();
+    let mut stream = m.stream.clone();
+    let device = match m.backend.as_str() {
+        "cpu" => None,
+        "sim" => {
+            let p = sluice_sim::Profile::open(&m.device)?;
+            if stream.engine().is_none() {
+                if stream.io.is_some() {
+                    anyhow::bail!("--backend sim paces the reads of the uring and pread engines; mmap's page faults cannot be paced");
+                }
+                stream.io = Some(IoKind::Uring);
+            }
+            if stream.ram_cap.is_none() {
+                stream.ram_cap = Some(p.app_bytes());
+            }
+            notes.push(format!(
+                "simulated device {} ({}): RAM cap {:.2} GB, flash {:.2} GB/s at {:.0} µs, {} matvec {:.1} GB/s; numerics are the CPU backend's, times are the device's",
+                p.name,
+                p.origin,
+                stream.ram_cap.unwrap_or(0) as f64 / 1e9,
+                p.flash.read_gbps.value,
+                p.flash.latency_us.value,
+                p.compute.unit,
+                p.compute.matvec_gbps.value
+            ));
+            Some(p)
+        }
+        b => anyhow::bail!("unknown backend {b:?} (cpu, sim)"),
+    };
+    let s = &stream;
     if s.prefetch == "oracle" && s.replay.is_none() {
         anyhow::bail!("--prefetch oracle needs a --replay trace to know the future from");
     }
@@ -148,7 +188,17 @@ pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
             p.display()
         ));
     }
-    let backend: Arc<dyn Backend> = Arc::new(CpuBackend::new(m.threads)?);
+    let cpu = CpuBackend::new(m.threads)?;
+    let (backend, clock): (Arc<dyn Backend>, _) = match &device {
+        Some(p) => {
+            let clock = DeviceClock::new(p);
+            (
+                Arc::new(SimBackend::new(cpu, p, clock.clone())),
+                Some(clock),
+            )
+        }
+        None => (Arc::new(cpu), None),
+    };
     let load = || -> Result<ModelFiles> {
         ModelFiles::open(&m.model).with_context(|| format!("loading {}", m.model.display()))
     };
@@ -173,6 +223,7 @@ pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
             io_name: "mmap",
             capped,
             notes,
+            clock: None,
             replay,
         });
     };
@@ -209,6 +260,11 @@ pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
         prefetch_k: s.prefetch_k,
         prefetch_depth: s.prefetch_depth,
         dense: true,
+        engine_wrap: clock.clone().map(|c| {
+            EngineWrap(Arc::new(move |e| {
+                Box::new(PacedEngine::new(e, c.clone())) as Box<dyn sluice_io::ReadEngine>
+            }))
+        }),
     };
     let streamer = Streamer::open(&mut model, &opts)?;
     notes.extend(streamer.notes().iter().cloned());
@@ -246,6 +302,7 @@ pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
         ctx,
         capped,
         notes,
+        clock,
     })
 }
 

@@ -81,6 +81,11 @@ pub struct ProbeArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Also measure the CPU backend's kernels and write the `host` device
+    /// profile for `sluice sim --device FILE` to this TOML file (flash
+    /// figures: 512K reads at the deepest queue, latency of 4K at qd 1).
+    #[arg(long)]
+    profile: Option<PathBuf>,
 }
 
 fn dtype_arg(s: &str) -> Result<DType> {
@@ -253,15 +258,79 @@ pub fn probe(a: ProbeArgs) -> Result<()> {
             .iter()
             .filter_map(|r| r["gbps"].as_f64())
             .fold(0f64, f64::max);
+        // For --profile: the engine reads a layer's misses as a batch and
+        // waits for all of them, so the profile's bandwidth is measured in
+        // that pattern (bursts of the deepest queue's 512 KiB reads).
+        let burst = match (&a.profile, a.qd.iter().max()) {
+            (Some(_), Some(&qd)) => {
+                let mut e = sluice_io::open_engine(&EngineOptions {
+                    kind,
+                    direct: true,
+                    queue_depth: qd.max(1),
+                    threads: qd.max(1),
+                    register: false,
+                })?;
+                let f = e.open(&file)?;
+                let req = (512usize << 10).min(len as usize);
+                let b = sluice_io::probe::probe_bursts(
+                    e.as_mut(),
+                    f,
+                    len,
+                    req,
+                    qd.max(1),
+                    32 << 20,
+                    a.seconds.max(1.0),
+                    3,
+                )?;
+                Some(b.gbps)
+            }
+            _ => None,
+        };
         Ok(serde_json::json!({
             "path": file, "engine": engine_desc, "notes": notes, "results": results,
-            "max_gbps": best, "machine": crate::bench::machine(),
+            "max_gbps": best, "burst_gbps": burst, "machine": crate::bench::machine(),
         }))
     })();
     if let Some(p) = scratch {
         let _ = std::fs::remove_file(p);
     }
     let j = r?;
+    if let Some(out) = &a.profile {
+        let res = j["results"].as_array().cloned().unwrap_or_default();
+        let get = |req: u64, qd: Option<u64>| {
+            res.iter()
+                .filter(|r| r["request_bytes"].as_u64() == Some(req))
+                .filter(|r| qd.is_none_or(|q| r["queue_depth"].as_u64() == Some(q)))
+                .max_by_key(|r| r["queue_depth"].as_u64().unwrap_or(0))
+                .cloned()
+        };
+        let (Some(bw), Some(lat)) = (get(512 << 10, None), get(4096, Some(1))) else {
+            bail!("--profile needs the probe to include 512K and 4K requests, and queue depth 1");
+        };
+        let qd = bw["queue_depth"].as_u64().unwrap_or(1) as usize;
+        let burst = j["burst_gbps"].as_f64().unwrap_or(0.0);
+        let how = format!(
+            "sluice probe {} ({}): bursts of {qd} × 512 KiB reads awaited together (steady qd {qd}: {:.3} GB/s), 4 KiB at qd 1 for latency (p50)",
+            a.path.display(),
+            j["engine"].as_str().unwrap_or(""),
+            bw["gbps"].as_f64().unwrap_or(0.0)
+        );
+        let p = crate::hostprof::measure(
+            (
+                burst,
+                lat["p50_latency_s"].as_f64().unwrap_or(0.0) * 1e6,
+                qd,
+            ),
+            &how,
+        )?;
+        let text = p.to_toml();
+        // Written only if it reads back as a valid profile.
+        sluice_sim::Profile::parse(&text, out)?;
+        std::fs::write(out, text).with_context(|| format!("{}", out.display()))?;
+        if !a.json {
+            println!("wrote the host profile to {}", out.display());
+        }
+    }
     if a.json {
         println!("{j}");
     } else {

@@ -60,6 +60,21 @@ pub struct StreamOptions {
     /// Read the dense weights into RAM (the forward pass needs them; an
     /// embedder that only wants expert bytes does not).
     pub dense: bool,
+    /// Wraps the opened read engine (the simulated device paces reads so).
+    pub engine_wrap: Option<EngineWrap>,
+}
+
+/// A function that wraps a read engine in another.
+pub type WrapFn = dyn Fn(Box<dyn ReadEngine>) -> Box<dyn ReadEngine> + Send + Sync;
+
+/// A [`WrapFn`] for [`StreamOptions::engine_wrap`].
+#[derive(Clone)]
+pub struct EngineWrap(pub Arc<WrapFn>);
+
+impl std::fmt::Debug for EngineWrap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EngineWrap")
+    }
 }
 
 impl Default for StreamOptions {
@@ -78,6 +93,7 @@ impl Default for StreamOptions {
             prefetch_k: 0,
             prefetch_depth: 1,
             dense: true,
+            engine_wrap: None,
         }
     }
 }
@@ -107,6 +123,15 @@ pub struct Budget {
 }
 
 impl Budget {
+    /// Headroom kept under a cap: allocator slack and stacks.
+    pub fn margin_for(cap: u64) -> u64 {
+        if cap == u64::MAX {
+            0
+        } else {
+            (16 << 20) + cap / 100
+        }
+    }
+
     /// Bytes planned in all.
     pub fn planned(&self) -> u64 {
         self.baseline
@@ -383,8 +408,10 @@ fn dense_weights(m: &mut Model) -> Vec<&mut Weight> {
     v
 }
 
-/// Bytes of activations and buffers for a batch of `n` tokens.
-fn scratch_bytes(c: &Config, inter: usize, n: usize, ctx: usize, threads: usize) -> u64 {
+/// Bytes of activations and buffers for a batch of `n` tokens of a model
+/// whose widest expert has `inter` rows, with `ctx` positions and
+/// `threads` compute threads (also the simulator's figure).
+pub fn scratch_bytes(c: &Config, inter: usize, n: usize, ctx: usize, threads: usize) -> u64 {
     let (h, qd, kd) = (c.hidden, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
     let per_token = 8 * h + 3 * qd + 2 * kd + 3 * inter + 2 * c.n_experts;
     let per_thread = ctx + 4 * h.max(inter).max(qd);
@@ -399,6 +426,9 @@ impl Streamer {
     /// dense weights, KV cache and one layer's top-k experts.
     pub fn open(model: &mut Model, opts: &StreamOptions) -> Result<Streamer> {
         let mut engine = sluice_io::open_engine(&opts.io)?;
+        if let Some(w) = &opts.engine_wrap {
+            engine = (w.0)(engine);
+        }
         let mut notes = engine.notes();
         let mut file_ids = Vec::new();
         for f in model.files.files() {
@@ -479,11 +509,7 @@ impl Streamer {
         let kv = (opts.ctx * c.n_layers * 2 * c.n_kv_heads * c.head_dim * 4) as u64;
         let scratch = scratch_bytes(&c, inter, opts.batch.max(1), opts.ctx, opts.threads.max(1));
         let cap = opts.ram_cap.unwrap_or(u64::MAX);
-        let margin = if cap == u64::MAX {
-            0
-        } else {
-            (16 << 20) + cap / 100
-        };
+        let margin = Budget::margin_for(cap);
         let mut budget = Budget {
             cap,
             baseline,

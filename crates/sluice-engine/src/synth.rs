@@ -144,6 +144,16 @@ impl Default for SynthOptions {
 }
 
 impl Preset {
+    /// Layers of the real model.
+    pub fn layers(&self) -> usize {
+        self.layers
+    }
+
+    /// Rows of each expert's gate and up projections.
+    pub fn expert_inter(&self) -> usize {
+        self.expert_inter
+    }
+
     /// The config of this geometry with `layers` layers.
     pub fn config(&self, layers: usize) -> Config {
         Config {

@@ -1,0 +1,848 @@
+//! The discrete-event simulation of one run: prefill, then decode, token
+//! by token and layer by layer, on a device clock. The expert cache and
+//! the predictors are the engine's own (`sluice-cache`); the flash queue
+//! and compute costs come from the device profile.
+
+use crate::device::{Costs, FlashQueue};
+use crate::geometry::{Mixer, SimModel};
+use crate::profile::Profile;
+use crate::routing::{FixedHits, Routes};
+use serde_json::{json, Value};
+use sluice_cache::{policy_by_name, predictor_by_name, Acquire, ExpertKey, Predictor, SlotCache};
+use sluice_core::{Error, Result};
+use sluice_engine::stream::{scratch_bytes, Budget};
+use std::collections::HashMap;
+
+/// How expert bytes reach compute.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Residency {
+    /// sluice's own slots, read with direct I/O (uring, pread).
+    Slots,
+    /// Buffered reads through the OS page cache (no cache of one's own):
+    /// the page cache holds what RAM is left, LRU, and every use copies
+    /// the expert out of it.
+    PageCache,
+}
+
+/// What to simulate.
+#[derive(Clone, Debug)]
+pub struct SimOptions {
+    /// Byte budget (default: what one process may use on the device).
+    pub ram_cap: Option<u64>,
+    /// Expert residency.
+    pub residency: Residency,
+    /// Instead of a cache, each expert use hits with this probability.
+    pub fixed_hit_rate: Option<f64>,
+    /// Exactly this many expert slots.
+    pub slots: Option<usize>,
+    /// Cache policy (`lru`, `lfu`, `router`).
+    pub policy: String,
+    /// Predictor: `none`, `xlayer`, `history`, `oracle`.
+    pub prefetch: String,
+    /// Experts prefetched per layer (0: top-k).
+    pub prefetch_k: usize,
+    /// MoE layers ahead the oracle predicts.
+    pub prefetch_depth: usize,
+    /// Read size of demand reads (0: whole records).
+    pub read_chunk: u64,
+    /// Reads the engine keeps in flight.
+    pub queue_depth: usize,
+    /// Tokens decoded.
+    pub tokens: usize,
+    /// Prompt tokens (one batch).
+    pub prompt_tokens: usize,
+    /// Run a warm pass after the cold one (cache kept).
+    pub warm: bool,
+    /// Compute threads (scratch sizing, as the engine does).
+    pub threads: usize,
+}
+
+impl Default for SimOptions {
+    fn default() -> Self {
+        SimOptions {
+            ram_cap: None,
+            residency: Residency::Slots,
+            fixed_hit_rate: None,
+            slots: None,
+            policy: "lru".into(),
+            prefetch: "none".into(),
+            prefetch_k: 0,
+            prefetch_depth: 1,
+            read_chunk: 512 << 10,
+            queue_depth: 16,
+            tokens: 16,
+            prompt_tokens: 8,
+            warm: true,
+            threads: 1,
+        }
+    }
+}
+
+/// Time and traffic of one layer over a pass.
+#[derive(Clone, Debug, Default)]
+pub struct LayerTimes {
+    /// Waiting for expert reads.
+    pub stall_s: f64,
+    /// Compute (mixer, dense products, experts, overhead).
+    pub compute_s: f64,
+    /// Expert uses found resident.
+    pub hits: u64,
+    /// Expert uses read.
+    pub misses: u64,
+}
+
+/// Figures of one pass (prefill then decode).
+#[derive(Clone, Debug, Default)]
+pub struct PassReport {
+    /// Time of the prompt's forward pass.
+    pub ttft_s: f64,
+    /// Decode time.
+    pub decode_s: f64,
+    /// Tokens decoded.
+    pub tokens: usize,
+    /// Decode: hits, misses, bytes, stall.
+    pub hits: u64,
+    /// Misses.
+    pub misses: u64,
+    /// Bytes read from flash while decoding.
+    pub bytes_read: u64,
+    /// Expert bytes the router used while decoding.
+    pub expert_bytes_used: u64,
+    /// Seconds waiting for reads while decoding.
+    pub stall_s: f64,
+    /// Seconds the drive moved bytes while decoding.
+    pub flash_busy_s: f64,
+    /// Per layer, decode only.
+    pub layers: Vec<LayerTimes>,
+    /// Prefill bytes read.
+    pub prefill_bytes_read: u64,
+    /// Bytes of the distinct experts the prompt used.
+    pub prefill_distinct_expert_bytes: u64,
+    /// Prefetch: predicted, predicted and used, demanded, layer-steps,
+    /// steps with every expert ready, bytes, wasted bytes.
+    pub pf: [u64; 7],
+}
+
+impl PassReport {
+    /// Decode tokens per second.
+    pub fn tok_per_s(&self) -> f64 {
+        self.tokens as f64 / self.decode_s.max(1e-12)
+    }
+
+    /// Hit rate of decode's expert uses.
+    pub fn hit_rate(&self) -> f64 {
+        let n = self.hits + self.misses;
+        if n == 0 {
+            1.0
+        } else {
+            self.hits as f64 / n as f64
+        }
+    }
+
+    /// JSON with the bench's keys.
+    pub fn json(&self, prefetch: bool) -> Value {
+        let per = |b: u64| b as f64 / self.tokens.max(1) as f64;
+        let r = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+        let [pred, used, dem, steps, ready, bytes, wasted] = self.pf;
+        json!({
+            "tok_per_s": self.tok_per_s(),
+            "ttft_s": self.ttft_s,
+            "decode_s": self.decode_s,
+            "bytes_read_per_token": per(self.bytes_read),
+            "expert_bytes_used_per_token": per(self.expert_bytes_used),
+            "hit_rate": self.hit_rate(),
+            "stall_s": self.stall_s,
+            "compute_s": self.decode_s - self.stall_s,
+            "read_gbps": self.bytes_read as f64 / self.flash_busy_s.max(1e-12) / 1e9,
+            "overlap_ratio": if self.flash_busy_s > 0.0 { json!((1.0 - self.stall_s / self.flash_busy_s).clamp(0.0, 1.0)) } else { Value::Null },
+            "prefetch_recall": prefetch.then(|| r(used, dem)),
+            "prefetch_precision": prefetch.then(|| r(used, pred)),
+            "all_k_ready_rate": prefetch.then(|| r(ready, steps)),
+            "prefetch_bytes_per_token": prefetch.then(|| per(bytes)),
+            "wasted_prefetch_bytes_per_token": prefetch.then(|| per(wasted)),
+            "prefill_bytes_read": self.prefill_bytes_read,
+            "prefill_distinct_expert_bytes": self.prefill_distinct_expert_bytes,
+            "per_layer": self.layers.iter().enumerate().map(|(l, t)| json!({
+                "layer": l, "stall_s": t.stall_s, "compute_s": t.compute_s,
+                "hit_rate": r(t.hits, t.hits + t.misses)})).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// The outcome: the budget and one or two passes.
+#[derive(Clone, Debug)]
+pub struct SimReport {
+    /// The RAM plan.
+    pub budget: Budget,
+    /// Cold pass (empty cache).
+    pub cold: PassReport,
+    /// Warm pass (same tokens, cache kept).
+    pub warm: Option<PassReport>,
+    /// What was simulated, and every approximation, in words.
+    pub notes: Vec<String>,
+}
+
+/// The simulator's state.
+struct Sim<'a> {
+    m: &'a SimModel,
+    o: &'a SimOptions,
+    costs: Costs,
+    flash: FlashQueue,
+    cache: SlotCache,
+    /// Device time at which each slot's bytes are in.
+    ready_at: Vec<f64>,
+    fixed: Option<FixedHits>,
+    predictor: Option<Box<dyn Predictor>>,
+    oracle: bool,
+    prefetch_k: usize,
+    /// Predictions for layers not yet run: layer → experts.
+    predicted: HashMap<usize, Vec<u32>>,
+    pending: Vec<(usize, Vec<u32>)>,
+    prefetch_pins: Vec<(usize, usize)>,
+    prefetched: HashMap<ExpertKey, u64>,
+    memo: HashMap<(usize, usize), Vec<usize>>,
+    /// Prefetch counters, cumulative (see [`PassReport::pf`]).
+    pf: [u64; 7],
+    moe_layers: Vec<usize>,
+    t: f64,
+}
+
+/// Plans the RAM budget the engine would plan on this device.
+pub fn plan(m: &SimModel, p: &Profile, o: &SimOptions) -> Result<Budget> {
+    let cap = o.ram_cap.unwrap_or_else(|| p.app_bytes());
+    let ctx = o.prompt_tokens + o.tokens + 1;
+    let kv = m.kv_bytes_per_pos() * ctx as u64 + m.state_bytes();
+    let scratch = scratch_bytes(
+        &m.config,
+        m.expert_inter,
+        o.prompt_tokens.max(1),
+        ctx,
+        o.threads.max(1),
+    );
+    let mut b = Budget {
+        cap,
+        baseline: (p.memory.process_mb.value * 1e6) as u64,
+        margin: Budget::margin_for(cap),
+        dense: m.dense_bytes,
+        kv,
+        scratch,
+        slot: m.record_bytes,
+        slots: 0,
+        experts_total: m.experts_total(),
+    };
+    let fixed = b.planned();
+    let fit =
+        (cap.saturating_sub(fixed) / m.record_bytes.max(1)).min(b.experts_total as u64) as usize;
+    b.slots = match o.slots {
+        Some(s) if s > fit => {
+            return Err(Error::Invalid(format!(
+                "{s} expert slots do not fit: {}",
+                Budget { slots: s, ..b.clone() }.describe()
+            )))
+        }
+        Some(0) => return Err(Error::Invalid("--cache-slots must be at least 1".into())),
+        Some(s) => s,
+        None if fit < m.top_k && o.fixed_hit_rate.is_none() => {
+            return Err(Error::Invalid(format!(
+                "a RAM cap of {:.2} GB is too small for {} on this device: {} leaves room for {fit} experts, one layer needs {}",
+                cap as f64 / 1e9,
+                m.name,
+                b.describe(),
+                m.top_k
+            )))
+        }
+        None => fit,
+    };
+    Ok(b)
+}
+
+/// Simulates `o` for model `m` on device `p` with routes from `routes`.
+pub fn simulate(
+    m: &SimModel,
+    p: &Profile,
+    o: &SimOptions,
+    routes: &mut dyn Routes,
+) -> Result<SimReport> {
+    let budget = plan(m, p, o)?;
+    let mut notes = vec![routes.describe()];
+    let engine_qd = o.queue_depth.max(1);
+    let dev_qd = p.flash.queue_depth.value.round().max(1.0) as usize;
+    let flash = FlashQueue::with(
+        p.flash.read_gbps.value * 1e9,
+        p.flash.latency_us.value * 1e-6,
+        engine_qd.min(dev_qd),
+    );
+    let (predictor, oracle) = match o.prefetch.as_str() {
+        "none" => (None, false),
+        "oracle" => (None, true),
+        "gate" | "auto" => {
+            return Err(Error::Invalid(format!(
+                "--prefetch {} needs the model's hidden states, which a simulation has not got; use none, xlayer, history or oracle",
+                o.prefetch
+            )))
+        }
+        name => (
+            Some(predictor_by_name(name, m.layers.len(), m.experts).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "unknown predictor {name:?} (the simulator knows none, oracle, {})",
+                    sluice_cache::PREDICTOR_NAMES.join(", ")
+                ))
+            })?),
+            false,
+        ),
+    };
+    let policy = match o.residency {
+        // The kernel's page cache: approximately LRU.
+        Residency::PageCache => "lru",
+        Residency::Slots => o.policy.as_str(),
+    };
+    let policy = policy_by_name(policy).ok_or_else(|| {
+        Error::Invalid(format!(
+            "unknown cache policy {:?} (known: {})",
+            o.policy,
+            sluice_cache::POLICY_NAMES.join(", ")
+        ))
+    })?;
+    if o.residency == Residency::PageCache && (predictor.is_some() || oracle) {
+        return Err(Error::Invalid(
+            "prefetch needs sluice's own slots: the page-cache mode (--io mmap or --buffered) has none".into(),
+        ));
+    }
+    if let Some(r) = o.fixed_hit_rate {
+        notes.push(format!(
+            "no cache simulated: each expert use hits with probability {r:.2} (given), every miss reads its record"
+        ));
+    } else {
+        notes.push(format!(
+            "{} expert slots of {:.2} MB ({:.1}% of {} experts), {}",
+            budget.slots,
+            m.record_bytes as f64 / 1e6,
+            100.0 * budget.slots as f64 / budget.experts_total.max(1) as f64,
+            budget.experts_total,
+            match o.residency {
+                Residency::Slots => format!("policy {}", o.policy),
+                Residency::PageCache => "the OS page cache (LRU), each use copied out of it".into(),
+            }
+        ));
+    }
+    let mut sim = Sim {
+        m,
+        o,
+        costs: Costs::new(p),
+        flash,
+        cache: SlotCache::new(budget.slots.max(1), policy),
+        ready_at: vec![0.0; budget.slots.max(1)],
+        fixed: o.fixed_hit_rate.map(|r| FixedHits::new(r, 7)),
+        predictor,
+        oracle,
+        prefetch_k: if o.prefetch_k == 0 {
+            m.top_k
+        } else {
+            o.prefetch_k
+        },
+        predicted: HashMap::new(),
+        pending: Vec::new(),
+        prefetch_pins: Vec::new(),
+        prefetched: HashMap::new(),
+        memo: HashMap::new(),
+        pf: [0; 7],
+        moe_layers: (0..m.layers.len()).filter(|&l| m.layers[l].moe).collect(),
+        t: 0.0,
+    };
+    let cold = sim.pass(routes)?;
+    let warm = if o.warm {
+        Some(sim.pass(routes)?)
+    } else {
+        None
+    };
+    notes.push(
+        "compute from the profile's matvec rates and arithmetic peak; the predictor's own time is not charged (measured < 1% of token time)".into(),
+    );
+    Ok(SimReport {
+        budget,
+        cold,
+        warm,
+        notes,
+    })
+}
+
+impl Sim<'_> {
+    fn route(&mut self, routes: &mut dyn Routes, pos: usize, layer: usize) -> Vec<usize> {
+        self.memo
+            .entry((pos, layer))
+            .or_insert_with(|| routes.experts(pos, layer))
+            .clone()
+    }
+
+    /// Issues the reads of one record at the current time; returns when
+    /// its last byte is in.
+    fn read_record(&mut self, chunked: bool) -> f64 {
+        let total = self.m.record_bytes;
+        let chunk = if chunked && self.o.read_chunk > 0 {
+            self.o.read_chunk
+        } else {
+            total
+        };
+        let mut done = self.t;
+        let mut at = 0;
+        while at < total {
+            let n = chunk.min(total - at);
+            done = done.max(self.flash.read(self.t, n));
+            at += n;
+        }
+        done
+    }
+
+    fn pass(&mut self, routes: &mut dyn Routes) -> Result<PassReport> {
+        let m = self.m;
+        let mut r = PassReport {
+            layers: vec![LayerTimes::default(); m.layers.len()],
+            ..Default::default()
+        };
+        self.predicted.clear();
+        self.pending.clear();
+        for (_, s) in std::mem::take(&mut self.prefetch_pins) {
+            self.cache.release(s);
+        }
+        self.prefetched.clear();
+        // Prefill: the prompt as one batch.
+        let n = self.o.prompt_tokens.max(1);
+        let t0 = self.t;
+        let bytes0 = self.flash.bytes();
+        let mut distinct = 0u64;
+        let mut scratch = PassReport {
+            layers: vec![LayerTimes::default(); m.layers.len()],
+            ..Default::default()
+        };
+        for l in 0..m.layers.len() {
+            let mut uses: Vec<(usize, usize)> = Vec::new();
+            if m.layers[l].moe {
+                let mut count: HashMap<usize, usize> = HashMap::new();
+                for pos in 0..n {
+                    for e in self.route(routes, pos, l) {
+                        *count.entry(e).or_default() += 1;
+                    }
+                }
+                uses = count.into_iter().collect();
+                uses.sort_unstable();
+                distinct += uses.len() as u64 * m.record_bytes;
+            }
+            self.layer(l, 0, n, &uses, &mut scratch)?;
+        }
+        self.t += self
+            .costs
+            .matmul_s(&m.head.quant, m.head.bytes, m.head.rows, m.head.cols, 1);
+        // The predictor learns the prompt token by token, as the engine's
+        // does once a batch's last layer is in.
+        if self.predictor.is_some() {
+            for pos in 0..n {
+                for i in 0..self.moe_layers.len() {
+                    let l = self.moe_layers[i];
+                    let ids: Vec<u32> = self
+                        .route(routes, pos, l)
+                        .into_iter()
+                        .map(|e| e as u32)
+                        .collect();
+                    if let Some(p) = &mut self.predictor {
+                        p.observe(l, &ids);
+                    }
+                }
+            }
+        }
+        r.ttft_s = self.t - t0;
+        r.prefill_bytes_read = self.flash.bytes() - bytes0;
+        r.prefill_distinct_expert_bytes = distinct;
+        // Decode.
+        let t1 = self.t;
+        let bytes1 = self.flash.bytes();
+        let busy1 = self.flash.busy_s();
+        let pf1 = self.pf;
+        for pos in n..n + self.o.tokens {
+            for l in 0..m.layers.len() {
+                let uses: Vec<(usize, usize)> = if m.layers[l].moe {
+                    self.route(routes, pos, l)
+                        .into_iter()
+                        .map(|e| (e, 1))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                if m.layers[l].moe {
+                    r.expert_bytes_used += uses.len() as u64 * m.record_bytes;
+                    self.predict(routes, pos, l, &uses);
+                }
+                self.layer(l, pos, 1, &uses, &mut r)?;
+            }
+            self.t += self
+                .costs
+                .matmul_s(&m.head.quant, m.head.bytes, m.head.rows, m.head.cols, 1);
+        }
+        r.tokens = self.o.tokens;
+        r.decode_s = self.t - t1;
+        r.bytes_read = self.flash.bytes() - bytes1;
+        r.flash_busy_s = self.flash.busy_s() - busy1;
+        for (i, v) in r.pf.iter_mut().enumerate() {
+            *v = self.pf[i] - pf1[i];
+        }
+        r.hits = r.layers.iter().map(|x| x.hits).sum();
+        r.misses = r.layers.iter().map(|x| x.misses).sum();
+        r.stall_s = r.layers.iter().map(|x| x.stall_s).sum();
+        Ok(r)
+    }
+
+    /// The predictor learns layer `l`'s choice and predicts the next MoE
+    /// layer(s), as the engine's `routed`/`hint` do.
+    fn predict(&mut self, routes: &mut dyn Routes, pos: usize, l: usize, uses: &[(usize, usize)]) {
+        let i = self.moe_layers.iter().position(|&x| x == l).unwrap_or(0);
+        if self.oracle {
+            let ahead: Vec<usize> = self.moe_layers[i + 1..]
+                .iter()
+                .copied()
+                .take(self.o.prefetch_depth.max(1))
+                .collect();
+            for nl in ahead {
+                let e: Vec<u32> = self
+                    .route(routes, pos, nl)
+                    .into_iter()
+                    .map(|e| e as u32)
+                    .collect();
+                self.predicted.insert(nl, e.clone());
+                self.pending.retain(|(x, _)| *x != nl);
+                self.pending.push((nl, e));
+            }
+            return;
+        }
+        let Some(p) = &mut self.predictor else { return };
+        let ids: Vec<u32> = uses.iter().map(|&(e, _)| e as u32).collect();
+        p.observe(l, &ids);
+        if let Some(&nl) = self.moe_layers.get(i + 1) {
+            let mut pred = Vec::new();
+            p.predict(nl, self.prefetch_k, &mut pred);
+            self.predicted.insert(nl, pred.clone());
+            self.pending.retain(|(x, _)| *x != nl);
+            self.pending.push((nl, pred));
+        }
+    }
+
+    /// One layer for `n` tokens at `pos`; `uses` are (expert, tokens).
+    fn layer(
+        &mut self,
+        l: usize,
+        pos: usize,
+        n: usize,
+        uses: &[(usize, usize)],
+        r: &mut PassReport,
+    ) -> Result<()> {
+        let g = &self.m.layers[l];
+        let c = &self.costs;
+        let mut compute = c.layer_s;
+        for op in &g.ops {
+            compute += c.matmul_s(&op.quant, op.bytes, op.rows, op.cols, n);
+        }
+        compute += match g.mixer {
+            Mixer::Attention {
+                heads,
+                kv_heads,
+                head_dim,
+                window,
+            } => {
+                let ctx = (pos + n).min(window.unwrap_or(usize::MAX));
+                c.attention_s(heads, kv_heads, head_dim, ctx, n)
+            }
+            Mixer::Linear { state_bytes } => c.state_s(state_bytes, n),
+        };
+        self.t += compute;
+        r.layers[l].compute_s += compute;
+        if uses.is_empty() {
+            return Ok(());
+        }
+        let step = pos as u64 + n as u64 - 1;
+        let mut i = 0;
+        while i < uses.len() {
+            let (took, ready, hits, misses) = self.load_wave(l, &uses[i..], step, i == 0)?;
+            r.layers[l].hits += hits;
+            r.layers[l].misses += misses;
+            let stall = (ready - self.t).max(0.0);
+            self.t += stall;
+            r.layers[l].stall_s += stall;
+            let mut ec = 0.0;
+            for &(_, toks) in &uses[i..i + took] {
+                for op in &self.m.expert_ops {
+                    ec += self
+                        .costs
+                        .matmul_s(&op.quant, op.bytes, op.rows, op.cols, toks);
+                }
+                if self.o.residency == Residency::PageCache {
+                    ec += self.costs.copy_s(self.m.record_bytes);
+                }
+            }
+            self.t += ec;
+            r.layers[l].compute_s += ec;
+            i += took;
+        }
+        Ok(())
+    }
+
+    /// Acquires the longest run of `uses` the slots allow (residents
+    /// first), reads the misses, issues pending prefetches behind them;
+    /// returns (taken, time all are in, hits, misses).
+    fn load_wave(
+        &mut self,
+        l: usize,
+        uses: &[(usize, usize)],
+        step: u64,
+        first: bool,
+    ) -> Result<(usize, f64, u64, u64)> {
+        if let Some(f) = &mut self.fixed {
+            let (mut hits, mut misses) = (0, 0);
+            let hit: Vec<bool> = uses.iter().map(|_| f.hit()).collect();
+            let mut ready = self.t;
+            for h in hit {
+                if h {
+                    hits += 1;
+                } else {
+                    misses += 1;
+                    ready = ready.max(self.read_record(true));
+                }
+            }
+            return Ok((uses.len(), ready, hits, misses));
+        }
+        let keys: Vec<(ExpertKey, f32)> = uses
+            .iter()
+            .map(|&(e, _)| (ExpertKey::new(l, e), 1.0))
+            .collect();
+        let got = self.cache.acquire_step(&keys, step);
+        let end = got
+            .iter()
+            .position(|a| *a == Acquire::Full)
+            .unwrap_or(got.len());
+        let (mut hits, mut misses) = (0, 0);
+        let mut wave = Vec::new();
+        let mut ready = self.t;
+        for (o, a) in got.iter().enumerate() {
+            match *a {
+                Acquire::Hit(s) if o >= end => self.cache.release(s),
+                Acquire::Hit(s) => {
+                    hits += 1;
+                    ready = ready.max(self.ready_at[s]);
+                    wave.push(s);
+                }
+                Acquire::Miss(s) => {
+                    misses += 1;
+                    let done = self.read_record(true);
+                    self.ready_at[s] = done;
+                    self.cache.mark_ready(s);
+                    ready = ready.max(done);
+                    wave.push(s);
+                }
+                Acquire::Full => {}
+            }
+        }
+        if wave.is_empty() {
+            return Err(Error::Invalid(format!(
+                "no expert slot can be freed in layer {l}: {} slots, all in use",
+                self.cache.capacity()
+            )));
+        }
+        if first {
+            if self.predicted.contains_key(&l)
+                && misses == 0
+                && end == uses.len()
+                && ready <= self.t
+            {
+                self.pf[4] += 1;
+            }
+            self.settle_prefetch(l, uses);
+        }
+        self.issue_prefetch(step);
+        for s in wave {
+            self.cache.release(s);
+        }
+        Ok((end, ready, hits, misses))
+    }
+
+    /// Scores the prediction for `l` and lets go of its prefetch pins.
+    fn settle_prefetch(&mut self, l: usize, uses: &[(usize, usize)]) {
+        if let Some(pred) = self.predicted.remove(&l) {
+            self.pf[3] += 1;
+            self.pf[0] += pred.len() as u64;
+            self.pf[2] += uses.len() as u64;
+            self.pf[1] += pred
+                .iter()
+                .filter(|&&p| uses.iter().any(|&(e, _)| e == p as usize))
+                .count() as u64;
+        }
+        let mut keep = Vec::new();
+        for (pl, s) in std::mem::take(&mut self.prefetch_pins) {
+            if pl == l {
+                self.cache.release(s);
+            } else {
+                keep.push((pl, s));
+            }
+        }
+        self.prefetch_pins = keep;
+        let mut wasted = 0;
+        self.prefetched.retain(|k, b| {
+            if k.layer as usize != l {
+                return true;
+            }
+            if !uses.iter().any(|&(e, _)| e == k.expert as usize) {
+                wasted += *b;
+            }
+            false
+        });
+        self.pf[6] += wasted;
+    }
+
+    /// Issues pending predictions, nearest layer first, at most a queue's
+    /// worth of whole-record reads, pinned until their layer runs.
+    fn issue_prefetch(&mut self, step: u64) {
+        let pending = std::mem::take(&mut self.pending);
+        let mut issued = 0;
+        'layers: for (layer, pred) in pending {
+            for e in pred {
+                if issued >= self.o.queue_depth.max(1) {
+                    break 'layers;
+                }
+                let key = ExpertKey::new(layer, e as usize);
+                match self.cache.prefetch(key, step) {
+                    Acquire::Hit(s) => {
+                        self.cache.pin(s);
+                        self.prefetch_pins.push((layer, s));
+                    }
+                    Acquire::Miss(s) => {
+                        issued += 1;
+                        let done = self.read_record(false);
+                        self.ready_at[s] = done;
+                        self.cache.mark_ready(s);
+                        self.pf[5] += self.m.record_bytes;
+                        self.prefetched.insert(key, self.m.record_bytes);
+                        self.cache.pin(s);
+                        self.prefetch_pins.push((layer, s));
+                    }
+                    Acquire::Full => break 'layers,
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::StatRoutes;
+    use proptest::prelude::*;
+
+    fn setup(layers: usize) -> (SimModel, Profile) {
+        let m = SimModel::preset("small-moe", Some("q4_0"), Some(layers)).unwrap();
+        let p = Profile::open("host").unwrap();
+        (m, p)
+    }
+
+    fn run(m: &SimModel, p: &Profile, o: &SimOptions, seed: u64) -> SimReport {
+        let mut r = StatRoutes::zipf(m.layers.len(), m.experts, m.top_k, 0.8, 0.2, seed);
+        simulate(m, p, o, &mut r).unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// A faster drive never makes a token slower, and the hits do not
+        /// depend on the drive.
+        #[test]
+        fn faster_flash_is_never_slower(g1 in 0.2f64..4.0, f in 1.0f64..8.0, slots in 4usize..40, seed in 0u64..50, pf in 0usize..3) {
+            let (m, mut p) = setup(3);
+            let o = SimOptions {
+                slots: Some(slots),
+                tokens: 8,
+                prompt_tokens: 2,
+                warm: false,
+                ram_cap: Some(1 << 30),
+                prefetch: ["none", "xlayer", "history"][pf].into(),
+                ..SimOptions::default()
+            };
+            p.set("flash.read_gbps", g1).unwrap();
+            let slow = run(&m, &p, &o, seed);
+            p.set("flash.read_gbps", g1 * f).unwrap();
+            let fast = run(&m, &p, &o, seed);
+            prop_assert_eq!(slow.cold.hits, fast.cold.hits);
+            prop_assert!(fast.cold.decode_s <= slow.cold.decode_s * (1.0 + 1e-9),
+                "{} > {}", fast.cold.decode_s, slow.cold.decode_s);
+            // Stall can never exceed the time the drive needs for the bytes.
+            prop_assert!(slow.cold.stall_s <= slow.cold.decode_s);
+        }
+    }
+
+    /// With free compute and no cache to speak of, tok/s is the flash bound.
+    #[test]
+    fn io_bound_runs_at_the_drive_bandwidth() {
+        let (m, mut p) = setup(4);
+        p.set("compute.matvec_gbps", 1e6).unwrap();
+        p.set("compute.tflops", 1e6).unwrap();
+        p.set("compute.layer_overhead_us", 0.0).unwrap();
+        p.compute.matvec_gbps_by_quant.clear();
+        p.compute.op_overhead_us = None;
+        p.set("flash.latency_us", 0.0).unwrap();
+        p.set("flash.read_gbps", 1.0).unwrap();
+        let o = SimOptions {
+            slots: Some(m.top_k),
+            tokens: 16,
+            warm: false,
+            ram_cap: Some(1 << 30),
+            ..SimOptions::default()
+        };
+        let r = run(&m, &p, &o, 1);
+        let bound = 1e9 / (r.cold.bytes_read as f64 / 16.0);
+        let got = r.cold.tok_per_s();
+        assert!((got / bound - 1.0).abs() < 0.01, "{got} vs bound {bound}");
+    }
+
+    /// Everything resident: time is the sum of the compute costs, and no
+    /// byte is read while decoding.
+    #[test]
+    fn resident_runs_are_compute_bound() {
+        let (m, p) = setup(2);
+        let o = SimOptions {
+            tokens: 4,
+            prompt_tokens: 1,
+            warm: true,
+            ram_cap: Some(8 << 30),
+            ..SimOptions::default()
+        };
+        let r = run(&m, &p, &o, 3);
+        let w = r.warm.unwrap();
+        assert_eq!(r.budget.slots, m.experts_total());
+        assert_eq!(w.bytes_read, 0);
+        assert_eq!(w.stall_s, 0.0);
+        let c = Costs::new(&p);
+        let mut per_token = c.matmul_s(&m.head.quant, m.head.bytes, m.head.rows, m.head.cols, 1);
+        for (pos, g) in (1..).zip(&m.layers) {
+            let _ = pos;
+            per_token += c.layer_s;
+            for op in g
+                .ops
+                .iter()
+                .chain(std::iter::repeat_n(&m.expert_ops, m.top_k).flatten())
+            {
+                per_token += c.matmul_s(&op.quant, op.bytes, op.rows, op.cols, 1);
+            }
+        }
+        // Attention grows with the context: bounded between its first and
+        // last token's cost.
+        let att = |ctx| match m.layers[0].mixer {
+            crate::geometry::Mixer::Attention {
+                heads,
+                kv_heads,
+                head_dim,
+                ..
+            } => c.attention_s(heads, kv_heads, head_dim, ctx, 1) * m.layers.len() as f64,
+            _ => 0.0,
+        };
+        let lo = 4.0 * (per_token + att(2));
+        let hi = 4.0 * (per_token + att(5));
+        assert!(
+            w.decode_s >= lo * 0.999 && w.decode_s <= hi * 1.001,
+            "{} not in [{lo}, {hi}]",
+            w.decode_s
+        );
+    }
+}

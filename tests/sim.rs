@@ -1,0 +1,385 @@
+//! The simulator and the simulated-device backend through the CLI: the
+//! simulator's cache is the engine's (same hits as a real run on the same
+//! routes), its JSON answers the bench's question, sweeps write their CSV
+//! and SVG, bad input fails clearly, and `--backend sim` changes times,
+//! never outputs.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+
+fn scratch(name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sim");
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+fn json(args: &[&str]) -> serde_json::Value {
+    let (out, _) = run_ok(args);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+}
+
+/// A routing trace with locality: each token keeps some of the previous
+/// token's experts at each layer.
+fn write_trace(path: &Path, layers: usize, experts: usize, k: usize, steps: usize) {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut prev: Vec<Vec<u64>> = vec![Vec::new(); layers];
+    let mut routes = Vec::new();
+    for pos in 0..steps {
+        let mut ls = serde_json::Map::new();
+        for (l, p) in prev.iter_mut().enumerate() {
+            let mut v: Vec<u64> = Vec::new();
+            while v.len() < k {
+                let e = if !p.is_empty() && next() % 3 == 0 {
+                    p[(next() % p.len() as u64) as usize]
+                } else {
+                    // Skewed popularity: low ids are favoured.
+                    let a = next() % experts as u64;
+                    let b = next() % experts as u64;
+                    a.min(b)
+                };
+                if !v.contains(&e) {
+                    v.push(e);
+                }
+            }
+            ls.insert(
+                l.to_string(),
+                serde_json::json!({"experts": v, "weights": vec![0.25; k]}),
+            );
+            *p = v;
+        }
+        routes.push(serde_json::json!({"token_pos": pos, "phase": if pos < 4 { "prefill" } else { "decode" }, "layers": ls}));
+    }
+    let t = serde_json::json!({"meta": {"model_id": "test", "num_layers": layers, "num_experts": experts, "top_k": k},
+        "routes": routes});
+    std::fs::write(path, t.to_string()).unwrap();
+}
+
+/// A 3-layer synthetic small-moe, written once per test run (tests run
+/// in parallel threads).
+fn small_model() -> PathBuf {
+    static MODEL: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            let out = scratch("small3.gguf");
+            run_ok(&[
+                "synth",
+                "--preset",
+                "small-moe",
+                "--layers",
+                "3",
+                "--quant",
+                "q4",
+                "-o",
+                out.to_str().unwrap(),
+                "--quiet",
+            ]);
+            out
+        })
+        .clone()
+}
+
+/// Same routes, same slots, same policy: the simulator's hits and bytes are
+/// the engine's, because it runs the engine's cache code.
+#[test]
+fn simulated_cache_is_the_engines() {
+    let m = small_model();
+    let t = scratch("small3.trace.json");
+    write_trace(&t, 3, 64, 4, 40);
+    let (m, t) = (m.to_str().unwrap(), t.to_str().unwrap());
+    for (slots, policy) in [("12", "lru"), ("30", "lfu")] {
+        let flags = [
+            "--model",
+            m,
+            "--replay",
+            t,
+            "--cache-slots",
+            slots,
+            "--cache-policy",
+            policy,
+            "--prefetch",
+            "none",
+            "--tokens",
+            "24",
+            "--prompt-tokens",
+            "4",
+            "--ram-cap",
+            "512M",
+            "--io",
+            "pread",
+            "--json",
+        ];
+        let mut b = vec!["bench", "--probe-seconds", "0.1", "--no-warm"];
+        b.extend_from_slice(&flags);
+        let mut s = vec!["sim", "--device", "host", "--no-warm"];
+        s.extend_from_slice(&flags);
+        let (bj, sj) = (json(&b), json(&s));
+        let (bh, sh) = (
+            bj["hit_rate"].as_f64().unwrap(),
+            sj["hit_rate"].as_f64().unwrap(),
+        );
+        assert!(
+            bh > 0.05 && bh < 0.95,
+            "a cap that forces some misses: {bh}"
+        );
+        assert!(
+            (bh - sh).abs() < 1e-9,
+            "{slots} {policy}: bench hit rate {bh}, sim {sh}"
+        );
+        let (bb, sb) = (
+            bj["bytes_read_per_token"].as_f64().unwrap(),
+            sj["bytes_read_per_token"].as_f64().unwrap(),
+        );
+        assert!(
+            (bb - sb).abs() <= 0.03 * bb,
+            "bytes/token: bench {bb}, sim {sb}"
+        );
+        assert_eq!(sj["simulated"], true);
+    }
+}
+
+/// The question the bench answers, for a device one does not have.
+#[test]
+fn sim_answers_with_the_bench_keys() {
+    let j = json(&[
+        "sim",
+        "--device",
+        "iphone-17-pro",
+        "--model",
+        "qwen3.5-397b-a17b",
+        "--quant",
+        "mlx2",
+        "--experts-k",
+        "4",
+        "--tokens",
+        "6",
+        "--prompt-tokens",
+        "2",
+        "--json",
+    ]);
+    for k in [
+        "tok_per_s",
+        "ttft_s",
+        "hit_rate",
+        "bytes_read_per_token",
+        "stall_s",
+        "per_layer",
+    ] {
+        assert!(!j[k].is_null(), "missing {k}: {j}");
+    }
+    let tps = j["tok_per_s"].as_f64().unwrap();
+    let bound = j["flash_bound_tok_per_s"].as_f64().unwrap();
+    assert!(
+        tps > 0.0 && tps <= bound * 1.0001,
+        "{tps} above the flash bound {bound}"
+    );
+    assert_eq!(j["top_k"], 4);
+    // Default cap: what one app may use on the device.
+    let cap = j["ram_cap_bytes"].as_u64().unwrap();
+    assert!((5_000_000_000..13_000_000_000).contains(&cap), "{cap}");
+    let notes = j["notes"].to_string();
+    assert!(notes.contains("--experts-k 4"), "{notes}");
+    assert_eq!(j["per_layer"].as_array().unwrap().len(), 60);
+    // The page cache with a given hit rate (flash-moe's set-up).
+    let p = json(&[
+        "sim",
+        "--device",
+        "macbook-pro-m3-max-48gb",
+        "--model",
+        "qwen3.5-397b-a17b",
+        "--experts-k",
+        "4",
+        "--io",
+        "mmap",
+        "--hit-rate",
+        "0.71",
+        "--tokens",
+        "40",
+        "--no-warm",
+        "--json",
+    ]);
+    let h = p["hit_rate"].as_f64().unwrap();
+    assert!((h - 0.71).abs() < 0.05, "{h}");
+}
+
+/// A flash sweep writes one CSV row per point, tok/s never falls as the
+/// drive gets faster, and the SVG is drawn.
+#[test]
+fn sweeps_write_csv_and_svg() {
+    let out = scratch("flash-sweep");
+    let o = out.to_str().unwrap();
+    run_ok(&[
+        "sim",
+        "--device",
+        "iphone-17-pro",
+        "--model",
+        "qwen3-30b-a3b",
+        "--layers",
+        "8",
+        "--tokens",
+        "6",
+        "--prompt-tokens",
+        "2",
+        "--sweep",
+        "flash=0.5:8:6",
+        "--out",
+        o,
+    ]);
+    let csv = std::fs::read_to_string(out.with_extension("csv")).unwrap();
+    let rows: Vec<&str> = csv.lines().collect();
+    assert_eq!(rows.len(), 7, "{csv}");
+    assert!(rows[0].starts_with("flash_gbps,tok_per_s"), "{csv}");
+    let tps: Vec<f64> = rows[1..]
+        .iter()
+        .map(|r| r.split(',').nth(1).unwrap().parse().unwrap())
+        .collect();
+    assert!(tps.windows(2).all(|w| w[1] >= w[0] * 0.999), "{tps:?}");
+    assert!(tps[5] > tps[0], "{tps:?}");
+    let svg = std::fs::read_to_string(out.with_extension("svg")).unwrap();
+    assert!(
+        svg.contains("<svg") && svg.contains("flash bound"),
+        "SVG drawn"
+    );
+    // A RAM sweep leaves holes where the cap is too small, and fills the rest.
+    let out = scratch("ram-sweep");
+    run_ok(&[
+        "sim",
+        "--device",
+        "host",
+        "--model",
+        "qwen3-30b-a3b",
+        "--tokens",
+        "4",
+        "--prompt-tokens",
+        "2",
+        "--sweep",
+        "ram=512M:8G:4",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let csv = std::fs::read_to_string(out.with_extension("csv")).unwrap();
+    let rows: Vec<&str> = csv.lines().skip(1).collect();
+    assert!(
+        rows[0].split(',').nth(1).unwrap().is_empty(),
+        "512M is too small: {csv}"
+    );
+    assert!(
+        !rows[3].split(',').nth(1).unwrap().is_empty(),
+        "8G fits: {csv}"
+    );
+}
+
+#[test]
+fn bad_sim_input_fails_clearly() {
+    let err = fails(&["sim", "--device", "pixel-99", "--model", "qwen3-30b-a3b"]);
+    assert!(
+        err.contains("pixel-99") && err.contains("iphone-17-pro"),
+        "{err}"
+    );
+    let p = scratch("bad.toml");
+    let good = include_str!("../sim/profiles/iphone-17-pro.toml");
+    std::fs::write(
+        &p,
+        good.replacen("read_gbps = { value = 1.2", "read_gbps = { value = -1.2", 1),
+    )
+    .unwrap();
+    let err = fails(&[
+        "sim",
+        "--device",
+        p.to_str().unwrap(),
+        "--model",
+        "qwen3-30b-a3b",
+    ]);
+    assert!(
+        err.contains("bad.toml") && err.contains("flash.read_gbps"),
+        "{err}"
+    );
+    std::fs::write(&p, "name = \"x\"\n[memory]\n").unwrap();
+    let err = fails(&[
+        "sim",
+        "--device",
+        p.to_str().unwrap(),
+        "--model",
+        "qwen3-30b-a3b",
+    ]);
+    assert!(
+        err.contains("bad.toml") && err.contains("missing field"),
+        "{err}"
+    );
+    let err = fails(&["sim", "--model", "gpt-9"]);
+    assert!(
+        err.contains("gpt-9") && err.contains("qwen3.5-397b-a17b"),
+        "{err}"
+    );
+    let err = fails(&["sim", "--model", "qwen3-30b-a3b", "--prefetch", "gate"]);
+    assert!(err.contains("hidden states"), "{err}");
+    let err = fails(&["sim", "--model", "qwen3-30b-a3b", "--sweep", "disk=1:2"]);
+    assert!(err.contains("--sweep"), "{err}");
+    let err = fails(&["sim", "--model", "qwen3-30b-a3b", "--ram-cap", "1G"]);
+    assert!(err.contains("too small"), "{err}");
+    let err = fails(&["sim", "--model", "qwen3.5-397b-a17b", "--experts-k", "0"]);
+    assert!(err.contains("--experts-k"), "{err}");
+}
+
+/// `--backend sim` computes with the CPU backend: the same logits; it
+/// reports device time beside wall time.
+#[test]
+fn sim_backend_changes_times_not_outputs() {
+    let m = fixtures().join("models/qwen3_moe");
+    let m = m.to_str().unwrap();
+    let toks = "261,267,270,276,262,274,16,262";
+    let cpu = run_ok(&["logits", "--model", m, "--tokens", toks, "--ram-cap", "64M"]).0;
+    let (sim, err) = run_ok(&[
+        "logits",
+        "--model",
+        m,
+        "--tokens",
+        toks,
+        "--backend",
+        "sim",
+        "--device",
+        "iphone-17-pro",
+        "--ram-cap",
+        "64M",
+        "--cache-slots",
+        "2",
+    ]);
+    assert_eq!(cpu, sim, "numerics must not change");
+    assert!(err.contains("simulated device iphone-17-pro"), "{err}");
+    let small = small_model();
+    let j = json(&[
+        "bench",
+        "--model",
+        small.to_str().unwrap(),
+        "--backend",
+        "sim",
+        "--device",
+        "iphone-17-pro",
+        "--ram-cap",
+        "96M",
+        "--tokens",
+        "4",
+        "--prompt-tokens",
+        "2",
+        "--probe-seconds",
+        "0.1",
+        "--no-warm",
+        "--json",
+    ]);
+    let d = j["device_tok_per_s"].as_f64().unwrap();
+    let stall = j["device_stall_s"].as_f64().unwrap();
+    let dec = j["device_decode_s"].as_f64().unwrap();
+    assert!(d > 0.0 && (d - 4.0 / dec).abs() < 1e-9 * d.max(1.0), "{j}");
+    assert!(
+        stall > 0.0 && stall < dec,
+        "misses stall on the device: {stall} of {dec}"
+    );
+    assert_eq!(j["backend"], "sim");
+}
