@@ -53,7 +53,7 @@ fn matmul_s(
     let mut y = vec![0f32; n * rows];
     let mut err = None;
     let mut i = 0;
-    let s = time_it(0.25, || {
+    let s = time_it(0.2, || {
         i = (i + 1) % views.len();
         if let Err(e) = b.matmul(views[i], &x, n, &mut y) {
             err = Some(e);
@@ -65,26 +65,46 @@ fn matmul_s(
     }
 }
 
-/// Copies of a random `rows × cols` matrix adding up to at least 128 MiB.
+/// Copies of a random `rows × cols` matrix adding up to at least 64 MiB.
 fn weights(dt: DType, rows: usize, cols: usize) -> Result<Vec<Vec<u8>>> {
     let mut w = vec![0u8; dt.tensor_bytes(&[rows, cols])?];
     quant::fill_random_tensor(dt, &mut w, 1, 0.02);
-    let copies = (128usize << 20).div_ceil(w.len()).max(2);
+    let copies = (64usize << 20).div_ceil(w.len()).max(2);
     Ok(vec![w; copies])
 }
 
-/// A two-point fit: fixed cost plus bytes over bandwidth.
+/// A least-squares fit of time = fixed cost + bytes / bandwidth over four
+/// sizes (rows 512 to 8192 of 2048 columns), each timed in two interleaved
+/// rounds so that a burst of noise on a shared machine hits one sample of
+/// each size, not one size.
 fn kernel(b: &CpuBackend, dt: DType) -> Result<Kernel> {
-    let (small, large) = ((768, 2048), (8192, 2048));
-    let ws = weights(dt, small.0, small.1)?;
-    let wl = weights(dt, large.0, large.1)?;
-    let ts = matmul_s(b, dt, small.0, small.1, 1, &ws)?;
-    let tl = matmul_s(b, dt, large.0, large.1, 1, &wl)?;
-    let (bs, bl) = (ws[0].len(), wl[0].len());
-    let bps = (bl - bs) as f64 / (tl - ts).max(1e-9);
+    let rows = [512usize, 1536, 4096, 8192];
+    let ws: Vec<Vec<Vec<u8>>> = rows
+        .iter()
+        .map(|&r| weights(dt, r, 2048))
+        .collect::<Result<_>>()?;
+    let mut t = vec![Vec::new(); rows.len()];
+    for _ in 0..2 {
+        for (i, &r) in rows.iter().enumerate() {
+            t[i].push(matmul_s(b, dt, r, 2048, 1, &ws[i])?);
+        }
+    }
+    let pts: Vec<(f64, f64)> = ws
+        .iter()
+        .zip(&t)
+        .map(|(w, ts)| (w[0].len() as f64, ts.iter().sum::<f64>() / ts.len() as f64))
+        .collect();
+    let n = pts.len() as f64;
+    let (mx, my) = (
+        pts.iter().map(|p| p.0).sum::<f64>() / n,
+        pts.iter().map(|p| p.1).sum::<f64>() / n,
+    );
+    let sxy: f64 = pts.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    let sxx: f64 = pts.iter().map(|p| (p.0 - mx) * (p.0 - mx)).sum();
+    let slope = (sxy / sxx).max(1e-15);
     Ok(Kernel {
-        bps,
-        overhead_s: (ts - bs as f64 / bps).max(0.0),
+        bps: 1.0 / slope,
+        overhead_s: (my - slope * mx).max(0.0),
     })
 }
 
@@ -218,7 +238,7 @@ pub fn measure(flash: (f64, f64, usize), how: &str) -> Result<Profile> {
             ),
             op_overhead_us: Some(fig(
                 op_overhead * 1e6,
-                "two-size fit of each format's product time (median), this run",
+                "least-squares fit over four sizes of each format's product time (median), this run",
             )),
             layer_overhead_us: fig(
                 layer_s * 1e6,

@@ -164,7 +164,7 @@ fn widen(b: u64) -> u64 {
 /// Preset geometries the simulator knows beyond `sluice synth`'s.
 pub const SIM_PRESETS: &[(&str, &str)] = &[(
     "qwen3.5-397b-a17b",
-    "Qwen3.5-397B-A17B: 60 layers (45 Gated DeltaNet, 15 gated attention), 512 experts of 4096→1024→4096, top-10 + 1 shared; default format mlx4",
+    "Qwen3.5-397B-A17B: 60 layers (45 Gated DeltaNet, 15 gated attention), 512 experts of 4096→1024→4096, top-10 + 1 shared; experts in --quant (default mlx4), everything else mlx4 as published",
 )];
 
 /// Names of every preset the simulator accepts.
@@ -245,8 +245,11 @@ impl SimModel {
     /// weight format `quant` (default: the preset's) with `layers` layers.
     pub fn preset(name: &str, quant: Option<&str>, layers: Option<usize>) -> Result<SimModel> {
         if name == "qwen3.5-397b-a17b" {
+            // The published MLX checkpoint is 4-bit throughout; flash-moe's
+            // 2-bit variant requantizes the experts only.
             let q = Quant::parse(quant.unwrap_or("mlx4"))?;
-            return Ok(qwen35_397b(&q, layers.unwrap_or(60)));
+            let dense = Quant::parse("mlx4")?;
+            return Ok(qwen35_397b(&q, &dense, layers.unwrap_or(60)));
         }
         let p = sluice_engine::synth::preset(name).map_err(|_| {
             Error::Invalid(format!(
@@ -313,7 +316,7 @@ fn from_config(name: &str, c: &Config, inter: usize, q: &Quant) -> SimModel {
 /// projection doubled for its output gate); DeltaNet 16 key heads and 64
 /// value heads of 128, conv kernel 4; 512 experts of 4096→1024→4096, top-10,
 /// plus a shared expert of 1024 with a sigmoid gate; vocabulary 248,320.
-fn qwen35_397b(q: &Quant, n_layers: usize) -> SimModel {
+fn qwen35_397b(eq: &Quant, q: &Quant, n_layers: usize) -> SimModel {
     let h = 4096;
     let (heads, kv_heads, hd) = (32, 2, 256);
     let (lk, lv, dk, dv) = (16, 64, 128, 128);
@@ -365,9 +368,9 @@ fn qwen35_397b(q: &Quant, n_layers: usize) -> SimModel {
         })
         .collect();
     let expert_ops = vec![
-        Op::new(q, inter, h),
-        Op::new(q, inter, h),
-        Op::new(q, h, inter),
+        Op::new(eq, inter, h),
+        Op::new(eq, inter, h),
+        Op::new(eq, h, inter),
     ];
     let head = Op::new(q, vocab, h);
     let dense = layers
