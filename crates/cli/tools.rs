@@ -204,13 +204,7 @@ pub fn probe(a: ProbeArgs) -> Result<()> {
         let mut engine_desc = String::new();
         let mut notes = Vec::new();
         for &qd in &a.qd {
-            let mut e = sluice_io::open_engine(&EngineOptions {
-                kind,
-                direct: true,
-                queue_depth: qd.max(1),
-                threads: qd.max(1),
-                register: false,
-            })?;
+            let mut e = direct_engine(kind, qd)?;
             let f = e.open(&file)?;
             engine_desc = e.describe();
             notes.extend(
@@ -263,13 +257,7 @@ pub fn probe(a: ProbeArgs) -> Result<()> {
         // that pattern (bursts of the deepest queue's 512 KiB reads).
         let burst = match (&a.profile, a.qd.iter().max()) {
             (Some(_), Some(&qd)) => {
-                let mut e = sluice_io::open_engine(&EngineOptions {
-                    kind,
-                    direct: true,
-                    queue_depth: qd.max(1),
-                    threads: qd.max(1),
-                    register: false,
-                })?;
+                let mut e = direct_engine(kind, qd)?;
                 let f = e.open(&file)?;
                 let req = (512usize << 10).min(len as usize);
                 let b = sluice_io::probe::probe_bursts(
@@ -341,6 +329,17 @@ pub fn probe(a: ProbeArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// An O_DIRECT engine of `kind` with `qd` reads in flight.
+fn direct_engine(kind: IoKind, qd: usize) -> Result<Box<dyn sluice_io::ReadEngine>> {
+    Ok(sluice_io::open_engine(&EngineOptions {
+        kind,
+        direct: true,
+        queue_depth: qd.max(1),
+        threads: qd.max(1),
+        register: false,
+    })?)
 }
 
 /// A scratch file of random bytes (random, so no layer can compress it).

@@ -290,6 +290,18 @@ fn from_config(name: &str, c: &Config, inter: usize, q: &Quant) -> SimModel {
         Op::new(q, h, inter),
     ];
     let head = Op::new(q, c.vocab, h);
+    preset_model(name, layers, expert_ops, head, c.clone(), inter)
+}
+
+/// A preset's model: untied embeddings and head, packed records.
+fn preset_model(
+    name: &str,
+    layers: Vec<LayerGeom>,
+    expert_ops: Vec<Op>,
+    head: Op,
+    config: Config,
+    inter: usize,
+) -> SimModel {
     let dense = layers
         .iter()
         .flat_map(|l| l.ops.iter().map(|o| o.bytes))
@@ -299,13 +311,13 @@ fn from_config(name: &str, c: &Config, inter: usize, q: &Quant) -> SimModel {
     SimModel {
         name: name.into(),
         layers,
-        experts: c.n_experts,
-        top_k: c.top_k,
+        experts: config.n_experts,
+        top_k: config.top_k,
         expert_ops,
         record_bytes: widen(record),
         dense_bytes: dense,
         head,
-        config: c.clone(),
+        config,
         expert_inter: inter,
     }
 }
@@ -373,12 +385,6 @@ fn qwen35_397b(eq: &Quant, q: &Quant, n_layers: usize) -> SimModel {
         Op::new(eq, h, inter),
     ];
     let head = Op::new(q, vocab, h);
-    let dense = layers
-        .iter()
-        .flat_map(|l| l.ops.iter().map(|o| o.bytes))
-        .sum::<u64>()
-        + 2 * head.bytes;
-    let record: u64 = expert_ops.iter().map(|o| o.bytes).sum();
     let full = (0..n_layers).filter(|l| l % 4 == 3).count();
     let config = Config {
         arch: Arch::Qwen3Moe,
@@ -405,18 +411,7 @@ fn qwen35_397b(eq: &Quant, q: &Quant, n_layers: usize) -> SimModel {
         bos: None,
         max_ctx: Some(262_144),
     };
-    SimModel {
-        name: "qwen3.5-397b-a17b".into(),
-        layers,
-        experts,
-        top_k,
-        expert_ops,
-        record_bytes: widen(record),
-        dense_bytes: dense,
-        head,
-        config,
-        expert_inter: inter,
-    }
+    preset_model("qwen3.5-397b-a17b", layers, expert_ops, head, config, inter)
 }
 
 impl SimModel {
