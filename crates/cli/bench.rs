@@ -307,7 +307,12 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         (steady, burst)
     };
     let (probe, burst) = probe;
-    let cap = a.m.stream.ram_cap;
+    // The cap in force: given, or the simulated device's default.
+    let cap = s
+        .streamer()
+        .map(|st| st.budget().cap)
+        .filter(|&c| c != u64::MAX)
+        .or(a.m.stream.ram_cap);
     let mut notes = o.notes.clone();
     if let Some(p) = s.streamer().and_then(|st| st.predictor_name()) {
         notes.push(format!(

@@ -160,12 +160,14 @@ pub(crate) fn generate(a: GenerateArgs, record: Option<&std::path::Path>) -> Res
     }
     let mut fed: Vec<u32> = prompt.clone();
     let mut sampler = Sampler::new(a.temperature, a.top_p, a.seed);
+    let d0 = o.clock.as_ref().map(|c| c.time());
     let t0 = Instant::now();
     let mut last = Vec::new();
     for chunk in prompt.chunks(a.batch.max(1)) {
         last = s.forward(chunk, false)?;
     }
     let ttft = t0.elapsed();
+    let d1 = o.clock.as_ref().map(|c| c.time());
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut stream = TextStream::new();
@@ -196,6 +198,17 @@ pub(crate) fn generate(a: GenerateArgs, record: Option<&std::path::Path>) -> Res
         prompt.len() as f64 / ttft.as_secs_f64().max(1e-9),
         produced as f64 / dt.max(1e-9)
     );
+    if let (Some(c), Some(d0), Some(d1)) = (&o.clock, d0, d1) {
+        let d2 = c.time();
+        eprintln!(
+            "on the simulated device ({}): prompt in {:.3}s, generated at {:.2} tok/s, {:.3}s of {:.3}s waiting for flash",
+            a.m.device,
+            d1.now_s - d0.now_s,
+            produced as f64 / (d2.now_s - d1.now_s).max(1e-9),
+            d2.stall_s - d1.stall_s,
+            d2.now_s - d1.now_s
+        );
+    }
     if let Some(path) = record {
         let c = &model.config;
         let mut steps: Vec<sluice_trace::Step> = fed
