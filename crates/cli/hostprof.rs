@@ -118,9 +118,8 @@ pub fn measure(flash: (f64, f64, usize), how: &str) -> Result<Profile> {
     let baseline = sluice_io::sys::rss_bytes().unwrap_or(0);
     let b = CpuBackend::new(None)?;
     let bench = "sluice probe --profile (kernel microbenchmark of the CPU backend, this run)";
-    let mut by = BTreeMap::new();
+    let mut by_quant = BTreeMap::new();
     let mut overheads = Vec::new();
-    let mut q4 = None;
     for dt in [
         DType::F32,
         DType::F16,
@@ -132,10 +131,7 @@ pub fn measure(flash: (f64, f64, usize), how: &str) -> Result<Profile> {
     ] {
         let k = kernel(&b, dt)?;
         overheads.push(k.overhead_s);
-        if dt == DType::Q4_0 {
-            q4 = Some(k.bps);
-        }
-        by.insert(dt.name().to_string(), fig(k.bps / 1e9, bench));
+        by_quant.insert(dt.name().to_string(), fig(k.bps / 1e9, bench));
     }
     overheads.sort_by(f64::total_cmp);
     let op_overhead = overheads[overheads.len() / 2];
@@ -200,10 +196,6 @@ pub fn measure(flash: (f64, f64, usize), how: &str) -> Result<Profile> {
         .chain(kb("MemAvailable:"))
         .fold(total, f64::min);
     let (gbps, lat_us, qd) = flash;
-    let mut by_quant = by;
-    if let Some(q) = q4 {
-        by_quant.insert("Q4_0".into(), fig(q / 1e9, bench));
-    }
     Ok(Profile {
         name: "host".into(),
         description: format!("this machine, measured: {}", crate::bench::machine()),

@@ -10,7 +10,7 @@ use crate::routing::{FixedHits, Routes};
 use serde_json::{json, Value};
 use sluice_cache::{policy_by_name, predictor_by_name, Acquire, ExpertKey, Predictor, SlotCache};
 use sluice_core::{Error, Result};
-use sluice_engine::stream::{scratch_bytes, Budget};
+use sluice_engine::stream::{scratch_bytes, Budget, PrefetchStats};
 use std::collections::HashMap;
 
 /// How expert bytes reach compute.
@@ -118,9 +118,9 @@ pub struct PassReport {
     pub prefill_bytes_read: u64,
     /// Bytes of the distinct experts the prompt used.
     pub prefill_distinct_expert_bytes: u64,
-    /// Prefetch: predicted, predicted and used, demanded, layer-steps,
-    /// steps with every expert ready, bytes, wasted bytes.
-    pub pf: [u64; 7],
+    /// Prefetch figures while decoding (the engine's own counters; the
+    /// predictor's time is not simulated and stays zero).
+    pub pf: PrefetchStats,
 }
 
 impl PassReport {
@@ -143,7 +143,9 @@ impl PassReport {
     pub fn json(&self, prefetch: bool) -> Value {
         let per = |b: u64| b as f64 / self.tokens.max(1) as f64;
         let r = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
-        let [pred, used, dem, steps, ready, bytes, wasted] = self.pf;
+        let p = &self.pf;
+        let (pred, used, dem, steps) = (p.predicted, p.predicted_used, p.demanded, p.layer_steps);
+        let (ready, bytes, wasted) = (p.all_ready, p.bytes, p.wasted_bytes);
         json!({
             "tok_per_s": self.tok_per_s(),
             "ttft_s": self.ttft_s,
@@ -201,8 +203,8 @@ struct Sim<'a> {
     prefetch_pins: Vec<(usize, usize)>,
     prefetched: HashMap<ExpertKey, u64>,
     memo: HashMap<(usize, usize), Vec<usize>>,
-    /// Prefetch counters, cumulative (see [`PassReport::pf`]).
-    pf: [u64; 7],
+    /// Prefetch counters, cumulative.
+    pf: PrefetchStats,
     moe_layers: Vec<usize>,
     t: f64,
 }
@@ -345,7 +347,7 @@ pub fn simulate(
         prefetch_pins: Vec::new(),
         prefetched: HashMap::new(),
         memo: HashMap::new(),
-        pf: [0; 7],
+        pf: PrefetchStats::default(),
         moe_layers: (0..m.layers.len()).filter(|&l| m.layers[l].moe).collect(),
         t: 0.0,
     };
@@ -481,9 +483,7 @@ impl Sim<'_> {
         r.decode_s = self.t - t1;
         r.bytes_read = self.flash.bytes() - bytes1;
         r.flash_busy_s = self.flash.busy_s() - busy1;
-        for (i, v) in r.pf.iter_mut().enumerate() {
-            *v = self.pf[i] - pf1[i];
-        }
+        r.pf = self.pf.since(&pf1);
         r.hits = r.layers.iter().map(|x| x.hits).sum();
         r.misses = r.layers.iter().map(|x| x.misses).sum();
         r.stall_s = r.layers.iter().map(|x| x.stall_s).sum();
@@ -650,7 +650,7 @@ impl Sim<'_> {
                 && end == uses.len()
                 && ready <= self.t
             {
-                self.pf[4] += 1;
+                self.pf.all_ready += 1;
             }
             self.settle_prefetch(l, uses);
         }
@@ -664,10 +664,10 @@ impl Sim<'_> {
     /// Scores the prediction for `l` and lets go of its prefetch pins.
     fn settle_prefetch(&mut self, l: usize, uses: &[(usize, usize)]) {
         if let Some(pred) = self.predicted.remove(&l) {
-            self.pf[3] += 1;
-            self.pf[0] += pred.len() as u64;
-            self.pf[2] += uses.len() as u64;
-            self.pf[1] += pred
+            self.pf.layer_steps += 1;
+            self.pf.predicted += pred.len() as u64;
+            self.pf.demanded += uses.len() as u64;
+            self.pf.predicted_used += pred
                 .iter()
                 .filter(|&&p| uses.iter().any(|&(e, _)| e == p as usize))
                 .count() as u64;
@@ -691,7 +691,7 @@ impl Sim<'_> {
             }
             false
         });
-        self.pf[6] += wasted;
+        self.pf.wasted_bytes += wasted;
     }
 
     /// Issues pending predictions, nearest layer first, at most a queue's
@@ -715,7 +715,7 @@ impl Sim<'_> {
                         let done = self.read_record(false);
                         self.ready_at[s] = done;
                         self.cache.mark_ready(s);
-                        self.pf[5] += self.m.record_bytes;
+                        self.pf.bytes += self.m.record_bytes;
                         self.prefetched.insert(key, self.m.record_bytes);
                         self.cache.pin(s);
                         self.prefetch_pins.push((layer, s));
