@@ -123,6 +123,7 @@ ARCH_CLASSES = {
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"),
+    "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM"),
 }
 
 # Geometry of the built-in fixtures.  Keys are generic; make_config() maps them
@@ -149,6 +150,16 @@ BASE = {
         head_dim=None, experts=12, top_k=4, moe_inter=18, norm_topk_prob=False,
         rope_theta=10000.0, tie=True, init_range=0.2, rms_eps=1e-5,
     ),
+    # Gated DeltaNet (linear) and gated full attention alternating; value heads twice the
+    # key heads and of another width, so a head-mapping or transpose mistake shows
+    "qwen3_5_moe": dict(
+        arch="qwen3_5_moe", seed=5000, vocab=311, hidden=64, layers=4, heads=4, kv_heads=2,
+        head_dim=32, experts=8, top_k=2, moe_inter=32, shared_inter=48, rope_theta=10000.0,
+        partial_rotary=0.25, layer_types=["linear_attention", "full_attention", "linear_attention",
+                                          "full_attention"],
+        lin_k_heads=2, lin_v_heads=4, lin_k_dim=16, lin_v_dim=24, conv_kernel=4,
+        tie=False, init_range=0.15, rms_eps=1e-6,
+    ),
 }
 
 # safetensors model fixtures: name -> spec (BASE entry + overrides)
@@ -169,6 +180,12 @@ MODEL_FIXTURES = {
     ),
     "mixtral": dict(BASE["mixtral"]),
     "olmoe": dict(BASE["olmoe"]),
+    "qwen3_5_moe": dict(BASE["qwen3_5_moe"]),
+    # a multimodal checkpoint as the hub ships them (Qwen3_5MoeForConditionalGeneration):
+    # text weights under model.language_model., a (tiny) vision tower beside them; another
+    # seed and the default layer pattern (three linear layers, then full attention)
+    "qwen3_5_moe_vl": dict(BASE["qwen3_5_moe"], seed=5100, multimodal=True, layers=4,
+                           layer_types=None, experts=6, top_k=3),
 }
 
 # GGUF fixtures: name -> (spec, quant type for 2-D/3-D weights)
@@ -229,8 +246,26 @@ def make_config(spec: dict):
     elif arch == "olmoe":
         kw.update(num_experts=spec["experts"], intermediate_size=spec["moe_inter"],
                   norm_topk_prob=spec["norm_topk_prob"], clip_qkv=None, attention_bias=False, pad_token_id=None)
+    elif arch == "qwen3_5_moe":
+        kw["rope_parameters"]["partial_rotary_factor"] = spec["partial_rotary"]
+        kw.update(num_experts=spec["experts"], moe_intermediate_size=spec["moe_inter"],
+                  shared_expert_intermediate_size=spec["shared_inter"],
+                  linear_num_key_heads=spec["lin_k_heads"], linear_num_value_heads=spec["lin_v_heads"],
+                  linear_key_head_dim=spec["lin_k_dim"], linear_value_head_dim=spec["lin_v_dim"],
+                  linear_conv_kernel_dim=spec["conv_kernel"], attention_bias=False)
+        if spec.get("layer_types"):
+            kw["layer_types"] = list(spec["layer_types"])
     else:
         raise ValueError(arch)
+    if spec.get("multimodal"):
+        text = cfg_cls(**kw)
+        vision = transformers.Qwen3_5MoeVisionConfig(depth=1, hidden_size=32, intermediate_size=48,
+                                                     num_heads=2, out_hidden_size=spec["hidden"],
+                                                     patch_size=4, num_position_embeddings=16)
+        cfg = transformers.Qwen3_5MoeConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                            tie_word_embeddings=spec["tie"])
+        cfg._attn_implementation = "eager"
+        return cfg
     cfg = cfg_cls(**kw)
     cfg._attn_implementation = "eager"
     return cfg
@@ -241,18 +276,31 @@ def build_model(spec: dict, seed: int):
     initialises them to 1 / 0, which would hide norm/bias mix-ups)."""
     cfg = make_config(spec)
     torch.manual_seed(seed)
-    model_cls = getattr(transformers, ARCH_CLASSES[spec["arch"]][1])
+    model_cls = model_class(spec)
     model = model_cls(cfg).to(torch.float32)
     g = torch.Generator().manual_seed(seed * 7919 + 17)
+    # Qwen3.5's RMSNorms are zero-centred (the layer applies 1 + w), except the
+    # gated norm inside linear attention
+    centred = spec["arch"] == "qwen3_5_moe"
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-                p.copy_(1.0 + 0.25 * (torch.rand(p.shape, generator=g) * 2 - 1))
-            elif name.endswith(".bias"):
+                base = 0.0 if centred and "linear_attn.norm" not in name else 1.0
+                p.copy_(base + 0.25 * (torch.rand(p.shape, generator=g) * 2 - 1))
+            elif name.endswith(".bias") or name.endswith("dt_bias"):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith("A_log"):
+                # decay rates A in [0.1, 4]: neither forgetting at once nor never
+                p.copy_(torch.log(0.1 + 3.9 * torch.rand(p.shape, generator=g)))
     set_eager(model)
     model.eval()
     return model
+
+
+def model_class(spec: dict):
+    if spec.get("multimodal"):
+        return transformers.Qwen3_5MoeForConditionalGeneration
+    return getattr(transformers, ARCH_CLASSES[spec["arch"]][1])
 
 
 def set_eager(model):
@@ -366,7 +414,7 @@ def make_model_fixture(name: str, spec: dict, out_dir: Path, tok: Tokenizer, ids
     write_expected(d / "expected.json", ids, logits, meta)
 
     # ---- verification: reload what was written, recompute, compare ----
-    model_cls = getattr(transformers, ARCH_CLASSES[spec["arch"]][1])
+    model_cls = model_class(spec)
     re = model_cls.from_pretrained(d, dtype=torch.float32, attn_implementation="eager",
                                    experts_implementation="eager")
     re.eval()
@@ -759,6 +807,11 @@ def geometry_str(spec: dict) -> str:
         s += f", dense inter {spec['inter']} (mlp_only_layers {spec.get('mlp_only_layers')})"
     if spec["arch"] == "qwen2_moe":
         s += f", shared-expert inter {spec['shared_inter']}, qkv bias"
+    if spec["arch"] == "qwen3_5_moe":
+        s += (f", shared-expert inter {spec['shared_inter']}, layer_types {spec.get('layer_types') or 'default'}, "
+              f"linear heads k {spec['lin_k_heads']}x{spec['lin_k_dim']} / v {spec['lin_v_heads']}x{spec['lin_v_dim']}, "
+              f"conv {spec['conv_kernel']}, partial rotary {spec['partial_rotary']}"
+              f"{', multimodal (vision tower skipped)' if spec.get('multimodal') else ''}")
     if "norm_topk_prob" in spec:
         s += f", norm_topk_prob {spec['norm_topk_prob']}"
     s += f", rope_theta {spec['rope_theta']:g}, rms_eps {spec['rms_eps']:g}, tied {spec['tie']}, init {spec['init_range']}"

@@ -55,6 +55,8 @@ fn fixture_set_covers_every_architecture_and_layout() {
         "qwen3_moe.q8_0.gguf",
         "qwen2_moe.q4_0.gguf",
         "mixtral.f16.gguf",
+        "qwen3_5_moe",
+        "qwen3_5_moe_vl",
     ] {
         assert!(
             names.iter().any(|n| n == want),
@@ -95,6 +97,34 @@ fn prompt_in_pieces_equals_prompt_at_once() {
         &[e.logits.last().unwrap().clone()],
         1e-3,
     );
+}
+
+#[test]
+fn linear_attention_state_carries_across_calls() {
+    // Gated DeltaNet keeps a conv history and a recurrent state between
+    // calls: the prompt in uneven pieces (one token, three, the rest) must
+    // give the oracle's logits at every position.
+    for name in ["qwen3_5_moe", "qwen3_5_moe_vl"] {
+        let p = fixtures().join("models").join(name);
+        let e = read_expected(&p.join("expected.json"));
+        let model = Arc::new(Model::open(&p).unwrap());
+        let be = Arc::new(CpuBackend::new(Some(2)).unwrap());
+        let mut s = Session::new(model.clone(), be);
+        let mut got = Vec::new();
+        for piece in [&e.tokens[..1], &e.tokens[1..4], &e.tokens[4..]] {
+            let l = s.forward(piece, true).unwrap();
+            got.extend(l.chunks_exact(model.config.vocab).map(<[f32]>::to_vec));
+        }
+        assert_close(name, &got, &e.logits, 1e-3);
+        // After a reset the state is empty again: same logits as fresh.
+        s.reset();
+        let again = s.forward(&e.tokens, true).unwrap();
+        let again: Vec<Vec<f32>> = again
+            .chunks_exact(model.config.vocab)
+            .map(<[f32]>::to_vec)
+            .collect();
+        assert_close(name, &again, &e.logits, 1e-3);
+    }
 }
 
 #[test]

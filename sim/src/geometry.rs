@@ -187,10 +187,7 @@ impl SimModel {
         let mut record = 0u64;
         let mut inter = 0;
         for (li, l) in m.layers.iter().enumerate() {
-            let mut ops: Vec<Op> = [&l.q.w, &l.k.w, &l.v.w, &l.o.w]
-                .into_iter()
-                .map(Op::of)
-                .collect();
+            let mut ops: Vec<Op> = l.mixer_weights().into_iter().map(Op::of).collect();
             let moe = match &l.ffn {
                 Ffn::Dense(d) => {
                     ops.extend([&d.gate, &d.up, &d.down].map(Op::of));
@@ -217,11 +214,16 @@ impl SimModel {
             dense += ops.iter().map(|o| o.bytes).sum::<u64>();
             layers.push(LayerGeom {
                 ops,
-                mixer: Mixer::Attention {
-                    heads: c.n_heads,
-                    kv_heads: c.n_kv_heads,
-                    head_dim: c.head_dim,
-                    window: c.windows[li],
+                mixer: match c.mixers[li] {
+                    sluice_engine::config::Mixer::Attention => Mixer::Attention {
+                        heads: c.n_heads,
+                        kv_heads: c.n_kv_heads,
+                        head_dim: c.head_dim,
+                        window: c.windows[li],
+                    },
+                    sluice_engine::config::Mixer::Linear => Mixer::Linear {
+                        state_bytes: c.linear.map_or(0, |l| l.state_len() as u64 * 4),
+                    },
                 },
                 moe,
             });
@@ -410,6 +412,24 @@ fn qwen35_397b(eq: &Quant, q: &Quant, n_layers: usize) -> SimModel {
         eos: vec![],
         bos: None,
         max_ctx: Some(262_144),
+        mixers: (0..n_layers)
+            .map(|l| {
+                if l % 4 == 3 {
+                    sluice_engine::config::Mixer::Attention
+                } else {
+                    sluice_engine::config::Mixer::Linear
+                }
+            })
+            .collect(),
+        attn_gate: true,
+        linear: Some(sluice_engine::config::LinearAttn {
+            conv_kernel: 4,
+            k_heads: lk,
+            v_heads: lv,
+            k_dim: dk,
+            v_dim: dv,
+        }),
+        config_top_k: top_k,
     };
     preset_model("qwen3.5-397b-a17b", layers, expert_ops, head, config, inter)
 }

@@ -16,6 +16,10 @@ pub enum Arch {
     Mixtral,
     /// OLMoE: q/k RMSNorm over the whole projection, optional qkv clipping.
     Olmoe,
+    /// Qwen3.5-MoE (Qwen3.5-397B-A17B, Qwen3.6-35B-A3B): Gated DeltaNet
+    /// linear attention in most layers, output-gated full attention with
+    /// partial rotary in the rest, a sigmoid-gated shared expert.
+    Qwen35Moe,
 }
 
 impl Arch {
@@ -26,7 +30,44 @@ impl Arch {
             Arch::Qwen2Moe => "qwen2_moe",
             Arch::Mixtral => "mixtral",
             Arch::Olmoe => "olmoe",
+            Arch::Qwen35Moe => "qwen3_5_moe",
         }
+    }
+}
+
+/// The token mixer of a layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mixer {
+    /// Softmax attention over a KV cache.
+    Attention,
+    /// Gated DeltaNet: a causal conv1d and a delta-rule recurrent state.
+    Linear,
+}
+
+/// Shape of the Gated DeltaNet layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinearAttn {
+    /// Width of the causal depthwise convolution.
+    pub conv_kernel: usize,
+    /// Query/key heads.
+    pub k_heads: usize,
+    /// Value heads (a multiple of `k_heads`).
+    pub v_heads: usize,
+    /// Dimension of one query/key head.
+    pub k_dim: usize,
+    /// Dimension of one value head.
+    pub v_dim: usize,
+}
+
+impl LinearAttn {
+    /// Channels of the convolution: queries, keys and values.
+    pub fn conv_dim(&self) -> usize {
+        2 * self.k_heads * self.k_dim + self.v_heads * self.v_dim
+    }
+
+    /// f32 values of one layer's state: conv history and recurrent state.
+    pub fn state_len(&self) -> usize {
+        self.conv_dim() * (self.conv_kernel - 1) + self.v_heads * self.k_dim * self.v_dim
     }
 }
 
@@ -75,6 +116,16 @@ pub struct Config {
     pub bos: Option<u32>,
     /// Trained context length, if known.
     pub max_ctx: Option<usize>,
+    /// Token mixer of each layer.
+    pub mixers: Vec<Mixer>,
+    /// The query projection also yields a sigmoid gate on the attention
+    /// output (`2 × heads × head_dim` rows, per head `[q | gate]`).
+    pub attn_gate: bool,
+    /// Gated DeltaNet shape, when any layer is linear.
+    pub linear: Option<LinearAttn>,
+    /// The router's top-k as the model file states it (`top_k` differs
+    /// when `--experts-k` overrides it).
+    pub config_top_k: usize,
 }
 
 fn bad(msg: impl Into<String>) -> Error {
@@ -130,6 +181,35 @@ fn check(cfg: &Config) -> Result<()> {
             cfg.top_k, cfg.n_experts
         )));
     }
+    if cfg.mixers.len() != cfg.n_layers {
+        return Err(bad(format!(
+            "{} layer types for {} layers",
+            cfg.mixers.len(),
+            cfg.n_layers
+        )));
+    }
+    if cfg.mixers.contains(&Mixer::Linear) {
+        let Some(l) = cfg.linear else {
+            return Err(bad("linear-attention layers without their dimensions"));
+        };
+        for (what, v) in [
+            ("linear conv kernel", l.conv_kernel),
+            ("linear key heads", l.k_heads),
+            ("linear value heads", l.v_heads),
+            ("linear key head dim", l.k_dim),
+            ("linear value head dim", l.v_dim),
+        ] {
+            if v == 0 || v > 4096 {
+                return Err(bad(format!("{what} {v} is out of range (1..=4096)")));
+            }
+        }
+        if l.conv_kernel < 2 || l.v_heads % l.k_heads != 0 {
+            return Err(bad(format!(
+                "linear attention: conv kernel {} (needs >= 2), {} value heads for {} key heads (needs a multiple)",
+                l.conv_kernel, l.v_heads, l.k_heads
+            )));
+        }
+    }
     if cfg.rot_dim == 0 || cfg.rot_dim > cfg.head_dim || cfg.rot_dim % 2 != 0 {
         return Err(bad(format!(
             "rotary dimension {} does not fit head dim {}",
@@ -170,6 +250,19 @@ impl Config {
             "eos": self.eos,
             "bos": self.bos,
             "max_ctx": self.max_ctx,
+            "mixers": self.mixers.iter().map(|m| match m {
+                Mixer::Attention => "attention",
+                Mixer::Linear => "linear",
+            }).collect::<Vec<_>>(),
+            "attn_gate": self.attn_gate,
+            "linear": self.linear.map(|l| serde_json::json!({
+                "conv_kernel": l.conv_kernel,
+                "k_heads": l.k_heads,
+                "v_heads": l.v_heads,
+                "k_dim": l.k_dim,
+                "v_dim": l.v_dim,
+            })),
+            "config_top_k": self.config_top_k,
         })
     }
 
@@ -188,6 +281,7 @@ impl Config {
             Some("qwen2_moe") => Arch::Qwen2Moe,
             Some("mixtral") => Arch::Mixtral,
             Some("olmoe") => Arch::Olmoe,
+            Some("qwen3_5_moe") => Arch::Qwen35Moe,
             other => return Err(bad(format!("packed config: unknown arch {other:?}"))),
         };
         let n_layers = n("n_layers")?.min(4096);
@@ -235,7 +329,35 @@ impl Config {
             eos: ids(v.get("eos")),
             bos: v.get("bos").and_then(|x| x.as_u64()).map(|x| x as u32),
             max_ctx: get_usize(v, "max_ctx"),
+            mixers: match v.get("mixers") {
+                // Files packed before linear attention existed.
+                None => vec![Mixer::Attention; n_layers],
+                Some(_) => list("mixers")?
+                    .iter()
+                    .map(|x| match x.as_str() {
+                        Some("attention") => Ok(Mixer::Attention),
+                        Some("linear") => Ok(Mixer::Linear),
+                        other => Err(bad(format!("packed config: unknown mixer {other:?}"))),
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+            },
+            attn_gate: b("attn_gate"),
+            linear: match v.get("linear") {
+                Some(l) if !l.is_null() => Some(LinearAttn {
+                    conv_kernel: need(l, "conv_kernel")?,
+                    k_heads: need(l, "k_heads")?,
+                    v_heads: need(l, "v_heads")?,
+                    k_dim: need(l, "k_dim")?,
+                    v_dim: need(l, "v_dim")?,
+                }),
+                _ => None,
+            },
+            config_top_k: get_usize(v, "config_top_k").unwrap_or(0),
         };
+        let mut cfg = cfg;
+        if cfg.config_top_k == 0 {
+            cfg.config_top_k = cfg.top_k;
+        }
         check(&cfg)?;
         Ok(cfg)
     }
@@ -287,9 +409,10 @@ impl Config {
             "qwen2_moe" => Arch::Qwen2Moe,
             "mixtral" => Arch::Mixtral,
             "olmoe" => Arch::Olmoe,
+            "qwen3_5_moe" | "qwen3_5_moe_text" => Arch::Qwen35Moe,
             other => {
                 return Err(Error::Unsupported(format!(
-                    "architecture \"{other}\" (supported: qwen3_moe, qwen2_moe, mixtral, olmoe)"
+                    "architecture \"{other}\" (supported: qwen3_moe, qwen2_moe, mixtral, olmoe, qwen3_5_moe)"
                 )))
             }
         };
@@ -323,7 +446,8 @@ impl Config {
             .ok_or_else(|| bad("config.json: missing \"num_experts\" / \"num_local_experts\""))?;
         let top_k = need(c, "num_experts_per_tok")?;
         let norm_topk_prob = match arch {
-            Arch::Mixtral => true,
+            // Both always renormalize the top-k probabilities.
+            Arch::Mixtral | Arch::Qwen35Moe => true,
             _ => c
                 .get("norm_topk_prob")
                 .and_then(|v| v.as_bool())
@@ -366,6 +490,47 @@ impl Config {
             .collect();
         let mut rot_dim = ((head_dim as f64) * partial) as usize;
         rot_dim -= rot_dim % 2;
+        let (mixers, linear) = if arch == Arch::Qwen35Moe {
+            let mixers = match &layer_types {
+                Some(t) => {
+                    if t.len() != n_layers {
+                        return Err(bad(format!(
+                            "config.json: {} layer_types for {n_layers} layers",
+                            t.len()
+                        )));
+                    }
+                    t.iter()
+                        .map(|s| match s.as_str() {
+                            "linear_attention" => Ok(Mixer::Linear),
+                            "full_attention" => Ok(Mixer::Attention),
+                            other => Err(Error::Unsupported(format!("layer type \"{other}\""))),
+                        })
+                        .collect::<Result<Vec<_>>>()?
+                }
+                None => {
+                    let every = get_usize(c, "full_attention_interval").unwrap_or(4).max(1);
+                    (0..n_layers)
+                        .map(|i| {
+                            if (i + 1) % every == 0 {
+                                Mixer::Attention
+                            } else {
+                                Mixer::Linear
+                            }
+                        })
+                        .collect()
+                }
+            };
+            let linear = LinearAttn {
+                conv_kernel: get_usize(c, "linear_conv_kernel_dim").unwrap_or(4),
+                k_heads: get_usize(c, "linear_num_key_heads").unwrap_or(16),
+                v_heads: get_usize(c, "linear_num_value_heads").unwrap_or(32),
+                k_dim: get_usize(c, "linear_key_head_dim").unwrap_or(128),
+                v_dim: get_usize(c, "linear_value_head_dim").unwrap_or(128),
+            };
+            (mixers, Some(linear))
+        } else {
+            (vec![Mixer::Attention; n_layers], None)
+        };
         Ok(Config {
             arch,
             vocab: need(c, "vocab_size")?,
@@ -394,6 +559,10 @@ impl Config {
             eos: ids(c.get("eos_token_id")),
             bos: ids(c.get("bos_token_id")).first().copied(),
             max_ctx: get_usize(c, "max_position_embeddings"),
+            mixers,
+            attn_gate: arch == Arch::Qwen35Moe,
+            linear,
+            config_top_k: top_k,
         })
     }
 
@@ -477,7 +646,39 @@ impl Config {
             eos: tok("eos_token_id").into_iter().collect(),
             bos: tok("bos_token_id"),
             max_ctx: num("context_length"),
+            mixers: vec![Mixer::Attention; n_layers],
+            attn_gate: false,
+            linear: None,
+            config_top_k: num("expert_used_count").unwrap_or(0),
         })
+    }
+
+    /// Bytes of the per-sequence state for `ctx` positions: the KV cache
+    /// of attention layers and the fixed state of linear ones.
+    pub fn state_bytes(&self, ctx: usize) -> u64 {
+        let kv = (2 * self.n_kv_heads * self.head_dim * ctx) as u64;
+        let lin = self.linear.map_or(0, |l| l.state_len()) as u64;
+        self.mixers
+            .iter()
+            .map(|m| match m {
+                Mixer::Attention => kv,
+                Mixer::Linear => lin,
+            })
+            .sum::<u64>()
+            * 4
+    }
+
+    /// Overrides the number of routed experts per token (`--experts-k`).
+    /// This changes the model's output.
+    pub fn set_experts_k(&mut self, k: usize) -> Result<()> {
+        if k == 0 || k > self.n_experts {
+            return Err(Error::Invalid(format!(
+                "--experts-k {k} is not in 1..={} (the model has {} experts per layer)",
+                self.n_experts, self.n_experts
+            )));
+        }
+        self.top_k = k;
+        Ok(())
     }
 
     /// Index of the first MoE layer, if any.

@@ -8,7 +8,7 @@
 //! in ascending expert order, the order transformers uses, so the output is
 //! independent of where the expert bytes came from.
 
-use crate::model::{Ffn, Layer, Linear, Mlp, Model, Moe};
+use crate::model::{Attention, DeltaNet, Ffn, Linear, MixerWeights, Mlp, Model, Moe};
 pub use crate::replay::Replay;
 use crate::stream::Streamer;
 use sluice_core::ops::{self, Rope};
@@ -35,8 +35,10 @@ pub type RouteObserver = Box<dyn FnMut(&Route<'_>) + Send>;
 pub struct Session {
     model: Arc<Model>,
     backend: Arc<dyn Backend>,
-    /// Per layer: keys and values, `pos × kv_dim` each.
+    /// Per layer: keys and values, `pos × kv_dim` each (attention layers).
     kv: Vec<(Vec<f32>, Vec<f32>)>,
+    /// Per layer: conv history and recurrent state (linear layers).
+    lin: Vec<LinState>,
     pos: usize,
     observer: Option<RouteObserver>,
     streamer: Option<Streamer>,
@@ -47,10 +49,19 @@ impl Session {
     /// A new, empty sequence.
     pub fn new(model: Arc<Model>, backend: Arc<dyn Backend>) -> Self {
         let n = model.config.n_layers;
+        let lin = model
+            .layers
+            .iter()
+            .map(|l| match &l.mixer {
+                MixerWeights::DeltaNet(_) => LinState::new(&model.config),
+                MixerWeights::Attention(_) => LinState::default(),
+            })
+            .collect();
         Session {
             model,
             backend,
             kv: vec![(Vec::new(), Vec::new()); n],
+            lin,
             pos: 0,
             observer: None,
             streamer: None,
@@ -77,9 +88,11 @@ impl Session {
     ) -> Self {
         let mut s = Session::new(model, backend);
         let kd = s.model.config.n_kv_heads * s.model.config.head_dim;
-        for (k, v) in &mut s.kv {
-            k.reserve_exact(ctx * kd);
-            v.reserve_exact(ctx * kd);
+        for (li, (k, v)) in s.kv.iter_mut().enumerate() {
+            if s.model.config.mixers[li] == crate::config::Mixer::Attention {
+                k.reserve_exact(ctx * kd);
+                v.reserve_exact(ctx * kd);
+            }
         }
         s.streamer = Some(streamer);
         s
@@ -102,6 +115,10 @@ impl Session {
             k.clear();
             v.clear();
         }
+        for s in &mut self.lin {
+            s.conv.iter_mut().for_each(|v| *v = 0.0);
+            s.state.iter_mut().for_each(|v| *v = 0.0);
+        }
     }
 
     /// Installs a routing observer.
@@ -109,9 +126,15 @@ impl Session {
         self.observer = o;
     }
 
-    /// Bytes held by the KV cache.
+    /// Bytes held by the KV cache and the linear layers' states.
     pub fn kv_bytes(&self) -> usize {
-        self.kv.iter().map(|(k, v)| (k.len() + v.len()) * 4).sum()
+        let kv: usize = self.kv.iter().map(|(k, v)| (k.len() + v.len()) * 4).sum();
+        let lin: usize = self
+            .lin
+            .iter()
+            .map(|s| (s.conv.len() + s.state.len()) * 4)
+            .sum();
+        kv + lin
     }
 
     /// Runs `tokens` through the model. Returns the logits of every
@@ -136,7 +159,15 @@ impl Session {
             model.embed.row_f32(*t as usize, row)?;
         }
         for (li, layer) in model.layers.iter().enumerate() {
-            self.attention(li, layer, &mut x, n)?;
+            let mut hn = x.clone();
+            ops::rms_norm(&mut hn, &layer.attn_norm, c.rms_eps);
+            let o = match &layer.mixer {
+                MixerWeights::Attention(a) => self.attention(li, a, &hn, n)?,
+                MixerWeights::DeltaNet(d) => self.delta_net(li, d, &hn, n)?,
+            };
+            for (a, b) in x.iter_mut().zip(&o) {
+                *a += b;
+            }
             let mut hn = x.clone();
             ops::rms_norm(&mut hn, &layer.ffn_norm, c.rms_eps);
             let out = match &layer.ffn {
@@ -175,13 +206,34 @@ impl Session {
         Ok(y)
     }
 
-    fn attention(&mut self, li: usize, layer: &Layer, x: &mut [f32], n: usize) -> Result<()> {
+    /// Softmax attention of the normalized input `hn`; returns the
+    /// layer's contribution to the residual stream.
+    fn attention(
+        &mut self,
+        li: usize,
+        layer: &Attention,
+        hn: &[f32],
+        n: usize,
+    ) -> Result<Vec<f32>> {
         let c = &self.model.config;
-        let mut hn = x.to_vec();
-        ops::rms_norm(&mut hn, &layer.attn_norm, c.rms_eps);
-        let mut q = self.linear(&layer.q, &hn, n)?;
-        let mut k = self.linear(&layer.k, &hn, n)?;
-        let mut v = self.linear(&layer.v, &hn, n)?;
+        let (qd, kd) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+        let mut q = self.linear(&layer.q, hn, n)?;
+        // Qwen3.5: each head's rows are `[q | gate]`; split them.
+        let gate = if c.attn_gate {
+            let hd = c.head_dim;
+            let mut qs = Vec::with_capacity(n * qd);
+            let mut gs = Vec::with_capacity(n * qd);
+            for pair in q.chunks_exact(2 * hd) {
+                qs.extend_from_slice(&pair[..hd]);
+                gs.extend_from_slice(&pair[hd..]);
+            }
+            q = qs;
+            Some(gs)
+        } else {
+            None
+        };
+        let mut k = self.linear(&layer.k, hn, n)?;
+        let mut v = self.linear(&layer.v, hn, n)?;
         if let Some(w) = &layer.q_norm {
             ops::rms_norm(&mut q, w, c.rms_eps);
         }
@@ -198,7 +250,6 @@ impl Session {
             rot_dim: c.rot_dim,
             style: c.rope_style,
         };
-        let (qd, kd) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
         let (mut cos, mut sin) = (Vec::new(), Vec::new());
         for t in 0..n {
             rope.tables(self.pos + t, &mut cos, &mut sin);
@@ -218,11 +269,98 @@ impl Session {
         let mut att = vec![0f32; n * qd];
         self.backend
             .attention(&q, kc, vc, n, self.pos, &p, &mut att);
-        let o = self.linear(&layer.o, &att, n)?;
-        for (a, b) in x.iter_mut().zip(&o) {
-            *a += b;
+        if let Some(g) = gate {
+            for (a, g) in att.iter_mut().zip(&g) {
+                *a *= ops::sigmoid(*g);
+            }
         }
-        Ok(())
+        self.linear(&layer.o, &att, n)
+    }
+
+    /// Gated DeltaNet of the normalized input `hn`, token by token through
+    /// the recurrent state (the chunked form computes the same sums in
+    /// another order); returns the layer's contribution.
+    fn delta_net(&mut self, li: usize, d: &DeltaNet, hn: &[f32], n: usize) -> Result<Vec<f32>> {
+        let c = &self.model.config;
+        let l = c.linear.expect("linear layers have dimensions");
+        let (nk, nv, dk, dv, kw) = (l.k_heads, l.v_heads, l.k_dim, l.v_dim, l.conv_kernel);
+        let cd = l.conv_dim();
+        let vd = nv * dv;
+        let mm = |w: &crate::model::Weight, rows: usize| -> Result<Vec<f32>> {
+            let mut y = vec![0f32; n * rows];
+            self.backend.matmul(w.view(), hn, n, &mut y)?;
+            Ok(y)
+        };
+        let qkv = mm(&d.qkv, cd)?;
+        let z = mm(&d.z, vd)?;
+        let b = mm(&d.b, nv)?;
+        let a = mm(&d.a, nv)?;
+        let st = &mut self.lin[li];
+        let mut out = vec![0f32; n * vd];
+        let mut mixed = vec![0f32; cd];
+        let scale = 1.0 / (dk as f32).sqrt();
+        let rep = nv / nk;
+        for t in 0..n {
+            let x = &qkv[t * cd..(t + 1) * cd];
+            // Causal depthwise conv over the last `kw` inputs, then SiLU;
+            // the history keeps the previous `kw - 1` inputs per channel.
+            for ch in 0..cd {
+                let hist = &mut st.conv[ch * (kw - 1)..(ch + 1) * (kw - 1)];
+                let w = &d.conv[ch * kw..(ch + 1) * kw];
+                let mut acc = 0f32;
+                for j in 0..kw - 1 {
+                    acc += w[j] * hist[j];
+                }
+                acc += w[kw - 1] * x[ch];
+                hist.copy_within(1.., 0);
+                hist[kw - 2] = x[ch];
+                mixed[ch] = ops::silu(acc);
+            }
+            let (qs, rest) = mixed.split_at_mut(nk * dk);
+            let (ks, vs) = rest.split_at_mut(nk * dk);
+            for h in 0..nk {
+                l2norm(&mut qs[h * dk..(h + 1) * dk]);
+                l2norm(&mut ks[h * dk..(h + 1) * dk]);
+            }
+            qs.iter_mut().for_each(|v| *v *= scale);
+            for hv in 0..nv {
+                let hk = hv / rep;
+                let (q, k) = (&qs[hk * dk..(hk + 1) * dk], &ks[hk * dk..(hk + 1) * dk]);
+                let v = &vs[hv * dv..(hv + 1) * dv];
+                let beta = ops::sigmoid(b[t * nv + hv]);
+                let g = d.a_neg[hv] * softplus(a[t * nv + hv] + d.dt_bias[hv]);
+                let decay = g.exp();
+                let s = &mut st.state[hv * dk * dv..(hv + 1) * dk * dv];
+                s.iter_mut().for_each(|x| *x *= decay);
+                // kv_mem = Sᵀk; delta = (v - kv_mem)·β; S += k ⊗ delta.
+                let mut delta = vec![0f32; dv];
+                for (i, row) in s.chunks_exact(dv).enumerate() {
+                    for (m, &sv) in delta.iter_mut().zip(row) {
+                        *m += sv * k[i];
+                    }
+                }
+                for (m, &vv) in delta.iter_mut().zip(v) {
+                    *m = (vv - *m) * beta;
+                }
+                let o = &mut out[t * vd + hv * dv..t * vd + (hv + 1) * dv];
+                for (i, row) in s.chunks_exact_mut(dv).enumerate() {
+                    for (sv, &dl) in row.iter_mut().zip(&delta) {
+                        *sv += k[i] * dl;
+                    }
+                    for (ov, &sv) in o.iter_mut().zip(row.iter()) {
+                        *ov += sv * q[i];
+                    }
+                }
+            }
+        }
+        // Gated RMSNorm per value head: norm(o)·w·silu(z).
+        ops::rms_norm(&mut out, &d.norm, c.rms_eps);
+        for (o, zv) in out.iter_mut().zip(&z) {
+            *o *= ops::silu(*zv);
+        }
+        let mut y = vec![0f32; n * c.hidden];
+        self.backend.matmul(d.out.view(), &out, n, &mut y)?;
+        Ok(y)
     }
 
     fn mlp(&self, m: &Mlp, x: &[f32], n: usize) -> Result<Vec<f32>> {
@@ -373,6 +511,41 @@ impl Session {
             }
         }
         Ok(out)
+    }
+}
+
+/// A linear layer's state between tokens.
+#[derive(Clone, Debug, Default)]
+struct LinState {
+    /// Per conv channel, the previous `kernel - 1` inputs, oldest first.
+    conv: Vec<f32>,
+    /// Per value head, `k_dim × v_dim`.
+    state: Vec<f32>,
+}
+
+impl LinState {
+    fn new(c: &crate::config::Config) -> Self {
+        let l = c.linear.expect("linear layers have dimensions");
+        LinState {
+            conv: vec![0.0; l.conv_dim() * (l.conv_kernel - 1)],
+            state: vec![0.0; l.v_heads * l.k_dim * l.v_dim],
+        }
+    }
+}
+
+/// `x / sqrt(Σx² + 1e-6)`, as the reference's l2norm.
+fn l2norm(x: &mut [f32]) {
+    let ss: f32 = x.iter().map(|v| v * v).sum();
+    let r = 1.0 / (ss + 1e-6).sqrt();
+    x.iter_mut().for_each(|v| *v *= r);
+}
+
+/// PyTorch's softplus (`β = 1`, linear above 20).
+fn softplus(x: f32) -> f32 {
+    if x > 20.0 {
+        x
+    } else {
+        x.exp().ln_1p()
     }
 }
 

@@ -7,7 +7,7 @@
 //! tensor per expert or stacked per layer, become one [`Mlp`] each whose
 //! three matrices are byte ranges of the file.
 
-use crate::config::Config;
+use crate::config::{Arch, Config, Mixer};
 use sluice_core::{quant, DType, Error, Result, WeightView};
 use sluice_format::{ModelFiles, TensorBytes, TensorInfo};
 
@@ -104,16 +104,14 @@ pub enum Ffn {
     Moe(Moe),
 }
 
-/// One decoder layer.
+/// Softmax attention's weights.
 #[derive(Clone, Debug)]
-pub struct Layer {
-    /// RMSNorm before attention.
-    pub attn_norm: Vec<f32>,
-    /// Projections.
+pub struct Attention {
+    /// Query projection (with Qwen3.5's output gate: per head `[q | gate]`).
     pub q: Linear,
-    /// Projections.
+    /// Key projection.
     pub k: Linear,
-    /// Projections.
+    /// Value projection.
     pub v: Linear,
     /// Output projection.
     pub o: Linear,
@@ -121,10 +119,61 @@ pub struct Layer {
     pub q_norm: Option<Vec<f32>>,
     /// RMSNorm of keys, likewise.
     pub k_norm: Option<Vec<f32>>,
+}
+
+/// Gated DeltaNet weights (Qwen3.5's linear attention).
+#[derive(Clone, Debug)]
+pub struct DeltaNet {
+    /// `conv_dim × hidden`: queries, keys and values before the conv.
+    pub qkv: Weight,
+    /// `v_heads·v_dim × hidden`: the output gate.
+    pub z: Weight,
+    /// `v_heads × hidden`: the update strength β (through a sigmoid).
+    pub b: Weight,
+    /// `v_heads × hidden`: the decay input.
+    pub a: Weight,
+    /// Depthwise causal conv1d, `conv_dim × kernel`.
+    pub conv: Vec<f32>,
+    /// Per value head, added to `a` before the softplus.
+    pub dt_bias: Vec<f32>,
+    /// Per value head: `-exp(A_log)`, the decay rate.
+    pub a_neg: Vec<f32>,
+    /// Gated RMSNorm over one value head (`v_dim`).
+    pub norm: Vec<f32>,
+    /// `hidden × v_heads·v_dim`.
+    pub out: Weight,
+}
+
+/// The token-mixing half of a layer.
+#[derive(Clone, Debug)]
+pub enum MixerWeights {
+    /// Softmax attention.
+    Attention(Attention),
+    /// Gated DeltaNet.
+    DeltaNet(DeltaNet),
+}
+
+/// One decoder layer.
+#[derive(Clone, Debug)]
+pub struct Layer {
+    /// RMSNorm before the mixer.
+    pub attn_norm: Vec<f32>,
+    /// Attention or linear attention.
+    pub mixer: MixerWeights,
     /// RMSNorm before the feed-forward block.
     pub ffn_norm: Vec<f32>,
     /// Feed-forward block.
     pub ffn: Ffn,
+}
+
+impl Layer {
+    /// Every projection matrix of the mixer (not the norms).
+    pub fn mixer_weights(&self) -> Vec<&Weight> {
+        match &self.mixer {
+            MixerWeights::Attention(a) => vec![&a.q.w, &a.k.w, &a.v.w, &a.o.w],
+            MixerWeights::DeltaNet(d) => vec![&d.qkv, &d.z, &d.b, &d.a, &d.out],
+        }
+    }
 }
 
 /// A loaded model.
@@ -225,21 +274,65 @@ impl Loader<'_> {
         })
     }
 
-    /// A layer from its attention tensors' names and its feed-forward block.
-    fn layer(&self, c: &Config, n: &LayerNames, ffn: Ffn) -> Result<Layer> {
+    /// Layer `i` from its tensors' names and its feed-forward block.
+    fn layer(&self, c: &Config, i: usize, n: &LayerNames, ffn: Ffn) -> Result<Layer> {
         let h = c.hidden;
         let (qd, kd) = attn_dims(c);
-        Ok(Layer {
+        let mixer = match c.mixers[i] {
+            Mixer::Attention => {
+                let q_rows = if c.attn_gate { 2 * qd } else { qd };
+                MixerWeights::Attention(Attention {
+                    q: self.linear(&n.q, q_rows, h)?,
+                    k: self.linear(&n.k, kd, h)?,
+                    v: self.linear(&n.v, kd, h)?,
+                    o: self.linear(&n.o, h, qd)?,
+                    q_norm: self.qk_norm(&format!("{}.weight", n.q_norm), c.head_dim, qd)?,
+                    k_norm: self.qk_norm(&format!("{}.weight", n.k_norm), c.head_dim, kd)?,
+                })
+            }
+            Mixer::Linear => {
+                let l = c.linear.expect("checked: linear layers have dimensions");
+                let vd = l.v_heads * l.v_dim;
+                let cd = l.conv_dim();
+                let conv = self.vector(&n.lin_conv, cd * l.conv_kernel)?;
+                let a_neg = match &n.lin_a_log {
+                    Some(name) => self
+                        .vector(name, l.v_heads)?
+                        .iter()
+                        .map(|v| -v.exp())
+                        .collect(),
+                    None => self.vector(&n.lin_a, l.v_heads)?,
+                };
+                MixerWeights::DeltaNet(DeltaNet {
+                    qkv: self.matrix(&n.lin_qkv, cd, h)?,
+                    z: self.matrix(&n.lin_z, vd, h)?,
+                    b: self.matrix(&n.lin_b, l.v_heads, h)?,
+                    a: self.matrix(&n.lin_a_proj, l.v_heads, h)?,
+                    conv,
+                    dt_bias: self.vector(&n.lin_dt, l.v_heads)?,
+                    a_neg,
+                    norm: self.vector(&n.lin_norm, l.v_dim)?,
+                    out: self.matrix(&n.lin_out, h, vd)?,
+                })
+            }
+        };
+        let mut layer = Layer {
             attn_norm: self.vector(&format!("{}.weight", n.attn_norm), h)?,
-            q: self.linear(&n.q, qd, h)?,
-            k: self.linear(&n.k, kd, h)?,
-            v: self.linear(&n.v, kd, h)?,
-            o: self.linear(&n.o, h, qd)?,
-            q_norm: self.qk_norm(&format!("{}.weight", n.q_norm), c.head_dim, qd)?,
-            k_norm: self.qk_norm(&format!("{}.weight", n.k_norm), c.head_dim, kd)?,
+            mixer,
             ffn_norm: self.vector(&format!("{}.weight", n.ffn_norm), h)?,
             ffn,
-        })
+        };
+        if n.shift_norms {
+            // Zero-centred RMSNorm: the file stores w, the layer applies 1 + w.
+            let shift = |v: &mut Vec<f32>| v.iter_mut().for_each(|x| *x += 1.0);
+            shift(&mut layer.attn_norm);
+            shift(&mut layer.ffn_norm);
+            if let MixerWeights::Attention(a) = &mut layer.mixer {
+                a.q_norm.as_mut().map(shift);
+                a.k_norm.as_mut().map(shift);
+            }
+        }
+        Ok(layer)
     }
 
     /// A q/k norm whose length says whether it is per head or whole.
@@ -299,11 +392,27 @@ struct LayerNames {
     q_norm: String,
     k_norm: String,
     ffn_norm: String,
+    // Gated DeltaNet tensors, full names.
+    lin_qkv: String,
+    lin_z: String,
+    lin_b: String,
+    lin_a_proj: String,
+    lin_conv: String,
+    lin_dt: String,
+    /// `A_log` (Hugging Face) ...
+    lin_a_log: Option<String>,
+    /// ... or `A = -exp(A_log)` itself (GGUF).
+    lin_a: String,
+    lin_norm: String,
+    lin_out: String,
+    /// Norms are zero-centred in the file (`1 + w` applied).
+    shift_norms: bool,
 }
 
 impl LayerNames {
-    fn hf(b: &str) -> Self {
+    fn hf(b: &str, shift_norms: bool) -> Self {
         let a = |n: &str| format!("{b}self_attn.{n}");
+        let l = |n: &str| format!("{b}linear_attn.{n}");
         LayerNames {
             attn_norm: format!("{b}input_layernorm"),
             q: a("q_proj"),
@@ -313,10 +422,21 @@ impl LayerNames {
             q_norm: a("q_norm"),
             k_norm: a("k_norm"),
             ffn_norm: format!("{b}post_attention_layernorm"),
+            lin_qkv: l("in_proj_qkv.weight"),
+            lin_z: l("in_proj_z.weight"),
+            lin_b: l("in_proj_b.weight"),
+            lin_a_proj: l("in_proj_a.weight"),
+            lin_conv: l("conv1d.weight"),
+            lin_dt: l("dt_bias"),
+            lin_a_log: Some(l("A_log")),
+            lin_a: l("A"),
+            lin_norm: l("norm.weight"),
+            lin_out: l("out_proj.weight"),
+            shift_norms,
         }
     }
 
-    fn gguf(b: &str) -> Self {
+    fn gguf(b: &str, post_attention_norm: bool) -> Self {
         let a = |n: &str| format!("{b}{n}");
         LayerNames {
             attn_norm: a("attn_norm"),
@@ -326,7 +446,23 @@ impl LayerNames {
             o: a("attn_output"),
             q_norm: a("attn_q_norm"),
             k_norm: a("attn_k_norm"),
-            ffn_norm: a("ffn_norm"),
+            ffn_norm: if post_attention_norm {
+                a("post_attention_norm")
+            } else {
+                a("ffn_norm")
+            },
+            lin_qkv: a("attn_qkv.weight"),
+            lin_z: a("attn_gate.weight"),
+            lin_b: a("ssm_beta.weight"),
+            lin_a_proj: a("ssm_alpha.weight"),
+            lin_conv: a("ssm_conv1d.weight"),
+            lin_dt: a("ssm_dt.bias"),
+            lin_a_log: None,
+            lin_a: a("ssm_a"),
+            lin_norm: a("ssm_norm.weight"),
+            lin_out: a("ssm_out.weight"),
+            // llama.cpp's converter stores 1 + w already.
+            shift_norms: false,
         }
     }
 }
@@ -404,6 +540,8 @@ fn load_hf(l: &Loader, c: &Config) -> Result<Parts> {
         .find(|p| l.has(&format!("{p}embed_tokens.weight")))
         .ok_or_else(|| Error::Model("no embed_tokens.weight tensor".into()))?;
     let h = c.hidden;
+    // Qwen3.5's RMSNorms are zero-centred in Hugging Face files.
+    let shift = c.arch == Arch::Qwen35Moe;
     let embed = l.matrix(&format!("{p}embed_tokens.weight"), c.vocab, h)?;
     let mut layers = Vec::with_capacity(c.n_layers);
     for i in 0..c.n_layers {
@@ -472,9 +610,12 @@ fn load_hf(l: &Loader, c: &Config) -> Result<Parts> {
                 ["gate_proj", "up_proj", "down_proj"],
             )?)
         };
-        layers.push(l.layer(c, &LayerNames::hf(&b), ffn)?);
+        layers.push(l.layer(c, i, &LayerNames::hf(&b, shift), ffn)?);
     }
-    let norm = l.vector(&format!("{p}norm.weight"), h)?;
+    let mut norm = l.vector(&format!("{p}norm.weight"), h)?;
+    if shift {
+        norm.iter_mut().for_each(|x| *x += 1.0);
+    }
     let lm_head = match l.opt_matrix("lm_head.weight", c.vocab, h)? {
         Some(w) if !c.tie_embeddings => w,
         _ => embed.clone(),
@@ -547,7 +688,7 @@ fn load_gguf(l: &Loader, c: &Config) -> Result<Parts> {
         } else {
             Ffn::Dense(mlp("")?)
         };
-        layers.push(l.layer(c, &LayerNames::gguf(&b), ffn)?);
+        layers.push(l.layer(c, i, &LayerNames::gguf(&b, c.arch == Arch::Qwen35Moe), ffn)?);
     }
     let norm = l.vector("output_norm.weight", h)?;
     let lm_head = match l.opt_matrix("output.weight", c.vocab, h)? {

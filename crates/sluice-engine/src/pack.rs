@@ -15,7 +15,7 @@
 //! holds more than a record (or one dense tensor) in memory.
 
 use crate::config::{Arch, Config, PACKED_CONFIG_KEY};
-use crate::model::{Ffn, Model, Weight};
+use crate::model::{Ffn, MixerWeights, Model, Weight};
 use crate::tokenizer::PACKED_TOKENIZER_KEY;
 use sluice_core::{quant, DType, Error, Result};
 use sluice_format::{GgufWriter, MetaValue, ModelFiles, TensorSpec, Value};
@@ -151,6 +151,7 @@ pub(crate) fn gguf_arch(a: Arch) -> &'static str {
         Arch::Qwen2Moe => "qwen2moe",
         Arch::Mixtral => "llama",
         Arch::Olmoe => "olmoe",
+        Arch::Qwen35Moe => "qwen35moe",
     }
 }
 
@@ -205,19 +206,42 @@ pub fn pack(
     for (i, l) in model.layers.iter().enumerate() {
         let b = format!("blk.{i}.");
         dense.push(v(format!("{b}attn_norm.weight"), &l.attn_norm));
-        for (n, lin) in [("q", &l.q), ("k", &l.k), ("v", &l.v), ("output", &l.o)] {
-            dense.push(w(format!("{b}attn_{n}.weight"), &lin.w));
-            if let Some(bias) = &lin.bias {
-                dense.push(v(format!("{b}attn_{n}.bias"), bias));
+        match &l.mixer {
+            MixerWeights::Attention(a) => {
+                for (n, lin) in [("q", &a.q), ("k", &a.k), ("v", &a.v), ("output", &a.o)] {
+                    dense.push(w(format!("{b}attn_{n}.weight"), &lin.w));
+                    if let Some(bias) = &lin.bias {
+                        dense.push(v(format!("{b}attn_{n}.bias"), bias));
+                    }
+                }
+                if let Some(x) = &a.q_norm {
+                    dense.push(v(format!("{b}attn_q_norm.weight"), x));
+                }
+                if let Some(x) = &a.k_norm {
+                    dense.push(v(format!("{b}attn_k_norm.weight"), x));
+                }
+            }
+            MixerWeights::DeltaNet(d) => {
+                dense.push(w(format!("{b}attn_qkv.weight"), &d.qkv));
+                dense.push(w(format!("{b}attn_gate.weight"), &d.z));
+                dense.push(w(format!("{b}ssm_beta.weight"), &d.b));
+                dense.push(w(format!("{b}ssm_alpha.weight"), &d.a));
+                let mut conv = v(format!("{b}ssm_conv1d.weight"), &d.conv);
+                let kw = d.conv.len() / d.qkv.rows.max(1);
+                conv.spec.shape = vec![d.qkv.rows, kw];
+                dense.push(conv);
+                dense.push(v(format!("{b}ssm_dt.bias"), &d.dt_bias));
+                dense.push(v(format!("{b}ssm_a"), &d.a_neg));
+                dense.push(v(format!("{b}ssm_norm.weight"), &d.norm));
+                dense.push(w(format!("{b}ssm_out.weight"), &d.out));
             }
         }
-        if let Some(x) = &l.q_norm {
-            dense.push(v(format!("{b}attn_q_norm.weight"), x));
-        }
-        if let Some(x) = &l.k_norm {
-            dense.push(v(format!("{b}attn_k_norm.weight"), x));
-        }
-        dense.push(v(format!("{b}ffn_norm.weight"), &l.ffn_norm));
+        let ffn_norm = if c.arch == Arch::Qwen35Moe {
+            "post_attention_norm"
+        } else {
+            "ffn_norm"
+        };
+        dense.push(v(format!("{b}{ffn_norm}.weight"), &l.ffn_norm));
         match &l.ffn {
             Ffn::Dense(m) => {
                 dense.push(w(format!("{b}ffn_gate.weight"), &m.gate));

@@ -16,7 +16,7 @@
 //! in, in order, so the result is bit-identical to the resident run.
 
 use crate::config::Config;
-use crate::model::{Ffn, Model, Weight};
+use crate::model::{Ffn, MixerWeights, Model, Weight};
 use crate::pack::PackInfo;
 use sluice_cache::{
     policy_by_name, predictor_by_name, Acquire, ExpertKey, Predictor, SlotCache, SlotState,
@@ -391,7 +391,14 @@ fn dense_weights(m: &mut Model) -> Vec<&mut Weight> {
         v.push(&mut m.lm_head);
     }
     for l in &mut m.layers {
-        v.extend([&mut l.q.w, &mut l.k.w, &mut l.v.w, &mut l.o.w]);
+        match &mut l.mixer {
+            MixerWeights::Attention(a) => {
+                v.extend([&mut a.q.w, &mut a.k.w, &mut a.v.w, &mut a.o.w])
+            }
+            MixerWeights::DeltaNet(d) => {
+                v.extend([&mut d.qkv, &mut d.z, &mut d.b, &mut d.a, &mut d.out])
+            }
+        }
         match &mut l.ffn {
             Ffn::Dense(d) => v.extend([&mut d.gate, &mut d.up, &mut d.down]),
             Ffn::Moe(moe) => {
@@ -506,7 +513,7 @@ impl Streamer {
                 dense += sluice_io::max_widened_len(w.data.len(), align) as u64;
             }
         }
-        let kv = (opts.ctx * c.n_layers * 2 * c.n_kv_heads * c.head_dim * 4) as u64;
+        let kv = c.state_bytes(opts.ctx);
         let scratch = scratch_bytes(&c, inter, opts.batch.max(1), opts.ctx, opts.threads.max(1));
         let cap = opts.ram_cap.unwrap_or(u64::MAX);
         let margin = Budget::margin_for(cap);

@@ -178,6 +178,10 @@ impl Preset {
             eos: vec![],
             bos: None,
             max_ctx: Some(32_768),
+            mixers: vec![crate::config::Mixer::Attention; layers],
+            attn_gate: false,
+            linear: None,
+            config_top_k: self.top_k,
         }
     }
 }
