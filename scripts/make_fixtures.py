@@ -670,6 +670,183 @@ def gguf_to_model(path: Path, spec: dict, seed: int):
     return model, r
 
 
+# ----------------------------------------------------------------------------
+# MLX (mlx-community layout) fixture
+# ----------------------------------------------------------------------------
+
+# name -> (spec, base (bits, group), per-module overrides as (path suffix regex, bits, group))
+MLX_FIXTURES = {
+    # the multimodal qwen3_5_moe fixture's geometry, another seed; experts at 3 bits
+    # (values straddle words) in the linear layers and 2 bits elsewhere, routers 8-bit,
+    # everything else 4-bit groups of 32, as mlx-lm's mixed recipes do
+    "qwen3_5_moe_mlx": (
+        dict(BASE["qwen3_5_moe"], seed=5300, multimodal=True, layer_types=None, experts=6, top_k=3),
+        (4, 32),
+        [(r"layers\.[012]\.mlp\.switch_mlp\.", 3, 32), (r"layers\.3\.mlp\.switch_mlp\.", 2, 32),
+         (r"mlp\.gate$", 8, 64), (r"mlp\.shared_expert_gate$", 8, 64)],
+    ),
+}
+
+
+def mlx_quantize(w: np.ndarray, bits: int, group: int):
+    """MLX affine quantization of the last axis (mlx/ops.cpp's formula), scales and
+    biases rounded to bfloat16.  Returns (packed uint32 [..., in*bits/32],
+    scales bf16 torch [..., in/group], biases likewise, dequantized float32)."""
+    shape = w.shape
+    x = w.reshape(-1, group).astype(np.float32)
+    n_bins = (1 << bits) - 1
+    w_max, w_min = x.max(axis=1), x.min(axis=1)
+    mask = np.abs(w_min) > np.abs(w_max)
+    scale = np.maximum((w_max - w_min) / n_bins, 1e-7)
+    scale = np.where(mask, scale, -scale)
+    edge = np.where(mask, w_min, w_max)
+    q0 = np.rint(edge / scale)
+    nz = q0 != 0
+    scale = np.where(nz, edge / np.where(nz, q0, 1), scale)
+    bias = np.where(nz, edge, 0.0)
+    scale_t = torch.tensor(scale, dtype=torch.float32).to(torch.bfloat16)
+    bias_t = torch.tensor(bias, dtype=torch.float32).to(torch.bfloat16)
+    sf, bf = scale_t.float().numpy(), bias_t.float().numpy()
+    q = np.clip(np.rint((x - bf[:, None]) / sf[:, None]), 0, n_bins).astype(np.uint64)
+    deq = (sf[:, None] * q.astype(np.float32) + bf[:, None]).astype(np.float32).reshape(shape)
+    rows = int(np.prod(shape[:-1]))
+    codes = q.reshape(rows, shape[-1])
+    # little-endian bit stream per row: value i in bits [i*bits, (i+1)*bits)
+    bitsarr = ((codes[:, :, None] >> np.arange(bits, dtype=np.uint64)) & 1).astype(np.uint8)
+    stream = np.packbits(bitsarr.reshape(rows, -1), axis=1, bitorder="little")
+    packed = stream.view("<u4").reshape(*shape[:-1], shape[-1] * bits // 32)
+    g = shape[-1] // group
+    return (packed, scale_t.reshape(*shape[:-1], g), bias_t.reshape(*shape[:-1], g), deq)
+
+
+def hf_to_mlx_names(sd: dict) -> dict:
+    """transformers' state dict -> mlx-community names and layouts (float32 torch),
+    before quantization: language_model.model.* prefix, switch_mlp experts, conv1d
+    [C, K, 1], zero-centred norms stored as 1 + w (what mlx-lm's sanitize writes)."""
+    out = {}
+    for k, v in sd.items():
+        v = v.detach().float().clone()
+        if k.startswith("model.visual."):
+            out["vision_tower." + k[len("model.visual."):]] = v
+            continue
+        if k == "lm_head.weight":
+            out["language_model.lm_head.weight"] = v
+            continue
+        assert k.startswith("model.language_model."), k
+        n = "language_model.model." + k[len("model.language_model."):]
+        if n.endswith("mlp.experts.gate_up_proj"):
+            i = v.shape[1] // 2
+            base = n[: -len("experts.gate_up_proj")] + "switch_mlp."
+            out[base + "gate_proj.weight"] = v[:, :i, :].contiguous()
+            out[base + "up_proj.weight"] = v[:, i:, :].contiguous()
+            continue
+        if n.endswith("mlp.experts.down_proj"):
+            out[n[: -len("experts.down_proj")] + "switch_mlp.down_proj.weight"] = v
+            continue
+        if n.endswith("conv1d.weight"):
+            v = v.permute(0, 2, 1).contiguous()  # [C, 1, K] -> [C, K, 1]
+        elif n.endswith("norm.weight") and "linear_attn.norm" not in n:
+            v = v + 1.0
+        out[n] = v
+    return out
+
+
+def mlx_quantizable(name: str, v) -> bool:
+    if name.startswith("vision_tower.") or not name.endswith(".weight") or v.dim() < 2:
+        return False
+    return not any(t in name for t in ("norm", "conv1d"))
+
+
+def make_mlx_fixture(name: str, spec: dict, base_q, overrides, out_dir: Path, tok, ids, min_gap: float) -> dict:
+    import re as _re
+    print(f"[mlx] {name}", flush=True)
+
+    def plan(mlx_name):
+        path = mlx_name[: -len(".weight")]
+        for pat, b, g in overrides:
+            if _re.search(pat, path):
+                return path, (b, g), True
+        return path, base_q, False
+
+    def quantized(model, seed):
+        sd = hf_to_mlx_names(model.state_dict())
+        tensors, deq_sd, quant_cfg = {}, {}, {"group_size": base_q[1], "bits": base_q[0], "mode": "affine"}
+        for n, v in sd.items():
+            if mlx_quantizable(n, v) and v.shape[-1] % 32 == 0:
+                path, (b, g), special = plan(n)
+                if v.shape[-1] % g:
+                    raise RuntimeError(f"{n}: in-dim {v.shape[-1]} not a multiple of {g}")
+                packed, sc, bi, deq = mlx_quantize(v.numpy(), b, g)
+                tensors[n] = torch.from_numpy(packed.astype(np.uint32).copy())
+                tensors[path + ".scales"] = sc.contiguous()
+                tensors[path + ".biases"] = bi.contiguous()
+                deq_sd[n] = torch.from_numpy(deq)
+                if special:
+                    quant_cfg[path] = {"group_size": g, "bits": b}
+            else:
+                # the model's dtype (bf16), except A_log, which mlx-lm keeps in f32
+                tensors[n] = v if n.endswith("A_log") else v.to(torch.bfloat16)
+                deq_sd[n] = tensors[n].float()
+        # the reference: the transformers model with every weight replaced by what
+        # the MLX file dequantizes to
+        ref = copy.deepcopy(model)
+        hf_sd = ref.state_dict()
+        new = {}
+        for k in hf_sd:
+            if k.startswith("model.visual."):
+                new[k] = deq_sd["vision_tower." + k[len("model.visual."):]]
+            elif k == "lm_head.weight":
+                new[k] = deq_sd["language_model.lm_head.weight"]
+            else:
+                n = "language_model.model." + k[len("model.language_model."):]
+                if n.endswith("mlp.experts.gate_up_proj"):
+                    b = n[: -len("experts.gate_up_proj")] + "switch_mlp."
+                    new[k] = torch.cat([deq_sd[b + "gate_proj.weight"], deq_sd[b + "up_proj.weight"]], dim=1)
+                elif n.endswith("mlp.experts.down_proj"):
+                    new[k] = deq_sd[n[: -len("experts.down_proj")] + "switch_mlp.down_proj.weight"]
+                elif n.endswith("conv1d.weight"):
+                    new[k] = deq_sd[n].permute(0, 2, 1)
+                elif n.endswith("norm.weight") and "linear_attn.norm" not in n:
+                    new[k] = deq_sd[n] - 1.0
+                else:
+                    new[k] = deq_sd[n]
+        ref.load_state_dict({k: v.float() for k, v in new.items()})
+        set_eager(ref)
+        ref.eval()
+        logits, gap, _ = forward_with_gaps(ref, ids, spec["top_k"])
+        if gap <= min_gap:
+            print(f"    seed {seed}: dequantized router gap {gap:.2e} too small", flush=True)
+            return None
+        return tensors, quant_cfg, logits, gap
+
+    seed, model, _, _, extra = find_seed(spec, ids, min_gap, extra_check=quantized)
+    tensors, quant_cfg, logits, gap = extra
+    d = out_dir
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    tmp = d / "_hf"
+    model.save_pretrained(tmp, safe_serialization=True)
+    cfg = json.loads((tmp / "config.json").read_text())
+    shutil.rmtree(tmp)
+    cfg["quantization"] = quant_cfg
+    cfg["quantization_config"] = dict(quant_cfg)
+    (d / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(d / "model.safetensors"),
+              metadata={"format": "mlx"})
+    tok.save(str(d / "tokenizer.json"))
+    meta = dict(versions(), seed=seed, dtype="float32", arch=spec["arch"], prompt=PROMPT, min_router_gap=gap,
+                weights="MLX affine (numpy, mlx/ops.cpp formula), oracle on the dequantized weights",
+                quantization=quant_cfg)
+    write_expected(d / "expected.json", ids, logits, meta)
+    files = sorted(p.name for p in d.iterdir())
+    info = dict(name=name, seed=seed, min_gap=gap, files=files, logit_absmax=float(np.abs(logits).max()),
+                quantization=quant_cfg)
+    print(f"    seed={seed} min_router_gap={gap:.4f} |logits|max={info['logit_absmax']:.2f} files={files}", flush=True)
+    return info
+
+
 def make_gguf_fixture(name: str, spec: dict, qname: str, out_path: Path, tok, ids, min_gap: float,
                       expected_path: Path | None = None) -> dict:
     print(f"[gguf] {name}", flush=True)
@@ -975,7 +1152,7 @@ def main():
     ap.add_argument("--max-shard-size", type=str)
     args = ap.parse_args()
 
-    names = list(MODEL_FIXTURES) + list(GGUF_FIXTURES) + ["quants"]
+    names = list(MODEL_FIXTURES) + list(GGUF_FIXTURES) + list(MLX_FIXTURES) + ["quants"]
     if args.list:
         print("\n".join(names))
         return
@@ -1034,6 +1211,11 @@ def main():
             if only and name not in only:
                 continue
             gguf_infos.append(make_gguf_fixture(name, spec, q, out / "models" / name, tok, ids, args.min_gap))
+    for name, (spec, base_q, overrides) in MLX_FIXTURES.items():
+        if only and name not in only:
+            continue
+        model_infos.append(make_mlx_fixture(name, spec, base_q, overrides, out / "models" / name, tok, ids,
+                                            args.min_gap))
     if not args.no_quants and (not only or "quants" in only):
         make_quants(out / "quants")
     summary = {"models": model_infos, "gguf": [{k: v for k, v in g.items() if k != "tensor_types"} for g in gguf_infos]}

@@ -33,6 +33,8 @@ fn streamed_logits_are_bit_identical_to_resident() {
         "qwen2_moe.q4_0.gguf",
         "mixtral.f16.gguf",
         "olmoe.bf16.gguf",
+        "qwen3_5_moe",
+        "qwen3_5_moe_mlx",
     ] {
         let m = fixtures().join("models").join(f);
         let resident = logits(&m, &[]);
@@ -140,6 +142,40 @@ fn packed_model_matches_source_and_checks_records() {
         "--verify",
     ]);
     assert!(err.contains("packed"), "{err}");
+}
+
+/// Qwen3.5: the packed file stores the linear-attention tensors under
+/// llama.cpp's names and the zero-centred norms as `1 + w`, and reads back
+/// to the same logits; MLX files are refused by name (GGUF has no MLX
+/// types) instead of being converted silently.
+#[test]
+fn qwen35_packs_and_mlx_pack_is_refused() {
+    let src = fixtures().join("models").join("qwen3_5_moe_vl");
+    let out = scratch("qwen3_5_moe.packed.gguf");
+    let o = out.to_str().unwrap();
+    run_ok(&["pack", src.to_str().unwrap(), "-o", o, "--quiet"]);
+    let want = logits(&src, &[]);
+    assert!(logits(&out, &[]) == want, "packing changed the logits");
+    assert!(
+        logits(&out, &["--cache-slots", "3", "--verify"]) == want,
+        "streaming the packed file changed the logits"
+    );
+    let g = sluice_format::ModelFiles::open(&out).unwrap();
+    for n in [
+        "blk.0.attn_qkv.weight",
+        "blk.0.ssm_a",
+        "blk.3.attn_q.weight",
+    ] {
+        assert!(g.tensor(n).is_some(), "{n} missing from the packed file");
+    }
+    let mlx = fixtures().join("models").join("qwen3_5_moe_mlx");
+    let err = fails(&[
+        "pack",
+        mlx.to_str().unwrap(),
+        "-o",
+        scratch("mlx.gguf").to_str().unwrap(),
+    ]);
+    assert!(err.contains("MLX"), "{err}");
 }
 
 #[test]

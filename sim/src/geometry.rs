@@ -26,7 +26,7 @@ impl Op {
             quant: w.dtype.name().into(),
             rows: w.rows,
             cols: w.cols,
-            bytes: w.data.len() as u64,
+            bytes: w.nbytes(),
         }
     }
 
@@ -179,9 +179,9 @@ impl SimModel {
     pub fn from_model(m: &Model, name: &str) -> SimModel {
         let c = &m.config;
         let mut layers = Vec::with_capacity(c.n_layers);
-        let mut dense = m.embed.data.len() as u64;
+        let mut dense = m.embed.nbytes();
         if !c.tie_embeddings {
-            dense += m.lm_head.data.len() as u64;
+            dense += m.lm_head.nbytes();
         }
         let mut expert_ops = Vec::new();
         let mut record = 0u64;

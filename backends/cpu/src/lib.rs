@@ -8,7 +8,9 @@
 //! with AVX2, and picked at start-up.
 
 use rayon::prelude::*;
-use sluice_core::{ops, quant, AttnParams, Backend, Error, Result, WeightView};
+#[cfg(test)]
+use sluice_core::quant;
+use sluice_core::{ops, AttnParams, Backend, Error, Result, WeightView};
 
 /// Multithreaded CPU backend.
 pub struct CpuBackend {
@@ -102,15 +104,8 @@ impl Backend for CpuBackend {
                 y.len()
             )));
         }
-        let rb = w.dtype.row_bytes(cols)?;
-        if w.data.len() != rb * rows {
-            return Err(Error::Model(format!(
-                "{rows}x{cols} {} weight has {} bytes, expected {}",
-                w.dtype,
-                w.data.len(),
-                rb * rows
-            )));
-        }
+        // Checks every length, so row_into below cannot go out of bounds.
+        WeightView::with_aux(w.dtype, rows, cols, w.data, w.scales, w.biases)?;
         if rows == 0 || n == 0 {
             return Ok(());
         }
@@ -123,9 +118,7 @@ impl Backend for CpuBackend {
                     |buf, (ci, out)| {
                         let r0 = ci * per_task;
                         for (ri, o) in out.chunks_exact_mut(n).enumerate() {
-                            let r = r0 + ri;
-                            let src = &w.data[r * rb..(r + 1) * rb];
-                            quant::dequantize_unchecked(w.dtype, src, buf);
+                            w.row_into(r0 + ri, buf);
                             self.dots(buf, x, o);
                         }
                     },
@@ -182,9 +175,25 @@ impl Backend for CpuBackend {
 
 /// Reference product for tests: dequantize the whole matrix, then f64 sums.
 #[cfg(test)]
+use sluice_core::DType;
+
+#[cfg(test)]
 fn reference_matmul(w: WeightView<'_>, x: &[f32], n: usize) -> Result<Vec<f32>> {
     let mut wf = vec![0f32; w.rows * w.cols];
-    quant::dequantize(w.dtype, w.data, &mut wf)?;
+    if let DType::Mlx(q) = w.dtype {
+        let (rb, ab) = (w.row_bytes(), q.aux_row_bytes(w.cols));
+        for (r, out) in wf.chunks_exact_mut(w.cols).enumerate() {
+            quant::dequantize_mlx(
+                q,
+                &w.data[r * rb..(r + 1) * rb],
+                &w.scales[r * ab..(r + 1) * ab],
+                &w.biases[r * ab..(r + 1) * ab],
+                out,
+            )?;
+        }
+    } else {
+        quant::dequantize(w.dtype, w.data, &mut wf)?;
+    }
     let mut y = vec![0f32; n * w.rows];
     for t in 0..n {
         for r in 0..w.rows {
@@ -202,7 +211,7 @@ fn reference_matmul(w: WeightView<'_>, x: &[f32], n: usize) -> Result<Vec<f32>> 
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use sluice_core::DType;
+    use sluice_core::{HalfType, MlxQuant};
 
     fn dtype_strategy() -> impl Strategy<Value = DType> {
         proptest::sample::select(DType::ALL.to_vec())
@@ -234,6 +243,44 @@ mod tests {
             for (a, b) in y.iter().zip(&r) {
                 prop_assert!((a - b).abs() <= 1e-4 * scale * (cols as f32).sqrt(), "{a} vs {b} ({dtype} {rows}x{cols})");
             }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+        /// MLX-quantized matmul (every width, group and scale type) equals
+        /// the row-by-row dequantized reference.
+        #[test]
+        fn mlx_matmul_matches_dequantized_reference(
+            bits in proptest::sample::select(vec![2u32, 3, 4, 5, 6, 8]),
+            group in proptest::sample::select(vec![32u32, 64, 128]),
+            scales in proptest::sample::select(vec![HalfType::Bf16, HalfType::F16, HalfType::F32]),
+            rows in 1usize..24,
+            groups in 1usize..4,
+            n in 1usize..4,
+            seed in any::<u64>(),
+        ) {
+            let q = MlxQuant::new(bits, group, scales).unwrap();
+            let cols = groups * group as usize;
+            let wb = quant::random_tensor_bytes(DType::F32, rows * cols, seed, 1.0);
+            let wf: Vec<f32> = wb.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            let (mut p, mut s, mut b) = (Vec::new(), Vec::new(), Vec::new());
+            for row in wf.chunks_exact(cols) {
+                quant::quantize_mlx(q, row, &mut p, &mut s, &mut b).unwrap();
+            }
+            let w = WeightView::with_aux(DType::Mlx(q), rows, cols, &p, &s, &b).unwrap();
+            let xb = quant::random_tensor_bytes(DType::F32, n * cols, seed ^ 1, 1.0);
+            let x: Vec<f32> = xb.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            let be = CpuBackend::new(Some(2)).unwrap();
+            let mut y = vec![0f32; n * rows];
+            be.matmul(w, &x, n, &mut y).unwrap();
+            let r = reference_matmul(w, &x, n).unwrap();
+            let scale = r.iter().fold(1e-3f32, |a, v| a.max(v.abs()));
+            for (a, b) in y.iter().zip(&r) {
+                prop_assert!((a - b).abs() <= 1e-4 * scale * (cols as f32).sqrt(), "{a} vs {b}");
+            }
+            // A view whose scales are one group short is refused.
+            prop_assert!(WeightView::with_aux(DType::Mlx(q), rows, cols, &p, &s[1..], &b).is_err());
         }
     }
 

@@ -128,7 +128,7 @@ impl Backend for SimBackend {
         self.cpu.matmul(w, x, n, y)?;
         self.clock.compute(self.costs.matmul_s(
             w.dtype.name(),
-            w.data.len() as u64,
+            (w.data.len() + w.scales.len() + w.biases.len()) as u64,
             w.rows,
             w.cols,
             n,

@@ -382,6 +382,15 @@ pub unsafe extern "C" fn sluice_expert_matrix(
         if out.is_null() {
             return Err(null("out"));
         }
+        if m.dtype.is_mlx() {
+            return Err((
+                SluiceStatus::SluiceErrUnsupported,
+                format!(
+                    "{} matrices keep scales and biases in separate ranges, which the C ABI does not expose yet",
+                    m.dtype
+                ),
+            ));
+        }
         // SAFETY: `out` is non-null and writable per the contract.
         unsafe {
             *out = SluiceMatrix {

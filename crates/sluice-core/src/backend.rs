@@ -22,16 +22,39 @@ pub struct WeightView<'a> {
     pub cols: usize,
     /// Exactly `rows * dtype.row_bytes(cols)` bytes.
     pub data: &'a [u8],
+    /// MLX types: one scale per group, `rows × cols/group` values (else empty).
+    pub scales: &'a [u8],
+    /// MLX types: one bias per group, like `scales` (else empty).
+    pub biases: &'a [u8],
 }
 
 impl<'a> WeightView<'a> {
     /// A view after checking that `data` holds exactly `rows` × `cols`.
     pub fn new(dtype: DType, rows: usize, cols: usize, data: &'a [u8]) -> Result<Self> {
+        Self::with_aux(dtype, rows, cols, data, &[], &[])
+    }
+
+    /// A view of an MLX-quantized matrix (or any type, with empty
+    /// `scales`/`biases` for the others) after checking every length.
+    pub fn with_aux(
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        data: &'a [u8],
+        scales: &'a [u8],
+        biases: &'a [u8],
+    ) -> Result<Self> {
         let need = dtype.tensor_bytes(&[rows, cols])?;
-        if data.len() != need {
+        let aux = match dtype {
+            DType::Mlx(q) => rows * q.aux_row_bytes(cols),
+            _ => 0,
+        };
+        if data.len() != need || scales.len() != aux || biases.len() != aux {
             return Err(crate::Error::Model(format!(
-                "{rows}x{cols} {dtype} weight needs {need} bytes, has {}",
-                data.len()
+                "{rows}x{cols} {dtype} weight needs {need} bytes and {aux} of scales and of biases, has {}, {} and {}",
+                data.len(),
+                scales.len(),
+                biases.len()
             )));
         }
         Ok(WeightView {
@@ -39,12 +62,35 @@ impl<'a> WeightView<'a> {
             rows,
             cols,
             data,
+            scales,
+            biases,
         })
     }
 
     /// Bytes of one row.
     pub fn row_bytes(&self) -> usize {
         self.data.len() / self.rows.max(1)
+    }
+
+    /// Dequantizes row `r` into `out` (`cols` values). The view's lengths
+    /// must be consistent (as [`with_aux`](Self::with_aux) checks); panics,
+    /// never UB, otherwise.
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        let rb = self.row_bytes();
+        let src = &self.data[r * rb..(r + 1) * rb];
+        match self.dtype {
+            DType::Mlx(q) => {
+                let ab = q.aux_row_bytes(self.cols);
+                crate::quant::dequantize_mlx_unchecked(
+                    q,
+                    src,
+                    &self.scales[r * ab..(r + 1) * ab],
+                    &self.biases[r * ab..(r + 1) * ab],
+                    out,
+                )
+            }
+            t => crate::quant::dequantize_unchecked(t, src, out),
+        }
     }
 }
 

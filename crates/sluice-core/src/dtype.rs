@@ -2,6 +2,63 @@
 
 use crate::{Error, Result};
 
+/// Element type of MLX quantization scales and biases.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum HalfType {
+    /// bfloat16 (what mlx-community checkpoints use).
+    Bf16,
+    /// IEEE half.
+    F16,
+    /// f32.
+    F32,
+}
+
+impl HalfType {
+    /// Bytes per value.
+    pub const fn bytes(self) -> usize {
+        match self {
+            HalfType::Bf16 | HalfType::F16 => 2,
+            HalfType::F32 => 4,
+        }
+    }
+}
+
+/// MLX affine quantization: each group of `group` weights of a row is
+/// `scale · q + bias` with `q` an unsigned `bits`-bit integer; a row's `q`
+/// values are a little-endian bit stream (value `i` in bits
+/// `[i·bits, (i+1)·bits)`, so 3-, 5- and 6-bit values straddle words). The
+/// packed values, the scales and the biases are three tensors of the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MlxQuant {
+    /// Bits per weight: 2, 3, 4, 5, 6 or 8.
+    pub bits: u8,
+    /// Weights per scale/bias: 32, 64 or 128.
+    pub group: u16,
+    /// Type of the scales and biases.
+    pub scales: HalfType,
+}
+
+impl MlxQuant {
+    /// A checked MLX quantization.
+    pub fn new(bits: u32, group: u32, scales: HalfType) -> Result<MlxQuant> {
+        if !matches!(bits, 2 | 3 | 4 | 5 | 6 | 8) || !matches!(group, 32 | 64 | 128) {
+            return Err(Error::Unsupported(format!(
+                "MLX quantization with {bits} bits and group size {group} (supported: 2, 3, 4, 5, 6, 8 bits; groups of 32, 64, 128)"
+            )));
+        }
+        Ok(MlxQuant {
+            bits: bits as u8,
+            group: group as u16,
+            scales,
+        })
+    }
+
+    /// Bytes of the scales (or of the biases) of a row of `n` weights.
+    pub fn aux_row_bytes(&self, n: usize) -> usize {
+        n / self.group as usize * self.scales.bytes()
+    }
+}
+
 /// A tensor element type: plain floats or a block-quantized format.
 ///
 /// Quantized types pack `block_size()` weights of one row into
@@ -23,6 +80,9 @@ pub enum DType {
     Q4_K,
     Q5_K,
     Q6_K,
+    /// MLX affine quantization; the block is one group's packed values
+    /// (its scale and bias live in separate tensors).
+    Mlx(MlxQuant),
 }
 
 impl DType {
@@ -49,6 +109,7 @@ impl DType {
             DType::F32 | DType::F16 | DType::BF16 => 1,
             DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 => 32,
             DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K => 256,
+            DType::Mlx(q) => q.group as usize,
         }
     }
 
@@ -67,6 +128,7 @@ impl DType {
             DType::Q4_K => 144,
             DType::Q5_K => 176,
             DType::Q6_K => 210,
+            DType::Mlx(q) => q.group as usize * q.bits as usize / 8,
         }
     }
 
@@ -101,7 +163,13 @@ impl DType {
             .ok_or_else(|| Error::Model(format!("tensor shape {shape:?} overflows")))
     }
 
-    /// GGUF's numeric type id.
+    /// True for MLX affine quantization, whose scales and biases are
+    /// separate tensors.
+    pub const fn is_mlx(self) -> bool {
+        matches!(self, DType::Mlx(_))
+    }
+
+    /// GGUF's numeric type id (`u32::MAX` for MLX types, which GGUF lacks).
     pub const fn ggml_id(self) -> u32 {
         match self {
             DType::F32 => 0,
@@ -117,6 +185,7 @@ impl DType {
             DType::Q5_K => 13,
             DType::Q6_K => 14,
             DType::BF16 => 30,
+            DType::Mlx(_) => u32::MAX,
         }
     }
 
@@ -141,6 +210,14 @@ impl DType {
             DType::Q4_K => "Q4_K",
             DType::Q5_K => "Q5_K",
             DType::Q6_K => "Q6_K",
+            DType::Mlx(q) => match q.bits {
+                2 => "MLX2",
+                3 => "MLX3",
+                4 => "MLX4",
+                5 => "MLX5",
+                6 => "MLX6",
+                _ => "MLX8",
+            },
         }
     }
 
@@ -154,7 +231,10 @@ impl DType {
 
 impl std::fmt::Display for DType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
+        match self {
+            DType::Mlx(q) => write!(f, "{}g{}", self.name(), q.group),
+            _ => f.write_str(self.name()),
+        }
     }
 }
 

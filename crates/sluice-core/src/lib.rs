@@ -15,5 +15,5 @@ pub mod ops;
 pub mod quant;
 
 pub use backend::{AttnParams, Backend, WeightView};
-pub use dtype::DType;
+pub use dtype::{DType, HalfType, MlxQuant};
 pub use error::{Error, Result};

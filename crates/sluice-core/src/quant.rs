@@ -4,7 +4,7 @@
 //! results equal `gguf.quants.dequantize` bit for bit; the CPU backend's
 //! kernels are built on them and the oracle tests hold them to that.
 
-use crate::{DType, Error, Result};
+use crate::{DType, Error, HalfType, MlxQuant, Result};
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use half::{bf16, f16};
 
@@ -155,7 +155,193 @@ fn block_fn(dtype: DType) -> BlockFn {
         DType::Q5_K => q5_k,
         DType::Q6_K => q6_k,
         DType::F32 | DType::F16 | DType::BF16 => unreachable!("not a block type"),
+        DType::Mlx(_) => unreachable!("MLX rows dequantize with dequantize_mlx"),
     }
+}
+
+fn half_values(t: HalfType, src: &[u8], dst: &mut [f32]) {
+    match t {
+        HalfType::Bf16 => halves(src, dst, bf16_bits),
+        HalfType::F16 => halves(src, dst, f16_bits),
+        HalfType::F32 => {
+            for (d, s) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+            }
+        }
+    }
+}
+
+/// Dequantizes one row of MLX affine-quantized weights: `packed` holds the
+/// row's bit stream, `scales` and `biases` one value per group.
+pub fn dequantize_mlx(
+    q: MlxQuant,
+    packed: &[u8],
+    scales: &[u8],
+    biases: &[u8],
+    dst: &mut [f32],
+) -> Result<()> {
+    let n = dst.len();
+    let g = q.group as usize;
+    if n % g != 0
+        || packed.len() != n * q.bits as usize / 8
+        || scales.len() != q.aux_row_bytes(n)
+        || biases.len() != q.aux_row_bytes(n)
+    {
+        return Err(Error::Invalid(format!(
+            "dequantize {}: {n} values need {} packed bytes and {} bytes of scales and of biases, got {}, {}, {}",
+            DType::Mlx(q),
+            n * q.bits as usize / 8,
+            q.aux_row_bytes(n),
+            packed.len(),
+            scales.len(),
+            biases.len()
+        )));
+    }
+    dequantize_mlx_unchecked(q, packed, scales, biases, dst);
+    Ok(())
+}
+
+/// [`dequantize_mlx`] without the length checks; panics (never UB) on a
+/// mismatch.
+pub fn dequantize_mlx_unchecked(
+    q: MlxQuant,
+    packed: &[u8],
+    scales: &[u8],
+    biases: &[u8],
+    dst: &mut [f32],
+) {
+    let g = q.group as usize;
+    let groups = dst.len() / g;
+    let mut sb = [0f32; 2 * 256];
+    let (sc, bi) = sb.split_at_mut(256);
+    let gb = g * q.bits as usize / 8;
+    // Groups in batches of up to 256 so the scale conversion is vectorized.
+    for start in (0..groups).step_by(256) {
+        let m = (groups - start).min(256);
+        let hb = q.scales.bytes();
+        half_values(
+            q.scales,
+            &scales[start * hb..(start + m) * hb],
+            &mut sc[..m],
+        );
+        half_values(
+            q.scales,
+            &biases[start * hb..(start + m) * hb],
+            &mut bi[..m],
+        );
+        for j in 0..m {
+            let gi = start + j;
+            let src = &packed[gi * gb..(gi + 1) * gb];
+            let out = &mut dst[gi * g..(gi + 1) * g];
+            let (s, b) = (sc[j], bi[j]);
+            match q.bits {
+                // Byte-aligned widths: a fixed number of values per byte.
+                8 => {
+                    for (o, &v) in out.iter_mut().zip(src) {
+                        *o = s * v as f32 + b;
+                    }
+                }
+                4 => {
+                    for (o, &v) in out.chunks_exact_mut(2).zip(src) {
+                        o[0] = s * (v & 15) as f32 + b;
+                        o[1] = s * (v >> 4) as f32 + b;
+                    }
+                }
+                2 => {
+                    for (o, &v) in out.chunks_exact_mut(4).zip(src) {
+                        o[0] = s * (v & 3) as f32 + b;
+                        o[1] = s * ((v >> 2) & 3) as f32 + b;
+                        o[2] = s * ((v >> 4) & 3) as f32 + b;
+                        o[3] = s * (v >> 6) as f32 + b;
+                    }
+                }
+                // 3, 5, 6 bits: 8 values (or 4 for 6 bits) fill whole bytes.
+                bits => {
+                    let bits = bits as usize;
+                    let per = if bits == 6 { 4 } else { 8 };
+                    let mask = (1u64 << bits) - 1;
+                    for (o, c) in out
+                        .chunks_exact_mut(per)
+                        .zip(src.chunks_exact(per * bits / 8))
+                    {
+                        let mut w = 0u64;
+                        for (i, &byte) in c.iter().enumerate() {
+                            w |= (byte as u64) << (8 * i);
+                        }
+                        for (k, v) in o.iter_mut().enumerate() {
+                            *v = s * ((w >> (k * bits)) & mask) as f32 + b;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Quantizes one row to MLX affine format with MLX's formula (per group:
+/// the scale spans min..max, its sign and the bias chosen so that the
+/// extreme of larger magnitude is exact), appending the packed bytes,
+/// scales and biases.
+pub fn quantize_mlx(
+    q: MlxQuant,
+    src: &[f32],
+    packed: &mut Vec<u8>,
+    scales: &mut Vec<u8>,
+    biases: &mut Vec<u8>,
+) -> Result<()> {
+    let g = q.group as usize;
+    if src.len() % g != 0 {
+        return Err(Error::Invalid(format!(
+            "{} values are not a whole number of MLX groups of {g}",
+            src.len()
+        )));
+    }
+    let levels = ((1u32 << q.bits) - 1) as f32;
+    let put = |out: &mut Vec<u8>, v: f32| match q.scales {
+        HalfType::Bf16 => out.extend(bf16::from_f32(v).to_le_bytes()),
+        HalfType::F16 => out.extend(f16::from_f32(v).to_le_bytes()),
+        HalfType::F32 => out.extend(v.to_le_bytes()),
+    };
+    let round = |v: f32| match q.scales {
+        HalfType::Bf16 => bf16::from_f32(v).to_f32(),
+        HalfType::F16 => f16::from_f32(v).to_f32(),
+        HalfType::F32 => v,
+    };
+    let mut acc = 0u64;
+    let mut nbits = 0usize;
+    for grp in src.chunks_exact(g) {
+        let (mn, mx) = grp
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+                (a.min(v), b.max(v))
+            });
+        let neg = mn.abs() > mx.abs();
+        let mut scale = ((mx - mn) / levels).max(1e-7);
+        if !neg {
+            scale = -scale;
+        }
+        let edge = if neg { mn } else { mx };
+        let q0 = (edge / scale).round_ties_even();
+        let (scale, bias) = if q0 != 0.0 {
+            (edge / q0, edge)
+        } else {
+            (scale, 0.0)
+        };
+        let (scale, bias) = (round(scale), round(bias));
+        put(scales, scale);
+        put(biases, bias);
+        for &v in grp {
+            let code = ((v - bias) / scale).round_ties_even().clamp(0.0, levels) as u64;
+            acc |= code << nbits;
+            nbits += q.bits as usize;
+            while nbits >= 8 {
+                packed.push(acc as u8);
+                acc >>= 8;
+                nbits -= 8;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn q4_0(b: &[u8], y: &mut [f32]) {
@@ -363,7 +549,7 @@ pub fn scale_field_offsets(dtype: DType) -> &'static [usize] {
         DType::Q2_K => &[80, 82],
         DType::Q3_K => &[108],
         DType::Q6_K => &[208],
-        DType::F32 | DType::F16 | DType::BF16 => &[],
+        DType::F32 | DType::F16 | DType::BF16 | DType::Mlx(_) => &[],
     }
 }
 
@@ -575,6 +761,55 @@ mod tests {
             dequantize(dt, &b, &mut y).unwrap();
             assert!(y.iter().all(|v| v.is_finite() && v.abs() < 100.0), "{dt:?}");
             assert!(y.iter().any(|v| *v != 0.0));
+        }
+    }
+}
+
+#[cfg(test)]
+mod mlx_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Value `i` of a little-endian bit stream, read one bit at a time: an
+    /// independent statement of MLX's packing.
+    fn stream_value(bytes: &[u8], i: usize, bits: usize) -> u32 {
+        (0..bits)
+            .map(|b| {
+                let at = i * bits + b;
+                (((bytes[at / 8] >> (at % 8)) & 1) as u32) << b
+            })
+            .sum()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn mlx_round_trip_is_within_half_a_step_and_packs_a_bit_stream(
+            bits in proptest::sample::select(vec![2u32, 3, 4, 5, 6, 8]),
+            group in proptest::sample::select(vec![32u32, 64, 128]),
+            groups in 1usize..4,
+            seed in any::<u64>(),
+        ) {
+            let q = MlxQuant::new(bits, group, HalfType::F32).unwrap();
+            let n = groups * group as usize;
+            let xb = random_tensor_bytes(DType::F32, n, seed, 3.0);
+            let x: Vec<f32> = xb.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            let (mut p, mut s, mut b) = (Vec::new(), Vec::new(), Vec::new());
+            quantize_mlx(q, &x, &mut p, &mut s, &mut b).unwrap();
+            prop_assert_eq!(p.len(), n * bits as usize / 8);
+            let mut y = vec![0f32; n];
+            dequantize_mlx(q, &p, &s, &b, &mut y).unwrap();
+            let f = |v: &[u8], i: usize| f32::from_le_bytes(v[4 * i..4 * i + 4].try_into().unwrap());
+            for i in 0..n {
+                let g = i / group as usize;
+                let (sc, bi) = (f(&s, g), f(&b, g));
+                let code = stream_value(&p, i, bits as usize);
+                prop_assert!(code < (1 << bits));
+                prop_assert!((y[i] - (sc * code as f32 + bi)).abs() <= 1e-6 * (1.0 + y[i].abs()));
+                prop_assert!((y[i] - x[i]).abs() <= 0.5 * sc.abs() * 1.001 + 1e-6, "{} vs {}", y[i], x[i]);
+            }
+            // Short inputs are an error, not a panic.
+            prop_assert!(dequantize_mlx(q, &p[1..], &s, &b, &mut y).is_err());
         }
     }
 }

@@ -8,7 +8,7 @@
 //! three matrices are byte ranges of the file.
 
 use crate::config::{Arch, Config, Mixer};
-use sluice_core::{quant, DType, Error, Result, WeightView};
+use sluice_core::{quant, DType, Error, HalfType, MlxQuant, Result, WeightView};
 use sluice_format::{ModelFiles, TensorBytes, TensorInfo};
 
 /// A 2-D weight matrix stored in a model file.
@@ -24,22 +24,59 @@ pub struct Weight {
     pub file: usize,
     /// Its bytes (a range of the mapped file).
     pub data: TensorBytes,
+    /// MLX types: the scales and the biases, separate tensors (possibly in
+    /// other files).
+    pub aux: Option<Box<[Part; 2]>>,
+}
+
+/// A byte range of a model file that belongs to a [`Weight`].
+#[derive(Clone, Debug)]
+pub struct Part {
+    /// Index of the file holding it.
+    pub file: usize,
+    /// Its bytes.
+    pub data: TensorBytes,
 }
 
 impl Weight {
     /// Borrowed view for a backend.
     pub fn view(&self) -> WeightView<'_> {
+        let (scales, biases): (&[u8], &[u8]) = match &self.aux {
+            Some(a) => (&a[0].data, &a[1].data),
+            None => (&[], &[]),
+        };
         WeightView {
             dtype: self.dtype,
             rows: self.rows,
             cols: self.cols,
             data: &self.data,
+            scales,
+            biases,
         }
     }
 
-    /// `(file, offset, length)` of its bytes.
-    pub fn range(&self) -> (usize, u64, u64) {
-        (self.file, self.data.offset() as u64, self.data.len() as u64)
+    /// Every byte range of the weight: its values, then any scales and
+    /// biases, as `(file, bytes)`.
+    pub fn parts(&self) -> Vec<(usize, &TensorBytes)> {
+        let mut v = vec![(self.file, &self.data)];
+        if let Some(a) = &self.aux {
+            v.extend(a.iter().map(|p| (p.file, &p.data)));
+        }
+        v
+    }
+
+    /// Mutable [`parts`](Self::parts).
+    pub fn parts_mut(&mut self) -> Vec<(usize, &mut TensorBytes)> {
+        let mut v = vec![(self.file, &mut self.data)];
+        if let Some(a) = &mut self.aux {
+            v.extend(a.iter_mut().map(|p| (p.file, &mut p.data)));
+        }
+        v
+    }
+
+    /// Bytes of all parts.
+    pub fn nbytes(&self) -> u64 {
+        self.parts().iter().map(|(_, d)| d.len() as u64).sum()
     }
 
     /// Dequantizes row `r` into `out`.
@@ -50,8 +87,18 @@ impl Weight {
                 self.rows
             )));
         }
-        let rb = self.data.len() / self.rows;
-        quant::dequantize(self.dtype, &self.data[r * rb..(r + 1) * rb], out)
+        if out.len() != self.cols {
+            return Err(Error::Invalid(format!(
+                "row of {} values into {}",
+                self.cols,
+                out.len()
+            )));
+        }
+        let v = self.view();
+        // Lengths were checked when the weight was loaded.
+        WeightView::with_aux(v.dtype, v.rows, v.cols, v.data, v.scales, v.biases)?;
+        v.row_into(r, out);
+        Ok(())
     }
 }
 
@@ -76,9 +123,9 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    /// Bytes of the three matrices.
+    /// Bytes of the three matrices (with any MLX scales and biases).
     pub fn nbytes(&self) -> u64 {
-        (self.gate.data.len() + self.up.data.len() + self.down.data.len()) as u64
+        self.gate.nbytes() + self.up.nbytes() + self.down.nbytes()
     }
 }
 
@@ -194,6 +241,7 @@ pub struct Model {
 
 struct Loader<'a> {
     files: &'a ModelFiles,
+    mlx: MlxConfig,
 }
 
 impl Loader<'_> {
@@ -213,25 +261,112 @@ impl Loader<'_> {
         })
     }
 
+    /// The element type, logical shape and byte ranges (values, then any
+    /// MLX scales and biases) of weight `name`.
+    fn resolve(&self, name: &str) -> Result<(DType, Vec<usize>, Vec<&TensorInfo>)> {
+        let t = self.info(name)?;
+        let base = name.strip_suffix(".weight").unwrap_or(name);
+        let (Some(ts), Some(tb)) = (
+            self.files.tensor(&format!("{base}.scales")),
+            self.files.tensor(&format!("{base}.biases")),
+        ) else {
+            return Ok((self.dtype(t)?, t.shape.clone(), vec![t]));
+        };
+        let bad = |m: String| Error::Model(format!("MLX-quantized {name}: {m}"));
+        if t.dtype_name != "U32" {
+            return Err(bad(format!(
+                "packed values are {}, expected U32",
+                t.dtype_name
+            )));
+        }
+        let (bits, group) = self.mlx.lookup(base).ok_or_else(|| {
+            bad("it has scales, but config.json's \"quantization\" gives no bits and group size for it".into())
+        })?;
+        let scales = match ts.dtype {
+            Some(DType::BF16) => HalfType::Bf16,
+            Some(DType::F16) => HalfType::F16,
+            Some(DType::F32) => HalfType::F32,
+            _ => return Err(bad(format!("scales of type {}", ts.dtype_name))),
+        };
+        let q = MlxQuant::new(bits, group, scales)?;
+        let Some((&wc, outer)) = t.shape.split_last() else {
+            return Err(bad("a scalar".into()));
+        };
+        let cols = wc
+            .checked_mul(32)
+            .map(|b| b / bits as usize)
+            .filter(|c| c * bits as usize == wc * 32)
+            .ok_or_else(|| bad(format!("{wc} words do not hold whole {bits}-bit values")))?;
+        let mut aux_shape = outer.to_vec();
+        aux_shape.push(cols / group as usize);
+        if cols % group as usize != 0 || ts.shape != aux_shape || tb.shape != aux_shape {
+            return Err(bad(format!(
+                "packed {:?} ({cols} values per row at {bits} bits), scales {:?} and biases {:?} do not match groups of {group}",
+                t.shape, ts.shape, tb.shape
+            )));
+        }
+        let mut shape = outer.to_vec();
+        shape.push(cols);
+        Ok((DType::Mlx(q), shape, vec![t, ts, tb]))
+    }
+
+    /// Byte range `[off, off + len)` of a resolved tensor part.
+    fn part(&self, t: &TensorInfo, off: usize, len: usize) -> Result<Part> {
+        let data = self.files.bytes(t).slice(off, len).ok_or_else(|| {
+            Error::Model(format!(
+                "tensor {}: bytes {off}..{} are out of its range",
+                t.name,
+                off + len
+            ))
+        })?;
+        Ok(Part { file: t.file, data })
+    }
+
+    /// A weight from its resolved parts: rows `r0..r0 + rows` of a
+    /// `[.., cols]` layout whose row `i` of the values starts at
+    /// `i · row_bytes`.
+    fn weight_of(
+        &self,
+        dtype: DType,
+        parts: &[&TensorInfo],
+        r0: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Weight> {
+        let rb = dtype.row_bytes(cols)?;
+        let main = self.part(parts[0], r0 * rb, rows * rb)?;
+        let aux = match dtype {
+            DType::Mlx(q) => {
+                let ab = q.aux_row_bytes(cols);
+                Some(Box::new([
+                    self.part(parts[1], r0 * ab, rows * ab)?,
+                    self.part(parts[2], r0 * ab, rows * ab)?,
+                ]))
+            }
+            _ => None,
+        };
+        Ok(Weight {
+            dtype,
+            rows,
+            cols,
+            file: main.file,
+            data: main.data,
+            aux,
+        })
+    }
+
     /// A matrix, checked against the expected `[rows, cols]` (0 = any).
     fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Weight> {
-        let t = self.info(name)?;
-        let shape = squeeze(&t.shape);
+        let (dtype, shape0, parts) = self.resolve(name)?;
+        let shape = squeeze(&shape0);
         if shape.len() != 2 || (rows != 0 && shape[0] != rows) || (cols != 0 && shape[1] != cols) {
             return Err(Error::Model(format!(
-                "tensor {name} has shape {:?}, expected [{}, {}]",
-                t.shape,
+                "tensor {name} has shape {shape0:?}, expected [{}, {}]",
                 dim(rows),
                 dim(cols)
             )));
         }
-        Ok(Weight {
-            dtype: self.dtype(t)?,
-            rows: shape[0],
-            cols: shape[1],
-            file: t.file,
-            data: self.files.bytes(t),
-        })
+        self.weight_of(dtype, &parts, 0, shape[0], shape[1])
     }
 
     fn opt_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Option<Weight>> {
@@ -354,30 +489,68 @@ impl Loader<'_> {
         n_experts: usize,
         sub: (usize, usize),
     ) -> Result<Weight> {
-        let t = self.info(name)?;
-        if t.shape.len() != 3 || t.shape[0] != n_experts || t.shape[1] % sub.1 != 0 {
+        let (dtype, shape, parts) = self.resolve(name)?;
+        if shape.len() != 3 || shape[0] != n_experts || shape[1] % sub.1 != 0 {
             return Err(Error::Model(format!(
-                "stacked expert tensor {name} has shape {:?}, expected [{n_experts}, rows, cols]",
-                t.shape
+                "stacked expert tensor {name} has shape {shape:?}, expected [{n_experts}, rows, cols]",
             )));
         }
-        let dtype = self.dtype(t)?;
-        let (rows, cols) = (t.shape[1] / sub.1, t.shape[2]);
-        let rb = dtype.row_bytes(cols)?;
-        let per_expert = t.shape[1] * rb;
-        let off = e * per_expert + sub.0 * rows * rb;
-        let data = self
-            .files
-            .bytes(t)
-            .slice(off, rows * rb)
-            .ok_or_else(|| Error::Model(format!("tensor {name}: expert {e} out of range")))?;
-        Ok(Weight {
-            dtype,
-            rows,
-            cols,
-            file: t.file,
-            data,
-        })
+        let (rows, cols) = (shape[1] / sub.1, shape[2]);
+        self.weight_of(dtype, &parts, e * shape[1] + sub.0 * rows, rows, cols)
+    }
+}
+
+/// MLX quantization parameters from `config.json`: a default and
+/// per-module overrides keyed by module path.
+#[derive(Default)]
+struct MlxConfig {
+    base: Option<(u32, u32)>,
+    overrides: std::collections::HashMap<String, Option<(u32, u32)>>,
+}
+
+impl MlxConfig {
+    fn from_hf(c: Option<&serde_json::Value>) -> MlxConfig {
+        let mut m = MlxConfig::default();
+        let Some(q) = c.and_then(|c| {
+            c.get("quantization")
+                .or_else(|| c.get("quantization_config"))
+        }) else {
+            return m;
+        };
+        let pair = |v: &serde_json::Value| -> Option<(u32, u32)> {
+            Some((
+                v.get("bits")?.as_u64()? as u32,
+                v.get("group_size")?.as_u64()? as u32,
+            ))
+        };
+        m.base = pair(q);
+        if let Some(o) = q.as_object() {
+            for (k, v) in o {
+                if v.is_object() {
+                    m.overrides.insert(k.clone(), pair(v));
+                } else if v.as_bool() == Some(false) {
+                    m.overrides.insert(k.clone(), None);
+                }
+            }
+        }
+        m
+    }
+
+    /// Bits and group size of module `path` (both prefix spellings tried:
+    /// converters have written either).
+    fn lookup(&self, path: &str) -> Option<(u32, u32)> {
+        let alt = [
+            ("language_model.model.", "model.language_model."),
+            ("model.language_model.", "language_model.model."),
+        ]
+        .iter()
+        .find_map(|(a, b)| path.strip_prefix(a).map(|r| format!("{b}{r}")));
+        for p in std::iter::once(path.to_string()).chain(alt) {
+            if let Some(o) = self.overrides.get(&p) {
+                return *o;
+            }
+        }
+        self.base
     }
 }
 
@@ -505,7 +678,10 @@ impl Model {
     pub fn load(files: ModelFiles) -> Result<Model> {
         let config = Config::from_files(&files)?;
         let (embed, layers, norm, lm_head) = {
-            let l = Loader { files: &files };
+            let l = Loader {
+                files: &files,
+                mlx: MlxConfig::from_hf(files.hf_config()),
+            };
             if files.gguf().is_some() {
                 load_gguf(&l, &config)?
             } else {
@@ -540,8 +716,24 @@ fn load_hf(l: &Loader, c: &Config) -> Result<Parts> {
         .find(|p| l.has(&format!("{p}embed_tokens.weight")))
         .ok_or_else(|| Error::Model("no embed_tokens.weight tensor".into()))?;
     let h = c.hidden;
-    // Qwen3.5's RMSNorms are zero-centred in Hugging Face files.
-    let shift = c.arch == Arch::Qwen35Moe;
+    // Qwen3.5's RMSNorms are zero-centred in Hugging Face files; MLX's
+    // converter stores 1 + w, and moves the conv1d kernel axis last-but-one
+    // ([C, K, 1] instead of [C, 1, K]), which is how its files are told
+    // apart (the rule mlx-lm itself applies).
+    let shift = c.arch == Arch::Qwen35Moe && {
+        let conv = c
+            .mixers
+            .iter()
+            .position(|m| *m == Mixer::Linear)
+            .and_then(|i| {
+                l.files
+                    .tensor(&format!("{p}layers.{i}.linear_attn.conv1d.weight"))
+            });
+        match conv {
+            Some(t) => t.shape.last() != Some(&1) || t.shape.len() < 3,
+            None => p != "language_model.model.",
+        }
+    };
     let embed = l.matrix(&format!("{p}embed_tokens.weight"), c.vocab, h)?;
     let mut layers = Vec::with_capacity(c.n_layers);
     for i in 0..c.n_layers {
@@ -565,7 +757,21 @@ fn load_hf(l: &Loader, c: &Config) -> Result<Parts> {
                 })?;
             let router = l.matrix(&format!("{base}.gate.weight"), c.n_experts, h)?;
             let ne = c.n_experts;
-            let experts = if l.has(&format!("{base}.experts.gate_up_proj")) {
+            let experts = if l.has(&format!("{base}.switch_mlp.gate_proj.weight")) {
+                // MLX: experts stacked per layer, `[E, rows, cols]` each.
+                let n = |k: &str| format!("{base}.switch_mlp.{k}_proj.weight");
+                (0..ne)
+                    .map(|e| {
+                        let m = Mlp {
+                            gate: l.stacked(&n("gate"), e, ne, (0, 1))?,
+                            up: l.stacked(&n("up"), e, ne, (0, 1))?,
+                            down: l.stacked(&n("down"), e, ne, (0, 1))?,
+                        };
+                        check_mlp(&m, h, &n("gate"))?;
+                        Ok(m)
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            } else if l.has(&format!("{base}.experts.gate_up_proj")) {
                 let gu = format!("{base}.experts.gate_up_proj");
                 let dn = format!("{base}.experts.down_proj");
                 (0..ne)
@@ -616,7 +822,13 @@ fn load_hf(l: &Loader, c: &Config) -> Result<Parts> {
     if shift {
         norm.iter_mut().for_each(|x| *x += 1.0);
     }
-    let lm_head = match l.opt_matrix("lm_head.weight", c.vocab, h)? {
+    // MLX keeps the head beside its model: `language_model.lm_head`.
+    let head = if p == "language_model.model." {
+        "language_model.lm_head.weight"
+    } else {
+        "lm_head.weight"
+    };
+    let lm_head = match l.opt_matrix(head, c.vocab, h)? {
         Some(w) if !c.tie_embeddings => w,
         _ => embed.clone(),
     };
@@ -675,6 +887,7 @@ fn load_gguf(l: &Loader, c: &Config) -> Result<Parts> {
                     cols: h,
                     file: 0,
                     data: TensorBytes::from_vec(bytes),
+                    aux: None,
                 })
             } else {
                 None

@@ -187,6 +187,22 @@ pub fn pack(
         }
     }
     let c = &model.config;
+    let mlx = model.layers.iter().any(|l| {
+        l.mixer_weights().iter().any(|w| w.dtype.is_mlx())
+            || match &l.ffn {
+                Ffn::Moe(m) => {
+                    m.router.dtype.is_mlx() || m.experts.iter().any(|e| e.gate.dtype.is_mlx())
+                }
+                Ffn::Dense(d) => d.gate.dtype.is_mlx(),
+            }
+    }) || model.embed.dtype.is_mlx()
+        || model.lm_head.dtype.is_mlx();
+    if mlx {
+        return Err(Error::Unsupported(
+            "packing MLX-quantized weights: GGUF has no MLX types (sluice streams MLX files in place)"
+                .into(),
+        ));
+    }
     fn w<'a>(name: String, w: &'a Weight) -> Item<'a> {
         Item {
             spec: spec(name, w.dtype, vec![w.rows, w.cols], 0),

@@ -260,12 +260,38 @@ struct Seg {
     dst: usize,
 }
 
-/// Where one matrix of an expert lies once its reads are in.
+/// A resident expert matrix as raw `(pointer, bytes)` ranges of slot
+/// memory, for callers that hold the pin themselves (the facade).
 #[derive(Clone, Copy, Debug)]
-struct Mat {
+pub struct RawMatrix {
+    /// Element type.
+    pub dtype: DType,
+    /// Output features.
+    pub rows: usize,
+    /// Input features.
+    pub cols: usize,
+    /// The values.
+    pub data: (*const u8, usize),
+    /// MLX scales (empty otherwise).
+    pub scales: (*const u8, usize),
+    /// MLX biases (empty otherwise).
+    pub biases: (*const u8, usize),
+}
+
+/// Where a byte range of an expert lies once its reads are in.
+#[derive(Clone, Copy, Debug, Default)]
+struct Loc {
     seg: usize,
     rel: usize,
     len: usize,
+}
+
+/// Where one matrix of an expert lies once its reads are in.
+#[derive(Clone, Copy, Debug)]
+struct Mat {
+    main: Loc,
+    /// MLX scales and biases.
+    aux: Option<[Loc; 2]>,
     dtype: DType,
     rows: usize,
     cols: usize,
@@ -333,23 +359,36 @@ pub struct Streamer {
 // buffers with it, and all access goes through `&mut self` or `&self`.
 unsafe impl Send for Streamer {}
 
+/// The reads of one expert: its matrices' byte ranges (values, and MLX
+/// scales and biases) in file order, neighbours within 4 KiB merged into
+/// one read.
 fn merge_plan(w: [&Weight; 3], file_ids: &[FileId], align: usize) -> Result<(Vec<Seg>, [Mat; 3])> {
-    let mut order = [0usize, 1, 2];
-    let range = |i: usize| (w[i].file, w[i].data.offset() as u64, w[i].data.len());
-    order.sort_by_key(|&i| (range(i).0, range(i).1));
+    // (matrix, part, file, offset, length)
+    let mut ranges: Vec<(usize, usize, usize, u64, usize)> = Vec::with_capacity(9);
+    for (i, wi) in w.iter().enumerate() {
+        for (pi, (file, data)) in wi.parts().into_iter().enumerate() {
+            ranges.push((i, pi, file, data.offset() as u64, data.len()));
+        }
+    }
+    ranges.sort_by_key(|r| (r.2, r.3));
     let mut segs: Vec<Seg> = Vec::with_capacity(3);
-    let mut at = [(0usize, 0usize); 3];
-    for &i in &order {
-        let (file, off, len) = range(i);
+    let mut at = [[Loc::default(); 3]; 3];
+    for &(i, pi, file, off, len) in &ranges {
         let fid = file_ids[file];
-        match segs.last_mut() {
+        let loc = match segs.last_mut() {
             // Adjacent or nearly: one read, a few wasted bytes.
             Some(s)
-                if s.file == fid && off >= s.offset && off - s.offset - s.len as u64 <= 4096 =>
+                if s.file == fid
+                    && off >= s.offset
+                    && off.saturating_sub(s.offset + s.len as u64) <= 4096 =>
             {
                 let rel = (off - s.offset) as usize;
                 s.len = s.len.max(rel + len);
-                at[i] = (segs.len() - 1, rel);
+                Loc {
+                    seg: segs.len() - 1,
+                    rel,
+                    len,
+                }
             }
             _ => {
                 segs.push(Seg {
@@ -358,9 +397,14 @@ fn merge_plan(w: [&Weight; 3], file_ids: &[FileId], align: usize) -> Result<(Vec
                     len,
                     dst: 0,
                 });
-                at[i] = (segs.len() - 1, 0);
+                Loc {
+                    seg: segs.len() - 1,
+                    rel: 0,
+                    len,
+                }
             }
-        }
+        };
+        at[i][pi] = loc;
     }
     let mut dst = 0;
     for s in &mut segs {
@@ -368,9 +412,8 @@ fn merge_plan(w: [&Weight; 3], file_ids: &[FileId], align: usize) -> Result<(Vec
         dst += sluice_io::max_widened_len(s.len, align).next_multiple_of(align.max(64));
     }
     let mat = |i: usize| Mat {
-        seg: at[i].0,
-        rel: at[i].1,
-        len: w[i].data.len(),
+        main: at[i][0],
+        aux: w[i].aux.as_ref().map(|_| [at[i][1], at[i][2]]),
         dtype: w[i].dtype,
         rows: w[i].rows,
         cols: w[i].cols,
@@ -509,8 +552,10 @@ impl Streamer {
         let baseline = sluice_io::sys::rss_bytes().unwrap_or(0);
         let mut dense = 0u64;
         for w in dense_weights(model) {
-            if w.data.is_mapped() && opts.dense {
-                dense += sluice_io::max_widened_len(w.data.len(), align) as u64;
+            for (_, d) in w.parts() {
+                if d.is_mapped() && opts.dense {
+                    dense += sluice_io::max_widened_len(d.len(), align) as u64;
+                }
             }
         }
         let kv = c.state_bytes(opts.ctx);
@@ -576,19 +621,21 @@ impl Streamer {
         // Dense weights, read through the engine into owned buffers.
         let mut seen: HashMap<(usize, usize, usize), TensorBytes> = HashMap::new();
         for w in dense_weights(model) {
-            if !w.data.is_mapped() || !opts.dense {
-                continue;
+            for (file, data) in w.parts_mut() {
+                if !data.is_mapped() || !opts.dense {
+                    continue;
+                }
+                let key = (file, data.offset(), data.len());
+                if let Some(b) = seen.get(&key) {
+                    *data = b.clone();
+                    continue;
+                }
+                let (buf, skip) =
+                    sluice_io::read_exact(engine.as_mut(), file_ids[file], key.1 as u64, key.2)?;
+                let b = TensorBytes::new(Arc::new(buf), skip, key.2);
+                seen.insert(key, b.clone());
+                *data = b;
             }
-            let key = (w.file, w.data.offset(), w.data.len());
-            if let Some(b) = seen.get(&key) {
-                w.data = b.clone();
-                continue;
-            }
-            let (buf, skip) =
-                sluice_io::read_exact(engine.as_mut(), file_ids[w.file], key.1 as u64, key.2)?;
-            let b = TensorBytes::new(Arc::new(buf), skip, key.2);
-            seen.insert(key, b.clone());
-            w.data = b;
         }
         if c.tie_embeddings {
             model.lm_head = model.embed.clone();
@@ -1135,17 +1182,18 @@ impl Streamer {
     }
 
     /// Where the three matrices of expert `e` of `layer`, resident in
-    /// `slot`, lie: `(dtype, rows, cols, pointer, bytes)` each. The memory
-    /// stays valid and unchanged while the slot is pinned, whoever holds the
-    /// streamer.
-    pub fn expert_parts(
-        &self,
-        layer: usize,
-        e: usize,
-        slot: usize,
-    ) -> [(DType, usize, usize, *const u8, usize); 3] {
-        self.views(layer, e, slot)
-            .map(|v| (v.dtype, v.rows, v.cols, v.data.as_ptr(), v.data.len()))
+    /// `slot`, lie. The memory stays valid and unchanged while the slot is
+    /// pinned, whoever holds the streamer.
+    pub fn expert_parts(&self, layer: usize, e: usize, slot: usize) -> [RawMatrix; 3] {
+        let raw = |b: &[u8]| (b.as_ptr(), b.len());
+        self.views(layer, e, slot).map(|v| RawMatrix {
+            dtype: v.dtype,
+            rows: v.rows,
+            cols: v.cols,
+            data: raw(v.data),
+            scales: raw(v.scales),
+            biases: raw(v.biases),
+        })
     }
 
     /// The file ranges of expert `e` of `layer`'s gate, up and down
@@ -1157,22 +1205,31 @@ impl Streamer {
     ) -> Option<[(std::path::PathBuf, u64, usize); 3]> {
         let plan = self.plans.get(layer)?.as_ref()?.get(e)?;
         Some(plan.mats.map(|m| {
-            let s = &plan.segs[m.seg];
+            let s = &plan.segs[m.main.seg];
             (
                 self.engine.path(s.file).to_path_buf(),
-                s.offset + m.rel as u64,
-                m.len,
+                s.offset + m.main.rel as u64,
+                m.main.len,
             )
         }))
     }
 
     fn views(&self, layer: usize, e: usize, slot: usize) -> [WeightView<'_>; 3] {
         let plan = &self.plans[layer].as_ref().expect("MoE layer")[e];
-        plan.mats.map(|m| WeightView {
-            dtype: m.dtype,
-            rows: m.rows,
-            cols: m.cols,
-            data: &self.seg_bytes(slot, &plan.segs[m.seg])[m.rel..m.rel + m.len],
+        let at = |l: Loc| &self.seg_bytes(slot, &plan.segs[l.seg])[l.rel..l.rel + l.len];
+        plan.mats.map(|m| {
+            let (scales, biases): (&[u8], &[u8]) = match m.aux {
+                Some([s, b]) => (at(s), at(b)),
+                None => (&[], &[]),
+            };
+            WeightView {
+                dtype: m.dtype,
+                rows: m.rows,
+                cols: m.cols,
+                data: at(m.main),
+                scales,
+                biases,
+            }
         })
     }
 

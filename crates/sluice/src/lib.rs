@@ -139,6 +139,10 @@ pub struct Matrix<'a> {
     pub cols: usize,
     /// The bytes.
     pub data: &'a [u8],
+    /// MLX types: one scale per group of each row (empty otherwise).
+    pub scales: &'a [u8],
+    /// MLX types: one bias per group of each row (empty otherwise).
+    pub biases: &'a [u8],
 }
 
 /// A resident, pinned expert. Dropping it lets the cache evict it again.
@@ -147,7 +151,7 @@ pub struct Expert {
     layer: usize,
     id: usize,
     slot: usize,
-    parts: [(DType, usize, usize, *const u8, usize); 3],
+    parts: [sluice_engine::stream::RawMatrix; 3],
 }
 
 // SAFETY: the pointers address slot memory owned by the store's streamer,
@@ -169,13 +173,17 @@ impl Expert {
     }
 
     fn matrix(&self, i: usize) -> Matrix<'_> {
-        let (dtype, rows, cols, ptr, len) = self.parts[i];
+        let p = self.parts[i];
+        // SAFETY: each range lies in a pinned slot (see the Send impl), read-only while the pin lasts, and outlives `&self`; empty ranges point at a live (dangling-but-aligned) slice start.
+        let bytes =
+            |(ptr, len): (*const u8, usize)| unsafe { std::slice::from_raw_parts(ptr, len) };
         Matrix {
-            dtype,
-            rows,
-            cols,
-            // SAFETY: `ptr..ptr+len` lies in a pinned slot (see the Send impl), read-only while the pin lasts, and outlives `&self`.
-            data: unsafe { std::slice::from_raw_parts(ptr, len) },
+            dtype: p.dtype,
+            rows: p.rows,
+            cols: p.cols,
+            data: bytes(p.data),
+            scales: bytes(p.scales),
+            biases: bytes(p.biases),
         }
     }
 
@@ -196,7 +204,10 @@ impl Expert {
 
     /// Bytes of the three matrices.
     pub fn nbytes(&self) -> usize {
-        self.parts.iter().map(|p| p.4).sum()
+        self.parts
+            .iter()
+            .map(|p| p.data.1 + p.scales.1 + p.biases.1)
+            .sum()
     }
 }
 
