@@ -197,3 +197,33 @@ fn wrongly_shaped_tensor_names_the_tensor() {
     let e = fails(&["inspect", d.to_str().unwrap()]);
     assert!(e.contains("embed_tokens") && e.contains("shape"), "{e}");
 }
+
+/// `--experts-k`: the config's top-k is the default (passing it changes
+/// nothing), another value changes the logits and is announced, and an
+/// impossible one is refused.
+#[test]
+fn experts_k_defaults_to_the_config_and_is_announced() {
+    let m = fixtures().join("models/qwen3_5_moe");
+    let m = m.to_str().unwrap();
+    let base = ["logits", "--model", m, "--tokens", "261,267,270,276,262"];
+    let (plain, plain_err) = run_ok(&base);
+    assert!(!plain_err.contains("experts-k"), "{plain_err}");
+    let top_k = {
+        let c: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(format!("{m}/config.json")).unwrap())
+                .unwrap();
+        c["num_experts_per_tok"].as_u64().unwrap().to_string()
+    };
+    let (same, _) = run_ok(&[&base[..], &["--experts-k", &top_k]].concat());
+    assert_eq!(same, plain, "--experts-k at the config's value changed the output");
+    for io in [&[][..], &["--io", "pread", "--cache-slots", "3"][..]] {
+        let (more, err) = run_ok(&[&base[..], &["--experts-k", "4"], io].concat());
+        assert_ne!(more, plain, "--experts-k 4 did not change the output");
+        assert!(
+            err.contains("--experts-k 4") && err.contains("instead of the model's 2"),
+            "{err}"
+        );
+    }
+    let e = fails(&[&base[..], &["--experts-k", "9"]].concat());
+    assert!(e.contains("--experts-k 9") && e.contains("8 experts"), "{e}");
+}

@@ -30,8 +30,26 @@ pub struct ModelArgs {
     /// macbook-pro-m3-max-48gb, host) or a profile TOML file.
     #[arg(long, default_value = "iphone-17-pro")]
     pub device: String,
+    /// Routed experts per token instead of the model's own top-k (flash-moe
+    /// ran Qwen3.5-397B with 4 instead of 10). Changes the output; always
+    /// announced.
+    #[arg(long)]
+    pub experts_k: Option<usize>,
     #[command(flatten)]
     pub stream: StreamArgs,
+}
+
+/// Applies `--experts-k` to a loaded model and says so.
+fn apply_experts_k(model: &mut Model, k: Option<usize>, notes: &mut Vec<String>) -> Result<()> {
+    let Some(k) = k else {
+        return Ok(());
+    };
+    let was = model.config.config_top_k;
+    model.config.set_experts_k(k)?;
+    notes.push(format!(
+        "--experts-k {k}: {k} routed experts per token instead of the model's {was}; the output differs from the model's"
+    ));
+    Ok(())
 }
 
 #[derive(Args, Clone, Default)]
@@ -203,8 +221,9 @@ pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
         ModelFiles::open(&m.model).with_context(|| format!("loading {}", m.model.display()))
     };
     let Some(kind) = s.engine() else {
-        let model =
+        let mut model =
             Model::load(load()?).with_context(|| format!("loading {}", m.model.display()))?;
+        apply_experts_k(&mut model, m.experts_k, &mut notes)?;
         let (capped, why) = cgroup_capped(s.ram_cap);
         if s.ram_cap.is_some() || s.io.is_some() {
             notes.push(format!(
@@ -233,6 +252,7 @@ pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
         files.advise_random();
     }
     let mut model = Model::load(files).with_context(|| format!("loading {}", m.model.display()))?;
+    apply_experts_k(&mut model, m.experts_k, &mut notes)?;
     let threads = m
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
