@@ -208,6 +208,9 @@ GGUF_FIXTURES = {
     "mixtral.f16.gguf": (dict(BASE["mixtral"], alignment=64), "F16"),
     # same seed/geometry as models/olmoe; tied embeddings -> no output.weight
     "olmoe.bf16.gguf": (dict(BASE["olmoe"]), "BF16"),
+    # llama.cpp's qwen35moe conventions: value heads in tiled order, norms as 1 + w,
+    # ssm_a = -exp(A_log); own seed
+    "qwen3_5_moe.q8_0.gguf": (dict(BASE["qwen3_5_moe"], seed=5200), "Q8_0"),
 }
 
 
@@ -457,7 +460,61 @@ def check_layouts(per_expert_dir: Path, fused_dir: Path, spec: dict):
 # GGUF
 # ----------------------------------------------------------------------------
 
-GGUF_ARCH = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral": "llama", "olmoe": "olmoe"}
+GGUF_ARCH = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral": "llama", "olmoe": "olmoe",
+             "qwen3_5_moe": "qwen35moe"}
+
+
+def v_heads_tiled(a: np.ndarray, nk: int, nv: int, axis: int = 0) -> np.ndarray:
+    """llama.cpp's Qwen3.5 conversion: value heads from Hugging Face's grouped
+    order (head j reads key head j // (nv/nk)) to the tiled order (j reads
+    j % nk), along `axis` whose length is nv * head_dim."""
+    a = np.moveaxis(a, axis, 0)
+    sh = a.shape
+    r = a.reshape(nk, nv // nk, sh[0] // nv, *sh[1:]).swapaxes(0, 1).reshape(sh)
+    return np.ascontiguousarray(np.moveaxis(r, 0, axis))
+
+
+def v_heads_grouped(a: np.ndarray, nk: int, nv: int, axis: int = 0) -> np.ndarray:
+    """Inverse of v_heads_tiled."""
+    a = np.moveaxis(a, axis, 0)
+    sh = a.shape
+    r = a.reshape(nv // nk, nk, sh[0] // nv, *sh[1:]).swapaxes(0, 1).reshape(sh)
+    return np.ascontiguousarray(np.moveaxis(r, 0, axis))
+
+
+def qwen35_layer_to_gguf(sd: dict, p: str, blk: str, spec: dict) -> list:
+    """One Qwen3.5 decoder layer in llama.cpp's qwen35moe naming and layout:
+    zero-centred norms stored as 1 + w, A_log as ssm_a = -exp(A_log), conv1d
+    squeezed to [C, K], value heads reordered to the tiled order."""
+    nk, nv, dk = spec["lin_k_heads"], spec["lin_v_heads"], spec["lin_k_dim"]
+    out = [(blk + "attn_norm.weight", sd[p + "input_layernorm.weight"] + 1.0, "norm"),
+           (blk + "post_attention_norm.weight", sd[p + "post_attention_layernorm.weight"] + 1.0, "norm")]
+    la = p + "linear_attn."
+    if la + "in_proj_qkv.weight" in sd:
+        qkv = sd[la + "in_proj_qkv.weight"]
+        kd = nk * dk
+        qkv = np.concatenate([qkv[: 2 * kd], v_heads_tiled(qkv[2 * kd:], nk, nv)], axis=0)
+        conv = sd[la + "conv1d.weight"][:, 0, :]
+        conv = np.concatenate([conv[: 2 * kd], v_heads_tiled(conv[2 * kd:], nk, nv)], axis=0)
+        out += [
+            (blk + "attn_qkv.weight", qkv, "weight"),
+            (blk + "attn_gate.weight", v_heads_tiled(sd[la + "in_proj_z.weight"], nk, nv), "weight"),
+            (blk + "ssm_beta.weight", v_heads_tiled(sd[la + "in_proj_b.weight"], nk, nv), "weight"),
+            (blk + "ssm_alpha.weight", v_heads_tiled(sd[la + "in_proj_a.weight"], nk, nv), "weight"),
+            (blk + "ssm_conv1d.weight", conv, "norm"),
+            (blk + "ssm_dt.bias", v_heads_tiled(sd[la + "dt_bias"], nk, nv), "bias"),
+            (blk + "ssm_a", v_heads_tiled(-np.exp(sd[la + "A_log"]), nk, nv), "norm"),
+            (blk + "ssm_norm.weight", sd[la + "norm.weight"], "norm"),
+            (blk + "ssm_out.weight", v_heads_tiled(sd[la + "out_proj.weight"], nk, nv, axis=1), "weight"),
+        ]
+    else:
+        a = p + "self_attn."
+        out += [(blk + gg + ".weight", sd[a + hf + ".weight"], "weight")
+                for hf, gg in [("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"),
+                               ("o_proj", "attn_output")]]
+        out += [(blk + "attn_q_norm.weight", sd[a + "q_norm.weight"] + 1.0, "norm"),
+                (blk + "attn_k_norm.weight", sd[a + "k_norm.weight"] + 1.0, "norm")]
+    return out
 FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "BF16": 32}
 
 
@@ -480,6 +537,18 @@ def hf_state_to_gguf(model, spec: dict) -> list[tuple[str, np.ndarray, str]]:
     for b in range(spec["layers"]):
         p = f"model.layers.{b}."
         blk = f"blk.{b}."
+        if arch == "qwen3_5_moe":
+            out += qwen35_layer_to_gguf(sd, p, blk, spec)
+            gu = sd[p + "mlp.experts.gate_up_proj"]
+            inter = gu.shape[1] // 2
+            out.append((blk + "ffn_gate_inp.weight", sd[p + "mlp.gate.weight"], "router"))
+            out.append((blk + "ffn_gate_exps.weight", np.ascontiguousarray(gu[:, :inter]), "weight"))
+            out.append((blk + "ffn_up_exps.weight", np.ascontiguousarray(gu[:, inter:]), "weight"))
+            out.append((blk + "ffn_down_exps.weight", sd[p + "mlp.experts.down_proj"], "weight"))
+            out.append((blk + "ffn_gate_inp_shexp.weight", sd[p + "mlp.shared_expert_gate.weight"][0], "router"))
+            for hf, gg in [("gate_proj", "ffn_gate_shexp"), ("up_proj", "ffn_up_shexp"), ("down_proj", "ffn_down_shexp")]:
+                out.append((blk + gg + ".weight", sd[p + f"mlp.shared_expert.{hf}.weight"], "weight"))
+            continue
         out.append((blk + "attn_norm.weight", sd[p + "input_layernorm.weight"], "norm"))
         for hf, gg in [("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output")]:
             w = sd[p + f"self_attn.{hf}.weight"]
@@ -508,7 +577,7 @@ def hf_state_to_gguf(model, spec: dict) -> list[tuple[str, np.ndarray, str]]:
         else:
             for hf, gg in [("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")]:
                 out.append((blk + gg + ".weight", sd[p + f"mlp.{hf}.weight"], "weight"))
-    out.append(("output_norm.weight", sd["model.norm.weight"], "norm"))
+    out.append(("output_norm.weight", sd["model.norm.weight"] + (1.0 if arch == "qwen3_5_moe" else 0.0), "norm"))
     if not spec["tie"]:
         out.append(("output.weight", sd["lm_head.weight"], "weight"))
     n_hf = len(sd) - (1 if spec["tie"] and "lm_head.weight" in sd else 0)
@@ -543,6 +612,8 @@ def write_gguf(path: Path, model, spec: dict, qname: str, tok: Tokenizer, seed: 
     w.add_embedding_length(spec["hidden"])
     if arch == "qwen3_moe" or arch == "qwen2_moe":
         w.add_feed_forward_length(spec["inter"])  # dense-MLP layers (mlp_only_layers)
+    elif arch == "qwen3_5_moe":
+        pass
     else:
         w.add_feed_forward_length(spec["moe_inter"])  # mixtral / olmoe: intermediate_size = expert FFN
     w.add_head_count(spec["heads"])
@@ -556,15 +627,28 @@ def write_gguf(path: Path, model, spec: dict, qname: str, tok: Tokenizer, seed: 
         w.add_value_length(spec["head_dim"])
     if arch in ("qwen3_moe", "qwen2_moe"):
         w.add_expert_feed_forward_length(spec["moe_inter"])
-    if arch == "qwen2_moe":
+    if arch in ("qwen2_moe", "qwen3_5_moe"):
         w.add_expert_shared_feed_forward_length(spec["shared_inter"])
+    if arch == "qwen3_5_moe":  # Qwen3NextModel / Qwen3_5MoeTextModel.set_gguf_parameters
+        w.add_expert_feed_forward_length(spec["moe_inter"])
+        w.add_ssm_conv_kernel(spec["conv_kernel"])
+        w.add_ssm_state_size(spec["lin_k_dim"])
+        w.add_ssm_group_count(spec["lin_k_heads"])
+        w.add_ssm_time_step_rank(spec["lin_v_heads"])
+        w.add_ssm_inner_size(spec["lin_v_heads"] * spec["lin_v_dim"])
+        lt = cfg.layer_types
+        interval = next(i + 1 for i, t in enumerate(lt) if t == "full_attention")
+        assert all((t == "full_attention") == ((i + 1) % interval == 0) for i, t in enumerate(lt)), lt
+        w.add_uint32(f"{ga}.full_attention_interval", interval)
+        w.add_rope_dimension_count(int(spec["head_dim"] * spec["partial_rotary"]))
+        w.add_rope_dimension_sections([11, 11, 10, 0])
     if arch == "mixtral":  # LlamaModel.set_gguf_parameters extras
         w.add_vocab_size(spec["vocab"])
         w.add_rope_dimension_count(spec["hidden"] // spec["heads"])
     # Not written by convert_hf_to_gguf for these archs (llama.cpp hard-codes it per arch);
     # added so a reader need not hard-code it.  true = renormalise the top-k weights.
     norm_w = {"qwen3_moe": spec.get("norm_topk_prob"), "qwen2_moe": spec.get("norm_topk_prob"),
-              "mixtral": True, "olmoe": spec.get("norm_topk_prob")}[arch]
+              "mixtral": True, "olmoe": spec.get("norm_topk_prob"), "qwen3_5_moe": True}[arch]
     w.add_expert_weights_norm(bool(norm_w))
     w.add_file_type(FILE_TYPE[qname])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -627,7 +711,41 @@ def gguf_to_model(path: Path, spec: dict, seed: int):
     new["model.norm.weight"] = t["output_norm.weight"]
     if not spec["tie"]:
         new["lm_head.weight"] = t["output.weight"]
-    for b in range(spec["layers"]):
+    if arch == "qwen3_5_moe":
+        new["model.norm.weight"] = t["output_norm.weight"] - 1.0
+        nk, nv, dk = spec["lin_k_heads"], spec["lin_v_heads"], spec["lin_k_dim"]
+        kd = nk * dk
+        for b in range(spec["layers"]):
+            p, blk = f"model.layers.{b}.", f"blk.{b}."
+            new[p + "input_layernorm.weight"] = t[blk + "attn_norm.weight"] - 1.0
+            new[p + "post_attention_layernorm.weight"] = t[blk + "post_attention_norm.weight"] - 1.0
+            if blk + "attn_qkv.weight" in t:
+                la = p + "linear_attn."
+                qkv, conv = t[blk + "attn_qkv.weight"], t[blk + "ssm_conv1d.weight"]
+                new[la + "in_proj_qkv.weight"] = np.concatenate([qkv[: 2 * kd], v_heads_grouped(qkv[2 * kd:], nk, nv)])
+                conv = np.concatenate([conv[: 2 * kd], v_heads_grouped(conv[2 * kd:], nk, nv)])
+                new[la + "conv1d.weight"] = conv[:, None, :]
+                new[la + "in_proj_z.weight"] = v_heads_grouped(t[blk + "attn_gate.weight"], nk, nv)
+                new[la + "in_proj_b.weight"] = v_heads_grouped(t[blk + "ssm_beta.weight"], nk, nv)
+                new[la + "in_proj_a.weight"] = v_heads_grouped(t[blk + "ssm_alpha.weight"], nk, nv)
+                new[la + "dt_bias"] = v_heads_grouped(t[blk + "ssm_dt.bias"], nk, nv)
+                new[la + "A_log"] = np.log(-v_heads_grouped(t[blk + "ssm_a"], nk, nv))
+                new[la + "norm.weight"] = t[blk + "ssm_norm.weight"]
+                new[la + "out_proj.weight"] = v_heads_grouped(t[blk + "ssm_out.weight"], nk, nv, axis=1)
+            else:
+                a = p + "self_attn."
+                for hf, gg in [("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output")]:
+                    new[a + hf + ".weight"] = t[blk + gg + ".weight"]
+                new[a + "q_norm.weight"] = t[blk + "attn_q_norm.weight"] - 1.0
+                new[a + "k_norm.weight"] = t[blk + "attn_k_norm.weight"] - 1.0
+            new[p + "mlp.gate.weight"] = t[blk + "ffn_gate_inp.weight"]
+            new[p + "mlp.experts.gate_up_proj"] = np.concatenate(
+                [t[blk + "ffn_gate_exps.weight"], t[blk + "ffn_up_exps.weight"]], axis=1)
+            new[p + "mlp.experts.down_proj"] = t[blk + "ffn_down_exps.weight"]
+            new[p + "mlp.shared_expert_gate.weight"] = t[blk + "ffn_gate_inp_shexp.weight"][None, :]
+            for hf, gg in [("gate_proj", "ffn_gate_shexp"), ("up_proj", "ffn_up_shexp"), ("down_proj", "ffn_down_shexp")]:
+                new[p + f"mlp.shared_expert.{hf}.weight"] = t[blk + gg + ".weight"]
+    for b in range(spec["layers"] if arch != "qwen3_5_moe" else 0):
         p, blk = f"model.layers.{b}.", f"blk.{b}."
         new[p + "input_layernorm.weight"] = t[blk + "attn_norm.weight"]
         new[p + "post_attention_layernorm.weight"] = t[blk + "ffn_norm.weight"]

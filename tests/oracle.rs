@@ -57,6 +57,8 @@ fn fixture_set_covers_every_architecture_and_layout() {
         "mixtral.f16.gguf",
         "qwen3_5_moe",
         "qwen3_5_moe_vl",
+        "qwen3_5_moe_mlx",
+        "qwen3_5_moe.q8_0.gguf",
     ] {
         assert!(
             names.iter().any(|n| n == want),
@@ -104,9 +106,13 @@ fn linear_attention_state_carries_across_calls() {
     // Gated DeltaNet keeps a conv history and a recurrent state between
     // calls: the prompt in uneven pieces (one token, three, the rest) must
     // give the oracle's logits at every position.
-    for name in ["qwen3_5_moe", "qwen3_5_moe_vl"] {
+    for name in ["qwen3_5_moe", "qwen3_5_moe_vl", "qwen3_5_moe.q8_0.gguf"] {
         let p = fixtures().join("models").join(name);
-        let e = read_expected(&p.join("expected.json"));
+        let e = if name.ends_with(".gguf") {
+            read_expected(&p.with_extension("expected.json"))
+        } else {
+            read_expected(&p.join("expected.json"))
+        };
         let model = Arc::new(Model::open(&p).unwrap());
         let be = Arc::new(CpuBackend::new(Some(2)).unwrap());
         let mut s = Session::new(model.clone(), be);

@@ -35,6 +35,7 @@ fn streamed_logits_are_bit_identical_to_resident() {
         "olmoe.bf16.gguf",
         "qwen3_5_moe",
         "qwen3_5_moe_mlx",
+        "qwen3_5_moe.q8_0.gguf",
     ] {
         let m = fixtures().join("models").join(f);
         let resident = logits(&m, &[]);

@@ -428,6 +428,7 @@ fn qwen35_397b(eq: &Quant, q: &Quant, n_layers: usize) -> SimModel {
             v_heads: lv,
             k_dim: dk,
             v_dim: dv,
+            tiled: false,
         }),
         config_top_k: top_k,
     };

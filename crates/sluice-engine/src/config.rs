@@ -57,6 +57,21 @@ pub struct LinearAttn {
     pub k_dim: usize,
     /// Dimension of one value head.
     pub v_dim: usize,
+    /// Value heads in llama.cpp's tiled order: value head `j` reads key
+    /// head `j % k_heads` (GGUF files), instead of Hugging Face's grouped
+    /// `j / (v_heads / k_heads)`.
+    pub tiled: bool,
+}
+
+impl LinearAttn {
+    /// The key head value head `j` reads.
+    pub fn k_head_of(&self, j: usize) -> usize {
+        if self.tiled {
+            j % self.k_heads
+        } else {
+            j / (self.v_heads / self.k_heads)
+        }
+    }
 }
 
 impl LinearAttn {
@@ -261,6 +276,7 @@ impl Config {
                 "v_heads": l.v_heads,
                 "k_dim": l.k_dim,
                 "v_dim": l.v_dim,
+                "tiled": l.tiled,
             })),
             "config_top_k": self.config_top_k,
         })
@@ -349,6 +365,7 @@ impl Config {
                     v_heads: need(l, "v_heads")?,
                     k_dim: need(l, "k_dim")?,
                     v_dim: need(l, "v_dim")?,
+                    tiled: l.get("tiled").and_then(|x| x.as_bool()).unwrap_or(false),
                 }),
                 _ => None,
             },
@@ -526,6 +543,7 @@ impl Config {
                 v_heads: get_usize(c, "linear_num_value_heads").unwrap_or(32),
                 k_dim: get_usize(c, "linear_key_head_dim").unwrap_or(128),
                 v_dim: get_usize(c, "linear_value_head_dim").unwrap_or(128),
+                tiled: false,
             };
             (mixers, Some(linear))
         } else {
@@ -584,15 +602,21 @@ impl Config {
             "qwen2moe" => Arch::Qwen2Moe,
             "olmoe" => Arch::Olmoe,
             "llama" if n_experts > 0 => Arch::Mixtral,
+            "qwen35moe" => Arch::Qwen35Moe,
             other => {
                 return Err(Error::Unsupported(format!(
-                    "GGUF architecture \"{other}\"{} (supported: qwen3moe, qwen2moe, olmoe, llama with experts)",
+                    "GGUF architecture \"{other}\"{} (supported: qwen3moe, qwen2moe, olmoe, qwen35moe, llama with experts)",
                     if other == "llama" { " without experts" } else { "" }
                 )))
             }
         };
         let hidden = req("embedding_length")?;
-        let n_layers = req("block_count")?;
+        // llama.cpp counts multi-token-prediction blocks as layers too; they
+        // come last and the forward pass does not use them.
+        let n_layers = req("block_count")?
+            .checked_sub(num("nextn_predict_layers").unwrap_or(0))
+            .filter(|&n| n > 0)
+            .ok_or_else(|| bad("GGUF: nextn_predict_layers leaves no layers"))?;
         let n_heads = req("attention.head_count")?;
         let n_kv_heads = num("attention.head_count_kv").unwrap_or(n_heads);
         let head_dim = num("attention.key_length").unwrap_or(hidden / n_heads.max(1));
@@ -600,7 +624,51 @@ impl Config {
         let norm_topk_prob = g
             .get(&format!("{a}.expert_weights_norm"))
             .and_then(Value::as_bool)
-            .unwrap_or(matches!(arch, Arch::Qwen3Moe | Arch::Mixtral));
+            .unwrap_or(matches!(arch, Arch::Qwen3Moe | Arch::Mixtral | Arch::Qwen35Moe));
+        let (mixers, linear) = if arch == Arch::Qwen35Moe {
+            let every = num("full_attention_interval").unwrap_or(4).max(1);
+            let mixers = match g
+                .get(&format!("{a}.attention.recurrent_layers"))
+                .and_then(Value::as_array)
+            {
+                Some(r) => {
+                    if r.len() < n_layers {
+                        return Err(bad(format!(
+                            "GGUF: {a}.attention.recurrent_layers has {} entries for {n_layers} layers",
+                            r.len()
+                        )));
+                    }
+                    r.iter()
+                        .take(n_layers)
+                        .map(|v| match v.as_bool().or(v.as_u64().map(|x| x != 0)) {
+                            Some(true) => Mixer::Linear,
+                            _ => Mixer::Attention,
+                        })
+                        .collect()
+                }
+                None => (0..n_layers)
+                    .map(|i| {
+                        if (i + 1) % every == 0 {
+                            Mixer::Attention
+                        } else {
+                            Mixer::Linear
+                        }
+                    })
+                    .collect(),
+            };
+            let v_heads = req("ssm.time_step_rank")?;
+            let linear = LinearAttn {
+                conv_kernel: req("ssm.conv_kernel")?,
+                k_heads: req("ssm.group_count")?,
+                v_heads,
+                k_dim: req("ssm.state_size")?,
+                v_dim: req("ssm.inner_size")? / v_heads.max(1),
+                tiled: true,
+            };
+            (mixers, Some(linear))
+        } else {
+            (vec![Mixer::Attention; n_layers], None)
+        };
         let moe_layers = (0..n_layers)
             .map(|i| {
                 files
@@ -646,9 +714,9 @@ impl Config {
             eos: tok("eos_token_id").into_iter().collect(),
             bos: tok("bos_token_id"),
             max_ctx: num("context_length"),
-            mixers: vec![Mixer::Attention; n_layers],
-            attn_gate: false,
-            linear: None,
+            mixers,
+            attn_gate: arch == Arch::Qwen35Moe,
+            linear,
             config_top_k: num("expert_used_count").unwrap_or(0),
         })
     }

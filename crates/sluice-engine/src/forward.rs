@@ -299,7 +299,6 @@ impl Session {
         let mut out = vec![0f32; n * vd];
         let mut mixed = vec![0f32; cd];
         let scale = 1.0 / (dk as f32).sqrt();
-        let rep = nv / nk;
         for t in 0..n {
             let x = &qkv[t * cd..(t + 1) * cd];
             // Causal depthwise conv over the last `kw` inputs, then SiLU;
@@ -324,7 +323,7 @@ impl Session {
             }
             qs.iter_mut().for_each(|v| *v *= scale);
             for hv in 0..nv {
-                let hk = hv / rep;
+                let hk = l.k_head_of(hv);
                 let (q, k) = (&qs[hk * dk..(hk + 1) * dk], &ks[hk * dk..(hk + 1) * dk]);
                 let v = &vs[hv * dv..(hv + 1) * dv];
                 let beta = ops::sigmoid(b[t * nv + hv]);
