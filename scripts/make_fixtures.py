@@ -1183,8 +1183,17 @@ def write_readme(out: Path, model_infos: list, gguf_infos: list, argv: list[str]
     lines.append("## safetensors models (`models/<name>/`)\n")
     lines.append("| name | arch | seed | min gap | files | size | geometry |\n|---|---|---|---|---|---|---|")
     for mi in model_infos:
-        spec = MODEL_FIXTURES.get(mi["name"], mi.get("spec"))
+        spec = MODEL_FIXTURES[mi["name"]] if mi["name"] in MODEL_FIXTURES else MLX_FIXTURES[mi["name"]][0]
         extra = []
+        if spec["arch"] == "qwen3_5_moe":
+            extra.append("zero-centred RMSNorms (layer applies 1 + w) randomised to U(-0.25, 0.25), the gated "
+                         "linear-attention norm to U(0.75, 1.25); A_log = log U(0.1, 4), dt_bias N(0, 0.1)")
+        if mi["name"] in MLX_FIXTURES:
+            extra.append("**MLX** layout as mlx-community writes it (`language_model.model.` prefix, "
+                         "`mlp.switch_mlp` stacked experts, conv1d [C, K, 1], norms stored as 1 + w, tiny vision "
+                         "tower under `vision_tower.`), affine-quantized with MLX's formula in numpy: "
+                         f"`quantization` = `{json.dumps(mi['quantization'])}`, scales/biases bf16, other tensors "
+                         "bf16 (A_log f32); oracle = transformers on the dequantized weights")
         if spec.get("layout") == "fused":
             extra.append("**fused** expert layout (save_original_format=False), same weights/logits as qwen3_moe")
         if spec.get("dtype") == "bfloat16":

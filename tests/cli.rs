@@ -215,7 +215,10 @@ fn experts_k_defaults_to_the_config_and_is_announced() {
         c["num_experts_per_tok"].as_u64().unwrap().to_string()
     };
     let (same, _) = run_ok(&[&base[..], &["--experts-k", &top_k]].concat());
-    assert_eq!(same, plain, "--experts-k at the config's value changed the output");
+    assert_eq!(
+        same, plain,
+        "--experts-k at the config's value changed the output"
+    );
     for io in [&[][..], &["--io", "pread", "--cache-slots", "3"][..]] {
         let (more, err) = run_ok(&[&base[..], &["--experts-k", "4"], io].concat());
         assert_ne!(more, plain, "--experts-k 4 did not change the output");
@@ -225,5 +228,8 @@ fn experts_k_defaults_to_the_config_and_is_announced() {
         );
     }
     let e = fails(&[&base[..], &["--experts-k", "9"]].concat());
-    assert!(e.contains("--experts-k 9") && e.contains("8 experts"), "{e}");
+    assert!(
+        e.contains("--experts-k 9") && e.contains("8 experts"),
+        "{e}"
+    );
 }

@@ -349,3 +349,49 @@ fn bad_streaming_options_are_refused() {
     let err = fails(&["synth", "--preset", "gpt-5", "-o", "/nonexistent/x"]);
     assert!(err.contains("unknown preset"), "{err}");
 }
+
+/// `synth --preset small-qwen3.5`: Gated DeltaNet and gated attention
+/// layers with a shared expert, written in the packed layout, stream with
+/// the same logits as the resident run; the full-size 397B preset has the
+/// published per-expert size.
+#[test]
+fn synthetic_qwen35_streams_bit_identically() {
+    let out = scratch("small-qwen35.gguf");
+    let o = out.to_str().unwrap();
+    run_ok(&[
+        "synth",
+        "--preset",
+        "small-qwen3.5",
+        "--layers",
+        "4",
+        "--quant",
+        "q8",
+        "-o",
+        o,
+        "--quiet",
+    ]);
+    let (inspect, _) = run_ok(&["inspect", o]);
+    assert!(inspect.contains("qwen3_5_moe"), "{inspect}");
+    let resident = logits(&out, &[]);
+    for pf in ["none", "gate", "xlayer"] {
+        let s = logits(
+            &out,
+            &["--io", "uring", "--cache-slots", "6", "--prefetch", pf],
+        );
+        assert!(s == resident, "prefetch {pf} changed the logits");
+    }
+    let p = sluice_engine::synth::preset("qwen3.5-397b-a17b").unwrap();
+    let c = p.config(p.layers());
+    let linear = c
+        .mixers
+        .iter()
+        .filter(|m| **m == sluice_engine::config::Mixer::Linear)
+        .count();
+    assert_eq!(
+        (c.n_layers, linear, c.n_experts, c.top_k),
+        (60, 45, 512, 10)
+    );
+    let q4 = sluice_core::DType::Q4_0;
+    let expert = 3 * q4.tensor_bytes(&[p.expert_inter(), c.hidden]).unwrap();
+    assert!((expert as f64 / 1e6 - 7.08).abs() < 0.01, "{expert}");
+}

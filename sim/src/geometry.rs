@@ -265,25 +265,43 @@ impl SimModel {
     }
 }
 
-/// A standard attention + routed-MoE model of config `c` in format `q`.
+/// A routed-MoE model of config `c` in format `q`: attention layers, and
+/// Gated DeltaNet ones where the config has them (Qwen3.5).
 fn from_config(name: &str, c: &Config, inter: usize, q: &Quant) -> SimModel {
     let (h, qd, kd) = (c.hidden, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
     let layers: Vec<LayerGeom> = (0..c.n_layers)
-        .map(|l| LayerGeom {
-            ops: vec![
-                Op::new(q, qd, h),
-                Op::new(q, kd, h),
-                Op::new(q, kd, h),
-                Op::new(q, h, qd),
-                Op::new(q, c.n_experts, h),
-            ],
-            mixer: Mixer::Attention {
-                heads: c.n_heads,
-                kv_heads: c.n_kv_heads,
-                head_dim: c.head_dim,
-                window: c.windows[l],
+        .map(|l| match (c.mixers[l], c.linear) {
+            (sluice_engine::config::Mixer::Linear, Some(la)) => {
+                let vd = la.v_heads * la.v_dim;
+                LayerGeom {
+                    ops: vec![
+                        Op::new(q, la.conv_dim() + vd, h),
+                        Op::new(q, 2 * la.v_heads, h),
+                        Op::new(q, h, vd),
+                        Op::new(q, c.n_experts, h),
+                    ],
+                    mixer: Mixer::Linear {
+                        state_bytes: la.state_len() as u64 * 4,
+                    },
+                    moe: c.moe_layers[l],
+                }
+            }
+            _ => LayerGeom {
+                ops: vec![
+                    Op::new(q, if c.attn_gate { 2 * qd } else { qd }, h),
+                    Op::new(q, kd, h),
+                    Op::new(q, kd, h),
+                    Op::new(q, h, qd),
+                    Op::new(q, c.n_experts, h),
+                ],
+                mixer: Mixer::Attention {
+                    heads: c.n_heads,
+                    kv_heads: c.n_kv_heads,
+                    head_dim: c.head_dim,
+                    window: c.windows[l],
+                },
+                moe: c.moe_layers[l],
             },
-            moe: c.moe_layers[l],
         })
         .collect();
     let expert_ops = vec![

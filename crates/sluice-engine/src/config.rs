@@ -624,7 +624,10 @@ impl Config {
         let norm_topk_prob = g
             .get(&format!("{a}.expert_weights_norm"))
             .and_then(Value::as_bool)
-            .unwrap_or(matches!(arch, Arch::Qwen3Moe | Arch::Mixtral | Arch::Qwen35Moe));
+            .unwrap_or(matches!(
+                arch,
+                Arch::Qwen3Moe | Arch::Mixtral | Arch::Qwen35Moe
+            ));
         let (mixers, linear) = if arch == Arch::Qwen35Moe {
             let every = num("full_attention_interval").unwrap_or(4).max(1);
             let mixers = match g

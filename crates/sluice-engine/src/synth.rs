@@ -3,7 +3,7 @@
 //! machine. The numbers they produce mean nothing; their shapes, byte
 //! counts and I/O are those of the real model.
 
-use crate::config::{Arch, Config};
+use crate::config::{Arch, Config, LinearAttn, Mixer};
 use crate::pack::{self, spec, Item, PackSummary, Plan, Src};
 use sluice_core::ops::RopeStyle;
 use sluice_core::{DType, Error, Result};
@@ -29,6 +29,39 @@ pub struct Preset {
     rope_theta: f32,
     rms_eps: f32,
     qk_norm: bool,
+    /// Qwen3.5: Gated DeltaNet layers (all but every `full_every`-th),
+    /// gated attention with partial rotary, a shared expert.
+    hybrid: Option<Hybrid>,
+}
+
+/// The Qwen3.5 family's extra geometry.
+#[derive(Clone, Copy, Debug)]
+struct Hybrid {
+    linear: LinearAttn,
+    full_every: usize,
+    rot_dim: usize,
+    shared_inter: usize,
+}
+
+const fn qwen35(
+    k_heads: usize,
+    v_heads: usize,
+    rot_dim: usize,
+    shared_inter: usize,
+) -> Option<Hybrid> {
+    Some(Hybrid {
+        linear: LinearAttn {
+            conv_kernel: 4,
+            k_heads,
+            v_heads,
+            k_dim: 128,
+            v_dim: 128,
+            tiled: true,
+        },
+        full_every: 4,
+        rot_dim,
+        shared_inter,
+    })
 }
 
 /// The presets `sluice synth` knows.
@@ -49,6 +82,7 @@ pub const PRESETS: &[Preset] = &[
         rope_theta: 1e6,
         rms_eps: 1e-6,
         qk_norm: true,
+        hybrid: None,
     },
     Preset {
         name: "mixtral-8x7b",
@@ -66,6 +100,7 @@ pub const PRESETS: &[Preset] = &[
         rope_theta: 1e6,
         rms_eps: 1e-5,
         qk_norm: false,
+        hybrid: None,
     },
     Preset {
         name: "qwen1.5-moe-a2.7b",
@@ -83,6 +118,7 @@ pub const PRESETS: &[Preset] = &[
         rope_theta: 1e6,
         rms_eps: 1e-6,
         qk_norm: false,
+        hybrid: None,
     },
     Preset {
         name: "small-moe",
@@ -100,6 +136,73 @@ pub const PRESETS: &[Preset] = &[
         rope_theta: 1e6,
         rms_eps: 1e-6,
         qk_norm: true,
+        hybrid: None,
+    },
+    Preset {
+        name: "qwen3.5-397b-a17b",
+        about: "Qwen3.5-397B-A17B (the iPhone demo's model): 60 layers, 45 Gated DeltaNet and 15 gated attention, 512 experts of 4096→1024→4096, top-10 + a shared expert",
+        arch: Arch::Qwen35Moe,
+        vocab: 248_320,
+        hidden: 4096,
+        layers: 60,
+        heads: 32,
+        kv_heads: 2,
+        head_dim: 256,
+        expert_inter: 1024,
+        experts: 512,
+        top_k: 10,
+        rope_theta: 1e7,
+        rms_eps: 1e-6,
+        qk_norm: true,
+        hybrid: qwen35(16, 64, 64, 1024),
+    },
+    Preset {
+        name: "qwen3.6-35b-a3b",
+        about: "Qwen3.6-35B-A3B (the Qwen3.5 family's small MoE): 40 layers, 30 Gated DeltaNet and 10 gated attention, 256 experts of 2048→512→2048, top-8 + a shared expert",
+        arch: Arch::Qwen35Moe,
+        vocab: 248_320,
+        hidden: 2048,
+        layers: 40,
+        heads: 16,
+        kv_heads: 2,
+        head_dim: 256,
+        expert_inter: 512,
+        experts: 256,
+        top_k: 8,
+        rope_theta: 1e7,
+        rms_eps: 1e-6,
+        qk_norm: true,
+        hybrid: qwen35(16, 32, 64, 512),
+    },
+    Preset {
+        name: "small-qwen3.5",
+        about: "a small Qwen3.5-MoE geometry for tests: 8 layers (6 Gated DeltaNet, 2 gated attention), 64 experts of 512→512→512, top-4 + a shared expert",
+        arch: Arch::Qwen35Moe,
+        vocab: 2048,
+        hidden: 512,
+        layers: 8,
+        heads: 8,
+        kv_heads: 2,
+        head_dim: 64,
+        expert_inter: 512,
+        experts: 64,
+        top_k: 4,
+        rope_theta: 1e7,
+        rms_eps: 1e-6,
+        qk_norm: true,
+        hybrid: Some(Hybrid {
+            linear: LinearAttn {
+                conv_kernel: 4,
+                k_heads: 4,
+                v_heads: 8,
+                k_dim: 64,
+                v_dim: 64,
+                tiled: true,
+            },
+            full_every: 4,
+            rot_dim: 16,
+            shared_inter: 512,
+        }),
     },
 ];
 
@@ -165,7 +268,7 @@ impl Preset {
             n_kv_heads: self.kv_heads,
             head_dim: self.head_dim,
             rope_theta: self.rope_theta,
-            rot_dim: self.head_dim,
+            rot_dim: self.hybrid.map_or(self.head_dim, |h| h.rot_dim),
             rope_style: RopeStyle::Neox,
             rms_eps: self.rms_eps,
             n_experts: self.experts,
@@ -178,9 +281,14 @@ impl Preset {
             eos: vec![],
             bos: None,
             max_ctx: Some(32_768),
-            mixers: vec![crate::config::Mixer::Attention; layers],
-            attn_gate: false,
-            linear: None,
+            mixers: (0..layers)
+                .map(|i| match self.hybrid {
+                    Some(h) if (i + 1) % h.full_every != 0 => Mixer::Linear,
+                    _ => Mixer::Attention,
+                })
+                .collect(),
+            attn_gate: self.hybrid.is_some(),
+            linear: self.hybrid.map(|h| h.linear),
             config_top_k: self.top_k,
         }
     }
@@ -206,7 +314,15 @@ pub fn synth(
     let c = preset.config(layers);
     let q = opts.quant;
     let bs = q.block_size();
-    for d in [c.hidden, preset.expert_inter, c.n_heads * c.head_dim] {
+    let vd = c.linear.map_or(c.hidden, |l| l.v_heads * l.v_dim);
+    let si = preset.hybrid.map_or(c.hidden, |h| h.shared_inter);
+    for d in [
+        c.hidden,
+        preset.expert_inter,
+        c.n_heads * c.head_dim,
+        vd,
+        si,
+    ] {
         if d % bs != 0 {
             return Err(Error::Unsupported(format!(
                 "{q:?} needs rows that are multiples of {bs}; {} has a dimension of {d}",
@@ -220,6 +336,15 @@ pub fn synth(
             scale,
         },
         spec: spec(name, q, vec![rows, cols], 0),
+        convert: false,
+    };
+    // Small f32 vectors and tensors of random values.
+    let f32s = |name: String, len: usize, scale: f32| Item {
+        src: Src::Random {
+            seed: seed_of(&name, opts.seed),
+            scale,
+        },
+        spec: spec(name, DType::F32, vec![len], 0),
         convert: false,
     };
     // Norm weights are all ones.
@@ -242,15 +367,62 @@ pub fn synth(
     for l in 0..layers {
         let b = format!("blk.{l}.");
         dense.push(v(format!("{b}attn_norm.weight"), c.hidden));
-        dense.push(m(format!("{b}attn_q.weight"), qd, h, s));
-        dense.push(m(format!("{b}attn_k.weight"), kd, h, s));
-        dense.push(m(format!("{b}attn_v.weight"), kd, h, s));
-        dense.push(m(format!("{b}attn_output.weight"), h, qd, s));
-        if preset.qk_norm {
-            dense.push(v(format!("{b}attn_q_norm.weight"), c.head_dim));
-            dense.push(v(format!("{b}attn_k_norm.weight"), c.head_dim));
+        match (c.mixers[l], c.linear) {
+            (Mixer::Linear, Some(la)) => {
+                let (cd, vd) = (la.conv_dim(), la.v_heads * la.v_dim);
+                dense.push(m(format!("{b}attn_qkv.weight"), cd, h, s));
+                dense.push(m(format!("{b}attn_gate.weight"), vd, h, s));
+                dense.push(m(format!("{b}ssm_beta.weight"), la.v_heads, h, s));
+                dense.push(m(format!("{b}ssm_alpha.weight"), la.v_heads, h, s));
+                let mut conv = f32s(format!("{b}ssm_conv1d.weight"), cd * la.conv_kernel, 0.5);
+                conv.spec.shape = vec![cd, la.conv_kernel];
+                dense.push(conv);
+                dense.push(f32s(format!("{b}ssm_dt.bias"), la.v_heads, 0.5));
+                // A = -exp(A_log) in about [-1, -0.5]: state neither forgotten
+                // at once nor kept forever.
+                dense.push(Item {
+                    spec: spec(format!("{b}ssm_a"), DType::F32, vec![la.v_heads], 0),
+                    src: Src::Const(-0.75),
+                    convert: false,
+                });
+                dense.push(v(format!("{b}ssm_norm.weight"), la.v_dim));
+                dense.push(m(
+                    format!("{b}ssm_out.weight"),
+                    h,
+                    vd,
+                    1.0 / (vd as f32).sqrt(),
+                ));
+            }
+            _ => {
+                let q_rows = if c.attn_gate { 2 * qd } else { qd };
+                dense.push(m(format!("{b}attn_q.weight"), q_rows, h, s));
+                dense.push(m(format!("{b}attn_k.weight"), kd, h, s));
+                dense.push(m(format!("{b}attn_v.weight"), kd, h, s));
+                dense.push(m(format!("{b}attn_output.weight"), h, qd, s));
+                if preset.qk_norm {
+                    dense.push(v(format!("{b}attn_q_norm.weight"), c.head_dim));
+                    dense.push(v(format!("{b}attn_k_norm.weight"), c.head_dim));
+                }
+            }
         }
-        dense.push(v(format!("{b}ffn_norm.weight"), c.hidden));
+        let ffn_norm = if c.arch == Arch::Qwen35Moe {
+            "post_attention_norm"
+        } else {
+            "ffn_norm"
+        };
+        dense.push(v(format!("{b}{ffn_norm}.weight"), c.hidden));
+        if let Some(hy) = preset.hybrid {
+            let si = hy.shared_inter;
+            dense.push(m(format!("{b}ffn_gate_shexp.weight"), si, h, s));
+            dense.push(m(format!("{b}ffn_up_shexp.weight"), si, h, s));
+            dense.push(m(
+                format!("{b}ffn_down_shexp.weight"),
+                h,
+                si,
+                1.0 / (si as f32).sqrt(),
+            ));
+            dense.push(f32s(format!("{b}ffn_gate_inp_shexp.weight"), h, s));
+        }
         dense.push(m(
             format!("{b}ffn_gate_inp.weight"),
             c.n_experts,
