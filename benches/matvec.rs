@@ -6,7 +6,7 @@
 //! Warm (weights in RAM); one JSON line per dtype.
 
 use sluice_backend_cpu::CpuBackend;
-use sluice_core::{quant, Backend, DType, WeightView};
+use sluice_core::{quant, Backend, DType, HalfType, MlxQuant, WeightView};
 use std::time::Instant;
 
 fn arg(name: &str, default: usize) -> usize {
@@ -53,11 +53,37 @@ fn main() {
     ] {
         let data = quant::random_tensor_bytes(dtype, rows * cols, 1, 0.1);
         let w = WeightView::new(dtype, rows, cols, &data).unwrap();
-        be.matmul(w, &x, 1, &mut y).unwrap();
+        time(&be, w, &x, &mut y);
+    }
+    // MLX affine formats (the mlx-community checkpoints of the demo's model:
+    // 4-bit, and 2-bit experts), groups of 64, bf16 scales and biases.
+    let f = quant::random_tensor_bytes(DType::F32, rows * cols, 1, 0.1);
+    let f: Vec<f32> = f
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    for bits in [8, 4, 3, 2] {
+        let q = MlxQuant::new(bits, 64, HalfType::Bf16).unwrap();
+        let (mut p, mut s, mut b) = (Vec::new(), Vec::new(), Vec::new());
+        for row in f.chunks_exact(cols) {
+            quant::quantize_mlx(q, row, &mut p, &mut s, &mut b).unwrap();
+        }
+        let w = WeightView::with_aux(DType::Mlx(q), rows, cols, &p, &s, &b).unwrap();
+        time(&be, w, &x, &mut y);
+    }
+}
+
+/// Times one matvec and prints its JSON line (weight bytes include MLX
+/// scales and biases).
+fn time(be: &CpuBackend, w: WeightView<'_>, x: &[f32], y: &mut [f32]) {
+    let (rows, cols, dtype) = (w.rows, w.cols, w.dtype);
+    let bytes = w.data.len() + w.scales.len() + w.biases.len();
+    {
+        be.matmul(w, x, 1, y).unwrap();
         let iters = 10;
         let t = Instant::now();
         for _ in 0..iters {
-            be.matmul(w, &x, 1, &mut y).unwrap();
+            be.matmul(w, x, 1, y).unwrap();
         }
         let dt = t.elapsed().as_secs_f64() / iters as f64;
         println!(
@@ -65,7 +91,7 @@ fn main() {
             be.threads(),
             be.simd(),
             dt * 1e3,
-            data.len() as f64 / dt / 1e9,
+            bytes as f64 / dt / 1e9,
             2.0 * (rows * cols) as f64 / dt / 1e9
         );
     }

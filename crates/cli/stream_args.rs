@@ -46,9 +46,13 @@ fn apply_experts_k(model: &mut Model, k: Option<usize>, notes: &mut Vec<String>)
     };
     let was = model.config.config_top_k;
     model.config.set_experts_k(k)?;
-    notes.push(format!(
-        "--experts-k {k}: {k} routed experts per token instead of the model's {was}; the output differs from the model's"
-    ));
+    notes.push(if k == was {
+        format!("--experts-k {k}: the model's own number of routed experts per token")
+    } else {
+        format!(
+            "--experts-k {k}: {k} routed experts per token instead of the model's {was}; the output differs from the model's"
+        )
+    });
     Ok(())
 }
 

@@ -255,25 +255,29 @@ pub fn dequantize_mlx_unchecked(
                         o[3] = s * (v >> 6) as f32 + b;
                     }
                 }
-                // 3, 5, 6 bits: 8 values (or 4 for 6 bits) fill whole bytes.
-                bits => {
-                    let bits = bits as usize;
-                    let per = if bits == 6 { 4 } else { 8 };
-                    let mask = (1u64 << bits) - 1;
-                    for (o, c) in out
-                        .chunks_exact_mut(per)
-                        .zip(src.chunks_exact(per * bits / 8))
-                    {
-                        let mut w = 0u64;
-                        for (i, &byte) in c.iter().enumerate() {
-                            w |= (byte as u64) << (8 * i);
-                        }
-                        for (k, v) in o.iter_mut().enumerate() {
-                            *v = s * ((w >> (k * bits)) & mask) as f32 + b;
-                        }
-                    }
-                }
+                3 => straddling::<3, 8>(src, out, s, b),
+                5 => straddling::<5, 8>(src, out, s, b),
+                _ => straddling::<6, 4>(src, out, s, b),
             }
+        }
+    }
+}
+
+/// Values of `BITS` bits that straddle bytes: `PER` of them fill whole
+/// bytes (8 for 3 and 5 bits, 4 for 6), read as one little-endian word.
+/// Constant widths let the compiler unroll the shifts.
+fn straddling<const BITS: usize, const PER: usize>(src: &[u8], out: &mut [f32], s: f32, b: f32) {
+    let mask = (1u64 << BITS) - 1;
+    for (o, c) in out
+        .chunks_exact_mut(PER)
+        .zip(src.chunks_exact(PER * BITS / 8))
+    {
+        let mut w = 0u64;
+        for (i, &byte) in c.iter().enumerate() {
+            w |= (byte as u64) << (8 * i);
+        }
+        for (k, v) in o.iter_mut().enumerate() {
+            *v = s * ((w >> (k * BITS)) & mask) as f32 + b;
         }
     }
 }
