@@ -233,3 +233,50 @@ fn experts_k_defaults_to_the_config_and_is_announced() {
         "{e}"
     );
 }
+
+/// An MLX file whose config does not match its tensors, or lies about the
+/// linear-attention shape, is refused with the tensor or setting named.
+#[test]
+fn inconsistent_mlx_and_qwen35_files_are_named() {
+    let edit = |tag: &str, src: &str, from: &str, to: &str| -> PathBuf {
+        let d = tmpdir(tag);
+        let s = fixtures().join("models").join(src);
+        for f in ["model.safetensors", "config.json"] {
+            std::fs::copy(s.join(f), d.join(f)).unwrap();
+        }
+        let cfg = std::fs::read_to_string(d.join("config.json")).unwrap();
+        assert!(cfg.contains(from), "fixture config has no {from}");
+        std::fs::write(d.join("config.json"), cfg.replacen(from, to, 1)).unwrap();
+        d
+    };
+    // The base width says 8 bits where the files hold 4-bit rows.
+    let d = edit(
+        "mlx-bits",
+        "qwen3_5_moe_mlx",
+        "\"bits\": 4,",
+        "\"bits\": 8,",
+    );
+    let e = fails(&["inspect", d.to_str().unwrap()]);
+    assert!(e.contains("MLX-quantized") && e.contains("scales"), "{e}");
+    // No quantization section at all.
+    let d = edit(
+        "mlx-noq",
+        "qwen3_5_moe_mlx",
+        "\"quantization\"",
+        "\"not_quantization\"",
+    );
+    let d2 = d.join("config.json");
+    let cfg = std::fs::read_to_string(&d2).unwrap();
+    std::fs::write(&d2, cfg.replace("\"quantization_config\"", "\"other\"")).unwrap();
+    let e = fails(&["inspect", d.to_str().unwrap()]);
+    assert!(e.contains("quantization"), "{e}");
+    // Value heads that are not a multiple of the key heads.
+    let d = edit(
+        "q35-heads",
+        "qwen3_5_moe",
+        "\"linear_num_value_heads\": 4",
+        "\"linear_num_value_heads\": 3",
+    );
+    let e = fails(&["inspect", d.to_str().unwrap()]);
+    assert!(e.contains("value heads"), "{e}");
+}
