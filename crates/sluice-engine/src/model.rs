@@ -500,6 +500,30 @@ impl Loader<'_> {
     }
 }
 
+impl Loader<'_> {
+    /// Every expert of a layer whose gate, up and down matrices are each
+    /// stacked `[E, rows, cols]` under `name("gate" | "up" | "down")`.
+    fn stacked_experts(
+        &self,
+        name: impl Fn(&str) -> String,
+        ne: usize,
+        h: usize,
+    ) -> Result<Vec<Mlp>> {
+        let (g, u, d) = (name("gate"), name("up"), name("down"));
+        (0..ne)
+            .map(|e| {
+                let m = Mlp {
+                    gate: self.stacked(&g, e, ne, (0, 1))?,
+                    up: self.stacked(&u, e, ne, (0, 1))?,
+                    down: self.stacked(&d, e, ne, (0, 1))?,
+                };
+                check_mlp(&m, h, &g)?;
+                Ok(m)
+            })
+            .collect()
+    }
+}
+
 /// MLX quantization parameters from `config.json`: a default and
 /// per-module overrides keyed by module path.
 #[derive(Default)]
@@ -759,18 +783,7 @@ fn load_hf(l: &Loader, c: &Config) -> Result<Parts> {
             let ne = c.n_experts;
             let experts = if l.has(&format!("{base}.switch_mlp.gate_proj.weight")) {
                 // MLX: experts stacked per layer, `[E, rows, cols]` each.
-                let n = |k: &str| format!("{base}.switch_mlp.{k}_proj.weight");
-                (0..ne)
-                    .map(|e| {
-                        let m = Mlp {
-                            gate: l.stacked(&n("gate"), e, ne, (0, 1))?,
-                            up: l.stacked(&n("up"), e, ne, (0, 1))?,
-                            down: l.stacked(&n("down"), e, ne, (0, 1))?,
-                        };
-                        check_mlp(&m, h, &n("gate"))?;
-                        Ok(m)
-                    })
-                    .collect::<Result<Vec<_>>>()?
+                l.stacked_experts(|k| format!("{base}.switch_mlp.{k}_proj.weight"), ne, h)?
             } else if l.has(&format!("{base}.experts.gate_up_proj")) {
                 let gu = format!("{base}.experts.gate_up_proj");
                 let dn = format!("{base}.experts.down_proj");
@@ -854,18 +867,7 @@ fn load_gguf(l: &Loader, c: &Config) -> Result<Parts> {
             let ne = c.n_experts;
             let router = l.matrix(&format!("{b}ffn_gate_inp.weight"), ne, h)?;
             let experts = if l.has(&format!("{b}ffn_gate_exps.weight")) {
-                let n = |k: &str| format!("{b}ffn_{k}_exps.weight");
-                (0..ne)
-                    .map(|e| {
-                        let m = Mlp {
-                            gate: l.stacked(&n("gate"), e, ne, (0, 1))?,
-                            up: l.stacked(&n("up"), e, ne, (0, 1))?,
-                            down: l.stacked(&n("down"), e, ne, (0, 1))?,
-                        };
-                        check_mlp(&m, h, &n("gate"))?;
-                        Ok(m)
-                    })
-                    .collect::<Result<Vec<_>>>()?
+                l.stacked_experts(|k| format!("{b}ffn_{k}_exps.weight"), ne, h)?
             } else {
                 // Older files: one tensor per expert, `ffn_gate.E.weight`.
                 (0..ne)

@@ -43,9 +43,12 @@ struct Hybrid {
     shared_inter: usize,
 }
 
+/// Qwen3.5's layer pattern with `k_heads`/`v_heads` linear heads of
+/// `head_dim`, `rot_dim` rotated dimensions and a shared expert.
 const fn qwen35(
     k_heads: usize,
     v_heads: usize,
+    head_dim: usize,
     rot_dim: usize,
     shared_inter: usize,
 ) -> Option<Hybrid> {
@@ -54,8 +57,8 @@ const fn qwen35(
             conv_kernel: 4,
             k_heads,
             v_heads,
-            k_dim: 128,
-            v_dim: 128,
+            k_dim: head_dim,
+            v_dim: head_dim,
             tiled: true,
         },
         full_every: 4,
@@ -154,7 +157,7 @@ pub const PRESETS: &[Preset] = &[
         rope_theta: 1e7,
         rms_eps: 1e-6,
         qk_norm: true,
-        hybrid: qwen35(16, 64, 64, 1024),
+        hybrid: qwen35(16, 64, 128, 64, 1024),
     },
     Preset {
         name: "qwen3.6-35b-a3b",
@@ -172,7 +175,7 @@ pub const PRESETS: &[Preset] = &[
         rope_theta: 1e7,
         rms_eps: 1e-6,
         qk_norm: true,
-        hybrid: qwen35(16, 32, 64, 512),
+        hybrid: qwen35(16, 32, 128, 64, 512),
     },
     Preset {
         name: "small-qwen3.5",
@@ -190,19 +193,7 @@ pub const PRESETS: &[Preset] = &[
         rope_theta: 1e7,
         rms_eps: 1e-6,
         qk_norm: true,
-        hybrid: Some(Hybrid {
-            linear: LinearAttn {
-                conv_kernel: 4,
-                k_heads: 4,
-                v_heads: 8,
-                k_dim: 64,
-                v_dim: 64,
-                tiled: true,
-            },
-            full_every: 4,
-            rot_dim: 16,
-            shared_inter: 512,
-        }),
+        hybrid: qwen35(4, 8, 64, 16, 512),
     },
 ];
 
