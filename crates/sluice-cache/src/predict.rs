@@ -38,8 +38,10 @@ pub fn predictor_by_name(name: &str, layers: usize, experts: usize) -> Option<Bo
 /// row of each of the k previous experts (k × E additions).
 pub struct CrossLayer {
     experts: usize,
-    /// Per layer l ≥ 1: E × E counts, row = expert at l − 1.
-    counts: Vec<Vec<f32>>,
+    /// Per layer l ≥ 1: co-occurrence counts, `counts[l][a][b]` for expert
+    /// `a` at l − 1 and `b` at l. Sparse, so memory follows what was seen,
+    /// not E² (a trace or model may claim tens of thousands of experts).
+    counts: Vec<HashMap<u32, HashMap<u32, f32>>>,
     /// The current token's choices at each layer (empty when unknown).
     current: Vec<Vec<u32>>,
     scores: Vec<f32>,
@@ -52,15 +54,7 @@ impl CrossLayer {
     pub fn new(layers: usize, experts: usize) -> Self {
         CrossLayer {
             experts,
-            counts: (0..layers)
-                .map(|l| {
-                    if l == 0 {
-                        Vec::new()
-                    } else {
-                        vec![0.0; experts * experts]
-                    }
-                })
-                .collect(),
+            counts: (0..layers).map(|_| HashMap::new()).collect(),
             current: vec![Vec::new(); layers],
             scores: vec![0.0; experts],
             freq: vec![vec![0.0; experts]; layers],
@@ -100,9 +94,13 @@ impl Predictor for CrossLayer {
         if layer > 0 {
             let (prev, counts) = (&self.current[layer - 1], &mut self.counts[layer]);
             for &a in prev {
+                if (a as usize) >= e {
+                    continue;
+                }
+                let row = counts.entry(a).or_default();
                 for &b in experts {
-                    if (a as usize) < e && (b as usize) < e {
-                        counts[a as usize * e + b as usize] += 1.0;
+                    if (b as usize) < e {
+                        *row.entry(b).or_insert(0.0) += 1.0;
                     }
                 }
             }
@@ -121,14 +119,12 @@ impl Predictor for CrossLayer {
         if layer >= self.current.len() {
             return;
         }
-        let e = self.experts;
         self.scores.iter_mut().for_each(|s| *s = 0.0);
         if layer > 0 {
-            for &a in &self.current[layer - 1] {
-                if (a as usize) < e {
-                    let row = &self.counts[layer][a as usize * e..(a as usize + 1) * e];
-                    for (s, c) in self.scores.iter_mut().zip(row) {
-                        *s += c;
+            for a in &self.current[layer - 1] {
+                if let Some(row) = self.counts[layer].get(a) {
+                    for (&b, c) in row {
+                        self.scores[b as usize] += c;
                     }
                 }
             }

@@ -18,6 +18,26 @@ use std::path::Path;
 /// Bounds that keep a hostile trace from asking for absurd allocations.
 const MAX_LAYERS: usize = 4096;
 const MAX_EXPERTS: usize = 1 << 16;
+/// Layers × experts at most: per-layer tables of a trace's expert count
+/// stay small (16 MiB of f32) whatever its header claims.
+const MAX_LAYER_EXPERTS: usize = 1 << 22;
+/// Experts one token may choose at one layer (real models: 1 to 16).
+const MAX_TOP_K: usize = 256;
+
+/// A trace's steps × layers cells must be paid for by its own bytes (real
+/// traces use one cell per ~40 bytes), so a short hostile file cannot make
+/// the parser allocate gigabytes.
+fn check_cells(path: &Path, steps: usize, layers: usize, bytes: usize) -> Result<()> {
+    if steps.saturating_mul(layers) > bytes + (1 << 16) {
+        return Err(bad(
+            path,
+            format!(
+                "{steps} steps × {layers} layers is more than a {bytes}-byte file can describe"
+            ),
+        ));
+    }
+    Ok(())
+}
 
 /// One layer's choice for one token.
 #[derive(Clone, Debug, PartialEq)]
@@ -88,7 +108,12 @@ impl Trace {
         let layers = num("num_layers").ok_or_else(|| bad(path, "meta.num_layers missing"))?;
         let experts = num("num_experts").ok_or_else(|| bad(path, "meta.num_experts missing"))?;
         let top_k = num("top_k").unwrap_or(0);
-        if layers == 0 || layers > MAX_LAYERS || experts == 0 || experts > MAX_EXPERTS {
+        if layers == 0
+            || layers > MAX_LAYERS
+            || experts == 0
+            || experts > MAX_EXPERTS
+            || layers * experts > MAX_LAYER_EXPERTS
+        {
             return Err(bad(
                 path,
                 format!("{layers} layers × {experts} experts is out of range"),
@@ -98,6 +123,7 @@ impl Trace {
             .get("routes")
             .and_then(Value::as_array)
             .ok_or_else(|| bad(path, "no \"routes\" array"))?;
+        check_cells(path, routes.len(), layers, b.len())?;
         let mut steps = Vec::with_capacity(routes.len());
         let mut k_seen = 0;
         for (i, r) in routes.iter().enumerate() {
@@ -117,11 +143,11 @@ impl Trace {
                     .get("experts")
                     .and_then(Value::as_array)
                     .ok_or_else(|| bad(path, format!("route {i} layer {l}: no experts")))?;
-                if ex.len() > experts {
+                if ex.len() > experts.min(MAX_TOP_K) {
                     return Err(bad(
                         path,
                         format!(
-                            "route {i} layer {l}: {} experts chosen of {experts}",
+                            "route {i} layer {l}: {} experts chosen of {experts} (at most {MAX_TOP_K} per step)",
                             ex.len()
                         ),
                     ));
@@ -234,20 +260,41 @@ impl Trace {
                     format!("line {}: layer {l} or expert {e} out of range", n + 1),
                 ));
             }
+            layers = layers.max(l + 1);
             if l < last_layer {
+                // Each step holds a cell per layer: checked before it is made.
+                check_cells(path, steps.len() + 1, layers, text.len())?;
                 flush(&mut cur, &mut steps);
             }
             last_layer = l;
             cur.push((l, e));
-            layers = layers.max(l + 1);
+            if cur.len() > MAX_TOP_K * MAX_LAYERS.min(layers) {
+                return Err(bad(
+                    path,
+                    format!("line {}: one token chose too many experts", n + 1),
+                ));
+            }
             experts = experts.max(e as usize + 1);
         }
         flush(&mut cur, &mut steps);
+        check_cells(path, steps.len(), layers, text.len())?;
+        if layers * experts > MAX_LAYER_EXPERTS {
+            return Err(bad(
+                path,
+                format!("{layers} layers × {experts} experts is out of range"),
+            ));
+        }
         for s in &mut steps {
             s.layers.resize(layers, None);
             for r in s.layers.iter().flatten() {
                 top_k = top_k.max(r.experts.len());
             }
+        }
+        if top_k > MAX_TOP_K {
+            return Err(bad(
+                path,
+                format!("{top_k} experts chosen in one step (at most {MAX_TOP_K})"),
+            ));
         }
         if steps.is_empty() {
             return Err(bad(path, "no `layer,expert` rows"));
