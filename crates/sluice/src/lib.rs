@@ -174,9 +174,10 @@ impl Expert {
 
     fn matrix(&self, i: usize) -> Matrix<'_> {
         let p = self.parts[i];
-        // SAFETY: each range lies in a pinned slot (see the Send impl), read-only while the pin lasts, and outlives `&self`; empty ranges point at a live (dangling-but-aligned) slice start.
-        let bytes =
-            |(ptr, len): (*const u8, usize)| unsafe { std::slice::from_raw_parts(ptr, len) };
+        let bytes = |(ptr, len): (*const u8, usize)| {
+            // SAFETY: each range lies in a pinned slot (see the Send impl), read-only while the pin lasts, and outlives `&self`; an empty range's pointer is a non-null, aligned slice start.
+            unsafe { std::slice::from_raw_parts(ptr, len) }
+        };
         Matrix {
             dtype: p.dtype,
             rows: p.rows,
