@@ -298,6 +298,7 @@ impl Session {
         let st = &mut self.lin[li];
         let mut out = vec![0f32; n * vd];
         let mut mixed = vec![0f32; cd];
+        let mut delta = vec![0f32; dv];
         let scale = 1.0 / (dk as f32).sqrt();
         for t in 0..n {
             let x = &qkv[t * cd..(t + 1) * cd];
@@ -332,7 +333,7 @@ impl Session {
                 let s = &mut st.state[hv * dk * dv..(hv + 1) * dk * dv];
                 s.iter_mut().for_each(|x| *x *= decay);
                 // kv_mem = Sᵀk; delta = (v - kv_mem)·β; S += k ⊗ delta.
-                let mut delta = vec![0f32; dv];
+                delta.iter_mut().for_each(|d| *d = 0.0);
                 for (i, row) in s.chunks_exact(dv).enumerate() {
                     for (m, &sv) in delta.iter_mut().zip(row) {
                         *m += sv * k[i];
