@@ -280,3 +280,28 @@ fn inconsistent_mlx_and_qwen35_files_are_named() {
     let e = fails(&["inspect", d.to_str().unwrap()]);
     assert!(e.contains("value heads"), "{e}");
 }
+
+/// A GGUF header claiming 50 million layers is refused before any
+/// per-layer work (found by `cargo fuzz run gguf_model`: the refusal came
+/// after 50 million tensor-name lookups, four seconds later).
+#[test]
+fn absurd_layer_count_is_refused_before_per_layer_work() {
+    let src = fixtures().join("models/qwen2_moe.q4_0.gguf");
+    let mut b = std::fs::read(&src).unwrap();
+    let key = b"qwen2moe.block_count";
+    let at = b
+        .windows(key.len())
+        .position(|w| w == key)
+        .expect("block_count key")
+        + key.len();
+    // u32 type tag (4), then the value.
+    assert_eq!(u32::from_le_bytes(b[at..at + 4].try_into().unwrap()), 4);
+    b[at + 4..at + 8].copy_from_slice(&50_000_000u32.to_le_bytes());
+    let p = tmpdir("layers").join("layers.gguf");
+    std::fs::write(&p, b).unwrap();
+    let t = std::time::Instant::now();
+    let e = fails(&["inspect", p.to_str().unwrap()]);
+    assert!(e.contains("layer count 50000000"), "{e}");
+    // Generous: the refusal takes milliseconds; per-layer work took seconds.
+    assert!(t.elapsed().as_secs_f64() < 2.0, "took {:?}", t.elapsed());
+}

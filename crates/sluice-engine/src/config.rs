@@ -168,6 +168,14 @@ fn ids(v: Option<&serde_json::Value>) -> Vec<u32> {
     }
 }
 
+/// The layer count, refused before any per-layer table is built from it.
+fn layer_count(n: usize) -> Result<usize> {
+    if n == 0 || n > 4096 {
+        return Err(bad(format!("layer count {n} is out of range (1..=4096)")));
+    }
+    Ok(n)
+}
+
 /// Sanity bounds so that a hostile config cannot make us allocate
 /// absurd buffers before any tensor is checked against it.
 fn check(cfg: &Config) -> Result<()> {
@@ -434,7 +442,7 @@ impl Config {
             }
         };
         let hidden = need(c, "hidden_size")?;
-        let n_layers = need(c, "num_hidden_layers")?;
+        let n_layers = layer_count(need(c, "num_hidden_layers")?)?;
         let n_heads = need(c, "num_attention_heads")?;
         let n_kv_heads = get_usize(c, "num_key_value_heads").unwrap_or(n_heads);
         let head_dim = get_usize(c, "head_dim").unwrap_or(hidden / n_heads.max(1));
@@ -617,6 +625,7 @@ impl Config {
             .checked_sub(num("nextn_predict_layers").unwrap_or(0))
             .filter(|&n| n > 0)
             .ok_or_else(|| bad("GGUF: nextn_predict_layers leaves no layers"))?;
+        let n_layers = layer_count(n_layers)?;
         let n_heads = req("attention.head_count")?;
         let n_kv_heads = num("attention.head_count_kv").unwrap_or(n_heads);
         let head_dim = num("attention.key_length").unwrap_or(hidden / n_heads.max(1));
