@@ -464,22 +464,20 @@ GGUF_ARCH = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral": "llama
              "qwen3_5_moe": "qwen35moe"}
 
 
-def v_heads_tiled(a: np.ndarray, nk: int, nv: int, axis: int = 0) -> np.ndarray:
+def v_heads_tiled(a: np.ndarray, nk: int, nv: int, axis: int = 0, inverse: bool = False) -> np.ndarray:
     """llama.cpp's Qwen3.5 conversion: value heads from Hugging Face's grouped
     order (head j reads key head j // (nv/nk)) to the tiled order (j reads
-    j % nk), along `axis` whose length is nv * head_dim."""
+    j % nk), along `axis` whose length is nv * head_dim; `inverse` undoes it."""
     a = np.moveaxis(a, axis, 0)
     sh = a.shape
-    r = a.reshape(nk, nv // nk, sh[0] // nv, *sh[1:]).swapaxes(0, 1).reshape(sh)
+    outer = (nv // nk, nk) if inverse else (nk, nv // nk)
+    r = a.reshape(*outer, sh[0] // nv, *sh[1:]).swapaxes(0, 1).reshape(sh)
     return np.ascontiguousarray(np.moveaxis(r, 0, axis))
 
 
 def v_heads_grouped(a: np.ndarray, nk: int, nv: int, axis: int = 0) -> np.ndarray:
     """Inverse of v_heads_tiled."""
-    a = np.moveaxis(a, axis, 0)
-    sh = a.shape
-    r = a.reshape(nv // nk, nk, sh[0] // nv, *sh[1:]).swapaxes(0, 1).reshape(sh)
-    return np.ascontiguousarray(np.moveaxis(r, 0, axis))
+    return v_heads_tiled(a, nk, nv, axis, inverse=True)
 
 
 def qwen35_layer_to_gguf(sd: dict, p: str, blk: str, spec: dict) -> list:

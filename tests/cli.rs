@@ -131,8 +131,14 @@ fn directory_without_config_is_a_clear_error() {
 
 /// A copy of the qwen3_moe fixture whose config.json has `from` replaced.
 fn fixture_with_config_edit(tag: &str, from: &str, to: &str) -> PathBuf {
+    fixture_edit(tag, "qwen3_moe", from, to)
+}
+
+/// A copy of fixture `src` (config.json and model.safetensors) with `from`
+/// replaced by `to` in its config.
+fn fixture_edit(tag: &str, src: &str, from: &str, to: &str) -> PathBuf {
     let d = tmpdir(tag);
-    let src = fixtures().join("models/qwen3_moe");
+    let src = fixtures().join("models").join(src);
     for f in ["model.safetensors", "config.json"] {
         std::fs::copy(src.join(f), d.join(f)).unwrap();
     }
@@ -238,19 +244,8 @@ fn experts_k_defaults_to_the_config_and_is_announced() {
 /// linear-attention shape, is refused with the tensor or setting named.
 #[test]
 fn inconsistent_mlx_and_qwen35_files_are_named() {
-    let edit = |tag: &str, src: &str, from: &str, to: &str| -> PathBuf {
-        let d = tmpdir(tag);
-        let s = fixtures().join("models").join(src);
-        for f in ["model.safetensors", "config.json"] {
-            std::fs::copy(s.join(f), d.join(f)).unwrap();
-        }
-        let cfg = std::fs::read_to_string(d.join("config.json")).unwrap();
-        assert!(cfg.contains(from), "fixture config has no {from}");
-        std::fs::write(d.join("config.json"), cfg.replacen(from, to, 1)).unwrap();
-        d
-    };
     // The base width says 8 bits where the files hold 4-bit rows.
-    let d = edit(
+    let d = fixture_edit(
         "mlx-bits",
         "qwen3_5_moe_mlx",
         "\"bits\": 4,",
@@ -259,7 +254,7 @@ fn inconsistent_mlx_and_qwen35_files_are_named() {
     let e = fails(&["inspect", d.to_str().unwrap()]);
     assert!(e.contains("MLX-quantized") && e.contains("scales"), "{e}");
     // No quantization section at all.
-    let d = edit(
+    let d = fixture_edit(
         "mlx-noq",
         "qwen3_5_moe_mlx",
         "\"quantization\"",
@@ -271,7 +266,7 @@ fn inconsistent_mlx_and_qwen35_files_are_named() {
     let e = fails(&["inspect", d.to_str().unwrap()]);
     assert!(e.contains("quantization"), "{e}");
     // Value heads that are not a multiple of the key heads.
-    let d = edit(
+    let d = fixture_edit(
         "q35-heads",
         "qwen3_5_moe",
         "\"linear_num_value_heads\": 4",

@@ -168,10 +168,15 @@ fn ids(v: Option<&serde_json::Value>) -> Vec<u32> {
     }
 }
 
+/// Most layers a config may state.
+const MAX_LAYERS: usize = 4096;
+
 /// The layer count, refused before any per-layer table is built from it.
 fn layer_count(n: usize) -> Result<usize> {
-    if n == 0 || n > 4096 {
-        return Err(bad(format!("layer count {n} is out of range (1..=4096)")));
+    if n == 0 || n > MAX_LAYERS {
+        return Err(bad(format!(
+            "layer count {n} is out of range (1..={MAX_LAYERS})"
+        )));
     }
     Ok(n)
 }
@@ -181,7 +186,7 @@ fn layer_count(n: usize) -> Result<usize> {
 fn check(cfg: &Config) -> Result<()> {
     let limits = [
         ("hidden size", cfg.hidden, 1 << 17),
-        ("layer count", cfg.n_layers, 4096),
+        ("layer count", cfg.n_layers, MAX_LAYERS),
         ("head count", cfg.n_heads, 4096),
         ("head dim", cfg.head_dim, 4096),
         ("vocabulary", cfg.vocab, 1 << 24),
@@ -308,7 +313,7 @@ impl Config {
             Some("qwen3_5_moe") => Arch::Qwen35Moe,
             other => return Err(bad(format!("packed config: unknown arch {other:?}"))),
         };
-        let n_layers = n("n_layers")?.min(4096);
+        let n_layers = layer_count(n("n_layers")?)?;
         let list = |k: &str| -> Result<Vec<serde_json::Value>> {
             let a = v
                 .get(k)
