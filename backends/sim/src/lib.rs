@@ -11,7 +11,7 @@
 use parking_lot::Mutex;
 use sluice_backend_cpu::CpuBackend;
 use sluice_core::{AttnParams, Backend, Result, WeightView};
-use sluice_io::{Completion, FileId, IoKind, ReadEngine, ReadReq};
+use sluice_io::{AlignedBuf, Completion, FileId, IoKind, ReadEngine, ReadReq};
 use sluice_sim::{Costs, FlashQueue, Profile};
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
@@ -237,9 +237,8 @@ impl ReadEngine for PacedEngine {
         self.inner.open(path)
     }
 
-    unsafe fn register_buffers(&mut self, bufs: &[(*mut u8, usize)]) -> Result<bool> {
-        // SAFETY: the caller's guarantee (regions outlive the engine) is passed on unchanged.
-        unsafe { self.inner.register_buffers(bufs) }
+    fn register_buffers(&mut self, bufs: Vec<AlignedBuf>) -> Result<bool> {
+        self.inner.register_buffers(bufs)
     }
 
     unsafe fn submit(&mut self, reqs: &[ReadReq]) -> Result<()> {

@@ -315,8 +315,8 @@ struct Loading {
 pub struct Streamer {
     engine: Box<dyn ReadEngine>,
     cache: SlotCache,
-    /// Owns the slot memory; reads land through `ptrs`.
-    _bufs: Vec<AlignedBuf>,
+    /// Slot memory, owned by the engine (so that it outlives every read);
+    /// reads land and views are taken through these pointers.
     ptrs: Vec<*mut u8>,
     slot_bytes: usize,
     align: usize,
@@ -645,12 +645,10 @@ impl Streamer {
         for _ in 0..slots {
             bufs.push(AlignedBuf::new(max_plan.max(1), align.max(64))?);
         }
+        // The pointers stay valid when the buffers move into the engine
+        // (an AlignedBuf's memory does not move with it).
         let ptrs: Vec<*mut u8> = bufs.iter_mut().map(|b| b.as_mut_ptr()).collect();
-        if slots > 0 && opts.io.register {
-            let regions: Vec<(*mut u8, usize)> = ptrs.iter().map(|&p| (p, max_plan)).collect();
-            // SAFETY: the regions are the slot buffers, owned by the streamer and dropped after the engine (field order).
-            let _ = unsafe { engine.register_buffers(&regions) }?;
-        }
+        engine.register_buffers(bufs)?;
         for n in engine.notes() {
             if !notes.contains(&n) {
                 notes.push(n);
@@ -682,7 +680,6 @@ impl Streamer {
         Ok(Streamer {
             engine,
             cache: SlotCache::new(slots, policy),
-            _bufs: bufs,
             ptrs,
             slot_bytes: max_plan,
             align,
@@ -838,6 +835,19 @@ impl Streamer {
             };
             ld.remaining -= 1;
             match &c.result {
+                Ok(d) if !d.covers_wanted() => {
+                    // An engine that reports success short of the wanted
+                    // range must not get a half-filled slot marked valid.
+                    if ld.error.is_none() {
+                        ld.error = Some(Error::Invalid(format!(
+                            "reading layer {} expert {}: the read engine reported success after {} of the wanted {} bytes",
+                            ld.key.layer,
+                            ld.key.expert,
+                            d.bytes_read.saturating_sub(d.skip),
+                            d.len
+                        )));
+                    }
+                }
                 Ok(d) => self.stats.bytes_read += d.bytes_read as u64,
                 Err(e) => {
                     if ld.error.is_none() {

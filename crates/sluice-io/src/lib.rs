@@ -15,6 +15,9 @@
 //! *widened* ([`widened_len`]) and its bytes land `skip` bytes into the
 //! destination ([`Done::skip`]).
 //!
+//! [`fault`] is a drive that fails on demand (`EIO`, short reads, delays,
+//! io_uring refused), for tests.
+//!
 //! [`sys`] has the process-memory helpers (RSS, cgroup limits, page-cache
 //! eviction) and [`probe`] measures what a drive delivers at a request size
 //! and queue depth.
@@ -28,6 +31,7 @@ use sluice_core::{Error, Result};
 
 mod buf;
 mod common;
+pub mod fault;
 pub mod mmap;
 pub mod pread;
 pub mod probe;
@@ -215,7 +219,9 @@ impl Completion {
     }
 }
 
-/// A successful read.
+/// A successful read. Engines only report success once the wanted range is
+/// covered ([`Done::covers_wanted`]); callers check it all the same, so that a
+/// faulty engine yields an error instead of half-filled memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Done {
     /// Offset in the destination of the first wanted byte.
@@ -225,6 +231,14 @@ pub struct Done {
     /// Bytes physically read, including widening (may stop short of the
     /// widened end at end of file).
     pub bytes_read: usize,
+}
+
+impl Done {
+    /// Whether the bytes read reach the end of the wanted range
+    /// (`bytes_read >= skip + len`).
+    pub fn covers_wanted(&self) -> bool {
+        self.bytes_read >= self.skip.saturating_add(self.len)
+    }
 }
 
 /// A batched, completion-based reader of files.
@@ -254,19 +268,22 @@ pub trait ReadEngine: Send {
     /// (`EINVAL`, e.g. tmpfs), opens it buffered and records a note.
     fn open(&mut self, path: &Path) -> Result<FileId>;
 
-    /// Registers destination buffers (`io_uring` fixed buffers), replacing any
-    /// registered before. Returns `Ok(false)` when the engine does not support
-    /// it or the kernel refuses (e.g. `RLIMIT_MEMLOCK`), recording a note in the
-    /// latter case.
+    /// Takes ownership of the destination buffers reads will land in and,
+    /// where the engine supports it and [`EngineOptions::register`] allows,
+    /// registers them with the kernel (`io_uring` fixed buffers, read with
+    /// `READ_FIXED`). Returns whether they were registered: `Ok(false)` when
+    /// the engine does not support it or the kernel refuses (e.g.
+    /// `RLIMIT_MEMLOCK`), recording a note in the latter case.
     ///
-    /// # Safety
-    ///
-    /// Each region `(ptr, len)` must stay allocated until the engine is dropped
-    /// (the kernel keeps its pages pinned and may write to them).
-    unsafe fn register_buffers(&mut self, bufs: &[(*mut u8, usize)]) -> Result<bool> {
-        let _ = bufs;
-        Ok(false)
-    }
+    /// The engine keeps the buffers until it is dropped, after its last read
+    /// has completed, so memory the kernel may write to (or has pinned) cannot
+    /// be freed under it: the type system, not a comment, keeps them alive.
+    /// Requests name them by index ([`ReadReq::buf_index`], in the order
+    /// given) and address them with pointers taken before handing them over
+    /// ([`AlignedBuf::as_mut_ptr`]; moving an `AlignedBuf` does not move its
+    /// memory). A later call replaces (and frees) them, which needs an idle
+    /// engine: with reads in flight it fails with [`Error::Invalid`].
+    fn register_buffers(&mut self, bufs: Vec<AlignedBuf>) -> Result<bool>;
 
     /// Queues reads. Either every request is accepted or none is (a request
     /// that is invalid for this engine fails the whole call with
@@ -310,6 +327,15 @@ pub trait ReadEngine: Send {
 /// to the pread pool with the same `O_DIRECT` setting and a note saying why.
 /// Fails with [`Error::Invalid`] on a zero queue depth or thread count.
 pub fn open_engine(opts: &EngineOptions) -> Result<Box<dyn ReadEngine>> {
+    open_with(opts, None)
+}
+
+/// [`open_engine`], with `faults` injected below the trait where given
+/// (see [`fault::open_engine`]).
+pub(crate) fn open_with(
+    opts: &EngineOptions,
+    faults: Option<&fault::Faults>,
+) -> Result<Box<dyn ReadEngine>> {
     if opts.queue_depth == 0 || opts.queue_depth > uring::MAX_QUEUE_DEPTH {
         return Err(Error::Invalid(format!(
             "queue depth {} out of range 1..={}",
@@ -322,24 +348,42 @@ pub fn open_engine(opts: &EngineOptions) -> Result<Box<dyn ReadEngine>> {
             "the pread pool needs at least one thread".into(),
         ));
     }
+    let short = faults.filter(|f| f.plan().short > 0.0).cloned();
+    let pread = |opts: &EngineOptions| -> Result<pread::PreadEngine> {
+        let mut e = pread::PreadEngine::new(opts)?;
+        e.short = short.clone();
+        Ok(e)
+    };
     Ok(match opts.kind {
-        IoKind::Uring => match uring::UringEngine::new(opts) {
-            Ok(e) => Box::new(e),
-            Err(reason) => fallback_to_pread(opts, &reason)?,
-        },
-        IoKind::Pread => Box::new(pread::PreadEngine::new(opts)?),
+        IoKind::Uring => {
+            let ring = match faults {
+                Some(f) if f.plan().refuse_uring => Err(fault::refusal()),
+                _ => uring::UringEngine::new(opts),
+            };
+            match ring {
+                Ok(mut e) => {
+                    e.short = short.clone();
+                    Box::new(e)
+                }
+                Err(reason) => {
+                    let mut e = pread(opts)?;
+                    e.set_fallback(fallback_note(&reason));
+                    Box::new(e)
+                }
+            }
+        }
+        IoKind::Pread => Box::new(pread(opts)?),
         IoKind::Mmap => Box::new(mmap::MmapEngine::new(opts)),
     })
 }
 
-fn fallback_to_pread(opts: &EngineOptions, reason: &Error) -> Result<Box<dyn ReadEngine>> {
-    let mut engine = pread::PreadEngine::new(opts)?;
+/// Why the pread pool stands in for io_uring, for the user.
+fn fallback_note(reason: &Error) -> String {
     let reason = match reason {
         Error::Unsupported(m) => m.clone(),
         e => e.to_string(),
     };
-    engine.set_fallback(format!("io_uring refused ({reason}); using the pread pool"));
-    Ok(Box::new(engine))
+    format!("io_uring refused ({reason}); using the pread pool")
 }
 
 /// Reads exactly `offset..offset + len` of `file` into a fresh buffer, sized
@@ -381,7 +425,27 @@ pub fn read_exact(
         }
     }
     let done = out.pop().expect("one completion").result?;
+    if !done.covers_wanted() {
+        return Err(short_completion(engine.path(file), offset, len, &done));
+    }
     Ok((buf, done.skip))
+}
+
+/// The error for a completion that reported success without covering the
+/// wanted range (an engine breaking its contract): never use such bytes.
+pub fn short_completion(path: &Path, offset: u64, len: usize, done: &Done) -> Error {
+    common::read_error(
+        path,
+        offset,
+        len,
+        std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!(
+                "the engine reported success after {} of the wanted {len} bytes",
+                done.bytes_read.saturating_sub(done.skip)
+            ),
+        ),
+    )
 }
 
 #[cfg(test)]
@@ -468,7 +532,11 @@ mod tests {
     #[test]
     fn fallback_engine_says_why() {
         let opts = EngineOptions::default();
-        let e = fallback_to_pread(&opts, &Error::Unsupported("test".into())).unwrap();
+        let faults = fault::Faults::new(fault::FaultPlan {
+            refuse_uring: true,
+            ..Default::default()
+        });
+        let e = open_with(&opts, Some(&faults)).unwrap();
         assert_eq!(e.kind(), IoKind::Pread);
         assert!(e.notes().iter().any(|n| n.contains("io_uring refused")));
         assert!(

@@ -14,7 +14,7 @@ use memmap2::Mmap;
 use sluice_core::{Error, Result};
 
 use crate::common::read_error;
-use crate::{Completion, Done, EngineOptions, FileId, IoKind, ReadEngine, ReadReq};
+use crate::{AlignedBuf, Completion, Done, EngineOptions, FileId, IoKind, ReadEngine, ReadReq};
 
 struct MappedFile {
     path: PathBuf,
@@ -28,6 +28,9 @@ pub struct MmapEngine {
     files: Vec<MappedFile>,
     ready: VecDeque<Completion>,
     notes: Vec<String>,
+    /// Destination buffers handed over by the caller (copies land in them
+    /// synchronously, but the contract is the same for every engine).
+    bufs: Vec<AlignedBuf>,
 }
 
 impl MmapEngine {
@@ -42,6 +45,7 @@ impl MmapEngine {
             files: Vec::new(),
             ready: VecDeque::new(),
             notes,
+            bufs: Vec::new(),
         }
     }
 
@@ -118,6 +122,11 @@ impl ReadEngine for MmapEngine {
             len,
         });
         Ok(self.files.len() - 1)
+    }
+
+    fn register_buffers(&mut self, bufs: Vec<AlignedBuf>) -> Result<bool> {
+        self.bufs = bufs;
+        Ok(false)
     }
 
     unsafe fn submit(&mut self, reqs: &[ReadReq]) -> Result<()> {

@@ -16,10 +16,13 @@ use crossbeam_channel::{Receiver, Sender};
 use sluice_core::{Error, Result};
 
 use crate::common::{FileSet, Next, OpenedFile, Plan, MAX_CHUNK};
-use crate::{Completion, Done, EngineOptions, FileId, IoKind, ReadEngine, ReadReq};
+use crate::fault::Faults;
+use crate::{AlignedBuf, Completion, Done, EngineOptions, FileId, IoKind, ReadEngine, ReadReq};
 
 struct Job {
     file: Arc<OpenedFile>,
+    /// Injected short reads (tests).
+    short: Option<Faults>,
     chunk: usize,
     req: ReadReq,
     plan: Plan,
@@ -45,6 +48,11 @@ pub struct PreadEngine {
     fallback: Option<String>,
     /// Largest single `pread`; smaller in tests to exercise continuation.
     pub(crate) max_chunk: usize,
+    /// Shortens reads as a kernel may ([`crate::fault`]); `None` outside tests.
+    pub(crate) short: Option<Faults>,
+    /// Destination buffers, kept until the workers have finished (they are
+    /// dropped after `Drop::drop` joined them).
+    bufs: Vec<AlignedBuf>,
 }
 
 impl PreadEngine {
@@ -82,6 +90,8 @@ impl PreadEngine {
             queue_depth: opts.queue_depth.max(1),
             fallback: None,
             max_chunk: MAX_CHUNK,
+            short: None,
+            bufs: Vec::new(),
         })
     }
 
@@ -125,6 +135,7 @@ impl PreadEngine {
 fn run(job: Job) -> Completion {
     let Job {
         file,
+        short,
         chunk,
         req,
         plan,
@@ -147,7 +158,8 @@ fn run(job: Job) -> Completion {
         let r = if n < 0 {
             Err(std::io::Error::last_os_error())
         } else {
-            Ok(n as usize)
+            let n = n as usize;
+            Ok(short.as_ref().map_or(n, |f| f.shorten(n, plan.align)))
         };
         match r {
             Ok(n) => {
@@ -207,6 +219,18 @@ impl ReadEngine for PreadEngine {
         self.files.open(path)
     }
 
+    fn register_buffers(&mut self, bufs: Vec<AlignedBuf>) -> Result<bool> {
+        if self.queued != 0 {
+            return Err(Error::Invalid(format!(
+                "cannot replace destination buffers with {} reads in flight",
+                self.queued
+            )));
+        }
+        // Nothing to register with pread; keeping them is the point.
+        self.bufs = bufs;
+        Ok(false)
+    }
+
     unsafe fn submit(&mut self, reqs: &[ReadReq]) -> Result<()> {
         let plans = reqs
             .iter()
@@ -228,6 +252,7 @@ impl ReadEngine for PreadEngine {
             } else {
                 self.pending.push_back(Job {
                     file: Arc::clone(&self.files.files[req.file]),
+                    short: self.short.clone(),
                     chunk: self.max_chunk,
                     req: *req,
                     plan,

@@ -21,7 +21,8 @@ use io_uring::{opcode, squeue, types, IoUring};
 use sluice_core::{Error, Result};
 
 use crate::common::{FileSet, Next, Plan, MAX_CHUNK};
-use crate::{Completion, Done, EngineOptions, FileId, IoKind, ReadEngine, ReadReq};
+use crate::fault::Faults;
+use crate::{AlignedBuf, Completion, Done, EngineOptions, FileId, IoKind, ReadEngine, ReadReq};
 
 /// Largest queue depth accepted (the kernel's limit on submission entries).
 pub const MAX_QUEUE_DEPTH: usize = 32768;
@@ -74,6 +75,11 @@ pub struct UringEngine {
     file_slots: u32,
     /// Registered buffers as (start address, length), indexed by buffer index.
     fixed_bufs: Vec<(usize, usize)>,
+    /// The destination buffers handed over by the caller, registered or not.
+    /// Owned here so that they outlive every read and the registration: they
+    /// are dropped after the ring (declared before them), and `Drop` has
+    /// waited for the reads in flight by then.
+    bufs: Vec<AlignedBuf>,
     register: bool,
     slab: Vec<Option<Slot>>,
     free: Vec<usize>,
@@ -90,6 +96,9 @@ pub struct UringEngine {
     cqes: Vec<(u64, i32)>,
     /// Largest single read; smaller in tests to exercise continuation.
     pub(crate) max_chunk: usize,
+    /// Shortens completions as a kernel may ([`crate::fault`]); `None`
+    /// outside tests.
+    pub(crate) short: Option<Faults>,
 }
 
 /// Why io_uring cannot be used here, if `/proc/sys/kernel/io_uring_disabled`
@@ -139,6 +148,7 @@ impl UringEngine {
             files_registered,
             file_slots,
             fixed_bufs: Vec::new(),
+            bufs: Vec::new(),
             register: opts.register,
             slab: Vec::new(),
             free: Vec::new(),
@@ -150,6 +160,7 @@ impl UringEngine {
             notes,
             cqes: Vec::new(),
             max_chunk: MAX_CHUNK,
+            short: None,
         })
     }
 
@@ -282,6 +293,10 @@ impl UringEngine {
             }
         } else {
             let n = res as usize;
+            let n = self
+                .short
+                .as_ref()
+                .map_or(n, |f| f.shorten(n, slot.plan.align));
             slot.done += n;
             match slot.plan.after_read(slot.done, n, slot.asked) {
                 Next::Finished => Some(Ok(Done {
@@ -400,10 +415,7 @@ impl ReadEngine for UringEngine {
         Ok(id)
     }
 
-    unsafe fn register_buffers(&mut self, bufs: &[(*mut u8, usize)]) -> Result<bool> {
-        if !self.register {
-            return Ok(false);
-        }
+    fn register_buffers(&mut self, bufs: Vec<AlignedBuf>) -> Result<bool> {
         if self.queued != 0 {
             return Err(Error::Invalid(format!(
                 "cannot register buffers with {} reads in flight",
@@ -415,26 +427,34 @@ impl ReadEngine for UringEngine {
             let _ = self.ring.submitter().unregister_buffers();
             self.fixed_bufs.clear();
         }
-        if bufs.is_empty() {
+        // The old buffers go only now, after their registration.
+        self.bufs = bufs;
+        if !self.register || self.bufs.is_empty() {
             return Ok(false);
         }
-        if bufs.len() > MAX_FIXED_BUFFERS || bufs.iter().any(|b| b.1 > MAX_FIXED_BUFFER_LEN) {
+        if self.bufs.len() > MAX_FIXED_BUFFERS
+            || self.bufs.iter().any(|b| b.len() > MAX_FIXED_BUFFER_LEN)
+        {
             self.notes.push(format!(
                 "io_uring registered buffers not used: at most {MAX_FIXED_BUFFERS} buffers of at most 1 GiB each can be registered"
             ));
             return Ok(false);
         }
-        let iovecs: Vec<libc::iovec> = bufs
-            .iter()
-            .map(|&(p, len)| libc::iovec {
-                iov_base: p.cast(),
-                iov_len: len,
+        let iovecs: Vec<libc::iovec> = self
+            .bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
             })
             .collect();
-        // SAFETY: the caller guarantees each region stays allocated until the engine is dropped, which unregisters them (the ring closes).
+        // SAFETY: the regions are the buffers in `self.bufs`, which the engine owns and frees only after the ring is closed (field order, after Drop has waited for every read) or after unregistering them above.
         match unsafe { self.ring.submitter().register_buffers(&iovecs) } {
             Ok(()) => {
-                self.fixed_bufs = bufs.iter().map(|&(p, l)| (p as usize, l)).collect();
+                self.fixed_bufs = iovecs
+                    .iter()
+                    .map(|v| (v.iov_base as usize, v.iov_len))
+                    .collect();
                 Ok(true)
             }
             Err(e) => {
