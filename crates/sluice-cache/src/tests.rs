@@ -132,7 +132,7 @@ proptest! {
     /// pinned or loading slot is evicted, a key is in one slot at most,
     /// and there are never more residents than slots.
     #[test]
-    fn invariants_hold(policy in 0..3usize, slots in 1..6usize, ops in prop::collection::vec(op(), 1..200)) {
+    fn invariants_hold(policy in 0..3usize, slots in 1..6usize, ops in prop::collection::vec(op(), 1..if cfg!(miri) { 40 } else { 200 })) {
         let name = POLICY_NAMES[policy];
         let mut c = SlotCache::new(slots, policy_by_name(name).unwrap());
         let mut pins: Vec<usize> = Vec::new(); // slots we hold a pin on
@@ -185,7 +185,7 @@ proptest! {
     /// With immediate release, LRU hit counts equal a straightforward
     /// reference LRU over the same sequence.
     #[test]
-    fn lru_matches_reference(slots in 1..8usize, seq in prop::collection::vec(0..16usize, 1..300)) {
+    fn lru_matches_reference(slots in 1..8usize, seq in prop::collection::vec(0..16usize, 1..if cfg!(miri) { 60 } else { 300 })) {
         let mut c = SlotCache::new(slots, Box::new(Lru::new()));
         let mut reference: Vec<usize> = Vec::new(); // most recent last
         let mut hits = 0u64;

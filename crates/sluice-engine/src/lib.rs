@@ -9,6 +9,9 @@
 //! projection give logits. Weights are never copied out of the model file
 //! (see [`model`]).
 
+// Every unsafe block and impl must say why it is sound.
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 pub mod config;
 pub mod forward;
 pub mod model;

@@ -8,6 +8,9 @@
 //! every expert in particular — is addressable as `(file, offset, length)`,
 //! which is what the streaming engine reads.
 
+// Every unsafe block and impl must say why it is sound.
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 mod bytes;
 pub mod gguf;
 pub mod gguf_write;

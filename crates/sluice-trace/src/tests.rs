@@ -43,6 +43,10 @@ fn synthetic(tokens: usize, layers: usize, experts: u32, k: usize, seed: u64) ->
 }
 
 #[test]
+#[cfg_attr(
+    miri,
+    ignore = "replays every policy, Belady and predictor: many minutes under Miri"
+)]
 fn belady_bounds_every_demand_policy() {
     for seed in 1..6 {
         let t = synthetic(120, 3, 24, 4, seed);
@@ -72,6 +76,10 @@ fn belady_bounds_every_demand_policy() {
 }
 
 #[test]
+#[cfg_attr(
+    miri,
+    ignore = "replays every policy, Belady and predictor: minutes under Miri"
+)]
 fn lru_matches_a_reference_simulation() {
     let t = synthetic(80, 2, 16, 3, 9);
     let s = stats(
@@ -134,6 +142,9 @@ fn hostile_traces_are_refused() {
         r#"{"meta":{"num_layers":2,"num_experts":4}}"#,
         r#"{"routes":[]}"#,
         r#"{"meta":{"num_layers":1,"num_experts":2},"routes":[{"layers":{"0":{"experts":[0,1,0]}}}]}"#,
+        // Nothing to replay: no token, or no expert chosen anywhere.
+        r#"{"meta":{"num_layers":2,"num_experts":4},"routes":[]}"#,
+        r#"{"meta":{"num_layers":2,"num_experts":4},"routes":[{"layers":{}},{"layers":{"1":{"experts":[]}}}]}"#,
     ];
     for c in cases {
         let e = Trace::from_json(c.as_bytes(), p).unwrap_err().to_string();
@@ -147,6 +158,7 @@ fn hostile_traces_are_refused() {
 /// figures the trace README states: LRU about 36-42% and Belady about
 /// 60-66% with 16 slots per layer over decode tokens.
 #[test]
+#[cfg_attr(miri, ignore = "reads megabytes of recorded traces from disk")]
 fn recorded_traces_match_their_readme() {
     let dir =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/traces/qwen1.5-moe-a2.7b");

@@ -50,6 +50,7 @@ fn peak_of(f: impl FnOnce()) -> usize {
 const LIMIT: usize = 64 << 20;
 
 #[test]
+#[cfg_attr(miri, ignore = "thousands of steps: many minutes under Miri")]
 fn cross_layer_memory_follows_what_was_seen_not_experts_squared() {
     // 60,000 experts: a dense E×E table per layer would be 14 GB each.
     let peak = peak_of(|| {
@@ -67,6 +68,7 @@ fn cross_layer_memory_follows_what_was_seen_not_experts_squared() {
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "bounds a 4096-layer table: minutes under Miri")]
 fn csv_that_claims_many_layers_per_line_is_refused_within_bounds() {
     // Every other line jumps to layer 4095 and back: each token would hold
     // 4096 layer cells for 14 bytes of input.
@@ -83,6 +85,7 @@ fn csv_that_claims_many_layers_per_line_is_refused_within_bounds() {
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "thousands of steps: many minutes under Miri")]
 fn json_whose_header_claims_a_huge_geometry_is_refused_or_bounded() {
     let route = r#"{"layers":{"0":{"experts":[1]}}}"#;
     let routes = vec![route; 5_000].join(",");

@@ -33,6 +33,9 @@
 //! never per read. A request for more experts than there are free slots
 //! fails rather than overcommitting.
 
+// Every unsafe block and impl must say why it is sound.
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 use parking_lot::Mutex;
 use sluice_engine::model::Ffn;
 use sluice_engine::stream::{StreamOptions, Streamer};
