@@ -13,9 +13,6 @@ fn tmpdir(tag: &str) -> PathBuf {
     d
 }
 
-/// Runs sluice expecting failure; returns stderr, asserting it is one clean
-/// error line (no panic, no backtrace).
-
 #[test]
 fn generate_streams_text_and_is_deterministic() {
     let m = fixtures().join("models/qwen3_moe");
@@ -299,4 +296,146 @@ fn absurd_layer_count_is_refused_before_per_layer_work() {
     assert!(e.contains("layer count 50000000"), "{e}");
     // Generous: the refusal takes milliseconds; per-layer work took seconds.
     assert!(t.elapsed().as_secs_f64() < 2.0, "took {:?}", t.elapsed());
+}
+
+/// A GGUF tensor of a type sluice does not read (IQ2_XXS, id 16) or of no
+/// known type is named with its type id; an unknown `--quant` or
+/// `--expert-quant` name is named too.
+#[test]
+fn unsupported_quant_types_are_named() {
+    let mut b = std::fs::read(fixtures().join("models/qwen3_moe.q8_0.gguf")).unwrap();
+    let name = b"blk.0.ffn_down_exps.weight";
+    // The tensor record: name, then n_dims (u32), the dims (u64 each), the type (u32).
+    let at = b.windows(name.len()).position(|w| w == name).unwrap() + name.len();
+    let n_dims = u32::from_le_bytes(b[at..at + 4].try_into().unwrap()) as usize;
+    let ty = at + 4 + 8 * n_dims;
+    assert_eq!(
+        u32::from_le_bytes(b[ty..ty + 4].try_into().unwrap()),
+        8,
+        "Q8_0"
+    );
+    let d = tmpdir("quant");
+    for id in [16u32, 99] {
+        b[ty..ty + 4].copy_from_slice(&id.to_le_bytes());
+        let p = d.join(format!("type{id}.gguf"));
+        std::fs::write(&p, &b).unwrap();
+        let e = fails(&["inspect", p.to_str().unwrap()]);
+        assert!(
+            e.contains("blk.0.ffn_down_exps.weight")
+                && e.contains(&format!("unsupported tensor type id {id}")),
+            "{e}"
+        );
+    }
+    let out = d.join("x.gguf");
+    let e = fails(&[
+        "synth",
+        "--preset",
+        "small-moe",
+        "--quant",
+        "q9",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(e.contains("unknown quant type \"q9\""), "{e}");
+    assert!(!out.exists(), "a refused synth wrote {}", out.display());
+    let m = fixtures().join("models/qwen3_moe");
+    let e = fails(&[
+        "pack",
+        m.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--expert-quant",
+        "iq2",
+    ]);
+    assert!(e.contains("unknown quant type \"iq2\""), "{e}");
+}
+
+/// A cap below dense weights + one layer's experts is refused before any
+/// weight is read, with the figures that make up the shortfall.
+#[test]
+fn cap_too_small_is_refused_with_the_figures() {
+    let m = fixtures().join("models/qwen3_moe");
+    for io in ["uring", "pread"] {
+        let e = fails(&[
+            "logits",
+            "--model",
+            m.to_str().unwrap(),
+            "--tokens",
+            "1",
+            "--ram-cap",
+            "1M",
+            "--io",
+            io,
+        ]);
+        assert!(
+            e.contains("--ram-cap 1.00M is too small")
+                && e.contains("dense weights")
+                && e.contains("need at least"),
+            "{e}"
+        );
+    }
+}
+
+/// `--replay` maps another geometry explicitly (and says how), but a trace
+/// with nothing to replay (no token, or no expert chosen at any layer) is
+/// refused naming the file, instead of silently leaving the router in
+/// charge.
+#[test]
+fn replay_trace_that_cannot_map_is_refused() {
+    let m = fixtures().join("models/qwen3_moe");
+    let m = m.to_str().unwrap();
+    let d = tmpdir("replay");
+    for (name, doc, why) in [
+        (
+            "empty.json",
+            r#"{"meta":{"num_layers":2,"num_experts":4,"top_k":2},"routes":[]}"#,
+            "no routes",
+        ),
+        (
+            "unrouted.json",
+            r#"{"meta":{"num_layers":2,"num_experts":4,"top_k":2},"routes":[{"layers":{}}]}"#,
+            "chooses an expert",
+        ),
+        (
+            "beyond.json",
+            r#"{"meta":{"num_layers":2,"num_experts":4,"top_k":2},"routes":[{"layers":{"5":{"experts":[1]}}}]}"#,
+            "not below 2",
+        ),
+    ] {
+        let p = d.join(name);
+        std::fs::write(&p, doc).unwrap();
+        let e = fails(&[
+            "logits",
+            "--model",
+            m,
+            "--tokens",
+            "1,2",
+            "--replay",
+            p.to_str().unwrap(),
+        ]);
+        assert!(
+            e.contains("--replay") && e.contains(name) && e.contains(why),
+            "{e}"
+        );
+    }
+    // More layers and experts than the model: mapped, and the mapping said.
+    let p = d.join("big.json");
+    std::fs::write(
+        &p,
+        r#"{"meta":{"model_id":"big","num_layers":64,"num_experts":256,"top_k":8},"routes":[{"layers":{"60":{"experts":[200,201,202,203,204,205,206,207]}}}]}"#,
+    )
+    .unwrap();
+    let (_, err) = run_ok(&[
+        "logits",
+        "--model",
+        m,
+        "--tokens",
+        "1,2",
+        "--replay",
+        p.to_str().unwrap(),
+    ]);
+    assert!(
+        err.contains("1 MoE layers × 256 experts") && err.contains("expert e → e mod"),
+        "{err}"
+    );
 }

@@ -189,6 +189,25 @@ impl Trace {
                 layers: per,
             });
         }
+        // Nothing to replay or measure: refused as the CSV import refuses
+        // a file without rows, rather than silently leaving every choice to
+        // the router.
+        if !steps
+            .iter()
+            .any(|s| s.layers.iter().flatten().any(|r| !r.experts.is_empty()))
+        {
+            return Err(bad(
+                path,
+                if steps.is_empty() {
+                    "no routes: the trace records no token".to_string()
+                } else {
+                    format!(
+                        "none of its {} routes chooses an expert at any layer",
+                        steps.len()
+                    )
+                },
+            ));
+        }
         Ok(Trace {
             model_id: meta
                 .get("model_id")

@@ -173,3 +173,114 @@ fn embedding_example_matches_the_engine() {
         assert!(String::from_utf8_lossy(&out.stdout).contains("max |ours - engine|"));
     }
 }
+
+/// Many threads read experts through one store whose few slots force
+/// eviction under contention: every byte of every expert a thread holds
+/// equals the file's, before and after other threads have run (a pinned
+/// slot is never evicted or overwritten), contention is answered with an
+/// error about slots rather than a wait forever, and the cache did evict.
+#[test]
+fn concurrent_readers_under_eviction_see_the_files_bytes() {
+    const THREADS: usize = 6;
+    const ROUNDS: usize = 150;
+    let path = fixture("qwen2_moe.q4_0.gguf");
+    for io in [sluice::IoKind::Uring, sluice::IoKind::Pread] {
+        let store = Arc::new(
+            Store::open(
+                &path,
+                &StoreOptions {
+                    slots: Some(4),
+                    io,
+                    queue_depth: 4,
+                    prefetch: "none".into(),
+                    ..Default::default()
+                },
+            )
+            .unwrap(),
+        );
+        let g = store.geometry().clone();
+        // The resident copy: every expert's three matrices, read plainly.
+        let mut want = std::collections::HashMap::new();
+        for &layer in &g.moe_layers {
+            for id in 0..g.experts {
+                let src = store.source(layer, id).unwrap();
+                let m: Vec<Vec<u8>> = src
+                    .iter()
+                    .map(|(p, off, len)| file_bytes(p, *off, *len))
+                    .collect();
+                want.insert((layer, id), m);
+            }
+        }
+        let want = Arc::new(want);
+        let t0 = std::time::Instant::now();
+        let handles: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (store, g, want) = (store.clone(), g.clone(), want.clone());
+                std::thread::spawn(move || {
+                    // A small xorshift: the facade has no random-number dependency.
+                    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (t as u64 + 1);
+                    let mut next = |n: usize| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        (x % n as u64) as usize
+                    };
+                    let (mut held, mut busy) = (0usize, 0usize);
+                    while held < ROUNDS {
+                        let layer = g.moe_layers[next(g.moe_layers.len())];
+                        let a = next(g.experts);
+                        let ids = if next(2) == 0 {
+                            vec![a]
+                        } else {
+                            vec![a, (a + 1 + next(g.experts - 1)) % g.experts]
+                        };
+                        let guards = match store.experts(layer, &ids) {
+                            Ok(gs) => gs,
+                            Err(e) => {
+                                let e = e.to_string();
+                                assert!(e.contains("slots"), "thread {t}: {e}");
+                                busy += 1;
+                                std::thread::yield_now();
+                                continue;
+                            }
+                        };
+                        let check = |when: &str| {
+                            for (e, &id) in guards.iter().zip(&ids) {
+                                assert_eq!((e.layer(), e.id()), (layer, id));
+                                let w = &want[&(layer, id)];
+                                for (m, w) in [e.gate(), e.up(), e.down()].iter().zip(w) {
+                                    assert!(
+                                        m.data == &w[..],
+                                        "thread {t}: layer {layer} expert {id} differs {when}"
+                                    );
+                                }
+                            }
+                        };
+                        check("when acquired");
+                        // Let the others evict and refill around our pins.
+                        for _ in 0..1 + next(3) {
+                            std::thread::yield_now();
+                        }
+                        check("while pinned");
+                        held += 1;
+                    }
+                    busy
+                })
+            })
+            .collect();
+        let busy: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+        let s = store.stats();
+        let distinct = g.moe_layers.len() * g.experts;
+        eprintln!(
+            "{io:?}: {THREADS} threads × {ROUNDS} acquisitions in {:.2}s; {} misses, {} hits, {busy} refused for lack of free slots",
+            t0.elapsed().as_secs_f64(),
+            s.misses,
+            s.hits
+        );
+        assert!(
+            s.misses > 2 * distinct as u64,
+            "{} misses for {distinct} experts: the cache did not evict",
+            s.misses
+        );
+    }
+}
