@@ -21,24 +21,6 @@ fn run_model(path: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
         .collect()
 }
 
-/// Every (model path, expected.json) pair under tests/fixtures/models.
-fn oracles() -> Vec<(std::path::PathBuf, std::path::PathBuf)> {
-    let dir = fixtures().join("models");
-    let mut v = Vec::new();
-    for e in std::fs::read_dir(&dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() && p.join("expected.json").is_file() {
-            v.push((p.clone(), p.join("expected.json")));
-        } else if p.extension().is_some_and(|x| x == "gguf") {
-            let exp = p.with_extension("expected.json");
-            assert!(exp.is_file(), "{} has no oracle", p.display());
-            v.push((p, exp));
-        }
-    }
-    v.sort();
-    v
-}
-
 #[test]
 fn fixture_set_covers_every_architecture_and_layout() {
     let names: Vec<String> = oracles()

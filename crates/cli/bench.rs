@@ -50,6 +50,9 @@ struct Pass {
     prefill_distinct: u64,
     /// On a simulated device: device seconds of prefill, decode, stall.
     device: Option<(f64, f64, f64)>,
+    /// On a GPU: seconds from submission to completion of its work during
+    /// decode (upload, kernels, read-back).
+    gpu_decode_s: Option<f64>,
 }
 
 impl Pass {
@@ -108,6 +111,8 @@ impl Pass {
             "device_ttft_s": self.device.map(|d| d.0),
             "device_decode_s": self.device.map(|d| d.1),
             "device_stall_s": self.device.map(|d| d.2),
+            "gpu_decode_s": self.gpu_decode_s,
+            "gpu_s_per_token": self.gpu_decode_s.map(|g| g / self.tokens.max(1) as f64),
         })
     }
 }
@@ -147,12 +152,17 @@ fn run_pass(
     let pf0 = s.streamer().map(|st| st.prefetch_stats());
     let read0 = storage_read_bytes();
     obs.used.store(0, Ordering::Relaxed);
+    let g0 = s.backend().device_seconds();
     let t1 = Instant::now();
     for _ in 0..n {
         let next = Sampler::argmax(&last);
         last = s.forward(&[next], false)?;
     }
     let decode_s = t1.elapsed().as_secs_f64();
+    let gpu_decode_s = match (g0, s.backend().device_seconds()) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
     let device = match (d0, d1, clock.map(|c| c.time())) {
         (Some(a), Some(b), Some(c)) => {
             Some((b.now_s - a.now_s, c.now_s - b.now_s, c.stall_s - b.stall_s))
@@ -183,6 +193,7 @@ fn run_pass(
         },
         prefill_distinct,
         device,
+        gpu_decode_s,
     })
 }
 
@@ -404,6 +415,14 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             f(&p["stall_s"]),
             f(&p["compute_s"]),
         );
+        if !p["gpu_decode_s"].is_null() {
+            println!(
+                "  {name:<5} gpu        {} s of the {} s decode waiting on the GPU ({} s per token)",
+                f(&p["gpu_decode_s"]),
+                f(&p["decode_s"]),
+                f(&p["gpu_s_per_token"]),
+            );
+        }
         if !p["device_tok_per_s"].is_null() {
             println!(
                 "  {name:<5} device     {} tok/s decode, TTFT {} s, stall {} s of {} s (device time: {})",

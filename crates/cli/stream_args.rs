@@ -4,6 +4,7 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use sluice_backend_cpu::CpuBackend;
+use sluice_backend_metal::{MetalBackend, MetalOptions};
 use sluice_backend_sim::{DeviceClock, PacedEngine, SimBackend};
 use sluice_core::Backend;
 use sluice_engine::stream::{parse_size, EngineWrap, StreamOptions, Streamer};
@@ -21,7 +22,8 @@ pub struct ModelArgs {
     /// Compute threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Compute backend: cpu, or sim (the CPU's numerics on a profiled
+    /// Compute backend: cpu; metal (the GPU through wgpu: Metal on Apple
+    /// GPUs, Vulkan elsewhere); or sim (the CPU's numerics on a profiled
     /// device's clock: its RAM cap by default, flash reads paced to its
     /// bandwidth and latency, compute timed by its throughput).
     #[arg(long, default_value = "cpu")]
@@ -167,7 +169,7 @@ pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
     let mut notes = Vec::new();
     let mut stream = m.stream.clone();
     let device = match m.backend.as_str() {
-        "cpu" => None,
+        "cpu" | "metal" => None,
         "sim" => {
             let p = sluice_sim::Profile::open(&m.device)?;
             if stream.engine().is_none() {
@@ -191,7 +193,7 @@ pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
             ));
             Some(p)
         }
-        b => anyhow::bail!("unknown backend {b:?} (cpu, sim)"),
+        b => anyhow::bail!("unknown backend {b:?} (cpu, metal, sim)"),
     };
     let s = &stream;
     if s.prefetch == "oracle" && s.replay.is_none() {
@@ -218,6 +220,11 @@ pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
                 Arc::new(SimBackend::new(cpu, p, clock.clone())),
                 Some(clock),
             )
+        }
+        None if m.backend == "metal" => {
+            let g = MetalBackend::new(&MetalOptions::default()).context("--backend metal")?;
+            notes.push(format!("GPU backend: {}", g.describe()));
+            (Arc::new(g), None)
         }
         None => (Arc::new(cpu), None),
     };

@@ -149,7 +149,7 @@ impl Backend for CpuBackend {
         pos0: usize,
         p: &AttnParams,
         out: &mut [f32],
-    ) {
+    ) -> Result<()> {
         let d = p.head_dim;
         let group = p.n_heads / p.n_kv_heads;
         let work = n * p.n_heads * (pos0 + n);
@@ -170,6 +170,7 @@ impl Backend for CpuBackend {
                     .for_each_init(Vec::new, |s, x| one(x, s));
             });
         }
+        Ok(())
     }
 }
 
@@ -315,7 +316,8 @@ mod tests {
         let mut b = vec![0.0; n * 32];
         CpuBackend::new(Some(2))
             .unwrap()
-            .attention(&q, &k, &v, n, 0, &p, &mut a);
+            .attention(&q, &k, &v, n, 0, &p, &mut a)
+            .unwrap();
         ops::attention(&q, &k, &v, n, 0, &p, &mut b);
         assert_eq!(a, b);
     }

@@ -145,8 +145,8 @@ impl Backend for SimBackend {
         pos0: usize,
         p: &AttnParams,
         out: &mut [f32],
-    ) {
-        self.cpu.attention(q, k, v, n, pos0, p, out);
+    ) -> Result<()> {
+        self.cpu.attention(q, k, v, n, pos0, p, out)?;
         let ctx = (pos0 + n).min(p.window.unwrap_or(usize::MAX));
         // One attention call per layer: the layer's fixed cost rides on it.
         self.clock.compute(
@@ -154,6 +154,7 @@ impl Backend for SimBackend {
                 .attention_s(p.n_heads, p.n_kv_heads, p.head_dim, ctx, n)
                 + self.costs.layer_s,
         );
+        Ok(())
     }
 }
 

@@ -7,7 +7,9 @@
 //! default implementations (burn's pattern) that an accelerator overrides
 //! when it keeps activations resident.
 
-use crate::{ops, DType, Result};
+use crate::ops::{self, Rope};
+use crate::{DType, Result};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A borrowed 2-D weight matrix of `rows` × `cols` in row-major order, each
 /// row `dtype.row_bytes(cols)` bytes: the layout shared by safetensors
@@ -26,6 +28,18 @@ pub struct WeightView<'a> {
     pub scales: &'a [u8],
     /// MLX types: one bias per group, like `scales` (else empty).
     pub biases: &'a [u8],
+    /// Identity of bytes that stay unchanged while the id is in use (a
+    /// loaded model's resident weights, see [`fresh_weight_id`]): a backend
+    /// may keep a device copy under it. `None` for memory that is reused,
+    /// such as the streaming slots an expert is read into.
+    pub id: Option<u64>,
+}
+
+/// A process-unique weight id for [`WeightView::id`]; ids are never reused,
+/// so a backend's copy kept under one can never describe other bytes.
+pub fn fresh_weight_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 impl<'a> WeightView<'a> {
@@ -64,7 +78,14 @@ impl<'a> WeightView<'a> {
             data,
             scales,
             biases,
+            id: None,
         })
+    }
+
+    /// The same view, marked as the unchanging bytes `id` names.
+    pub fn with_id(mut self, id: u64) -> Self {
+        self.id = Some(id);
+        self
     }
 
     /// Bytes of one row.
@@ -134,7 +155,57 @@ pub trait Backend: Send + Sync {
         pos0: usize,
         p: &AttnParams,
         out: &mut [f32],
-    ) {
-        ops::attention(q, k, v, n, pos0, p, out)
+    ) -> Result<()> {
+        ops::attention(q, k, v, n, pos0, p, out);
+        Ok(())
+    }
+
+    /// RMSNorm of each `w.len()`-long row of `x`, in place.
+    fn rms_norm(&self, x: &mut [f32], w: &[f32], eps: f32) -> Result<()> {
+        ops::rms_norm(x, w, eps);
+        Ok(())
+    }
+
+    /// Rotary embedding of `n` rows of `x` (each `heads × head_dim`) at
+    /// positions `pos0..pos0 + n`, in place.
+    fn rope(
+        &self,
+        rope: &Rope,
+        pos0: usize,
+        x: &mut [f32],
+        n: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        rope.apply_rows(pos0, x, n, head_dim);
+        Ok(())
+    }
+
+    /// A SwiGLU MLP, `y = down(silu(gate·x) ⊙ up·x)`, for `n` rows of `x`;
+    /// `y` is `n × down.rows`.
+    fn mlp(&self, w: [WeightView<'_>; 3], x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
+        let [gate, up, down] = w;
+        let i = gate.rows;
+        let mut g = vec![0f32; n * i];
+        let mut u = vec![0f32; n * i];
+        self.matmul(gate, x, n, &mut g)?;
+        self.matmul(up, x, n, &mut u)?;
+        ops::swiglu(&mut g, &u);
+        self.matmul(down, &g, n, y)
+    }
+
+    /// Router softmax and top-k: each of the `n` rows of `logits` becomes
+    /// probabilities in place, and `chosen[t·k..(t+1)·k]` receives row `t`'s
+    /// `k` most probable experts, most probable first, ties to the lower
+    /// index.
+    fn route(&self, logits: &mut [f32], n: usize, k: usize, chosen: &mut [usize]) -> Result<()> {
+        ops::route(logits, n, k, chosen);
+        Ok(())
+    }
+
+    /// Seconds the device has spent on this backend's work so far, for
+    /// accelerators that run asynchronously from the host (`None` for the
+    /// CPU).
+    fn device_seconds(&self) -> Option<f64> {
+        None
     }
 }

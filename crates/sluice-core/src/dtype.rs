@@ -140,7 +140,7 @@ impl DType {
     /// Bytes of a row of `n` elements, or an error when `n` is not a whole
     /// number of blocks.
     pub fn row_bytes(self, n: usize) -> Result<usize> {
-        if n % self.block_size() != 0 {
+        if !n.is_multiple_of(self.block_size()) {
             return Err(Error::Model(format!(
                 "row of {n} elements is not a multiple of the {self} block size {}",
                 self.block_size()

@@ -14,6 +14,6 @@ pub mod error;
 pub mod ops;
 pub mod quant;
 
-pub use backend::{AttnParams, Backend, WeightView};
+pub use backend::{fresh_weight_id, AttnParams, Backend, WeightView};
 pub use dtype::{DType, HalfType, MlxQuant};
 pub use error::{Error, Result};

@@ -51,6 +51,17 @@ impl Rope {
         }
     }
 
+    /// Rotates `n` rows of `x` (each `heads × head_dim`) at positions
+    /// `pos0..pos0 + n`.
+    pub fn apply_rows(&self, pos0: usize, x: &mut [f32], n: usize, head_dim: usize) {
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        let d = x.len() / n.max(1);
+        for (t, row) in x.chunks_exact_mut(d.max(1)).enumerate().take(n) {
+            self.tables(pos0 + t, &mut cos, &mut sin);
+            self.apply(row, head_dim, &cos, &sin);
+        }
+    }
+
     /// Rotates every head of one row (`heads × head_dim`) in place.
     pub fn apply(&self, row: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
         let half = self.rot_dim / 2;
@@ -72,6 +83,24 @@ impl Rope {
                 }
             }
         }
+    }
+}
+
+/// Router softmax and top-k: each of the `n` rows of `logits` becomes
+/// probabilities in place, and `chosen[t·k..(t+1)·k]` receives row `t`'s `k`
+/// most probable experts, most probable first, ties to the lower index.
+pub fn route(logits: &mut [f32], n: usize, k: usize, chosen: &mut [usize]) {
+    let ne = logits.len() / n.max(1);
+    let mut idx: Vec<usize> = Vec::with_capacity(ne);
+    for (probs, out) in logits.chunks_exact_mut(ne).zip(chosen.chunks_exact_mut(k)) {
+        softmax(probs);
+        idx.clear();
+        idx.extend(0..ne);
+        // A total order, so selecting the k best then sorting them is exact.
+        let best = |a: &usize, b: &usize| probs[*b].total_cmp(&probs[*a]).then(a.cmp(b));
+        idx.select_nth_unstable_by(k - 1, best);
+        idx[..k].sort_unstable_by(best);
+        out.copy_from_slice(&idx[..k]);
     }
 }
 

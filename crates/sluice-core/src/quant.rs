@@ -182,7 +182,7 @@ pub fn dequantize_mlx(
 ) -> Result<()> {
     let n = dst.len();
     let g = q.group as usize;
-    if n % g != 0
+    if !n.is_multiple_of(g)
         || packed.len() != n * q.bits as usize / 8
         || scales.len() != q.aux_row_bytes(n)
         || biases.len() != q.aux_row_bytes(n)
@@ -294,7 +294,7 @@ pub fn quantize_mlx(
     biases: &mut Vec<u8>,
 ) -> Result<()> {
     let g = q.group as usize;
-    if src.len() % g != 0 {
+    if !src.len().is_multiple_of(g) {
         return Err(Error::Invalid(format!(
             "{} values are not a whole number of MLX groups of {g}",
             src.len()
@@ -581,7 +581,7 @@ pub const QUANTIZE_TARGETS: &[DType] = &[
 /// magnitude / -8, codes `trunc(x/d + 8.5)` clamped to 15).
 pub fn quantize(dtype: DType, src: &[f32], out: &mut Vec<u8>) -> Result<()> {
     let bs = dtype.block_size();
-    if src.len() % bs != 0 {
+    if !src.len().is_multiple_of(bs) {
         return Err(Error::Invalid(format!(
             "{} values are not a whole number of {dtype:?} blocks of {bs}",
             src.len()

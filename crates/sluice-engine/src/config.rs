@@ -197,7 +197,7 @@ fn check(cfg: &Config) -> Result<()> {
             return Err(bad(format!("{what} {v} is out of range (1..={max})")));
         }
     }
-    if cfg.n_kv_heads == 0 || cfg.n_heads % cfg.n_kv_heads != 0 {
+    if cfg.n_kv_heads == 0 || !cfg.n_heads.is_multiple_of(cfg.n_kv_heads) {
         return Err(bad(format!(
             "{} query heads are not a multiple of {} key/value heads",
             cfg.n_heads, cfg.n_kv_heads
@@ -238,7 +238,7 @@ fn check(cfg: &Config) -> Result<()> {
             )));
         }
     }
-    if cfg.rot_dim == 0 || cfg.rot_dim > cfg.head_dim || cfg.rot_dim % 2 != 0 {
+    if cfg.rot_dim == 0 || cfg.rot_dim > cfg.head_dim || !cfg.rot_dim.is_multiple_of(2) {
         return Err(bad(format!(
             "rotary dimension {} does not fit head dim {}",
             cfg.rot_dim, cfg.head_dim

@@ -103,6 +103,11 @@ impl Session {
         self.streamer.as_ref()
     }
 
+    /// The compute backend.
+    pub fn backend(&self) -> &dyn Backend {
+        &*self.backend
+    }
+
     /// Tokens processed so far.
     pub fn pos(&self) -> usize {
         self.pos
@@ -160,7 +165,8 @@ impl Session {
         }
         for (li, layer) in model.layers.iter().enumerate() {
             let mut hn = x.clone();
-            ops::rms_norm(&mut hn, &layer.attn_norm, c.rms_eps);
+            self.backend
+                .rms_norm(&mut hn, &layer.attn_norm, c.rms_eps)?;
             let o = match &layer.mixer {
                 MixerWeights::Attention(a) => self.attention(li, a, &hn, n)?,
                 MixerWeights::DeltaNet(d) => self.delta_net(li, d, &hn, n)?,
@@ -169,7 +175,7 @@ impl Session {
                 *a += b;
             }
             let mut hn = x.clone();
-            ops::rms_norm(&mut hn, &layer.ffn_norm, c.rms_eps);
+            self.backend.rms_norm(&mut hn, &layer.ffn_norm, c.rms_eps)?;
             let out = match &layer.ffn {
                 Ffn::Dense(m) => self.mlp(m, &hn, n)?,
                 Ffn::Moe(m) => self.moe(li, m, &hn, n)?,
@@ -186,7 +192,7 @@ impl Session {
         };
         let m = rows.len() / h;
         let mut xn = rows.to_vec();
-        ops::rms_norm(&mut xn, &model.norm, c.rms_eps);
+        self.backend.rms_norm(&mut xn, &model.norm, c.rms_eps)?;
         let mut logits = vec![0f32; m * c.vocab];
         self.backend
             .matmul(model.lm_head.view(), &xn, m, &mut logits)?;
@@ -216,7 +222,7 @@ impl Session {
         n: usize,
     ) -> Result<Vec<f32>> {
         let c = &self.model.config;
-        let (qd, kd) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+        let qd = c.n_heads * c.head_dim;
         let mut q = self.linear(&layer.q, hn, n)?;
         // Qwen3.5: each head's rows are `[q | gate]`; split them.
         let gate = if c.attn_gate {
@@ -235,10 +241,10 @@ impl Session {
         let mut k = self.linear(&layer.k, hn, n)?;
         let mut v = self.linear(&layer.v, hn, n)?;
         if let Some(w) = &layer.q_norm {
-            ops::rms_norm(&mut q, w, c.rms_eps);
+            self.backend.rms_norm(&mut q, w, c.rms_eps)?;
         }
         if let Some(w) = &layer.k_norm {
-            ops::rms_norm(&mut k, w, c.rms_eps);
+            self.backend.rms_norm(&mut k, w, c.rms_eps)?;
         }
         if let Some(clip) = c.clip_qkv {
             for t in q.iter_mut().chain(k.iter_mut()).chain(v.iter_mut()) {
@@ -250,12 +256,8 @@ impl Session {
             rot_dim: c.rot_dim,
             style: c.rope_style,
         };
-        let (mut cos, mut sin) = (Vec::new(), Vec::new());
-        for t in 0..n {
-            rope.tables(self.pos + t, &mut cos, &mut sin);
-            rope.apply(&mut q[t * qd..(t + 1) * qd], c.head_dim, &cos, &sin);
-            rope.apply(&mut k[t * kd..(t + 1) * kd], c.head_dim, &cos, &sin);
-        }
+        self.backend.rope(&rope, self.pos, &mut q, n, c.head_dim)?;
+        self.backend.rope(&rope, self.pos, &mut k, n, c.head_dim)?;
         let (kc, vc) = &mut self.kv[li];
         kc.extend_from_slice(&k);
         vc.extend_from_slice(&v);
@@ -268,7 +270,7 @@ impl Session {
         };
         let mut att = vec![0f32; n * qd];
         self.backend
-            .attention(&q, kc, vc, n, self.pos, &p, &mut att);
+            .attention(&q, kc, vc, n, self.pos, &p, &mut att)?;
         if let Some(g) = gate {
             for (a, g) in att.iter_mut().zip(&g) {
                 *a *= ops::sigmoid(*g);
@@ -380,23 +382,19 @@ impl Session {
         // Per expert: (token, weight) pairs.
         let mut assigned: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ne];
         let mut idx: Vec<usize> = Vec::with_capacity(ne);
-        let mut chosen_all: Vec<usize> = Vec::with_capacity(n * k);
+        let mut chosen_all: Vec<usize> = vec![0; n * k];
+        self.backend.route(&mut logits, n, k, &mut chosen_all)?;
         for t in 0..n {
-            let probs = &mut logits[t * ne..(t + 1) * ne];
-            ops::softmax(probs);
+            let probs = &logits[t * ne..(t + 1) * ne];
             idx.clear();
-            idx.extend(0..ne);
-            // Highest probability first, ties to the lower index: a total
-            // order, so selecting the k best then sorting them is exact.
-            let best = |a: &usize, b: &usize| probs[*b].total_cmp(&probs[*a]).then(a.cmp(b));
-            idx.select_nth_unstable_by(k - 1, best);
-            let chosen = &mut idx[..k];
-            chosen.sort_unstable_by(best);
+            idx.extend_from_slice(&chosen_all[t * k..(t + 1) * k]);
             if let Some(r) = &self.replay {
                 // The trace's choice replaces the router's; the router's
                 // probabilities still weight the chosen experts.
+                idx.extend((0..ne).filter(|e| !chosen_all[t * k..(t + 1) * k].contains(e)));
                 r.choose(self.pos + t, li, &mut idx, ne);
                 idx.truncate(k);
+                chosen_all[t * k..(t + 1) * k].copy_from_slice(&idx);
             }
             let chosen = &idx[..k];
             let mut w: Vec<f32> = chosen.iter().map(|&e| probs[e]).collect();
@@ -415,7 +413,6 @@ impl Session {
             for (&e, &wt) in chosen.iter().zip(&w) {
                 assigned[e].push((t, wt));
             }
-            chosen_all.extend_from_slice(chosen);
         }
         if let Some(st) = &mut self.streamer {
             let next = c
@@ -551,14 +548,7 @@ fn softplus(x: f32) -> f32 {
 
 /// A SwiGLU MLP through `backend`: `down(silu(gate x) * up x)`.
 fn mlp(backend: &dyn Backend, w: [WeightView<'_>; 3], x: &[f32], n: usize) -> Result<Vec<f32>> {
-    let [gate, up, down] = w;
-    let i = gate.rows;
-    let mut g = vec![0f32; n * i];
-    let mut u = vec![0f32; n * i];
-    backend.matmul(gate, x, n, &mut g)?;
-    backend.matmul(up, x, n, &mut u)?;
-    ops::swiglu(&mut g, &u);
-    let mut y = vec![0f32; n * down.rows];
-    backend.matmul(down, &g, n, &mut y)?;
+    let mut y = vec![0f32; n * w[2].rows];
+    backend.mlp(w, x, n, &mut y)?;
     Ok(y)
 }

@@ -27,6 +27,9 @@ pub struct Weight {
     /// MLX types: the scales and the biases, separate tensors (possibly in
     /// other files).
     pub aux: Option<Box<[Part; 2]>>,
+    /// Process-unique identity of these (immutable) bytes, so a GPU backend
+    /// can keep a copy: [`sluice_core::fresh_weight_id`].
+    pub id: u64,
 }
 
 /// A byte range of a model file that belongs to a [`Weight`].
@@ -52,6 +55,7 @@ impl Weight {
             data: &self.data,
             scales,
             biases,
+            id: Some(self.id),
         }
     }
 
@@ -352,6 +356,7 @@ impl Loader<'_> {
             file: main.file,
             data: main.data,
             aux,
+            id: sluice_core::fresh_weight_id(),
         })
     }
 
@@ -890,6 +895,7 @@ fn load_gguf(l: &Loader, c: &Config) -> Result<Parts> {
                     file: 0,
                     data: TensorBytes::from_vec(bytes),
                     aux: None,
+                    id: sluice_core::fresh_weight_id(),
                 })
             } else {
                 None

@@ -1239,6 +1239,7 @@ impl Streamer {
                 data: at(m.main),
                 scales,
                 biases,
+                id: None,
             }
         })
     }

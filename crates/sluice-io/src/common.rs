@@ -191,7 +191,7 @@ impl Plan {
         if total > 0 && req.dst.is_null() {
             return Err(bad("null destination".into()));
         }
-        if req.dst as usize % align != 0 {
+        if !(req.dst as usize).is_multiple_of(align) {
             return Err(bad(format!(
                 "destination {:p} is not aligned to {align} bytes",
                 req.dst
@@ -217,7 +217,7 @@ impl Plan {
             // Complete, or a short read at end of file inside the widened
             // tail, which nobody wants.
             Next::Finished
-        } else if n == 0 || (self.direct && n % self.align != 0) {
+        } else if n == 0 || (self.direct && !n.is_multiple_of(self.align)) {
             Next::Eof
         } else {
             Next::Continue

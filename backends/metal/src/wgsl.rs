@@ -1,0 +1,625 @@
+//! WGSL sources, assembled per weight type.
+//!
+//! Every quantized type is dequantized in units of 32 consecutive values of
+//! a row (a Q4_0/Q8_0 block, a sub-block of a K-quant super-block, 32 MLX
+//! values), so one matmul skeleton serves them all: a workgroup owns one
+//! output row and a tile of up to [`TILE`] tokens; its invocations stride
+//! over the row's units, dequantize each once and dot it with every token
+//! of the tile, then reduce (with subgroup adds when the adapter has them).
+//! The per-type decoders mirror `sluice_core::quant` operation for
+//! operation, so a dequantized value is the CPU's value exactly; only the
+//! order of the sums differs.
+
+use sluice_core::{DType, HalfType};
+
+/// Tokens per workgroup tile: a row is dequantized once per tile.
+pub const TILE: u32 = 8;
+
+/// Largest workgroup size the reduction buffer holds.
+pub const MAX_WG: u32 = 256;
+
+const PRELUDE: &str = r#"
+struct P {
+    rows: u32,
+    cols: u32,
+    n: u32,
+    row_bytes: u32,
+    y_stride: u32,
+    y_off: u32,
+    units: u32,
+    aux_row: u32,
+}
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+@group(0) @binding(3) var<uniform> p: P;
+@group(0) @binding(4) var<storage, read> sc: array<u32>;
+@group(0) @binding(5) var<storage, read> bi: array<u32>;
+
+override WG: u32 = 64u;
+const TT: u32 = 8u;
+var<private> v: array<f32, 32>;
+var<workgroup> part: array<f32, 2048>;
+"#;
+
+/// Weights as words, read at any byte offset.
+const WORDS: &str = r#"
+@group(0) @binding(0) var<storage, read> w: array<u32>;
+fn byte(o: u32) -> u32 { return (w[o >> 2u] >> ((o & 3u) << 3u)) & 255u; }
+fn u16at(o: u32) -> u32 { return byte(o) | (byte(o + 1u) << 8u); }
+fn u32at(o: u32) -> u32 { return u16at(o) | (u16at(o + 2u) << 16u); }
+fn f16at(o: u32) -> f32 { return unpack2x16float(u16at(o)).x; }
+fn i8of(b: u32) -> i32 { return bitcast<i32>(b << 24u) >> 24u; }
+"#;
+
+/// The decoder of one type: `fn deq(rb, u, r)` fills `v` with values
+/// `32u..32u+32` of the row starting at byte `rb` (row `r` of the chunk).
+fn decoder(dtype: DType, f16: bool) -> String {
+    let body = match dtype {
+        DType::F32 => {
+            "let e0 = u * 32u; let lim = min(32u, p.cols - e0);
+             for (var i = 0u; i < lim; i++) { v[i] = bitcast<f32>(w[(rb >> 2u) + e0 + i]); }"
+        }
+        DType::F16 if f16 => {
+            // Native half loads where the adapter has SHADER_F16.
+            "let e0 = u * 32u; let lim = min(32u, p.cols - e0);
+             for (var i = 0u; i < lim; i++) { v[i] = f32(wh[(rb >> 1u) + e0 + i]); }"
+        }
+        DType::F16 => {
+            "let e0 = u * 32u; let lim = min(32u, p.cols - e0);
+             for (var i = 0u; i < lim; i++) { v[i] = f16at(rb + 2u * (e0 + i)); }"
+        }
+        DType::BF16 => {
+            "let e0 = u * 32u; let lim = min(32u, p.cols - e0);
+             for (var i = 0u; i < lim; i++) { v[i] = bitcast<f32>(u16at(rb + 2u * (e0 + i)) << 16u); }"
+        }
+        DType::Q4_0 => {
+            "let o = rb + u * 18u; let d = f16at(o);
+             for (var j = 0u; j < 16u; j++) {
+                 let q = byte(o + 2u + j);
+                 v[j] = f32(i32(q & 15u) - 8) * d;
+                 v[j + 16u] = f32(i32(q >> 4u) - 8) * d;
+             }"
+        }
+        DType::Q4_1 => {
+            "let o = rb + u * 20u; let d = f16at(o); let m = f16at(o + 2u);
+             for (var j = 0u; j < 16u; j++) {
+                 let q = byte(o + 4u + j);
+                 v[j] = f32(q & 15u) * d + m;
+                 v[j + 16u] = f32(q >> 4u) * d + m;
+             }"
+        }
+        DType::Q5_0 => {
+            "let o = rb + u * 22u; let d = f16at(o); let qh = u32at(o + 2u);
+             for (var j = 0u; j < 16u; j++) {
+                 let q = byte(o + 6u + j);
+                 let h0 = ((qh >> j) << 4u) & 16u;
+                 let h1 = (qh >> (j + 12u)) & 16u;
+                 v[j] = f32(i32((q & 15u) | h0) - 16) * d;
+                 v[j + 16u] = f32(i32((q >> 4u) | h1) - 16) * d;
+             }"
+        }
+        DType::Q5_1 => {
+            "let o = rb + u * 24u; let d = f16at(o); let m = f16at(o + 2u); let qh = u32at(o + 4u);
+             for (var j = 0u; j < 16u; j++) {
+                 let q = byte(o + 8u + j);
+                 let h0 = ((qh >> j) << 4u) & 16u;
+                 let h1 = (qh >> (j + 12u)) & 16u;
+                 v[j] = f32((q & 15u) | h0) * d + m;
+                 v[j + 16u] = f32((q >> 4u) | h1) * d + m;
+             }"
+        }
+        DType::Q8_0 => {
+            "let o = rb + u * 34u; let d = f16at(o);
+             for (var j = 0u; j < 32u; j++) { v[j] = f32(i8of(byte(o + 2u + j))) * d; }"
+        }
+        DType::Q2_K => {
+            "let o = rb + (u >> 3u) * 84u; let s = u & 7u; let n = s >> 2u; let si = s & 3u;
+             let d = f16at(o + 80u); let mn = f16at(o + 82u);
+             for (var i = 0u; i < 32u; i++) {
+                 let q = (byte(o + 16u + n * 32u + i) >> (2u * si)) & 3u;
+                 let scb = byte(o + n * 8u + si * 2u + (i >> 4u));
+                 let dl = d * f32(scb & 15u);
+                 let ml = mn * f32(scb >> 4u);
+                 v[i] = dl * f32(q) - ml;
+             }"
+        }
+        DType::Q3_K => {
+            "let o = rb + (u >> 3u) * 110u; let s = u & 7u; let n = s >> 2u; let si = s & 3u;
+             let d = f16at(o + 108u); let m = 1u << (4u * n + si);
+             for (var i = 0u; i < 32u; i++) {
+                 let j = n * 8u + si * 2u + (i >> 4u);
+                 var lo: u32;
+                 if (j < 8u) { lo = byte(o + 96u + j) & 15u; } else { lo = byte(o + 96u + j - 8u) >> 4u; }
+                 let hi = (byte(o + 104u + (j & 3u)) >> (2u * (j >> 2u))) & 3u;
+                 let dl = d * f32(i32(lo | (hi << 4u)) - 32);
+                 let q = (byte(o + 32u + n * 32u + i) >> (2u * si)) & 3u;
+                 var h = 4;
+                 if ((byte(o + i) & m) != 0u) { h = 0; }
+                 v[i] = dl * f32(i32(q) - h);
+             }"
+        }
+        DType::Q4_K => {
+            "let o = rb + (u >> 3u) * 144u; let s = u & 7u; let j = s >> 1u;
+             let d = f16at(o); let mn = f16at(o + 2u);
+             var scv: u32; var mv: u32;
+             if (s < 4u) {
+                 scv = byte(o + 4u + s) & 63u; mv = byte(o + 8u + s) & 63u;
+             } else {
+                 scv = (byte(o + 8u + s) & 15u) | ((byte(o + s) >> 6u) << 4u);
+                 mv = (byte(o + 8u + s) >> 4u) | ((byte(o + 4u + s) >> 6u) << 4u);
+             }
+             let dl = d * f32(scv); let ml = mn * f32(mv); let sh = 4u * (s & 1u);
+             for (var l = 0u; l < 32u; l++) {
+                 v[l] = dl * f32((byte(o + 16u + 32u * j + l) >> sh) & 15u) - ml;
+             }"
+        }
+        DType::Q5_K => {
+            "let o = rb + (u >> 3u) * 176u; let s = u & 7u; let j = s >> 1u;
+             let d = f16at(o); let mn = f16at(o + 2u);
+             var scv: u32; var mv: u32;
+             if (s < 4u) {
+                 scv = byte(o + 4u + s) & 63u; mv = byte(o + 8u + s) & 63u;
+             } else {
+                 scv = (byte(o + 8u + s) & 15u) | ((byte(o + s) >> 6u) << 4u);
+                 mv = (byte(o + 8u + s) >> 4u) | ((byte(o + 4u + s) >> 6u) << 4u);
+             }
+             let dl = d * f32(scv); let ml = mn * f32(mv); let sh = 4u * (s & 1u);
+             for (var l = 0u; l < 32u; l++) {
+                 let h = ((byte(o + 16u + l) >> s) & 1u) << 4u;
+                 v[l] = dl * f32(((byte(o + 48u + 32u * j + l) >> sh) & 15u) + h) - ml;
+             }"
+        }
+        DType::Q6_K => {
+            "let o = rb + (u >> 3u) * 210u; let s = u & 7u; let n = s >> 2u; let r4 = s & 3u;
+             let d = f16at(o + 208u);
+             for (var l = 0u; l < 32u; l++) {
+                 let ql = (byte(o + 64u * n + l + 32u * (r4 & 1u)) >> (4u * (r4 >> 1u))) & 15u;
+                 let qh = (byte(o + 128u + 32u * n + l) >> (2u * r4)) & 3u;
+                 let q = i32(ql | (qh << 4u)) - 32;
+                 let scl = f32(i8of(byte(o + 192u + 8u * n + (l >> 4u) + 2u * r4)));
+                 v[l] = d * scl * f32(q);
+             }"
+        }
+        DType::Mlx(_) => {
+            "let wb = (rb >> 2u) + u * BITS;
+             let gi = r * p.aux_row + (u * 32u) / GROUP;
+             let s = scale(gi); let b = bias(gi);
+             let mask = (1u << BITS) - 1u;
+             for (var i = 0u; i < 32u; i++) {
+                 let bit = i * BITS; let wi = bit >> 5u; let sh = bit & 31u;
+                 var q = w[wb + wi] >> sh;
+                 if (sh + BITS > 32u) { q = q | (w[wb + wi + 1u] << (32u - sh)); }
+                 v[i] = s * f32(q & mask) + b;
+             }"
+        }
+    };
+    let mut src = String::new();
+    if let DType::Mlx(q) = dtype {
+        let conv = |a: &str| {
+            match q.scales {
+            HalfType::F32 => format!("return bitcast<f32>({a}[i]);"),
+            HalfType::F16 => {
+                format!("let wd = {a}[i >> 1u]; return unpack2x16float(wd >> (16u * (i & 1u))).x;")
+            }
+            HalfType::Bf16 => format!(
+                "let wd = {a}[i >> 1u]; return bitcast<f32>(((wd >> (16u * (i & 1u))) & 65535u) << 16u);"
+            ),
+        }
+        };
+        src.push_str(&format!(
+            "const BITS: u32 = {}u;\nconst GROUP: u32 = {}u;\n\
+             fn scale(i: u32) -> f32 {{ {} }}\nfn bias(i: u32) -> f32 {{ {} }}\n",
+            q.bits,
+            q.group,
+            conv("sc"),
+            conv("bi")
+        ));
+    }
+    src.push_str(&format!("fn deq(rb: u32, u: u32, r: u32) {{\n{body}\n}}\n"));
+    src
+}
+
+/// The matmul entry point; `subgroups` picks the reduction.
+fn matmul_main(subgroups: bool) -> String {
+    let (extra_args, reduce) = if subgroups {
+        (
+            ", @builtin(subgroup_invocation_id) lane: u32, @builtin(subgroup_id) sg: u32, @builtin(num_subgroups) nsg: u32",
+            "for (var t = 0u; t < TT; t++) {
+                 let s = subgroupAdd(acc[t]);
+                 if (lane == 0u) { part[sg * TT + t] = s; }
+             }
+             workgroupBarrier();
+             if (li == 0u) {
+                 for (var t = 0u; t < nt; t++) {
+                     var s = 0.0;
+                     for (var g = 0u; g < nsg; g++) { s += part[g * TT + t]; }
+                     y[(t0 + t) * p.y_stride + p.y_off + r] = s;
+                 }
+             }",
+        )
+    } else {
+        (
+            "",
+            "for (var t = 0u; t < TT; t++) { part[t * WG + li] = acc[t]; }
+             workgroupBarrier();
+             for (var h = WG / 2u; h > 0u; h = h >> 1u) {
+                 if (li < h) {
+                     for (var t = 0u; t < TT; t++) { part[t * WG + li] += part[t * WG + li + h]; }
+                 }
+                 workgroupBarrier();
+             }
+             if (li == 0u) {
+                 for (var t = 0u; t < nt; t++) { y[(t0 + t) * p.y_stride + p.y_off + r] = part[t * WG]; }
+             }",
+        )
+    };
+    format!(
+        "@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) li: u32{extra_args}) {{
+    let r = wid.x + wid.y * nwg.x;
+    if (r >= p.rows) {{ return; }}
+    let t0 = wid.z * TT;
+    let nt = min(TT, p.n - t0);
+    var acc: array<f32, 8>;
+    let rb = r * p.row_bytes;
+    for (var u = li; u < p.units; u += WG) {{
+        deq(rb, u, r);
+        let e0 = u * 32u;
+        let lim = min(32u, p.cols - e0);
+        for (var t = 0u; t < nt; t++) {{
+            let xo = (t0 + t) * p.cols + e0;
+            var s = 0.0;
+            for (var i = 0u; i < lim; i++) {{ s += v[i] * x[xo + i]; }}
+            acc[t] += s;
+        }}
+    }}
+    {reduce}
+}}
+"
+    )
+}
+
+/// A fused decode-and-dot of one unit for the hottest types: words are
+/// unpacked four values at a time and dotted with `vec4` activations,
+/// the block scale applied once per unit. `None`: the generic decoder.
+fn fused(dtype: DType) -> Option<&'static str> {
+    Some(match dtype {
+        DType::Q4_0 => {
+            "let o = rb + u * 18u; var s = 0.0;
+             for (var k = 0u; k < 4u; k++) {
+                 let q = wat(o + 2u + 4u * k);
+                 s += dot(u4(q & 0x0f0f0f0fu) - 8.0, xv[xi + k]) + dot(u4((q >> 4u) & 0x0f0f0f0fu) - 8.0, xv[xi + 4u + k]);
+             }
+             return s * f16at(o);"
+        }
+        DType::Q8_0 => {
+            "let o = rb + u * 34u; var s = 0.0;
+             for (var k = 0u; k < 8u; k++) { s += dot(i4(wat(o + 2u + 4u * k)), xv[xi + k]); }
+             return s * f16at(o);"
+        }
+        DType::Q4_K => {
+            "let o = rb + (u >> 3u) * 144u; let sb = u & 7u; let j = sb >> 1u;
+             var scv: u32; var mv: u32;
+             if (sb < 4u) {
+                 scv = byte(o + 4u + sb) & 63u; mv = byte(o + 8u + sb) & 63u;
+             } else {
+                 scv = (byte(o + 8u + sb) & 15u) | ((byte(o + sb) >> 6u) << 4u);
+                 mv = (byte(o + 8u + sb) >> 4u) | ((byte(o + 4u + sb) >> 6u) << 4u);
+             }
+             let sh = 4u * (sb & 1u); var s = 0.0; var sx = 0.0;
+             for (var k = 0u; k < 8u; k++) {
+                 let a = xv[xi + k];
+                 s += dot(u4((wat(o + 16u + 32u * j + 4u * k) >> sh) & 0x0f0f0f0fu), a);
+                 sx += a.x + a.y + a.z + a.w;
+             }
+             return f16at(o) * f32(scv) * s - f16at(o + 2u) * f32(mv) * sx;"
+        }
+        DType::Q6_K => {
+            "let o = rb + (u >> 3u) * 210u; let sb = u & 7u; let n = sb >> 2u; let r4 = sb & 3u;
+             let sh = 4u * (r4 >> 1u); var s0 = 0.0; var s1 = 0.0;
+             for (var k = 0u; k < 8u; k++) {
+                 let lo = (wat(o + 64u * n + 32u * (r4 & 1u) + 4u * k) >> sh) & 0x0f0f0f0fu;
+                 let hi = ((wat(o + 128u + 32u * n + 4u * k) >> (2u * r4)) & 0x03030303u) << 4u;
+                 let d = dot(u4(lo | hi) - 32.0, xv[xi + k]);
+                 if (k < 4u) { s0 += d; } else { s1 += d; }
+             }
+             let c = o + 192u + 8u * n + 2u * r4;
+             return f16at(o + 208u) * (f32(i8of(byte(c))) * s0 + f32(i8of(byte(c + 1u))) * s1);"
+        }
+        DType::Mlx(q) if q.bits == 4 => {
+            "let wb = (rb >> 2u) + u * 4u;
+             let gi = r * p.aux_row + (u * 32u) / GROUP;
+             var s = 0.0; var sx = 0.0;
+             for (var k = 0u; k < 4u; k++) {
+                 let q = w[wb + k];
+                 let a = xv[xi + 2u * k]; let b = xv[xi + 2u * k + 1u];
+                 s += dot(u4(q & 0x0f0f0f0fu), vec4<f32>(a.x, a.z, b.x, b.z))
+                    + dot(u4((q >> 4u) & 0x0f0f0f0fu), vec4<f32>(a.y, a.w, b.y, b.w));
+                 sx += a.x + a.y + a.z + a.w + b.x + b.y + b.z + b.w;
+             }
+             return scale(gi) * s + bias(gi) * sx;"
+        }
+        _ => return None,
+    })
+}
+
+const MATVEC_HELPERS: &str = r#"
+@group(0) @binding(1) var<storage, read> xv: array<vec4<f32>>;
+fn wat(o: u32) -> u32 {
+    let i = o >> 2u; let sh = (o & 3u) << 3u;
+    if (sh == 0u) { return w[i]; }
+    return (w[i] >> sh) | (w[i + 1u] << (32u - sh));
+}
+fn u4(q: u32) -> vec4<f32> {
+    return vec4<f32>(f32(q & 255u), f32((q >> 8u) & 255u), f32((q >> 16u) & 255u), f32(q >> 24u));
+}
+fn i4(q: u32) -> vec4<f32> {
+    let v = bitcast<i32>(q);
+    return vec4<f32>(f32((v << 24u) >> 24u), f32((v << 16u) >> 24u), f32((v << 8u) >> 24u), f32(v >> 24u));
+}
+"#;
+
+/// The single-token (decode) shader for a quantized `dtype`. With
+/// `per_lane`, each invocation owns a whole output row: no reduction and no
+/// barrier, which is what CPU adapters (lavapipe) run fastest, since their
+/// barriers switch coroutines. Otherwise a workgroup owns a row and its
+/// invocations stride over the row's units (coalesced reads on GPUs).
+pub fn matvec(dtype: DType, subgroups: bool, per_lane: bool) -> String {
+    let mut s = String::new();
+    s.push_str(&PRELUDE.replace(
+        "@group(0) @binding(1) var<storage, read> x: array<f32>;\n",
+        "",
+    ));
+    s.push_str(WORDS);
+    s.push_str(MATVEC_HELPERS);
+    s.push_str(&decoder(dtype, false));
+    let body = match fused(dtype) {
+        Some(b) => b.to_string(),
+        None => "deq(rb, u, r); var s = 0.0;
+                 for (var k = 0u; k < 8u; k++) {
+                     s += dot(vec4<f32>(v[4u * k], v[4u * k + 1u], v[4u * k + 2u], v[4u * k + 3u]), xv[xi + k]);
+                 }
+                 return s;"
+            .to_string(),
+    };
+    s.push_str(&format!(
+        "fn dotu(rb: u32, u: u32, r: u32, xi: u32) -> f32 {{\n{body}\n}}\n"
+    ));
+    if per_lane {
+        s.push_str(
+            "@compute @workgroup_size(WG)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = gid.x + gid.y * nwg.x * WG;
+    if (r >= p.rows) { return; }
+    let rb = r * p.row_bytes;
+    var acc = 0.0;
+    for (var u = 0u; u < p.units; u++) { acc += dotu(rb, u, r, u * 8u); }
+    y[p.y_off + r] = acc;
+}
+",
+        );
+        return s;
+    }
+    let (extra_args, reduce) = if subgroups {
+        (
+            ", @builtin(subgroup_invocation_id) lane: u32, @builtin(subgroup_id) sg: u32, @builtin(num_subgroups) nsg: u32",
+            "let t = subgroupAdd(acc);
+             if (lane == 0u) { part[sg] = t; }
+             workgroupBarrier();
+             if (li == 0u) {
+                 var s = 0.0;
+                 for (var g = 0u; g < nsg; g++) { s += part[g]; }
+                 y[p.y_off + r] = s;
+             }",
+        )
+    } else {
+        (
+            "",
+            "part[li] = acc;
+             workgroupBarrier();
+             for (var h = WG / 2u; h > 0u; h = h >> 1u) {
+                 if (li < h) { part[li] += part[li + h]; }
+                 workgroupBarrier();
+             }
+             if (li == 0u) { y[p.y_off + r] = part[0]; }",
+        )
+    };
+    s.push_str(&format!(
+        "@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) li: u32{extra_args}) {{
+    let r = wid.x + wid.y * nwg.x;
+    if (r >= p.rows) {{ return; }}
+    let rb = r * p.row_bytes;
+    var acc = 0.0;
+    for (var u = li; u < p.units; u += WG) {{ acc += dotu(rb, u, r, u * 8u); }}
+    {reduce}
+}}
+"
+    ));
+    s
+}
+
+/// The whole matmul shader for `dtype`.
+pub fn matmul(dtype: DType, subgroups: bool, f16: bool) -> String {
+    let mut s = String::new();
+    if f16 && dtype == DType::F16 {
+        s.push_str("enable f16;\n");
+    }
+    s.push_str(PRELUDE);
+    if f16 && dtype == DType::F16 {
+        s.push_str("@group(0) @binding(0) var<storage, read> wh: array<f16>;\n");
+    } else {
+        s.push_str(WORDS);
+    }
+    s.push_str(&decoder(dtype, f16));
+    s.push_str(&matmul_main(subgroups));
+    s
+}
+
+/// Element-wise and attention kernels on f32 activations.
+pub const OPS: &str = r#"
+struct Q {
+    n: u32,
+    d: u32,
+    a: u32,
+    b: u32,
+    c: u32,
+    e: u32,
+    f0: f32,
+    f1: f32,
+}
+@group(0) @binding(0) var<storage, read_write> xa: array<f32>;
+@group(0) @binding(1) var<storage, read> xb: array<f32>;
+@group(0) @binding(2) var<storage, read> xc: array<f32>;
+@group(0) @binding(3) var<uniform> q: Q;
+@group(0) @binding(4) var<storage, read_write> xo: array<f32>;
+@group(0) @binding(5) var<storage, read_write> idx: array<u32>;
+
+override WG: u32 = 64u;
+var<workgroup> red: array<f32, 256>;
+var<workgroup> redi: array<u32, 256>;
+
+fn wsum(li: u32, v: f32) -> f32 {
+    red[li] = v;
+    workgroupBarrier();
+    for (var h = WG / 2u; h > 0u; h = h >> 1u) {
+        if (li < h) { red[li] += red[li + h]; }
+        workgroupBarrier();
+    }
+    let s = red[0];
+    workgroupBarrier();
+    return s;
+}
+
+fn wmax(li: u32, v: f32) -> f32 {
+    red[li] = v;
+    workgroupBarrier();
+    for (var h = WG / 2u; h > 0u; h = h >> 1u) {
+        if (li < h) { red[li] = max(red[li], red[li + h]); }
+        workgroupBarrier();
+    }
+    let s = red[0];
+    workgroupBarrier();
+    return s;
+}
+
+// RMSNorm of row wid.x of xa (q.d wide) by weight xb, eps q.f0.
+@compute @workgroup_size(WG)
+fn rms_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let o = wid.x * q.d;
+    var ss = 0.0;
+    for (var i = li; i < q.d; i += WG) { ss += xa[o + i] * xa[o + i]; }
+    let tot = wsum(li, ss) / f32(q.d);
+    let r = 1.0 / sqrt(tot + q.f0);
+    for (var i = li; i < q.d; i += WG) { xa[o + i] = (xa[o + i] * r) * xb[i]; }
+}
+
+// xa = silu(xa) * xb, element-wise over q.n values.
+@compute @workgroup_size(WG)
+fn swiglu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * WG;
+    if (i >= q.n) { return; }
+    let g = xa[i];
+    xa[i] = (g / (1.0 + exp(-g))) * xb[i];
+}
+
+// Rotary embedding of token wid.y's heads in xa (q.a heads per row of q.d,
+// head_dim q.b, rot_dim q.c, style q.e: 0 neox, 1 interleaved); xb and xc
+// hold the token's cos and sin tables (q.c / 2 each), made on the host.
+@compute @workgroup_size(WG)
+fn rope(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let t = wid.y;
+    let half = q.c / 2u;
+    for (var k = li; k < q.a * half; k += WG) {
+        let h = k / half; let i = k % half;
+        let cs = xb[t * half + i]; let sn = xc[t * half + i];
+        let base = t * q.d + h * q.b;
+        var i0 = base + i; var i1 = base + i + half;
+        if (q.e == 1u) { i0 = base + 2u * i; i1 = i0 + 1u; }
+        let a = xa[i0]; let b = xa[i1];
+        xa[i0] = a * cs - b * sn;
+        xa[i1] = b * cs + a * sn;
+    }
+}
+
+// Softmax of router row wid.x (q.d experts) in place, then the q.a largest
+// in order (ties to the lower index) into idx.
+@compute @workgroup_size(WG)
+fn route(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let o = wid.x * q.d;
+    var m = -3.402823e38;
+    for (var i = li; i < q.d; i += WG) { m = max(m, xa[o + i]); }
+    let mx = wmax(li, m);
+    var s = 0.0;
+    for (var i = li; i < q.d; i += WG) { let e = exp(xa[o + i] - mx); xa[o + i] = e; s += e; }
+    let tot = wsum(li, s);
+    for (var i = li; i < q.d; i += WG) { xa[o + i] = xa[o + i] / tot; }
+    workgroupBarrier();
+    // k rounds of arg-max; chosen experts are marked in idx's scratch half.
+    let mark = q.n * q.a + wid.x * q.d;
+    for (var i = li; i < q.d; i += WG) { idx[mark + i] = 0u; }
+    workgroupBarrier();
+    for (var r = 0u; r < q.a; r++) {
+        var bv = -1.0; var bi = 0xffffffffu;
+        for (var i = li; i < q.d; i += WG) {
+            let v = xa[o + i];
+            if (idx[mark + i] == 0u && (v > bv || (v == bv && i < bi))) { bv = v; bi = i; }
+        }
+        red[li] = bv; redi[li] = bi;
+        workgroupBarrier();
+        for (var h = WG / 2u; h > 0u; h = h >> 1u) {
+            if (li < h) {
+                let ov = red[li + h]; let oi = redi[li + h];
+                if (ov > red[li] || (ov == red[li] && oi < redi[li])) { red[li] = ov; redi[li] = oi; }
+            }
+            workgroupBarrier();
+        }
+        if (li == 0u) { idx[wid.x * q.a + r] = redi[0]; idx[mark + redi[0]] = 1u; }
+        workgroupBarrier();
+    }
+}
+
+// Causal attention: one workgroup per (query token wid.y, head wid.x).
+// xa: q rows (q.a heads × q.b head_dim), xb: K cache, xc: V cache (q.c kv
+// heads), xo: output; q.n = pos0, q.e = window (0: none), q.f0 = scale,
+// q.d = keys in the cache. Scores live in idx reinterpreted as f32 scratch
+// of q.d per (token, head).
+@compute @workgroup_size(WG)
+fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let h = wid.x; let t = wid.y;
+    let hd = q.b;
+    let kvh = h / (q.a / q.c);
+    let pos = q.n + t;
+    var first = 0u;
+    if (q.e > 0u && pos + 1u > q.e) { first = pos + 1u - q.e; }
+    let qo = t * q.a * hd + h * hd;
+    let so = (t * q.a + h) * q.d;
+    var m = -3.402823e38;
+    for (var j = first + li; j <= pos; j += WG) {
+        let ko = j * q.c * hd + kvh * hd;
+        var s = 0.0;
+        for (var i = 0u; i < hd; i++) { s += xa[qo + i] * xb[ko + i]; }
+        s = s * q.f0;
+        idx[so + j] = bitcast<u32>(s);
+        m = max(m, s);
+    }
+    let mx = wmax(li, m);
+    var tot = 0.0;
+    for (var j = first + li; j <= pos; j += WG) {
+        let e = exp(bitcast<f32>(idx[so + j]) - mx);
+        idx[so + j] = bitcast<u32>(e);
+        tot += e;
+    }
+    let z = wsum(li, tot);
+    storageBarrier();
+    for (var i = li; i < hd; i += WG) {
+        var acc = 0.0;
+        for (var j = first; j <= pos; j++) {
+            acc += bitcast<f32>(idx[so + j]) * xc[j * q.c * hd + kvh * hd + i];
+        }
+        xo[qo + i] = acc / z;
+    }
+}
+"#;

@@ -1,0 +1,283 @@
+//! The GPU kernels against the CPU backend, on whatever adapter wgpu finds
+//! (lavapipe in CI, where `SLUICE_REQUIRE_GPU=1` makes a missing adapter a
+//! failure; elsewhere the tests say they were skipped).
+
+use sluice_backend_cpu::CpuBackend;
+use sluice_backend_metal::{MetalBackend, MetalOptions, REQUIRE_ENV};
+use sluice_core::ops::{Rope, RopeStyle};
+use sluice_core::{quant, AttnParams, Backend, DType, HalfType, MlxQuant, WeightView};
+
+fn gpu(opts: MetalOptions) -> Option<MetalBackend> {
+    match MetalBackend::new(&opts) {
+        Ok(b) => {
+            eprintln!("GPU: {}", b.describe());
+            Some(b)
+        }
+        Err(e) if std::env::var_os(REQUIRE_ENV).is_some() => {
+            panic!("{REQUIRE_ENV} is set but the GPU backend is unavailable: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            None
+        }
+    }
+}
+
+fn floats(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Largest |a-b| over the largest |b|.
+fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let m = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+    a.iter().zip(b).fold(0f32, |e, (x, y)| e.max((x - y).abs())) / m
+}
+
+struct Owned {
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+    data: Vec<u8>,
+    scales: Vec<u8>,
+    biases: Vec<u8>,
+}
+
+impl Owned {
+    fn random(dtype: DType, rows: usize, cols: usize, seed: u64) -> Owned {
+        let (mut data, mut scales, mut biases) = (Vec::new(), Vec::new(), Vec::new());
+        match dtype {
+            DType::Mlx(q) => {
+                for r in 0..rows {
+                    let row = floats(cols, seed * 1000 + r as u64);
+                    quant::quantize_mlx(q, &row, &mut data, &mut scales, &mut biases).unwrap();
+                }
+            }
+            t => data = quant::random_tensor_bytes(t, rows * cols, seed, 0.5),
+        }
+        Owned {
+            dtype,
+            rows,
+            cols,
+            data,
+            scales,
+            biases,
+        }
+    }
+
+    fn view(&self) -> WeightView<'_> {
+        WeightView::with_aux(
+            self.dtype,
+            self.rows,
+            self.cols,
+            &self.data,
+            &self.scales,
+            &self.biases,
+        )
+        .unwrap()
+    }
+}
+
+fn all_types() -> Vec<DType> {
+    let mut v = DType::ALL.to_vec();
+    for (bits, group, sc) in [
+        (2, 64, HalfType::Bf16),
+        (3, 64, HalfType::Bf16),
+        (4, 32, HalfType::F16),
+        (5, 128, HalfType::F32),
+        (6, 64, HalfType::Bf16),
+        (8, 64, HalfType::F16),
+    ] {
+        v.push(DType::Mlx(MlxQuant::new(bits, group, sc).unwrap()));
+    }
+    v
+}
+
+#[test]
+fn matmul_matches_cpu_for_every_type() {
+    for lane in [false, true] {
+        let Some(g) = gpu(MetalOptions {
+            row_per_invocation: Some(lane),
+            ..MetalOptions::default()
+        }) else {
+            return;
+        };
+        matmuls_match(&g);
+    }
+}
+
+/// The fallbacks: shared-memory reduction, no native f16, other widths.
+#[test]
+fn matmul_fallbacks_match_cpu() {
+    for (wg, lane) in [(1, false), (64, false), (8, true)] {
+        let Some(g) = gpu(MetalOptions {
+            workgroup: Some(wg),
+            subgroups: false,
+            f16: false,
+            row_per_invocation: Some(lane),
+            ..MetalOptions::default()
+        }) else {
+            return;
+        };
+        assert_eq!(g.workgroup(), wg);
+        matmuls_match(&g);
+    }
+}
+
+fn matmuls_match(g: &MetalBackend) {
+    let cpu = CpuBackend::new(Some(2)).unwrap();
+    for dt in all_types() {
+        // Float types get a width that is not a multiple of 32.
+        let cols = if dt.block_size() == 1 { 301 } else { 512 };
+        let w = Owned::random(dt, 37, cols, 7);
+        for n in [1usize, 3, 11] {
+            let x = floats(n * cols, 99 + n as u64);
+            let (mut a, mut b) = (vec![0f32; n * 37], vec![0f32; n * 37]);
+            g.matmul(w.view(), &x, n, &mut a).unwrap();
+            cpu.matmul(w.view(), &x, n, &mut b).unwrap();
+            let e = rel_err(&a, &b);
+            assert!(e < 1e-5, "{dt} n={n}: relative error {e}");
+        }
+    }
+}
+
+#[test]
+fn split_bindings_give_the_same_products() {
+    // 1 KiB bindings force row chunks and token chunks.
+    let Some(g) = gpu(MetalOptions {
+        max_binding: Some(1024),
+        ..MetalOptions::default()
+    }) else {
+        return;
+    };
+    let cpu = CpuBackend::new(Some(2)).unwrap();
+    for dt in [
+        DType::Q8_0,
+        DType::Q4_K,
+        DType::Mlx(MlxQuant::new(4, 64, HalfType::Bf16).unwrap()),
+    ] {
+        let (rows, cols, n) = (45, 256, 5);
+        let w = Owned::random(dt, rows, cols, 3);
+        let x = floats(n * cols, 5);
+        let (mut a, mut b) = (vec![0f32; n * rows], vec![0f32; n * rows]);
+        g.matmul(w.view(), &x, n, &mut a).unwrap();
+        cpu.matmul(w.view(), &x, n, &mut b).unwrap();
+        assert!(rel_err(&a, &b) < 1e-5, "{dt}: {}", rel_err(&a, &b));
+    }
+}
+
+#[test]
+fn resident_weights_are_uploaded_once() {
+    let Some(g) = gpu(MetalOptions::default()) else {
+        return;
+    };
+    let w = Owned::random(DType::Q8_0, 64, 256, 1);
+    let id = sluice_core::fresh_weight_id();
+    let x = floats(256, 2);
+    let mut y = vec![0f32; 64];
+    let before = g.uploaded_bytes();
+    for _ in 0..3 {
+        g.matmul(w.view().with_id(id), &x, 1, &mut y).unwrap();
+    }
+    assert_eq!(g.uploaded_bytes() - before, w.data.len() as u64);
+    // Without an id (a streaming slot) every use uploads.
+    for _ in 0..2 {
+        g.matmul(w.view(), &x, 1, &mut y).unwrap();
+    }
+    assert_eq!(g.uploaded_bytes() - before, 3 * w.data.len() as u64);
+}
+
+#[test]
+fn element_wise_kernels_match_cpu() {
+    let Some(g) = gpu(MetalOptions::default()) else {
+        return;
+    };
+    let cpu = CpuBackend::new(Some(2)).unwrap();
+    // RMSNorm over 3 rows.
+    let w = floats(96, 1);
+    let x = floats(3 * 96, 2);
+    let (mut a, mut b) = (x.clone(), x.clone());
+    g.rms_norm(&mut a, &w, 1e-6).unwrap();
+    cpu.rms_norm(&mut b, &w, 1e-6).unwrap();
+    assert!(rel_err(&a, &b) < 1e-5);
+    // RoPE, both pairings, partial rotary, far positions.
+    for style in [RopeStyle::Neox, RopeStyle::Interleaved] {
+        let rope = Rope {
+            theta: 10000.0,
+            rot_dim: 16,
+            style,
+        };
+        let x = floats(4 * 2 * 32, 3);
+        let (mut a, mut b) = (x.clone(), x.clone());
+        g.rope(&rope, 5000, &mut a, 4, 32).unwrap();
+        cpu.rope(&rope, 5000, &mut b, 4, 32).unwrap();
+        assert!(rel_err(&a, &b) < 1e-5, "{style:?}");
+        assert_ne!(a, x);
+    }
+    // Router softmax and top-k, with a tie that must go to the lower index.
+    let mut l = floats(3 * 60, 4);
+    l[7] = 5.0;
+    l[9] = 5.0;
+    let (mut a, mut b) = (l.clone(), l.clone());
+    let (mut ca, mut cb) = (vec![0usize; 3 * 4], vec![0usize; 3 * 4]);
+    g.route(&mut a, 3, 4, &mut ca).unwrap();
+    cpu.route(&mut b, 3, 4, &mut cb).unwrap();
+    assert_eq!(ca, cb);
+    assert_eq!(&ca[..2], &[7, 9]);
+    assert!(rel_err(&a, &b) < 1e-5);
+}
+
+#[test]
+fn attention_matches_cpu() {
+    let Some(g) = gpu(MetalOptions::default()) else {
+        return;
+    };
+    let cpu = CpuBackend::new(Some(2)).unwrap();
+    for window in [None, Some(3)] {
+        let p = AttnParams {
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 16,
+            scale: 0.25,
+            window,
+        };
+        let (pos0, n) = (5, 3);
+        let q = floats(n * 64, 1);
+        let k = floats((pos0 + n) * 32, 2);
+        let v = floats((pos0 + n) * 32, 3);
+        let (mut a, mut b) = (vec![0f32; n * 64], vec![0f32; n * 64]);
+        g.attention(&q, &k, &v, n, pos0, &p, &mut a).unwrap();
+        cpu.attention(&q, &k, &v, n, pos0, &p, &mut b).unwrap();
+        assert!(
+            rel_err(&a, &b) < 1e-5,
+            "window {window:?}: {}",
+            rel_err(&a, &b)
+        );
+    }
+}
+
+#[test]
+fn fused_mlp_matches_cpu() {
+    let Some(g) = gpu(MetalOptions::default()) else {
+        return;
+    };
+    let cpu = CpuBackend::new(Some(2)).unwrap();
+    let gate = Owned::random(DType::Q4_K, 256, 256, 1);
+    let up = Owned::random(DType::Q4_K, 256, 256, 2);
+    let down = Owned::random(DType::Q6_K, 256, 256, 3);
+    let n = 9;
+    let x = floats(n * 256, 4);
+    let (mut a, mut b) = (vec![0f32; n * 256], vec![0f32; n * 256]);
+    let w = [gate.view(), up.view(), down.view()];
+    g.mlp(w, &x, n, &mut a).unwrap();
+    cpu.mlp(w, &x, n, &mut b).unwrap();
+    assert!(rel_err(&a, &b) < 1e-4, "{}", rel_err(&a, &b));
+}

@@ -1,0 +1,121 @@
+//! The GPU backend (`--backend metal`) through the forward pass: on
+//! lavapipe in CI (`SLUICE_REQUIRE_GPU=1` turns a missing adapter into a
+//! failure), on Metal on a Mac; elsewhere the tests say they were skipped.
+
+mod common;
+
+use common::*;
+use sluice_backend_cpu::CpuBackend;
+use sluice_backend_metal::{MetalBackend, MetalOptions, REQUIRE_ENV};
+use sluice_core::Backend;
+use sluice_engine::{Model, Session};
+use std::path::Path;
+use std::sync::Arc;
+
+fn gpu() -> Option<Arc<MetalBackend>> {
+    match MetalBackend::new(&MetalOptions::default()) {
+        Ok(b) => Some(Arc::new(b)),
+        Err(e) if std::env::var_os(REQUIRE_ENV).is_some() => {
+            panic!("{REQUIRE_ENV} is set but the GPU backend is unavailable: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            None
+        }
+    }
+}
+
+fn logits(path: &Path, be: Arc<dyn Backend>, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let model = Arc::new(Model::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())));
+    let mut s = Session::new(model.clone(), be);
+    // Prompt, then one token at a time: batched and single-row kernels.
+    let half = tokens.len() / 2;
+    let mut l = s.forward(&tokens[..half], true).unwrap();
+    for t in &tokens[half..] {
+        l.extend(s.forward(&[*t], true).unwrap());
+    }
+    l.chunks_exact(model.config.vocab)
+        .map(<[f32]>::to_vec)
+        .collect()
+}
+
+#[test]
+fn every_fixture_matches_the_cpu_backend_on_the_gpu() {
+    let Some(g) = gpu() else { return };
+    let cpu: Arc<dyn Backend> = Arc::new(CpuBackend::new(Some(2)).unwrap());
+    let mut checked = 0;
+    for (model, exp) in oracles() {
+        let e = read_expected(&exp);
+        let on_gpu = logits(&model, g.clone(), &e.tokens);
+        let on_cpu = logits(&model, cpu.clone(), &e.tokens);
+        let name = model.display().to_string();
+        assert_close(&name, &on_gpu, &on_cpu, 1e-3);
+        assert_close(&name, &on_gpu, &e.logits, 1e-3);
+        checked += 1;
+    }
+    assert!(checked >= 12, "only {checked} fixtures");
+    assert!(g.device_seconds().unwrap() > 0.0);
+}
+
+fn cli_logits(args: &[&str]) -> serde_json::Value {
+    let (out, _) = run_ok(args);
+    serde_json::from_str(&out).unwrap()
+}
+
+#[test]
+fn streamed_experts_on_the_gpu_equal_resident_ones_bit_for_bit() {
+    if gpu().is_none() {
+        return;
+    }
+    for name in ["qwen3_moe", "qwen3_5_moe_mlx", "qwen2_moe.q4_0.gguf"] {
+        let p = fixtures().join("models").join(name);
+        let m = p.to_str().unwrap();
+        let base = [
+            "logits",
+            "--model",
+            m,
+            "--tokens",
+            "1,5,9,2,7,3",
+            "--backend",
+            "metal",
+        ];
+        let resident = cli_logits(&base);
+        for io in ["uring", "pread"] {
+            let mut a = base.to_vec();
+            a.extend(["--ram-cap", "256M", "--io", io, "--cache-slots", "2"]);
+            let streamed = cli_logits(&a);
+            assert_eq!(
+                streamed["logits"], resident["logits"],
+                "{name} with {io}: streamed GPU logits differ from resident ones"
+            );
+        }
+    }
+}
+
+#[test]
+fn bench_reports_gpu_time() {
+    if gpu().is_none() {
+        return;
+    }
+    let p = fixtures().join("models/qwen3_moe");
+    let (out, _) = run_ok(&[
+        "bench",
+        "--model",
+        p.to_str().unwrap(),
+        "--backend",
+        "metal",
+        "--tokens",
+        "4",
+        "--prompt-tokens",
+        "3",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v.to_string().contains("GPU backend:"), "{v}");
+    let g = v["gpu_decode_s"].as_f64().expect("gpu_decode_s");
+    assert!(
+        g > 0.0 && g <= v["decode_s"].as_f64().unwrap() * 1.01,
+        "{v}"
+    );
+    assert!(v["gpu_s_per_token"].as_f64().unwrap() > 0.0);
+}
