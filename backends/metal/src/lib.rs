@@ -115,6 +115,8 @@ pub struct MetalBackend {
     mm_layout: wgpu::BindGroupLayout,
     ops_layout: wgpu::BindGroupLayout,
     dummy: wgpu::Buffer,
+    /// Bound to the writable slots a kernel does not use.
+    dummy_rw: wgpu::Buffer,
     state: Mutex<State>,
     gpu_ns: AtomicU64,
     uploaded: AtomicU64,
@@ -246,6 +248,12 @@ impl MetalBackend {
             usage: wgpu::BufferUsages::STORAGE,
             mapped_at_creation: false,
         });
+        let dummy_rw = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("dummy_rw"),
+            size: 16,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
         let per_lane = opts
             .row_per_invocation
             .unwrap_or(info.device_type == wgpu::DeviceType::Cpu);
@@ -264,6 +272,7 @@ impl MetalBackend {
             mm_layout,
             ops_layout,
             dummy,
+            dummy_rw,
             state: Mutex::new(State::default()),
             gpu_ns: AtomicU64::new(0),
             uploaded: AtomicU64::new(0),
@@ -702,15 +711,11 @@ impl MetalBackend {
         self.ops_pass(
             &mut enc,
             Kernel::RmsNorm,
-            [&xa, &wb, &self.dummy, &self.dummy_rw()?, &self.dummy_rw()?],
+            [&xa, &wb, &self.dummy, &self.dummy_rw, &self.dummy_rw],
             q,
             [rows as u32, 1, 1],
         )?;
         self.finish(enc, &xa, x)
-    }
-
-    fn dummy_rw(&self) -> Result<wgpu::Buffer> {
-        Ok(self.scratch(16, wgpu::BufferUsages::STORAGE))
     }
 
     fn try_mlp(&self, w: [WeightView<'_>; 3], x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
@@ -729,12 +734,10 @@ impl MetalBackend {
             self.encode_matmul(&mut enc, &gate, &gg, &xb, &gb, nt)?;
             self.encode_matmul(&mut enc, &up, &ug, &xb, &ub, nt)?;
             let q = [(nt * i) as u32, 0, 0, 0, 0, 0, 0, 0];
-            let d1 = self.dummy_rw()?;
-            let d2 = self.dummy_rw()?;
             self.ops_pass(
                 &mut enc,
                 Kernel::Swiglu,
-                [&gb, &ub, &self.dummy, &d1, &d2],
+                [&gb, &ub, &self.dummy, &self.dummy_rw, &self.dummy_rw],
                 q,
                 self.flat_grid(nt * i),
             )?;
@@ -813,11 +816,10 @@ impl MetalBackend {
             0,
         ];
         let mut enc = self.encoder();
-        let (d1, d2) = (self.dummy_rw()?, self.dummy_rw()?);
         self.ops_pass(
             &mut enc,
             Kernel::Rope,
-            [&xa, &cb, &sb, &d1, &d2],
+            [&xa, &cb, &sb, &self.dummy_rw, &self.dummy_rw],
             q,
             [1, n as u32, 1],
         )?;
@@ -839,11 +841,10 @@ impl MetalBackend {
         );
         let q = [n as u32, ne as u32, k as u32, 0, 0, 0, 0, 0];
         let mut enc = self.encoder();
-        let d1 = self.dummy_rw()?;
         self.ops_pass(
             &mut enc,
             Kernel::Route,
-            [&xa, &self.dummy, &self.dummy, &d1, &ib],
+            [&xa, &self.dummy, &self.dummy, &self.dummy_rw, &ib],
             q,
             [n as u32, 1, 1],
         )?;

@@ -4,6 +4,8 @@
 //! so that O_DIRECT is exercised for real where the filesystem supports it;
 //! the tests print what each engine actually was.
 
+mod common;
+
 use std::collections::HashSet;
 use std::path::PathBuf;
 
@@ -15,15 +17,8 @@ use sluice_io::{
     IoKind, ReadEngine, ReadReq, DIRECT_ALIGN,
 };
 
-/// A file of `len` deterministic pseudo-random bytes, unique to `name`.
 fn fixture(name: &str, len: usize) -> (PathBuf, Vec<u8>) {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("sluice-io-tests");
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("{name}-{}.bin", std::process::id()));
-    let mut rng = fastrand::Rng::with_seed(len as u64 ^ 0x5eed);
-    let data: Vec<u8> = (0..len).map(|_| rng.u8(..)).collect();
-    std::fs::write(&path, &data).unwrap();
-    (path, data)
+    common::fixture("sluice-io-tests", name, len, 0x5eed)
 }
 
 /// The engine configurations under test: each kind, direct and buffered,

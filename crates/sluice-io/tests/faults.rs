@@ -3,6 +3,8 @@
 //! the file and range, delays change nothing but timing, a torn completion
 //! is caught, and an io_uring refusal falls back to the pread pool saying why.
 
+mod common;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -12,13 +14,7 @@ use sluice_io::{
 };
 
 fn fixture(name: &str, len: usize) -> (PathBuf, Vec<u8>) {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("sluice-io-faults");
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("{name}-{}.bin", std::process::id()));
-    let mut rng = fastrand::Rng::with_seed(len as u64 ^ 0xfa17);
-    let data: Vec<u8> = (0..len).map(|_| rng.u8(..)).collect();
-    std::fs::write(&path, &data).unwrap();
-    (path, data)
+    common::fixture("sluice-io-faults", name, len, 0xfa17)
 }
 
 /// io_uring and the pread pool, direct and buffered: the engines with a
