@@ -2,7 +2,8 @@
 //! metal`) against the CPU backend for the same weights, measured
 //! alternately in one run so drift hits both alike.
 //!
-//! `cargo bench --bench gpu_matvec [-- --rows R --cols C --iters N]`
+//! `cargo bench --bench gpu_matvec [-- --rows R --cols C --iters N --only TYPE
+//! --workgroup W --rows-per-invocation R]`
 //! Warm. One JSON line per dtype: effective weight GB/s on the adapter with
 //! the weight resident on it, with the weight uploaded per call (a
 //! streamed expert), and the CPU's, plus their ratio. "Effective" counts
@@ -28,8 +29,10 @@ fn main() {
     let cols = arg("--cols", 2048);
     let iters = arg("--iters", 10).max(1);
     let wg = arg("--workgroup", 0) as u32;
+    let rpi = arg("--rows-per-invocation", usize::MAX);
     let gpu = match MetalBackend::new(&MetalOptions {
         workgroup: (wg > 0).then_some(wg),
+        rows_per_invocation: (rpi != usize::MAX).then_some(rpi as u32),
         ..MetalOptions::default()
     }) {
         Ok(g) => g,
@@ -48,6 +51,15 @@ fn main() {
     let x: Vec<f32> = (0..cols).map(|i| ((i % 13) as f32 - 6.0) * 0.1).collect();
     let mut types = vec![DType::Q4_0, DType::Q4_K, DType::Q8_0, DType::Q6_K];
     types.push(DType::Mlx(MlxQuant::new(4, 64, HalfType::Bf16).unwrap()));
+    // `--only NAME`: one type (by its display name, e.g. Q4_0).
+    let a: Vec<String> = std::env::args().collect();
+    if let Some(name) = a
+        .iter()
+        .position(|x| x == "--only")
+        .and_then(|i| a.get(i + 1))
+    {
+        types.retain(|t| t.to_string().eq_ignore_ascii_case(name));
+    }
     for dtype in types {
         let (mut data, mut s, mut b) = (Vec::new(), Vec::new(), Vec::new());
         match dtype {

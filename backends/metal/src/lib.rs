@@ -45,10 +45,11 @@ pub struct MetalOptions {
     pub subgroups: bool,
     /// Use native f16 when the adapter offers it.
     pub f16: bool,
-    /// Single-token products with one output row per invocation instead of
-    /// per workgroup; `None` picks per adapter (per invocation on CPU
-    /// adapters such as lavapipe).
-    pub row_per_invocation: Option<bool>,
+    /// Single-token products with this many output rows per invocation
+    /// (`Some(0)`: one row per workgroup); `None` picks per adapter:
+    /// [`wgsl::CPU_ROWS_PER_INVOCATION`] on CPU adapters such as lavapipe,
+    /// a workgroup per row elsewhere.
+    pub rows_per_invocation: Option<u32>,
     /// Caps the storage binding size below the adapter's (tests use it to
     /// exercise the splitting on small matrices).
     pub max_binding: Option<u64>,
@@ -62,7 +63,7 @@ impl Default for MetalOptions {
             subgroups: true,
             f16: true,
             max_binding: None,
-            row_per_invocation: None,
+            rows_per_invocation: None,
         }
     }
 }
@@ -111,7 +112,8 @@ pub struct MetalBackend {
     mappable: bool,
     budget: u64,
     binding_cap: u64,
-    per_lane: bool,
+    /// Rows per invocation of the decode matvec; 0: a workgroup per row.
+    rows_per_lane: u32,
     mm_layout: wgpu::BindGroupLayout,
     ops_layout: wgpu::BindGroupLayout,
     dummy: wgpu::Buffer,
@@ -254,9 +256,13 @@ impl MetalBackend {
             usage: wgpu::BufferUsages::STORAGE,
             mapped_at_creation: false,
         });
-        let per_lane = opts
-            .row_per_invocation
-            .unwrap_or(info.device_type == wgpu::DeviceType::Cpu);
+        let rows_per_lane =
+            opts.rows_per_invocation
+                .unwrap_or(if info.device_type == wgpu::DeviceType::Cpu {
+                    wgsl::CPU_ROWS_PER_INVOCATION
+                } else {
+                    0
+                });
         Ok(MetalBackend {
             device,
             queue,
@@ -268,7 +274,7 @@ impl MetalBackend {
             mappable,
             budget: opts.resident_budget,
             binding_cap: opts.max_binding.unwrap_or(u64::MAX).max(256),
-            per_lane,
+            rows_per_lane,
             mm_layout,
             ops_layout,
             dummy,
@@ -284,7 +290,7 @@ impl MetalBackend {
     /// optional features in use.
     pub fn describe(&self) -> String {
         format!(
-            "{} ({:?}, {:?}, driver {} {}): workgroup {}, subgroups {}, f16 {}, {} uploads, max binding {} MiB, decode rows per {}",
+            "{} ({:?}, {:?}, driver {} {}): workgroup {}, subgroups {}, f16 {}, {} uploads, max binding {} MiB, decode {}",
             self.info.name,
             self.info.backend,
             self.info.device_type,
@@ -295,7 +301,10 @@ impl MetalBackend {
             if self.f16 { "on" } else { "off" },
             if self.mappable { "mapped (one copy)" } else { "staged" },
             self.max_binding() >> 20,
-            if self.per_lane { "invocation" } else { "workgroup" }
+            match self.rows_per_lane {
+                0 => "a row per workgroup".to_string(),
+                n => format!("{n} rows per invocation"),
+            }
         )
     }
 
@@ -337,7 +346,7 @@ impl MetalBackend {
                 &self.mm_layout,
             ),
             Kernel::Matvec(dt) => (
-                wgsl::matvec(dt, self.subgroups, self.per_lane),
+                wgsl::matvec(dt, self.subgroups, self.rows_per_lane),
                 "main",
                 &self.mm_layout,
             ),
@@ -560,8 +569,8 @@ impl MetalBackend {
                     bind(5, bi),
                 ],
             });
-            let groups = if kernel == Kernel::Matvec(w.dtype) && self.per_lane {
-                c.rows.div_ceil(self.wg as usize)
+            let groups = if kernel == Kernel::Matvec(w.dtype) && self.rows_per_lane > 0 {
+                c.rows.div_ceil((self.wg * self.rows_per_lane) as usize)
             } else {
                 c.rows
             };

@@ -280,77 +280,123 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     )
 }
 
-/// A fused decode-and-dot of one unit for the hottest types: words are
-/// unpacked four values at a time and dotted with `vec4` activations,
-/// the block scale applied once per unit. `None`: the generic decoder.
-fn fused(dtype: DType) -> Option<&'static str> {
+/// `f(k)` for `k` in `0..n`, one per line: the decode kernels are written
+/// out unrolled, so every value lives in a register. CPU adapters
+/// (llvmpipe) keep arrays indexed by a loop counter in memory and access
+/// them lane by lane, which cost more than the arithmetic.
+fn unroll(n: usize, f: impl Fn(usize) -> String) -> String {
+    (0..n).map(f).collect::<Vec<_>>().join("\n")
+}
+
+/// Defines `{p}0..{p}{n-1}`: the `n` little-endian words starting at byte
+/// `{base}` (an even offset), from `n + 1` aligned loads.
+fn words_at(p: &str, base: &str, n: usize) -> String {
+    format!(
+        "let {p}a = ({base}) >> 2u; let {p}m = (({base}) & 2u) != 0u;\n{}\n{}",
+        unroll(n + 1, |k| format!("let {p}e{k} = w[{p}a + {k}u];")),
+        unroll(n, |k| format!(
+            "let {p}{k} = select({p}e{k}, ({p}e{k} >> 16u) | ({p}e{} << 16u), {p}m);",
+            k + 1
+        ))
+    )
+}
+
+/// A block of an f16 scale followed by `n` words of quants, at the even
+/// byte offset `o`: defines `d` and `q0..q{n-1}` from `n + 1` loads.
+fn scaled_block(n: usize) -> String {
+    format!(
+        "let a = o >> 2u; let odd = (o & 2u) != 0u;\n{}\n{}\nlet d = unpack2x16float(select(e0, e0 >> 16u, odd)).x;",
+        unroll(n + 1, |k| format!("let e{k} = w[a + {k}u];")),
+        unroll(n, |k| format!(
+            "let q{k} = select((e{k} >> 16u) | (e{} << 16u), e{}, odd);",
+            k + 1,
+            k + 1
+        ))
+    )
+}
+
+/// A fused decode-and-dot of one unit (32 values) for the hottest types,
+/// against the unit's activations `x0..x7` (vec4) whose sum is `xs`.
+/// Words are unpacked four values at a time, the scales applied once per
+/// unit. `None`: the generic decoder.
+fn fused(dtype: DType) -> Option<String> {
+    const M: &str = "0x0f0f0f0fu";
     Some(match dtype {
-        DType::Q4_0 => {
-            "let o = rb + u * 18u; var s = 0.0;
-             for (var k = 0u; k < 4u; k++) {
-                 let q = wat(o + 2u + 4u * k);
-                 s += dot(u4(q & 0x0f0f0f0fu) - 8.0, xv[xi + k]) + dot(u4((q >> 4u) & 0x0f0f0f0fu) - 8.0, xv[xi + 4u + k]);
-             }
-             return s * f16at(o);"
-        }
-        DType::Q8_0 => {
-            "let o = rb + u * 34u; var s = 0.0;
-             for (var k = 0u; k < 8u; k++) { s += dot(i4(wat(o + 2u + 4u * k)), xv[xi + k]); }
-             return s * f16at(o);"
-        }
-        DType::Q4_K => {
-            "let o = rb + (u >> 3u) * 144u; let sb = u & 7u; let j = sb >> 1u;
-             var scv: u32; var mv: u32;
-             if (sb < 4u) {
-                 scv = byte(o + 4u + sb) & 63u; mv = byte(o + 8u + sb) & 63u;
-             } else {
-                 scv = (byte(o + 8u + sb) & 15u) | ((byte(o + sb) >> 6u) << 4u);
-                 mv = (byte(o + 8u + sb) >> 4u) | ((byte(o + 4u + sb) >> 6u) << 4u);
-             }
-             let sh = 4u * (sb & 1u); var s = 0.0; var sx = 0.0;
-             for (var k = 0u; k < 8u; k++) {
-                 let a = xv[xi + k];
-                 s += dot(u4((wat(o + 16u + 32u * j + 4u * k) >> sh) & 0x0f0f0f0fu), a);
-                 sx += a.x + a.y + a.z + a.w;
-             }
-             return f16at(o) * f32(scv) * s - f16at(o + 2u) * f32(mv) * sx;"
-        }
-        DType::Q6_K => {
+        DType::Q4_0 => format!(
+            "let o = rb + u * 18u;\n{}\nvar s = 0.0;\n{}\nreturn d * (s - 8.0 * xs);",
+            scaled_block(4),
+            unroll(4, |k| format!(
+                "s += dot(u4(q{k} & {M}), x{k}) + dot(u4((q{k} >> 4u) & {M}), x{});",
+                k + 4
+            ))
+        ),
+        DType::Q8_0 => format!(
+            "let o = rb + u * 34u;\n{}\nvar s = 0.0;\n{}\nreturn d * s;",
+            scaled_block(8),
+            unroll(8, |k| format!("s += dot(i4(q{k}), x{k});"))
+        ),
+        // Super-blocks of 144 bytes (always word-aligned): d and dmin, 12
+        // bytes of 6-bit scales and mins, then 128 bytes of nibbles shared
+        // by unit pairs.
+        DType::Q4_K => format!(
+            "let a = (rb >> 2u) + (u >> 3u) * 36u; let sb = u & 7u; let j = sb >> 1u;
+             let h0 = w[a]; let h1 = w[a + 1u]; let h2 = w[a + 2u]; let h3 = w[a + 3u];
+             let lo = select(h1, h2, sb >= 4u) >> (8u * (sb & 3u));
+             let hi = select(h2, h3, sb >= 4u) >> (8u * (sb & 3u));
+             let l4 = h1 >> (8u * (sb & 3u));
+             var scv = lo & 63u; var mv = hi & 63u;
+             if (sb >= 4u) {{
+                 scv = (hi & 15u) | (((l4 & 255u) >> 6u) << 4u);
+                 mv = ((hi & 255u) >> 4u) | ((((h2 >> (8u * (sb & 3u))) & 255u) >> 6u) << 4u);
+             }}
+             let sh = 4u * (sb & 1u); let qa = a + 4u + 8u * j; var s = 0.0;
+             {}
+             let dm = unpack2x16float(h0);
+             return dm.x * f32(scv) * s - dm.y * f32(mv) * xs;",
+            unroll(8, |k| format!(
+                "s += dot(u4((w[qa + {k}u] >> sh) & {M}), x{k});"
+            ))
+        ),
+        // Super-blocks of 210 bytes (even offsets): low nibbles, high
+        // 2-bit pairs, 16 signed 8-bit scales, d.
+        DType::Q6_K => format!(
             "let o = rb + (u >> 3u) * 210u; let sb = u & 7u; let n = sb >> 2u; let r4 = sb & 3u;
-             let sh = 4u * (r4 >> 1u); var s0 = 0.0; var s1 = 0.0;
-             for (var k = 0u; k < 8u; k++) {
-                 let lo = (wat(o + 64u * n + 32u * (r4 & 1u) + 4u * k) >> sh) & 0x0f0f0f0fu;
-                 let hi = ((wat(o + 128u + 32u * n + 4u * k) >> (2u * r4)) & 0x03030303u) << 4u;
-                 let d = dot(u4(lo | hi) - 32.0, xv[xi + k]);
-                 if (k < 4u) { s0 += d; } else { s1 += d; }
-             }
+             {}
+             {}
+             let sh = 4u * (r4 >> 1u); let hs = 2u * r4; var s0 = 0.0; var s1 = 0.0;
+             {}
              let c = o + 192u + 8u * n + 2u * r4;
-             return f16at(o + 208u) * (f32(i8of(byte(c))) * s0 + f32(i8of(byte(c + 1u))) * s1);"
-        }
-        DType::Mlx(q) if q.bits == 4 => {
+             let cw = w[c >> 2u] >> ((c & 2u) * 8u);
+             let dw = w[(o + 208u) >> 2u] >> (((o + 208u) & 2u) * 8u);
+             return unpack2x16float(dw).x * (f32(i8of(cw & 255u)) * s0 + f32(i8of((cw >> 8u) & 255u)) * s1);",
+            words_at("l", "o + 64u * n + 32u * (r4 & 1u)", 8),
+            words_at("g", "o + 128u + 32u * n", 8),
+            unroll(8, |k| format!(
+                "s{} += dot(u4(((l{k} >> sh) & {M}) | (((g{k} >> hs) & 0x03030303u) << 4u)) - 32.0, x{k});",
+                k / 4
+            ))
+        ),
+        DType::Mlx(q) if q.bits == 4 => format!(
             "let wb = (rb >> 2u) + u * 4u;
              let gi = r * p.aux_row + (u * 32u) / GROUP;
-             var s = 0.0; var sx = 0.0;
-             for (var k = 0u; k < 4u; k++) {
-                 let q = w[wb + k];
-                 let a = xv[xi + 2u * k]; let b = xv[xi + 2u * k + 1u];
-                 s += dot(u4(q & 0x0f0f0f0fu), vec4<f32>(a.x, a.z, b.x, b.z))
-                    + dot(u4((q >> 4u) & 0x0f0f0f0fu), vec4<f32>(a.y, a.w, b.y, b.w));
-                 sx += a.x + a.y + a.z + a.w + b.x + b.y + b.z + b.w;
-             }
-             return scale(gi) * s + bias(gi) * sx;"
-        }
+             var s = 0.0;
+             {}
+             return scale(gi) * s + bias(gi) * xs;",
+            unroll(4, |k| {
+                let (a, b) = (2 * k, 2 * k + 1);
+                format!(
+                    "let q{k} = w[wb + {k}u];
+                     s += dot(u4(q{k} & {M}), vec4<f32>(x{a}.x, x{a}.z, x{b}.x, x{b}.z))
+                        + dot(u4((q{k} >> 4u) & {M}), vec4<f32>(x{a}.y, x{a}.w, x{b}.y, x{b}.w));"
+                )
+            })
+        ),
         _ => return None,
     })
 }
 
 const MATVEC_HELPERS: &str = r#"
 @group(0) @binding(1) var<storage, read> xv: array<vec4<f32>>;
-fn wat(o: u32) -> u32 {
-    let i = o >> 2u; let sh = (o & 3u) << 3u;
-    if (sh == 0u) { return w[i]; }
-    return (w[i] >> sh) | (w[i + 1u] << (32u - sh));
-}
 fn u4(q: u32) -> vec4<f32> {
     return vec4<f32>(f32(q & 255u), f32((q >> 8u) & 255u), f32((q >> 16u) & 255u), f32(q >> 24u));
 }
@@ -360,12 +406,26 @@ fn i4(q: u32) -> vec4<f32> {
 }
 "#;
 
+/// Rows each invocation owns in the per-invocation matvec on CPU adapters:
+/// a unit's activations are loaded once for all of them.
+pub const CPU_ROWS_PER_INVOCATION: u32 = 16;
+
+/// Loads unit `u`'s activations into `x0..x7` and their sum into `xs`.
+fn load_unit(indent: &str) -> String {
+    format!(
+        "{indent}let i = u * 8u;\n{}\n{indent}let xs = dot(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, vec4<f32>(1.0));",
+        unroll(8, |k| format!("{indent}let x{k} = xv[i + {k}u];"))
+    )
+}
+
 /// The single-token (decode) shader for a quantized `dtype`. With
-/// `per_lane`, each invocation owns a whole output row: no reduction and no
-/// barrier, which is what CPU adapters (lavapipe) run fastest, since their
-/// barriers switch coroutines. Otherwise a workgroup owns a row and its
-/// invocations stride over the row's units (coalesced reads on GPUs).
-pub fn matvec(dtype: DType, subgroups: bool, per_lane: bool) -> String {
+/// `rows_per_invocation` > 0, each invocation owns that many whole output
+/// rows: no reduction and no barrier (CPU adapters such as lavapipe, whose
+/// barriers switch coroutines, run this fastest), and each unit's
+/// activations are loaded once for all the rows. With 0, a workgroup owns
+/// a row and its invocations stride over the row's units (coalesced reads
+/// on GPUs).
+pub fn matvec(dtype: DType, subgroups: bool, rows_per_invocation: u32) -> String {
     let mut s = String::new();
     s.push_str(&PRELUDE.replace(
         "@group(0) @binding(1) var<storage, read> x: array<f32>;\n",
@@ -374,31 +434,47 @@ pub fn matvec(dtype: DType, subgroups: bool, per_lane: bool) -> String {
     s.push_str(WORDS);
     s.push_str(MATVEC_HELPERS);
     s.push_str(&decoder(dtype, false));
-    let body = match fused(dtype) {
-        Some(b) => b.to_string(),
-        None => "deq(rb, u, r); var s = 0.0;
-                 for (var k = 0u; k < 8u; k++) {
-                     s += dot(vec4<f32>(v[4u * k], v[4u * k + 1u], v[4u * k + 2u], v[4u * k + 3u]), xv[xi + k]);
-                 }
-                 return s;"
-            .to_string(),
-    };
+    let body = fused(dtype).unwrap_or_else(|| {
+        format!(
+            "deq(rb, u, r); var s = 0.0;\n{}\nreturn s;",
+            unroll(8, |k| format!(
+                "s += dot(vec4<f32>(v[{}], v[{}], v[{}], v[{}]), x{k});",
+                4 * k,
+                4 * k + 1,
+                4 * k + 2,
+                4 * k + 3
+            ))
+        )
+    });
+    let xargs = unroll(8, |k| format!("x{k}: vec4<f32>, ")).replace('\n', "");
     s.push_str(&format!(
-        "fn dotu(rb: u32, u: u32, r: u32, xi: u32) -> f32 {{\n{body}\n}}\n"
+        "fn dotx(rb: u32, u: u32, r: u32, {xargs}xs: f32) -> f32 {{\n{body}\n}}\n"
     ));
-    if per_lane {
-        s.push_str(
+    let xs = unroll(8, |k| format!("x{k}, ")).replace('\n', "");
+    let rl = rows_per_invocation as usize;
+    if rl > 0 {
+        s.push_str(&format!(
             "@compute @workgroup_size(WG)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let r = gid.x + gid.y * nwg.x * WG;
-    if (r >= p.rows) { return; }
-    let rb = r * p.row_bytes;
-    var acc = 0.0;
-    for (var u = 0u; u < p.units; u++) { acc += dotu(rb, u, r, u * 8u); }
-    y[p.y_off + r] = acc;
-}
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {{
+    let first = (gid.x + gid.y * nwg.x * WG) * {rl}u;
+    if (first >= p.rows) {{ return; }}
+{}
+    for (var u = 0u; u < p.units; u++) {{
+{}
+{}
+    }}
+{}
+}}
 ",
-        );
+            unroll(rl, |j| format!(
+                "    let r{j} = min(first + {j}u, p.rows - 1u); let rb{j} = r{j} * p.row_bytes; var acc{j} = 0.0;"
+            )),
+            load_unit("        "),
+            unroll(rl, |j| format!("        acc{j} += dotx(rb{j}, u, r{j}, {xs}xs);")),
+            unroll(rl, |j| format!(
+                "    if (first + {j}u < p.rows) {{ y[p.y_off + first + {j}u] = acc{j}; }}"
+            )),
+        ));
         return s;
     }
     let (extra_args, reduce) = if subgroups {
@@ -433,10 +509,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     if (r >= p.rows) {{ return; }}
     let rb = r * p.row_bytes;
     var acc = 0.0;
-    for (var u = li; u < p.units; u += WG) {{ acc += dotu(rb, u, r, u * 8u); }}
+    for (var u = li; u < p.units; u += WG) {{
+{}
+        acc += dotx(rb, u, r, {xs}xs);
+    }}
     {reduce}
 }}
-"
+",
+        load_unit("        ")
     ));
     s
 }

@@ -103,9 +103,9 @@ fn all_types() -> Vec<DType> {
 
 #[test]
 fn matmul_matches_cpu_for_every_type() {
-    for lane in [false, true] {
+    for rows in [0, 1, 16] {
         let Some(g) = gpu(MetalOptions {
-            row_per_invocation: Some(lane),
+            rows_per_invocation: Some(rows),
             ..MetalOptions::default()
         }) else {
             return;
@@ -117,12 +117,12 @@ fn matmul_matches_cpu_for_every_type() {
 /// The fallbacks: shared-memory reduction, no native f16, other widths.
 #[test]
 fn matmul_fallbacks_match_cpu() {
-    for (wg, lane) in [(1, false), (64, false), (8, true)] {
+    for (wg, rows) in [(1, 0), (64, 0), (8, 3)] {
         let Some(g) = gpu(MetalOptions {
             workgroup: Some(wg),
             subgroups: false,
             f16: false,
-            row_per_invocation: Some(lane),
+            rows_per_invocation: Some(rows),
             ..MetalOptions::default()
         }) else {
             return;
