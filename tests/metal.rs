@@ -118,4 +118,31 @@ fn bench_reports_gpu_time() {
         "{v}"
     );
     assert!(v["gpu_s_per_token"].as_f64().unwrap() > 0.0);
+    // Under a RAM cap, the GPU's resident copies (lavapipe shares the
+    // host's RAM) are planned beside the dense weights.
+    let (out, _) = run_ok(&[
+        "bench",
+        "--model",
+        p.to_str().unwrap(),
+        "--backend",
+        "metal",
+        "--ram-cap",
+        "2G",
+        "--gpu-resident",
+        "64M",
+        "--tokens",
+        "2",
+        "--prompt-tokens",
+        "2",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let b = &v["budget"];
+    let (dense, slot) = (b["dense"].as_u64().unwrap(), b["slot"].as_u64().unwrap());
+    assert_eq!(
+        b["device"].as_u64(),
+        Some(dense.min(64 << 20) + slot),
+        "{v}"
+    );
+    assert!(v.to_string().contains("GPU copies"), "{v}");
 }

@@ -341,7 +341,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let budget = s.streamer().map(|st| {
         let b = st.budget();
         serde_json::json!({"baseline": b.baseline, "margin": b.margin, "dense": b.dense, "kv": b.kv,
-            "scratch": b.scratch, "slot": b.slot, "slots": b.slots, "experts": b.experts_total})
+            "scratch": b.scratch, "device": b.device, "slot": b.slot, "slots": b.slots, "experts": b.experts_total})
     });
     let mut j = cold.json();
     let m = j.as_object_mut().expect("object");

@@ -289,7 +289,7 @@ fn report_json(
         "dense_bytes": m.dense_bytes,
         "flash_bound_tok_per_s": flash_bound(p, bpt),
         "budget": {"baseline": b.baseline, "margin": b.margin, "dense": b.dense, "kv": b.kv,
-            "scratch": b.scratch, "slot": b.slot, "slots": b.slots, "experts": b.experts_total},
+            "scratch": b.scratch, "device": b.device, "slot": b.slot, "slots": b.slots, "experts": b.experts_total},
         "warm": r.warm.as_ref().map(|w| w.json(prefetch)),
         "notes": notes,
     });

@@ -32,6 +32,11 @@ pub struct ModelArgs {
     /// macbook-pro-m3-max-48gb, host) or a profile TOML file.
     #[arg(long, default_value = "iphone-17-pro")]
     pub device: String,
+    /// Resident (non-expert) weights --backend metal keeps on the GPU
+    /// (e.g. 512M, 2G; 0: upload per use). Where the GPU shares the host's
+    /// RAM (Apple GPUs, lavapipe) these copies are planned under --ram-cap.
+    #[arg(long, default_value = "1G")]
+    pub gpu_resident: String,
     /// Routed experts per token instead of the model's own top-k (flash-moe
     /// ran Qwen3.5-397B with 4 instead of 10). Changes the output; always
     /// announced.
@@ -195,6 +200,22 @@ pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
         }
         b => anyhow::bail!("unknown backend {b:?} (cpu, metal, sim)"),
     };
+    let mut device_copies = 0;
+    let gpu = if m.backend == "metal" {
+        let budget = parse_size(&m.gpu_resident).context("--gpu-resident")?;
+        let g = MetalBackend::new(&MetalOptions {
+            resident_budget: budget,
+            ..MetalOptions::default()
+        })
+        .context("--backend metal")?;
+        notes.push(format!("GPU backend: {}", g.describe()));
+        if g.shares_host_memory() {
+            device_copies = budget;
+        }
+        Some(g)
+    } else {
+        None
+    };
     let s = &stream;
     if s.prefetch == "oracle" && s.replay.is_none() {
         anyhow::bail!("--prefetch oracle needs a --replay trace to know the future from");
@@ -221,12 +242,10 @@ pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
                 Some(clock),
             )
         }
-        None if m.backend == "metal" => {
-            let g = MetalBackend::new(&MetalOptions::default()).context("--backend metal")?;
-            notes.push(format!("GPU backend: {}", g.describe()));
-            (Arc::new(g), None)
-        }
-        None => (Arc::new(cpu), None),
+        None => match gpu {
+            Some(g) => (Arc::new(g), None),
+            None => (Arc::new(cpu), None),
+        },
     };
     let load = || -> Result<ModelFiles> {
         ModelFiles::open(&m.model).with_context(|| format!("loading {}", m.model.display()))
@@ -291,6 +310,7 @@ pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
         prefetch_k: s.prefetch_k,
         prefetch_depth: s.prefetch_depth,
         dense: true,
+        device_copies,
         engine_wrap: clock.clone().map(|c| {
             EngineWrap(Arc::new(move |e| {
                 Box::new(PacedEngine::new(e, c.clone())) as Box<dyn sluice_io::ReadEngine>

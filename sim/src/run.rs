@@ -228,6 +228,7 @@ pub fn plan(m: &SimModel, p: &Profile, o: &SimOptions) -> Result<Budget> {
         dense: m.dense_bytes,
         kv,
         scratch,
+        device: 0,
         slot: m.record_bytes,
         slots: 0,
         experts_total: m.experts_total(),

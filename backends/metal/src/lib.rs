@@ -110,6 +110,7 @@ pub struct MetalBackend {
     subgroups: bool,
     f16: bool,
     mappable: bool,
+    unified: bool,
     budget: u64,
     binding_cap: u64,
     /// Rows per invocation of the decode matvec; 0: a workgroup per row.
@@ -272,6 +273,7 @@ impl MetalBackend {
             subgroups,
             f16,
             mappable,
+            unified,
             budget: opts.resident_budget,
             binding_cap: opts.max_binding.unwrap_or(u64::MAX).max(256),
             rows_per_lane,
@@ -284,6 +286,18 @@ impl MetalBackend {
             uploaded: AtomicU64::new(0),
             errors,
         })
+    }
+
+    /// Whether the adapter's memory is the host's RAM (Apple GPUs,
+    /// integrated GPUs, CPU adapters): its resident copies then count
+    /// against a RAM cap.
+    pub fn shares_host_memory(&self) -> bool {
+        self.unified
+    }
+
+    /// Bytes of resident weights it keeps on the device at most.
+    pub fn resident_budget(&self) -> u64 {
+        self.budget
     }
 
     /// One line for the user: adapter, API, workgroup size and the

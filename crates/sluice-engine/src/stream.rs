@@ -62,6 +62,11 @@ pub struct StreamOptions {
     pub dense: bool,
     /// Wraps the opened read engine (the simulated device paces reads so).
     pub engine_wrap: Option<EngineWrap>,
+    /// Bytes of dense weights the compute backend may copy into memory of
+    /// its own that is the same RAM (a GPU on unified memory keeping
+    /// resident weights on the device). Planned under the cap, up to the
+    /// dense weights' size, with one expert's upload buffer beside them.
+    pub device_copies: u64,
 }
 
 /// A function that wraps a read engine in another.
@@ -94,6 +99,7 @@ impl Default for StreamOptions {
             prefetch_depth: 1,
             dense: true,
             engine_wrap: None,
+            device_copies: 0,
         }
     }
 }
@@ -114,6 +120,9 @@ pub struct Budget {
     pub kv: u64,
     /// Activations and per-thread buffers for the largest batch.
     pub scratch: u64,
+    /// The compute backend's own copies in the same RAM
+    /// ([`StreamOptions::device_copies`]).
+    pub device: u64,
     /// One expert slot (largest read plan, widened for direct I/O).
     pub slot: u64,
     /// Slots allocated.
@@ -139,6 +148,7 @@ impl Budget {
             + self.dense
             + self.kv
             + self.scratch
+            + self.device
             + self.slot * self.slots as u64
     }
 
@@ -150,8 +160,13 @@ impl Budget {
         } else {
             format!("cap {:.1} MB", mb(self.cap))
         };
+        let device = if self.device > 0 {
+            format!(" + GPU copies {:.1} MB", mb(self.device))
+        } else {
+            String::new()
+        };
         format!(
-            "{cap}: process {:.1} MB + margin {:.1} MB + dense {:.1} MB + KV {:.1} MB + scratch {:.1} MB + {} expert slots × {:.2} MB = {:.1} MB ({} of {} experts fit)",
+            "{cap}: process {:.1} MB + margin {:.1} MB + dense {:.1} MB + KV {:.1} MB + scratch {:.1} MB{device} + {} expert slots × {:.2} MB = {:.1} MB ({} of {} experts fit)",
             mb(self.baseline),
             mb(self.margin),
             mb(self.dense),
@@ -569,6 +584,11 @@ impl Streamer {
             dense,
             kv,
             scratch,
+            device: if opts.device_copies > 0 {
+                opts.device_copies.min(dense) + max_plan as u64
+            } else {
+                0
+            },
             slot: max_plan as u64,
             slots: 0,
             experts_total,
@@ -604,11 +624,12 @@ impl Streamer {
             None if fit < min_slots => {
                 let need = fixed + max_plan as u64 * min_slots as u64;
                 return Err(Error::Invalid(format!(
-                    "--ram-cap {} is too small for this model: dense weights {:.1} MB + KV cache {:.1} MB + scratch {:.1} MB + process {:.1} MB + one layer's {} experts ({:.1} MB) need at least {}",
+                    "--ram-cap {} is too small for this model: dense weights {:.1} MB + KV cache {:.1} MB + scratch {:.1} MB + GPU copies {:.1} MB + process {:.1} MB + one layer's {} experts ({:.1} MB) need at least {}",
                     fmt_size(cap),
                     dense as f64 / 1e6,
                     kv as f64 / 1e6,
                     scratch as f64 / 1e6,
+                    budget.device as f64 / 1e6,
                     (baseline + margin) as f64 / 1e6,
                     min_slots,
                     (max_plan * min_slots) as f64 / 1e6,
