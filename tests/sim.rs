@@ -145,6 +145,70 @@ fn simulated_cache_is_the_engines() {
     }
 }
 
+/// Prefetch admission: on a saturated drive, and in a cache with no room
+/// to spare, guesses at routes that cannot be predicted cost little (they
+/// wait, are dropped unread, or recycle scratch slots), while a perfect
+/// predictor on a faster drive still hides most of the reads.
+#[test]
+fn prefetch_admission_bounds_the_cost_of_wrong_guesses() {
+    let m = small_model();
+    let t = scratch("small3.admit.json");
+    write_trace(&t, 3, 64, 4, 160);
+    let (m, t) = (m.to_str().unwrap(), t.to_str().unwrap());
+    let run = |gbps: &str, pf: &str| {
+        json(&[
+            "sim",
+            "--model",
+            m,
+            "--device",
+            "iphone-17-pro",
+            "--flash-gbps",
+            gbps,
+            "--replay",
+            t,
+            "--cache-slots",
+            "12",
+            "--tokens",
+            "150",
+            "--prompt-tokens",
+            "4",
+            "--prefetch",
+            pf,
+            "--no-warm",
+            "--json",
+        ])
+    };
+    for gbps in ["0.3", "3"] {
+        let none = run(gbps, "none")["tok_per_s"].as_f64().unwrap();
+        let x = run(gbps, "xlayer");
+        let xt = x["tok_per_s"].as_f64().unwrap();
+        assert!(
+            x["prefetch_precision"].as_f64().unwrap() < 0.4,
+            "the trace is meant to be hard to predict: {x}"
+        );
+        assert!(
+            xt >= 0.95 * none,
+            "{gbps} GB/s: wrong guesses cost {:.1}% ({xt} vs {none} tok/s)",
+            100.0 * (1.0 - xt / none)
+        );
+    }
+    let none = run("3", "none");
+    let oracle = run("3", "oracle");
+    let (n, o) = (
+        none["tok_per_s"].as_f64().unwrap(),
+        oracle["tok_per_s"].as_f64().unwrap(),
+    );
+    assert!(
+        o > 1.15 * n,
+        "a perfect predictor overlaps reads: {o} vs {n}"
+    );
+    assert!(
+        oracle["prefetch_recall"].as_f64().unwrap() > 0.9,
+        "{oracle}"
+    );
+    assert_eq!(oracle["prefetch_precision"].as_f64(), Some(1.0));
+}
+
 /// The question the bench answers, for a device one does not have.
 #[test]
 fn sim_answers_with_the_bench_keys() {

@@ -286,6 +286,7 @@ fn peak_rss_stays_under_the_cap() {
         "prefetch_precision",
         "all_k_ready_rate",
         "wasted_prefetch_bytes_per_token",
+        "cancelled_prefetches_per_token",
         "overlap_ratio",
         "predictor_s_per_token",
     ] {

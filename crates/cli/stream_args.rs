@@ -32,6 +32,10 @@ pub struct ModelArgs {
     /// macbook-pro-m3-max-48gb, host) or a profile TOML file.
     #[arg(long, default_value = "iphone-17-pro")]
     pub device: String,
+    /// With --backend sim: override the device's flash read bandwidth,
+    /// GB/s (as `sluice sim --flash-gbps`).
+    #[arg(long)]
+    pub flash_gbps: Option<f64>,
     /// Resident (non-expert) weights --backend metal keeps on the GPU
     /// (e.g. 512M, 2G; 0: upload per use). Where the GPU shares the host's
     /// RAM (Apple GPUs, lavapipe) these copies are planned under --ram-cap.
@@ -102,7 +106,8 @@ pub struct StreamArgs {
     /// make).
     #[arg(long, default_value = "auto")]
     pub prefetch: String,
-    /// Experts prefetched per layer (default: the model's top-k).
+    /// Experts a predictor ranks per layer (default: the model's top-k);
+    /// the drive's spare time decides how many of them are read.
     #[arg(long, default_value_t = 0)]
     pub prefetch_k: usize,
     /// MoE layers ahead that gate and oracle prefetch for.
@@ -174,9 +179,19 @@ pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
     let mut notes = Vec::new();
     let mut stream = m.stream.clone();
     let device = match m.backend.as_str() {
-        "cpu" | "metal" => None,
+        "cpu" | "metal" => {
+            if m.flash_gbps.is_some() {
+                anyhow::bail!(
+                    "--flash-gbps sets a simulated device's flash: it needs --backend sim"
+                );
+            }
+            None
+        }
         "sim" => {
-            let p = sluice_sim::Profile::open(&m.device)?;
+            let mut p = sluice_sim::Profile::open(&m.device)?;
+            if let Some(g) = m.flash_gbps {
+                p.set("flash.read_gbps", g)?;
+            }
             if stream.engine().is_none() {
                 if stream.io.is_some() {
                     anyhow::bail!("--backend sim paces the reads of the uring and pread engines; mmap's page faults cannot be paced");

@@ -12,8 +12,11 @@
 //! - the number of slots never changes, so the byte budget they were sized
 //!   from is never exceeded.
 
+mod admit;
 mod policy;
 mod predict;
+
+pub use admit::PrefetchQueue;
 
 pub use policy::{policy_by_name, Lfu, Lru, Policy, RouterAware, POLICY_NAMES};
 pub use predict::{predictor_by_name, Belady, CrossLayer, History, Predictor, PREDICTOR_NAMES};
@@ -55,6 +58,8 @@ struct Slot {
     key: Option<ExpertKey>,
     state: SlotState,
     pins: u32,
+    /// Filled by a prefetch and not used by a demand since.
+    speculative: bool,
 }
 
 /// The answer to [`SlotCache::acquire`].
@@ -101,6 +106,12 @@ pub struct SlotCache {
     free: Vec<usize>,
     policy: Box<dyn Policy>,
     stats: CacheStats,
+    /// Slots holding prefetched experts no demand has used yet.
+    speculative: usize,
+    /// Beyond this many, a prefetch evicts only another speculative slot.
+    scratch: usize,
+    /// The resident the last prefetch evicted, if it was no prefetch.
+    displaced: Option<ExpertKey>,
 }
 
 impl SlotCache {
@@ -111,7 +122,8 @@ impl SlotCache {
                 Slot {
                     key: None,
                     state: SlotState::Free,
-                    pins: 0
+                    pins: 0,
+                    speculative: false,
                 };
                 n
             ],
@@ -120,6 +132,35 @@ impl SlotCache {
             free: (0..n).rev().collect(),
             policy,
             stats: CacheStats::default(),
+            speculative: 0,
+            scratch: usize::MAX,
+            displaced: None,
+        }
+    }
+
+    /// Lets prefetches displace at most `n` residents: once `n` slots hold
+    /// prefetched experts that no demand has used, a further prefetch
+    /// recycles one of those instead of evicting a resident, so wrong
+    /// guesses evict no hot expert. Default: no limit.
+    pub fn set_scratch(&mut self, n: usize) {
+        self.scratch = n;
+    }
+
+    /// The resident (not an unused prefetch) that the last
+    /// [`prefetch`](Self::prefetch) evicted, once: if a demand soon wants
+    /// it back, the prefetch cost a miss.
+    pub fn take_displaced(&mut self) -> Option<ExpertKey> {
+        self.displaced.take()
+    }
+
+    /// Slots holding prefetched experts no demand has used yet.
+    pub fn speculative(&self) -> usize {
+        self.speculative
+    }
+
+    fn unmark_speculative(&mut self, slot: usize) {
+        if std::mem::take(&mut self.slots[slot].speculative) {
+            self.speculative -= 1;
         }
     }
 
@@ -177,9 +218,10 @@ impl SlotCache {
     /// for it. Pins the slot on `Hit` and `Miss`; each pin is undone by one
     /// [`release`](Self::release).
     pub fn acquire(&mut self, key: ExpertKey, step: u64, prob: f32) -> Acquire {
-        let r = self.lookup(key, step, prob);
+        let r = self.lookup(key, step, prob, false);
         match r {
             Acquire::Hit(s) | Acquire::Miss(s) => {
+                self.unmark_speculative(s);
                 self.slots[s].pins += 1;
                 if matches!(r, Acquire::Hit(_)) {
                     self.stats.hits += 1;
@@ -217,11 +259,18 @@ impl SlotCache {
 
     /// Like [`acquire`](Self::acquire) but neither pins nor counts, and
     /// tells the policy it is not a use (probability 0): for prefetches.
+    /// Within the scratch limit (see [`set_scratch`](Self::set_scratch)).
     pub fn prefetch(&mut self, key: ExpertKey, step: u64) -> Acquire {
-        self.lookup(key, step, 0.0)
+        self.displaced = None;
+        let r = self.lookup(key, step, 0.0, true);
+        if let Acquire::Miss(s) = r {
+            self.slots[s].speculative = true;
+            self.speculative += 1;
+        }
+        r
     }
 
-    fn lookup(&mut self, key: ExpertKey, step: u64, prob: f32) -> Acquire {
+    fn lookup(&mut self, key: ExpertKey, step: u64, prob: f32, prefetch: bool) -> Acquire {
         if let Some(&s) = self.map.get(&key) {
             self.policy.touch(key, step, prob);
             return Acquire::Hit(s);
@@ -231,9 +280,15 @@ impl SlotCache {
             None => {
                 let slots = &self.slots;
                 let map = &self.map;
+                // Past the scratch limit a prefetch may only recycle a slot
+                // of an earlier, unused prefetch.
+                let only_spec = prefetch && self.speculative >= self.scratch;
                 let evictable = |k: ExpertKey| {
-                    map.get(&k)
-                        .is_some_and(|&s| slots[s].pins == 0 && slots[s].state == SlotState::Ready)
+                    map.get(&k).is_some_and(|&s| {
+                        slots[s].pins == 0
+                            && slots[s].state == SlotState::Ready
+                            && (!only_spec || slots[s].speculative)
+                    })
                 };
                 let Some(victim) = self.policy.victim(&evictable) else {
                     return Acquire::Full;
@@ -245,6 +300,10 @@ impl SlotCache {
                 let s = self.map.remove(&victim).expect("victim is resident");
                 self.policy.remove(victim);
                 self.stats.evictions += 1;
+                if prefetch && !self.slots[s].speculative {
+                    self.displaced = Some(victim);
+                }
+                self.unmark_speculative(s);
                 s
             }
         };
@@ -271,6 +330,7 @@ impl SlotCache {
     /// The read into `slot` failed: the slot is emptied (never left marked
     /// valid half-filled). Pins stay with their holders, who release them.
     pub fn mark_failed(&mut self, slot: usize) {
+        self.unmark_speculative(slot);
         if let Some(k) = self.slots[slot].key.take() {
             self.map.remove(&k);
             self.policy.remove(k);
@@ -313,10 +373,12 @@ impl SlotCache {
         }
         self.map.remove(&key);
         self.policy.remove(key);
+        self.unmark_speculative(s);
         self.slots[s] = Slot {
             key: None,
             state: SlotState::Free,
             pins: 0,
+            speculative: false,
         };
         self.free.push(s);
         true
@@ -331,6 +393,16 @@ impl SlotCache {
             if self.slots[s].state == SlotState::Free {
                 return Err(format!("{k:?} maps to free slot {s}"));
             }
+        }
+        let spec = self.slots.iter().filter(|s| s.speculative).count();
+        if spec != self.speculative {
+            return Err(format!(
+                "{spec} slots are speculative, the count says {}",
+                self.speculative
+            ));
+        }
+        if self.slots.iter().any(|s| s.speculative && s.key.is_none()) {
+            return Err("an empty slot is marked speculative".into());
         }
         let held = self.slots.iter().filter(|s| s.key.is_some()).count();
         if held != self.map.len() {

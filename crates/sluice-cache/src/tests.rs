@@ -107,6 +107,60 @@ fn failed_read_leaves_no_valid_slot() {
     c.check().unwrap();
 }
 
+/// Past the scratch limit, a wrong guess recycles an earlier unused
+/// prefetch's slot instead of evicting a resident; a used prefetch becomes
+/// an ordinary resident.
+#[test]
+fn prefetches_past_the_scratch_limit_evict_no_resident() {
+    let mut c = SlotCache::new(4, Box::new(Lru::new()));
+    c.set_scratch(1);
+    for e in 0..4 {
+        let Acquire::Miss(s) = demand(&mut c, e, e as u64) else {
+            panic!()
+        };
+        c.release(s);
+    }
+    let pf = |c: &mut SlotCache, e: usize, step: u64| {
+        let Acquire::Miss(s) = c.prefetch(k(e), step) else {
+            panic!("prefetch {e} found no slot")
+        };
+        c.mark_ready(s);
+    };
+    pf(&mut c, 10, 5);
+    assert_eq!(c.speculative(), 1);
+    assert_eq!(
+        c.take_displaced(),
+        Some(k(0)),
+        "LRU's victim, reported once"
+    );
+    assert_eq!(c.take_displaced(), None);
+    let residents = |c: &SlotCache| (0..4).filter(|&e| c.slot_of(k(e)).is_some()).count();
+    assert_eq!(
+        residents(&c),
+        3,
+        "the first prefetch displaces the LRU resident"
+    );
+    pf(&mut c, 11, 6);
+    assert_eq!(
+        c.take_displaced(),
+        None,
+        "recycling a prefetch displaces no resident"
+    );
+    pf(&mut c, 12, 7);
+    assert_eq!(residents(&c), 3, "later ones recycle the unused prefetch");
+    assert!(c.slot_of(k(10)).is_none() && c.slot_of(k(12)).is_some());
+    // A demand uses the prefetch: it is a resident now, and the next
+    // prefetch may displace one resident again.
+    let Acquire::Hit(s) = demand(&mut c, 12, 8) else {
+        panic!()
+    };
+    c.release(s);
+    assert_eq!(c.speculative(), 0);
+    pf(&mut c, 13, 9);
+    assert_eq!(residents(&c), 2);
+    c.check().unwrap();
+}
+
 #[derive(Clone, Debug)]
 enum Op {
     Demand(usize),
@@ -132,9 +186,10 @@ proptest! {
     /// pinned or loading slot is evicted, a key is in one slot at most,
     /// and there are never more residents than slots.
     #[test]
-    fn invariants_hold(policy in 0..3usize, slots in 1..6usize, ops in prop::collection::vec(op(), 1..if cfg!(miri) { 40 } else { 200 })) {
+    fn invariants_hold(policy in 0..3usize, slots in 1..6usize, scratch in 0..4usize, ops in prop::collection::vec(op(), 1..if cfg!(miri) { 40 } else { 200 })) {
         let name = POLICY_NAMES[policy];
         let mut c = SlotCache::new(slots, policy_by_name(name).unwrap());
+        c.set_scratch(scratch);
         let mut pins: Vec<usize> = Vec::new(); // slots we hold a pin on
         let mut loading: Vec<usize> = Vec::new();
         for (step, o) in ops.into_iter().enumerate() {
@@ -152,8 +207,20 @@ proptest! {
                         (0..slots).all(|s| c.pins(s) > 0 || c.state(s) != SlotState::Ready),
                         "Full with an evictable slot"),
                 },
-                Op::Prefetch(e) => if let Acquire::Miss(s) = c.prefetch(k(e), step) {
-                    loading.push(s);
+                Op::Prefetch(e) => {
+                    let before: Vec<Option<ExpertKey>> = (0..slots).map(|s| c.key(s)).collect();
+                    let spec = c.speculative();
+                    if let Acquire::Miss(s) = c.prefetch(k(e), step) {
+                        loading.push(s);
+                        // Past the scratch limit a prefetch displaces only
+                        // an unused prefetch (or takes an empty slot).
+                        if spec >= scratch {
+                            if let Some(old) = before[s] {
+                                prop_assert!(c.speculative() <= spec.max(scratch),
+                                    "prefetch evicted resident {:?} past the scratch limit", old);
+                            }
+                        }
+                    }
                 },
                 Op::Complete(i, ok) => if !loading.is_empty() {
                     let s = loading.remove(i % loading.len());

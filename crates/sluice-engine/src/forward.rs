@@ -199,6 +199,14 @@ impl Session {
         Ok(logits)
     }
 
+    /// Lets the streamer feed the drive between two computations.
+    fn tick(&mut self) -> Result<()> {
+        match &mut self.streamer {
+            Some(st) => st.tick(),
+            None => Ok(()),
+        }
+    }
+
     fn linear(&self, l: &Linear, x: &[f32], n: usize) -> Result<Vec<f32>> {
         let mut y = vec![0f32; n * l.w.rows];
         self.backend.matmul(l.w.view(), x, n, &mut y)?;
@@ -221,7 +229,9 @@ impl Session {
         hn: &[f32],
         n: usize,
     ) -> Result<Vec<f32>> {
-        let c = &self.model.config;
+        // The model outlives the borrows of `self` that ticks take.
+        let model = self.model.clone();
+        let c = &model.config;
         let qd = c.n_heads * c.head_dim;
         let mut q = self.linear(&layer.q, hn, n)?;
         // Qwen3.5: each head's rows are `[q | gate]`; split them.
@@ -238,8 +248,10 @@ impl Session {
         } else {
             None
         };
+        self.tick()?;
         let mut k = self.linear(&layer.k, hn, n)?;
         let mut v = self.linear(&layer.v, hn, n)?;
+        self.tick()?;
         if let Some(w) = &layer.q_norm {
             self.backend.rms_norm(&mut q, w, c.rms_eps)?;
         }
@@ -283,7 +295,9 @@ impl Session {
     /// the recurrent state (the chunked form computes the same sums in
     /// another order); returns the layer's contribution.
     fn delta_net(&mut self, li: usize, d: &DeltaNet, hn: &[f32], n: usize) -> Result<Vec<f32>> {
-        let c = &self.model.config;
+        // The model outlives the borrows of `self` that ticks take.
+        let model = self.model.clone();
+        let c = &model.config;
         let l = c.linear.expect("linear layers have dimensions");
         let (nk, nv, dk, dv, kw) = (l.k_heads, l.v_heads, l.k_dim, l.v_dim, l.conv_kernel);
         let cd = l.conv_dim();
@@ -297,6 +311,7 @@ impl Session {
         let z = mm(&d.z, vd)?;
         let b = mm(&d.b, nv)?;
         let a = mm(&d.a, nv)?;
+        self.tick()?;
         let st = &mut self.lin[li];
         let mut out = vec![0f32; n * vd];
         let mut mixed = vec![0f32; cd];
@@ -493,6 +508,7 @@ impl Session {
         }
         if let Some(s) = &m.shared {
             let y = self.mlp(s, x, n)?;
+            self.tick()?;
             let mut gate = vec![1f32; n];
             if let Some(g) = &m.shared_gate {
                 self.backend.matmul(g.view(), x, n, &mut gate)?;

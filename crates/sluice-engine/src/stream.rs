@@ -19,12 +19,13 @@ use crate::config::Config;
 use crate::model::{Ffn, MixerWeights, Model, Weight};
 use crate::pack::PackInfo;
 use sluice_cache::{
-    policy_by_name, predictor_by_name, Acquire, ExpertKey, Predictor, SlotCache, SlotState,
+    policy_by_name, predictor_by_name, Acquire, ExpertKey, Predictor, PrefetchQueue, SlotCache,
+    SlotState,
 };
 use sluice_core::{DType, Error, Result, WeightView};
 use sluice_format::TensorBytes;
 use sluice_io::{AlignedBuf, Completion, EngineOptions, FileId, ReadEngine, ReadReq};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -53,7 +54,8 @@ pub struct StreamOptions {
     /// Predictor that prefetches the next layer's experts (`none`,
     /// `xlayer`, `history`).
     pub prefetch: String,
-    /// Experts prefetched per layer (0: the model's top-k).
+    /// Experts a predictor ranks per layer (0: the model's top-k); how
+    /// many of them are read depends on the drive's spare time.
     pub prefetch_k: usize,
     /// MoE layers ahead that gating and the oracle prefetch for (≥ 1).
     pub prefetch_depth: usize,
@@ -231,10 +233,13 @@ impl StreamStats {
 /// Counters of the prefetcher.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PrefetchStats {
-    /// Experts predicted.
-    pub predicted: u64,
+    /// Experts prefetched: read ahead, or pinned where already resident.
+    pub prefetched: u64,
     /// Of those, experts the layer then used.
-    pub predicted_used: u64,
+    pub prefetched_used: u64,
+    /// Predicted experts dropped unread when their layer's demand arrived
+    /// (the drive had no room for them in time).
+    pub cancelled: u64,
     /// Experts the predicted layers used.
     pub demanded: u64,
     /// Layer-steps with a prediction.
@@ -253,8 +258,9 @@ impl PrefetchStats {
     /// `self - earlier`.
     pub fn since(&self, e: &PrefetchStats) -> PrefetchStats {
         PrefetchStats {
-            predicted: self.predicted - e.predicted,
-            predicted_used: self.predicted_used - e.predicted_used,
+            prefetched: self.prefetched - e.prefetched,
+            prefetched_used: self.prefetched_used - e.prefetched_used,
+            cancelled: self.cancelled - e.cancelled,
             demanded: self.demanded - e.demanded,
             layer_steps: self.layer_steps - e.layer_steps,
             all_ready: self.all_ready - e.all_ready,
@@ -353,15 +359,22 @@ pub struct Streamer {
     /// trace's actual next choice: the upper bound, for measurement).
     external: Option<&'static str>,
     prefetch_k: usize,
-    queue_depth: usize,
-    /// Prediction for the next MoE layer, issued after the current
-    /// layer's demand reads.
-    pending: Vec<(usize, Vec<u32>)>,
+    /// Experts a token uses per layer.
+    top_k: usize,
+    /// Predictions waiting for the drive; they go out after the current
+    /// layer's demand, at most a window of experts in flight at a time.
+    queue: PrefetchQueue,
     depth: usize,
-    /// Per layer: the last prediction, to score it against the demand.
-    predicted: HashMap<usize, Vec<u32>>,
+    /// Layers with a prediction not yet scored against their demand.
+    predicted: HashSet<usize>,
+    /// Per layer: the experts prefetched for it, to score against demand.
+    issued: HashMap<usize, Vec<u32>>,
     /// Slots pinned by prefetches until their layer's demand.
     prefetch_pins: Vec<(usize, usize)>,
+    /// Slots a prefetch started reading, with their layer and expert.
+    prefetch_reads: Vec<(usize, usize, u32)>,
+    /// The step of the last demand, for prefetches issued between them.
+    step: u64,
     /// Prefetched experts not yet used, with their bytes.
     prefetched: HashMap<ExpertKey, u64>,
     pstats: PrefetchStats,
@@ -698,9 +711,25 @@ impl Streamer {
                 sluice_cache::POLICY_NAMES.join(", ")
             ))
         })?;
+        let prefetch_k = if opts.prefetch_k == 0 {
+            c.top_k
+        } else {
+            opts.prefetch_k
+        };
+        let mut cache = SlotCache::new(slots, policy);
+        if predictor.is_some() || external.is_some() {
+            // Wrong guesses recycle a few scratch slots instead of evicting
+            // residents: room for one layer's prefetches in flight and the
+            // previous layer's, at most a quarter of the cache.
+            cache.set_scratch(
+                (2 * prefetch_k * opts.prefetch_depth.max(1))
+                    .min(slots / 4)
+                    .max(1),
+            );
+        }
         Ok(Streamer {
             engine,
-            cache: SlotCache::new(slots, policy),
+            cache,
             ptrs,
             slot_bytes: max_plan,
             align,
@@ -720,16 +749,15 @@ impl Streamer {
             loading_errors: Vec::new(),
             predictor,
             external,
-            prefetch_k: if opts.prefetch_k == 0 {
-                c.top_k
-            } else {
-                opts.prefetch_k
-            },
-            queue_depth: opts.io.queue_depth.max(1),
-            pending: Vec::new(),
+            prefetch_k,
+            top_k: c.top_k,
+            queue: PrefetchQueue::new(prefetch_k * opts.prefetch_depth.max(1)),
             depth: opts.prefetch_depth.max(1),
-            predicted: HashMap::new(),
+            predicted: HashSet::new(),
+            issued: HashMap::new(),
             prefetch_pins: Vec::new(),
+            prefetch_reads: Vec::new(),
+            step: 0,
             prefetched: HashMap::new(),
             pstats: PrefetchStats::default(),
             batch_routes: Vec::new(),
@@ -973,9 +1001,10 @@ impl Streamer {
     /// A prediction made outside (speculative gating) for `layer`, and the
     /// time it took; issued after the current layer's demand reads.
     pub fn hint(&mut self, layer: usize, experts: Vec<u32>, took: Duration) {
-        self.predicted.insert(layer, experts.clone());
-        self.pending.retain(|(l, _)| *l != layer);
-        self.pending.push((layer, experts));
+        self.predicted.insert(layer);
+        // Gating and the oracle give no probabilities: taken as certain.
+        let ranked: Vec<(u32, f32)> = experts.into_iter().map(|e| (e, 1.0)).collect();
+        self.queue.push(layer, &ranked);
         self.pstats.predictor += took;
     }
 
@@ -1013,58 +1042,110 @@ impl Streamer {
         }
         if let (Some(next), 1) = (next, chosen.len()) {
             let mut pred = Vec::new();
-            p.predict(next, self.prefetch_k, &mut pred);
-            self.predicted.insert(next, pred.clone());
-            self.pending.retain(|(l, _)| *l != next);
-            self.pending.push((next, pred));
+            p.predict_scored(next, self.prefetch_k, &mut pred);
+            self.predicted.insert(next);
+            self.queue.push(next, &pred);
         }
         self.pstats.predictor += t.elapsed();
     }
 
-    /// Issues the pending prediction's reads (after the demand batch, so
-    /// demand goes first), pinning what it fetches until its layer runs.
-    fn issue_prefetch(&mut self, step: u64) -> Result<()> {
-        if self.pending.is_empty() {
+    /// Prefetch reads still in flight, pruning those that are done.
+    fn prefetches_in_flight(&mut self) -> usize {
+        let cache = &self.cache;
+        self.prefetch_reads
+            .retain(|&(_, s, _)| cache.state(s) == SlotState::Loading);
+        self.prefetch_reads.len()
+    }
+
+    /// Sends queued predictions to the drive while fewer than the
+    /// admission window's worth of prefetched experts are in flight,
+    /// pinning what they fetch until their layer runs. Called after a
+    /// layer's demand reads (so demand goes first) and at the forward
+    /// pass's ticks between computations.
+    fn top_up(&mut self, step: u64) -> Result<()> {
+        self.top_up_with(step, false)
+    }
+
+    /// [`top_up`](Self::top_up); with `force`, everything queued goes out
+    /// whatever the window and floor.
+    fn top_up_with(&mut self, step: u64, force: bool) -> Result<()> {
+        if self.queue.is_empty() {
             return Ok(());
         }
         let mut reqs = Vec::new();
+        // Prefetches go out unchunked: fewer requests, and the window, not
+        // the chunking, bounds what demand may queue behind.
         let chunk = std::mem::replace(&mut self.chunk, 0);
-        // Nearest layer first: it is needed soonest.
-        let pending = std::mem::take(&mut self.pending);
-        'layers: for (layer, pred) in pending {
-            for e in pred {
-                // Prefetches go out unchunked, at most a queue's worth, so
-                // the next layer's demand does not queue behind a flood.
-                if reqs.len() >= self.queue_depth {
-                    break 'layers;
+        // Prefetches never pin so many slots that a layer's demand could
+        // not find room.
+        let room = self
+            .cache
+            .capacity()
+            .saturating_sub(self.top_k)
+            .max(self.cache.capacity() / 2);
+        while self.prefetch_pins.len() < room {
+            let Some(key) = (if force {
+                self.queue.pop()
+            } else {
+                let n = self.prefetches_in_flight();
+                self.queue.next(n)
+            }) else {
+                break;
+            };
+            let (layer, e) = (key.layer as usize, key.expert);
+            match self.cache.prefetch(key, step) {
+                Acquire::Hit(s) => {
+                    self.cache.pin(s);
+                    self.prefetch_pins.push((layer, s));
+                    self.issued.entry(layer).or_default().push(e);
                 }
-                let key = ExpertKey::new(layer, e as usize);
-                match self.cache.prefetch(key, step) {
-                    Acquire::Hit(s) => {
-                        self.cache.pin(s);
-                        self.prefetch_pins.push((layer, s));
+                Acquire::Miss(s) => {
+                    let before = self.stats.bytes_wanted;
+                    self.queue_reads(s, key, &mut reqs);
+                    let bytes = self.stats.bytes_wanted - before;
+                    self.pstats.bytes += bytes;
+                    self.prefetched.insert(key, bytes);
+                    self.cache.pin(s);
+                    self.prefetch_pins.push((layer, s));
+                    self.prefetch_reads.push((layer, s, e));
+                    self.issued.entry(layer).or_default().push(e);
+                    if let Some(v) = self.cache.take_displaced() {
+                        self.queue.note_displaced(v);
                     }
-                    Acquire::Miss(s) => {
-                        let before = self.stats.bytes_wanted;
-                        self.queue_reads(s, key, &mut reqs);
-                        let bytes = self.stats.bytes_wanted - before;
-                        self.pstats.bytes += bytes;
-                        self.prefetched.insert(key, bytes);
-                        self.cache.pin(s);
-                        self.prefetch_pins.push((layer, s));
-                    }
-                    Acquire::Full => break 'layers,
                 }
+                // No slot free: the rest waits for the next tick.
+                Acquire::Full => break,
             }
         }
         self.chunk = chunk;
         self.submit(&reqs)
     }
 
-    /// Issues pending predictions' reads now (an embedder's hint).
+    /// Between two computations: absorbs finished reads and sends more
+    /// queued predictions to the drive if the admission window allows.
+    /// The forward pass calls it between its larger products, so the
+    /// drive is fed while the CPU or GPU computes.
+    pub fn tick(&mut self) -> Result<()> {
+        if self.queue.is_empty() && self.engine.in_flight() == 0 {
+            return Ok(());
+        }
+        let r = self.poll().and_then(|_| self.top_up(self.step));
+        if let Err(err) = r {
+            return self.fail(&[], err);
+        }
+        Ok(())
+    }
+
+    /// Issues every queued prediction's reads now, whatever the admission
+    /// window: an embedder's explicit request (it has no forward pass to
+    /// tick, and decides itself when the drive may be used).
     pub fn prefetch_now(&mut self, step: u64) -> Result<()> {
-        self.poll()?;
-        self.issue_prefetch(step)
+        self.step = step;
+        let r = self.poll().and_then(|_| self.top_up_with(step, true));
+        if let Err(err) = r {
+            return self.fail(&[], err);
+        }
+        Ok(())
     }
 
     /// The first MoE layer after `layer`.
@@ -1080,15 +1161,31 @@ impl Streamer {
     /// Scores the prediction for `layer` against its demand and lets go of
     /// the prefetch pins for it.
     fn settle_prefetch(&mut self, layer: usize, experts: &[(usize, f32)]) {
-        if let Some(pred) = self.predicted.remove(&layer) {
+        let cancelled = self.queue.cancel(layer);
+        self.pstats.cancelled += cancelled as u64;
+        let cache = &self.cache;
+        let lost = self
+            .queue
+            .lost_to_prefetch(layer, experts.iter().map(|e| e.0), |k| {
+                cache.slot_of(k).is_some()
+            });
+        if self.predicted.remove(&layer) {
+            // The drive's state as the demand arrives steers the window.
+            let demanded =
+                |l: usize, e: u32| l == layer && experts.iter().any(|&(x, _)| x == e as usize);
+            self.prefetches_in_flight();
+            let blocking = self.prefetch_reads.iter().any(|&(l, _, e)| !demanded(l, e));
+            self.queue.adapt(blocking || lost, cancelled > 0);
+            let pred = self.issued.remove(&layer).unwrap_or_default();
             self.pstats.layer_steps += 1;
-            self.pstats.predicted += pred.len() as u64;
+            self.pstats.prefetched += pred.len() as u64;
             self.pstats.demanded += experts.len() as u64;
-            self.pstats.predicted_used += pred
+            self.pstats.prefetched_used += pred
                 .iter()
                 .filter(|&&p| experts.iter().any(|&(e, _)| e == p as usize))
                 .count() as u64;
         }
+        self.issued.retain(|&l, _| l > layer);
         let mut keep = Vec::new();
         for (l, s) in std::mem::take(&mut self.prefetch_pins) {
             if l == layer {
@@ -1139,6 +1236,7 @@ impl Streamer {
         f: &mut dyn FnMut(usize, [WeightView<'_>; 3]) -> Result<()>,
     ) -> Result<()> {
         self.poll()?;
+        self.step = step;
         let mut i = 0;
         let mut wave: Vec<(usize, usize)> = Vec::new();
         while i < experts.len() {
@@ -1147,6 +1245,8 @@ impl Streamer {
                 let (e, s) = wave[w];
                 let r = f(e, self.views(layer, e, s));
                 self.cache.release(s);
+                // Feed the drive between experts.
+                let r = r.and_then(|_| self.poll()).and_then(|_| self.top_up(step));
                 if let Err(err) = r {
                     return self.fail(&wave[w + 1..], err);
                 }
@@ -1185,6 +1285,7 @@ impl Streamer {
             )));
         }
         self.poll()?;
+        self.step = step;
         let want: Vec<(usize, f32)> = uniq.iter().map(|&e| (e, 1.0)).collect();
         let mut wave = Vec::new();
         let got = self.load_wave(layer, &want, 0, step, &mut wave)?;
@@ -1283,6 +1384,12 @@ impl Streamer {
             .iter()
             .map(|&(e, p)| (ExpertKey::new(layer, e), p))
             .collect();
+        let predicted = from == 0 && self.predicted.contains(&layer);
+        if from == 0 {
+            // Scored and unpinned before the demand takes its slots, so
+            // wrong guesses are the first to give theirs up.
+            self.settle_prefetch(layer, experts);
+        }
         let got = self.cache.acquire_step(&keys, step);
         // A wave is a run of consecutive experts, so that outputs are still
         // accumulated in ascending order across waves; residents pinned
@@ -1312,17 +1419,14 @@ impl Streamer {
                 self.cache.capacity()
             )));
         }
-        if from == 0 {
-            if self.predicted.contains_key(&layer) && reqs.is_empty() && end == rest.len() {
-                self.poll()?;
-                if wave
-                    .iter()
-                    .all(|&(_, s)| self.cache.state(s) == SlotState::Ready)
-                {
-                    self.pstats.all_ready += 1;
-                }
+        if predicted && reqs.is_empty() && end == rest.len() {
+            self.poll()?;
+            if wave
+                .iter()
+                .all(|&(_, s)| self.cache.state(s) == SlotState::Ready)
+            {
+                self.pstats.all_ready += 1;
             }
-            self.settle_prefetch(layer, experts);
         }
         if let Err(err) = self.submit(&reqs) {
             for &(_, s) in wave.iter() {
@@ -1332,7 +1436,7 @@ impl Streamer {
             }
             return self.fail(wave, err).map(|_| 0);
         }
-        if let Err(err) = self.issue_prefetch(step) {
+        if let Err(err) = self.top_up(step) {
             return self.fail(wave, err).map(|_| 0);
         }
         // The whole wave is read before any of it is computed: the stall is
@@ -1379,7 +1483,10 @@ impl Streamer {
         for (_, s) in std::mem::take(&mut self.prefetch_pins) {
             self.cache.release(s);
         }
-        self.pending.clear();
+        self.queue.clear();
+        self.predicted.clear();
+        self.issued.clear();
+        self.prefetch_reads.clear();
         self.loading_errors.clear();
         Err(err)
     }
