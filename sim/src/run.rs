@@ -9,11 +9,11 @@ use crate::profile::Profile;
 use crate::routing::{FixedHits, Routes};
 use serde_json::{json, Value};
 use sluice_cache::{
-    policy_by_name, predictor_by_name, Acquire, ExpertKey, Predictor, PrefetchQueue, SlotCache,
+    policy_by_name, predictor_by_name, Acquire, ExpertKey, Predictor, Prefetcher, SlotCache,
 };
 use sluice_core::{Error, Result};
 use sluice_engine::stream::{scratch_bytes, Budget, PrefetchStats};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 /// How expert bytes reach compute.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -200,21 +200,11 @@ struct Sim<'a> {
     predictor: Option<Box<dyn Predictor>>,
     oracle: bool,
     prefetch_k: usize,
-    /// Layers with a prediction not yet scored against their demand.
-    predicted: HashSet<usize>,
-    /// Per layer: the experts prefetched for it.
-    issued: HashMap<usize, Vec<u32>>,
-    /// The engine's admission queue and window.
-    queue: PrefetchQueue,
-    prefetch_pins: Vec<(usize, usize)>,
-    /// Slots a prefetch read, with their layer and expert.
-    prefetch_reads: Vec<(usize, usize, u32)>,
+    /// The engine's prefetch bookkeeping and admission.
+    pf: Prefetcher,
     /// Step of the last demand.
     step: u64,
-    prefetched: HashMap<ExpertKey, u64>,
     memo: HashMap<(usize, usize), Vec<usize>>,
-    /// Prefetch counters, cumulative.
-    pf: PrefetchStats,
     moe_layers: Vec<usize>,
     t: f64,
 }
@@ -362,15 +352,9 @@ pub fn simulate(
         predictor,
         oracle,
         prefetch_k,
-        predicted: HashSet::new(),
-        issued: HashMap::new(),
-        queue: PrefetchQueue::new(prefetch_k * o.prefetch_depth.max(1)),
-        prefetch_pins: Vec::new(),
-        prefetch_reads: Vec::new(),
+        pf: Prefetcher::new(prefetch_k * o.prefetch_depth.max(1)),
         step: 0,
-        prefetched: HashMap::new(),
         memo: HashMap::new(),
-        pf: PrefetchStats::default(),
         moe_layers: (0..m.layers.len()).filter(|&l| m.layers[l].moe).collect(),
         t: 0.0,
     };
@@ -424,14 +408,7 @@ impl Sim<'_> {
             layers: vec![LayerTimes::default(); m.layers.len()],
             ..Default::default()
         };
-        self.predicted.clear();
-        self.issued.clear();
-        self.queue.clear();
-        self.prefetch_reads.clear();
-        for (_, s) in std::mem::take(&mut self.prefetch_pins) {
-            self.cache.release(s);
-        }
-        self.prefetched.clear();
+        self.pf.clear(&mut self.cache);
         // Prefill: the prompt as one batch.
         let n = self.o.prompt_tokens.max(1);
         let t0 = self.t;
@@ -483,7 +460,7 @@ impl Sim<'_> {
         let t1 = self.t;
         let bytes1 = self.flash.bytes();
         let busy1 = self.flash.busy_s();
-        let pf1 = self.pf;
+        let pf1 = self.pf.stats;
         for pos in n..n + self.o.tokens {
             for l in 0..m.layers.len() {
                 let uses: Vec<(usize, usize)> = if m.layers[l].moe {
@@ -507,7 +484,7 @@ impl Sim<'_> {
         r.decode_s = self.t - t1;
         r.bytes_read = self.flash.bytes() - bytes1;
         r.flash_busy_s = self.flash.busy_s() - busy1;
-        r.pf = self.pf.since(&pf1);
+        r.pf = self.pf.stats.since(&pf1);
         r.hits = r.layers.iter().map(|x| x.hits).sum();
         r.misses = r.layers.iter().map(|x| x.misses).sum();
         r.stall_s = r.layers.iter().map(|x| x.stall_s).sum();
@@ -530,9 +507,8 @@ impl Sim<'_> {
                     .into_iter()
                     .map(|e| e as u32)
                     .collect();
-                self.predicted.insert(nl);
                 let ranked: Vec<(u32, f32)> = e.into_iter().map(|e| (e, 1.0)).collect();
-                self.queue.push(nl, &ranked);
+                self.pf.predict(nl, &ranked);
             }
             return;
         }
@@ -542,8 +518,7 @@ impl Sim<'_> {
         if let Some(&nl) = self.moe_layers.get(i + 1) {
             let mut pred = Vec::new();
             p.predict_scored(nl, self.prefetch_k, &mut pred);
-            self.predicted.insert(nl);
-            self.queue.push(nl, &pred);
+            self.pf.predict(nl, &pred);
         }
     }
 
@@ -653,7 +628,7 @@ impl Sim<'_> {
             .iter()
             .map(|&(e, _)| (ExpertKey::new(l, e), 1.0))
             .collect();
-        let predicted = first && self.predicted.contains(&l);
+        let predicted = first && self.pf.has_prediction(l);
         if first {
             self.settle_prefetch(l, uses);
         }
@@ -691,7 +666,7 @@ impl Sim<'_> {
             )));
         }
         if predicted && misses == 0 && end == uses.len() && ready <= self.t {
-            self.pf.all_ready += 1;
+            self.pf.stats.all_ready += 1;
         }
         self.top_up(step);
         for s in wave {
@@ -700,60 +675,13 @@ impl Sim<'_> {
         Ok((end, ready, hits, misses))
     }
 
-    /// Scores the prediction for `l` and lets go of its prefetch pins.
+    /// Scores the prediction for `l` and lets go of its prefetch pins
+    /// (the engine's `settle_prefetch`).
     fn settle_prefetch(&mut self, l: usize, uses: &[(usize, usize)]) {
-        let cancelled = self.queue.cancel(l);
-        self.pf.cancelled += cancelled as u64;
-        let cache = &self.cache;
-        let lost = self
-            .queue
-            .lost_to_prefetch(l, uses.iter().map(|u| u.0), |k| cache.slot_of(k).is_some());
-        if self.predicted.remove(&l) {
-            let demanded =
-                |pl: usize, e: u32| pl == l && uses.iter().any(|&(x, _)| x == e as usize);
-            self.prefetches_in_flight();
-            let blocking = self
-                .prefetch_reads
-                .iter()
-                .any(|&(pl, _, e)| !demanded(pl, e));
-            self.queue.adapt(blocking || lost, cancelled > 0);
-            let pred = self.issued.remove(&l).unwrap_or_default();
-            self.pf.layer_steps += 1;
-            self.pf.prefetched += pred.len() as u64;
-            self.pf.demanded += uses.len() as u64;
-            self.pf.prefetched_used += pred
-                .iter()
-                .filter(|&&p| uses.iter().any(|&(e, _)| e == p as usize))
-                .count() as u64;
-        }
-        self.issued.retain(|&pl, _| pl > l);
-        let mut keep = Vec::new();
-        for (pl, s) in std::mem::take(&mut self.prefetch_pins) {
-            if pl == l {
-                self.cache.release(s);
-            } else {
-                keep.push((pl, s));
-            }
-        }
-        self.prefetch_pins = keep;
-        let mut wasted = 0;
-        self.prefetched.retain(|k, b| {
-            if k.layer as usize != l {
-                return true;
-            }
-            if !uses.iter().any(|&(e, _)| e == k.expert as usize) {
-                wasted += *b;
-            }
-            false
-        });
-        self.pf.wasted_bytes += wasted;
-    }
-
-    /// Prefetch reads not in yet at the current time.
-    fn prefetches_in_flight(&mut self) -> usize {
+        let demanded: Vec<usize> = uses.iter().map(|u| u.0).collect();
         let (t, ready) = (self.t, &self.ready_at);
-        self.prefetch_reads.retain(|&(_, s, _)| ready[s] > t);
-        self.prefetch_reads.len()
+        self.pf
+            .settle(&mut self.cache, l, &demanded, |_, s| ready[s] > t);
     }
 
     /// The engine's tick: queued predictions go to the drive while the
@@ -765,38 +693,25 @@ impl Sim<'_> {
     }
 
     /// Issues queued predictions, nearest layer first, as whole-record
-    /// reads while fewer than the window's worth are in flight, pinned
-    /// until their layer runs (the engine's `top_up`).
+    /// reads while the admission window allows, pinned until their layer
+    /// runs (the engine's `top_up`).
     fn top_up(&mut self, step: u64) {
-        let cap = self.cache.capacity();
-        let room = cap.saturating_sub(self.m.top_k).max(cap / 2);
-        while self.prefetch_pins.len() < room {
-            let Some(key) = ({
-                let n = self.prefetches_in_flight();
-                self.queue.next(n)
-            }) else {
+        loop {
+            let (t, ready) = (self.t, &self.ready_at);
+            let Some(key) = self
+                .pf
+                .next(&self.cache, self.m.top_k, false, |_, s| ready[s] > t)
+            else {
                 break;
             };
-            let (layer, e) = (key.layer as usize, key.expert);
             match self.cache.prefetch(key, step) {
-                Acquire::Hit(s) => {
-                    self.cache.pin(s);
-                    self.prefetch_pins.push((layer, s));
-                    self.issued.entry(layer).or_default().push(e);
-                }
+                Acquire::Hit(s) => self.pf.took(&mut self.cache, key, s, None),
                 Acquire::Miss(s) => {
                     let done = self.read_record(false);
                     self.ready_at[s] = done;
                     self.cache.mark_ready(s);
-                    self.pf.bytes += self.m.record_bytes;
-                    self.prefetched.insert(key, self.m.record_bytes);
-                    self.cache.pin(s);
-                    self.prefetch_pins.push((layer, s));
-                    self.prefetch_reads.push((layer, s, e));
-                    self.issued.entry(layer).or_default().push(e);
-                    if let Some(v) = self.cache.take_displaced() {
-                        self.queue.note_displaced(v);
-                    }
+                    let bytes = self.m.record_bytes;
+                    self.pf.took(&mut self.cache, key, s, Some(bytes));
                 }
                 Acquire::Full => break,
             }

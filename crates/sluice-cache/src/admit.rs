@@ -8,8 +8,9 @@
 //! still queued when its layer's demand arrives: an unneeded prefetch that
 //! never went out costs neither a read nor a slot.
 
-use crate::ExpertKey;
-use std::collections::VecDeque;
+use crate::{ExpertKey, SlotCache};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::Duration;
 
 /// Floor rise at a demand that a wrong guess blocked.
 const FLOOR_UP: f32 = 0.2;
@@ -201,6 +202,219 @@ impl PrefetchQueue {
     /// window is kept.
     pub fn clear(&mut self) {
         self.queue.clear();
+    }
+}
+
+/// Counters of the prefetcher.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PrefetchStats {
+    /// Experts prefetched: read ahead, or pinned where already resident.
+    pub prefetched: u64,
+    /// Of those, experts the layer then used.
+    pub prefetched_used: u64,
+    /// Predicted experts dropped unread: still queued when their layer's
+    /// demand arrived, or below the probability floor.
+    pub cancelled: u64,
+    /// Experts the predicted layers used.
+    pub demanded: u64,
+    /// Layer-steps with a prediction.
+    pub layer_steps: u64,
+    /// Layer-steps whose experts were all resident and read when demanded.
+    pub all_ready: u64,
+    /// Bytes read for prefetches.
+    pub bytes: u64,
+    /// Bytes read for prefetches the layer did not use.
+    pub wasted_bytes: u64,
+    /// Time spent in the predictor.
+    pub predictor: Duration,
+}
+
+impl PrefetchStats {
+    /// `self - earlier`.
+    pub fn since(&self, e: &PrefetchStats) -> PrefetchStats {
+        PrefetchStats {
+            prefetched: self.prefetched - e.prefetched,
+            prefetched_used: self.prefetched_used - e.prefetched_used,
+            cancelled: self.cancelled - e.cancelled,
+            demanded: self.demanded - e.demanded,
+            layer_steps: self.layer_steps - e.layer_steps,
+            all_ready: self.all_ready - e.all_ready,
+            bytes: self.bytes - e.bytes,
+            wasted_bytes: self.wasted_bytes - e.wasted_bytes,
+            predictor: self.predictor.saturating_sub(e.predictor),
+        }
+    }
+}
+
+/// The prefetcher's bookkeeping between predictions and demands, shared
+/// by the engine (real reads) and the simulator (reads on a device
+/// clock), which differ only in how a read is issued and in what "still
+/// in flight" means (a slot still loading, or a read due later).
+///
+/// Per layer it remembers what was predicted and prefetched, pins what it
+/// fetched until the layer's demand, and at that demand scores the
+/// prediction, steers the [`PrefetchQueue`] and lets the pins go.
+#[derive(Debug)]
+pub struct Prefetcher {
+    queue: PrefetchQueue,
+    /// Layers with a prediction not yet scored against their demand.
+    predicted: HashSet<usize>,
+    /// Per layer: the experts prefetched for it.
+    issued: HashMap<usize, Vec<u32>>,
+    /// (layer, slot) pinned by prefetches until the layer's demand.
+    pins: Vec<(usize, usize)>,
+    /// (layer, slot, expert) whose read a prefetch started.
+    reads: Vec<(usize, usize, u32)>,
+    /// Prefetched experts not yet used, with their bytes.
+    bytes_of: HashMap<ExpertKey, u64>,
+    /// Counters so far.
+    pub stats: PrefetchStats,
+}
+
+impl Prefetcher {
+    /// Nothing predicted yet; at most `max_window` prefetched experts in
+    /// flight.
+    pub fn new(max_window: usize) -> Self {
+        Prefetcher {
+            queue: PrefetchQueue::new(max_window),
+            predicted: HashSet::new(),
+            issued: HashMap::new(),
+            pins: Vec::new(),
+            reads: Vec::new(),
+            bytes_of: HashMap::new(),
+            stats: PrefetchStats::default(),
+        }
+    }
+
+    /// The admission queue.
+    pub fn queue(&self) -> &PrefetchQueue {
+        &self.queue
+    }
+
+    /// A prediction for `layer`: experts with their probabilities of use,
+    /// most likely first. Replaces an earlier one for the same layer.
+    pub fn predict(&mut self, layer: usize, ranked: &[(u32, f32)]) {
+        self.predicted.insert(layer);
+        self.queue.push(layer, ranked);
+    }
+
+    /// Whether `layer` has a prediction not yet scored.
+    pub fn has_prediction(&self, layer: usize) -> bool {
+        self.predicted.contains(&layer)
+    }
+
+    /// Prefetch reads still in flight (`loading(slot)`), forgetting the
+    /// finished ones.
+    pub fn in_flight(&mut self, loading: impl Fn(usize) -> bool) -> usize {
+        self.reads.retain(|&(_, s, _)| loading(s));
+        self.reads.len()
+    }
+
+    /// The next expert to prefetch, if the admission window allows (or
+    /// whatever it says, with `force`) and prefetch pins leave `cache`
+    /// room for a layer of `top_k`. `loading(cache, slot)` tells whether a
+    /// slot's read is still in flight.
+    pub fn next(
+        &mut self,
+        cache: &SlotCache,
+        top_k: usize,
+        force: bool,
+        loading: impl Fn(&SlotCache, usize) -> bool,
+    ) -> Option<ExpertKey> {
+        let cap = cache.capacity();
+        if self.pins.len() >= cap.saturating_sub(top_k).max(cap / 2) {
+            return None;
+        }
+        if force {
+            return self.queue.pop();
+        }
+        let n = self.in_flight(|s| loading(cache, s));
+        self.queue.next(n)
+    }
+
+    /// `cache.prefetch(key)` gave `slot`: pins it until the layer's
+    /// demand. `read` is the bytes of the read issued into it (`None`: it
+    /// was resident already).
+    pub fn took(&mut self, cache: &mut SlotCache, key: ExpertKey, slot: usize, read: Option<u64>) {
+        let layer = key.layer as usize;
+        cache.pin(slot);
+        self.pins.push((layer, slot));
+        self.issued.entry(layer).or_default().push(key.expert);
+        if let Some(bytes) = read {
+            self.stats.bytes += bytes;
+            self.bytes_of.insert(key, bytes);
+            self.reads.push((layer, slot, key.expert));
+            if let Some(v) = cache.take_displaced() {
+                self.queue.note_displaced(v);
+            }
+        }
+    }
+
+    /// `layer`'s demand for `demanded` arrives: drops what is still queued
+    /// for it, steers the window from what the drive is doing (`loading`),
+    /// scores the prediction and releases the layer's prefetch pins. Call
+    /// it before the demand takes its slots, so wrong guesses give theirs
+    /// up first.
+    pub fn settle(
+        &mut self,
+        cache: &mut SlotCache,
+        layer: usize,
+        demanded: &[usize],
+        loading: impl Fn(&SlotCache, usize) -> bool,
+    ) {
+        let cancelled = self.queue.cancel(layer);
+        let used = |e: u32| demanded.contains(&(e as usize));
+        let lost = self
+            .queue
+            .lost_to_prefetch(layer, demanded.iter().copied(), |k| {
+                cache.slot_of(k).is_some()
+            });
+        if self.predicted.remove(&layer) {
+            let c: &SlotCache = cache;
+            self.in_flight(|s| loading(c, s));
+            let blocking = self.reads.iter().any(|&(l, _, e)| l != layer || !used(e));
+            self.queue.adapt(blocking || lost, cancelled > 0);
+            let pred = self.issued.remove(&layer).unwrap_or_default();
+            self.stats.layer_steps += 1;
+            self.stats.prefetched += pred.len() as u64;
+            self.stats.demanded += demanded.len() as u64;
+            self.stats.prefetched_used += pred.iter().filter(|&&e| used(e)).count() as u64;
+        }
+        self.issued.retain(|&l, _| l > layer);
+        self.stats.cancelled = self.queue.cancelled();
+        let mut keep = Vec::new();
+        for (l, s) in std::mem::take(&mut self.pins) {
+            if l == layer {
+                cache.release(s);
+            } else {
+                keep.push((l, s));
+            }
+        }
+        self.pins = keep;
+        let mut wasted = 0;
+        self.bytes_of.retain(|k, b| {
+            if k.layer as usize != layer {
+                return true;
+            }
+            if !used(k.expert) {
+                wasted += *b;
+            }
+            false
+        });
+        self.stats.wasted_bytes += wasted;
+    }
+
+    /// Forgets every prediction and lets go of every prefetch pin (after
+    /// a failure, or before a new pass); counters and window are kept.
+    pub fn clear(&mut self, cache: &mut SlotCache) {
+        for (_, s) in std::mem::take(&mut self.pins) {
+            cache.release(s);
+        }
+        self.queue.clear();
+        self.predicted.clear();
+        self.issued.clear();
+        self.reads.clear();
+        self.bytes_of.clear();
     }
 }
 

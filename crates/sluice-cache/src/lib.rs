@@ -16,7 +16,7 @@ mod admit;
 mod policy;
 mod predict;
 
-pub use admit::PrefetchQueue;
+pub use admit::{PrefetchQueue, PrefetchStats, Prefetcher};
 
 pub use policy::{policy_by_name, Lfu, Lru, Policy, RouterAware, POLICY_NAMES};
 pub use predict::{predictor_by_name, Belady, CrossLayer, History, Predictor, PREDICTOR_NAMES};

@@ -19,13 +19,13 @@ use crate::config::Config;
 use crate::model::{Ffn, MixerWeights, Model, Weight};
 use crate::pack::PackInfo;
 use sluice_cache::{
-    policy_by_name, predictor_by_name, Acquire, ExpertKey, Predictor, PrefetchQueue, SlotCache,
+    policy_by_name, predictor_by_name, Acquire, ExpertKey, Predictor, Prefetcher, SlotCache,
     SlotState,
 };
 use sluice_core::{DType, Error, Result, WeightView};
 use sluice_format::TensorBytes;
 use sluice_io::{AlignedBuf, Completion, EngineOptions, FileId, ReadEngine, ReadReq};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -230,46 +230,7 @@ impl StreamStats {
     }
 }
 
-/// Counters of the prefetcher.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct PrefetchStats {
-    /// Experts prefetched: read ahead, or pinned where already resident.
-    pub prefetched: u64,
-    /// Of those, experts the layer then used.
-    pub prefetched_used: u64,
-    /// Predicted experts dropped unread when their layer's demand arrived
-    /// (the drive had no room for them in time).
-    pub cancelled: u64,
-    /// Experts the predicted layers used.
-    pub demanded: u64,
-    /// Layer-steps with a prediction.
-    pub layer_steps: u64,
-    /// Layer-steps whose experts were all resident and read when demanded.
-    pub all_ready: u64,
-    /// Bytes read for prefetches.
-    pub bytes: u64,
-    /// Bytes read for prefetches the layer did not use.
-    pub wasted_bytes: u64,
-    /// Time spent in the predictor.
-    pub predictor: Duration,
-}
-
-impl PrefetchStats {
-    /// `self - earlier`.
-    pub fn since(&self, e: &PrefetchStats) -> PrefetchStats {
-        PrefetchStats {
-            prefetched: self.prefetched - e.prefetched,
-            prefetched_used: self.prefetched_used - e.prefetched_used,
-            cancelled: self.cancelled - e.cancelled,
-            demanded: self.demanded - e.demanded,
-            layer_steps: self.layer_steps - e.layer_steps,
-            all_ready: self.all_ready - e.all_ready,
-            bytes: self.bytes - e.bytes,
-            wasted_bytes: self.wasted_bytes - e.wasted_bytes,
-            predictor: self.predictor.saturating_sub(e.predictor),
-        }
-    }
-}
+pub use sluice_cache::PrefetchStats;
 
 /// One read of an expert's plan.
 #[derive(Clone, Copy, Debug)]
@@ -361,23 +322,13 @@ pub struct Streamer {
     prefetch_k: usize,
     /// Experts a token uses per layer.
     top_k: usize,
-    /// Predictions waiting for the drive; they go out after the current
-    /// layer's demand, at most a window of experts in flight at a time.
-    queue: PrefetchQueue,
+    /// Predictions, admission and prefetch pins (shared with the
+    /// simulator); they go out after the current layer's demand and at
+    /// the forward pass's ticks.
+    pf: Prefetcher,
     depth: usize,
-    /// Layers with a prediction not yet scored against their demand.
-    predicted: HashSet<usize>,
-    /// Per layer: the experts prefetched for it, to score against demand.
-    issued: HashMap<usize, Vec<u32>>,
-    /// Slots pinned by prefetches until their layer's demand.
-    prefetch_pins: Vec<(usize, usize)>,
-    /// Slots a prefetch started reading, with their layer and expert.
-    prefetch_reads: Vec<(usize, usize, u32)>,
     /// The step of the last demand, for prefetches issued between them.
     step: u64,
-    /// Prefetched experts not yet used, with their bytes.
-    prefetched: HashMap<ExpertKey, u64>,
-    pstats: PrefetchStats,
     /// Routes of a batch's layers so far, per token.
     batch_routes: Vec<(usize, Vec<Vec<u32>>)>,
 }
@@ -751,15 +702,9 @@ impl Streamer {
             external,
             prefetch_k,
             top_k: c.top_k,
-            queue: PrefetchQueue::new(prefetch_k * opts.prefetch_depth.max(1)),
+            pf: Prefetcher::new(prefetch_k * opts.prefetch_depth.max(1)),
             depth: opts.prefetch_depth.max(1),
-            predicted: HashSet::new(),
-            issued: HashMap::new(),
-            prefetch_pins: Vec::new(),
-            prefetch_reads: Vec::new(),
             step: 0,
-            prefetched: HashMap::new(),
-            pstats: PrefetchStats::default(),
             batch_routes: Vec::new(),
         })
     }
@@ -978,7 +923,7 @@ impl Streamer {
 
     /// Prefetcher counters so far.
     pub fn prefetch_stats(&self) -> PrefetchStats {
-        self.pstats
+        self.pf.stats
     }
 
     /// The prefetch predictor's name, if one runs.
@@ -1001,11 +946,10 @@ impl Streamer {
     /// A prediction made outside (speculative gating) for `layer`, and the
     /// time it took; issued after the current layer's demand reads.
     pub fn hint(&mut self, layer: usize, experts: Vec<u32>, took: Duration) {
-        self.predicted.insert(layer);
         // Gating and the oracle give no probabilities: taken as certain.
         let ranked: Vec<(u32, f32)> = experts.into_iter().map(|e| (e, 1.0)).collect();
-        self.queue.push(layer, &ranked);
-        self.pstats.predictor += took;
+        self.pf.predict(layer, &ranked);
+        self.pf.stats.predictor += took;
     }
 
     /// Layer `layer` routed the batch to `chosen` (per token, best first).
@@ -1043,18 +987,9 @@ impl Streamer {
         if let (Some(next), 1) = (next, chosen.len()) {
             let mut pred = Vec::new();
             p.predict_scored(next, self.prefetch_k, &mut pred);
-            self.predicted.insert(next);
-            self.queue.push(next, &pred);
+            self.pf.predict(next, &pred);
         }
-        self.pstats.predictor += t.elapsed();
-    }
-
-    /// Prefetch reads still in flight, pruning those that are done.
-    fn prefetches_in_flight(&mut self) -> usize {
-        let cache = &self.cache;
-        self.prefetch_reads
-            .retain(|&(_, s, _)| cache.state(s) == SlotState::Loading);
-        self.prefetch_reads.len()
+        self.pf.stats.predictor += t.elapsed();
     }
 
     /// Sends queued predictions to the drive while fewer than the
@@ -1069,49 +1004,21 @@ impl Streamer {
     /// [`top_up`](Self::top_up); with `force`, everything queued goes out
     /// whatever the window and floor.
     fn top_up_with(&mut self, step: u64, force: bool) -> Result<()> {
-        if self.queue.is_empty() {
+        if self.pf.queue().is_empty() {
             return Ok(());
         }
         let mut reqs = Vec::new();
         // Prefetches go out unchunked: fewer requests, and the window, not
         // the chunking, bounds what demand may queue behind.
         let chunk = std::mem::replace(&mut self.chunk, 0);
-        // Prefetches never pin so many slots that a layer's demand could
-        // not find room.
-        let room = self
-            .cache
-            .capacity()
-            .saturating_sub(self.top_k)
-            .max(self.cache.capacity() / 2);
-        while self.prefetch_pins.len() < room {
-            let Some(key) = (if force {
-                self.queue.pop()
-            } else {
-                let n = self.prefetches_in_flight();
-                self.queue.next(n)
-            }) else {
-                break;
-            };
-            let (layer, e) = (key.layer as usize, key.expert);
+        while let Some(key) = self.pf.next(&self.cache, self.top_k, force, loading) {
             match self.cache.prefetch(key, step) {
-                Acquire::Hit(s) => {
-                    self.cache.pin(s);
-                    self.prefetch_pins.push((layer, s));
-                    self.issued.entry(layer).or_default().push(e);
-                }
+                Acquire::Hit(s) => self.pf.took(&mut self.cache, key, s, None),
                 Acquire::Miss(s) => {
                     let before = self.stats.bytes_wanted;
                     self.queue_reads(s, key, &mut reqs);
                     let bytes = self.stats.bytes_wanted - before;
-                    self.pstats.bytes += bytes;
-                    self.prefetched.insert(key, bytes);
-                    self.cache.pin(s);
-                    self.prefetch_pins.push((layer, s));
-                    self.prefetch_reads.push((layer, s, e));
-                    self.issued.entry(layer).or_default().push(e);
-                    if let Some(v) = self.cache.take_displaced() {
-                        self.queue.note_displaced(v);
-                    }
+                    self.pf.took(&mut self.cache, key, s, Some(bytes));
                 }
                 // No slot free: the rest waits for the next tick.
                 Acquire::Full => break,
@@ -1126,7 +1033,7 @@ impl Streamer {
     /// The forward pass calls it between its larger products, so the
     /// drive is fed while the CPU or GPU computes.
     pub fn tick(&mut self) -> Result<()> {
-        if self.queue.is_empty() && self.engine.in_flight() == 0 {
+        if self.pf.queue().is_empty() && self.engine.in_flight() == 0 {
             return Ok(());
         }
         let r = self.poll().and_then(|_| self.top_up(self.step));
@@ -1161,55 +1068,8 @@ impl Streamer {
     /// Scores the prediction for `layer` against its demand and lets go of
     /// the prefetch pins for it.
     fn settle_prefetch(&mut self, layer: usize, experts: &[(usize, f32)]) {
-        let cancelled = self.queue.cancel(layer);
-        self.pstats.cancelled += cancelled as u64;
-        let cache = &self.cache;
-        let lost = self
-            .queue
-            .lost_to_prefetch(layer, experts.iter().map(|e| e.0), |k| {
-                cache.slot_of(k).is_some()
-            });
-        if self.predicted.remove(&layer) {
-            // The drive's state as the demand arrives steers the window.
-            let demanded =
-                |l: usize, e: u32| l == layer && experts.iter().any(|&(x, _)| x == e as usize);
-            self.prefetches_in_flight();
-            let blocking = self.prefetch_reads.iter().any(|&(l, _, e)| !demanded(l, e));
-            self.queue.adapt(blocking || lost, cancelled > 0);
-            let pred = self.issued.remove(&layer).unwrap_or_default();
-            self.pstats.layer_steps += 1;
-            self.pstats.prefetched += pred.len() as u64;
-            self.pstats.demanded += experts.len() as u64;
-            self.pstats.prefetched_used += pred
-                .iter()
-                .filter(|&&p| experts.iter().any(|&(e, _)| e == p as usize))
-                .count() as u64;
-        }
-        self.issued.retain(|&l, _| l > layer);
-        let mut keep = Vec::new();
-        for (l, s) in std::mem::take(&mut self.prefetch_pins) {
-            if l == layer {
-                self.cache.release(s);
-            } else {
-                keep.push((l, s));
-            }
-        }
-        self.prefetch_pins = keep;
-        let used: Vec<ExpertKey> = experts
-            .iter()
-            .map(|&(e, _)| ExpertKey::new(layer, e))
-            .collect();
-        let mut wasted = 0;
-        self.prefetched.retain(|k, b| {
-            if k.layer as usize != layer {
-                return true;
-            }
-            if !used.contains(k) {
-                wasted += *b;
-            }
-            false
-        });
-        self.pstats.wasted_bytes += wasted;
+        let demanded: Vec<usize> = experts.iter().map(|e| e.0).collect();
+        self.pf.settle(&mut self.cache, layer, &demanded, loading);
     }
 
     /// Absorbs completed reads without blocking (better completion times,
@@ -1384,7 +1244,7 @@ impl Streamer {
             .iter()
             .map(|&(e, p)| (ExpertKey::new(layer, e), p))
             .collect();
-        let predicted = from == 0 && self.predicted.contains(&layer);
+        let predicted = from == 0 && self.pf.has_prediction(layer);
         if from == 0 {
             // Scored and unpinned before the demand takes its slots, so
             // wrong guesses are the first to give theirs up.
@@ -1425,7 +1285,7 @@ impl Streamer {
                 .iter()
                 .all(|&(_, s)| self.cache.state(s) == SlotState::Ready)
             {
-                self.pstats.all_ready += 1;
+                self.pf.stats.all_ready += 1;
             }
         }
         if let Err(err) = self.submit(&reqs) {
@@ -1480,16 +1340,15 @@ impl Streamer {
         for &(_, s) in rest {
             self.cache.release(s);
         }
-        for (_, s) in std::mem::take(&mut self.prefetch_pins) {
-            self.cache.release(s);
-        }
-        self.queue.clear();
-        self.predicted.clear();
-        self.issued.clear();
-        self.prefetch_reads.clear();
+        self.pf.clear(&mut self.cache);
         self.loading_errors.clear();
         Err(err)
     }
+}
+
+/// Whether a slot's read is still in flight (the prefetcher's view).
+fn loading(cache: &SlotCache, slot: usize) -> bool {
+    cache.state(slot) == SlotState::Loading
 }
 
 /// `1.5G`-style size for messages.
