@@ -943,8 +943,9 @@ impl Streamer {
         self.external == Some("oracle")
     }
 
-    /// A prediction made outside (speculative gating) for `layer`, and the
-    /// time it took; issued after the current layer's demand reads.
+    /// A prediction made outside (speculative gating, the oracle) for
+    /// `layer`, and the time it took; queued for admission, which starts
+    /// after the current layer's demand reads.
     pub fn hint(&mut self, layer: usize, experts: Vec<u32>, took: Duration) {
         // Gating and the oracle give no probabilities: taken as certain.
         let ranked: Vec<(u32, f32)> = experts.into_iter().map(|e| (e, 1.0)).collect();
@@ -954,8 +955,8 @@ impl Streamer {
 
     /// Layer `layer` routed the batch to `chosen` (per token, best first).
     /// The predictor learns from it; for a single token it also predicts
-    /// `next` (the next MoE layer), whose reads are issued right after this
-    /// layer's demand reads.
+    /// `next` (the next MoE layer), queued for admission: its reads go out
+    /// after this layer's demand reads, as the window allows.
     pub fn routed(&mut self, layer: usize, next: Option<usize>, chosen: &[&[usize]]) {
         let Some(p) = &mut self.predictor else {
             return;
