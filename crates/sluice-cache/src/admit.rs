@@ -41,10 +41,9 @@ const DISPLACED_MEMORY: usize = 64;
 /// demand a *blocking* one. So each blocking demand raises the
 /// floor by 0.2 and each demand with nothing in the way lowers it by 0.02:
 /// the floor settles where about one demand in ten finds a wrong guess in
-/// its way, and falls to zero on a drive with room to spare. (Measured on
-/// the simulated phone with the recorded traces: without the floor,
-/// cross-layer prefetch cost 9% at 1.2 GB/s; with it, none of the drive
-/// speeds tried is slower than no prefetch.) The engine
+/// its way, and falls to zero on a drive with room to spare. (On the
+/// simulated phone with the recorded traces, no drive speed tried makes
+/// cross-layer prefetch slower than none: docs/BENCHMARKS.md.) The engine
 /// and the simulator run this same code.
 #[derive(Clone, Debug)]
 pub struct PrefetchQueue {

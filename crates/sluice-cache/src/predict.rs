@@ -166,7 +166,8 @@ impl Predictor for CrossLayer {
     /// The probability of `b` is the mean over the experts chosen one
     /// layer up of how often `b` followed each: Σ_a count(a→b) / Σ_a
     /// count(a). On the recorded traces this is calibrated (predictions
-    /// scored 0.5-0.6 were used 67-75% of the time, 0.1-0.2 13-14%).
+    /// scored 0.5-0.6 were used 73% of the time, 0.1-0.2 15%:
+    /// `scripts/xlayer_study.py`).
     fn predict_scored(&mut self, layer: usize, m: usize, out: &mut Vec<(u32, f32)>) {
         let mut ids = Vec::new();
         self.predict(layer, m, &mut ids);
