@@ -333,26 +333,20 @@ pub fn simulate(
     } else {
         o.prefetch_k
     };
+    let mut cache = SlotCache::new(budget.slots.max(1), policy);
+    let pf = Prefetcher::new(&mut cache, prefetch_k, o.prefetch_depth);
     let mut sim = Sim {
         m,
         o,
         costs: Costs::new(p),
         flash,
-        cache: {
-            let mut c = SlotCache::new(budget.slots.max(1), policy);
-            if o.prefetch != "none" {
-                // As the engine: wrong guesses recycle scratch slots.
-                let n = budget.slots.max(1);
-                c.set_scratch((2 * prefetch_k * o.prefetch_depth.max(1)).min(n / 4).max(1));
-            }
-            c
-        },
+        cache,
         ready_at: vec![0.0; budget.slots.max(1)],
         fixed: o.fixed_hit_rate.map(|r| FixedHits::new(r, 7)),
         predictor,
         oracle,
         prefetch_k,
-        pf: Prefetcher::new(prefetch_k * o.prefetch_depth.max(1)),
+        pf,
         step: 0,
         memo: HashMap::new(),
         moe_layers: (0..m.layers.len()).filter(|&l| m.layers[l].moe).collect(),

@@ -84,11 +84,6 @@ impl PrefetchQueue {
         self.cancelled
     }
 
-    /// Experts queued.
-    pub fn len(&self) -> usize {
-        self.queue.len()
-    }
-
     /// Whether nothing is queued.
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
@@ -271,11 +266,17 @@ pub struct Prefetcher {
 }
 
 impl Prefetcher {
-    /// Nothing predicted yet; at most `max_window` prefetched experts in
-    /// flight.
-    pub fn new(max_window: usize) -> Self {
+    /// Nothing predicted yet, for predictions of `per_layer` experts up to
+    /// `depth` layers ahead (at most that many prefetched experts in
+    /// flight). Gives `cache` its scratch quota: room for one round of
+    /// prefetches in flight and the previous one's, at most a quarter of
+    /// the cache, so wrong guesses recycle those slots instead of evicting
+    /// residents.
+    pub fn new(cache: &mut SlotCache, per_layer: usize, depth: usize) -> Self {
+        let most = per_layer.max(1) * depth.max(1);
+        cache.set_scratch((2 * most).min(cache.capacity() / 4).max(1));
         Prefetcher {
-            queue: PrefetchQueue::new(max_window),
+            queue: PrefetchQueue::new(most),
             predicted: HashSet::new(),
             issued: HashMap::new(),
             pins: Vec::new(),

@@ -668,16 +668,7 @@ impl Streamer {
             opts.prefetch_k
         };
         let mut cache = SlotCache::new(slots, policy);
-        if predictor.is_some() || external.is_some() {
-            // Wrong guesses recycle a few scratch slots instead of evicting
-            // residents: room for one layer's prefetches in flight and the
-            // previous layer's, at most a quarter of the cache.
-            cache.set_scratch(
-                (2 * prefetch_k * opts.prefetch_depth.max(1))
-                    .min(slots / 4)
-                    .max(1),
-            );
-        }
+        let pf = Prefetcher::new(&mut cache, prefetch_k, opts.prefetch_depth);
         Ok(Streamer {
             engine,
             cache,
@@ -702,7 +693,7 @@ impl Streamer {
             external,
             prefetch_k,
             top_k: c.top_k,
-            pf: Prefetcher::new(prefetch_k * opts.prefetch_depth.max(1)),
+            pf,
             depth: opts.prefetch_depth.max(1),
             step: 0,
             batch_routes: Vec::new(),
@@ -1037,7 +1028,13 @@ impl Streamer {
         if self.pf.queue().is_empty() && self.engine.in_flight() == 0 {
             return Ok(());
         }
-        let r = self.poll().and_then(|_| self.top_up(self.step));
+        self.feed(false)
+    }
+
+    /// Absorbs finished reads and tops up (`force`: everything queued); a
+    /// failure drains the reads and drops the prefetch pins.
+    fn feed(&mut self, force: bool) -> Result<()> {
+        let r = self.poll().and_then(|_| self.top_up_with(self.step, force));
         if let Err(err) = r {
             return self.fail(&[], err);
         }
@@ -1049,11 +1046,7 @@ impl Streamer {
     /// tick, and decides itself when the drive may be used).
     pub fn prefetch_now(&mut self, step: u64) -> Result<()> {
         self.step = step;
-        let r = self.poll().and_then(|_| self.top_up_with(step, true));
-        if let Err(err) = r {
-            return self.fail(&[], err);
-        }
-        Ok(())
+        self.feed(true)
     }
 
     /// The first MoE layer after `layer`.
