@@ -272,3 +272,48 @@ proptest! {
         prop_assert_eq!(c.stats().hits, hits);
     }
 }
+
+/// Cross-layer probabilities are follow-up frequencies: an expert that
+/// always followed gets 1, one that followed every other token 0.5, and
+/// the ranking puts the likelier first. A new token is noticed even when
+/// the first MoE layer is not layer 0.
+#[test]
+fn cross_layer_probabilities_are_follow_frequencies() {
+    let mut p = CrossLayer::new(4, 8);
+    for t in 0..10u32 {
+        p.observe(1, &[0]);
+        p.observe(2, &[3, if t % 2 == 0 { 5 } else { 6 }]);
+    }
+    p.observe(1, &[0]);
+    let mut out = Vec::new();
+    p.predict_scored(2, 3, &mut out);
+    assert_eq!(out[0], (3, 1.0));
+    assert_eq!(out.len(), 3);
+    for &(e, pr) in &out[1..] {
+        assert!(e == 5 || e == 6);
+        assert!((pr - 0.5).abs() < 1e-3, "{e}: {pr}");
+    }
+}
+
+/// History's probability is the decayed share of recent tokens that used
+/// the expert: 1 for one every token used, about half for one every other
+/// token used, 0 before anything was seen.
+#[test]
+fn history_probabilities_are_decayed_shares() {
+    let mut p = History::new(2, 8, 4.0);
+    let mut out = Vec::new();
+    p.predict_scored(1, 2, &mut out);
+    assert!(out.iter().all(|&(_, pr)| pr == 0.0), "{out:?}");
+    for t in 0..40u32 {
+        p.observe(0, &[1]);
+        p.observe(1, &[2, 3 + t % 2]);
+    }
+    p.observe(0, &[1]);
+    p.predict_scored(1, 3, &mut out);
+    assert_eq!(out[0].0, 2);
+    assert!((out[0].1 - 1.0).abs() < 1e-4, "{out:?}");
+    for &(e, pr) in &out[1..] {
+        assert!(e == 3 || e == 4);
+        assert!(pr > 0.3 && pr < 0.7, "{e}: {pr}");
+    }
+}
