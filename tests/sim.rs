@@ -447,3 +447,67 @@ fn sim_backend_changes_times_not_outputs() {
     );
     assert_eq!(j["backend"], "sim");
 }
+
+/// `sluice probe --profile` writes a `host` profile the simulator reads
+/// back, whose drive bandwidth is the median of the burst windows it
+/// reports (a window slowed by a neighbour's I/O cannot set it).
+#[test]
+fn probe_writes_a_host_profile_from_the_median_window() {
+    let dir = scratch("probe");
+    std::fs::create_dir_all(&dir).unwrap();
+    let prof = scratch("probe-host.toml");
+    let j = json(&[
+        "probe",
+        dir.to_str().unwrap(),
+        "--file-size",
+        "32M",
+        "--sizes",
+        "4K,512K",
+        "--qd",
+        "1,4",
+        "--seconds",
+        "1.5",
+        "--profile",
+        prof.to_str().unwrap(),
+        "--json",
+    ]);
+    let w: Vec<f64> = j["burst_window_gbps"]
+        .as_array()
+        .expect("burst windows")
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(w.len(), 3, "1.5 s in half-second windows: {w:?}");
+    assert!(w.windows(2).all(|p| p[0] <= p[1]) && w[0] > 0.0, "{w:?}");
+    assert_eq!(j["burst_gbps"].as_f64(), Some(w[1]));
+    let text = std::fs::read_to_string(&prof).unwrap();
+    assert!(text.contains("median of 3 half-second windows"), "{text}");
+    let got = text
+        .lines()
+        .find(|l| l.starts_with("read_gbps"))
+        .and_then(|l| {
+            l.split("value = ")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .expect("read_gbps in the profile");
+    assert!((got - w[1]).abs() < 1e-9 * w[1].max(1.0), "{got} vs {w:?}");
+    // The simulator takes it as a device.
+    let s = json(&[
+        "sim",
+        "--device",
+        prof.to_str().unwrap(),
+        "--model",
+        "qwen3-30b-a3b",
+        "--tokens",
+        "2",
+        "--prompt-tokens",
+        "1",
+        "--json",
+    ]);
+    assert!(s["tok_per_s"].as_f64().unwrap() > 0.0, "{s}");
+}
