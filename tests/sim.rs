@@ -390,6 +390,8 @@ fn bad_sim_input_fails_clearly() {
     assert!(err.contains("too small"), "{err}");
     let err = fails(&["sim", "--model", "qwen3.5-397b-a17b", "--experts-k", "0"]);
     assert!(err.contains("--experts-k"), "{err}");
+    let err = fails(&["probe", "/nonexistent", "--burst-gap-ms", "5000"]);
+    assert!(err.contains("--burst-gap-ms"), "{err}");
 }
 
 /// `--backend sim` computes with the CPU backend: the same logits; it
@@ -452,7 +454,7 @@ fn sim_backend_changes_times_not_outputs() {
 /// back, whose drive bandwidth is the median of the burst windows it
 /// reports (a window slowed by a neighbour's I/O cannot set it).
 #[test]
-fn probe_writes_a_host_profile_from_the_median_window() {
+fn probe_writes_a_host_profile_fitted_to_bursts_after_idle() {
     let dir = scratch("probe");
     std::fs::create_dir_all(&dir).unwrap();
     let prof = scratch("probe-host.toml");
@@ -467,10 +469,13 @@ fn probe_writes_a_host_profile_from_the_median_window() {
         "1,4",
         "--seconds",
         "1.5",
+        "--burst-gap-ms",
+        "5",
         "--profile",
         prof.to_str().unwrap(),
         "--json",
     ]);
+    // Back-to-back windows, kept for comparison.
     let w: Vec<f64> = j["burst_window_gbps"]
         .as_array()
         .expect("burst windows")
@@ -480,22 +485,63 @@ fn probe_writes_a_host_profile_from_the_median_window() {
     assert_eq!(w.len(), 3, "1.5 s in half-second windows: {w:?}");
     assert!(w.windows(2).all(|p| p[0] <= p[1]) && w[0] > 0.0, "{w:?}");
     assert_eq!(j["burst_gbps"].as_f64(), Some(w[1]));
-    let text = std::fs::read_to_string(&prof).unwrap();
-    assert!(text.contains("median of 3 half-second windows"), "{text}");
-    let got = text
-        .lines()
-        .find(|l| l.starts_with("read_gbps"))
-        .and_then(|l| {
-            l.split("value = ")
-                .nth(1)?
-                .split(',')
-                .next()?
-                .trim()
-                .parse::<f64>()
-                .ok()
+    // Bursts after the idle gap, of 2 to 64 reads (past the queue depth
+    // of 4 the engine keeps 4 in flight).
+    let idle = &j["idle_bursts"];
+    assert_eq!(idle["gap_s"].as_f64(), Some(0.005), "{idle}");
+    assert!(idle["rounds"].as_u64().unwrap() >= 9, "{idle}");
+    let sizes: Vec<(f64, f64)> = idle["sizes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            let n = x["reads"].as_u64().unwrap();
+            ((n * (512 << 10)) as f64, x["median_s"].as_f64().unwrap())
         })
-        .expect("read_gbps in the profile");
-    assert!((got - w[1]).abs() < 1e-9 * w[1].max(1.0), "{got} vs {w:?}");
+        .collect();
+    assert_eq!(sizes.len(), 6, "{idle}");
+    assert!(sizes.iter().all(|s| s.1 > 0.0), "{idle}");
+    let text = std::fs::read_to_string(&prof).unwrap();
+    let figure = |key: &str| {
+        text.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| {
+                l.split("value = ")
+                    .nth(1)?
+                    .split(',')
+                    .next()?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("{key} in the profile: {text}"))
+    };
+    let (gbps, lat) = (figure("read_gbps"), figure("latency_us"));
+    match (idle["gbps"].as_f64(), idle["fixed_us"].as_f64()) {
+        (Some(g), Some(f)) => {
+            // A least-squares line: residuals orthogonal to the bytes, and
+            // (unless the fixed cost was clamped at zero) summing to zero.
+            let res: Vec<(f64, f64)> = sizes
+                .iter()
+                .map(|&(b, t)| (b, t - (f * 1e-6 + b / (g * 1e9))))
+                .collect();
+            let scale: f64 = sizes.iter().map(|s| s.0 * s.1).sum();
+            let by_bytes: f64 = res.iter().map(|r| r.0 * r.1).sum();
+            assert!(by_bytes.abs() < 1e-6 * scale, "{res:?}");
+            if f > 0.0 {
+                let sum: f64 = res.iter().map(|r| r.1).sum();
+                let total: f64 = sizes.iter().map(|s| s.1).sum();
+                assert!(sum.abs() < 1e-6 * total, "{res:?}");
+            }
+            assert!((gbps - g).abs() < 1e-9 * g, "{gbps} vs {g}");
+            assert!((lat - f).abs() < 1e-9 * f.max(1.0), "{lat} vs {f}");
+            assert!(text.contains("after 5 ms idle"), "{text}");
+        }
+        _ => {
+            assert!((gbps - w[1]).abs() < 1e-9 * w[1], "{gbps} vs {w:?}");
+            assert!(text.contains("no usable fit"), "{text}");
+        }
+    }
     // The simulator takes it as a device.
     let s = json(&[
         "sim",

@@ -72,11 +72,16 @@ pub struct ProbeArgs {
     /// Queue depths.
     #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
     qd: Vec<usize>,
-    /// Seconds per measurement. With --profile, the burst bandwidth the
-    /// profile records is the median of half-second windows over this long
-    /// (at least three).
+    /// Seconds per measurement. With --profile, also the length of the
+    /// back-to-back burst windows (half a second each, at least three) and
+    /// about the time spent on bursts after an idle gap.
     #[arg(long, default_value_t = 1.0)]
     seconds: f64,
+    /// With --profile: milliseconds the drive is left idle before each
+    /// timed burst, as a layer's compute leaves it between two layers'
+    /// reads.
+    #[arg(long, default_value_t = 10.0)]
+    burst_gap_ms: f64,
     /// Size of the scratch file written when PATH is a directory.
     #[arg(long, default_value = "1G")]
     file_size: String,
@@ -84,8 +89,9 @@ pub struct ProbeArgs {
     #[arg(long)]
     json: bool,
     /// Also measure the CPU backend's kernels and write the `host` device
-    /// profile for `sluice sim --device FILE` to this TOML file (flash
-    /// figures: 512K reads at the deepest queue, latency of 4K at qd 1).
+    /// profile for `sluice sim --device FILE` to this TOML file. Its flash
+    /// figures are fitted to bursts of 512K reads (up to the deepest
+    /// queue) after an idle gap: time = fixed cost + bytes / bandwidth.
     #[arg(long)]
     profile: Option<PathBuf>,
 }
@@ -191,6 +197,12 @@ pub fn probe(a: ProbeArgs) -> Result<()> {
     if kind == IoKind::Mmap {
         bail!("probe measures the drive with O_DIRECT: use --io uring or pread");
     }
+    if !(a.burst_gap_ms.is_finite() && (0.0..=1000.0).contains(&a.burst_gap_ms)) {
+        bail!(
+            "--burst-gap-ms must be between 0 and 1000, not {}",
+            a.burst_gap_ms
+        );
+    }
     let meta = std::fs::metadata(&a.path).with_context(|| format!("{}", a.path.display()))?;
     let (file, scratch) = if meta.is_dir() {
         let size = parse_size(&a.file_size)?;
@@ -286,7 +298,19 @@ pub fn probe(a: ProbeArgs) -> Result<()> {
             _ => None,
         };
         let burst = windows.as_ref().map(|w| w[w.len() / 2]);
+        let idle = match (&a.profile, a.qd.iter().max()) {
+            (Some(_), Some(&qd)) => Some(idle_bursts(
+                kind,
+                &file,
+                len,
+                qd.max(1),
+                a.burst_gap_ms,
+                a.seconds,
+            )?),
+            _ => None,
+        };
         Ok(serde_json::json!({
+            "idle_bursts": idle,
             "path": file, "engine": engine_desc, "notes": notes, "results": results,
             "max_gbps": best, "burst_gbps": burst, "burst_window_gbps": windows,
             "machine": crate::bench::machine(),
@@ -310,27 +334,56 @@ pub fn probe(a: ProbeArgs) -> Result<()> {
         };
         let qd = bw["queue_depth"].as_u64().unwrap_or(1) as usize;
         let burst = j["burst_gbps"].as_f64().unwrap_or(0.0);
+        let idle = &j["idle_bursts"];
         let w: Vec<f64> = j["burst_window_gbps"]
             .as_array()
             .map(|v| v.iter().filter_map(|x| x.as_f64()).collect())
             .unwrap_or_default();
-        let how = format!(
-            "sluice probe {} ({}): bursts of {qd} × 512 KiB reads awaited together, median of {} half-second windows ({:.3}-{:.3} GB/s; steady qd {qd}: {:.3} GB/s), 4 KiB at qd 1 for latency (p50)",
-            a.path.display(),
-            j["engine"].as_str().unwrap_or(""),
+        let windows = format!(
+            "back-to-back bursts of {qd} × 512 KiB: median of {} half-second windows {burst:.3} GB/s ({:.3}-{:.3}); steady qd {qd}: {:.3} GB/s; 4 KiB at qd 1: p50 {:.1} µs",
             w.len(),
             w.first().copied().unwrap_or(0.0),
             w.last().copied().unwrap_or(0.0),
-            bw["gbps"].as_f64().unwrap_or(0.0)
+            bw["gbps"].as_f64().unwrap_or(0.0),
+            lat["p50_latency_s"].as_f64().unwrap_or(0.0) * 1e6,
         );
-        let p = crate::hostprof::measure(
-            (
+        let sizes = idle["sizes"]
+            .as_array()
+            .map(|v| {
+                v.iter()
+                    .map(|x| {
+                        format!(
+                            "{}: {:.3} ms",
+                            x["reads"].as_u64().unwrap_or(0),
+                            x["median_s"].as_f64().unwrap_or(0.0) * 1e3
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default();
+        let (gbps, fixed_us, how) = match (idle["gbps"].as_f64(), idle["fixed_us"].as_f64()) {
+            (Some(g), Some(f)) => (
+                g,
+                f,
+                format!(
+                    "sluice probe {} ({}): bursts of 512 KiB reads after {:.0} ms idle, median time by reads per burst ({sizes}), fitted as fixed cost (the latency) + bytes / bandwidth; for comparison, {windows}",
+                    a.path.display(),
+                    j["engine"].as_str().unwrap_or(""),
+                    idle["gap_s"].as_f64().unwrap_or(0.0) * 1e3,
+                ),
+            ),
+            _ => (
                 burst,
                 lat["p50_latency_s"].as_f64().unwrap_or(0.0) * 1e6,
-                qd,
+                format!(
+                    "sluice probe {} ({}): bursts after an idle gap gave no usable fit ({sizes}), so {windows} (bandwidth: the windows' median; latency: 4 KiB at qd 1)",
+                    a.path.display(),
+                    j["engine"].as_str().unwrap_or(""),
+                ),
             ),
-            &how,
-        )?;
+        };
+        let p = crate::hostprof::measure((gbps, fixed_us, qd), &how)?;
         let text = p.to_toml();
         // Written only if it reads back as a valid profile.
         sluice_sim::Profile::parse(&text, out)?;
@@ -349,6 +402,60 @@ pub fn probe(a: ProbeArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Bursts of 512 KiB reads after `gap_ms` of idle drive, of 2 to 64 reads
+/// (a layer's misses, from part of one small expert to several large
+/// ones; past `qd` the engine keeps `qd` in flight), sizes interleaved so
+/// that a patch of noise hits each size alike;
+/// the median time of each size, and a fit of fixed cost plus bytes over
+/// bandwidth to them. The engine reads a layer's misses this way, and on
+/// a host-cached virtual disk an idle drive (or a pool's sleeping threads)
+/// wakes at a cost that back-to-back bursts never show.
+fn idle_bursts(
+    kind: IoKind,
+    file: &Path,
+    len: u64,
+    qd: usize,
+    gap_ms: f64,
+    seconds: f64,
+) -> Result<serde_json::Value> {
+    let mut e = direct_engine(kind, qd)?;
+    let f = e.open(file)?;
+    let req = (512usize << 10).min(len as usize);
+    let sizes = [2usize, 4, 8, 16, 32, 64];
+    let per_round: f64 = sizes
+        .iter()
+        .map(|&n| gap_ms * 1e-3 + (n * req) as f64 / 2e9)
+        .sum();
+    let rounds = ((seconds.max(0.5) / per_round) as usize).clamp(9, 400);
+    let mut times = vec![Vec::with_capacity(rounds); sizes.len()];
+    for r in 0..rounds {
+        for (i, &n) in sizes.iter().enumerate() {
+            let seed = 1000 + (r * sizes.len() + i) as u64;
+            let t =
+                sluice_io::probe::idle_bursts(e.as_mut(), f, len, req, n, gap_ms * 1e-3, 1, seed)?;
+            times[i].extend(t);
+        }
+    }
+    let med: Vec<(usize, f64)> = sizes
+        .iter()
+        .zip(&mut times)
+        .map(|(&n, t)| {
+            t.sort_by(f64::total_cmp);
+            (n, t[t.len() / 2])
+        })
+        .collect();
+    let pts: Vec<(f64, f64)> = med.iter().map(|&(n, t)| ((n * req) as f64, t)).collect();
+    let fit = sluice_io::probe::fit_bursts(&pts);
+    Ok(serde_json::json!({
+        "gap_s": gap_ms * 1e-3,
+        "request_bytes": req,
+        "rounds": rounds,
+        "sizes": med.iter().map(|&(n, t)| serde_json::json!({"reads": n, "median_s": t})).collect::<Vec<_>>(),
+        "gbps": fit.map(|f| f.0 / 1e9),
+        "fixed_us": fit.map(|f| f.1 * 1e6),
+    }))
 }
 
 /// An O_DIRECT engine of `kind` with `qd` reads in flight.

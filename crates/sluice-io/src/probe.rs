@@ -213,3 +213,137 @@ fn run(
         seconds,
     })
 }
+
+/// Times `count` bursts of `n` reads of `request_bytes` each (all submitted
+/// together, all awaited), each burst after `gap_s` seconds with nothing in
+/// flight: the pattern of a forward pass that computes a layer with the
+/// drive idle, then reads the next layer's misses. Returns each burst's
+/// seconds from submission to its last completion. What an idle drive (or
+/// engine: a pool's sleeping threads) costs to wake shows here and not in
+/// back-to-back bursts.
+#[allow(clippy::too_many_arguments)]
+pub fn idle_bursts(
+    engine: &mut dyn ReadEngine,
+    file: FileId,
+    file_len: u64,
+    request_bytes: usize,
+    n: usize,
+    gap_s: f64,
+    count: usize,
+    seed: u64,
+) -> Result<Vec<f64>> {
+    if request_bytes == 0 || request_bytes as u64 > file_len || n == 0 {
+        return Err(Error::Invalid(format!(
+            "probe: {n} requests of {request_bytes} bytes do not fit a file of {file_len} bytes"
+        )));
+    }
+    if engine.in_flight() != 0 {
+        return Err(Error::Invalid(format!(
+            "probe needs an idle engine; {} reads are in flight",
+            engine.in_flight()
+        )));
+    }
+    let slot_len = max_widened_len(request_bytes, engine.align());
+    let mut bufs = (0..n)
+        .map(|_| AlignedBuf::new(slot_len, DIRECT_ALIGN))
+        .collect::<Result<Vec<_>>>()?;
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let max_block = (file_len - request_bytes as u64) / DIRECT_ALIGN as u64;
+    let mut out = Vec::with_capacity(count);
+    let mut done = Vec::with_capacity(n);
+    for _ in 0..count {
+        std::thread::sleep(std::time::Duration::from_secs_f64(gap_s));
+        let reqs: Vec<ReadReq> = bufs
+            .iter_mut()
+            .enumerate()
+            .map(|(i, b)| ReadReq {
+                file,
+                offset: rng.u64(0..=max_block) * DIRECT_ALIGN as u64,
+                len: request_bytes,
+                dst: b.as_mut_ptr(),
+                cap: b.len(),
+                buf_index: None,
+                tag: i as u64,
+            })
+            .collect();
+        let t = Instant::now();
+        // SAFETY: each request targets its own buffer of `bufs`, which nothing else touches and which outlives every read: all are awaited below before the next burst or the return, and the buffers are leaked if waiting fails.
+        unsafe { engine.submit(&reqs)? };
+        let mut first_error = None;
+        while engine.in_flight() > 0 {
+            done.clear();
+            if let Err(e) = engine.wait(1, &mut done) {
+                std::mem::forget(bufs);
+                return Err(e);
+            }
+            for c in done.drain(..) {
+                if let Err(e) = c.result {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        out.push(t.elapsed().as_secs_f64());
+    }
+    Ok(out)
+}
+
+/// A burst's time as a fixed cost plus bytes over bandwidth, fitted by
+/// least squares to `(bytes, seconds)` points: `(bytes per second, fixed
+/// seconds)`. A negative fixed cost (noise) is clamped to zero and the
+/// bandwidth refitted through the origin. `None` with fewer than two
+/// distinct sizes or a fit that gives no positive bandwidth.
+pub fn fit_bursts(points: &[(f64, f64)]) -> Option<(f64, f64)> {
+    let n = points.len() as f64;
+    let mx = points.iter().map(|p| p.0).sum::<f64>() / n;
+    let my = points.iter().map(|p| p.1).sum::<f64>() / n;
+    let sxx: f64 = points.iter().map(|p| (p.0 - mx) * (p.0 - mx)).sum();
+    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    if points.len() < 2 || sxx <= 0.0 {
+        return None;
+    }
+    let slope = sxy / sxx;
+    let fixed = my - slope * mx;
+    if slope > 0.0 && fixed >= 0.0 {
+        return Some((1.0 / slope, fixed));
+    }
+    let sxx0: f64 = points.iter().map(|p| p.0 * p.0).sum();
+    let sxy0: f64 = points.iter().map(|p| p.0 * p.1).sum();
+    (sxy0 > 0.0).then(|| (sxx0 / sxy0, 0.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fit_bursts;
+
+    #[test]
+    fn fit_recovers_fixed_cost_and_bandwidth() {
+        let pts: Vec<(f64, f64)> = [1e6, 2e6, 4e6, 8e6]
+            .iter()
+            .map(|&b| (b, 2e-4 + b / 2e9))
+            .collect();
+        let (bw, fixed) = fit_bursts(&pts).unwrap();
+        assert!((bw - 2e9).abs() < 1e3, "{bw}");
+        assert!((fixed - 2e-4).abs() < 1e-9, "{fixed}");
+    }
+
+    #[test]
+    fn negative_fixed_cost_is_clamped_and_refitted() {
+        // Bigger bursts disproportionately slow: the line crosses below 0.
+        let pts = [(1e6, 0.4e-3), (4e6, 2.2e-3)];
+        let (bw, fixed) = fit_bursts(&pts).unwrap();
+        assert_eq!(fixed, 0.0);
+        // Through the origin: Σb² / Σbt.
+        let want = (1e12 + 16e12) / (1e6 * 0.4e-3 + 4e6 * 2.2e-3);
+        assert!((bw - want).abs() / want < 1e-12, "{bw} vs {want}");
+    }
+
+    #[test]
+    fn one_size_or_no_positive_bandwidth_gives_none() {
+        assert!(fit_bursts(&[(1e6, 1e-3), (1e6, 2e-3)]).is_none());
+        assert!(fit_bursts(&[(1e6, 1e-3)]).is_none());
+        assert!(fit_bursts(&[(1e6, -1e-3), (2e6, -2e-3)]).is_none());
+    }
+}
