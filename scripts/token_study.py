@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""How well the input token's id predicts a layer's experts, alone and
+combined with cross-layer co-occurrence, on recorded routing traces (the
+JSON format of ../shared/traces). A decode token's id is known before its
+forward pass starts, so a table keyed by (token id, layer) could prefetch
+every layer's guesses at once, not one layer ahead.
+
+For each trace, decode tokens only, recall at k' = k (the share of the
+experts used that were among the k best-scored guesses), per predictor:
+  xl    the experts chosen one layer up vote for what followed them
+        (what `xlayer` does);
+  tok   the experts this token id used at this layer before;
+  both  the sum of the two scores (each a frequency in [0, 1]);
+each learned online (prompt, then decode tokens as they pass) and seeded
+with a table from the other traces (leave one out: a table persisted from
+earlier sessions).
+
+Usage: scripts/token_study.py TRACE.json [TRACE.json ...]
+Pure Python; it does not use the engine's code, so it measures the idea,
+not an implementation.
+"""
+import json
+import sys
+from collections import defaultdict
+
+
+def load(path):
+    d = json.load(open(path))
+    n = d["meta"].get("num_moe_layers") or d["meta"]["num_layers"]
+    k = d["meta"]["top_k"]
+    toks = [
+        (r.get("phase", "decode"), r["token_id"], [r["layers"][str(l)]["experts"] for l in range(n)])
+        for r in d["routes"]
+    ]
+    return k, toks
+
+
+class Tables:
+    def __init__(self):
+        self.tok = defaultdict(lambda: defaultdict(float))
+        self.tok_n = defaultdict(float)
+        self.xl = defaultdict(lambda: defaultdict(float))
+        self.xl_n = defaultdict(float)
+
+    def learn(self, tid, layers):
+        for l, es in enumerate(layers):
+            self.tok_n[(tid, l)] += 1
+            for e in es:
+                self.tok[(tid, l)][e] += 1
+            if l:
+                for a in layers[l - 1]:
+                    self.xl_n[(l, a)] += 1
+                    for b in es:
+                        self.xl[(l, a)][b] += 1
+
+    def scores(self, mode, tid, l, prev, k):
+        sc = defaultdict(float)
+        if mode in ("tok", "both") and self.tok_n[(tid, l)]:
+            n = self.tok_n[(tid, l)]
+            for e, c in self.tok[(tid, l)].items():
+                sc[e] += c / n
+        if mode in ("xl", "both") and l:
+            for a in prev:
+                n = self.xl_n[(l, a)]
+                for b, c in self.xl[(l, a)].items():
+                    sc[b] += c / n / k
+        return sc
+
+
+def recall(test, seeds, mode):
+    k, toks = test
+    t = Tables()
+    for _, s in seeds:
+        for _, tid, layers in s:
+            t.learn(tid, layers)
+    hit = total = 0
+    for phase, tid, layers in toks:
+        if phase == "decode":
+            for l, es in enumerate(layers):
+                sc = t.scores(mode, tid, l, layers[l - 1] if l else [], k)
+                top = sorted(sc, key=lambda e: (-sc[e], e))[:k]
+                hit += len(set(top) & set(es))
+                total += len(es)
+        t.learn(tid, layers)
+    return hit / total
+
+
+def main(paths):
+    traces = [load(p) for p in paths]
+    print("| predictor | learned | mean recall@k | per trace |")
+    print("|---|---|---|---|")
+    for mode in ("xl", "tok", "both"):
+        for seeded in (False, True):
+            rs = [
+                recall(tr, [o for j, o in enumerate(traces) if j != i] if seeded else [], mode)
+                for i, tr in enumerate(traces)
+            ]
+            per = " ".join(f"{r:.2f}" for r in rs)
+            how = "seeded (leave one out)" if seeded else "online"
+            print(f"| {mode} | {how} | {sum(rs) / len(rs):.3f} | {per} |")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    main(sys.argv[1:])
