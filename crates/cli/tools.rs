@@ -90,8 +90,9 @@ pub struct ProbeArgs {
     json: bool,
     /// Also measure the CPU backend's kernels and write the `host` device
     /// profile for `sluice sim --device FILE` to this TOML file. Its flash
-    /// figures are fitted to bursts of 512K reads (up to the deepest
-    /// queue) after an idle gap: time = fixed cost + bytes / bandwidth.
+    /// figures are fitted to bursts of 2 to 64 reads of 512K (the deepest
+    /// queue's worth in flight) after an idle gap: time = fixed cost +
+    /// bytes / bandwidth.
     #[arg(long)]
     profile: Option<PathBuf>,
 }
