@@ -430,15 +430,16 @@ fn idle_bursts(
         .map(|&n| gap_ms * 1e-3 + (n * req) as f64 / 2e9)
         .sum();
     let rounds = ((seconds.max(0.5) / per_round) as usize).clamp(9, 400);
-    let mut times = vec![Vec::with_capacity(rounds); sizes.len()];
-    for r in 0..rounds {
-        for (i, &n) in sizes.iter().enumerate() {
-            let seed = 1000 + (r * sizes.len() + i) as u64;
-            let t =
-                sluice_io::probe::idle_bursts(e.as_mut(), f, len, req, n, gap_ms * 1e-3, 1, seed)?;
-            times[i].extend(t);
-        }
-    }
+    let mut times = sluice_io::probe::idle_bursts(
+        e.as_mut(),
+        f,
+        len,
+        req,
+        &sizes,
+        gap_ms * 1e-3,
+        rounds,
+        1000,
+    )?;
     let med: Vec<(usize, f64)> = sizes
         .iter()
         .zip(&mut times)

@@ -214,27 +214,29 @@ fn run(
     })
 }
 
-/// Times `count` bursts of `n` reads of `request_bytes` each (all submitted
-/// together, all awaited), each burst after `gap_s` seconds with nothing in
-/// flight: the pattern of a forward pass that computes a layer with the
-/// drive idle, then reads the next layer's misses. Returns each burst's
-/// seconds from submission to its last completion. What an idle drive (or
-/// engine: a pool's sleeping threads) costs to wake shows here and not in
-/// back-to-back bursts.
+/// Times `rounds` bursts of each of `sizes` reads of `request_bytes` (all
+/// of a burst submitted together, all awaited), sizes interleaved so that a
+/// patch of noise hits each alike, each burst after `gap_s` seconds with
+/// nothing in flight: the pattern of a forward pass that computes a layer
+/// with the drive idle, then reads the next layer's misses. Returns, per
+/// size, each burst's seconds from submission to its last completion. What
+/// an idle drive (or engine: a pool's sleeping threads) costs to wake shows
+/// here and not in back-to-back bursts.
 #[allow(clippy::too_many_arguments)]
 pub fn idle_bursts(
     engine: &mut dyn ReadEngine,
     file: FileId,
     file_len: u64,
     request_bytes: usize,
-    n: usize,
+    sizes: &[usize],
     gap_s: f64,
-    count: usize,
+    rounds: usize,
     seed: u64,
-) -> Result<Vec<f64>> {
-    if request_bytes == 0 || request_bytes as u64 > file_len || n == 0 {
+) -> Result<Vec<Vec<f64>>> {
+    let most = sizes.iter().copied().max().unwrap_or(0);
+    if request_bytes == 0 || request_bytes as u64 > file_len || sizes.contains(&0) {
         return Err(Error::Invalid(format!(
-            "probe: {n} requests of {request_bytes} bytes do not fit a file of {file_len} bytes"
+            "probe: bursts of {sizes:?} requests of {request_bytes} bytes do not fit a file of {file_len} bytes"
         )));
     }
     if engine.in_flight() != 0 {
@@ -244,48 +246,50 @@ pub fn idle_bursts(
         )));
     }
     let slot_len = max_widened_len(request_bytes, engine.align());
-    let mut bufs = (0..n)
+    let mut bufs = (0..most)
         .map(|_| AlignedBuf::new(slot_len, DIRECT_ALIGN))
         .collect::<Result<Vec<_>>>()?;
     let mut rng = fastrand::Rng::with_seed(seed);
     let max_block = (file_len - request_bytes as u64) / DIRECT_ALIGN as u64;
-    let mut out = Vec::with_capacity(count);
-    let mut done = Vec::with_capacity(n);
-    for _ in 0..count {
-        std::thread::sleep(std::time::Duration::from_secs_f64(gap_s));
-        let reqs: Vec<ReadReq> = bufs
-            .iter_mut()
-            .enumerate()
-            .map(|(i, b)| ReadReq {
-                file,
-                offset: rng.u64(0..=max_block) * DIRECT_ALIGN as u64,
-                len: request_bytes,
-                dst: b.as_mut_ptr(),
-                cap: b.len(),
-                buf_index: None,
-                tag: i as u64,
-            })
-            .collect();
-        let t = Instant::now();
-        // SAFETY: each request targets its own buffer of `bufs`, which nothing else touches and which outlives every read: all are awaited below before the next burst or the return, and the buffers are leaked if waiting fails.
-        unsafe { engine.submit(&reqs)? };
-        let mut first_error = None;
-        while engine.in_flight() > 0 {
-            done.clear();
-            if let Err(e) = engine.wait(1, &mut done) {
-                std::mem::forget(bufs);
-                return Err(e);
-            }
-            for c in done.drain(..) {
-                if let Err(e) = c.result {
-                    first_error.get_or_insert(e);
+    let mut out = vec![Vec::with_capacity(rounds); sizes.len()];
+    let mut done = Vec::with_capacity(most);
+    for _ in 0..rounds {
+        for (&n, times) in sizes.iter().zip(&mut out) {
+            std::thread::sleep(std::time::Duration::from_secs_f64(gap_s));
+            let reqs: Vec<ReadReq> = bufs[..n]
+                .iter_mut()
+                .enumerate()
+                .map(|(i, b)| ReadReq {
+                    file,
+                    offset: rng.u64(0..=max_block) * DIRECT_ALIGN as u64,
+                    len: request_bytes,
+                    dst: b.as_mut_ptr(),
+                    cap: b.len(),
+                    buf_index: None,
+                    tag: i as u64,
+                })
+                .collect();
+            let t = Instant::now();
+            // SAFETY: each request targets its own buffer of `bufs`, which nothing else touches and which outlives every read: all are awaited below before the next burst or the return, and the buffers are leaked if waiting fails.
+            unsafe { engine.submit(&reqs)? };
+            let mut first_error = None;
+            while engine.in_flight() > 0 {
+                done.clear();
+                if let Err(e) = engine.wait(1, &mut done) {
+                    std::mem::forget(bufs);
+                    return Err(e);
+                }
+                for c in done.drain(..) {
+                    if let Err(e) = c.result {
+                        first_error.get_or_insert(e);
+                    }
                 }
             }
+            if let Some(e) = first_error {
+                return Err(e);
+            }
+            times.push(t.elapsed().as_secs_f64());
         }
-        if let Some(e) = first_error {
-            return Err(e);
-        }
-        out.push(t.elapsed().as_secs_f64());
     }
     Ok(out)
 }
@@ -296,12 +300,15 @@ pub fn idle_bursts(
 /// bandwidth refitted through the origin. `None` with fewer than two
 /// distinct sizes or a fit that gives no positive bandwidth.
 pub fn fit_bursts(points: &[(f64, f64)]) -> Option<(f64, f64)> {
+    if points.len() < 2 {
+        return None;
+    }
     let n = points.len() as f64;
     let mx = points.iter().map(|p| p.0).sum::<f64>() / n;
     let my = points.iter().map(|p| p.1).sum::<f64>() / n;
     let sxx: f64 = points.iter().map(|p| (p.0 - mx) * (p.0 - mx)).sum();
     let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
-    if points.len() < 2 || sxx <= 0.0 {
+    if sxx <= 0.0 {
         return None;
     }
     let slope = sxy / sxx;
