@@ -11,6 +11,10 @@ experts used that were among the k best-scored guesses), per predictor:
         (what `xlayer` does);
   tok   the experts this token id used at this layer before;
   both  the sum of the two scores (each a frequency in [0, 1]);
+  token the engine's `token` predictor (crates/sluice-cache/src/predict.rs):
+        the mean of the estimates that exist among tok, the same for the
+        pair (previous token id, token id), and xl; the two token tables
+        shrunk as uses / (sightings + 1/2);
 each learned online (prompt, then decode tokens as they pass) and seeded
 with a table from the other traces (leave one out: a table persisted from
 earlier sessions).
@@ -35,25 +39,58 @@ def load(path):
     return k, toks
 
 
+SHRINK = 0.5
+
+
 class Tables:
     def __init__(self):
         self.tok = defaultdict(lambda: defaultdict(float))
         self.tok_n = defaultdict(float)
+        self.pair = defaultdict(lambda: defaultdict(float))
+        self.pair_n = defaultdict(float)
         self.xl = defaultdict(lambda: defaultdict(float))
         self.xl_n = defaultdict(float)
 
-    def learn(self, tid, layers):
+    def learn(self, tid, layers, prev=None):
         for l, es in enumerate(layers):
             self.tok_n[(tid, l)] += 1
             for e in es:
                 self.tok[(tid, l)][e] += 1
+            if prev is not None:
+                self.pair_n[(prev, tid, l)] += 1
+                for e in es:
+                    self.pair[(prev, tid, l)][e] += 1
             if l:
                 for a in layers[l - 1]:
                     self.xl_n[(l, a)] += 1
                     for b in es:
                         self.xl[(l, a)][b] += 1
 
-    def scores(self, mode, tid, l, prev, k):
+    def token_scores(self, tid, ptid, l, prev):
+        parts = []
+        for n, row in (
+            (self.tok_n[(tid, l)], self.tok[(tid, l)]),
+            (self.pair_n[(ptid, tid, l)], self.pair[(ptid, tid, l)]),
+        ):
+            if n:
+                parts.append({e: min(c / (n + SHRINK), 1.0) for e, c in row.items()})
+        if l:
+            n = sum(self.xl_n[(l, a)] for a in prev)
+            if n:
+                d = defaultdict(float)
+                for a in prev:
+                    for b, c in self.xl[(l, a)].items():
+                        d[b] += c / n
+                parts.append({e: min(v, 1.0) for e, v in d.items()})
+        sc = defaultdict(float)
+        for d in parts:
+            for e, v in d.items():
+                sc[e] += v / len(parts)
+        return sc
+
+    def scores(self, mode, tid, l, prev, k, ptid=None):
+        if mode == "token":
+            return self.token_scores(tid, ptid, l, prev)
         sc = defaultdict(float)
         if mode in ("tok", "both") and self.tok_n[(tid, l)]:
             n = self.tok_n[(tid, l)]
@@ -71,17 +108,21 @@ def recall(test, seeds, mode):
     k, toks = test
     t = Tables()
     for _, s in seeds:
+        ptid = None
         for _, tid, layers in s:
-            t.learn(tid, layers)
+            t.learn(tid, layers, ptid)
+            ptid = tid
     hit = total = 0
+    ptid = None
     for phase, tid, layers in toks:
         if phase == "decode":
             for l, es in enumerate(layers):
-                sc = t.scores(mode, tid, l, layers[l - 1] if l else [], k)
+                sc = t.scores(mode, tid, l, layers[l - 1] if l else [], k, ptid)
                 top = sorted(sc, key=lambda e: (-sc[e], e))[:k]
                 hit += len(set(top) & set(es))
                 total += len(es)
-        t.learn(tid, layers)
+        t.learn(tid, layers, ptid)
+        ptid = tid
     return hit / total
 
 
@@ -89,7 +130,7 @@ def main(paths):
     traces = [load(p) for p in paths]
     print("| predictor | learned | mean recall@k | per trace |")
     print("|---|---|---|---|")
-    for mode in ("xl", "tok", "both"):
+    for mode in ("xl", "tok", "both", "token"):
         for seeded in (False, True):
             rs = [
                 recall(tr, [o for j, o in enumerate(traces) if j != i] if seeded else [], mode)

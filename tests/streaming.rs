@@ -41,7 +41,7 @@ fn streamed_logits_are_bit_identical_to_resident() {
         let resident = logits(&m, &[]);
         for io in ["uring", "pread"] {
             for slots in ["1", "3"] {
-                for pf in ["none", "gate", "xlayer", "history"] {
+                for pf in ["none", "gate", "xlayer", "history", "token"] {
                     let s = logits(&m, &["--io", io, "--cache-slots", slots, "--prefetch", pf]);
                     assert!(
                         s == resident,

@@ -203,3 +203,151 @@ fn replay_of_own_trace_is_exact() {
     .0;
     assert!(other != plain, "replay had no effect");
 }
+
+/// The token predictor, seeded with a session's own trace and replaying
+/// it: the decode inputs are the trace's tokens (teacher forcing), so the
+/// (token, layer) table knows what each will use and recalls most of it,
+/// more than cross-layer prediction learning online; the logits stay
+/// those of the resident run. `trace stats --seed` agrees. Seeding a
+/// predictor that learns nothing, or from a missing file, is refused.
+#[test]
+fn token_prefetch_seeded_from_a_trace() {
+    let m = fixtures().join("models/qwen3_moe");
+    let ms = m.to_str().unwrap();
+    let t = scratch("seed.trace.json");
+    let ts = t.to_str().unwrap();
+    record(&m, &t);
+    let bench = |extra: &[&str]| -> serde_json::Value {
+        let mut a = vec![
+            "bench",
+            "--model",
+            ms,
+            "--io",
+            "uring",
+            "--cache-slots",
+            "6",
+            "--tokens",
+            "12",
+            "--prompt-tokens",
+            "4",
+            "--probe-seconds",
+            "0.05",
+            "--no-warm",
+            "--json",
+            "--replay",
+            ts,
+        ];
+        a.extend_from_slice(extra);
+        serde_json::from_str(&run_ok(&a).0).unwrap()
+    };
+    let tok = bench(&[
+        "--prefetch",
+        "token",
+        "--prefetch-seed",
+        ts,
+        "--prefetch-depth",
+        "2",
+    ]);
+    let notes = tok["notes"].to_string();
+    assert!(notes.contains("seeded with 1 trace"), "{notes}");
+    assert!(notes.contains("teacher forcing"), "{notes}");
+    let xl = bench(&["--prefetch", "xlayer"]);
+    let (rt, rx) = (
+        tok["prefetch_recall"].as_f64().unwrap(),
+        xl["prefetch_recall"].as_f64().unwrap(),
+    );
+    assert!(rt > 0.6 && rt > rx, "token recall {rt}, xlayer {rx}");
+
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&t).unwrap()).unwrap();
+    let toks: Vec<String> = j["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["token_id"].to_string())
+        .collect();
+    let toks = toks.join(",");
+    let logits = |extra: &[&str]| {
+        let mut a = vec!["logits", "--model", ms, "--tokens", &toks, "--replay", ts];
+        a.extend_from_slice(extra);
+        run_ok(&a).0
+    };
+    let plain = logits(&[]);
+    let streamed = logits(&[
+        "--io",
+        "uring",
+        "--cache-slots",
+        "4",
+        "--prefetch",
+        "token",
+        "--prefetch-seed",
+        ts,
+        "--prefetch-depth",
+        "3",
+    ]);
+    assert!(plain == streamed, "token prefetch changed the logits");
+
+    let stats = |extra: &[&str]| -> f64 {
+        let mut a = vec![
+            "trace", "stats", ts, "--slots", "4", "--phase", "decode", "--json",
+        ];
+        a.extend_from_slice(extra);
+        let s: serde_json::Value = serde_json::from_str(&run_ok(&a).0).unwrap();
+        s["predictors"]["token"]["4"]["recall"].as_f64().unwrap()
+    };
+    let (online, seeded) = (stats(&[]), stats(&["--seed", ts]));
+    assert!(
+        seeded > 0.8 && seeded > online,
+        "seeded {seeded}, online {online}"
+    );
+
+    let err = fails(&[
+        "bench",
+        "--model",
+        ms,
+        "--io",
+        "uring",
+        "--prefetch",
+        "none",
+        "--prefetch-seed",
+        ts,
+        "--tokens",
+        "1",
+        "--prompt-tokens",
+        "1",
+    ]);
+    assert!(
+        err.contains("--prefetch-seed") && err.contains("none"),
+        "{err}"
+    );
+    let err = fails(&[
+        "bench",
+        "--model",
+        ms,
+        "--io",
+        "uring",
+        "--prefetch",
+        "token",
+        "--prefetch-seed",
+        "/nonexistent/seed.json",
+        "--tokens",
+        "1",
+        "--prompt-tokens",
+        "1",
+    ]);
+    assert!(err.contains("/nonexistent/seed.json"), "{err}");
+    let err = fails(&[
+        "logits",
+        "--model",
+        ms,
+        "--tokens",
+        "1",
+        "--prefetch-seed",
+        ts,
+    ]);
+    assert!(
+        err.contains("--prefetch-seed") && err.contains("streaming"),
+        "{err}"
+    );
+    let err = fails(&["trace", "stats", ts, "--seed", "/nonexistent/seed.json"]);
+    assert!(err.contains("/nonexistent/seed.json"), "{err}");
+}

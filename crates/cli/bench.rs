@@ -156,7 +156,13 @@ fn run_pass(
     let g0 = s.backend().device_seconds();
     let t1 = Instant::now();
     for _ in 0..n {
-        let next = Sampler::argmax(&last);
+        // Under routing replay the inputs are the trace's own tokens
+        // (teacher forcing), so token-keyed predictors see the recorded
+        // sequence the routes belong to.
+        let next = s
+            .replay()
+            .and_then(|r| r.token(s.pos()))
+            .unwrap_or_else(|| Sampler::argmax(&last));
         last = s.forward(&[next], false)?;
     }
     let decode_s = t1.elapsed().as_secs_f64();
@@ -261,7 +267,10 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     }
     let mut rng = fastrand::Rng::with_seed(a.seed);
     let prompt: Vec<u32> = (0..a.prompt_tokens)
-        .map(|_| rng.u32(0..c.vocab as u32))
+        .map(|i| {
+            let r = rng.u32(0..c.vocab as u32);
+            s.replay().and_then(|rp| rp.token(i)).unwrap_or(r)
+        })
         .collect();
     let clock = o.clock.clone();
     let cold = run_pass(&mut s, &prompt, a.tokens, &obs, clock.as_deref())?;
@@ -330,6 +339,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         notes.push(format!(
             "prefetch {p}: reads overlap compute and are reaped between layers, so read_gbps (bytes over time with reads in flight) is a lower bound; compare engines with --prefetch none"
         ));
+    }
+    if s.replay().is_some() {
+        notes.push("routing replay: the prompt and the decode inputs are the trace's recorded tokens (teacher forcing) where it has them, so outputs are not the model's own continuation".into());
     }
     if !dropped {
         notes.push("the page cache could not be dropped before the cold run".into());

@@ -150,12 +150,14 @@ fn options_of(a: &SimArgs) -> Result<SimOptions> {
     let prefetch = match (s.prefetch.as_str(), residency) {
         ("auto", Residency::PageCache) => "none".to_string(),
         ("auto", _) if a.hit_rate.is_some() => "none".to_string(),
+        ("auto", _) if trace => "token".to_string(),
         ("auto", _) => "xlayer".to_string(),
         ("oracle", _) if !trace => {
             bail!("--prefetch oracle needs a --trace to know the future from")
         }
         (p, _) => p.to_string(),
     };
+    let prefetch_depth = crate::stream_args::prefetch_depth(&prefetch, s.prefetch_depth);
     Ok(SimOptions {
         ram_cap: s.ram_cap,
         residency,
@@ -164,7 +166,8 @@ fn options_of(a: &SimArgs) -> Result<SimOptions> {
         policy: s.cache_policy.clone(),
         prefetch,
         prefetch_k: s.prefetch_k,
-        prefetch_depth: s.prefetch_depth,
+        prefetch_depth,
+        prefetch_seed: crate::stream_args::open_seeds(&s.prefetch_seed)?,
         read_chunk: s.read_chunk,
         queue_depth: s.queue_depth.max(1),
         tokens: a.tokens,

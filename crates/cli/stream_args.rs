@@ -100,9 +100,10 @@ pub struct StreamArgs {
     /// Prefetch the next layer's experts while this one computes, predicted
     /// by: none, gate (the next layer's router applied to this layer's
     /// hidden state), xlayer (co-occurrence with the previous layer's
-    /// choices), history (recent use at that layer) or oracle (the
+    /// choices), history (recent use at that layer), token (what the
+    /// input token's id used at that layer before, with xlayer) or oracle (the
     /// --replay trace's actual choice: an upper bound); auto: gate, or
-    /// xlayer under --replay (whose routes the model's router does not
+    /// token under --replay (whose routes the model's router does not
     /// make).
     #[arg(long, default_value = "auto")]
     pub prefetch: String,
@@ -110,9 +111,14 @@ pub struct StreamArgs {
     /// the drive's spare time decides how many of them are read.
     #[arg(long, default_value_t = 0)]
     pub prefetch_k: usize,
-    /// MoE layers ahead that gate and oracle prefetch for.
-    #[arg(long, default_value_t = 1)]
+    /// MoE layers ahead that gate, oracle and token prefetch for (the
+    /// others guess only the next layer); 0: 2 for token, else 1.
+    #[arg(long, default_value_t = 0)]
     pub prefetch_depth: usize,
+    /// Routing traces of earlier sessions the predictor learns from before
+    /// the run (comma-separated; mapped onto the model as --replay maps).
+    #[arg(long, value_delimiter = ',')]
+    pub prefetch_seed: Vec<PathBuf>,
     /// Route by a recorded trace instead of the router (JSON or llama.cpp
     /// CSV): a synthetic model then has a real model's locality.
     #[arg(long)]
@@ -239,6 +245,7 @@ pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
         Some(p) => Some(sluice_trace::Trace::open(p).with_context(|| "--replay".to_string())?),
         None => None,
     };
+    let seeds = open_seeds(&s.prefetch_seed)?;
     if s.cgroup {
         let cap = s.ram_cap.expect("clap requires --ram-cap");
         let p = sluice_io::sys::enter_memory_cgroup(cap)
@@ -266,6 +273,9 @@ pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
         ModelFiles::open(&m.model).with_context(|| format!("loading {}", m.model.display()))
     };
     let Some(kind) = s.engine() else {
+        if !seeds.is_empty() {
+            anyhow::bail!("--prefetch-seed teaches the prefetch predictor, which needs streaming (--ram-cap, or --io uring|pread)");
+        }
         let mut model =
             Model::load(load()?).with_context(|| format!("loading {}", m.model.display()))?;
         apply_experts_k(&mut model, m.experts_k, &mut notes)?;
@@ -301,6 +311,11 @@ pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
     let threads = m
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let prefetch: String = match (s.prefetch.as_str(), &s.replay) {
+        ("auto", Some(_)) => "token".into(),
+        ("auto", None) => "gate".into(),
+        (p, _) => p.into(),
+    };
     let opts = StreamOptions {
         io: EngineOptions {
             kind,
@@ -317,13 +332,9 @@ pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
         batch,
         threads,
         read_chunk: s.read_chunk as usize,
-        prefetch: match (s.prefetch.as_str(), &s.replay) {
-            ("auto", Some(_)) => "xlayer".into(),
-            ("auto", None) => "gate".into(),
-            (p, _) => p.into(),
-        },
+        prefetch: prefetch.clone(),
         prefetch_k: s.prefetch_k,
-        prefetch_depth: s.prefetch_depth,
+        prefetch_depth: prefetch_depth(&prefetch, s.prefetch_depth),
         dense: true,
         device_copies,
         engine_wrap: clock.clone().map(|c| {
@@ -332,8 +343,25 @@ pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
             }))
         }),
     };
-    let streamer = Streamer::open(&mut model, &opts)?;
+    let mut streamer = Streamer::open(&mut model, &opts)?;
     notes.extend(streamer.notes().iter().cloned());
+    if !seeds.is_empty() {
+        if matches!(streamer.predictor_name(), None | Some("gate" | "oracle")) {
+            anyhow::bail!(
+                "--prefetch-seed teaches a learning predictor (xlayer, history, token); --prefetch {} learns nothing",
+                opts.prefetch
+            );
+        }
+        let mut steps = 0;
+        for t in &seeds {
+            streamer.seed_predictor(&sluice_engine::forward::Replay::new(t, &model.config));
+            steps += t.steps.len();
+        }
+        notes.push(format!(
+            "predictor seeded with {} trace(s), {steps} tokens",
+            seeds.len()
+        ));
+    }
     let (capped, why) = if streamer.direct() {
         (
             s.ram_cap.is_some(),
@@ -370,6 +398,26 @@ pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
         notes,
         clock,
     })
+}
+
+/// `--prefetch-depth` for predictor `prefetch`: as given, or where 0, the
+/// depth that measured best (token: 2, docs/BENCHMARKS.md; else 1).
+pub fn prefetch_depth(prefetch: &str, given: usize) -> usize {
+    match (given, prefetch) {
+        (0, "token") => 2,
+        (0, _) => 1,
+        (d, _) => d,
+    }
+}
+
+/// The traces named by `--prefetch-seed`.
+pub fn open_seeds(paths: &[PathBuf]) -> Result<Vec<sluice_trace::Trace>> {
+    paths
+        .iter()
+        .map(|p| {
+            sluice_trace::Trace::open(p).with_context(|| format!("--prefetch-seed {}", p.display()))
+        })
+        .collect()
 }
 
 /// Whether a memory cgroup holds this process to at most `cap`.

@@ -46,6 +46,10 @@ struct StatsArgs {
     /// Bytes of one expert, for the wasted-bytes figures.
     #[arg(long, default_value_t = 0)]
     expert_bytes: u64,
+    /// Traces of earlier sessions every predictor learns from first
+    /// (comma-separated), as a table kept between sessions would.
+    #[arg(long, value_delimiter = ',')]
+    seed: Vec<PathBuf>,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -94,12 +98,18 @@ fn trace_stats(a: StatsArgs) -> Result<()> {
         bail!("--slots needs counts of at least 1");
     }
     let t = Trace::open(&a.trace)?;
+    let seed = a
+        .seed
+        .iter()
+        .map(|p| Trace::open(p).with_context(|| format!("--seed {}", p.display())))
+        .collect::<Result<Vec<_>>>()?;
     let s = stats(
         &t,
         &StatsOptions {
             slots: a.slots.clone(),
             decode_only,
             expert_bytes: a.expert_bytes,
+            seed,
         },
     );
     if a.json {

@@ -37,9 +37,11 @@ int main(int argc, char **argv) {
     SluiceOptions opts;
     sluice_options_default(&opts);
     opts.slots = 4;
+    opts.prefetch = 3; /* token: told each token's id, guesses ahead */
     SluiceStore *store = NULL;
     SluiceStatus s = sluice_store_open(argv[1], &opts, &store);
     if (s != SLUICE_OK) return fail("sluice_store_open", s);
+    if ((s = sluice_store_begin_token(store, 1)) != SLUICE_OK) return fail("begin_token", s);
 
     SluiceGeometry g;
     if ((s = sluice_store_geometry(store, &g)) != SLUICE_OK) return fail("geometry", s);
@@ -85,6 +87,16 @@ int main(int argc, char **argv) {
            (unsigned long long)checked, g.moe_layers, g.experts, (unsigned long long)st.misses,
            (unsigned long long)st.slots);
     sluice_store_close(store);
+
+    SluiceOptions bad_opts;
+    sluice_options_default(&bad_opts);
+    bad_opts.prefetch = 9;
+    SluiceStore *refused = NULL;
+    s = sluice_store_open(argv[1], &bad_opts, &refused);
+    if (s != SLUICE_ERR_INVALID || strstr(sluice_last_error(), "predictor") == NULL) {
+        fprintf(stderr, "an unknown predictor gave %d: %s\n", (int)s, sluice_last_error());
+        return 1;
+    }
 
     SluiceStore *missing = NULL;
     s = sluice_store_open("/nonexistent/model.gguf", NULL, &missing);

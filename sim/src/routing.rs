@@ -14,6 +14,11 @@ pub trait Routes {
     fn experts(&mut self, pos: usize, layer: usize) -> Vec<usize>;
     /// The source and mapping, in words.
     fn describe(&self) -> String;
+    /// The input token id of position `pos`, if the source knows it.
+    fn token(&self, pos: usize) -> Option<u32> {
+        let _ = pos;
+        None
+    }
 }
 
 /// A trace replayed as `--replay` replays it in a real run.
@@ -55,6 +60,10 @@ impl Routes for TraceRoutes {
 
     fn describe(&self) -> String {
         self.replay.description.clone()
+    }
+
+    fn token(&self, pos: usize) -> Option<u32> {
+        self.replay.token(pos)
     }
 }
 

@@ -43,8 +43,12 @@ pub struct SimOptions {
     pub prefetch: String,
     /// Experts prefetched per layer (0: top-k).
     pub prefetch_k: usize,
-    /// MoE layers ahead the oracle predicts.
+    /// MoE layers ahead the oracle and predictors that need no layer above
+    /// (`token`) predict.
     pub prefetch_depth: usize,
+    /// Traces of earlier sessions the predictor learns first (mapped onto
+    /// the model as routing replay maps them).
+    pub prefetch_seed: Vec<sluice_trace::Trace>,
     /// Read size of demand reads (0: whole records).
     pub read_chunk: u64,
     /// Reads the engine keeps in flight.
@@ -70,6 +74,7 @@ impl Default for SimOptions {
             prefetch: "none".into(),
             prefetch_k: 0,
             prefetch_depth: 1,
+            prefetch_seed: Vec::new(),
             read_chunk: 512 << 10,
             queue_depth: 16,
             tokens: 16,
@@ -275,7 +280,7 @@ pub fn simulate(
         p.flash.latency_us.value * 1e-6,
         engine_qd.min(dev_qd),
     );
-    let (predictor, oracle) = match o.prefetch.as_str() {
+    let (mut predictor, oracle) = match o.prefetch.as_str() {
         "none" => (None, false),
         "oracle" => (None, true),
         "gate" | "auto" => {
@@ -306,6 +311,22 @@ pub fn simulate(
             sluice_cache::POLICY_NAMES.join(", ")
         ))
     })?;
+    if !o.prefetch_seed.is_empty() {
+        let Some(pr) = &mut predictor else {
+            return Err(Error::Invalid(format!(
+                "--prefetch-seed teaches a learning predictor (xlayer, history, token); --prefetch {} learns nothing",
+                o.prefetch
+            )));
+        };
+        for t in &o.prefetch_seed {
+            sluice_engine::forward::Replay::new(t, &m.config).teach(pr.as_mut());
+        }
+        notes.push(format!(
+            "predictor seeded with {} trace(s), {} tokens",
+            o.prefetch_seed.len(),
+            o.prefetch_seed.iter().map(|t| t.steps.len()).sum::<usize>()
+        ));
+    }
     if o.residency == Residency::PageCache && (predictor.is_some() || oracle) {
         return Err(Error::Invalid(
             "prefetch needs sluice's own slots: the page-cache mode (--io mmap or --buffered) has none".into(),
@@ -434,6 +455,10 @@ impl Sim<'_> {
         // does once a batch's last layer is in.
         if self.predictor.is_some() {
             for pos in 0..n {
+                let tok = routes.token(pos);
+                if let Some(p) = &mut self.predictor {
+                    p.begin_token(tok);
+                }
                 for i in 0..self.moe_layers.len() {
                     let l = self.moe_layers[i];
                     let ids: Vec<u32> = self
@@ -456,6 +481,7 @@ impl Sim<'_> {
         let busy1 = self.flash.busy_s();
         let pf1 = self.pf.stats;
         for pos in n..n + self.o.tokens {
+            self.begin_token(routes.token(pos));
             for l in 0..m.layers.len() {
                 let uses: Vec<(usize, usize)> = if m.layers[l].moe {
                     self.route(routes, pos, l)
@@ -485,6 +511,21 @@ impl Sim<'_> {
         Ok(r)
     }
 
+    /// A decode token starts: the predictor learns its id and, if it can,
+    /// guesses the first MoE layer, as the engine's `Streamer::begin`.
+    fn begin_token(&mut self, token: Option<u32>) {
+        let Some(p) = &mut self.predictor else { return };
+        p.begin_token(token);
+        if p.predicts_ahead() {
+            let depth = self.o.prefetch_depth.max(1);
+            for &l in self.moe_layers.iter().take(depth) {
+                let mut pred = Vec::new();
+                p.predict_scored(l, self.prefetch_k, &mut pred);
+                self.pf.predict(l, &pred);
+            }
+        }
+    }
+
     /// The predictor learns layer `l`'s choice and predicts the next MoE
     /// layer(s), as the engine's `routed`/`hint` do.
     fn predict(&mut self, routes: &mut dyn Routes, pos: usize, l: usize, uses: &[(usize, usize)]) {
@@ -509,7 +550,12 @@ impl Sim<'_> {
         let Some(p) = &mut self.predictor else { return };
         let ids: Vec<u32> = uses.iter().map(|&(e, _)| e as u32).collect();
         p.observe(l, &ids);
-        if let Some(&nl) = self.moe_layers.get(i + 1) {
+        let depth = if p.predicts_ahead() {
+            self.o.prefetch_depth.max(1)
+        } else {
+            1
+        };
+        for &nl in self.moe_layers.iter().skip(i + 1).take(depth) {
             let mut pred = Vec::new();
             p.predict_scored(nl, self.prefetch_k, &mut pred);
             self.pf.predict(nl, &pred);

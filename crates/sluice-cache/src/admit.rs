@@ -292,10 +292,22 @@ impl Prefetcher {
     }
 
     /// A prediction for `layer`: experts with their probabilities of use,
-    /// most likely first. Replaces an earlier one for the same layer.
+    /// most likely first. Replaces what is still queued of an earlier one
+    /// for the same layer; experts already prefetched for it are not
+    /// queued again.
     pub fn predict(&mut self, layer: usize, ranked: &[(u32, f32)]) {
         self.predicted.insert(layer);
-        self.queue.push(layer, ranked);
+        match self.issued.get(&layer) {
+            Some(done) if !done.is_empty() => {
+                let fresh: Vec<(u32, f32)> = ranked
+                    .iter()
+                    .copied()
+                    .filter(|(e, _)| !done.contains(e))
+                    .collect();
+                self.queue.push(layer, &fresh);
+            }
+            _ => self.queue.push(layer, ranked),
+        }
     }
 
     /// Whether `layer` has a prediction not yet scored.
@@ -372,7 +384,9 @@ impl Prefetcher {
         if self.predicted.remove(&layer) {
             let c: &SlotCache = cache;
             self.in_flight(|s| loading(c, s));
-            let blocking = self.reads.iter().any(|&(l, _, e)| l != layer || !used(e));
+            // Reads for further layers (prefetch depth > 1) are not yet
+            // known to be wrong: they are judged at their own layer.
+            let blocking = self.reads.iter().any(|&(l, _, e)| l == layer && !used(e));
             self.queue.adapt(blocking || lost, cancelled > 0);
             let pred = self.issued.remove(&layer).unwrap_or_default();
             self.stats.layer_steps += 1;
@@ -509,6 +523,55 @@ mod tests {
             q.adapt(false, false);
         }
         assert_eq!(q.floor(), 0.0, "and reaches zero");
+    }
+
+    fn issue(pf: &mut Prefetcher, cache: &mut SlotCache) -> ExpertKey {
+        let key = pf.next(cache, 1, true, |_, _| true).expect("queued");
+        let crate::Acquire::Miss(s) = cache.prefetch(key, 0) else {
+            panic!("{key:?} was not resident")
+        };
+        pf.took(cache, key, s, Some(100));
+        key
+    }
+
+    /// A layer predicted again (a refined guess, or one made from further
+    /// ahead) does not queue the experts already prefetched for it.
+    #[test]
+    fn a_repeated_prediction_does_not_read_twice() {
+        let mut cache = SlotCache::new(8, crate::policy_by_name("lru").unwrap());
+        let mut pf = Prefetcher::new(&mut cache, 2, 2);
+        pf.predict(1, &[(3, 0.9), (4, 0.8)]);
+        assert_eq!(issue(&mut pf, &mut cache), ExpertKey::new(1, 3));
+        pf.predict(1, &[(3, 0.9), (5, 0.7)]);
+        let rest: Vec<u32> = std::iter::from_fn(|| pf.next(&cache, 1, true, |_, _| true))
+            .map(|k| k.expert)
+            .collect();
+        assert_eq!(rest, vec![5], "4 replaced, 3 not again");
+        pf.settle(&mut cache, 1, &[3, 5], |_, _| false);
+        assert_eq!(pf.stats.prefetched, 1);
+        assert_eq!(pf.stats.prefetched_used, 1);
+    }
+
+    /// At a layer's demand, a read still in flight for a further layer is
+    /// not a wrong guess in the way (it is judged at its own layer); an
+    /// unused one for this layer is.
+    #[test]
+    fn only_this_layers_wrong_guesses_block() {
+        let mut cache = SlotCache::new(8, crate::policy_by_name("lru").unwrap());
+        let mut pf = Prefetcher::new(&mut cache, 2, 2);
+        pf.predict(2, &[(7, 0.9)]);
+        issue(&mut pf, &mut cache);
+        pf.predict(1, &[(0, 0.9)]);
+        pf.settle(&mut cache, 1, &[0], |_, _| true);
+        assert_eq!(pf.queue().floor(), 0.0);
+        assert_eq!(pf.queue().window(), 2, "starved, not blocked: grows");
+        pf.predict(3, &[(1, 0.9)]);
+        issue(&mut pf, &mut cache);
+        pf.settle(&mut cache, 2, &[7], |_, _| true);
+        assert_eq!(pf.queue().floor(), 0.0, "7 was used");
+        pf.settle(&mut cache, 3, &[2], |_, _| true);
+        assert!((pf.queue().floor() - FLOOR_UP).abs() < 1e-6);
+        assert_eq!(pf.queue().window(), 1, "halved");
     }
 
     proptest! {

@@ -19,7 +19,9 @@ mod predict;
 pub use admit::{PrefetchQueue, PrefetchStats, Prefetcher};
 
 pub use policy::{policy_by_name, Lfu, Lru, Policy, RouterAware, POLICY_NAMES};
-pub use predict::{predictor_by_name, Belady, CrossLayer, History, Predictor, PREDICTOR_NAMES};
+pub use predict::{
+    predictor_by_name, Belady, CrossLayer, History, Predictor, TokenLayer, PREDICTOR_NAMES,
+};
 
 use std::collections::HashMap;
 

@@ -317,3 +317,106 @@ fn history_probabilities_are_decayed_shares() {
         assert!(pr > 0.3 && pr < 0.7, "{e}: {pr}");
     }
 }
+
+/// The token predictor: what a token id used at a layer before, shrunk
+/// by half a sighting, averaged with cross-layer's estimate where that
+/// exists; it guesses layers with no choice above them (a token's first
+/// layer, layers further ahead) and nothing for a token it never met.
+#[test]
+fn token_layer_recalls_what_a_token_used() {
+    let mut p = TokenLayer::new(3, 8);
+    let mut out = Vec::new();
+    let token = |p: &mut TokenLayer, id: Option<u32>, routes: [&[u32]; 3]| {
+        p.begin_token(id);
+        for (l, r) in routes.iter().enumerate() {
+            p.observe(l, r);
+        }
+    };
+    token(&mut p, Some(7), [&[1, 2], &[3], &[5, 6]]);
+    token(&mut p, Some(8), [&[1, 0], &[4], &[0, 6]]);
+    p.begin_token(Some(7));
+    assert!(p.predicts_ahead());
+    p.predict_scored(0, 4, &mut out);
+    let mut got: Vec<u32> = out.iter().map(|x| x.0).collect();
+    got.sort_unstable();
+    assert_eq!(got, vec![1, 2], "{out:?}");
+    assert!(
+        out.iter().all(|x| (x.1 - 1.0 / 1.5).abs() < 1e-5),
+        "{out:?}"
+    );
+    p.predict_scored(2, 4, &mut out);
+    assert_eq!(out.len(), 2, "layer 2 from the token alone: {out:?}");
+    // Layer 1 with layer 0 seen: expert 1 was followed by 3 once and 4
+    // once (cross-layer 0.5 each); token 7 used 3 once (1/1.5).
+    p.observe(0, &[1]);
+    p.predict_scored(1, 4, &mut out);
+    assert_eq!(out[0].0, 3);
+    assert!((out[0].1 - (0.25 + 0.5 / 1.5)).abs() < 1e-3, "{out:?}");
+    assert_eq!(out[1].0, 4);
+    assert!((out[1].1 - 0.25).abs() < 1e-3, "{out:?}");
+    // A token never met: nothing for its first layer.
+    p.begin_token(Some(99));
+    p.predict_scored(0, 4, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    // Unnamed tokens teach no token table.
+    let mut q = TokenLayer::new(3, 8);
+    for _ in 0..3 {
+        for l in 0..3 {
+            q.observe(l, &[l as u32]);
+        }
+    }
+    q.begin_token(Some(7));
+    q.predict_scored(0, 4, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+}
+
+/// The pair (previous id, id) is a second table: after 5 → 7 used
+/// expert 2 and 6 → 7 used expert 3, the pair decides between them.
+#[test]
+fn token_layer_tells_pairs_apart() {
+    let mut p = TokenLayer::new(1, 8);
+    let mut out = Vec::new();
+    for _ in 0..4 {
+        for (a, e) in [(5, 2), (6, 3)] {
+            p.begin_token(Some(a));
+            p.observe(0, &[0]);
+            p.begin_token(Some(7));
+            p.observe(0, &[e]);
+        }
+    }
+    for (a, e) in [(5, 2), (6, 3)] {
+        p.begin_token(Some(a));
+        p.observe(0, &[0]);
+        p.begin_token(Some(7));
+        p.predict_scored(0, 1, &mut out);
+        assert_eq!(out[0].0, e, "after {a}: {out:?}");
+    }
+}
+
+proptest! {
+    /// Whatever the routes and ids, the token predictor's guesses are
+    /// distinct experts of the model, at most m of them, with
+    /// probabilities in (0, 1], most likely first.
+    #[test]
+    fn token_layer_scores_are_probabilities(
+        toks in proptest::collection::vec((proptest::option::of(0u32..6), proptest::collection::vec(proptest::collection::vec(0u32..12, 0..4), 3)), 1..30),
+        m in 1usize..6,
+    ) {
+        let mut p = TokenLayer::new(3, 10);
+        let mut out = Vec::new();
+        for (id, layers) in toks {
+            p.begin_token(id);
+            for (l, r) in layers.iter().enumerate() {
+                p.predict_scored(l, m, &mut out);
+                prop_assert!(out.len() <= m);
+                prop_assert!(out.iter().all(|&(e, pr)| e < 10 && pr > 0.0 && pr <= 1.0 + 1e-6));
+                prop_assert!(out.windows(2).all(|w| w[0].1 >= w[1].1));
+                let mut d: Vec<u32> = out.iter().map(|x| x.0).collect();
+                d.sort_unstable();
+                d.dedup();
+                prop_assert_eq!(d.len(), out.len());
+                p.observe(l, r);
+            }
+        }
+    }
+}

@@ -77,6 +77,11 @@ typedef struct SluiceOptions {
    Exactly this many expert slots; 0: as many as the cap allows.
    */
   uint32_t slots;
+  /*
+   Predictor fed by `sluice_store_observe` and
+   `sluice_store_begin_token`: 0 xlayer, 1 none, 2 history, 3 token.
+   */
+  uint32_t prefetch;
 } SluiceOptions;
 
 /*
@@ -172,7 +177,8 @@ extern "C" {
 const char *sluice_last_error(void);
 
 /*
- Fills `out` with the defaults: no cap, io_uring, O_DIRECT, queue depth 16.
+ Fills `out` with the defaults: no cap, io_uring, O_DIRECT, queue depth
+ 16, cross-layer prefetch.
 
  # Safety
  `out` is null or points to writable memory for one `SluiceOptions`.
@@ -279,6 +285,15 @@ enum SluiceStatus sluice_store_hint(const struct SluiceStore *store,
                                     uint32_t layer,
                                     const uint32_t *ids,
                                     size_t n);
+
+/*
+ Tells the prefetcher that a decode token with input id `token` starts
+ (a `token` predictor reads its guesses for the first layers now).
+
+ # Safety
+ `store` is a live store.
+ */
+enum SluiceStatus sluice_store_begin_token(const struct SluiceStore *store, uint32_t token);
 
 /*
  Feeds the prefetcher the router's probabilities of `layer` (one per

@@ -55,6 +55,9 @@ pub struct SluiceOptions {
     pub queue_depth: u32,
     /// Exactly this many expert slots; 0: as many as the cap allows.
     pub slots: u32,
+    /// Predictor fed by `sluice_store_observe` and
+    /// `sluice_store_begin_token`: 0 xlayer, 1 none, 2 history, 3 token.
+    pub prefetch: u32,
 }
 
 /// The shape of a model's experts.
@@ -160,7 +163,8 @@ pub extern "C" fn sluice_last_error() -> *const c_char {
     LAST_ERROR.with(|e| e.borrow().as_ptr())
 }
 
-/// Fills `out` with the defaults: no cap, io_uring, O_DIRECT, queue depth 16.
+/// Fills `out` with the defaults: no cap, io_uring, O_DIRECT, queue depth
+/// 16, cross-layer prefetch.
 ///
 /// # Safety
 /// `out` is null or points to writable memory for one `SluiceOptions`.
@@ -175,6 +179,7 @@ pub unsafe extern "C" fn sluice_options_default(out: *mut SluiceOptions) {
                 direct: 1,
                 queue_depth: 16,
                 slots: 0,
+                prefetch: 0,
             }
         };
     }
@@ -227,7 +232,20 @@ pub unsafe extern "C" fn sluice_store_open(
                 ))
             }
         };
+        let prefetch = match o.prefetch {
+            0 => "xlayer",
+            1 => "none",
+            2 => "history",
+            3 => "token",
+            n => {
+                return Err((
+                    SluiceStatus::SluiceErrInvalid,
+                    format!("unknown predictor {n} (0 xlayer, 1 none, 2 history, 3 token)"),
+                ))
+            }
+        };
         let so = StoreOptions {
+            prefetch: prefetch.into(),
             ram_cap: (o.ram_cap != 0).then_some(o.ram_cap),
             io,
             direct: o.direct != 0,
@@ -502,6 +520,23 @@ pub unsafe extern "C" fn sluice_store_hint(
             .map(|&i| i as usize)
             .collect();
         s.0.hint(layer as usize, &ids).map_err(lib)
+    })
+}
+
+/// Tells the prefetcher that a decode token with input id `token` starts
+/// (a `token` predictor reads its guesses for the first layers now).
+///
+/// # Safety
+/// `store` is a live store.
+#[no_mangle]
+pub unsafe extern "C" fn sluice_store_begin_token(
+    store: *const SluiceStore,
+    token: u32,
+) -> SluiceStatus {
+    guard(|| {
+        // SAFETY: a live store per the contract, or null (checked).
+        let s = unsafe { store.as_ref() }.ok_or_else(|| null("store"))?;
+        s.0.begin_token(token).map_err(lib)
     })
 }
 

@@ -76,6 +76,11 @@ impl Session {
         self.replay = replay;
     }
 
+    /// The routing replay in use, if any.
+    pub fn replay(&self) -> Option<&Replay> {
+        self.replay.as_ref()
+    }
+
     /// A sequence whose routed experts come from `streamer` (see
     /// [`Streamer::open`], which prepared `model`) instead of the model's
     /// maps. The KV cache is reserved for `ctx` tokens up front, as the
@@ -157,6 +162,9 @@ impl Session {
                 "token id {bad} is outside the vocabulary of {} tokens",
                 c.vocab
             )));
+        }
+        if let Some(st) = &mut self.streamer {
+            st.begin(tokens);
         }
         let h = c.hidden;
         let mut x = vec![0f32; n * h];
@@ -430,14 +438,8 @@ impl Session {
             }
         }
         if let Some(st) = &mut self.streamer {
-            let next = c
-                .moe_layers
-                .iter()
-                .skip(li + 1)
-                .position(|&m| m)
-                .map(|d| li + 1 + d);
             let per_token: Vec<&[usize]> = chosen_all.chunks_exact(k).collect();
-            st.routed(li, next, &per_token);
+            st.routed(li, &per_token);
             // The next MoE layers within the prefetch depth.
             let ahead: Vec<usize> = (li + 1..c.n_layers)
                 .filter(|&l| c.moe_layers[l])

@@ -4,15 +4,19 @@
 //! trace step `p mod steps`; the model's i-th MoE layer replays the trace's
 //! `(i mod trace MoE layers)`-th; expert `e` maps to `e mod experts`; a
 //! trace with fewer experts per token than the model is topped up with the
-//! router's best remaining choices, one with more is cut to the model's k.
+//! router's best remaining choices, one with more is cut to the model's k;
+//! a token id `t` maps to `t mod vocab`.
 
 use crate::config::Config;
+use sluice_cache::Predictor;
 use sluice_trace::Trace;
 
 /// A trace prepared for one model.
 pub struct Replay {
     /// Per step, per model layer: the experts to use (empty: router's).
     steps: Vec<Vec<Vec<usize>>>,
+    /// Per step: the recorded input token, mapped into the vocabulary.
+    tokens: Vec<Option<u32>>,
     /// The mapping, in words, for the user.
     pub description: String,
 }
@@ -45,8 +49,14 @@ impl Replay {
                 per
             })
             .collect();
+        let vocab = c.vocab.clamp(1, u32::MAX as usize) as u32;
+        let tokens = trace
+            .steps
+            .iter()
+            .map(|s| s.token.map(|t| t % vocab))
+            .collect();
         let description = format!(
-            "routing replay of {} ({} tokens, {} MoE layers × {} experts, top-{}) onto {} MoE layers × {} experts, top-{}: token p replays step p mod {}, MoE layer i replays trace MoE layer i mod {}, expert e → e mod {}{}",
+            "routing replay of {} ({} tokens, {} MoE layers × {} experts, top-{}) onto {} MoE layers × {} experts, top-{}: token p replays step p mod {}, MoE layer i replays trace MoE layer i mod {}, expert e → e mod {}, token id t → t mod {}{}",
             trace.model_id,
             trace.steps.len(),
             tl.len(),
@@ -58,13 +68,42 @@ impl Replay {
             trace.steps.len(),
             tl.len().max(1),
             c.n_experts,
+            vocab,
             match trace.top_k.cmp(&c.top_k) {
                 std::cmp::Ordering::Less => ", the router's best remaining experts fill each step to the model's k",
                 std::cmp::Ordering::Greater => ", each step cut to the model's k",
                 std::cmp::Ordering::Equal => "",
             }
         );
-        Replay { steps, description }
+        Replay {
+            steps,
+            tokens,
+            description,
+        }
+    }
+
+    /// The recorded input token of position `pos`, mapped into the
+    /// model's vocabulary (`None`: the trace did not record it).
+    pub fn token(&self, pos: usize) -> Option<u32> {
+        if self.tokens.is_empty() {
+            return None;
+        }
+        self.tokens[pos % self.tokens.len()]
+    }
+
+    /// Feeds every step to `p` in forward order, each token announced with
+    /// its mapped id: a predictor seeded with a trace from an earlier
+    /// session, as this model would have routed it.
+    pub fn teach(&self, p: &mut dyn Predictor) {
+        for (pos, per) in self.steps.iter().enumerate() {
+            p.begin_token(self.token(pos));
+            for (l, ex) in per.iter().enumerate() {
+                if !ex.is_empty() {
+                    let ids: Vec<u32> = ex.iter().map(|&e| e as u32).collect();
+                    p.observe(l, &ids);
+                }
+            }
+        }
     }
 
     /// The replayed experts of token `pos` at `layer` (empty: the router's).

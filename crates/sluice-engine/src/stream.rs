@@ -18,6 +18,7 @@
 use crate::config::Config;
 use crate::model::{Ffn, MixerWeights, Model, Weight};
 use crate::pack::PackInfo;
+use crate::replay::Replay;
 use sluice_cache::{
     policy_by_name, predictor_by_name, Acquire, ExpertKey, Predictor, Prefetcher, SlotCache,
     SlotState,
@@ -52,12 +53,14 @@ pub struct StreamOptions {
     /// Split reads larger than this into chunks (0: never).
     pub read_chunk: usize,
     /// Predictor that prefetches the next layer's experts (`none`,
-    /// `xlayer`, `history`).
+    /// `xlayer`, `history`, `token`; `gate` and `oracle` are the forward
+    /// pass's).
     pub prefetch: String,
     /// Experts a predictor ranks per layer (0: the model's top-k); how
     /// many of them are read depends on the drive's spare time.
     pub prefetch_k: usize,
-    /// MoE layers ahead that gating and the oracle prefetch for (≥ 1).
+    /// MoE layers ahead that gating, the oracle and predictors that need
+    /// no layer above (`token`) prefetch for (≥ 1).
     pub prefetch_depth: usize,
     /// Read the dense weights into RAM (the forward pass needs them; an
     /// embedder that only wants expert bytes does not).
@@ -331,6 +334,8 @@ pub struct Streamer {
     step: u64,
     /// Routes of a batch's layers so far, per token.
     batch_routes: Vec<(usize, Vec<Vec<u32>>)>,
+    /// The token ids of the batch being processed.
+    batch_tokens: Vec<u32>,
 }
 
 // SAFETY: the raw slot pointers point into `_bufs`, which the streamer owns
@@ -697,6 +702,7 @@ impl Streamer {
             depth: opts.prefetch_depth.max(1),
             step: 0,
             batch_routes: Vec::new(),
+            batch_tokens: Vec::new(),
         })
     }
 
@@ -944,11 +950,53 @@ impl Streamer {
         self.pf.stats.predictor += took;
     }
 
+    /// A forward pass over `tokens` starts. Predictors keyed by the token
+    /// learn its id; for a single token, one that can guess the first MoE
+    /// layer from it does so now, queued for admission at the next tick
+    /// (during the first layer's attention).
+    pub fn begin(&mut self, tokens: &[u32]) {
+        self.batch_tokens.clear();
+        self.batch_tokens.extend_from_slice(tokens);
+        let first = (0..self.plans.len()).find(|&l| self.plans[l].is_some());
+        let Some(p) = &mut self.predictor else {
+            return;
+        };
+        if let [t] = tokens {
+            let start = Instant::now();
+            p.begin_token(Some(*t));
+            if p.predicts_ahead() {
+                let ahead = first
+                    .into_iter()
+                    .chain(first.into_iter().flat_map(|f| {
+                        (f + 1..self.plans.len()).filter(|&l| self.plans[l].is_some())
+                    }))
+                    .take(self.depth);
+                let mut pred = Vec::new();
+                for l in ahead {
+                    p.predict_scored(l, self.prefetch_k, &mut pred);
+                    self.pf.predict(l, &pred);
+                }
+            }
+            self.pf.stats.predictor += start.elapsed();
+        }
+    }
+
+    /// Teaches the predictor `replay`'s routes and token ids, mapped onto
+    /// this model as routing replay maps them: a table learned in earlier
+    /// sessions (`--prefetch-seed`).
+    pub fn seed_predictor(&mut self, replay: &Replay) {
+        if let Some(p) = &mut self.predictor {
+            replay.teach(p.as_mut());
+        }
+    }
+
     /// Layer `layer` routed the batch to `chosen` (per token, best first).
     /// The predictor learns from it; for a single token it also predicts
-    /// `next` (the next MoE layer), queued for admission: its reads go out
+    /// the next MoE layer (and up to the prefetch depth, for predictors
+    /// that can guess further), queued for admission: the reads go out
     /// after this layer's demand reads, as the window allows.
-    pub fn routed(&mut self, layer: usize, next: Option<usize>, chosen: &[&[usize]]) {
+    pub fn routed(&mut self, layer: usize, chosen: &[&[usize]]) {
+        let next = self.next_moe_layer(layer);
         let Some(p) = &mut self.predictor else {
             return;
         };
@@ -970,16 +1018,25 @@ impl Streamer {
             if next.is_none() {
                 let routes = std::mem::take(&mut self.batch_routes);
                 for tok in 0..chosen.len() {
+                    p.begin_token(self.batch_tokens.get(tok).copied());
                     for (l, per) in &routes {
                         p.observe(*l, &per[tok]);
                     }
                 }
             }
         }
-        if let (Some(next), 1) = (next, chosen.len()) {
+        if chosen.len() == 1 {
+            let depth = if p.predicts_ahead() { self.depth } else { 1 };
             let mut pred = Vec::new();
-            p.predict_scored(next, self.prefetch_k, &mut pred);
-            self.pf.predict(next, &pred);
+            let mut at = layer;
+            for _ in 0..depth {
+                let Some(nl) = (at + 1..self.plans.len()).find(|&l| self.plans[l].is_some()) else {
+                    break;
+                };
+                p.predict_scored(nl, self.prefetch_k, &mut pred);
+                self.pf.predict(nl, &pred);
+                at = nl;
+            }
         }
         self.pf.stats.predictor += t.elapsed();
     }
@@ -1054,7 +1111,8 @@ impl Streamer {
         (layer + 1..self.plans.len()).find(|&l| self.plans[l].is_some())
     }
 
-    /// MoE layers ahead that gating and the oracle predict.
+    /// MoE layers ahead that gating, the oracle and predictors that need
+    /// no layer above (`token`) predict.
     pub fn depth(&self) -> usize {
         self.depth
     }

@@ -85,6 +85,20 @@ fn bad(path: &Path, msg: impl Into<String>) -> Error {
 }
 
 impl Trace {
+    /// Feeds every step's routes to `p` in forward order, each token
+    /// announced with its recorded id: a predictor seeded from an earlier
+    /// session. Ids are used as recorded (no geometry mapping).
+    pub fn teach(&self, p: &mut dyn Predictor) {
+        for s in &self.steps {
+            p.begin_token(s.token);
+            for (l, r) in s.layers.iter().enumerate() {
+                if let Some(r) = r {
+                    p.observe(l, &r.experts);
+                }
+            }
+        }
+    }
+
     /// Reads a trace: JSON (the recorded format) or llama.cpp's CSV.
     pub fn open(path: &Path) -> Result<Trace> {
         let b = std::fs::read(path).map_err(|e| Error::io(path, e))?;
@@ -385,6 +399,9 @@ pub struct StatsOptions {
     pub decode_only: bool,
     /// Bytes of one expert, for wasted-byte figures (0: report experts).
     pub expert_bytes: u64,
+    /// Traces every predictor learns before this one starts (earlier
+    /// sessions' routes, ids as recorded).
+    pub seed: Vec<Trace>,
 }
 
 /// Online policies compared with Belady.
@@ -429,6 +446,9 @@ fn simulate(
     let mut step = 0u64;
     for s in &t.steps {
         let counted = !decode_only || s.decode;
+        if let Some((p, _)) = &mut predictor {
+            p.begin_token(s.token);
+        }
         for &l in &layers {
             let Some(r) = &s.layers[l] else { continue };
             let prob = |i: usize| r.weights.get(i).copied().unwrap_or(1.0);
@@ -593,7 +613,10 @@ pub fn stats(t: &Trace, o: &StatsOptions) -> Value {
         );
         record("belady", n, &sim);
         for &pname in sluice_cache::PREDICTOR_NAMES {
-            let p = predictor_by_name(pname, t.layers, t.experts).expect("known");
+            let mut p = predictor_by_name(pname, t.layers, t.experts).expect("known");
+            for s in &o.seed {
+                s.teach(p.as_mut());
+            }
             let sim = simulate(
                 t,
                 n,

@@ -57,6 +57,7 @@ fn belady_bounds_every_demand_policy() {
                     slots: vec![4, 8, 12],
                     decode_only,
                     expert_bytes: 1000,
+                    seed: Vec::new(),
                 },
             );
             for n in ["4", "8", "12"] {
@@ -88,6 +89,7 @@ fn lru_matches_a_reference_simulation() {
             slots: vec![5],
             decode_only: false,
             expert_bytes: 0,
+            seed: Vec::new(),
         },
     );
     let (mut hits, mut uses) = (0, 0);
@@ -174,6 +176,7 @@ fn recorded_traces_match_their_readme() {
                 slots: vec![16],
                 decode_only: true,
                 expert_bytes: 0,
+                seed: Vec::new(),
             },
         );
         let lru = s["policies"]["lru"]["16"].as_f64().unwrap();

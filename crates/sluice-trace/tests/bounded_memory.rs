@@ -99,6 +99,7 @@ fn json_whose_header_claims_a_huge_geometry_is_refused_or_bounded() {
                     slots: vec![2],
                     decode_only: false,
                     expert_bytes: 1 << 20,
+                    seed: Vec::new(),
                 };
                 let _ = sluice_trace::stats(&t, &o);
             }

@@ -7,7 +7,7 @@
 //! or mmap. [`Store::experts`] returns [`Expert`] guards: each waits until
 //! its expert is resident, pins it (it cannot be evicted while the guard
 //! lives) and exposes its bytes, quant type and gate/up/down matrices.
-//! [`Store::hint`] and [`Store::observe`] feed the prefetcher; [`Store::stats`]
+//! [`Store::hint`], [`Store::begin_token`] and [`Store::observe`] feed the prefetcher; [`Store::stats`]
 //! says what it cost.
 //!
 //! ```
@@ -61,7 +61,8 @@ pub struct StoreOptions {
     pub queue_depth: usize,
     /// Eviction policy: `lru`, `lfu` or `router`.
     pub cache_policy: String,
-    /// Predictor fed by [`Store::observe`]: `none`, `xlayer` or `history`.
+    /// Predictor fed by [`Store::observe`] (and, for `token`, by
+    /// [`Store::begin_token`]): `none`, `xlayer`, `history` or `token`.
     pub prefetch: String,
     /// Use exactly this many expert slots.
     pub slots: Option<usize>,
@@ -319,6 +320,17 @@ impl Store {
         g.streamer.prefetch_now(step)
     }
 
+    /// Tells the prefetcher that a new decode token starts, with its input
+    /// id. A `token` predictor learns the ids this way and reads its guess
+    /// for the first MoE layer (and further, to its depth) ahead now; the
+    /// other predictors ignore it.
+    pub fn begin_token(&self, token: u32) -> Result<()> {
+        let mut g = self.inner.lock();
+        g.streamer.begin(&[token]);
+        let step = g.step;
+        g.streamer.prefetch_now(step)
+    }
+
     /// Tells the prefetcher what the router of `layer` decided: its
     /// probabilities over all experts. The top-k feed the predictor, whose
     /// guess for the next MoE layer is read ahead.
@@ -334,8 +346,7 @@ impl Store {
         order.sort_by(|a, b| router_probs[*b].total_cmp(&router_probs[*a]).then(a.cmp(b)));
         order.truncate(self.geometry.top_k);
         let mut g = self.inner.lock();
-        let next = g.streamer.next_moe_layer(layer);
-        g.streamer.routed(layer, next, &[&order]);
+        g.streamer.routed(layer, &[&order]);
         let step = g.step;
         g.streamer.prefetch_now(step)
     }

@@ -140,147 +140,58 @@ fn hints_and_observations_prefetch() {
     store.observe(layer, &probs).unwrap();
 }
 
+/// A `token` predictor told each token's id learns what that id used: when
+/// a token comes back after others evicted its experts, its first MoE
+/// layer's experts are read ahead at `begin_token`, before any router has
+/// run, and its demand finds them.
 #[test]
-fn embedding_example_matches_the_engine() {
-    // Built here, so that running this test alone cannot skip it; the test
-    // profile's artifacts leave only the example's own build.
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().unwrap().parent().unwrap();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut build = std::process::Command::new(cargo);
-    build.args(["build", "-p", "sluice", "--example", "moe_layer"]);
-    if profile_dir.file_name().is_some_and(|n| n == "release") {
-        build.arg("--release");
-    } else {
-        build.args(["--profile", "test"]);
-    }
-    assert!(
-        build.status().unwrap().success(),
-        "building the example failed"
-    );
-    let bin = profile_dir.join("examples").join("moe_layer");
-    assert!(bin.exists(), "{} was not built", bin.display());
-    for m in ["qwen3_moe", "qwen2_moe.q4_0.gguf", "olmoe.bf16.gguf"] {
-        let out = std::process::Command::new(&bin)
-            .arg(fixture(m))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{m}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(String::from_utf8_lossy(&out.stdout).contains("max |ours - engine|"));
-    }
-}
-
-/// Many threads read experts through one store whose few slots force
-/// eviction under contention: every byte of every expert a thread holds
-/// equals the file's, before and after other threads have run (a pinned
-/// slot is never evicted or overwritten), contention is answered with an
-/// error about slots rather than a wait forever, and the cache did evict.
-#[test]
-fn concurrent_readers_under_eviction_see_the_files_bytes() {
-    const THREADS: usize = 6;
-    const ROUNDS: usize = 150;
-    let path = fixture("qwen2_moe.q4_0.gguf");
-    for io in [sluice::IoKind::Uring, sluice::IoKind::Pread] {
-        let store = Arc::new(
-            Store::open(
-                &path,
-                &StoreOptions {
-                    slots: Some(4),
-                    io,
-                    queue_depth: 4,
-                    prefetch: "none".into(),
-                    ..Default::default()
-                },
-            )
-            .unwrap(),
-        );
-        let g = store.geometry().clone();
-        // The resident copy: every expert's three matrices, read plainly.
-        let mut want = std::collections::HashMap::new();
-        for &layer in &g.moe_layers {
-            for id in 0..g.experts {
-                let src = store.source(layer, id).unwrap();
-                let m: Vec<Vec<u8>> = src
-                    .iter()
-                    .map(|(p, off, len)| file_bytes(p, *off, *len))
-                    .collect();
-                want.insert((layer, id), m);
+fn begin_token_prefetches_a_known_tokens_first_layer() {
+    let store = Store::open(
+        fixture("qwen3_moe"),
+        &StoreOptions {
+            slots: Some(16),
+            prefetch: "token".into(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let g = store.geometry().clone();
+    let first = g.moe_layers[0];
+    let k = g.top_k;
+    assert!(g.experts >= 2 * k + 1, "{g:?}");
+    // One token as an embedder runs it: the router's choice at each MoE
+    // layer is observed, then its experts are used.
+    let token = |id: u32, ids: &[usize]| {
+        store.begin_token(id).unwrap();
+        for &l in &g.moe_layers {
+            let mut p = vec![0.0f32; g.experts];
+            for (i, &e) in ids.iter().enumerate() {
+                p[e] = 0.9 - 0.1 * i as f32;
             }
+            store.observe(l, &p).unwrap();
+            drop(store.experts(l, ids).unwrap());
         }
-        let want = Arc::new(want);
-        let t0 = std::time::Instant::now();
-        let handles: Vec<_> = (0..THREADS)
-            .map(|t| {
-                let (store, g, want) = (store.clone(), g.clone(), want.clone());
-                std::thread::spawn(move || {
-                    // A small xorshift: the facade has no random-number dependency.
-                    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (t as u64 + 1);
-                    let mut next = |n: usize| {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        (x % n as u64) as usize
-                    };
-                    let (mut held, mut busy) = (0usize, 0usize);
-                    while held < ROUNDS {
-                        let layer = g.moe_layers[next(g.moe_layers.len())];
-                        let a = next(g.experts);
-                        let ids = if next(2) == 0 {
-                            vec![a]
-                        } else {
-                            vec![a, (a + 1 + next(g.experts - 1)) % g.experts]
-                        };
-                        let guards = match store.experts(layer, &ids) {
-                            Ok(gs) => gs,
-                            Err(e) => {
-                                let e = e.to_string();
-                                assert!(e.contains("slots"), "thread {t}: {e}");
-                                busy += 1;
-                                std::thread::yield_now();
-                                continue;
-                            }
-                        };
-                        let check = |when: &str| {
-                            for (e, &id) in guards.iter().zip(&ids) {
-                                assert_eq!((e.layer(), e.id()), (layer, id));
-                                let w = &want[&(layer, id)];
-                                for (m, w) in [e.gate(), e.up(), e.down()].iter().zip(w) {
-                                    assert!(
-                                        m.data == &w[..],
-                                        "thread {t}: layer {layer} expert {id} differs {when}"
-                                    );
-                                }
-                            }
-                        };
-                        check("when acquired");
-                        // Let the others evict and refill around our pins.
-                        for _ in 0..1 + next(3) {
-                            std::thread::yield_now();
-                        }
-                        check("while pinned");
-                        held += 1;
-                    }
-                    busy
-                })
-            })
-            .collect();
-        let busy: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
-        let s = store.stats();
-        let distinct = g.moe_layers.len() * g.experts;
-        eprintln!(
-            "{io:?}: {THREADS} threads × {ROUNDS} acquisitions in {:.2}s; {} misses, {} hits, {busy} refused for lack of free slots",
-            t0.elapsed().as_secs_f64(),
-            s.misses,
-            s.hits
-        );
-        assert!(
-            s.misses > 2 * distinct as u64,
-            "{} misses for {distinct} experts: the cache did not evict",
-            s.misses
-        );
+    };
+    let uses: Vec<usize> = (0..k).map(|i| 2 * i + 1).collect();
+    let others: Vec<usize> = (0..g.experts).filter(|e| !uses.contains(e)).collect();
+    for round in 0..3u32 {
+        token(42, &uses);
+        // Other tokens use every other expert of both layers, evicting
+        // token 42's first-layer experts from the 16 slots.
+        for t in 0..4u32 {
+            let ids: Vec<usize> = (0..k)
+                .map(|i| others[(t as usize * k + i) % others.len()])
+                .collect();
+            token(100 + round * 4 + t, &ids);
+        }
     }
+    let before = store.stats().prefetch_bytes;
+    store.begin_token(42).unwrap();
+    assert!(
+        store.stats().prefetch_bytes > before,
+        "nothing was read ahead for a token seen three times"
+    );
+    let misses = store.stats().misses;
+    drop(store.experts(first, &uses).unwrap());
+    assert_eq!(store.stats().misses, misses, "its experts were not ready");
 }
