@@ -19,6 +19,8 @@ each learned online (prompt, then decode tokens as they pass) and seeded
 with a table from the other traces (leave one out: a table persisted from
 earlier sessions).
 
+Then, for `token` seeded, how often a guess was used by its score.
+
 Usage: scripts/token_study.py TRACE.json [TRACE.json ...]
 Pure Python; it does not use the engine's code, so it measures the idea,
 not an implementation.
@@ -139,6 +141,38 @@ def main(paths):
             per = " ".join(f"{r:.2f}" for r in rs)
             how = "seeded (leave one out)" if seeded else "online"
             print(f"| {mode} | {how} | {sum(rs) / len(rs):.3f} | {per} |")
+    calibration(traces)
+
+
+def calibration(traces):
+    """How often `token`'s guesses (top k, seeded leave-one-out) were
+    used, by score."""
+    buckets = defaultdict(lambda: [0, 0])
+    for i, (k, toks) in enumerate(traces):
+        t = Tables()
+        for j, (_, s) in enumerate(traces):
+            if j != i:
+                ptid = None
+                for _, tid, layers in s:
+                    t.learn(tid, layers, ptid)
+                    ptid = tid
+        ptid = None
+        for phase, tid, layers in toks:
+            if phase == "decode":
+                for l, es in enumerate(layers):
+                    sc = t.token_scores(tid, ptid, l, layers[l - 1] if l else [])
+                    for e in sorted(sc, key=lambda e: (-sc[e], e))[:k]:
+                        b = buckets[min(int(sc[e] * 10), 9)]
+                        b[0] += 1
+                        b[1] += e in es
+            t.learn(tid, layers, ptid)
+            ptid = tid
+    print()
+    print("| token, seeded: score | guesses | share used |")
+    print("|---|---|---|")
+    for b in sorted(buckets):
+        n, used = buckets[b]
+        print(f"| {b / 10:.1f}-{(b + 1) / 10:.1f} | {n} | {used / n:.2f} |")
 
 
 if __name__ == "__main__":
