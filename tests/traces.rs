@@ -27,6 +27,17 @@ fn record(model: &Path, out: &Path) {
     ]);
 }
 
+/// A recorded trace's token ids, as `--tokens` takes them.
+fn token_ids(trace: &serde_json::Value) -> String {
+    let ids: Vec<String> = trace["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["token_id"].to_string())
+        .collect();
+    ids.join(",")
+}
+
 #[test]
 fn recorded_trace_feeds_stats() {
     let m = fixtures().join("models/qwen3_moe");
@@ -117,13 +128,7 @@ fn replay_of_own_trace_is_exact() {
     let t = scratch("own.trace.json");
     record(&m, &t);
     let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&t).unwrap()).unwrap();
-    let toks: Vec<String> = j["routes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["token_id"].to_string())
-        .collect();
-    let toks = toks.join(",");
+    let toks = token_ids(&j);
     let plain = run_ok(&["logits", "--model", ms, "--tokens", &toks]).0;
     let replayed = run_ok(&[
         "logits",
@@ -259,13 +264,7 @@ fn token_prefetch_seeded_from_a_trace() {
     assert!(rt > 0.6 && rt > rx, "token recall {rt}, xlayer {rx}");
 
     let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&t).unwrap()).unwrap();
-    let toks: Vec<String> = j["routes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["token_id"].to_string())
-        .collect();
-    let toks = toks.join(",");
+    let toks = token_ids(&j);
     let logits = |extra: &[&str]| {
         let mut a = vec!["logits", "--model", ms, "--tokens", &toks, "--replay", ts];
         a.extend_from_slice(extra);
@@ -300,40 +299,29 @@ fn token_prefetch_seeded_from_a_trace() {
         "seeded {seeded}, online {online}"
     );
 
-    let err = fails(&[
-        "bench",
-        "--model",
-        ms,
-        "--io",
-        "uring",
-        "--prefetch",
-        "none",
-        "--prefetch-seed",
-        ts,
-        "--tokens",
-        "1",
-        "--prompt-tokens",
-        "1",
-    ]);
+    let seeded_bench = |prefetch: &str, seed: &str| {
+        fails(&[
+            "bench",
+            "--model",
+            ms,
+            "--io",
+            "uring",
+            "--prefetch",
+            prefetch,
+            "--prefetch-seed",
+            seed,
+            "--tokens",
+            "1",
+            "--prompt-tokens",
+            "1",
+        ])
+    };
+    let err = seeded_bench("none", ts);
     assert!(
         err.contains("--prefetch-seed") && err.contains("none"),
         "{err}"
     );
-    let err = fails(&[
-        "bench",
-        "--model",
-        ms,
-        "--io",
-        "uring",
-        "--prefetch",
-        "token",
-        "--prefetch-seed",
-        "/nonexistent/seed.json",
-        "--tokens",
-        "1",
-        "--prompt-tokens",
-        "1",
-    ]);
+    let err = seeded_bench("token", "/nonexistent/seed.json");
     assert!(err.contains("/nonexistent/seed.json"), "{err}");
     let err = fails(&[
         "logits",

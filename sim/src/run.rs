@@ -39,7 +39,7 @@ pub struct SimOptions {
     pub slots: Option<usize>,
     /// Cache policy (`lru`, `lfu`, `router`).
     pub policy: String,
-    /// Predictor: `none`, `xlayer`, `history`, `oracle`.
+    /// Predictor: `none`, `xlayer`, `history`, `token`, `oracle`.
     pub prefetch: String,
     /// Experts prefetched per layer (0: top-k).
     pub prefetch_k: usize,
@@ -285,7 +285,7 @@ pub fn simulate(
         "oracle" => (None, true),
         "gate" | "auto" => {
             return Err(Error::Invalid(format!(
-                "--prefetch {} needs the model's hidden states, which a simulation has not got; use none, xlayer, history or oracle",
+                "--prefetch {} needs the model's hidden states, which a simulation has not got; use none, xlayer, history, token or oracle",
                 o.prefetch
             )))
         }

@@ -957,7 +957,6 @@ impl Streamer {
     pub fn begin(&mut self, tokens: &[u32]) {
         self.batch_tokens.clear();
         self.batch_tokens.extend_from_slice(tokens);
-        let first = (0..self.plans.len()).find(|&l| self.plans[l].is_some());
         let Some(p) = &mut self.predictor else {
             return;
         };
@@ -965,11 +964,9 @@ impl Streamer {
             let start = Instant::now();
             p.begin_token(Some(*t));
             if p.predicts_ahead() {
-                let ahead = first
-                    .into_iter()
-                    .chain(first.into_iter().flat_map(|f| {
-                        (f + 1..self.plans.len()).filter(|&l| self.plans[l].is_some())
-                    }))
+                let plans = &self.plans;
+                let ahead = (0..plans.len())
+                    .filter(|&l| plans[l].is_some())
                     .take(self.depth);
                 let mut pred = Vec::new();
                 for l in ahead {
