@@ -47,8 +47,8 @@ pub struct MetalOptions {
     pub f16: bool,
     /// Single-token products with this many output rows per invocation
     /// (`Some(0)`: one row per workgroup); `None` picks per adapter:
-    /// [`wgsl::CPU_ROWS_PER_INVOCATION`] on CPU adapters such as lavapipe,
-    /// a workgroup per row elsewhere.
+    /// [`wgsl::cpu_rows_per_invocation`] on CPU adapters such as lavapipe
+    /// (by Mesa version), a workgroup per row elsewhere.
     pub rows_per_invocation: Option<u32>,
     /// Caps the storage binding size below the adapter's (tests use it to
     /// exercise the splitting on small matrices).
@@ -260,7 +260,7 @@ impl MetalBackend {
         let rows_per_lane =
             opts.rows_per_invocation
                 .unwrap_or(if info.device_type == wgpu::DeviceType::Cpu {
-                    wgsl::CPU_ROWS_PER_INVOCATION
+                    wgsl::cpu_rows_per_invocation(&info.driver_info)
                 } else {
                     0
                 });

@@ -407,8 +407,29 @@ fn i4(q: u32) -> vec4<f32> {
 "#;
 
 /// Rows each invocation owns in the per-invocation matvec on CPU adapters:
-/// a unit's activations are loaded once for all of them.
+/// a unit's activations are loaded once for all of them. Llvmpipe before
+/// Mesa 26 pays a per-lane round trip for every storage load, so sharing
+/// loads across many rows wins (Mesa 22.3: Q4_0 0.55 GB/s at 16 rows, 0.43
+/// at 8); from Mesa 26 loads are cheap and more invocations win (26.1: 1.7
+/// at 8, 1.6 at 16). Measurements in docs/BENCHMARKS.md.
 pub const CPU_ROWS_PER_INVOCATION: u32 = 16;
+
+/// [`CPU_ROWS_PER_INVOCATION`] for llvmpipe from Mesa 26 on.
+pub const CPU_ROWS_PER_INVOCATION_MESA26: u32 = 8;
+
+/// Rows per invocation for a CPU adapter whose driver reports
+/// `driver_info` (e.g. `Mesa 26.1.6-1 (LLVM 19.1.7)`).
+pub fn cpu_rows_per_invocation(driver_info: &str) -> u32 {
+    let major = driver_info
+        .split("Mesa ")
+        .nth(1)
+        .and_then(|v| v.split('.').next())
+        .and_then(|m| m.trim().parse::<u32>().ok());
+    match major {
+        Some(m) if m >= 26 => CPU_ROWS_PER_INVOCATION_MESA26,
+        _ => CPU_ROWS_PER_INVOCATION,
+    }
+}
 
 /// Loads unit `u`'s activations into `x0..x7` and their sum into `xs`.
 fn load_unit(indent: &str) -> String {
@@ -703,3 +724,22 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
     }
 }
 "#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_rows_per_invocation_follows_the_mesa_version() {
+        for (info, rows) in [
+            ("Mesa 26.1.6-1~bpo13+1 (LLVM 19.1.7)", 8),
+            ("Mesa 27.0.0-devel", 8),
+            ("Mesa 25.0.7-2+deb13u1 (LLVM 19.1.7)", 16),
+            ("Mesa 22.3.6 (LLVM 15.0.6)", 16),
+            ("SwiftShader driver", 16),
+            ("", 16),
+        ] {
+            assert_eq!(cpu_rows_per_invocation(info), rows, "{info:?}");
+        }
+    }
+}

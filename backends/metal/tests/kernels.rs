@@ -103,7 +103,7 @@ fn all_types() -> Vec<DType> {
 
 #[test]
 fn matmul_matches_cpu_for_every_type() {
-    for rows in [0, 1, 16] {
+    for rows in [0, 1, 8, 16] {
         let Some(g) = gpu(MetalOptions {
             rows_per_invocation: Some(rows),
             ..MetalOptions::default()
