@@ -957,6 +957,7 @@ impl Streamer {
     pub fn begin(&mut self, tokens: &[u32]) {
         self.batch_tokens.clear();
         self.batch_tokens.extend_from_slice(tokens);
+        let ahead = self.moe_layers_ahead(0);
         let Some(p) = &mut self.predictor else {
             return;
         };
@@ -964,18 +965,22 @@ impl Streamer {
             let start = Instant::now();
             p.begin_token(Some(*t));
             if p.predicts_ahead() {
-                let plans = &self.plans;
-                let ahead = (0..plans.len())
-                    .filter(|&l| plans[l].is_some())
-                    .take(self.depth);
                 let mut pred = Vec::new();
-                for l in ahead {
+                for &l in &ahead {
                     p.predict_scored(l, self.prefetch_k, &mut pred);
                     self.pf.predict(l, &pred);
                 }
             }
             self.pf.stats.predictor += start.elapsed();
         }
+    }
+
+    /// The MoE layers from `from` on, at most the prefetch depth of them.
+    fn moe_layers_ahead(&self, from: usize) -> Vec<usize> {
+        (from..self.plans.len())
+            .filter(|&l| self.plans[l].is_some())
+            .take(self.depth)
+            .collect()
     }
 
     /// Teaches the predictor `replay`'s routes and token ids, mapped onto
@@ -993,7 +998,7 @@ impl Streamer {
     /// that can guess further), queued for admission: the reads go out
     /// after this layer's demand reads, as the window allows.
     pub fn routed(&mut self, layer: usize, chosen: &[&[usize]]) {
-        let next = self.next_moe_layer(layer);
+        let ahead = self.moe_layers_ahead(layer + 1);
         let Some(p) = &mut self.predictor else {
             return;
         };
@@ -1012,7 +1017,7 @@ impl Streamer {
                     .map(|c| c.iter().map(|&e| e as u32).collect())
                     .collect(),
             ));
-            if next.is_none() {
+            if ahead.is_empty() {
                 let routes = std::mem::take(&mut self.batch_routes);
                 for tok in 0..chosen.len() {
                     p.begin_token(self.batch_tokens.get(tok).copied());
@@ -1023,16 +1028,16 @@ impl Streamer {
             }
         }
         if chosen.len() == 1 {
-            let depth = if p.predicts_ahead() { self.depth } else { 1 };
+            // Predictors that need the layer above guess only the next.
+            let n = if p.predicts_ahead() {
+                ahead.len()
+            } else {
+                ahead.len().min(1)
+            };
             let mut pred = Vec::new();
-            let mut at = layer;
-            for _ in 0..depth {
-                let Some(nl) = (at + 1..self.plans.len()).find(|&l| self.plans[l].is_some()) else {
-                    break;
-                };
+            for &nl in &ahead[..n] {
                 p.predict_scored(nl, self.prefetch_k, &mut pred);
                 self.pf.predict(nl, &pred);
-                at = nl;
             }
         }
         self.pf.stats.predictor += t.elapsed();
