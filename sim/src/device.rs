@@ -63,6 +63,22 @@ impl FlashQueue {
         done
     }
 
+    /// When the last accepted read's bytes are all in: the drive is busy
+    /// until then.
+    pub fn free_at(&self) -> f64 {
+        self.bus_free
+    }
+
+    /// The drive's read rate.
+    pub fn bytes_per_s(&self) -> f64 {
+        self.bytes_per_s
+    }
+
+    /// What each read pays before its bytes move.
+    pub fn latency_s(&self) -> f64 {
+        self.latency_s
+    }
+
     /// Seconds the drive spent moving bytes so far.
     pub fn busy_s(&self) -> f64 {
         self.busy_s

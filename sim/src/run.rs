@@ -9,7 +9,8 @@ use crate::profile::Profile;
 use crate::routing::{FixedHits, Routes};
 use serde_json::{json, Value};
 use sluice_cache::{
-    policy_by_name, predictor_by_name, Acquire, ExpertKey, Predictor, Prefetcher, SlotCache,
+    policy_by_name, predictor_by_name, Acquire, Admit, DemandClock, ExpertKey, Predictor,
+    Prefetcher, SlotCache,
 };
 use sluice_core::{Error, Result};
 use sluice_engine::stream::{scratch_bytes, Budget, PrefetchStats};
@@ -212,6 +213,13 @@ struct Sim<'a> {
     memo: HashMap<(usize, usize), Vec<usize>>,
     moe_layers: Vec<usize>,
     t: f64,
+    /// When the next layer's demand is expected (the engine's, from the
+    /// same measurements on the device clock).
+    clock: DemandClock,
+    /// Device seconds one expert's read occupies the drive.
+    read_s: f64,
+    /// Whether the layer being run is a single token's.
+    single: bool,
 }
 
 /// Plans the RAM budget the engine would plan on this device.
@@ -369,6 +377,10 @@ pub fn simulate(
         prefetch_k,
         pf,
         step: 0,
+        clock: DemandClock::default(),
+        read_s: m.record_bytes as f64 / (p.flash.read_gbps.value * 1e9)
+            + p.flash.latency_us.value * 1e-6,
+        single: false,
         memo: HashMap::new(),
         moe_layers: (0..m.layers.len()).filter(|&l| m.layers[l].moe).collect(),
         t: 0.0,
@@ -424,6 +436,7 @@ impl Sim<'_> {
             ..Default::default()
         };
         self.pf.clear(&mut self.cache);
+        self.clock.interrupt();
         // Prefill: the prompt as one batch.
         let n = self.o.prompt_tokens.max(1);
         let t0 = self.t;
@@ -472,6 +485,7 @@ impl Sim<'_> {
                 }
             }
         }
+        self.clock.interrupt();
         r.ttft_s = self.t - t0;
         r.prefill_bytes_read = self.flash.bytes() - bytes0;
         r.prefill_distinct_expert_bytes = distinct;
@@ -610,6 +624,7 @@ impl Sim<'_> {
         }
         let step = pos as u64 + n as u64 - 1;
         self.step = step;
+        self.single = n == 1;
         let mut i = 0;
         while i < uses.len() {
             let (took, ready, hits, misses) = self.load_wave(l, &uses[i..], step, i == 0)?;
@@ -708,6 +723,9 @@ impl Sim<'_> {
         if predicted && misses == 0 && end == uses.len() && ready <= self.t {
             self.pf.stats.all_ready += 1;
         }
+        if first && self.single {
+            self.clock.demand(self.t, ready);
+        }
         self.top_up(step);
         for s in wave {
             self.cache.release(s);
@@ -733,14 +751,22 @@ impl Sim<'_> {
     }
 
     /// Issues queued predictions, nearest layer first, as whole-record
-    /// reads while the admission window allows, pinned until their layer
+    /// reads while admission allows (priced against the next demand once
+    /// a gap is measured, the window before), pinned until their layer
     /// runs (the engine's `top_up`).
     fn top_up(&mut self, step: u64) {
         loop {
             let (t, ready) = (self.t, &self.ready_at);
+            let admit = match self.clock.next_demand() {
+                Some(d) => Admit::Timed {
+                    slack_s: d - self.flash.free_at().max(t),
+                    read_s: self.read_s,
+                },
+                None => Admit::Window,
+            };
             let Some(key) = self
                 .pf
-                .next(&self.cache, self.m.top_k, false, |_, s| ready[s] > t)
+                .next(&self.cache, self.m.top_k, admit, |_, s| ready[s] > t)
             else {
                 break;
             };

@@ -11,7 +11,7 @@
 use parking_lot::Mutex;
 use sluice_backend_cpu::CpuBackend;
 use sluice_core::{AttnParams, Backend, Result, WeightView};
-use sluice_io::{AlignedBuf, Completion, FileId, IoKind, ReadEngine, ReadReq};
+use sluice_io::{AlignedBuf, Completion, FileId, IoKind, Pace, ReadEngine, ReadReq};
 use sluice_sim::{Costs, FlashQueue, Profile};
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
@@ -83,6 +83,17 @@ impl DeviceClock {
 
     fn now(&self) -> f64 {
         self.s.lock().now
+    }
+
+    /// The flash queue's timing now.
+    fn pace(&self) -> Pace {
+        let s = self.s.lock();
+        Pace {
+            now_s: s.now,
+            drained_s: s.flash.free_at(),
+            bytes_per_s: s.flash.bytes_per_s(),
+            latency_s: s.flash.latency_s(),
+        }
     }
 
     fn wait_until(&self, t: f64) {
@@ -291,5 +302,9 @@ impl ReadEngine for PacedEngine {
 
     fn path(&self, file: FileId) -> &Path {
         self.inner.path(file)
+    }
+
+    fn pace(&self) -> Option<Pace> {
+        Some(self.clock.pace())
     }
 }

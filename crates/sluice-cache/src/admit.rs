@@ -7,6 +7,14 @@
 //! drive holds fewer than a window of prefetched experts, and drops what is
 //! still queued when its layer's demand arrives: an unneeded prefetch that
 //! never went out costs neither a read nor a slot.
+//!
+//! When the caller knows the time ([`DemandClock`]), admission is priced
+//! instead ([`Admit::Timed`]): a guess goes out if what it is expected to
+//! save exceeds what it is sure to cost. A read that ends before the next
+//! layer's demand reaches the drive costs nothing (the drive was idle
+//! under compute), so any guess may take that time; one that runs past
+//! the demand by `o` seconds delays every demand read behind it by `o`
+//! and, if right, saves its own read time `x`: it goes out if `p·x > o`.
 
 use crate::{ExpertKey, SlotCache};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -21,6 +29,83 @@ const FLOOR_MAX: f32 = 0.95;
 /// Residents displaced by prefetches that are remembered, to notice a
 /// demand for one of them.
 const DISPLACED_MEMORY: usize = 64;
+
+/// How predictions are let out to the drive.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Admit {
+    /// Everything queued, whatever the window and floor: an embedder's
+    /// explicit request.
+    Force,
+    /// The adaptive window and probability floor: no timing is known.
+    Window,
+    /// Priced by time: the next guess goes out if `p · read_s` exceeds
+    /// the time by which its read would run past the next demand, i.e. if
+    /// `slack_s > (1 - p) · read_s`. `slack_s` is the time from when the
+    /// drive will have delivered what it has (and what went out before in
+    /// this round) to the next layer's expected demand; `read_s` is the
+    /// time one expert's read takes.
+    Timed {
+        /// Seconds the drive is free before the next demand (negative: it
+        /// is busy past it).
+        slack_s: f64,
+        /// Seconds one expert's read occupies the drive.
+        read_s: f64,
+    },
+}
+
+/// Weight of a new gap in [`DemandClock`]'s average.
+const GAP_WEIGHT: f64 = 0.2;
+/// A gap this many times the average is not a layer's compute (a pause
+/// between requests, a prompt) and is not averaged.
+const GAP_OUTLIER: f64 = 4.0;
+
+/// When the next layer's demand is expected: the compute time between one
+/// demand's data being in and the next demand, averaged over the
+/// single-token layers so far, added to when the last demand's reads end.
+/// Times are seconds on the caller's clock (wall time, or a simulated
+/// device's).
+#[derive(Clone, Debug, Default)]
+pub struct DemandClock {
+    gap: f64,
+    last_done: Option<f64>,
+}
+
+impl DemandClock {
+    /// A layer's demand was issued at `now`; its reads end at `done` (now,
+    /// if all were resident).
+    pub fn demand(&mut self, now: f64, done: f64) {
+        if let Some(last) = self.last_done {
+            let g = now - last;
+            if g > 0.0 && (self.gap == 0.0 || g < GAP_OUTLIER * self.gap) {
+                self.gap = if self.gap == 0.0 {
+                    g
+                } else {
+                    (1.0 - GAP_WEIGHT) * self.gap + GAP_WEIGHT * g
+                };
+            }
+        }
+        self.last_done = Some(done.max(now));
+    }
+
+    /// A batch (a prompt) ran: its layers' gaps are not a token's, so the
+    /// next gap is not measured from it.
+    pub fn interrupt(&mut self) {
+        self.last_done = None;
+    }
+
+    /// When the next demand is expected, once a gap has been measured.
+    pub fn next_demand(&self) -> Option<f64> {
+        match (self.last_done, self.gap > 0.0) {
+            (Some(t), true) => Some(t + self.gap),
+            _ => None,
+        }
+    }
+
+    /// The average gap between a demand's data and the next demand.
+    pub fn gap(&self) -> f64 {
+        self.gap
+    }
+}
 
 /// Predicted experts waiting to be read, nearest layer first and most
 /// likely first within a layer, with an adaptive window of prefetched
@@ -53,6 +138,10 @@ pub struct PrefetchQueue {
     displaced: VecDeque<ExpertKey>,
     max: usize,
     cancelled: u64,
+    /// Residents displaced by prefetches, counted at their layer's next
+    /// demand, and how many of those that demand wanted.
+    displaced_seen: u64,
+    displaced_lost: u64,
 }
 
 impl PrefetchQueue {
@@ -66,6 +155,8 @@ impl PrefetchQueue {
             displaced: VecDeque::new(),
             max: max.max(1),
             cancelled: 0,
+            displaced_seen: 0,
+            displaced_lost: 0,
         }
     }
 
@@ -128,6 +219,30 @@ impl PrefetchQueue {
         None
     }
 
+    /// The next expert to read under [`Admit::Timed`]: the head of the
+    /// queue if `slack_s > (1 - p) · read_s`. Nothing further back can
+    /// pass where the head does not (it is as near and at most as
+    /// likely), so the queue is kept for the next call, when the drive
+    /// may have room.
+    pub fn next_timed(&mut self, slack_s: f64, read_s: f64) -> Option<ExpertKey> {
+        let &(k, p) = self.queue.front()?;
+        let p = p.clamp(0.0, 1.0) as f64;
+        let overrun = (read_s - slack_s).max(0.0);
+        let gain = p * read_s - overrun - (1.0 - p) * self.displaced_cost() * read_s;
+        if gain > 0.0 && slack_s > 0.0 {
+            self.queue.pop_front();
+            return Some(k);
+        }
+        None
+    }
+
+    /// The share of residents displaced by prefetches that their layer's
+    /// next demand wanted back: what a wrong guess's slot is expected to
+    /// cost, in reads. Starts at 0.1 (five displacements' worth of prior).
+    pub fn displaced_cost(&self) -> f64 {
+        (self.displaced_lost as f64 + 0.5) / (self.displaced_seen as f64 + 5.0)
+    }
+
     /// A prefetch evicted resident `key` (see `SlotCache::take_displaced`).
     pub fn note_displaced(&mut self, key: ExpertKey) {
         if self.displaced.len() >= DISPLACED_MEMORY {
@@ -147,17 +262,20 @@ impl PrefetchQueue {
         resident: impl Fn(ExpertKey) -> bool,
     ) -> bool {
         let want: Vec<usize> = demanded.collect();
-        let mut lost = false;
+        let (mut seen, mut lost) = (0, 0);
         self.displaced.retain(|&k| {
             if k.layer as usize != layer {
                 return true;
             }
+            seen += 1;
             if want.contains(&(k.expert as usize)) && !resident(k) {
-                lost = true;
+                lost += 1;
             }
             false
         });
-        lost
+        self.displaced_seen += seen;
+        self.displaced_lost += lost;
+        lost > 0
     }
 
     /// The next expert to read whatever the window and floor (an
@@ -322,26 +440,32 @@ impl Prefetcher {
         self.reads.len()
     }
 
-    /// The next expert to prefetch, if the admission window allows (or
-    /// whatever it says, with `force`) and prefetch pins leave `cache`
-    /// room for a layer of `top_k`. `loading(cache, slot)` tells whether a
-    /// slot's read is still in flight.
+    /// The next expert to prefetch, if `admit` lets it out and prefetch
+    /// pins leave `cache` room for a layer of `top_k`. `loading(cache,
+    /// slot)` tells whether a slot's read is still in flight.
     pub fn next(
         &mut self,
         cache: &SlotCache,
         top_k: usize,
-        force: bool,
+        admit: Admit,
         loading: impl Fn(&SlotCache, usize) -> bool,
     ) -> Option<ExpertKey> {
         let cap = cache.capacity();
         if self.pins.len() >= cap.saturating_sub(top_k).max(cap / 2) {
             return None;
         }
-        if force {
-            return self.queue.pop();
+        match admit {
+            Admit::Force => self.queue.pop(),
+            Admit::Window => {
+                let n = self.in_flight(|s| loading(cache, s));
+                self.queue.next(n)
+            }
+            Admit::Timed { slack_s, read_s } => {
+                // Forget finished reads, as the window's count does.
+                self.in_flight(|s| loading(cache, s));
+                self.queue.next_timed(slack_s, read_s)
+            }
         }
-        let n = self.in_flight(|s| loading(cache, s));
-        self.queue.next(n)
     }
 
     /// `cache.prefetch(key)` gave `slot`: pins it until the layer's
@@ -400,6 +524,9 @@ impl Prefetcher {
         for (l, s) in std::mem::take(&mut self.pins) {
             if l == layer {
                 cache.release(s);
+                if !cache.key(s).is_some_and(|k| used(k.expert)) {
+                    cache.discard(s);
+                }
             } else {
                 keep.push((l, s));
             }
@@ -525,8 +652,83 @@ mod tests {
         assert_eq!(q.floor(), 0.0, "and reaches zero");
     }
 
+    /// Priced admission: a guess runs past the next demand only by less
+    /// than its expected saving (`p` times its read time) net of what its
+    /// slot is expected to cost if wrong (the share of displaced residents
+    /// that were wanted back, times a read).
+    #[test]
+    fn timed_admission_prices_the_overrun_and_the_slot() {
+        let mut q = PrefetchQueue::new(1);
+        assert!((q.displaced_cost() - 0.1).abs() < 1e-12, "the prior");
+        q.push(1, &[(0, 0.9), (1, 0.5), (2, 0.05)]);
+        assert_eq!(q.next_timed(1.0, 1.0).map(|k| k.expert), Some(0));
+        assert_eq!(q.next_timed(0.2, 1.0), None, "overrun 0.8 > 0.5 · 1.0");
+        assert_eq!(q.next_timed(0.6, 1.0).map(|k| k.expert), Some(1));
+        assert_eq!(
+            q.next_timed(1.0, 1.0),
+            None,
+            "0.05 saves less than its slot costs (0.95 · 0.1), even in idle time"
+        );
+        assert_eq!(q.cancelled(), 0, "kept for when it may pass");
+        // Twenty displaced residents, none wanted back: slots are cheap.
+        for e in 0..20 {
+            q.note_displaced(ExpertKey::new(7, e));
+        }
+        assert!(!q.lost_to_prefetch(7, [40, 41].into_iter(), |_| false));
+        assert!(q.displaced_cost() < 0.03);
+        assert_eq!(q.next_timed(1.0, 1.0).map(|k| k.expert), Some(2));
+        q.push(2, &[(3, 1.0)]);
+        assert_eq!(
+            q.next_timed(0.0, 1.0),
+            None,
+            "no slack at all: even a sure guess is demand"
+        );
+        assert_eq!(q.next_timed(1e-3, 1.0).map(|k| k.expert), Some(3));
+        assert_eq!(q.next_timed(5.0, 1.0), None, "empty");
+        // Most displaced residents wanted back: a 0.4 guess saves less
+        // than the read its slot is likely to cost.
+        for _ in 0..5 {
+            for e in 0..20 {
+                q.note_displaced(ExpertKey::new(8, e));
+            }
+            assert!(q.lost_to_prefetch(8, 0..20, |_| false));
+        }
+        assert!(q.displaced_cost() > 0.8);
+        q.push(3, &[(4, 0.4)]);
+        assert_eq!(q.next_timed(10.0, 1.0), None);
+    }
+
+    /// The next demand is the last one's end plus the average gap; gaps
+    /// that are pauses, not compute, are not averaged.
+    #[test]
+    fn demand_clock_averages_gaps() {
+        let mut c = DemandClock::default();
+        assert_eq!(c.next_demand(), None);
+        c.demand(0.0, 1.0);
+        assert_eq!(c.next_demand(), None, "no gap yet");
+        c.demand(3.0, 3.0);
+        assert_eq!(c.gap(), 2.0);
+        assert_eq!(c.next_demand(), Some(5.0));
+        c.demand(4.0, 6.0);
+        assert!((c.gap() - (0.8 * 2.0 + 0.2 * 1.0)).abs() < 1e-12);
+        assert_eq!(c.next_demand(), Some(6.0 + c.gap()));
+        let g = c.gap();
+        c.demand(100.0, 100.0);
+        assert_eq!(c.gap(), g, "a pause is not a layer's compute");
+        c.interrupt();
+        c.demand(200.0, 201.0);
+        assert_eq!(c.gap(), g, "nothing measured across a batch");
+        assert_eq!(c.next_demand(), Some(201.0 + g));
+        let mut d = DemandClock::default();
+        d.demand(1.0, 0.5);
+        d.demand(2.0, 2.0);
+        assert_eq!(d.gap(), 1.0, "a demand ends no earlier than it is issued");
+    }
+
     fn issue(pf: &mut Prefetcher, cache: &mut SlotCache) -> ExpertKey {
-        let key = pf.next(cache, 1, true, |_, _| true).expect("queued");
+        let key = pf
+            .next(cache, 1, Admit::Force, |_, _| true)
+            .expect("queued");
         let crate::Acquire::Miss(s) = cache.prefetch(key, 0) else {
             panic!("{key:?} was not resident")
         };
@@ -543,7 +745,7 @@ mod tests {
         pf.predict(1, &[(3, 0.9), (4, 0.8)]);
         assert_eq!(issue(&mut pf, &mut cache), ExpertKey::new(1, 3));
         pf.predict(1, &[(3, 0.9), (5, 0.7)]);
-        let rest: Vec<u32> = std::iter::from_fn(|| pf.next(&cache, 1, true, |_, _| true))
+        let rest: Vec<u32> = std::iter::from_fn(|| pf.next(&cache, 1, Admit::Force, |_, _| true))
             .map(|k| k.expert)
             .collect();
         assert_eq!(rest, vec![5], "4 replaced, 3 not again");

@@ -16,7 +16,7 @@ mod admit;
 mod policy;
 mod predict;
 
-pub use admit::{PrefetchQueue, PrefetchStats, Prefetcher};
+pub use admit::{Admit, DemandClock, PrefetchQueue, PrefetchStats, Prefetcher};
 
 pub use policy::{policy_by_name, Lfu, Lru, Policy, RouterAware, POLICY_NAMES};
 pub use predict::{
@@ -114,6 +114,9 @@ pub struct SlotCache {
     scratch: usize,
     /// The resident the last prefetch evicted, if it was no prefetch.
     displaced: Option<ExpertKey>,
+    /// Prefetched experts whose layer ran without them (slot, key), newest
+    /// last: evicted before any resident.
+    stale: Vec<(usize, ExpertKey)>,
 }
 
 impl SlotCache {
@@ -137,6 +140,7 @@ impl SlotCache {
             speculative: 0,
             scratch: usize::MAX,
             displaced: None,
+            stale: Vec::new(),
         }
     }
 
@@ -158,6 +162,27 @@ impl SlotCache {
     /// Slots holding prefetched experts no demand has used yet.
     pub fn speculative(&self) -> usize {
         self.speculative
+    }
+
+    /// The prefetch in `slot` was not used by the layer it was read for:
+    /// if no demand has used it since, it is the next slot evicted, before
+    /// any resident, so a wrong guess holds a slot only until its layer
+    /// has run (under LRU it would otherwise count as the newest use).
+    pub fn discard(&mut self, slot: usize) {
+        if let (true, Some(k)) = (self.slots[slot].speculative, self.slots[slot].key) {
+            self.stale.push((slot, k));
+        }
+    }
+
+    /// A discarded prefetch still unused, unpinned and read, if any.
+    fn stale_victim(&mut self) -> Option<ExpertKey> {
+        while let Some((s, k)) = self.stale.pop() {
+            let sl = &self.slots[s];
+            if sl.key == Some(k) && sl.speculative && sl.pins == 0 && sl.state == SlotState::Ready {
+                return Some(k);
+            }
+        }
+        None
     }
 
     fn unmark_speculative(&mut self, slot: usize) {
@@ -280,6 +305,7 @@ impl SlotCache {
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {
+                let stale = self.stale_victim();
                 let slots = &self.slots;
                 let map = &self.map;
                 // Past the scratch limit a prefetch may only recycle a slot
@@ -292,7 +318,7 @@ impl SlotCache {
                             && (!only_spec || slots[s].speculative)
                     })
                 };
-                let Some(victim) = self.policy.victim(&evictable) else {
+                let Some(victim) = stale.or_else(|| self.policy.victim(&evictable)) else {
                     return Acquire::Full;
                 };
                 debug_assert!(evictable(victim), "policy chose a protected victim");

@@ -161,6 +161,47 @@ fn prefetches_past_the_scratch_limit_evict_no_resident() {
     c.check().unwrap();
 }
 
+/// A prefetch its layer did not use is the next slot evicted, before
+/// LRU's oldest resident: a wrong guess keeps no resident out for longer
+/// than its layer. One a demand used since is an ordinary resident.
+#[test]
+fn a_discarded_prefetch_goes_first() {
+    let mut c = SlotCache::new(4, Box::new(Lru::new()));
+    for e in 0..3 {
+        let Acquire::Miss(s) = demand(&mut c, e, e as u64) else {
+            panic!()
+        };
+        c.release(s);
+    }
+    let Acquire::Miss(wrong) = c.prefetch(k(10), 3) else {
+        panic!()
+    };
+    c.mark_ready(wrong);
+    c.discard(wrong);
+    let Acquire::Miss(s) = demand(&mut c, 5, 4) else {
+        panic!()
+    };
+    assert_eq!(s, wrong, "the discarded guess, not resident 0, made room");
+    assert!(c.slot_of(k(0)).is_some() && c.slot_of(k(10)).is_none());
+    c.release(s);
+    // A guess discarded, then used by a demand: a resident like any other.
+    let Acquire::Miss(late) = c.prefetch(k(11), 5) else {
+        panic!()
+    };
+    c.mark_ready(late);
+    c.discard(late);
+    let Acquire::Hit(h) = demand(&mut c, 11, 6) else {
+        panic!()
+    };
+    c.release(h);
+    let Acquire::Miss(s) = demand(&mut c, 6, 7) else {
+        panic!()
+    };
+    assert_ne!(s, late, "used since: LRU decides");
+    assert!(c.slot_of(k(11)).is_some());
+    c.check().unwrap();
+}
+
 #[derive(Clone, Debug)]
 enum Op {
     Demand(usize),
@@ -168,6 +209,7 @@ enum Op {
     Complete(usize, bool),
     Release(usize),
     Evict(usize),
+    Discard(usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -177,6 +219,7 @@ fn op() -> impl Strategy<Value = Op> {
         (0..8usize, any::<bool>()).prop_map(|(i, ok)| Op::Complete(i, ok)),
         (0..8usize).prop_map(Op::Release),
         (0..12usize).prop_map(Op::Evict),
+        (0..8usize).prop_map(Op::Discard),
     ]
 }
 
@@ -230,6 +273,7 @@ proptest! {
                     let s = pins.remove(i % pins.len());
                     c.release(s);
                 },
+                Op::Discard(s) => c.discard(s % slots),
                 Op::Evict(e) => {
                     let before = c.slot_of(k(e));
                     let dropped = c.evict(k(e));

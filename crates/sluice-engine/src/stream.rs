@@ -20,12 +20,12 @@ use crate::model::{Ffn, MixerWeights, Model, Weight};
 use crate::pack::PackInfo;
 use crate::replay::Replay;
 use sluice_cache::{
-    policy_by_name, predictor_by_name, Acquire, ExpertKey, Predictor, Prefetcher, SlotCache,
-    SlotState,
+    policy_by_name, predictor_by_name, Acquire, Admit, DemandClock, ExpertKey, Predictor,
+    Prefetcher, SlotCache, SlotState,
 };
 use sluice_core::{DType, Error, Result, WeightView};
 use sluice_format::TensorBytes;
-use sluice_io::{AlignedBuf, Completion, EngineOptions, FileId, ReadEngine, ReadReq};
+use sluice_io::{AlignedBuf, Completion, EngineOptions, FileId, Pace, ReadEngine, ReadReq};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -336,7 +336,18 @@ pub struct Streamer {
     batch_routes: Vec<(usize, Vec<Vec<u32>>)>,
     /// The token ids of the batch being processed.
     batch_tokens: Vec<u32>,
+    /// When the next layer's demand is expected, for priced admission.
+    demands: DemandClock,
+    /// The wall clock's zero, for engines that do not pace a drive.
+    epoch: Instant,
+    /// For those: when the drive will have delivered what was submitted
+    /// (seconds after `epoch`), estimated from the bytes and the rate
+    /// measured so far.
+    drive_free: f64,
 }
+
+/// Read rate assumed before any read has been timed (a modest NVMe drive).
+const FIRST_RATE: f64 = 1e9;
 
 // SAFETY: the raw slot pointers point into `_bufs`, which the streamer owns
 // and never reallocates; moving the streamer to another thread moves the
@@ -703,6 +714,9 @@ impl Streamer {
             step: 0,
             batch_routes: Vec::new(),
             batch_tokens: Vec::new(),
+            demands: DemandClock::default(),
+            epoch: Instant::now(),
+            drive_free: 0.0,
         })
     }
 
@@ -809,6 +823,11 @@ impl Streamer {
         if self.busy_since.is_none() {
             self.busy_since = Some(Instant::now());
         }
+        if self.engine.pace().is_none() {
+            let now = self.epoch.elapsed().as_secs_f64();
+            let bytes: usize = reqs.iter().map(|r| r.len).sum();
+            self.drive_free = self.drive_free.max(now) + bytes as f64 / self.measured_rate();
+        }
         self.stats.batches += 1;
         // SAFETY: every destination is a slot in state Loading: the cache neither evicts nor hands out its bytes until `absorb` has seen all of its completions, and the buffers outlive the engine.
         unsafe { self.engine.submit(reqs) }
@@ -872,6 +891,40 @@ impl Streamer {
         self.done = done;
         self.done.clear();
         Ok(())
+    }
+
+    /// Bytes per second the drive delivered while busy, so far. Reads
+    /// that finish under compute are reaped late, which makes this an
+    /// underestimate; it is not taken below [`FIRST_RATE`], so a late
+    /// reap cannot price every guess out.
+    fn measured_rate(&self) -> f64 {
+        let busy = self.stats.io_busy.as_secs_f64();
+        if busy > 1e-3 && self.stats.bytes_read > 0 {
+            (self.stats.bytes_read as f64 / busy).max(FIRST_RATE)
+        } else {
+            FIRST_RATE
+        }
+    }
+
+    /// The drive's timing on the engine's clock: a paced engine's own, or
+    /// the wall clock with the drive estimated from the rate measured.
+    fn drive_time(&self) -> Pace {
+        if let Some(p) = self.engine.pace() {
+            return p;
+        }
+        let now = self.epoch.elapsed().as_secs_f64();
+        // Nothing in flight: the drive is free, whatever the estimate said.
+        let drained = if self.engine.in_flight() == 0 {
+            now
+        } else {
+            self.drive_free.max(now)
+        };
+        Pace {
+            now_s: now,
+            drained_s: drained,
+            bytes_per_s: self.measured_rate(),
+            latency_s: 0.0,
+        }
     }
 
     fn check(&self, slot: usize, key: ExpertKey) -> Result<()> {
@@ -957,6 +1010,9 @@ impl Streamer {
     pub fn begin(&mut self, tokens: &[u32]) {
         self.batch_tokens.clear();
         self.batch_tokens.extend_from_slice(tokens);
+        if tokens.len() > 1 {
+            self.demands.interrupt();
+        }
         let ahead = self.moe_layers_ahead(0);
         let Some(p) = &mut self.predictor else {
             return;
@@ -1059,16 +1115,34 @@ impl Streamer {
             return Ok(());
         }
         let mut reqs = Vec::new();
-        // Prefetches go out unchunked: fewer requests, and the window, not
+        // Prefetches go out unchunked: fewer requests, and admission, not
         // the chunking, bounds what demand may queue behind.
         let chunk = std::mem::replace(&mut self.chunk, 0);
-        while let Some(key) = self.pf.next(&self.cache, self.top_k, force, loading) {
+        // Priced once a token's layers have given the gap between demands.
+        let timed = match (force, self.demands.next_demand()) {
+            (false, Some(d)) => Some((d, self.drive_time())),
+            _ => None,
+        };
+        let mut queued = 0u64;
+        loop {
+            let admit = match timed {
+                _ if force => Admit::Force,
+                Some((d, p)) => Admit::Timed {
+                    slack_s: d - (p.drained_s.max(p.now_s) + queued as f64 / p.bytes_per_s),
+                    read_s: self.slot_bytes as f64 / p.bytes_per_s + p.latency_s,
+                },
+                None => Admit::Window,
+            };
+            let Some(key) = self.pf.next(&self.cache, self.top_k, admit, loading) else {
+                break;
+            };
             match self.cache.prefetch(key, step) {
                 Acquire::Hit(s) => self.pf.took(&mut self.cache, key, s, None),
                 Acquire::Miss(s) => {
                     let before = self.stats.bytes_wanted;
                     self.queue_reads(s, key, &mut reqs);
                     let bytes = self.stats.bytes_wanted - before;
+                    queued += bytes;
                     self.pf.took(&mut self.cache, key, s, Some(bytes));
                 }
                 // No slot free: the rest waits for the next tick.
@@ -1349,6 +1423,14 @@ impl Streamer {
                 }
             }
             return self.fail(wave, err).map(|_| 0);
+        }
+        if from == 0 && self.batch_tokens.len() <= 1 {
+            let t = self.drive_time();
+            let waits = wave
+                .iter()
+                .any(|&(_, s)| self.cache.state(s) == SlotState::Loading);
+            self.demands
+                .demand(t.now_s, if waits { t.drained_s } else { t.now_s });
         }
         if let Err(err) = self.top_up(step) {
             return self.fail(wave, err).map(|_| 0);

@@ -438,4 +438,8 @@ impl ReadEngine for FaultEngine {
     fn path(&self, file: FileId) -> &Path {
         self.inner.path(file)
     }
+
+    fn pace(&self) -> Option<crate::Pace> {
+        self.inner.pace()
+    }
 }

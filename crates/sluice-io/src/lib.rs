@@ -318,6 +318,26 @@ pub trait ReadEngine: Send {
     ///
     /// If `file` was not returned by [`open`](ReadEngine::open) on this engine.
     fn path(&self, file: FileId) -> &Path;
+
+    /// The drive's timing, where this engine sets it (reads paced on a
+    /// simulated device's clock); `None` (the default) for a real drive,
+    /// whose timing the caller measures on the wall clock.
+    fn pace(&self) -> Option<Pace> {
+        None
+    }
+}
+
+/// A paced engine's drive timing, in seconds on its clock.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Pace {
+    /// The clock now.
+    pub now_s: f64,
+    /// When every read submitted so far will be in.
+    pub drained_s: f64,
+    /// The drive's read rate.
+    pub bytes_per_s: f64,
+    /// What each read pays before its bytes move.
+    pub latency_s: f64,
 }
 
 /// Opens an engine of `opts.kind`.
