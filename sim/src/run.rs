@@ -743,7 +743,7 @@ impl Sim<'_> {
     }
 
     /// The engine's tick: queued predictions go to the drive while the
-    /// admission window allows.
+    /// admission allows.
     fn tick(&mut self) {
         if self.fixed.is_none() {
             self.top_up(self.step);
@@ -825,7 +825,7 @@ mod tests {
             let fast = run(&m, &p, &o, seed);
             if pf == 0 {
                 // Without prefetch, what is resident does not depend on
-                // timing; with it, the admission window follows the drive.
+                // timing; with it, admission follows the drive.
                 prop_assert_eq!(slow.cold.hits, fast.cold.hits);
                 prop_assert!(fast.cold.decode_s <= slow.cold.decode_s * (1.0 + 1e-9),
                     "{} > {}", fast.cold.decode_s, slow.cold.decode_s);

@@ -1052,7 +1052,7 @@ impl Streamer {
     /// The predictor learns from it; for a single token it also predicts
     /// the next MoE layer (and up to the prefetch depth, for predictors
     /// that can guess further), queued for admission: the reads go out
-    /// after this layer's demand reads, as the window allows.
+    /// after this layer's demand reads, as admission allows.
     pub fn routed(&mut self, layer: usize, chosen: &[&[usize]]) {
         let ahead = self.moe_layers_ahead(layer + 1);
         let Some(p) = &mut self.predictor else {
@@ -1099,11 +1099,12 @@ impl Streamer {
         self.pf.stats.predictor += t.elapsed();
     }
 
-    /// Sends queued predictions to the drive while fewer than the
-    /// admission window's worth of prefetched experts are in flight,
-    /// pinning what they fetch until their layer runs. Called after a
-    /// layer's demand reads (so demand goes first) and at the forward
-    /// pass's ticks between computations.
+    /// Sends queued predictions to the drive while admission lets them
+    /// out (priced against the next demand once a gap between demands is
+    /// measured, the adaptive window before), pinning what they fetch
+    /// until their layer runs. Called after a layer's demand reads (so
+    /// demand goes first) and at the forward pass's ticks between
+    /// computations.
     fn top_up(&mut self, step: u64) -> Result<()> {
         self.top_up_with(step, false)
     }
@@ -1154,7 +1155,7 @@ impl Streamer {
     }
 
     /// Between two computations: absorbs finished reads and sends more
-    /// queued predictions to the drive if the admission window allows.
+    /// queued predictions to the drive if admission allows.
     /// The forward pass calls it between its larger products, so the
     /// drive is fed while the CPU or GPU computes.
     pub fn tick(&mut self) -> Result<()> {
