@@ -742,7 +742,7 @@ impl Sim<'_> {
             .settle(&mut self.cache, l, &demanded, |_, s| ready[s] > t);
     }
 
-    /// The engine's tick: queued predictions go to the drive while the
+    /// The engine's tick: queued predictions go to the drive while
     /// admission allows.
     fn tick(&mut self) {
         if self.fixed.is_none() {
