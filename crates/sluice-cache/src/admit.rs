@@ -14,7 +14,9 @@
 //! layer's demand reaches the drive costs nothing (the drive was idle
 //! under compute), so any guess may take that time; one that runs past
 //! the demand by `o` seconds delays every demand read behind it by `o`
-//! and, if right, saves its own read time `x`: it goes out if `p·x > o`.
+//! and, if right, saves its own read time `x`; if wrong, the resident its
+//! slot displaced may be wanted back (a share `q` of them were, so far):
+//! it goes out if `p·x > o + (1-p)·q·x`.
 
 use crate::{ExpertKey, SlotCache};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -38,9 +40,11 @@ pub enum Admit {
     Force,
     /// The adaptive window and probability floor: no timing is known.
     Window,
-    /// Priced by time: the next guess goes out if `p · read_s` exceeds
-    /// the time by which its read would run past the next demand, i.e. if
-    /// `slack_s > (1 - p) · read_s`. `slack_s` is the time from when the
+    /// Priced by time: the next guess, of probability `p`, goes out if
+    /// `p · read_s` exceeds the time by which its read would run past the
+    /// next demand plus `(1 - p) · q · read_s`, `q` being the share of
+    /// displaced residents wanted back ([`PrefetchQueue::displaced_cost`]),
+    /// and the drive is free before the demand. `slack_s` is the time from when the
     /// drive will have delivered what it has (and what went out before in
     /// this round) to the next layer's expected demand; `read_s` is the
     /// time one expert's read takes.
@@ -220,10 +224,10 @@ impl PrefetchQueue {
     }
 
     /// The next expert to read under [`Admit::Timed`]: the head of the
-    /// queue if `slack_s > (1 - p) · read_s`. Nothing further back can
-    /// pass where the head does not (it is as near and at most as
-    /// likely), so the queue is kept for the next call, when the drive
-    /// may have room.
+    /// queue if its expected saving exceeds its cost (see there). What is
+    /// behind it is for the same layer and no more likely, or for a layer
+    /// further ahead, whose guesses wait for the nearer layer's; the queue
+    /// is kept for the next call, when the drive may have room.
     pub fn next_timed(&mut self, slack_s: f64, read_s: f64) -> Option<ExpertKey> {
         let &(k, p) = self.queue.front()?;
         let p = p.clamp(0.0, 1.0) as f64;
