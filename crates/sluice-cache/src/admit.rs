@@ -389,8 +389,8 @@ pub struct Prefetcher {
 
 impl Prefetcher {
     /// Nothing predicted yet, for predictions of `per_layer` experts up to
-    /// `depth` layers ahead (at most that many prefetched experts in
-    /// flight). Gives `cache` its scratch quota: room for one round of
+    /// `depth` layers ahead (the window's largest size; priced admission
+    /// has no such bound). Gives `cache` its scratch quota: room for one round of
     /// prefetches in flight and the previous one's, at most a quarter of
     /// the cache, so wrong guesses recycle those slots instead of evicting
     /// residents.
