@@ -23,7 +23,7 @@ pub use predict::{
     predictor_by_name, Belady, CrossLayer, History, Predictor, TokenLayer, PREDICTOR_NAMES,
 };
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// One expert of one layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -169,9 +169,24 @@ impl SlotCache {
     /// any resident, so a wrong guess holds a slot only until its layer
     /// has run (under LRU it would otherwise count as the newest use).
     pub fn discard(&mut self, slot: usize) {
-        if let (true, Some(k)) = (self.slots[slot].speculative, self.slots[slot].key) {
-            self.stale.push((slot, k));
+        let Some(k) = self.slots[slot]
+            .key
+            .filter(|_| self.slots[slot].speculative)
+        else {
+            return;
+        };
+        if self.stale.len() >= 2 * self.slots.len() {
+            // Entries are dropped only when a victim is needed, which a
+            // cache with room never needs: keep those that still name an
+            // unused prefetch, once each, so the list stays within the
+            // slot count however long the run.
+            let slots = &self.slots;
+            let mut seen = HashSet::new();
+            self.stale.retain(|&(s, k)| {
+                slots[s].key == Some(k) && slots[s].speculative && seen.insert(s)
+            });
         }
+        self.stale.push((slot, k));
     }
 
     /// A discarded prefetch still unused, unpinned and read, if any.

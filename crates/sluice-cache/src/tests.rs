@@ -202,6 +202,36 @@ fn a_discarded_prefetch_goes_first() {
     c.check().unwrap();
 }
 
+/// Discarding without ever evicting keeps the list of discarded prefetches
+/// within the slot count; they are still the ones evicted first.
+#[test]
+fn discards_stay_bounded_without_evictions() {
+    let mut c = SlotCache::new(4, Box::new(Lru::new()));
+    let Acquire::Miss(old) = demand(&mut c, 7, 0) else {
+        panic!()
+    };
+    c.release(old);
+    let mut guesses = Vec::new();
+    for e in 0..3 {
+        let Acquire::Miss(s) = c.prefetch(k(e), 1) else {
+            panic!()
+        };
+        c.mark_ready(s);
+        guesses.push(s);
+    }
+    for i in 0..10_000 {
+        c.discard(guesses[i % 3]);
+        c.discard(old); // a resident: ignored
+        assert!(c.stale.len() <= 2 * 4 + 1, "{} entries", c.stale.len());
+    }
+    let Acquire::Miss(s) = demand(&mut c, 8, 2) else {
+        panic!()
+    };
+    assert!(guesses.contains(&s), "a discarded guess made room");
+    assert!(c.slot_of(k(7)).is_some(), "not LRU's oldest, resident 7");
+    c.check().unwrap();
+}
+
 #[derive(Clone, Debug)]
 enum Op {
     Demand(usize),

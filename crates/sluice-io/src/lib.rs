@@ -327,7 +327,8 @@ pub trait ReadEngine: Send {
     }
 }
 
-/// A paced engine's drive timing, in seconds on its clock.
+/// A drive's timing, in seconds on one clock: a paced engine's (see
+/// [`ReadEngine::pace`]), or a caller's estimate of a real drive.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Pace {
     /// The clock now.
