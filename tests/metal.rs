@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use sluice_backend_cpu::CpuBackend;
+use sluice_backend_cpu::{Activations, CpuBackend, CpuOptions};
 use sluice_backend_metal::{MetalBackend, MetalOptions, REQUIRE_ENV};
 use sluice_core::Backend;
 use sluice_engine::{Model, Session};
@@ -42,7 +42,15 @@ fn logits(path: &Path, be: Arc<dyn Backend>, tokens: &[u32]) -> Vec<Vec<f32>> {
 #[test]
 fn every_fixture_matches_the_cpu_backend_on_the_gpu() {
     let Some(g) = gpu() else { return };
-    let cpu: Arc<dyn Backend> = Arc::new(CpuBackend::new(Some(2)).unwrap());
+    // The GPU keeps activations in f32: compare with the CPU's exact path.
+    let cpu: Arc<dyn Backend> = Arc::new(
+        CpuBackend::with_options(CpuOptions {
+            threads: Some(2),
+            activations: Activations::F32,
+            isa: None,
+        })
+        .unwrap(),
+    );
     let mut checked = 0;
     for (model, exp) in oracles() {
         let e = read_expected(&exp);

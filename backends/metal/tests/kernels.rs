@@ -2,7 +2,7 @@
 //! (lavapipe in CI, where `SLUICE_REQUIRE_GPU=1` makes a missing adapter a
 //! failure; elsewhere the tests say they were skipped).
 
-use sluice_backend_cpu::CpuBackend;
+use sluice_backend_cpu::{Activations, CpuBackend, CpuOptions};
 use sluice_backend_metal::{MetalBackend, MetalOptions, REQUIRE_ENV};
 use sluice_core::ops::{Rope, RopeStyle};
 use sluice_core::{quant, AttnParams, Backend, DType, HalfType, MlxQuant, WeightView};
@@ -21,6 +21,17 @@ fn gpu(opts: MetalOptions) -> Option<MetalBackend> {
             None
         }
     }
+}
+
+/// The CPU backend with exact products (f32 activations), which the GPU's
+/// kernels reproduce.
+fn exact_cpu() -> CpuBackend {
+    CpuBackend::with_options(CpuOptions {
+        threads: Some(2),
+        activations: Activations::F32,
+        isa: None,
+    })
+    .unwrap()
 }
 
 fn floats(n: usize, seed: u64) -> Vec<f32> {
@@ -133,7 +144,7 @@ fn matmul_fallbacks_match_cpu() {
 }
 
 fn matmuls_match(g: &MetalBackend) {
-    let cpu = CpuBackend::new(Some(2)).unwrap();
+    let cpu = exact_cpu();
     for dt in all_types() {
         // Float types get a width that is not a multiple of 32.
         let cols = if dt.block_size() == 1 { 301 } else { 512 };
@@ -158,7 +169,7 @@ fn split_bindings_give_the_same_products() {
     }) else {
         return;
     };
-    let cpu = CpuBackend::new(Some(2)).unwrap();
+    let cpu = exact_cpu();
     for dt in [
         DType::Q8_0,
         DType::Q4_K,
@@ -200,7 +211,7 @@ fn element_wise_kernels_match_cpu() {
     let Some(g) = gpu(MetalOptions::default()) else {
         return;
     };
-    let cpu = CpuBackend::new(Some(2)).unwrap();
+    let cpu = exact_cpu();
     // RMSNorm over 3 rows.
     let w = floats(96, 1);
     let x = floats(3 * 96, 2);
@@ -240,7 +251,7 @@ fn attention_matches_cpu() {
     let Some(g) = gpu(MetalOptions::default()) else {
         return;
     };
-    let cpu = CpuBackend::new(Some(2)).unwrap();
+    let cpu = exact_cpu();
     for window in [None, Some(3)] {
         let p = AttnParams {
             n_heads: 4,
@@ -269,7 +280,7 @@ fn fused_mlp_matches_cpu() {
     let Some(g) = gpu(MetalOptions::default()) else {
         return;
     };
-    let cpu = CpuBackend::new(Some(2)).unwrap();
+    let cpu = exact_cpu();
     let gate = Owned::random(DType::Q4_K, 256, 256, 1);
     let up = Owned::random(DType::Q4_K, 256, 256, 2);
     let down = Owned::random(DType::Q6_K, 256, 256, 3);

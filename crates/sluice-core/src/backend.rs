@@ -89,6 +89,7 @@ impl<'a> WeightView<'a> {
     }
 
     /// Bytes of one row.
+    #[inline]
     pub fn row_bytes(&self) -> usize {
         self.data.len() / self.rows.max(1)
     }

@@ -1,0 +1,293 @@
+//! Matrix-product kernels, one module per instruction set.
+//!
+//! Two families:
+//!
+//! * **8-bit activations** (the default for quantized weights): the input
+//!   rows are quantized per 32 values (`act.rs`) and each weight unit's
+//!   codes are dotted with them in integers, dequantization fused into the
+//!   product (`fmt.rs` states the arithmetic). llama.cpp computes its
+//!   quantized products the same way.
+//! * **f32 activations**: F32/F16/BF16 weights always, quantized weights
+//!   when exact products are asked for. A chunk of a row (512 weights) is
+//!   dequantized exactly into a buffer that stays in L1 and dotted with
+//!   every input row.
+//!
+//! The instruction set is picked at run time ([`Isa::detect`]) and can be
+//! forced (`SLUICE_CPU_ISA`, [`crate::CpuOptions::isa`]) so that tests run
+//! every one the machine has. Each kernel computes a row's result from
+//! that row's bytes alone, in a fixed order, so a product does not depend
+//! on how rows are split between threads or on where the bytes live.
+
+pub mod fmt;
+pub mod scalar;
+#[cfg(target_arch = "x86_64")]
+pub mod x86;
+
+use crate::act::{Layout, QAct};
+use fmt::Row;
+use sluice_core::{quant, DType, WeightView};
+
+/// An instruction set the kernels are compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Isa {
+    /// Portable Rust (the reference).
+    Scalar,
+    /// x86-64 AVX2 with FMA and F16C.
+    Avx2,
+    /// x86-64 AVX-512 F/BW/DQ/VL with VNNI and VBMI (Ice Lake, Sapphire
+    /// Rapids, Zen 4 and later).
+    Avx512,
+    /// aarch64 NEON (every aarch64 CPU).
+    Neon,
+    /// aarch64 NEON with the dot-product instructions (Apple M1 and A13
+    /// onwards, most ARM servers).
+    NeonDot,
+}
+
+impl Isa {
+    /// Every instruction set this build knows.
+    pub const ALL: [Isa; 5] = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Neon, Isa::NeonDot];
+
+    /// Name as `SLUICE_CPU_ISA` and the benchmarks spell it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+            Isa::Neon => "neon",
+            Isa::NeonDot => "neon-dot",
+        }
+    }
+
+    /// Parses a name.
+    pub fn parse(s: &str) -> Option<Isa> {
+        Isa::ALL
+            .into_iter()
+            .find(|i| i.name().eq_ignore_ascii_case(s))
+    }
+
+    /// Whether this CPU runs it.
+    pub fn supported(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                    && std::arch::is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                Isa::Avx2.supported()
+                    && std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512dq")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                    && std::arch::is_x86_feature_detected!("avx512vnni")
+                    && std::arch::is_x86_feature_detected!("avx512vbmi")
+            }
+            _ => false,
+        }
+    }
+
+    /// The instruction sets this CPU runs, best last.
+    pub fn available() -> Vec<Isa> {
+        Isa::ALL.into_iter().filter(|i| i.supported()).collect()
+    }
+
+    /// The best instruction set of this CPU.
+    pub fn detect() -> Isa {
+        *Isa::available().last().unwrap_or(&Isa::Scalar)
+    }
+}
+
+/// Where a kernel writes `y[t][r]` (`n × rows`, token-major). Threads write
+/// disjoint row ranges of the same output, so it is a raw pointer.
+#[derive(Clone, Copy)]
+pub struct Out {
+    ptr: *mut f32,
+    rows: usize,
+    len: usize,
+}
+
+// SAFETY: an `Out` is only written through `put`, whose callers own
+// disjoint row ranges (documented at `put`); the buffer outlives the job.
+unsafe impl Send for Out {}
+// SAFETY: as above.
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// An output over `y` (`n × rows`).
+    pub fn new(y: &mut [f32], rows: usize) -> Out {
+        Out {
+            ptr: y.as_mut_ptr(),
+            rows,
+            len: y.len(),
+        }
+    }
+
+    /// Writes `y[t][r]`.
+    ///
+    /// # Safety
+    /// No other thread may write or read row `r` of this output while the
+    /// job runs, and the `y` it was made from must still be borrowed by the
+    /// job's caller.
+    #[inline(always)]
+    pub unsafe fn put(&self, t: usize, r: usize, v: f32) {
+        let i = t * self.rows + r;
+        assert!(i < self.len, "output index out of range");
+        // SAFETY: in bounds (checked); exclusivity is the caller's contract.
+        unsafe { *self.ptr.add(i) = v };
+    }
+}
+
+impl Out {
+    /// `y[t][r] = silu(y[t][r]) · up[t][r]` (SwiGLU of a gate row in place).
+    ///
+    /// # Safety
+    /// As for [`Out::put`], for both outputs.
+    #[inline(always)]
+    pub unsafe fn swiglu(&self, up: Out, t: usize, r: usize) {
+        let i = t * self.rows + r;
+        assert!(i < self.len && i < up.len, "output index out of range");
+        // SAFETY: in bounds (checked); exclusivity is the caller's contract.
+        unsafe {
+            let g = *self.ptr.add(i);
+            *self.ptr.add(i) = sluice_core::ops::silu(g) * *up.ptr.add(i);
+        }
+    }
+}
+
+/// The rows of a weight matrix, with their byte counts computed once (a
+/// division per row is a measurable share of a decode step).
+#[derive(Clone, Copy)]
+pub struct Rows<'a> {
+    w: WeightView<'a>,
+    rb: usize,
+    ab: usize,
+}
+
+impl<'a> Rows<'a> {
+    /// The rows of `w`.
+    #[inline]
+    pub fn new(w: &WeightView<'a>) -> Rows<'a> {
+        Rows {
+            w: *w,
+            rb: w.row_bytes(),
+            ab: match w.dtype {
+                DType::Mlx(q) => q.aux_row_bytes(w.cols),
+                _ => 0,
+            },
+        }
+    }
+
+    /// Bytes of one row.
+    #[inline(always)]
+    pub fn row_bytes(&self) -> usize {
+        self.rb
+    }
+
+    /// Row `r`.
+    #[inline(always)]
+    pub fn row(&self, r: usize) -> Row<'a> {
+        let (rb, ab) = (self.rb, self.ab);
+        Row {
+            data: &self.w.data[r * rb..(r + 1) * rb],
+            scales: &self.w.scales[r * ab..(r + 1) * ab],
+            biases: &self.w.biases[r * ab..(r + 1) * ab],
+        }
+    }
+}
+
+/// The activation layout `isa`'s 8-bit kernel for `dt` reads.
+pub fn q8_layout(isa: Isa, dt: DType) -> Layout {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => x86::avx512_layout(dt),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => x86::avx2_layout(dt),
+        _ => Layout::NATURAL,
+    }
+}
+
+/// Rows `r0..r1` of `w` against the quantized activations `act` (made with
+/// [`q8_layout`]`(isa, w.dtype)`).
+pub fn q8_tile(isa: Isa, w: &WeightView<'_>, r0: usize, r1: usize, act: &QAct, out: Out) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: an `Isa` other than Scalar is only used where
+        // `supported()` said the CPU has it (CpuBackend checks).
+        Isa::Avx512 => unsafe { x86::avx512_q8_tile(w, r0, r1, act, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { x86::avx2_q8_tile(w, r0, r1, act, out) },
+        _ => scalar::q8_tile(w, r0, r1, act, out),
+    }
+}
+
+/// Weights per chunk of the f32 path (a multiple of every block and group
+/// size, small enough for L1).
+const FCHUNK: usize = 512;
+
+/// Rows `r0..r1` of `w` against `n` f32 rows of `x`: weights dequantized
+/// exactly, chunk by chunk, products in f32.
+pub fn f32_tile(isa: Isa, w: &WeightView<'_>, r0: usize, r1: usize, x: &[f32], n: usize, out: Out) {
+    let cols = w.cols;
+    let mut buf = [0f32; FCHUNK];
+    let mut acc = vec![0f32; n];
+    let rows = Rows::new(w);
+    for r in r0..r1 {
+        let row = rows.row(r);
+        acc.iter_mut().for_each(|a| *a = 0.0);
+        for c0 in (0..cols).step_by(FCHUNK) {
+            let len = (cols - c0).min(FCHUNK);
+            let wv = &mut buf[..len];
+            chunk_f32(w.dtype, row, c0, wv);
+            for (t, a) in acc.iter_mut().enumerate() {
+                *a += dot(isa, wv, &x[t * cols + c0..t * cols + c0 + len]);
+            }
+        }
+        for (t, a) in acc.iter().enumerate() {
+            // SAFETY: the caller owns rows r0..r1 of `out`.
+            unsafe { out.put(t, r, *a) };
+        }
+    }
+}
+
+/// Weights `c0..c0 + out.len()` of `row`, dequantized exactly.
+fn chunk_f32(dt: DType, row: Row<'_>, c0: usize, out: &mut [f32]) {
+    let len = out.len();
+    match dt {
+        DType::Mlx(q) => {
+            let g = q.group as usize;
+            let hb = q.scales.bytes();
+            let (b0, b1) = (c0 * q.bits as usize / 8, (c0 + len) * q.bits as usize / 8);
+            let (g0, g1) = (c0 / g * hb, (c0 + len) / g * hb);
+            quant::dequantize_mlx_unchecked(
+                q,
+                &row.data[b0..b1],
+                &row.scales[g0..g1],
+                &row.biases[g0..g1],
+                out,
+            )
+        }
+        _ => {
+            let (b0, b1) = (
+                c0 / dt.block_size() * dt.block_bytes(),
+                (c0 + len) / dt.block_size() * dt.block_bytes(),
+            );
+            quant::dequantize_unchecked(dt, &row.data[b0..b1], out)
+        }
+    }
+}
+
+/// `Σ a[i]·b[i]` on `isa`.
+#[inline]
+pub fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see `q8_tile`.
+        Isa::Avx512 | Isa::Avx2 => unsafe { x86::dot_f32(a, b) },
+        _ => scalar::dot_f32(a, b),
+    }
+}
