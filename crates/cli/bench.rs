@@ -98,6 +98,8 @@ impl Pass {
             "read_gbps": read_gbps,
             "stall_s": stall,
             "compute_s": self.decode_s - stall_s,
+            "stall_s_per_token": stall_s / self.tokens.max(1) as f64,
+            "compute_s_per_token": (self.decode_s - stall_s) / self.tokens.max(1) as f64,
             "overlap_ratio": overlap,
             "prefetch_recall": pf.map(|p| r(p.prefetched_used, p.demanded)),
             "prefetch_precision": pf.map(|p| r(p.prefetched_used, p.prefetched)),
@@ -417,7 +419,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     ] {
         let Some(p) = p else { continue };
         println!(
-            "  {name:<5}            {} tok/s decode, TTFT {} s, hit rate {}, {:.2} MB read/token, read {} GB/s ({:.0}% of probe, {:.0}% of burst probe), stall {} s, compute {} s",
+            "  {name:<5}            {} tok/s decode, TTFT {} s, hit rate {}, {:.2} MB read/token, read {} GB/s ({:.0}% of probe, {:.0}% of burst probe), per token: compute {:.1} ms, stall {:.1} ms",
             f(&p["tok_per_s"]),
             f(&p["ttft_s"]),
             f(&p["hit_rate"]),
@@ -425,8 +427,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             f(&p["read_gbps"]),
             100.0 * p["read_gbps"].as_f64().unwrap_or(0.0) / probe.gbps.max(1e-12),
             100.0 * p["read_gbps"].as_f64().unwrap_or(0.0) / burst.gbps.max(1e-12),
-            f(&p["stall_s"]),
-            f(&p["compute_s"]),
+            p["compute_s_per_token"].as_f64().unwrap_or(0.0) * 1e3,
+            p["stall_s_per_token"].as_f64().unwrap_or(0.0) * 1e3,
         );
         if !p["gpu_decode_s"].is_null() {
             println!(

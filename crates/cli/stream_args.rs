@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use sluice_backend_cpu::CpuBackend;
+use sluice_backend_cpu::{Activations, CpuBackend, CpuOptions};
 use sluice_backend_metal::{MetalBackend, MetalOptions};
 use sluice_backend_sim::{DeviceClock, PacedEngine, SimBackend};
 use sluice_core::Backend;
@@ -41,6 +41,13 @@ pub struct ModelArgs {
     /// RAM (Apple GPUs, lavapipe) these copies are planned under --ram-cap.
     #[arg(long, default_value = "1G")]
     pub gpu_resident: String,
+    /// How the CPU multiplies quantized weights: q16 (activations as 8-bit
+    /// codes plus an 8-bit residual per 32 values, integer kernels; within
+    /// 1e-3 × max|logit| of exact on the oracle fixtures), q8 (8-bit codes
+    /// only, as llama.cpp does: faster prefill, but logits move by percents
+    /// and small models' routing can change) or f32 (exact).
+    #[arg(long, default_value = "q16", value_parser = parse_activations)]
+    pub activations: Activations,
     /// Routed experts per token instead of the model's own top-k (flash-moe
     /// ran Qwen3.5-397B with 4 instead of 10). Changes the output; always
     /// announced.
@@ -48,6 +55,50 @@ pub struct ModelArgs {
     pub experts_k: Option<usize>,
     #[command(flatten)]
     pub stream: StreamArgs,
+}
+
+fn parse_activations(s: &str) -> Result<Activations, String> {
+    Activations::parse(s).ok_or_else(|| format!("{s:?} is not one of q16, q8, f32"))
+}
+
+/// Whether any matrix of the model is block-quantized (GGUF quant types,
+/// MLX), which the CPU multiplies with quantized activations.
+fn has_quantized(model: &Model) -> bool {
+    use sluice_engine::model::{Ffn, MixerWeights};
+    let mut q = model.embed.dtype.is_quantized() || model.lm_head.dtype.is_quantized();
+    for l in &model.layers {
+        q |= match &l.mixer {
+            MixerWeights::Attention(a) => a.q.w.dtype.is_quantized(),
+            MixerWeights::DeltaNet(d) => d.qkv.dtype.is_quantized(),
+        };
+        q |= match &l.ffn {
+            Ffn::Dense(m) => m.gate.dtype.is_quantized(),
+            Ffn::Moe(m) => m
+                .experts
+                .first()
+                .is_some_and(|e| e.gate.dtype.is_quantized()),
+        };
+    }
+    q
+}
+
+/// Says how the CPU kernels run (the instruction set, and what quantized
+/// activations change).
+fn announce_kernels(
+    cpu: Option<(&'static str, usize, Activations)>,
+    model: &Model,
+    notes: &mut Vec<String>,
+) {
+    let Some((isa, threads, activations)) = cpu else {
+        return;
+    };
+    let how = match activations {
+        Activations::F32 => "exact products (f32 activations)".to_string(),
+        Activations::Q16 if has_quantized(model) => "activations quantized to 8-bit codes plus an 8-bit residual per 32 values (within 1e-3 × max|logit| of exact on the oracle fixtures; --activations f32 for exact)".to_string(),
+        Activations::Q8 if has_quantized(model) => "activations quantized to 8 bits per 32 values, as llama.cpp does (logits move by percents on small models and routing can change; --activations q16 or f32 to avoid)".to_string(),
+        _ => "f32 weights, exact products".to_string(),
+    };
+    notes.push(format!("CPU kernels: {isa}, {threads} threads; {how}"));
 }
 
 /// Applies `--experts-k` to a loaded model and says so.
@@ -255,7 +306,14 @@ pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
             p.display()
         ));
     }
-    let cpu = CpuBackend::new(m.threads)?;
+    let cpu = CpuBackend::with_options(CpuOptions {
+        threads: m.threads,
+        activations: m.activations,
+        isa: None,
+    })?;
+    let cpu_kernels = gpu
+        .is_none()
+        .then(|| (cpu.simd(), cpu.threads(), cpu.activations()));
     let (backend, clock): (Arc<dyn Backend>, _) = match &device {
         Some(p) => {
             let clock = DeviceClock::new(p);
@@ -279,6 +337,7 @@ pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
         let mut model =
             Model::load(load()?).with_context(|| format!("loading {}", m.model.display()))?;
         apply_experts_k(&mut model, m.experts_k, &mut notes)?;
+        announce_kernels(cpu_kernels, &model, &mut notes);
         let (capped, why) = cgroup_capped(s.ram_cap);
         if s.ram_cap.is_some() || s.io.is_some() {
             notes.push(format!(
@@ -308,6 +367,7 @@ pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
     }
     let mut model = Model::load(files).with_context(|| format!("loading {}", m.model.display()))?;
     apply_experts_k(&mut model, m.experts_k, &mut notes)?;
+    announce_kernels(cpu_kernels, &model, &mut notes);
     let threads = m
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));

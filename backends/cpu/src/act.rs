@@ -13,7 +13,7 @@
 //! activations; the sums of each half unit, scaled, serve the zero-point
 //! and min terms (`fmt.rs`).
 
-use crate::kernels::fmt::UNIT;
+use crate::kernels::{self, fmt::UNIT, Isa};
 
 /// The order of activation bytes a kernel expects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,6 +24,10 @@ pub struct Layout {
     /// `perm[k]` is the index, within the step's `32·step` activations, of
     /// the one stored at byte `k`; `None` keeps the natural order.
     pub perm: Option<&'static [u8]>,
+    /// With the residual: store `256·q + r` as one 16-bit value (`wide`)
+    /// instead of two byte planes, for kernels that multiply 16-bit
+    /// activations (AVX-512's `vpdpwssd`).
+    pub wide: bool,
 }
 
 impl Layout {
@@ -31,6 +35,7 @@ impl Layout {
     pub const NATURAL: Layout = Layout {
         step: 1,
         perm: None,
+        wide: false,
     };
 }
 
@@ -47,6 +52,9 @@ pub struct QAct {
     pub qs: Vec<i8>,
     /// The residual codes, like `qs` (empty without the residual plane).
     pub res: Vec<i8>,
+    /// With a wide layout, `256·q + r` per value in the layout's order
+    /// (and `qs`, `res` empty).
+    pub wide: Vec<i16>,
     /// `n · units` multipliers of a unit's integer sums: `d`, or `d/256`
     /// with the residual plane (whose sums are `256·Σc·q + Σc·r`).
     pub da: Vec<f32>,
@@ -60,7 +68,15 @@ impl QAct {
     /// Quantizes `n` rows of `cols` values (`cols` a multiple of 32) for
     /// `layout`, with the residual plane when `residual`, reusing this
     /// buffer's memory.
-    pub fn quantize(&mut self, x: &[f32], n: usize, cols: usize, layout: Layout, residual: bool) {
+    pub fn quantize(
+        &mut self,
+        x: &[f32],
+        n: usize,
+        cols: usize,
+        layout: Layout,
+        residual: bool,
+        isa: Isa,
+    ) {
         debug_assert!(cols.is_multiple_of(UNIT) && x.len() == n * cols);
         let units = (cols / UNIT).next_multiple_of(layout.step);
         self.n = n;
@@ -68,8 +84,13 @@ impl QAct {
         self.residual = residual;
         self.qs.clear();
         self.qs.resize(n * units * UNIT, 0);
+        let wide = residual && layout.wide;
         self.res.clear();
-        if residual {
+        self.wide.clear();
+        if wide {
+            self.qs.clear();
+            self.wide.resize(n * units * UNIT, 0);
+        } else if residual {
             self.res.resize(n * units * UNIT, 0);
         }
         self.da.clear();
@@ -89,10 +110,10 @@ impl QAct {
                 let q: &mut [i8; 32] = (&mut nat[k..k + UNIT]).try_into().unwrap();
                 let (d, h) = if residual {
                     let r: &mut [i8; 32] = (&mut nres[k..k + UNIT]).try_into().unwrap();
-                    let (d, h) = quantize_unit_residual(xu, q, r);
+                    let (d, h) = kernels::quantize_unit(isa, xu, q, Some(r));
                     (d / 256.0, h)
                 } else {
-                    quantize_unit(xu, q)
+                    kernels::quantize_unit(isa, xu, q, None)
                 };
                 self.da[at] = d;
                 self.ah[2 * at] = d * h[0] as f32;
@@ -100,9 +121,21 @@ impl QAct {
                 self.au[at] = d * (h[0] + h[1]) as f32;
                 if u % layout.step == layout.step - 1 || u == cols / UNIT - 1 {
                     let s0 = span.start + (u / layout.step) * step;
-                    place(&mut self.qs[s0..s0 + step], &nat[..step], layout.perm);
-                    if residual {
-                        place(&mut self.res[s0..s0 + step], &nres[..step], layout.perm);
+                    if wide {
+                        for k in 0..step {
+                            let i = layout.perm.map_or(k, |p| p[k] as usize);
+                            self.wide[s0 + k] = 256 * nat[i] as i16 + nres[i] as i16;
+                        }
+                    } else {
+                        kernels::place(isa, &mut self.qs[s0..s0 + step], &nat[..step], layout.perm);
+                        if residual {
+                            kernels::place(
+                                isa,
+                                &mut self.res[s0..s0 + step],
+                                &nres[..step],
+                                layout.perm,
+                            );
+                        }
                     }
                     nat = [0; 64];
                     nres = [0; 64];
@@ -114,13 +147,18 @@ impl QAct {
     /// Row `t`'s codes, scales and half sums.
     pub fn row(&self, t: usize) -> ActRow<'_> {
         let u = self.units;
-        ActRow {
-            qs: &self.qs[t * u * UNIT..(t + 1) * u * UNIT],
-            res: if self.residual {
-                &self.res[t * u * UNIT..(t + 1) * u * UNIT]
-            } else {
+        let span = t * u * UNIT..(t + 1) * u * UNIT;
+        fn part<T>(v: &[T], span: std::ops::Range<usize>) -> &[T] {
+            if v.is_empty() {
                 &[]
-            },
+            } else {
+                &v[span]
+            }
+        }
+        ActRow {
+            qs: part(&self.qs, span.clone()),
+            res: part(&self.res, span.clone()),
+            wide: part(&self.wide, span),
             da: &self.da[t * u..(t + 1) * u],
             ah: &self.ah[2 * t * u..2 * (t + 1) * u],
             au: &self.au[t * u..(t + 1) * u],
@@ -135,6 +173,8 @@ pub struct ActRow<'a> {
     pub qs: &'a [i8],
     /// Residual codes, like `qs` (empty without the residual plane).
     pub res: &'a [i8],
+    /// `256·q + r` in a wide layout (else empty).
+    pub wide: &'a [i16],
     /// Scale per unit.
     pub da: &'a [f32],
     /// Scaled sums per half unit.
@@ -161,7 +201,7 @@ pub fn quantize_unit(x: &[f32], q: &mut [i8; 32]) -> (f32, [i32; 2]) {
 }
 
 /// Stores one step's codes in the layout's order.
-fn place(out: &mut [i8], nat: &[i8], perm: Option<&[u8]>) {
+pub fn place(out: &mut [i8], nat: &[i8], perm: Option<&[u8]>) {
     match perm {
         None => out.copy_from_slice(nat),
         Some(p) => {
@@ -197,13 +237,41 @@ pub fn quantize_unit_residual(x: &[f32], q: &mut [i8; 32], r: &mut [i8; 32]) -> 
 mod tests {
     use super::*;
 
+    /// Every instruction set gives the portable code's bytes, scales and
+    /// sums, with and without the residual plane.
+    #[test]
+    fn simd_quantization_is_bit_identical() {
+        let x: Vec<f32> = (0..320)
+            .map(|i| {
+                ((i * 7919 % 1013) as f32 - 506.0) / 37.0 * if i % 97 == 0 { 40.0 } else { 1.0 }
+            })
+            .collect();
+        for isa in Isa::available() {
+            for residual in [false, true] {
+                for layout in [
+                    Layout::NATURAL,
+                    kernels::q8_layout(isa, sluice_core::DType::Q4_0, residual),
+                ] {
+                    let (mut a, mut b) = (QAct::default(), QAct::default());
+                    a.quantize(&x, 2, 160, layout, residual, Isa::Scalar);
+                    b.quantize(&x, 2, 160, layout, residual, isa);
+                    assert_eq!(a.qs, b.qs, "{}", isa.name());
+                    assert_eq!(a.res, b.res, "{}", isa.name());
+                    assert_eq!(a.da, b.da, "{}", isa.name());
+                    assert_eq!(a.ah, b.ah, "{}", isa.name());
+                    assert_eq!(a.au, b.au, "{}", isa.name());
+                }
+            }
+        }
+    }
+
     #[test]
     fn quantization_is_within_half_a_step_and_sums_halves() {
         let x: Vec<f32> = (0..96)
             .map(|i| ((i * 37 % 61) as f32 - 30.0) / 7.0)
             .collect();
         let mut a = QAct::default();
-        a.quantize(&x, 1, 96, Layout::NATURAL, false);
+        a.quantize(&x, 1, 96, Layout::NATURAL, false, Isa::Scalar);
         assert_eq!(a.units, 3);
         for u in 0..3 {
             let d = a.da[u];
@@ -231,7 +299,7 @@ mod tests {
         };
         let x: Vec<f32> = (0..96).map(|i| i as f32 - 40.0).collect();
         let (mut a, mut b) = (QAct::default(), QAct::default());
-        a.quantize(&x, 1, 96, Layout::NATURAL, false);
+        a.quantize(&x, 1, 96, Layout::NATURAL, false, Isa::Scalar);
         b.quantize(
             &x,
             1,
@@ -239,8 +307,10 @@ mod tests {
             Layout {
                 step: 2,
                 perm: Some(&REV),
+                wide: false,
             },
             false,
+            Isa::Scalar,
         );
         assert_eq!(b.units, 4);
         for k in 0..64 {
@@ -260,7 +330,7 @@ mod tests {
             .map(|i| ((i * 53 % 97) as f32 - 48.0) / 3.7)
             .collect();
         let mut a = QAct::default();
-        a.quantize(&x, 1, 64, Layout::NATURAL, true);
+        a.quantize(&x, 1, 64, Layout::NATURAL, true, Isa::Scalar);
         for u in 0..2 {
             let m = a.da[u];
             for i in 0..32 {

@@ -195,8 +195,9 @@ impl CpuBackend {
                     x,
                     n,
                     w.cols,
-                    kernels::q8_layout(self.isa, w.dtype),
+                    kernels::q8_layout(self.isa, w.dtype, residual),
                     residual,
+                    self.isa,
                 );
                 let a = &*a;
                 self.split(w.rows, bytes, &|r0, r1| {
@@ -284,8 +285,9 @@ impl Backend for CpuBackend {
                     x,
                     n,
                     gate.cols,
-                    kernels::q8_layout(self.isa, gate.dtype),
+                    kernels::q8_layout(self.isa, gate.dtype, residual),
                     residual,
+                    self.isa,
                 );
                 let a = &*a;
                 self.split(i, bytes, &|r0, r1| both(Some(a), r0, r1));

@@ -159,11 +159,9 @@ impl Pool {
         struct Wait<'a>(&'a Shared, usize);
         impl Drop for Wait<'_> {
             fn drop(&mut self) {
-                let t = Instant::now();
+                let mut spin = Spin::new();
                 while self.0.acked.load(Ordering::Acquire) < self.1 {
-                    if t.elapsed() < SPIN {
-                        std::hint::spin_loop();
-                    } else {
+                    if !spin.more() {
                         std::thread::yield_now();
                     }
                 }
@@ -186,11 +184,43 @@ impl Pool {
     }
 }
 
+/// A spin of at most [`SPIN`], reading the clock once per 128 turns (a
+/// clock read costs as much as dozens of turns).
+struct Spin {
+    start: Instant,
+    turns: u32,
+    over: bool,
+}
+
+impl Spin {
+    fn new() -> Spin {
+        Spin {
+            start: Instant::now(),
+            turns: 0,
+            over: false,
+        }
+    }
+
+    /// Spins once; false from the moment the time is up.
+    #[inline]
+    fn more(&mut self) -> bool {
+        self.turns = self.turns.wrapping_add(1);
+        if !self.over && self.turns.is_multiple_of(128) {
+            self.over = self.start.elapsed() >= SPIN;
+        }
+        if self.over {
+            return false;
+        }
+        std::hint::spin_loop();
+        true
+    }
+}
+
 fn worker(s: &Shared) {
     let mut seen = 0u64;
     loop {
         // Wait for a new epoch: spin, then park.
-        let t = Instant::now();
+        let mut spin = Spin::new();
         loop {
             if s.shutdown.load(Ordering::Acquire) {
                 return;
@@ -198,8 +228,7 @@ fn worker(s: &Shared) {
             if s.epoch.load(Ordering::Acquire) != seen {
                 break;
             }
-            if t.elapsed() < SPIN {
-                std::hint::spin_loop();
+            if spin.more() {
                 continue;
             }
             let mut parked = s.parked.lock().unwrap_or_else(|e| e.into_inner());

@@ -486,7 +486,7 @@ pub unsafe extern "C" fn sluice_expert_source(
             let k = b.len().min(path_len - 1);
             // SAFETY: `path` has `path_len` writable bytes; we write k + 1 ≤ path_len.
             unsafe {
-                std::ptr::copy_nonoverlapping(b.as_ptr(), path as *mut u8, k);
+                std::ptr::copy_nonoverlapping(b.as_ptr(), path.cast::<u8>(), k);
                 *path.add(k) = 0;
             }
         }

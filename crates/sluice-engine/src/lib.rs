@@ -14,6 +14,7 @@
 
 pub mod config;
 pub mod forward;
+pub mod gguf_meta;
 pub mod model;
 pub mod pack;
 pub mod replay;

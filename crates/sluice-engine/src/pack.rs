@@ -1,20 +1,24 @@
 //! The packed layout: a GGUF file laid out for streaming.
 //!
 //! Dense weights come first, in their own region. Then, layer by layer,
-//! each expert is one record: its gate, up and down matrices back to back
-//! (32-byte aligned inside the record, as GGUF requires), the record
-//! starting on an `align` boundary (4 KiB by default, 16 KiB for Apple
-//! storage), so one expert is one aligned read. The manifest is the GGUF
-//! header itself: per-expert tensors `blk.L.ffn_{gate,up,down}.E.weight`
-//! give each record's offset, size and quant type, and `sluice.*` keys add
-//! the normalized config, the tokenizer, the alignment and one xxh3-64
-//! checksum per record. Any GGUF reader can open the file; sluice reads it
-//! like any other GGUF model.
+//! each expert is one record: its gate, up and down matrices back to back,
+//! each on an `align` boundary (4 KiB by default, 16 KiB for Apple storage),
+//! which is also the file's `general.alignment`, so one expert is one
+//! aligned read and every tensor sits where GGUF readers (llama.cpp's
+//! included) expect it. The manifest is the GGUF header itself: per-expert
+//! tensors `blk.L.ffn_{gate,up,down}.E.weight` give each record's offset,
+//! size and quant type, `sluice.*` keys add the normalized config, the
+//! tokenizer, the alignment and one xxh3-64 checksum per record, and the
+//! architecture's standard keys and a vocabulary (`gguf_meta.rs`) describe
+//! the model to other readers. llama.cpp reads experts only stacked per
+//! layer (`ffn_gate_exps`), so it loads the `--stacked` layout and refuses
+//! the per-expert records by the missing stacked tensor's name.
 //!
 //! Packing reads the source with `pread` one record at a time, so it never
 //! holds more than a record (or one dense tensor) in memory.
 
 use crate::config::{Arch, Config, PACKED_CONFIG_KEY};
+use crate::gguf_meta::{self, FfnSizes};
 use crate::model::{Ffn, MixerWeights, Model, Weight};
 use crate::tokenizer::PACKED_TOKENIZER_KEY;
 use sluice_core::{quant, DType, Error, Result};
@@ -140,8 +144,11 @@ pub(crate) struct Plan<'a> {
     pub experts: Vec<Vec<[Item<'a>; 3]>>,
     pub tokenizer: Option<String>,
     pub source: String,
+    /// Record alignment, which is also the file's `general.alignment`.
     pub align: u64,
     pub expert_quant: Option<DType>,
+    /// Standard keys for other readers (hyper-parameters, vocabulary).
+    pub meta: Vec<(String, MetaValue)>,
 }
 
 /// The GGUF `general.architecture` of each architecture.
@@ -304,16 +311,47 @@ pub fn pack(
     if !c.tie_embeddings {
         dense.push(w("output.weight".into(), &model.lm_head));
     }
+    let source = model.files.path.display().to_string();
+    let mut meta = gguf_meta::hparams(c, ffn_sizes(model), &source);
+    let vocab = match (model.files.gguf(), &tokenizer_json) {
+        (Some(g), _) if g.get("tokenizer.ggml.model").is_some() => gguf_meta::copy_tokenizer(g),
+        (_, Some(j)) => {
+            gguf_meta::from_tokenizer_json(j, c.vocab, c.eos.first().copied()).unwrap_or_default()
+        }
+        _ => Vec::new(),
+    };
+    meta.extend(vocab);
     let plan = Plan {
         config: c,
         dense,
         experts,
         tokenizer: tokenizer_json,
-        source: model.files.path.display().to_string(),
+        source,
         align: opts.align,
         expert_quant: opts.expert_quant,
+        meta,
     };
     write(&plan, Some(&model.files), out, progress)
+}
+
+/// The feed-forward widths of a loaded model, from its weights.
+fn ffn_sizes(model: &Model) -> FfnSizes {
+    let mut f = FfnSizes::default();
+    for l in &model.layers {
+        match &l.ffn {
+            Ffn::Dense(d) if f.dense == 0 => f.dense = d.gate.rows,
+            Ffn::Moe(m) => {
+                if f.expert == 0 {
+                    f.expert = m.experts.first().map_or(0, |e| e.gate.rows);
+                }
+                if f.shared.is_none() {
+                    f.shared = m.shared.as_ref().map(|s| s.gate.rows);
+                }
+            }
+            _ => {}
+        }
+    }
+    f
 }
 
 /// Writes a plan. `files` resolves `Src::Weight` sources.
@@ -344,6 +382,7 @@ pub(crate) fn write(
     if let Some(t) = &plan.tokenizer {
         meta.push((PACKED_TOKENIZER_KEY.into(), MetaValue::Str(t.clone())));
     }
+    meta.extend(plan.meta.iter().cloned());
     // Checksums are known only once the records are written: the array
     // has a fixed size, so it is patched in place at the end.
     let sums_index = meta.len();
@@ -354,7 +393,7 @@ pub(crate) fn write(
             specs.extend(rec.iter().map(|i| i.spec.clone()));
         }
     }
-    let (mut wr, offsets) = GgufWriter::create(out, &meta, &specs)?;
+    let (mut wr, offsets) = GgufWriter::create(out, &meta, &specs, plan.align)?;
     let total: u64 = offsets.last().copied().unwrap_or(0)
         + specs
             .last()
@@ -372,16 +411,17 @@ pub(crate) fn write(
     }
     let mut sums = Vec::with_capacity(n_records);
     let mut rec = Vec::new();
+    let mut ti = plan.dense.len();
     for layer in &plan.experts {
         for r in layer {
             rec.clear();
-            for (j, it) in r.iter().enumerate() {
+            let start = offsets[ti];
+            for it in r.iter() {
                 fill(it, files, &mut readers, &mut buf)?;
-                if j > 0 {
-                    // The padding GGUF puts between tensors is part of the
-                    // record as read, so it is hashed too.
-                    rec.resize(rec.len().next_multiple_of(32), 0);
-                }
+                // The padding between a record's tensors is part of the
+                // record as read, so it is hashed too.
+                rec.resize((offsets[ti] - start) as usize, 0);
+                ti += 1;
                 rec.extend_from_slice(&buf);
                 wr.write_tensor(&buf)?;
                 summary.expert_bytes += buf.len() as u64;

@@ -355,9 +355,14 @@ const FIRST_RATE: f64 = 1e9;
 unsafe impl Send for Streamer {}
 
 /// The reads of one expert: its matrices' byte ranges (values, and MLX
-/// scales and biases) in file order, neighbours within 4 KiB merged into
-/// one read.
-fn merge_plan(w: [&Weight; 3], file_ids: &[FileId], align: usize) -> Result<(Vec<Seg>, [Mat; 3])> {
+/// scales and biases) in file order, neighbours within `gap` bytes merged
+/// into one read (a packed record's tensors are padded to its alignment).
+fn merge_plan(
+    w: [&Weight; 3],
+    file_ids: &[FileId],
+    align: usize,
+    gap: u64,
+) -> Result<(Vec<Seg>, [Mat; 3])> {
     // (matrix, part, file, offset, length)
     let mut ranges: Vec<(usize, usize, usize, u64, usize)> = Vec::with_capacity(9);
     for (i, wi) in w.iter().enumerate() {
@@ -375,7 +380,7 @@ fn merge_plan(w: [&Weight; 3], file_ids: &[FileId], align: usize) -> Result<(Vec
             Some(s)
                 if s.file == fid
                     && off >= s.offset
-                    && off.saturating_sub(s.offset + s.len as u64) <= 4096 =>
+                    && off.saturating_sub(s.offset + s.len as u64) <= gap =>
             {
                 let rel = (off - s.offset) as usize;
                 s.len = s.len.max(rel + len);
@@ -501,7 +506,8 @@ impl Streamer {
             let mut ps = Vec::with_capacity(m.experts.len());
             for (e, x) in m.experts.iter().enumerate() {
                 inter = inter.max(x.gate.rows);
-                let (segs, mats) = merge_plan([&x.gate, &x.up, &x.down], &file_ids, align)?;
+                let gap = pack.as_ref().map_or(4096, |p| p.align.max(4096));
+                let (segs, mats) = merge_plan([&x.gate, &x.up, &x.down], &file_ids, align, gap)?;
                 max_plan = max_plan.max(plan_bytes(&segs, align));
                 let checksum = match &pack {
                     Some(p) if segs.len() == 1 => {

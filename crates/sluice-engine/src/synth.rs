@@ -4,6 +4,7 @@
 //! counts and I/O are those of the real model.
 
 use crate::config::{Arch, Config, LinearAttn, Mixer};
+use crate::gguf_meta::{self, FfnSizes};
 use crate::pack::{self, spec, Item, PackSummary, Plan, Src};
 use sluice_core::ops::RopeStyle;
 use sluice_core::{DType, Error, Result};
@@ -80,6 +81,24 @@ pub const PRESETS: &[Preset] = &[
         kv_heads: 4,
         head_dim: 128,
         expert_inter: 768,
+        experts: 128,
+        top_k: 8,
+        rope_theta: 1e6,
+        rms_eps: 1e-6,
+        qk_norm: true,
+        hybrid: None,
+    },
+    Preset {
+        name: "qwen3-235b-a22b",
+        about: "Qwen3-235B-A22B: 94 layers, 128 experts of 4096→1536→4096, top-8",
+        arch: Arch::Qwen3Moe,
+        vocab: 151_936,
+        hidden: 4096,
+        layers: 94,
+        heads: 64,
+        kv_heads: 4,
+        head_dim: 128,
+        expert_inter: 1536,
         experts: 128,
         top_k: 8,
         rope_theta: 1e6,
@@ -454,14 +473,23 @@ pub fn synth(
     }
     dense.push(v("output_norm.weight".into(), c.hidden));
     dense.push(m("output.weight".into(), c.vocab, h, s));
+    let source = format!("synth:{} seed {}", preset.name, opts.seed);
+    let ffn = FfnSizes {
+        dense: 0,
+        expert: preset.expert_inter,
+        shared: preset.hybrid.map(|h| h.shared_inter),
+    };
+    let mut meta = gguf_meta::hparams(&c, ffn, &source);
+    meta.extend(gguf_meta::byte_vocab(c.vocab));
     let plan = Plan {
         config: &c,
         dense,
         experts,
         tokenizer: None,
-        source: format!("synth:{} seed {}", preset.name, opts.seed),
+        source,
         align: opts.align,
         expert_quant: None,
+        meta,
     };
     pack::write(&plan, None, out, progress)
 }

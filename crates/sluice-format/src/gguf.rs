@@ -109,6 +109,37 @@ impl Gguf {
     }
 }
 
+/// Where `g`'s layout breaks the rules llama.cpp's reader enforces
+/// (`gguf_init_from_file`): the alignment a power of two, the data section
+/// on it, and each tensor exactly where the previous one ends, padded to
+/// the alignment (no larger gaps, no overlaps). Empty when it loads.
+pub fn llama_cpp_layout_errors(g: &Gguf) -> Vec<String> {
+    let mut errs = Vec::new();
+    let a = g.alignment;
+    if a == 0 || !a.is_power_of_two() {
+        errs.push(format!("general.alignment {a} is not a power of two"));
+        return errs;
+    }
+    if !g.data_offset.is_multiple_of(a) {
+        errs.push(format!(
+            "data section at {} is not a multiple of the alignment {a}",
+            g.data_offset
+        ));
+    }
+    let mut expect = 0u64;
+    for t in &g.tensors {
+        let rel = t.offset.saturating_sub(g.data_offset);
+        if rel != expect {
+            errs.push(format!(
+                "tensor '{}' has offset {rel}, expected {expect}",
+                t.name
+            ));
+        }
+        expect = (rel + t.nbytes).next_multiple_of(a);
+    }
+    errs
+}
+
 struct Cursor<'a> {
     b: &'a [u8],
     pos: usize,

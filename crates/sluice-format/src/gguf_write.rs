@@ -1,17 +1,19 @@
-//! Writing GGUF v3 files, tensor by tensor, with chosen absolute alignment.
+//! Writing GGUF v3 files, tensor by tensor, with a chosen alignment.
 //!
 //! The packed layout (`sluice pack`, `sluice synth`) is a GGUF file whose
-//! expert records start on storage-block boundaries. GGUF only requires
-//! tensor offsets to be multiples of `general.alignment` relative to the
-//! data section, so a writer that knows the header's size can place any
-//! tensor at any absolute boundary that is also a multiple of that
-//! alignment. Offsets are fixed-width in the header, so its size is known
-//! before the offsets are.
+//! expert records start on storage-block boundaries. The file declares that
+//! boundary as its `general.alignment`, and every tensor starts at the
+//! first multiple of it after the previous one ends, as llama.cpp's reader
+//! requires (it refuses any gap larger than the alignment's padding); the
+//! data section itself starts on such a boundary, so relative and absolute
+//! offsets are aligned alike. Offsets are fixed-width in the header, so its
+//! size is known before the offsets are.
 
 use sluice_core::{DType, Error, Result};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
+/// GGUF's default alignment, the least a file may declare here.
 const ALIGNMENT: u64 = 32;
 
 /// A metadata value to write.
@@ -35,10 +37,13 @@ pub enum MetaValue {
     F32s(Vec<f32>),
     /// Array of `string`.
     Strs(Vec<String>),
+    /// Array of `bool`.
+    Bools(Vec<bool>),
 }
 
-/// A tensor to place: name, type, shape (outermost first) and the absolute
-/// alignment its first byte needs (a multiple of 32, or 0 for 32).
+/// A tensor to place: name, type and shape (outermost first). `align` is
+/// kept for the callers' bookkeeping; every tensor is placed on the file's
+/// alignment.
 #[derive(Clone, Debug)]
 pub struct TensorSpec {
     /// Name.
@@ -47,7 +52,8 @@ pub struct TensorSpec {
     pub dtype: DType,
     /// Shape, outermost first.
     pub shape: Vec<usize>,
-    /// Absolute alignment of the tensor's first byte.
+    /// Alignment the caller wants for the tensor's first byte (at most the
+    /// file's, which every tensor gets).
     pub align: u64,
 }
 
@@ -113,6 +119,10 @@ fn put_value(b: &mut Vec<u8>, v: &MetaValue) {
             arr(b, 8, a.len());
             a.iter().for_each(|s| put_str(b, s));
         }
+        MetaValue::Bools(a) => {
+            arr(b, 7, a.len());
+            a.iter().for_each(|&x| b.push(x as u8));
+        }
     }
 }
 
@@ -121,6 +131,7 @@ fn header(
     meta: &[(String, MetaValue)],
     tensors: &[TensorSpec],
     rel: &[u64],
+    alignment: u64,
 ) -> (Vec<u8>, Vec<usize>) {
     let mut at = Vec::with_capacity(meta.len());
     let mut b = Vec::new();
@@ -129,7 +140,7 @@ fn header(
     b.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
     b.extend_from_slice(&(meta.len() as u64 + 1).to_le_bytes());
     put_str(&mut b, "general.alignment");
-    put_value(&mut b, &MetaValue::U32(ALIGNMENT as u32));
+    put_value(&mut b, &MetaValue::U32(alignment as u32));
     for (k, v) in meta {
         put_str(&mut b, k);
         at.push(b.len());
@@ -148,34 +159,41 @@ fn header(
 }
 
 impl GgufWriter {
-    /// Lays out the file and writes its header. Returns the writer and each
+    /// Lays out the file with `general.alignment` = `alignment` (a power of
+    /// two, at least 32) and writes its header. Returns the writer and each
     /// tensor's absolute offset.
     pub fn create(
         path: &Path,
         meta: &[(String, MetaValue)],
         tensors: &[TensorSpec],
+        alignment: u64,
     ) -> Result<(GgufWriter, Vec<u64>)> {
+        if alignment < ALIGNMENT || !alignment.is_power_of_two() || alignment > u32::MAX as u64 {
+            return Err(Error::Invalid(format!(
+                "GGUF alignment {alignment} is not a power of two from {ALIGNMENT}"
+            )));
+        }
         let mut sizes = Vec::with_capacity(tensors.len());
         for t in tensors {
-            if t.align != 0 && (t.align % ALIGNMENT != 0 || !t.align.is_power_of_two()) {
+            if t.align > alignment {
                 return Err(Error::Invalid(format!(
-                    "tensor {}: alignment {} is not a power-of-two multiple of {ALIGNMENT}",
+                    "tensor {}: alignment {} exceeds the file's {alignment}",
                     t.name, t.align
                 )));
             }
             sizes.push(t.dtype.tensor_bytes(&t.shape)? as u64);
         }
-        let (probe, _) = header(meta, tensors, &vec![0; tensors.len()]);
-        let data = (probe.len() as u64).next_multiple_of(ALIGNMENT);
+        let (probe, _) = header(meta, tensors, &vec![0; tensors.len()], alignment);
+        let data = (probe.len() as u64).next_multiple_of(alignment);
         let mut abs = Vec::with_capacity(tensors.len());
         let mut cur = data;
-        for (t, &n) in tensors.iter().zip(&sizes) {
-            let o = cur.next_multiple_of(t.align.max(ALIGNMENT));
+        for &n in &sizes {
+            let o = cur.next_multiple_of(alignment);
             abs.push(o);
             cur = o + n;
         }
         let rel: Vec<u64> = abs.iter().map(|o| o - data).collect();
-        let (h, meta_at) = header(meta, tensors, &rel);
+        let (h, meta_at) = header(meta, tensors, &rel, alignment);
         debug_assert_eq!(h.len(), probe.len());
         let f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
         let mut w = GgufWriter {
@@ -311,8 +329,16 @@ mod tests {
                 align: 4096,
             },
         ];
-        let (mut w, offs) = GgufWriter::create(&p, &meta, &tensors).unwrap();
+        let (mut w, offs) = GgufWriter::create(&p, &meta, &tensors, 4096).unwrap();
         assert_eq!(offs[1] % 4096, 0);
+        assert!(
+            GgufWriter::create(&p, &meta, &tensors, 1024).is_err(),
+            "tensor alignment above the file's"
+        );
+        assert!(
+            GgufWriter::create(&p, &meta, &tensors, 3000).is_err(),
+            "not a power of two"
+        );
         w.write_tensor(&[7u8; 60]).unwrap();
         assert!(w.write_tensor(&[1u8; 10]).is_err(), "wrong size accepted");
         w.write_tensor(&[9u8; 136]).unwrap();
@@ -331,6 +357,11 @@ mod tests {
         assert_eq!(
             &b[offs[1] as usize..offs[1] as usize + 136],
             &[9u8; 136][..]
+        );
+        assert_eq!(g.alignment, 4096);
+        assert_eq!(
+            crate::gguf::llama_cpp_layout_errors(&g),
+            Vec::<String>::new()
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }

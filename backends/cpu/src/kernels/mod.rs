@@ -19,6 +19,8 @@
 //! on how rows are split between threads or on where the bytes live.
 
 pub mod fmt;
+#[cfg(target_arch = "aarch64")]
+pub mod neon;
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
@@ -86,6 +88,10 @@ impl Isa {
                     && std::arch::is_x86_feature_detected!("avx512vnni")
                     && std::arch::is_x86_feature_detected!("avx512vbmi")
             }
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => true,
+            #[cfg(target_arch = "aarch64")]
+            Isa::NeonDot => std::arch::is_aarch64_feature_detected!("dotprod"),
             _ => false,
         }
     }
@@ -199,13 +205,52 @@ impl<'a> Rows<'a> {
     }
 }
 
-/// The activation layout `isa`'s 8-bit kernel for `dt` reads.
-pub fn q8_layout(isa: Isa, dt: DType) -> Layout {
+/// AVX2 MLX 4-bit: a unit's even values, then its odd ones.
+static EVEN_ODD: [u8; 32] = {
+    let mut p = [0u8; 32];
+    let mut k = 0;
+    while k < 32 {
+        p[k] = if k < 16 { 2 * k } else { 2 * (k - 16) + 1 } as u8;
+        k += 1;
+    }
+    p
+};
+
+/// AVX2 MLX 2-bit: the four 2-bit fields of eight bytes, field by field.
+static FIELDS2: [u8; 32] = {
+    let mut p = [0u8; 32];
+    let mut k = 0;
+    while k < 32 {
+        p[k] = (4 * (k % 8) + k / 8) as u8;
+        k += 1;
+    }
+    p
+};
+
+/// The activation order of the one-unit-per-step kernels (AVX2, NEON)
+/// for `dt`.
+pub fn unit_layout(dt: DType) -> Layout {
+    let perm: Option<&'static [u8]> = match dt {
+        DType::Mlx(q) if q.bits == 4 => Some(&EVEN_ODD),
+        DType::Mlx(q) if q.bits == 2 => Some(&FIELDS2),
+        _ => None,
+    };
+    Layout {
+        step: 1,
+        perm,
+        wide: false,
+    }
+}
+
+/// The activation layout `isa`'s integer kernel for `dt` reads, with the
+/// residual plane or without.
+pub fn q8_layout(isa: Isa, dt: DType, residual: bool) -> Layout {
+    // Only AVX-512 widens activations with their residual.
+    let _ = residual;
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => x86::avx512_layout(dt),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => x86::avx2_layout(dt),
+        Isa::Avx512 => x86::avx512_layout(dt, residual),
+        Isa::Avx2 | Isa::Neon | Isa::NeonDot => unit_layout(dt),
         _ => Layout::NATURAL,
     }
 }
@@ -221,7 +266,44 @@ pub fn q8_tile(isa: Isa, w: &WeightView<'_>, r0: usize, r1: usize, act: &QAct, o
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         Isa::Avx2 => unsafe { x86::avx2_q8_tile(w, r0, r1, act, out) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above (NeonDot only where `dotprod` was detected).
+        Isa::Neon | Isa::NeonDot => unsafe {
+            neon::q8_tile(isa == Isa::NeonDot, w, r0, r1, act, out)
+        },
         _ => scalar::q8_tile(w, r0, r1, act, out),
+    }
+}
+
+/// Quantizes one unit of activations on `isa` (bit-identical to
+/// [`crate::act::quantize_unit`] and its residual form): returns the code
+/// step and the integer sums of the halves.
+#[inline]
+pub fn quantize_unit(
+    isa: Isa,
+    x: &[f32],
+    q: &mut [i8; 32],
+    r: Option<&mut [i8; 32]>,
+) -> (f32, [i32; 2]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see `q8_tile`.
+        Isa::Avx512 | Isa::Avx2 => unsafe { x86::quantize_unit(x, q, r) },
+        _ => match r {
+            Some(r) => crate::act::quantize_unit_residual(x, q, r),
+            None => crate::act::quantize_unit(x, q),
+        },
+    }
+}
+
+/// Stores a step of codes in the order `perm` gives (see `act::Layout`).
+#[inline]
+pub fn place(isa: Isa, out: &mut [i8], nat: &[i8], perm: Option<&[u8]>) {
+    match (isa, perm) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see `q8_tile`.
+        (Isa::Avx512, Some(p)) if out.len() == 64 => unsafe { x86::permute64(out, nat, p) },
+        _ => crate::act::place(out, nat, perm),
     }
 }
 
@@ -232,6 +314,11 @@ const FCHUNK: usize = 512;
 /// Rows `r0..r1` of `w` against `n` f32 rows of `x`: weights dequantized
 /// exactly, chunk by chunk, products in f32.
 pub fn f32_tile(isa: Isa, w: &WeightView<'_>, r0: usize, r1: usize, x: &[f32], n: usize, out: Out) {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && !w.dtype.is_quantized() {
+        // SAFETY: see `q8_tile`.
+        return unsafe { x86::avx512_float_tile(w, r0, r1, x, n, out) };
+    }
     let cols = w.cols;
     let mut buf = [0f32; FCHUNK];
     let mut acc = vec![0f32; n];
@@ -288,6 +375,8 @@ pub fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: see `q8_tile`.
         Isa::Avx512 | Isa::Avx2 => unsafe { x86::dot_f32(a, b) },
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon | Isa::NeonDot => neon::dot_f32(a, b),
         _ => scalar::dot_f32(a, b),
     }
 }

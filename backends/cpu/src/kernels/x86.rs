@@ -51,28 +51,6 @@ static PAIRED: [u8; 64] = {
     p
 };
 
-/// AVX2 MLX 4-bit: a unit's even values, then its odd ones.
-static EVEN_ODD: [u8; 32] = {
-    let mut p = [0u8; 32];
-    let mut k = 0;
-    while k < 32 {
-        p[k] = if k < 16 { 2 * k } else { 2 * (k - 16) + 1 } as u8;
-        k += 1;
-    }
-    p
-};
-
-/// AVX2 MLX 2-bit: the four 2-bit fields of eight bytes, field by field.
-static FIELDS2: [u8; 32] = {
-    let mut p = [0u8; 32];
-    let mut k = 0;
-    while k < 32 {
-        p[k] = (4 * (k % 8) + k / 8) as u8;
-        k += 1;
-    }
-    p
-};
-
 /// AVX-512 MLX 4-bit pair: even values of both units, then odd ones.
 static PAIRED_EVEN_ODD: [u8; 64] = {
     let mut p = [0u8; 64];
@@ -98,25 +76,40 @@ static PAIRED_FIELDS2: [u8; 64] = {
     p
 };
 
-/// The activation order of the AVX-512 kernel for `dt`.
-pub fn avx512_layout(dt: DType) -> Layout {
+/// Quarters 0, 2, 1, 3 of a pair: the two units' first halves, then their
+/// second halves (so that widened bytes `k` and `32 + k` share a unit).
+static QUARTERS: [u8; 64] = {
+    let mut p = [0u8; 64];
+    let mut k = 0;
+    while k < 64 {
+        p[k] = match k / 16 {
+            1 => 32 + (k - 16),
+            2 => 16 + (k - 32),
+            _ => k,
+        } as u8;
+        k += 1;
+    }
+    p
+};
+
+/// The activation order of the AVX-512 kernel for `dt`, with the residual
+/// (16-bit activations for the types whose scales are per unit) or
+/// without.
+pub fn avx512_layout(dt: DType, residual: bool) -> Layout {
+    let per_half = matches!(dt, DType::Q2_K | DType::Q3_K | DType::Q6_K);
     let perm: Option<&'static [u8]> = match dt {
         DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 => Some(&PAIRED),
         DType::Mlx(q) if q.bits == 4 => Some(&PAIRED_EVEN_ODD),
         DType::Mlx(q) if q.bits == 2 => Some(&PAIRED_FIELDS2),
+        // Natural order; widened, its quarters are reordered.
+        _ if residual && !per_half => Some(&QUARTERS),
         _ => None,
     };
-    Layout { step: 2, perm }
-}
-
-/// The activation order of the AVX2 kernel for `dt`.
-pub fn avx2_layout(dt: DType) -> Layout {
-    let perm: Option<&'static [u8]> = match dt {
-        DType::Mlx(q) if q.bits == 4 => Some(&EVEN_ODD),
-        DType::Mlx(q) if q.bits == 2 => Some(&FIELDS2),
-        _ => None,
-    };
-    Layout { step: 1, perm }
+    Layout {
+        step: 2,
+        perm,
+        wide: residual && !per_half,
+    }
 }
 
 // ---------------------------------------------------------------- helpers
@@ -185,6 +178,39 @@ const HALF_LANES: [i32; 16] = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3];
 /// MLX 2-bit pairs: each 128-bit lane is one 2-bit field of both units.
 const FIELD_LANES: [i32; 16] = [0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1];
 
+/// Whether lane `j` and lane `8 + j` of a pair's products always belong
+/// to the same unit (so widened bytes `k` and `32 + k` may be summed).
+const fn same_unit_halves(l: [i32; 16]) -> bool {
+    let mut j = 0;
+    while j < 8 {
+        if l[j] != l[8 + j] {
+            return false;
+        }
+        j += 1;
+    }
+    true
+}
+
+/// The unit of each 32-bit lane after widening a pair's codes (quarters
+/// reordered or not) and summing products `k` and `32 + k`: lane `k`
+/// holds bytes `2k`, `2k + 1` of each half, i.e. the byte lane `k / 2`.
+const fn wide_lanes(l: [i32; 16], reorder: bool) -> [i32; 16] {
+    let mut out = [0i32; 16];
+    let mut k = 0;
+    while k < 16 {
+        let j = k / 2;
+        let src = if reorder {
+            let q = [0, 2, 1, 3][j / 4];
+            q * 4 + j % 4
+        } else {
+            j
+        };
+        out[k] = l[src];
+        k += 1;
+    }
+    out
+}
+
 /// A chunk's `W` and `M` in registers: per unit (`w[0]`, `m[0]`: 16
 /// units) or, for types whose halves differ, per half unit (`w[0]` halves
 /// 0..16, `w[1]` halves 16..32). Lanes past the chunk's units are zero.
@@ -202,6 +228,11 @@ trait Unpack512 {
     const LANES: [i32; 16];
     /// `W`/`M` differ between the halves of a unit.
     const PER_HALF: bool = false;
+    /// For 16-bit activations, the codes' quarters go 0, 2, 1, 3 (their
+    /// natural order puts a unit's bytes in one half of the register).
+    const REORDER: bool = !same_unit_halves(Self::LANES);
+    /// The unit of each lane of the widened products (see `wide_lanes`).
+    const WIDE_LANES: [i32; 16] = wide_lanes(Self::LANES, Self::REORDER);
     /// `W` and `M` of units `c0..c0 + n` (see `fmt::header`).
     ///
     /// # Safety
@@ -803,11 +834,34 @@ unsafe fn tile512<U: Unpack512, const RES: bool>(
         let b1 = (b0 + rb).min(r1);
         let mut t0 = 0;
         while t0 < act.n {
-            if act.n - t0 >= TOK {
-                let acts: [ActRow<'_>; TOK] = std::array::from_fn(|i| act.row(t0 + i));
-                for r in b0..b1 {
+            // Two or three tokens left: one pass for four, the last one
+            // repeated (its sums discarded), beats a pass per token.
+            let nt = (act.n - t0).min(TOK);
+            if nt >= 2 {
+                let acts: [ActRow<'_>; TOK] = std::array::from_fn(|i| act.row(t0 + i.min(nt - 1)));
+                let mut r = b0;
+                while r + 2 <= b1 {
                     // SAFETY: features enabled here; the rows and
                     // activations have the shapes the dispatch checked.
+                    let s = unsafe {
+                        rows512::<U, RES, 2, TOK>(
+                            w.dtype,
+                            [rows.row(r), rows.row(r + 1)],
+                            units,
+                            &acts,
+                            &mut scratch,
+                        )
+                    };
+                    for (k, sr) in s.iter().enumerate() {
+                        for (i, v) in sr.iter().take(nt).enumerate() {
+                            // SAFETY: the caller owns rows r0..r1 of `out`.
+                            unsafe { out.put(t0 + i, r + k, *v) };
+                        }
+                    }
+                    r += 2;
+                }
+                if r < b1 {
+                    // SAFETY: as above.
                     let s = unsafe {
                         rows512::<U, RES, 1, TOK>(
                             w.dtype,
@@ -817,12 +871,12 @@ unsafe fn tile512<U: Unpack512, const RES: bool>(
                             &mut scratch,
                         )
                     };
-                    for (i, v) in s[0].iter().enumerate() {
+                    for (i, v) in s[0].iter().take(nt).enumerate() {
                         // SAFETY: the caller owns rows r0..r1 of `out`.
                         unsafe { out.put(t0 + i, r, *v) };
                     }
                 }
-                t0 += TOK;
+                t0 += nt;
             } else {
                 let acts = [act.row(t0)];
                 let mut r = b0;
@@ -873,6 +927,10 @@ unsafe fn step_pair<U: Unpack512, const RES: bool, const R: usize, const T: usiz
     mut acc: [[__m512; T]; R],
 ) -> [[__m512; T]; R] {
     let per_pair = if U::PER_HALF { 4 } else { 2 };
+    if RES && !U::PER_HALF {
+        // SAFETY: as below.
+        return unsafe { step_pair_wide::<U, R, T>(p, c0, codes, acts, lo, acc) };
+    }
     // SAFETY: the caller (inlined into `tile512`) has the features; the
     // activation rows hold the pair's 64 bytes (units padded to pairs).
     unsafe {
@@ -895,6 +953,58 @@ unsafe fn step_pair<U: Unpack512, const RES: bool, const R: usize, const T: usiz
                 } else {
                     _mm512_permutexvar_ps(idx, lo[r][t])
                 };
+                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), l, acc[r][t]);
+            }
+        }
+        acc
+    }
+}
+
+/// [`step_pair`] with 16-bit activations (`256·q + r`): the codes widened
+/// to 16 bits, two `vpdpwssd` per token sum a lane's products over both
+/// halves of the register (which share a unit), so every lane belongs to
+/// one unit (`Unpack512::WIDE_LANES`).
+#[inline(always)]
+unsafe fn step_pair_wide<U: Unpack512, const R: usize, const T: usize>(
+    p: usize,
+    c0: usize,
+    codes: [__m512i; R],
+    acts: &[ActRow<'_>; T],
+    lo: &[[__m512; T]; R],
+    mut acc: [[__m512; T]; R],
+) -> [[__m512; T]; R] {
+    // SAFETY: the caller (inlined into `tile512`) has the features; the
+    // wide activation rows hold the pair's 64 values (units padded).
+    unsafe {
+        let idx = _mm512_add_epi32(
+            _mm512_loadu_si512(U::WIDE_LANES.as_ptr() as *const _),
+            _mm512_set1_epi32(2 * p as i32),
+        );
+        let u = c0 + 2 * p;
+        let mut wl = [_mm512_setzero_si512(); R];
+        let mut wh = [_mm512_setzero_si512(); R];
+        for r in 0..R {
+            let c = if U::REORDER {
+                _mm512_shuffle_i64x2::<0b11_01_10_00>(codes[r], codes[r])
+            } else {
+                codes[r]
+            };
+            wl[r] = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(c));
+            wh[r] = _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64::<1>(c));
+        }
+        for t in 0..T {
+            let a = acts[t].wide.as_ptr().add(u * UNIT);
+            let (al, ah) = (
+                _mm512_loadu_si512(a as *const _),
+                _mm512_loadu_si512(a.add(32) as *const _),
+            );
+            for r in 0..R {
+                let s = _mm512_dpwssd_epi32(
+                    _mm512_dpwssd_epi32(_mm512_setzero_si512(), wl[r], al),
+                    wh[r],
+                    ah,
+                );
+                let l = _mm512_permutexvar_ps(idx, lo[r][t]);
                 acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), l, acc[r][t]);
             }
         }
@@ -994,7 +1104,7 @@ unsafe fn rows512<U: Unpack512, const RES: bool, const R: usize, const T: usize>
             }
             if n == CHUNK {
                 // A whole chunk, unrolled: the lane indices are constants
-                // and two accumulators alternate.
+                // and, for fewer than four tokens, two accumulators alternate.
                 for p in (0..CHUNK / 2).step_by(2) {
                     let (u, v) = (c0 + 2 * p, c0 + 2 * p + 2);
                     let (mut cu, mut cv) =
@@ -1006,7 +1116,16 @@ unsafe fn rows512<U: Unpack512, const RES: bool, const R: usize, const T: usize>
                     for r in 0..R {
                         cv[r] = U::codes(rows[r].data, v, mlx);
                     }
-                    acc2 = step_pair::<U, RES, R, T>(p + 1, c0, cv, pattern, acts, &lo, &hi, acc2);
+                    // Several rows or tokens are independent chains
+                    // already; one more set of accumulators would not fit
+                    // the registers.
+                    if T < 4 {
+                        acc2 =
+                            step_pair::<U, RES, R, T>(p + 1, c0, cv, pattern, acts, &lo, &hi, acc2);
+                    } else {
+                        acc =
+                            step_pair::<U, RES, R, T>(p + 1, c0, cv, pattern, acts, &lo, &hi, acc);
+                    }
                 }
             } else {
                 for p in 0..n.div_ceil(2) {
@@ -1035,7 +1154,7 @@ unsafe fn rows512<U: Unpack512, const RES: bool, const R: usize, const T: usize>
 trait Unpack256 {
     /// Codes are multiplied as signed bytes (`c - 128`, 8-bit types).
     const SIGNED: bool = false;
-    /// The 32 codes of unit `u` of `row` in the order of [`avx2_layout`]
+    /// The 32 codes of unit `u` of `row` in the order of [`super::unit_layout`]
     /// (for [`Self::SIGNED`] types, `c - 128` as bytes).
     ///
     /// # Safety
@@ -1224,7 +1343,7 @@ impl<const BITS: u8> Unpack256 for Mlx256<BITS> {
 ///
 /// # Safety
 /// The CPU must support [`super::Isa::Avx2`]; `act` was made with
-/// [`avx2_layout`]; `out` rows `r0..r1` belong to the caller.
+/// [`super::unit_layout`]; `out` rows `r0..r1` belong to the caller.
 pub unsafe fn avx2_q8_tile(w: &WeightView<'_>, r0: usize, r1: usize, act: &QAct, out: Out) {
     // SAFETY: forwarded contract.
     unsafe {
@@ -1397,6 +1516,194 @@ unsafe fn row256<U: Unpack256, const RES: bool, const T: usize>(
             r[t] = hsum256(acc[t]) + hsum256(corr[t]);
         }
         r
+    }
+}
+
+// ---------------------------------------------------------------- activations
+
+/// One unit of activations quantized (see `act.rs`): the same rounding as
+/// the portable code (`vcvtps2dq` rounds to nearest even), so the same
+/// bytes.
+///
+/// # Safety
+/// AVX2 and FMA must be available; `x` holds 32 values.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn quantize_unit(
+    x: &[f32],
+    q: &mut [i8; 32],
+    r: Option<&mut [i8; 32]>,
+) -> (f32, [i32; 2]) {
+    assert!(x.len() >= 32);
+    // SAFETY: 32 floats read, 32 bytes written per plane.
+    unsafe {
+        let v: [__m256; 4] = std::array::from_fn(|k| _mm256_loadu_ps(x.as_ptr().add(8 * k)));
+        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let m = _mm256_max_ps(
+            _mm256_max_ps(_mm256_and_ps(v[0], abs), _mm256_and_ps(v[1], abs)),
+            _mm256_max_ps(_mm256_and_ps(v[2], abs), _mm256_and_ps(v[3], abs)),
+        );
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        let d = amax / 127.0;
+        let id = _mm256_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
+        let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+        let clamp = |y: __m256| _mm256_min_ps(_mm256_max_ps(y, lo), hi);
+        let mut a = [_mm256_setzero_si256(); 4];
+        let mut b = [_mm256_setzero_si256(); 4];
+        for k in 0..4 {
+            let t = _mm256_mul_ps(v[k], id);
+            let ar = clamp(_mm256_round_ps::<
+                { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+            >(t));
+            a[k] = _mm256_cvttps_epi32(ar);
+            let rr = _mm256_mul_ps(_mm256_sub_ps(t, ar), _mm256_set1_ps(256.0));
+            b[k] = _mm256_cvttps_epi32(clamp(_mm256_round_ps::<
+                { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+            >(rr)));
+        }
+        let bytes = |w: &[__m256i; 4]| {
+            let p = _mm256_packs_epi16(
+                _mm256_packs_epi32(w[0], w[1]),
+                _mm256_packs_epi32(w[2], w[3]),
+            );
+            _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+        };
+        _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, bytes(&a));
+        let hsum = |p: __m256i, q: __m256i| {
+            let s = _mm256_add_epi32(p, q);
+            let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+            _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01)))
+        };
+        let mut h = [hsum(a[0], a[1]), hsum(a[2], a[3])];
+        if let Some(r) = r {
+            _mm256_storeu_si256(r.as_mut_ptr() as *mut __m256i, bytes(&b));
+            h = [256 * h[0] + hsum(b[0], b[1]), 256 * h[1] + hsum(b[2], b[3])];
+        }
+        (d, h)
+    }
+}
+
+/// `out[k] = nat[perm[k]]` for a 64-byte step, one `vpermb`.
+///
+/// # Safety
+/// AVX-512 VBMI must be available.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+pub unsafe fn permute64(out: &mut [i8], nat: &[i8], perm: &[u8]) {
+    assert!(out.len() == 64 && nat.len() == 64 && perm.len() == 64);
+    // SAFETY: 64 bytes of each slice (checked).
+    unsafe {
+        let idx = _mm512_loadu_si512(perm.as_ptr() as *const _);
+        let v = _mm512_permutexvar_epi8(idx, _mm512_loadu_si512(nat.as_ptr() as *const _));
+        _mm512_storeu_si512(out.as_mut_ptr() as *mut _, v);
+    }
+}
+
+// ---------------------------------------------------------------- float weights
+
+/// F32, F16 or BF16 weights as 16 floats (`K` = 0, 1, 2), lanes past
+/// `len` zero.
+#[inline(always)]
+unsafe fn floats16<const K: u8>(p: *const u8, len: usize) -> __m512 {
+    let m = if len >= 16 {
+        u16::MAX
+    } else {
+        ((1u32 << len) - 1) as u16
+    };
+    // SAFETY: masked loads read `len` values at `p`; AVX-512F/BW per
+    // contract.
+    unsafe {
+        match K {
+            0 => _mm512_maskz_loadu_ps(m, p as *const f32),
+            1 => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p as *const i16)),
+            _ => _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p as *const i16)),
+                16,
+            )),
+        }
+    }
+}
+
+/// Rows `r0..r1` of F32/F16/BF16 `w` against `n` rows of `x`, AVX-512:
+/// converted in registers, fused multiply-adds, four tokens per pass.
+///
+/// # Safety
+/// The CPU must support [`super::Isa::Avx512`]; `out` rows `r0..r1`
+/// belong to the caller.
+pub unsafe fn avx512_float_tile(
+    w: &WeightView<'_>,
+    r0: usize,
+    r1: usize,
+    x: &[f32],
+    n: usize,
+    out: Out,
+) {
+    // SAFETY: forwarded contract.
+    unsafe {
+        match w.dtype {
+            DType::F32 => float512::<0>(w, r0, r1, x, n, out),
+            DType::F16 => float512::<1>(w, r0, r1, x, n, out),
+            _ => float512::<2>(w, r0, r1, x, n, out),
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+unsafe fn float512<const K: u8>(
+    w: &WeightView<'_>,
+    r0: usize,
+    r1: usize,
+    x: &[f32],
+    n: usize,
+    out: Out,
+) {
+    let cols = w.cols;
+    assert!(x.len() >= n * cols);
+    let rows = Rows::new(w);
+    let eb = if K == 0 { 4 } else { 2 };
+    let rb = (ROW_BLOCK_BYTES / rows.row_bytes().max(1)).max(1);
+    for b0 in (r0..r1).step_by(rb) {
+        let b1 = (b0 + rb).min(r1);
+        let mut t0 = 0;
+        while t0 < n {
+            let nt = (n - t0).min(TOK);
+            for r in b0..b1 {
+                let row = rows.row(r).data;
+                assert!(row.len() >= cols * eb);
+                // SAFETY: loads stay in the row (`floats16` masks the tail)
+                // and in the activation rows `t0..t0 + nt`.
+                unsafe {
+                    let mut acc = [[_mm512_setzero_ps(); TOK]; 2];
+                    let mut c = 0;
+                    while c < cols {
+                        let len = (cols - c).min(16);
+                        let p = row.as_ptr().add(c * eb);
+                        _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(AHEAD) as *const i8);
+                        let wv = floats16::<K>(p, len);
+                        let m = if len >= 16 {
+                            u16::MAX
+                        } else {
+                            ((1u32 << len) - 1) as u16
+                        };
+                        let a = &mut acc[(c / 16) % 2];
+                        for t in 0..nt {
+                            let xv = _mm512_maskz_loadu_ps(m, x.as_ptr().add((t0 + t) * cols + c));
+                            a[t] = _mm512_fmadd_ps(wv, xv, a[t]);
+                        }
+                        c += 16;
+                    }
+                    for t in 0..nt {
+                        out.put(
+                            t0 + t,
+                            r,
+                            _mm512_reduce_add_ps(_mm512_add_ps(acc[0][t], acc[1][t])),
+                        );
+                    }
+                }
+            }
+            t0 += nt;
+        }
     }
 }
 
