@@ -110,12 +110,33 @@ fn synth_writes_files_llama_cpp_accepts_in_both_layouts() {
 fn pack_keeps_the_vocabulary_and_the_layout_rules() {
     // A GGUF source: its vocabulary is copied; a safetensors source with a
     // byte-level BPE tokenizer.json: converted.
-    for src in ["qwen2_moe.q4_0.gguf", "qwen3_moe", "qwen3_5_moe.q8_0.gguf"] {
+    for (src, stacked) in [
+        ("qwen2_moe.q4_0.gguf", false),
+        ("qwen3_moe", false),
+        ("qwen3_5_moe.q8_0.gguf", false),
+        ("qwen3_moe", true),
+        ("qwen3_5_moe.q8_0.gguf", true),
+    ] {
         let s = fixtures().join("models").join(src);
-        let out = scratch(&format!("{src}.packed.gguf"));
+        let out = scratch(&format!("{src}.{stacked}.packed.gguf"));
         let o = out.to_str().unwrap();
-        run_ok(&["pack", s.to_str().unwrap(), "-o", o, "--quiet"]);
+        let mut args = vec!["pack", s.to_str().unwrap(), "-o", o, "--quiet"];
+        if stacked {
+            args.push("--stacked");
+        }
+        run_ok(&args);
         check_keys(&out);
+        // The stacked layout holds llama.cpp's tensor names.
+        let names: Vec<String> = header(&out)
+            .tensors
+            .iter()
+            .map(|t| t.name.clone())
+            .collect();
+        assert_eq!(
+            names.iter().any(|n| n.ends_with("ffn_gate_exps.weight")),
+            stacked,
+            "{src}"
+        );
         // The packed file and its source give the same logits.
         let toks = "5,17,250,3,99";
         let a = run_ok(&["logits", "--model", s.to_str().unwrap(), "--tokens", toks]).0;

@@ -25,6 +25,11 @@ pub struct PackArgs {
     /// model's output.
     #[arg(long)]
     expert_quant: Option<String>,
+    /// Stack each layer's experts in three tensors (llama.cpp's layout,
+    /// which llama.cpp loads; three reads per expert) instead of one
+    /// aligned record per expert.
+    #[arg(long)]
+    stacked: bool,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -169,6 +174,7 @@ pub fn pack(a: PackArgs) -> Result<()> {
     let opts = PackOptions {
         align: align_arg(&a.align)?,
         expert_quant,
+        stacked: a.stacked,
     };
     let t = Instant::now();
     let mut p = Progress::new(a.quiet);

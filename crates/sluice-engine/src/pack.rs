@@ -50,6 +50,9 @@ pub struct PackOptions {
     pub align: u64,
     /// Re-quantize expert matrices to this type (changes the model's output).
     pub expert_quant: Option<DType>,
+    /// Stack each layer's experts in three tensors (`ffn_{gate,up,down}_exps`,
+    /// llama.cpp's layout, which it loads) instead of one record per expert.
+    pub stacked: bool,
 }
 
 impl Default for PackOptions {
@@ -57,6 +60,7 @@ impl Default for PackOptions {
         PackOptions {
             align: 4096,
             expert_quant: None,
+            stacked: false,
         }
     }
 }
@@ -127,6 +131,8 @@ pub(crate) enum Src<'a> {
     Const(f32),
     /// Pseudo-random values of order `scale` (synthetic models).
     Random { seed: u64, scale: f32 },
+    /// Weights of the same shape and type, back to back (stacked experts).
+    Stack(Vec<&'a Weight>),
 }
 
 pub(crate) struct Item<'a> {
@@ -282,6 +288,29 @@ pub fn pack(
                     let mut it = w(format!("{b}ffn_gate_inp_shexp.weight"), g);
                     it.spec.shape = vec![g.cols];
                     dense.push(it);
+                }
+                if opts.stacked {
+                    let ne = m.experts.len();
+                    for (n, pick) in [
+                        ("gate", (|x| &x.gate) as fn(&crate::model::Mlp) -> &Weight),
+                        ("up", |x| &x.up),
+                        ("down", |x| &x.down),
+                    ] {
+                        let ws: Vec<&Weight> = m.experts.iter().map(pick).collect();
+                        let first = ws[0];
+                        let dt = opts.expert_quant.unwrap_or(first.dtype);
+                        dense.push(Item {
+                            spec: spec(
+                                format!("{b}ffn_{n}_exps.weight"),
+                                dt,
+                                vec![ne, first.rows, first.cols],
+                                0,
+                            ),
+                            convert: dt != first.dtype,
+                            src: Src::Stack(ws),
+                        });
+                    }
+                    continue;
                 }
                 let recs = m
                     .experts
@@ -456,6 +485,18 @@ fn fill(
         Src::Random { seed, scale } => {
             buf.resize(it.spec.dtype.tensor_bytes(&it.spec.shape)?, 0);
             quant::fill_random_tensor(it.spec.dtype, buf, *seed, *scale);
+        }
+        Src::Stack(ws) => {
+            let mut one = Vec::new();
+            for w in ws {
+                let item = Item {
+                    spec: spec(String::new(), it.spec.dtype, vec![w.rows, w.cols], 0),
+                    src: Src::Weight(w),
+                    convert: it.convert,
+                };
+                fill(&item, files, readers, &mut one)?;
+                buf.extend_from_slice(&one);
+            }
         }
         Src::Weight(w) => {
             buf.resize(w.data.len(), 0);

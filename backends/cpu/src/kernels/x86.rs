@@ -76,39 +76,51 @@ static PAIRED_FIELDS2: [u8; 64] = {
     p
 };
 
-/// Quarters 0, 2, 1, 3 of a pair: the two units' first halves, then their
-/// second halves (so that widened bytes `k` and `32 + k` share a unit).
-static QUARTERS: [u8; 64] = {
-    let mut p = [0u8; 64];
+/// Where byte `k` of a pair's codes sits after `vpunpck{l,h}bw` with zero
+/// widens them: the low register takes bytes 0..8 of each 16-byte lane,
+/// the high one bytes 8..16. The 16-bit activations are stored in that
+/// order, composed with the type's own byte order.
+const fn unpacked(perm: Option<&[u8; 64]>) -> [u8; 64] {
+    let mut out = [0u8; 64];
     let mut k = 0;
     while k < 64 {
-        p[k] = match k / 16 {
-            1 => 32 + (k - 16),
-            2 => 16 + (k - 32),
-            _ => k,
-        } as u8;
+        let (half, j) = (k / 32, k % 32);
+        let byte = 16 * (j / 8) + 8 * half + j % 8;
+        out[k] = match perm {
+            Some(p) => p[byte],
+            None => byte as u8,
+        };
         k += 1;
     }
-    p
-};
+    out
+}
 
-/// The activation order of the AVX-512 kernel for `dt`, with the residual
-/// (16-bit activations for the types whose scales are per unit) or
-/// without.
+/// The 16-bit orders of the natural and the permuted byte orders.
+static WIDE_NATURAL: [u8; 64] = unpacked(None);
+static WIDE_PAIRED: [u8; 64] = unpacked(Some(&PAIRED));
+static WIDE_EVEN_ODD: [u8; 64] = unpacked(Some(&PAIRED_EVEN_ODD));
+
+/// The activation order of the AVX-512 kernel for `dt`: 8-bit codes in the
+/// order its codes unpack in, or, with the residual, 16-bit values in that
+/// order as the widening leaves it.
 pub fn avx512_layout(dt: DType, residual: bool) -> Layout {
-    let per_half = matches!(dt, DType::Q2_K | DType::Q3_K | DType::Q6_K);
-    let perm: Option<&'static [u8]> = match dt {
-        DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 => Some(&PAIRED),
-        DType::Mlx(q) if q.bits == 4 => Some(&PAIRED_EVEN_ODD),
-        DType::Mlx(q) if q.bits == 2 => Some(&PAIRED_FIELDS2),
-        // Natural order; widened, its quarters are reordered.
-        _ if residual && !per_half => Some(&QUARTERS),
-        _ => None,
+    // The types `Unpack512::WIDE` leaves on two byte planes.
+    let planes = matches!(dt, DType::Q2_K | DType::Q3_K | DType::Q6_K)
+        || matches!(dt, DType::Mlx(q) if q.bits == 2);
+    let residual_wide = residual && !planes;
+    let perm: Option<&'static [u8]> = match (dt, residual_wide) {
+        (DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1, false) => Some(&PAIRED),
+        (DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1, true) => Some(&WIDE_PAIRED),
+        (DType::Mlx(q), false) if q.bits == 4 => Some(&PAIRED_EVEN_ODD),
+        (DType::Mlx(q), true) if q.bits == 4 => Some(&WIDE_EVEN_ODD),
+        (DType::Mlx(q), false) if q.bits == 2 => Some(&PAIRED_FIELDS2),
+        (_, true) => Some(&WIDE_NATURAL),
+        (_, false) => None,
     };
     Layout {
         step: 2,
         perm,
-        wide: residual && !per_half,
+        wide: residual_wide,
     }
 }
 
@@ -178,39 +190,6 @@ const HALF_LANES: [i32; 16] = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3];
 /// MLX 2-bit pairs: each 128-bit lane is one 2-bit field of both units.
 const FIELD_LANES: [i32; 16] = [0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1];
 
-/// Whether lane `j` and lane `8 + j` of a pair's products always belong
-/// to the same unit (so widened bytes `k` and `32 + k` may be summed).
-const fn same_unit_halves(l: [i32; 16]) -> bool {
-    let mut j = 0;
-    while j < 8 {
-        if l[j] != l[8 + j] {
-            return false;
-        }
-        j += 1;
-    }
-    true
-}
-
-/// The unit of each 32-bit lane after widening a pair's codes (quarters
-/// reordered or not) and summing products `k` and `32 + k`: lane `k`
-/// holds bytes `2k`, `2k + 1` of each half, i.e. the byte lane `k / 2`.
-const fn wide_lanes(l: [i32; 16], reorder: bool) -> [i32; 16] {
-    let mut out = [0i32; 16];
-    let mut k = 0;
-    while k < 16 {
-        let j = k / 2;
-        let src = if reorder {
-            let q = [0, 2, 1, 3][j / 4];
-            q * 4 + j % 4
-        } else {
-            j
-        };
-        out[k] = l[src];
-        k += 1;
-    }
-    out
-}
-
 /// A chunk's `W` and `M` in registers: per unit (`w[0]`, `m[0]`: 16
 /// units) or, for types whose halves differ, per half unit (`w[0]` halves
 /// 0..16, `w[1]` halves 16..32). Lanes past the chunk's units are zero.
@@ -228,11 +207,11 @@ trait Unpack512 {
     const LANES: [i32; 16];
     /// `W`/`M` differ between the halves of a unit.
     const PER_HALF: bool = false;
-    /// For 16-bit activations, the codes' quarters go 0, 2, 1, 3 (their
-    /// natural order puts a unit's bytes in one half of the register).
-    const REORDER: bool = !same_unit_halves(Self::LANES);
-    /// The unit of each lane of the widened products (see `wide_lanes`).
-    const WIDE_LANES: [i32; 16] = wide_lanes(Self::LANES, Self::REORDER);
+    /// With the residual, 16-bit activations (`pair_sums`); else two byte
+    /// planes. Widening sums products of one 16-byte quarter, so the
+    /// types whose quarters hold one unit take it; per-half types measured
+    /// faster with the two planes.
+    const WIDE: bool = !Self::PER_HALF;
     /// `W` and `M` of units `c0..c0 + n` (see `fmt::header`).
     ///
     /// # Safety
@@ -742,6 +721,7 @@ impl Unpack512 for Mlx4 {
 struct Mlx2;
 impl Unpack512 for Mlx2 {
     const LANES: [i32; 16] = FIELD_LANES;
+    const WIDE: bool = false;
     #[inline(always)]
     unsafe fn head(row: Row<'_>, c0: usize, n: usize, q: Option<MlxQuant>) -> Head {
         // SAFETY: per contract.
@@ -883,18 +863,18 @@ unsafe fn tile512<U: Unpack512, const RES: bool>(
                 while r + 2 <= b1 {
                     // SAFETY: as above.
                     let s = unsafe {
-                        rows512::<U, RES, 2, 1>(
+                        decode2::<U, RES>(
                             w.dtype,
                             [rows.row(r), rows.row(r + 1)],
                             units,
-                            &acts,
+                            &acts[0],
                             &mut scratch,
                         )
                     };
                     // SAFETY: the caller owns rows r0..r1 of `out`.
                     unsafe {
-                        out.put(t0, r, s[0][0]);
-                        out.put(t0, r + 1, s[1][0]);
+                        out.put(t0, r, s[0]);
+                        out.put(t0, r + 1, s[1]);
                     }
                     r += 2;
                 }
@@ -912,99 +892,27 @@ unsafe fn tile512<U: Unpack512, const RES: bool>(
     }
 }
 
-/// Pair `p` of the chunk at unit `c0` of `R` rows: each lane's scale (from
-/// `lo`/`hi` through `pattern`), the codes times each token's activations.
+/// Pair `p` of the chunk at unit `c0` of `R` rows: the codes times each
+/// token's activations, scaled per lane (from `lo`/`hi`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn step_pair<U: Unpack512, const RES: bool, const R: usize, const T: usize>(
     p: usize,
     c0: usize,
     codes: [__m512i; R],
-    pattern: __m512i,
     acts: &[ActRow<'_>; T],
-    lo: &[[__m512; T]; R],
-    hi: &[[__m512; T]; R],
+    lo: [[__m512; T]; R],
+    hi: [[__m512; T]; R],
     mut acc: [[__m512; T]; R],
 ) -> [[__m512; T]; R] {
-    let per_pair = if U::PER_HALF { 4 } else { 2 };
-    if RES && !U::PER_HALF {
-        // SAFETY: as below.
-        return unsafe { step_pair_wide::<U, R, T>(p, c0, codes, acts, lo, acc) };
-    }
+    let u = c0 + 2 * p;
     // SAFETY: the caller (inlined into `tile512`) has the features; the
-    // activation rows hold the pair's 64 bytes (units padded to pairs).
+    // activation rows hold the pair's values (units padded to pairs).
     unsafe {
-        let idx = _mm512_add_epi32(pattern, _mm512_set1_epi32((p * per_pair) as i32));
-        let u = c0 + 2 * p;
         for t in 0..T {
-            let a = _mm512_loadu_si512(acts[t].qs.as_ptr().add(u * UNIT) as *const _);
-            let b = if RES {
-                _mm512_loadu_si512(acts[t].res.as_ptr().add(u * UNIT) as *const _)
-            } else {
-                a
-            };
             for r in 0..R {
-                let mut s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[r], a);
-                if RES {
-                    s = _mm512_dpbusd_epi32(_mm512_slli_epi32(s, 8), codes[r], b);
-                }
-                let l = if U::PER_HALF {
-                    _mm512_permutex2var_ps(lo[r][t], idx, hi[r][t])
-                } else {
-                    _mm512_permutexvar_ps(idx, lo[r][t])
-                };
-                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), l, acc[r][t]);
-            }
-        }
-        acc
-    }
-}
-
-/// [`step_pair`] with 16-bit activations (`256·q + r`): the codes widened
-/// to 16 bits, two `vpdpwssd` per token sum a lane's products over both
-/// halves of the register (which share a unit), so every lane belongs to
-/// one unit (`Unpack512::WIDE_LANES`).
-#[inline(always)]
-unsafe fn step_pair_wide<U: Unpack512, const R: usize, const T: usize>(
-    p: usize,
-    c0: usize,
-    codes: [__m512i; R],
-    acts: &[ActRow<'_>; T],
-    lo: &[[__m512; T]; R],
-    mut acc: [[__m512; T]; R],
-) -> [[__m512; T]; R] {
-    // SAFETY: the caller (inlined into `tile512`) has the features; the
-    // wide activation rows hold the pair's 64 values (units padded).
-    unsafe {
-        let idx = _mm512_add_epi32(
-            _mm512_loadu_si512(U::WIDE_LANES.as_ptr() as *const _),
-            _mm512_set1_epi32(2 * p as i32),
-        );
-        let u = c0 + 2 * p;
-        let mut wl = [_mm512_setzero_si512(); R];
-        let mut wh = [_mm512_setzero_si512(); R];
-        for r in 0..R {
-            let c = if U::REORDER {
-                _mm512_shuffle_i64x2::<0b11_01_10_00>(codes[r], codes[r])
-            } else {
-                codes[r]
-            };
-            wl[r] = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(c));
-            wh[r] = _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64::<1>(c));
-        }
-        for t in 0..T {
-            let a = acts[t].wide.as_ptr().add(u * UNIT);
-            let (al, ah) = (
-                _mm512_loadu_si512(a as *const _),
-                _mm512_loadu_si512(a.add(32) as *const _),
-            );
-            for r in 0..R {
-                let s = _mm512_dpwssd_epi32(
-                    _mm512_dpwssd_epi32(_mm512_setzero_si512(), wl[r], al),
-                    wh[r],
-                    ah,
-                );
-                let l = _mm512_permutexvar_ps(idx, lo[r][t]);
+                let s = pair_sums::<U, RES>(codes[r], &acts[t], u);
+                let l = pair_scales::<U>(p, lo[r][t], hi[r][t]);
                 acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), l, acc[r][t]);
             }
         }
@@ -1045,6 +953,164 @@ unsafe fn pair_codes<U: Unpack512, const R: usize>(
     }
 }
 
+/// The 32-bit sums of the pair at unit `u` (codes `c`) with one row of
+/// activations: `Σc·q` with 8-bit activations; with the residual, for
+/// [`Unpack512::WIDE`] types the codes widened to 16 bits by unpacking
+/// with zero (each 16-byte lane's low and high halves) and two `vpdpwssd`
+/// with `256·q + r` (a lane still sums products of one 16-byte quarter),
+/// else `256·Σc·q + Σc·r` from the two byte planes.
+#[inline(always)]
+unsafe fn pair_sums<U: Unpack512, const RES: bool>(
+    c: __m512i,
+    a: &ActRow<'_>,
+    u: usize,
+) -> __m512i {
+    // SAFETY: per the callers' contract (features; the pair's activations
+    // lie in the row, units padded to pairs).
+    unsafe {
+        if RES && U::WIDE {
+            let z = _mm512_setzero_si512();
+            let (wl, wh) = (_mm512_unpacklo_epi8(c, z), _mm512_unpackhi_epi8(c, z));
+            let p = a.wide.as_ptr().add(u * UNIT);
+            let s = _mm512_dpwssd_epi32(z, wl, _mm512_loadu_si512(p as *const _));
+            _mm512_dpwssd_epi32(s, wh, _mm512_loadu_si512(p.add(32) as *const _))
+        } else {
+            let q = _mm512_loadu_si512(a.qs.as_ptr().add(u * UNIT) as *const _);
+            let s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, q);
+            if RES {
+                let r = _mm512_loadu_si512(a.res.as_ptr().add(u * UNIT) as *const _);
+                _mm512_dpbusd_epi32(_mm512_slli_epi32(s, 8), c, r)
+            } else {
+                s
+            }
+        }
+    }
+}
+
+/// The lanes' scales of pair `p` of a chunk, from its table (`lo`, and
+/// `hi` for per-half types), through the type's lane pattern.
+#[inline(always)]
+unsafe fn pair_scales<U: Unpack512>(p: usize, lo: __m512, hi: __m512) -> __m512 {
+    // SAFETY: AVX-512F per the callers' contract.
+    unsafe {
+        let lanes = _mm512_loadu_si512(U::LANES.as_ptr() as *const _);
+        if U::PER_HALF {
+            _mm512_permutex2var_ps(
+                lo,
+                _mm512_add_epi32(lanes, _mm512_set1_epi32(4 * p as i32)),
+                hi,
+            )
+        } else {
+            _mm512_permutexvar_ps(_mm512_add_epi32(lanes, _mm512_set1_epi32(2 * p as i32)), lo)
+        }
+    }
+}
+
+/// Two rows against one token, the decode case, written with one named
+/// register per value: through the generic `rows512`, LLVM kept the
+/// accumulators on the stack (a store and a reload in every multiply-add's
+/// dependency chain).
+#[inline(always)]
+unsafe fn decode2<U: Unpack512, const RES: bool>(
+    dt: DType,
+    rows: [Row<'_>; 2],
+    units: usize,
+    a: &ActRow<'_>,
+    scratch: &mut Vec<u8>,
+) -> [f32; 2] {
+    let mlx = match dt {
+        DType::Mlx(q) => Some(q),
+        _ => None,
+    };
+    let ub = unit_bytes(dt);
+    // SAFETY: every intrinsic needs only `tile512`'s features; loads stay
+    // inside the rows and the activation row (masked past its units).
+    unsafe {
+        let z = _mm512_setzero_ps();
+        let (mut a0, mut a1, mut b0, mut b1, mut k0, mut k1) = (z, z, z, z, z, z);
+        let dup_lo = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+        let dup_hi = _mm512_add_epi32(dup_lo, _mm512_set1_epi32(8));
+        let mut c0 = 0;
+        while c0 < units {
+            let n = (units - c0).min(CHUNK);
+            let ne = n.next_multiple_of(2).min(CHUNK);
+            let um = ((1u32 << ne) - 1) as u16;
+            let (h0, h1) = (U::head(rows[0], c0, n, mlx), U::head(rows[1], c0, n, mlx));
+            prefetch(rows[0].data.as_ptr().add(c0 * ub), n * ub);
+            prefetch(rows[1].data.as_ptr().add(c0 * ub), n * ub);
+            let da = _mm512_maskz_loadu_ps(um, a.da.as_ptr().add(c0));
+            let (l0, m0, l1, m1);
+            if U::PER_HALF {
+                let (dl, dh) = (
+                    _mm512_permutexvar_ps(dup_lo, da),
+                    _mm512_permutexvar_ps(dup_hi, da),
+                );
+                (l0, m0) = (_mm512_mul_ps(h0.w[0], dl), _mm512_mul_ps(h0.w[1], dh));
+                (l1, m1) = (_mm512_mul_ps(h1.w[0], dl), _mm512_mul_ps(h1.w[1], dh));
+                let halves = 2 * ne;
+                let q0 = ((1u32 << halves.min(16)) - 1) as u16;
+                let q1 = ((1u32 << halves.saturating_sub(16)) - 1) as u16;
+                let al = _mm512_maskz_loadu_ps(q0, a.ah.as_ptr().add(2 * c0));
+                let ah = _mm512_maskz_loadu_ps(q1, a.ah.as_ptr().add(2 * c0 + 16));
+                k0 = _mm512_fmadd_ps(h0.m[1], ah, _mm512_fmadd_ps(h0.m[0], al, k0));
+                k1 = _mm512_fmadd_ps(h1.m[1], ah, _mm512_fmadd_ps(h1.m[0], al, k1));
+            } else {
+                (l0, l1, m0, m1) = (_mm512_mul_ps(h0.w[0], da), _mm512_mul_ps(h1.w[0], da), z, z);
+                let au = _mm512_maskz_loadu_ps(um, a.au.as_ptr().add(c0));
+                k0 = _mm512_fmadd_ps(h0.m[0], au, k0);
+                k1 = _mm512_fmadd_ps(h1.m[0], au, k1);
+            }
+            if n == CHUNK {
+                macro_rules! pair {
+                    ($p:expr, $x:ident, $y:ident) => {{
+                        let u = c0 + 2 * $p;
+                        let s0 = pair_sums::<U, RES>(U::codes(rows[0].data, u, mlx), a, u);
+                        let s1 = pair_sums::<U, RES>(U::codes(rows[1].data, u, mlx), a, u);
+                        $x = _mm512_fmadd_ps(
+                            _mm512_cvtepi32_ps(s0),
+                            pair_scales::<U>($p, l0, m0),
+                            $x,
+                        );
+                        $y = _mm512_fmadd_ps(
+                            _mm512_cvtepi32_ps(s1),
+                            pair_scales::<U>($p, l1, m1),
+                            $y,
+                        );
+                    }};
+                }
+                pair!(0, a0, b0);
+                pair!(1, a1, b1);
+                pair!(2, a0, b0);
+                pair!(3, a1, b1);
+                pair!(4, a0, b0);
+                pair!(5, a1, b1);
+                pair!(6, a0, b0);
+                pair!(7, a1, b1);
+            } else {
+                for p in 0..n.div_ceil(2) {
+                    let u = c0 + 2 * p;
+                    let c = pair_codes::<U, 2>(&rows, u, c0 + n, ub, mlx, scratch);
+                    a0 = _mm512_fmadd_ps(
+                        _mm512_cvtepi32_ps(pair_sums::<U, RES>(c[0], a, u)),
+                        pair_scales::<U>(p, l0, m0),
+                        a0,
+                    );
+                    b0 = _mm512_fmadd_ps(
+                        _mm512_cvtepi32_ps(pair_sums::<U, RES>(c[1], a, u)),
+                        pair_scales::<U>(p, l1, m1),
+                        b0,
+                    );
+                }
+            }
+            c0 += n;
+        }
+        [
+            _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), k0)),
+            _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(b0, b1), k1)),
+        ]
+    }
+}
+
 /// `R` rows against `T` activation rows.
 #[inline(always)]
 unsafe fn rows512<U: Unpack512, const RES: bool, const R: usize, const T: usize>(
@@ -1063,9 +1129,6 @@ unsafe fn rows512<U: Unpack512, const RES: bool, const R: usize, const T: usize>
     // which inlines this; loads stay inside the rows and the activation
     // rows (units padded to pairs by the layout; masked loads past them).
     unsafe {
-        // Lane → table entry for the pair at entry 0: per unit (16 entries)
-        // or per half unit (32).
-        let pattern = _mm512_loadu_si512(U::LANES.as_ptr() as *const _);
         let dup_lo = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
         let dup_hi = _mm512_add_epi32(dup_lo, _mm512_set1_epi32(8));
         let zero = _mm512_setzero_ps();
@@ -1105,32 +1168,37 @@ unsafe fn rows512<U: Unpack512, const RES: bool, const R: usize, const T: usize>
             if n == CHUNK {
                 // A whole chunk, unrolled: the lane indices are constants
                 // and, for fewer than four tokens, two accumulators alternate.
-                for p in (0..CHUNK / 2).step_by(2) {
-                    let (u, v) = (c0 + 2 * p, c0 + 2 * p + 2);
-                    let (mut cu, mut cv) =
-                        ([_mm512_setzero_si512(); R], [_mm512_setzero_si512(); R]);
-                    for r in 0..R {
-                        cu[r] = U::codes(rows[r].data, u, mlx);
-                    }
-                    acc = step_pair::<U, RES, R, T>(p, c0, cu, pattern, acts, &lo, &hi, acc);
-                    for r in 0..R {
-                        cv[r] = U::codes(rows[r].data, v, mlx);
-                    }
-                    // Several rows or tokens are independent chains
-                    // already; one more set of accumulators would not fit
-                    // the registers.
-                    if T < 4 {
-                        acc2 =
-                            step_pair::<U, RES, R, T>(p + 1, c0, cv, pattern, acts, &lo, &hi, acc2);
-                    } else {
-                        acc =
-                            step_pair::<U, RES, R, T>(p + 1, c0, cv, pattern, acts, &lo, &hi, acc);
-                    }
+                macro_rules! two_pairs {
+                    ($p:expr) => {{
+                        let p: usize = $p;
+                        let (u, v) = (c0 + 2 * p, c0 + 2 * p + 2);
+                        let (mut cu, mut cv) =
+                            ([_mm512_setzero_si512(); R], [_mm512_setzero_si512(); R]);
+                        for r in 0..R {
+                            cu[r] = U::codes(rows[r].data, u, mlx);
+                        }
+                        acc = step_pair::<U, RES, R, T>(p, c0, cu, acts, lo, hi, acc);
+                        for r in 0..R {
+                            cv[r] = U::codes(rows[r].data, v, mlx);
+                        }
+                        // Several rows or tokens are independent chains
+                        // already; one more set of accumulators would not
+                        // fit the registers.
+                        if T < 4 {
+                            acc2 = step_pair::<U, RES, R, T>(p + 1, c0, cv, acts, lo, hi, acc2);
+                        } else {
+                            acc = step_pair::<U, RES, R, T>(p + 1, c0, cv, acts, lo, hi, acc);
+                        }
+                    }};
                 }
+                two_pairs!(0);
+                two_pairs!(2);
+                two_pairs!(4);
+                two_pairs!(6);
             } else {
                 for p in 0..n.div_ceil(2) {
                     let codes = pair_codes::<U, R>(&rows, c0 + 2 * p, c0 + n, ub, mlx, scratch);
-                    acc = step_pair::<U, RES, R, T>(p, c0, codes, pattern, acts, &lo, &hi, acc);
+                    acc = step_pair::<U, RES, R, T>(p, c0, codes, acts, lo, hi, acc);
                 }
             }
             c0 += n;
