@@ -76,16 +76,18 @@ static PAIRED_FIELDS2: [u8; 64] = {
     p
 };
 
-/// Where byte `k` of a pair's codes sits after `vpunpck{l,h}bw` with zero
-/// widens them: the low register takes bytes 0..8 of each 16-byte lane,
-/// the high one bytes 8..16. The 16-bit activations are stored in that
-/// order, composed with the type's own byte order.
+/// Where byte `k` of a pair's codes sits once widened to 16 bits by a
+/// mask (the even bytes) and a shift (the odd bytes): each 32-bit lane of
+/// the products then still sums the four bytes of one lane of the codes,
+/// so the type's lane pattern holds, and no shuffle (port 5) is spent.
+/// The 16-bit activations are stored in that order, composed with the
+/// type's own byte order.
 const fn unpacked(perm: Option<&[u8; 64]>) -> [u8; 64] {
     let mut out = [0u8; 64];
     let mut k = 0;
     while k < 64 {
-        let (half, j) = (k / 32, k % 32);
-        let byte = 16 * (j / 8) + 8 * half + j % 8;
+        let (odd, j) = (k / 32, k % 32);
+        let byte = 2 * j + odd;
         out[k] = match perm {
             Some(p) => p[byte],
             None => byte as u8,
@@ -207,10 +209,9 @@ trait Unpack512 {
     const LANES: [i32; 16];
     /// `W`/`M` differ between the halves of a unit.
     const PER_HALF: bool = false;
-    /// With the residual, 16-bit activations (`pair_sums`); else two byte
-    /// planes. Widening sums products of one 16-byte quarter, so the
-    /// types whose quarters hold one unit take it; per-half types measured
-    /// faster with the two planes.
+    /// With the residual: 16-bit activations (`pair_sums`), or two byte
+    /// planes, which measured faster for the per-half types and MLX 2-bit
+    /// (their unpacking already loads port 0, where the widening adds).
     const WIDE: bool = !Self::PER_HALF;
     /// `W` and `M` of units `c0..c0 + n` (see `fmt::header`).
     ///
@@ -955,10 +956,9 @@ unsafe fn pair_codes<U: Unpack512, const R: usize>(
 
 /// The 32-bit sums of the pair at unit `u` (codes `c`) with one row of
 /// activations: `Σc·q` with 8-bit activations; with the residual, for
-/// [`Unpack512::WIDE`] types the codes widened to 16 bits by unpacking
-/// with zero (each 16-byte lane's low and high halves) and two `vpdpwssd`
-/// with `256·q + r` (a lane still sums products of one 16-byte quarter),
-/// else `256·Σc·q + Σc·r` from the two byte planes.
+/// [`Unpack512::WIDE`] types the codes widened to 16 bits (even bytes by a
+/// mask, odd bytes by a shift, see `unpacked`) and two `vpdpwssd` with
+/// `256·q + r`, else `256·Σc·q + Σc·r` from the two byte planes.
 #[inline(always)]
 unsafe fn pair_sums<U: Unpack512, const RES: bool>(
     c: __m512i,
@@ -969,10 +969,14 @@ unsafe fn pair_sums<U: Unpack512, const RES: bool>(
     // lie in the row, units padded to pairs).
     unsafe {
         if RES && U::WIDE {
-            let z = _mm512_setzero_si512();
-            let (wl, wh) = (_mm512_unpacklo_epi8(c, z), _mm512_unpackhi_epi8(c, z));
+            let wl = _mm512_and_si512(c, _mm512_set1_epi16(0xff));
+            let wh = _mm512_srli_epi16(c, 8);
             let p = a.wide.as_ptr().add(u * UNIT);
-            let s = _mm512_dpwssd_epi32(z, wl, _mm512_loadu_si512(p as *const _));
+            let s = _mm512_dpwssd_epi32(
+                _mm512_setzero_si512(),
+                wl,
+                _mm512_loadu_si512(p as *const _),
+            );
             _mm512_dpwssd_epi32(s, wh, _mm512_loadu_si512(p.add(32) as *const _))
         } else {
             let q = _mm512_loadu_si512(a.qs.as_ptr().add(u * UNIT) as *const _);
