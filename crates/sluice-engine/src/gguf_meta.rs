@@ -287,7 +287,7 @@ mod tests {
         assert_eq!(byte_char(b' '), 'Ġ');
         assert_eq!(byte_char(b'\n'), 'Ċ');
         assert_eq!(byte_char(0), 'Ā');
-        assert_eq!(byte_char(0xad), 'ō');
+        assert_eq!(byte_char(0xad), 'Ń');
         let all: std::collections::HashSet<char> = (0..=255u8).map(byte_char).collect();
         assert_eq!(all.len(), 256);
     }
