@@ -571,7 +571,9 @@ fn probe_measures_every_engine() {
         .unwrap();
         eprintln!("{:?} direct={}: {r:?}", opts.kind, e.direct());
         assert!(r.gbps > 0.0 && r.gbps.is_finite());
-        assert!(r.bytes >= 4 << 20);
+        // 4 MiB, unless the probe's hard stop (ten times min_seconds) came
+        // first on a loaded machine.
+        assert!(r.bytes >= 4 << 20 || r.seconds >= 0.2, "{r:?}");
         assert_eq!(r.bytes % (64 << 10), 0);
         assert!(r.seconds > 0.0);
         assert!(r.p50_latency_s <= r.p99_latency_s);
