@@ -10,7 +10,7 @@
 //! the whole call: activation upload, kernel, read-back, synchronisation.
 
 use sluice_backend_cpu::CpuBackend;
-use sluice_backend_metal::{MetalBackend, MetalOptions};
+use sluice_backend_wgpu::{WgpuBackend, WgpuOptions};
 use sluice_core::{quant, Backend, DType, HalfType, MlxQuant, WeightView};
 use std::time::Instant;
 
@@ -30,10 +30,10 @@ fn main() {
     let iters = arg("--iters", 10).max(1);
     let wg = arg("--workgroup", 0) as u32;
     let rpi = arg("--rows-per-invocation", usize::MAX);
-    let gpu = match MetalBackend::new(&MetalOptions {
+    let gpu = match WgpuBackend::new(&WgpuOptions {
         workgroup: (wg > 0).then_some(wg),
         rows_per_invocation: (rpi != usize::MAX).then_some(rpi as u32),
-        ..MetalOptions::default()
+        ..WgpuOptions::default()
     }) {
         Ok(g) => g,
         Err(e) => {

@@ -4,8 +4,9 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use sluice_backend_cpu::{Activations, CpuBackend, CpuOptions};
-use sluice_backend_metal::{MetalBackend, MetalOptions};
 use sluice_backend_sim::{DeviceClock, PacedEngine, SimBackend};
+#[cfg(feature = "gpu")]
+use sluice_backend_wgpu::{WgpuBackend, WgpuOptions};
 use sluice_core::Backend;
 use sluice_engine::stream::{parse_size, EngineWrap, StreamOptions, Streamer};
 use sluice_engine::{Model, Session};
@@ -22,8 +23,8 @@ pub struct ModelArgs {
     /// Compute threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Compute backend: cpu; metal (the GPU through wgpu: Metal on Apple
-    /// GPUs, Vulkan elsewhere); or sim (the CPU's numerics on a profiled
+    /// Compute backend: cpu; wgpu (the GPU through wgpu: Metal on Apple
+    /// GPUs, Vulkan elsewhere; `metal` is the same); or sim (the CPU's numerics on a profiled
     /// device's clock: its RAM cap by default, flash reads paced to its
     /// bandwidth and latency, compute timed by its throughput).
     #[arg(long, default_value = "cpu")]
@@ -36,7 +37,7 @@ pub struct ModelArgs {
     /// GB/s (as `sluice sim --flash-gbps`).
     #[arg(long)]
     pub flash_gbps: Option<f64>,
-    /// Resident (non-expert) weights --backend metal keeps on the GPU
+    /// Resident (non-expert) weights --backend wgpu keeps on the GPU
     /// (e.g. 512M, 2G; 0: upload per use). Where the GPU shares the host's
     /// RAM (Apple GPUs, lavapipe) these copies are planned under --ram-cap.
     #[arg(long, default_value = "1G")]
@@ -236,7 +237,7 @@ pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
     let mut notes = Vec::new();
     let mut stream = m.stream.clone();
     let device = match m.backend.as_str() {
-        "cpu" | "metal" => {
+        "cpu" | "wgpu" | "metal" => {
             if m.flash_gbps.is_some() {
                 anyhow::bail!(
                     "--flash-gbps sets a simulated device's flash: it needs --backend sim"
@@ -270,21 +271,11 @@ pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
             ));
             Some(p)
         }
-        b => anyhow::bail!("unknown backend {b:?} (cpu, metal, sim)"),
+        b => anyhow::bail!("unknown backend {b:?} (cpu, wgpu, sim)"),
     };
     let mut device_copies = 0;
-    let gpu = if m.backend == "metal" {
-        let budget = parse_size(&m.gpu_resident).context("--gpu-resident")?;
-        let g = MetalBackend::new(&MetalOptions {
-            resident_budget: budget,
-            ..MetalOptions::default()
-        })
-        .context("--backend metal")?;
-        notes.push(format!("GPU backend: {}", g.describe()));
-        if g.shares_host_memory() {
-            device_copies = budget;
-        }
-        Some(g)
+    let gpu = if matches!(m.backend.as_str(), "wgpu" | "metal") {
+        open_gpu(m, &mut notes, &mut device_copies)?
     } else {
         None
     };
@@ -458,6 +449,35 @@ pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
         notes,
         clock,
     })
+}
+
+/// The GPU backend of `--backend wgpu`.
+#[cfg(feature = "gpu")]
+fn open_gpu(
+    m: &ModelArgs,
+    notes: &mut Vec<String>,
+    device_copies: &mut u64,
+) -> Result<Option<WgpuBackend>> {
+    let budget = parse_size(&m.gpu_resident).context("--gpu-resident")?;
+    let g = WgpuBackend::new(&WgpuOptions {
+        resident_budget: budget,
+        ..WgpuOptions::default()
+    })
+    .with_context(|| format!("--backend {}", m.backend))?;
+    notes.push(format!("GPU backend: {}", g.describe()));
+    if g.shares_host_memory() {
+        *device_copies = budget;
+    }
+    Ok(Some(g))
+}
+
+/// Without the `gpu` feature there is no GPU backend to open.
+#[cfg(not(feature = "gpu"))]
+fn open_gpu(m: &ModelArgs, _: &mut Vec<String>, _: &mut u64) -> Result<Option<CpuBackend>> {
+    anyhow::bail!(
+        "--backend {}: this sluice was built without the GPU backend (cargo feature `gpu`)",
+        m.backend
+    )
 }
 
 /// `--prefetch-depth` for predictor `prefetch`: as given, or where 0, the

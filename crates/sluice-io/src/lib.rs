@@ -36,14 +36,24 @@ pub mod mmap;
 pub mod pread;
 pub mod probe;
 pub mod sys;
+#[cfg(target_os = "linux")]
 pub mod uring;
+
+/// Most reads one engine keeps queued (io_uring's submission queue limit,
+/// kept on every platform so options mean the same everywhere).
+pub const MAX_QUEUE_DEPTH: usize = 32768;
 
 pub use buf::AlignedBuf;
 
-/// Alignment of file offsets, lengths and destination addresses under
-/// `O_DIRECT`. 4096 covers every logical block size in common use (512 and
-/// 4096), so one constant works on every drive.
-pub const DIRECT_ALIGN: usize = 4096;
+/// Alignment of file offsets, lengths and destination addresses of direct
+/// reads. 4096 covers every logical block size in common use (512 and
+/// 4096) for `O_DIRECT`; on Apple's systems reads are aligned to the 16 KiB
+/// pages of their storage and memory (pack with `--align 16K` there).
+pub const DIRECT_ALIGN: usize = if cfg!(target_vendor = "apple") {
+    16384
+} else {
+    4096
+};
 
 /// Which read engine to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -357,11 +367,10 @@ pub(crate) fn open_with(
     opts: &EngineOptions,
     faults: Option<&fault::Faults>,
 ) -> Result<Box<dyn ReadEngine>> {
-    if opts.queue_depth == 0 || opts.queue_depth > uring::MAX_QUEUE_DEPTH {
+    if opts.queue_depth == 0 || opts.queue_depth > MAX_QUEUE_DEPTH {
         return Err(Error::Invalid(format!(
             "queue depth {} out of range 1..={}",
-            opts.queue_depth,
-            uring::MAX_QUEUE_DEPTH
+            opts.queue_depth, MAX_QUEUE_DEPTH
         )));
     }
     if opts.threads == 0 {
@@ -379,7 +388,7 @@ pub(crate) fn open_with(
         IoKind::Uring => {
             let ring = match faults {
                 Some(f) if f.plan().refuse_uring => Err(fault::refusal()),
-                _ => uring::UringEngine::new(opts),
+                _ => open_uring(opts),
             };
             match ring {
                 Ok(mut e) => {
@@ -396,6 +405,21 @@ pub(crate) fn open_with(
         IoKind::Pread => Box::new(pread(opts)?),
         IoKind::Mmap => Box::new(mmap::MmapEngine::new(opts)),
     })
+}
+
+#[cfg(target_os = "linux")]
+fn open_uring(opts: &EngineOptions) -> Result<uring::UringEngine> {
+    uring::UringEngine::new(opts)
+}
+
+/// io_uring is a Linux interface: elsewhere the pread pool stands in, and
+/// the note says why.
+#[cfg(not(target_os = "linux"))]
+fn open_uring(_: &EngineOptions) -> Result<pread::PreadEngine> {
+    Err(Error::Unsupported(format!(
+        "io_uring is Linux-only, this is {}",
+        std::env::consts::OS
+    )))
 }
 
 /// Why the pread pool stands in for io_uring, for the user.

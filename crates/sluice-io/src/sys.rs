@@ -5,7 +5,6 @@
 //! it from outside the allocator (page cache charged to our cgroup included).
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use sluice_core::{Error, Result};
@@ -14,6 +13,7 @@ use sluice_core::{Error, Result};
 /// unlimited group as a huge page-rounded number instead of a word.
 const UNLIMITED: u64 = 1 << 62;
 
+#[cfg(any(target_os = "linux", target_os = "android"))]
 fn status_kb(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     parse_status_kb(&status, field)
@@ -27,20 +27,139 @@ fn parse_status_kb(status: &str, field: &str) -> Option<u64> {
     })
 }
 
-/// Peak resident set size of this process (`VmHWM`), in bytes.
+/// What [`peak_rss_bytes`] and [`rss_bytes`] measure on this platform, for
+/// reports: the figure the OS itself holds a process to.
+pub fn memory_measure() -> &'static str {
+    if cfg!(any(target_os = "linux", target_os = "android")) {
+        "VmHWM/VmRSS (/proc/self/status)"
+    } else if cfg!(target_vendor = "apple") {
+        "phys_footprint (task_info TASK_VM_INFO), what iOS's memory limit counts"
+    } else {
+        "none on this platform"
+    }
+}
+
+/// Peak resident set size of this process (`VmHWM`; on Apple's systems
+/// the peak physical footprint), in bytes.
 pub fn peak_rss_bytes() -> Option<u64> {
-    status_kb("VmHWM")
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    return status_kb("VmHWM");
+    #[cfg(target_vendor = "apple")]
+    return darwin::footprint().map(|f| f.1);
+    #[allow(unreachable_code)]
+    None
 }
 
-/// Current resident set size of this process (`VmRSS`), in bytes.
+/// Current resident set size of this process (`VmRSS`; on Apple's systems
+/// the physical footprint), in bytes.
 pub fn rss_bytes() -> Option<u64> {
-    status_kb("VmRSS")
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    return status_kb("VmRSS");
+    #[cfg(target_vendor = "apple")]
+    return darwin::footprint().map(|f| f.0);
+    #[allow(unreachable_code)]
+    None
 }
 
-/// Memory the kernel could give without swapping (`MemAvailable`), bytes.
+/// Memory the kernel could give without swapping (`MemAvailable`; on
+/// Apple's systems free plus inactive pages), bytes.
 pub fn mem_available_bytes() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    parse_status_kb(&meminfo, "MemAvailable")
+    #[cfg(target_vendor = "apple")]
+    return darwin::available();
+    #[allow(unreachable_code)]
+    {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+        parse_status_kb(&meminfo, "MemAvailable")
+    }
+}
+
+/// Apple's accounting: the Mach task's physical footprint (what jetsam and
+/// iOS's per-app limit count, page cache excluded) and the host's free
+/// pages. Built and type-checked here, not run: no Apple machine.
+#[cfg(target_vendor = "apple")]
+mod darwin {
+    /// The leading fields of `struct task_vm_info` (mach/task_info.h) up
+    /// to `ledger_phys_footprint_peak` (revision 3); the kernel fills as
+    /// many as the count passed allows.
+    #[repr(C)]
+    #[derive(Default)]
+    struct TaskVmInfo {
+        virtual_size: u64,
+        region_count: i32,
+        page_size: i32,
+        resident_size: u64,
+        resident_size_peak: u64,
+        device: u64,
+        device_peak: u64,
+        internal: u64,
+        internal_peak: u64,
+        external: u64,
+        external_peak: u64,
+        reusable: u64,
+        reusable_peak: u64,
+        purgeable_volatile_pmap: u64,
+        purgeable_volatile_resident: u64,
+        purgeable_volatile_virtual: u64,
+        compressed: u64,
+        compressed_peak: u64,
+        compressed_lifetime: u64,
+        phys_footprint: u64,
+        min_address: u64,
+        max_address: u64,
+        ledger_phys_footprint_peak: i64,
+    }
+
+    /// `TASK_VM_INFO` flavor.
+    const TASK_VM_INFO: libc::task_flavor_t = 22;
+
+    /// (footprint now, peak footprint), bytes.
+    // libc marks the Mach port calls deprecated in favour of the mach2
+    // crate; two calls do not justify another dependency.
+    #[allow(deprecated)]
+    pub fn footprint() -> Option<(u64, u64)> {
+        let mut info = TaskVmInfo::default();
+        let mut count = (std::mem::size_of::<TaskVmInfo>() / 4) as libc::mach_msg_type_number_t;
+        // SAFETY: `info` is a writable buffer of `count` 32-bit words laid
+        // out as the kernel's task_vm_info; the task port is our own.
+        let kr = unsafe {
+            libc::task_info(
+                libc::mach_task_self(),
+                TASK_VM_INFO,
+                &mut info as *mut TaskVmInfo as libc::task_info_t,
+                &mut count,
+            )
+        };
+        if kr != libc::KERN_SUCCESS {
+            return None;
+        }
+        let peak = if info.ledger_phys_footprint_peak > 0 {
+            info.ledger_phys_footprint_peak as u64
+        } else {
+            info.resident_size_peak
+        };
+        Some((info.phys_footprint, peak.max(info.phys_footprint)))
+    }
+
+    /// Free plus inactive pages of the host, bytes.
+    #[allow(deprecated)]
+    pub fn available() -> Option<u64> {
+        // SAFETY: zeroed plain-old-data the kernel overwrites.
+        let mut st: libc::vm_statistics64 = unsafe { std::mem::zeroed() };
+        let mut count = libc::HOST_VM_INFO64_COUNT;
+        // SAFETY: `st` has room for HOST_VM_INFO64_COUNT words; the host port is ours.
+        let kr = unsafe {
+            libc::host_statistics64(
+                libc::mach_host_self(),
+                libc::HOST_VM_INFO64,
+                &mut st as *mut libc::vm_statistics64 as libc::host_info64_t,
+                &mut count,
+            )
+        };
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        (kr == libc::KERN_SUCCESS && page > 0)
+            .then(|| (st.free_count as u64 + st.inactive_count as u64) * page as u64)
+    }
 }
 
 /// Which cgroup hierarchy.
@@ -192,6 +311,12 @@ pub fn memory_cgroup_limit() -> Option<u64> {
 /// refused otherwise. The cgroup is left behind when the process exits
 /// (remove it with `rmdir`).
 pub fn enter_memory_cgroup(limit: u64) -> Result<PathBuf> {
+    if !cfg!(target_os = "linux") {
+        return Err(Error::Unsupported(format!(
+            "memory cgroups are a Linux feature; {} has none (with direct reads sluice's own accounting holds the cap, and mmap or buffered runs cannot be capped here)",
+            std::env::consts::OS
+        )));
+    }
     let h = if cgroup_dir(Hierarchy::V2).is_some_and(|(dir, _)| has_v2_memory(&dir)) {
         Hierarchy::V2
     } else if cgroup_dir(Hierarchy::V1).is_some() {
@@ -256,7 +381,9 @@ fn has_v2_memory(dir: &Path) -> bool {
 /// Asks the kernel to drop `path`'s pages from the page cache
 /// (`POSIX_FADV_DONTNEED`), so that a benchmark reads from the drive. Dirty
 /// pages are not dropped: write-back first if the file was just written.
+#[cfg(any(target_os = "linux", target_os = "android"))]
 pub fn drop_page_cache(path: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: a valid open descriptor; the call only changes cache state.
     let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
@@ -264,6 +391,17 @@ pub fn drop_page_cache(path: &Path) -> Result<()> {
         return Err(Error::io(path, std::io::Error::from_raw_os_error(rc)));
     }
     Ok(())
+}
+
+/// Elsewhere no call drops one file's cached pages: cold runs need the
+/// OS's own purge (`sudo purge` on macOS).
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub fn drop_page_cache(path: &Path) -> Result<()> {
+    Err(Error::Unsupported(format!(
+        "{}: dropping one file's cached pages needs posix_fadvise, which {} lacks; purge the cache by hand for a cold run",
+        path.display(),
+        std::env::consts::OS
+    )))
 }
 
 /// Bytes of `path` resident in the page cache (`mincore(2)` over a map of
@@ -286,7 +424,7 @@ pub fn page_cache_resident(path: &Path) -> Option<u64> {
         libc::mincore(
             map.as_ptr() as *mut libc::c_void,
             map.len(),
-            vec.as_mut_ptr(),
+            vec.as_mut_ptr() as *mut _,
         )
     };
     if rc != 0 {

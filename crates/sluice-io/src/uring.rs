@@ -25,7 +25,7 @@ use crate::fault::Faults;
 use crate::{AlignedBuf, Completion, Done, EngineOptions, FileId, IoKind, ReadEngine, ReadReq};
 
 /// Largest queue depth accepted (the kernel's limit on submission entries).
-pub const MAX_QUEUE_DEPTH: usize = 32768;
+pub use crate::MAX_QUEUE_DEPTH;
 
 /// Most slots in the sparse registered-file table. Files opened beyond it are
 /// used by descriptor.

@@ -1,22 +1,6 @@
-//! The GPU compute backend, through `wgpu`: Metal on macOS and iOS, Vulkan
-//! elsewhere (Mesa's lavapipe in CI).
-//!
-//! Activations stay in host memory between operations, as the
-//! [`Backend`] trait hands them over; each operation uploads its inputs,
-//! runs one or more kernels in one submission and reads the result back.
-//! Weights reach the GPU with at most one copy: resident weights (a
-//! [`WeightView::id`]) are uploaded once and kept, up to a budget; streamed
-//! experts are copied once, straight from their slot into a buffer mapped
-//! at creation, which on unified-memory adapters (Apple GPUs, lavapipe) is
-//! the memory the kernel reads. A matrix larger than the adapter's largest
-//! storage binding is split by rows, and a batch whose activations would
-//! be is split by tokens.
-//!
-//! The kernels (module `wgsl`) decode every weight type the CPU backend
-//! supports in units of 32 values, mirroring `sluice_core::quant`
-//! exactly; results differ from the CPU's only in the order of the sums.
+//! The backend proper (built with the `wgpu` feature).
 
-mod wgsl;
+use crate::wgsl;
 
 use parking_lot::Mutex;
 use sluice_core::ops::{Rope, RopeStyle};
@@ -31,9 +15,9 @@ use wgpu::util::DeviceExt;
 /// (set in CI, where lavapipe must be present).
 pub const REQUIRE_ENV: &str = "SLUICE_REQUIRE_GPU";
 
-/// Options of [`MetalBackend::new`].
+/// Options of [`WgpuBackend::new`].
 #[derive(Clone, Debug)]
-pub struct MetalOptions {
+pub struct WgpuOptions {
     /// Workgroup size of the kernels (a power of two, 1..=256); `None`
     /// picks per adapter: 8 on CPU adapters such as lavapipe, the subgroup
     /// width (32 on Apple GPUs) or 64 elsewhere.
@@ -55,9 +39,9 @@ pub struct MetalOptions {
     pub max_binding: Option<u64>,
 }
 
-impl Default for MetalOptions {
+impl Default for WgpuOptions {
     fn default() -> Self {
-        MetalOptions {
+        WgpuOptions {
             workgroup: None,
             resident_budget: 1 << 30,
             subgroups: true,
@@ -101,7 +85,7 @@ struct State {
 }
 
 /// The wgpu backend.
-pub struct MetalBackend {
+pub struct WgpuBackend {
     device: wgpu::Device,
     queue: wgpu::Queue,
     info: wgpu::AdapterInfo,
@@ -130,11 +114,11 @@ fn gpu_err(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Unsupported(format!("GPU backend: {what}: {e}"))
 }
 
-impl MetalBackend {
+impl WgpuBackend {
     /// Opens the first adapter wgpu finds (Metal on Apple platforms, else
     /// Vulkan), preferring a discrete or integrated GPU to a CPU adapter.
     /// Fails with a clear message when there is none.
-    pub fn new(opts: &MetalOptions) -> Result<Self> {
+    pub fn new(opts: &WgpuOptions) -> Result<Self> {
         let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
             backends: wgpu::Backends::METAL | wgpu::Backends::VULKAN,
             ..wgpu::InstanceDescriptor::new_without_display_handle_from_env()
@@ -264,7 +248,7 @@ impl MetalBackend {
                 } else {
                     0
                 });
-        Ok(MetalBackend {
+        Ok(WgpuBackend {
             device,
             queue,
             info,
@@ -948,7 +932,7 @@ fn bind(binding: u32, b: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {
     }
 }
 
-impl Backend for MetalBackend {
+impl Backend for WgpuBackend {
     fn name(&self) -> &str {
         "metal"
     }

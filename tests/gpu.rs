@@ -1,4 +1,4 @@
-//! The GPU backend (`--backend metal`) through the forward pass: on
+//! The GPU backend (`--backend wgpu`) through the forward pass: on
 //! lavapipe in CI (`SLUICE_REQUIRE_GPU=1` turns a missing adapter into a
 //! failure), on Metal on a Mac; elsewhere the tests say they were skipped.
 
@@ -6,14 +6,14 @@ mod common;
 
 use common::*;
 use sluice_backend_cpu::{Activations, CpuBackend, CpuOptions};
-use sluice_backend_metal::{MetalBackend, MetalOptions, REQUIRE_ENV};
+use sluice_backend_wgpu::{WgpuBackend, WgpuOptions, REQUIRE_ENV};
 use sluice_core::Backend;
 use sluice_engine::{Model, Session};
 use std::path::Path;
 use std::sync::Arc;
 
-fn gpu() -> Option<Arc<MetalBackend>> {
-    match MetalBackend::new(&MetalOptions::default()) {
+fn gpu() -> Option<Arc<WgpuBackend>> {
+    match WgpuBackend::new(&WgpuOptions::default()) {
         Ok(b) => Some(Arc::new(b)),
         Err(e) if std::env::var_os(REQUIRE_ENV).is_some() => {
             panic!("{REQUIRE_ENV} is set but the GPU backend is unavailable: {e}")
@@ -85,7 +85,7 @@ fn streamed_experts_on_the_gpu_equal_resident_ones_bit_for_bit() {
             "--tokens",
             "1,5,9,2,7,3",
             "--backend",
-            "metal",
+            "wgpu",
         ];
         let resident = cli_logits(&base);
         for io in ["uring", "pread"] {
@@ -133,7 +133,7 @@ fn bench_reports_gpu_time() {
         "--model",
         p.to_str().unwrap(),
         "--backend",
-        "metal",
+        "wgpu",
         "--ram-cap",
         "2G",
         "--gpu-resident",

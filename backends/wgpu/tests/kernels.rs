@@ -3,12 +3,12 @@
 //! failure; elsewhere the tests say they were skipped).
 
 use sluice_backend_cpu::{Activations, CpuBackend, CpuOptions};
-use sluice_backend_metal::{MetalBackend, MetalOptions, REQUIRE_ENV};
+use sluice_backend_wgpu::{WgpuBackend, WgpuOptions, REQUIRE_ENV};
 use sluice_core::ops::{Rope, RopeStyle};
 use sluice_core::{quant, AttnParams, Backend, DType, HalfType, MlxQuant, WeightView};
 
-fn gpu(opts: MetalOptions) -> Option<MetalBackend> {
-    match MetalBackend::new(&opts) {
+fn gpu(opts: WgpuOptions) -> Option<WgpuBackend> {
+    match WgpuBackend::new(&opts) {
         Ok(b) => {
             eprintln!("GPU: {}", b.describe());
             Some(b)
@@ -115,9 +115,9 @@ fn all_types() -> Vec<DType> {
 #[test]
 fn matmul_matches_cpu_for_every_type() {
     for rows in [0, 1, 8, 16] {
-        let Some(g) = gpu(MetalOptions {
+        let Some(g) = gpu(WgpuOptions {
             rows_per_invocation: Some(rows),
-            ..MetalOptions::default()
+            ..WgpuOptions::default()
         }) else {
             return;
         };
@@ -129,12 +129,12 @@ fn matmul_matches_cpu_for_every_type() {
 #[test]
 fn matmul_fallbacks_match_cpu() {
     for (wg, rows) in [(1, 0), (64, 0), (8, 3)] {
-        let Some(g) = gpu(MetalOptions {
+        let Some(g) = gpu(WgpuOptions {
             workgroup: Some(wg),
             subgroups: false,
             f16: false,
             rows_per_invocation: Some(rows),
-            ..MetalOptions::default()
+            ..WgpuOptions::default()
         }) else {
             return;
         };
@@ -143,7 +143,7 @@ fn matmul_fallbacks_match_cpu() {
     }
 }
 
-fn matmuls_match(g: &MetalBackend) {
+fn matmuls_match(g: &WgpuBackend) {
     let cpu = exact_cpu();
     for dt in all_types() {
         // Float types get a width that is not a multiple of 32.
@@ -163,9 +163,9 @@ fn matmuls_match(g: &MetalBackend) {
 #[test]
 fn split_bindings_give_the_same_products() {
     // 1 KiB bindings force row chunks and token chunks.
-    let Some(g) = gpu(MetalOptions {
+    let Some(g) = gpu(WgpuOptions {
         max_binding: Some(1024),
-        ..MetalOptions::default()
+        ..WgpuOptions::default()
     }) else {
         return;
     };
@@ -187,7 +187,7 @@ fn split_bindings_give_the_same_products() {
 
 #[test]
 fn resident_weights_are_uploaded_once() {
-    let Some(g) = gpu(MetalOptions::default()) else {
+    let Some(g) = gpu(WgpuOptions::default()) else {
         return;
     };
     let w = Owned::random(DType::Q8_0, 64, 256, 1);
@@ -208,7 +208,7 @@ fn resident_weights_are_uploaded_once() {
 
 #[test]
 fn element_wise_kernels_match_cpu() {
-    let Some(g) = gpu(MetalOptions::default()) else {
+    let Some(g) = gpu(WgpuOptions::default()) else {
         return;
     };
     let cpu = exact_cpu();
@@ -248,7 +248,7 @@ fn element_wise_kernels_match_cpu() {
 
 #[test]
 fn attention_matches_cpu() {
-    let Some(g) = gpu(MetalOptions::default()) else {
+    let Some(g) = gpu(WgpuOptions::default()) else {
         return;
     };
     let cpu = exact_cpu();
@@ -277,7 +277,7 @@ fn attention_matches_cpu() {
 
 #[test]
 fn fused_mlp_matches_cpu() {
-    let Some(g) = gpu(MetalOptions::default()) else {
+    let Some(g) = gpu(WgpuOptions::default()) else {
         return;
     };
     let cpu = exact_cpu();

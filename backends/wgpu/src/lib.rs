@@ -1,0 +1,29 @@
+//! The GPU compute backend, through `wgpu`: Metal on macOS and iOS, Vulkan
+//! elsewhere (Mesa's lavapipe in CI).
+//!
+//! Activations stay in host memory between operations, as the
+//! [`Backend`] trait hands them over; each operation uploads its inputs,
+//! runs one or more kernels in one submission and reads the result back.
+//! Weights reach the GPU with at most one copy: resident weights (a
+//! [`WeightView::id`]) are uploaded once and kept, up to a budget; streamed
+//! experts are copied once, straight from their slot into a buffer mapped
+//! at creation, which on unified-memory adapters (Apple GPUs, lavapipe) is
+//! the memory the kernel reads. A matrix larger than the adapter's largest
+//! storage binding is split by rows, and a batch whose activations would
+//! be is split by tokens.
+//!
+//! The kernels (module `wgsl`) decode every weight type the CPU backend
+//! supports in units of 32 values, mirroring `sluice_core::quant`
+//! exactly; results differ from the CPU's only in the order of the sums.
+
+//!
+//! Built without its default `wgpu` feature the crate is empty, so that
+//! `cargo check --workspace --no-default-features` needs no GPU stack.
+
+#[cfg(feature = "wgpu")]
+mod backend;
+#[cfg(feature = "wgpu")]
+mod wgsl;
+
+#[cfg(feature = "wgpu")]
+pub use backend::*;
