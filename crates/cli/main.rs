@@ -381,7 +381,31 @@ fn main() {
         Cmd::Sim(a) => sim::sim(a),
     };
     if let Err(e) = r {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", words(&e));
         std::process::exit(1);
+    }
+}
+
+/// The error for the user: library errors that name no flag are worded
+/// with the flags that set what they are about.
+fn words(e: &anyhow::Error) -> String {
+    let budget = e
+        .chain()
+        .find_map(|c| match c.downcast_ref::<sluice_core::Error>() {
+            Some(sluice_core::Error::Budget { needed, cap, parts }) => Some((*needed, *cap, parts)),
+            _ => None,
+        });
+    match budget {
+        Some((needed, cap, parts)) => format!(
+            "--ram-cap {} is too small for this model: {parts} need at least {} (raise --ram-cap{})",
+            sluice_core::fmt_size(cap),
+            sluice_core::fmt_size(needed),
+            if parts.contains("expert slots") {
+                " or lower --cache-slots"
+            } else {
+                ""
+            }
+        ),
+        None => format!("{e:#}"),
     }
 }

@@ -8,6 +8,7 @@ use sluice_io::IoKind;
 use sluice_sim::routing::{Routes, StatRoutes, TraceRoutes};
 use sluice_sim::sweep::{self, Sweep, Var};
 use sluice_sim::{simulate, Profile, Residency, SimModel, SimOptions, SimReport};
+use sluice_stream::Prefetch;
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -147,23 +148,23 @@ fn options_of(a: &SimArgs) -> Result<SimOptions> {
         Residency::Slots
     };
     let trace = a.trace.is_some() || s.replay.is_some();
-    let prefetch = match (s.prefetch.as_str(), residency) {
-        ("auto", Residency::PageCache) => "none".to_string(),
-        ("auto", _) if a.hit_rate.is_some() => "none".to_string(),
-        ("auto", _) if trace => "token".to_string(),
-        ("auto", _) => "xlayer".to_string(),
-        ("oracle", _) if !trace => {
+    let prefetch = match (s.prefetch.0, residency) {
+        (None, Residency::PageCache) => Prefetch::None,
+        (None, _) if a.hit_rate.is_some() => Prefetch::None,
+        (None, _) if trace => Prefetch::Token,
+        (None, _) => Prefetch::Xlayer,
+        (Some(Prefetch::Oracle), _) if !trace => {
             bail!("--prefetch oracle needs a --trace to know the future from")
         }
-        (p, _) => p.to_string(),
+        (Some(p), _) => p,
     };
-    let prefetch_depth = crate::stream_args::prefetch_depth(&prefetch, s.prefetch_depth);
+    let prefetch_depth = crate::stream_args::prefetch_depth(prefetch, s.prefetch_depth);
     Ok(SimOptions {
         ram_cap: s.ram_cap,
         residency,
         fixed_hit_rate: a.hit_rate,
         slots: s.cache_slots,
-        policy: s.cache_policy.clone(),
+        policy: s.cache_policy,
         prefetch,
         prefetch_k: s.prefetch_k,
         prefetch_depth,
@@ -272,7 +273,7 @@ fn report_json(
     r: &SimReport,
     notes: &[String],
 ) -> serde_json::Value {
-    let prefetch = o.prefetch != "none";
+    let prefetch = o.prefetch != Prefetch::None;
     let mut j = r.cold.json(prefetch);
     let bpt = r.cold.bytes_read as f64 / r.cold.tokens.max(1) as f64;
     let b = &r.budget;
@@ -285,8 +286,8 @@ fn report_json(
         "top_k": m.top_k,
         "experts_k_override": a.experts_k,
         "residency": match o.residency { Residency::Slots => "slots", Residency::PageCache => "page-cache" },
-        "cache_policy": o.policy,
-        "prefetch": o.prefetch,
+        "cache_policy": o.policy.name(),
+        "prefetch": o.prefetch.name(),
         "ram_cap_bytes": b.cap,
         "expert_record_bytes": m.record_bytes,
         "dense_bytes": m.dense_bytes,
@@ -326,7 +327,7 @@ fn run_sweep(a: &SimArgs, p: &Profile, m: &SimModel, o: &SimOptions, sw: &Sweep)
                 }
             }
             // A cap too small for the model is a hole in the curve.
-            Err(sluice_core::Error::Invalid(_)) if sw.var == Var::Ram => sweep::Point {
+            Err(sluice_core::Error::Budget { .. }) if sw.var == Var::Ram => sweep::Point {
                 x: sw.x(v),
                 tok_per_s: None,
                 hit_rate: None,

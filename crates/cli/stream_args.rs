@@ -7,11 +7,12 @@ use sluice_backend_cpu::{Activations, CpuBackend, CpuOptions};
 use sluice_backend_sim::{DeviceClock, PacedEngine, SimBackend};
 #[cfg(feature = "gpu")]
 use sluice_backend_wgpu::{WgpuBackend, WgpuOptions};
+use sluice_core::parse_size;
 use sluice_core::Backend;
-use sluice_engine::stream::{parse_size, EngineWrap, StreamOptions, Streamer};
 use sluice_engine::{Model, Session};
 use sluice_format::ModelFiles;
 use sluice_io::{EngineOptions, IoKind};
+use sluice_stream::{CachePolicy, EngineWrap, Prefetch, StreamOptions, Streamer};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -147,8 +148,8 @@ pub struct StreamArgs {
     pub cache_slots: Option<usize>,
     /// Expert cache eviction: lru, lfu (decayed counts) or router (recency
     /// weighted by router probabilities).
-    #[arg(long, default_value = "lru")]
-    pub cache_policy: String,
+    #[arg(long, default_value = "lru", value_parser = parse_policy)]
+    pub cache_policy: CachePolicy,
     /// Prefetch the next layer's experts while this one computes, predicted
     /// by: none, gate (the next layer's router applied to this layer's
     /// hidden state), xlayer (co-occurrence with the previous layer's
@@ -157,8 +158,8 @@ pub struct StreamArgs {
     /// --replay trace's actual choice: an upper bound); auto: gate, or
     /// token under --replay (whose routes the model's router does not
     /// make).
-    #[arg(long, default_value = "auto")]
-    pub prefetch: String,
+    #[arg(long, default_value = "auto", value_parser = parse_prefetch)]
+    pub prefetch: PrefetchArg,
     /// Experts a predictor ranks per layer (default: the model's top-k);
     /// the drive's spare time decides how many of them are read.
     #[arg(long, default_value_t = 0)]
@@ -186,6 +187,39 @@ pub struct StreamArgs {
 
 fn parse_cap(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
+}
+
+/// `--cache-policy`: the names of [`CachePolicy::ALL`].
+fn parse_policy(s: &str) -> Result<CachePolicy, String> {
+    CachePolicy::ALL
+        .into_iter()
+        .find(|p| p.name() == s)
+        .ok_or_else(|| {
+            let known: Vec<&str> = CachePolicy::ALL.iter().map(|p| p.name()).collect();
+            format!("unknown cache policy {s:?} (known: {})", known.join(", "))
+        })
+}
+
+/// `--prefetch`: a predictor, or `None` for `auto` (chosen per command).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefetchArg(pub Option<Prefetch>);
+
+/// `--prefetch`: a predictor's name, or `auto`.
+fn parse_prefetch(s: &str) -> Result<PrefetchArg, String> {
+    if s == "auto" {
+        return Ok(PrefetchArg(None));
+    }
+    Prefetch::ALL
+        .into_iter()
+        .find(|p| p.name() == s)
+        .map(|p| PrefetchArg(Some(p)))
+        .ok_or_else(|| {
+            let known: Vec<&str> = Prefetch::ALL.iter().map(|p| p.name()).collect();
+            format!(
+                "unknown predictor {s:?} (known: auto, {})",
+                known.join(", ")
+            )
+        })
 }
 
 fn parse_io(s: &str) -> Result<IoKind, String> {
@@ -280,7 +314,7 @@ pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
         None
     };
     let s = &stream;
-    if s.prefetch == "oracle" && s.replay.is_none() {
+    if s.prefetch.0 == Some(Prefetch::Oracle) && s.replay.is_none() {
         anyhow::bail!("--prefetch oracle needs a --replay trace to know the future from");
     }
     let trace = match &s.replay {
@@ -362,10 +396,10 @@ pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
     let threads = m
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let prefetch: String = match (s.prefetch.as_str(), &s.replay) {
-        ("auto", Some(_)) => "token".into(),
-        ("auto", None) => "gate".into(),
-        (p, _) => p.into(),
+    let prefetch = match (s.prefetch.0, &s.replay) {
+        (None, Some(_)) => Prefetch::Token,
+        (None, None) => Prefetch::Gate,
+        (Some(p), _) => p,
     };
     let opts = StreamOptions {
         io: EngineOptions {
@@ -377,15 +411,15 @@ pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
         },
         ram_cap: s.ram_cap,
         slots: s.cache_slots,
-        policy: s.cache_policy.clone(),
+        policy: s.cache_policy,
         verify: s.verify,
         ctx,
         batch,
         threads,
         read_chunk: s.read_chunk as usize,
-        prefetch: prefetch.clone(),
+        prefetch,
         prefetch_k: s.prefetch_k,
-        prefetch_depth: prefetch_depth(&prefetch, s.prefetch_depth),
+        prefetch_depth: prefetch_depth(prefetch, s.prefetch_depth),
         dense: true,
         device_copies,
         engine_wrap: clock.clone().map(|c| {
@@ -397,15 +431,15 @@ pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
     let mut streamer = Streamer::open(&mut model, &opts)?;
     notes.extend(streamer.notes().iter().cloned());
     if !seeds.is_empty() {
-        if matches!(streamer.predictor_name(), None | Some("gate" | "oracle")) {
+        let Some(p) = streamer.predictor_mut() else {
             anyhow::bail!(
                 "--prefetch-seed teaches a learning predictor (xlayer, history, token); --prefetch {} learns nothing",
-                opts.prefetch
+                opts.prefetch.name()
             );
-        }
+        };
         let mut steps = 0;
         for t in &seeds {
-            streamer.seed_predictor(&sluice_engine::forward::Replay::new(t, &model.config));
+            sluice_engine::forward::Replay::new(t, &model.config).teach(p);
             steps += t.steps.len();
         }
         notes.push(format!(
@@ -482,11 +516,10 @@ fn open_gpu(m: &ModelArgs, _: &mut Vec<String>, _: &mut u64) -> Result<Option<Cp
 
 /// `--prefetch-depth` for predictor `prefetch`: as given, or where 0, the
 /// depth that measured best (token: 2, docs/BENCHMARKS.md; else 1).
-pub fn prefetch_depth(prefetch: &str, given: usize) -> usize {
-    match (given, prefetch) {
-        (0, "token") => 2,
-        (0, _) => 1,
-        (d, _) => d,
+pub fn prefetch_depth(prefetch: Prefetch, given: usize) -> usize {
+    match given {
+        0 => prefetch.default_depth(),
+        d => d,
     }
 }
 

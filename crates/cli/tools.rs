@@ -3,8 +3,8 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use sluice_core::DType;
+use sluice_core::{fmt_size, parse_size};
 use sluice_engine::pack::{pack as pack_model, PackOptions, PackSummary};
-use sluice_engine::stream::{fmt_size, parse_size};
 use sluice_engine::synth::{self, SynthOptions};
 use sluice_engine::{Model, Tokenizer};
 use sluice_io::{EngineOptions, IoKind};

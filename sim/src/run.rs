@@ -8,12 +8,11 @@ use crate::geometry::{Mixer, SimModel};
 use crate::profile::Profile;
 use crate::routing::{FixedHits, Routes};
 use serde_json::{json, Value};
-use sluice_cache::{
-    policy_by_name, predictor_by_name, Acquire, Admit, DemandClock, ExpertKey, Predictor,
-    Prefetcher, SlotCache,
-};
+use sluice_cache::{CachePolicy, ExpertKey, Predictor, Prefetch, SlotCache};
 use sluice_core::{Error, Result};
-use sluice_engine::stream::{scratch_bytes, Budget, PrefetchStats};
+use sluice_io::Pace;
+use sluice_stream::budget::{self, Demand};
+use sluice_stream::{scratch_bytes, Budget, Drive, Pipeline, PrefetchStats};
 use std::collections::HashMap;
 
 /// How expert bytes reach compute.
@@ -38,10 +37,11 @@ pub struct SimOptions {
     pub fixed_hit_rate: Option<f64>,
     /// Exactly this many expert slots.
     pub slots: Option<usize>,
-    /// Cache policy (`lru`, `lfu`, `router`).
-    pub policy: String,
-    /// Predictor: `none`, `xlayer`, `history`, `token`, `oracle`.
-    pub prefetch: String,
+    /// Cache policy.
+    pub policy: CachePolicy,
+    /// Predictor (none, xlayer, history, token or oracle; gating needs
+    /// hidden states a simulation has not got).
+    pub prefetch: Prefetch,
     /// Experts prefetched per layer (0: top-k).
     pub prefetch_k: usize,
     /// MoE layers ahead the oracle and predictors that need no layer above
@@ -71,8 +71,8 @@ impl Default for SimOptions {
             residency: Residency::Slots,
             fixed_hit_rate: None,
             slots: None,
-            policy: "lru".into(),
-            prefetch: "none".into(),
+            policy: CachePolicy::Lru,
+            prefetch: Prefetch::None,
             prefetch_k: 0,
             prefetch_depth: 1,
             prefetch_seed: Vec::new(),
@@ -193,36 +193,109 @@ pub struct SimReport {
     pub notes: Vec<String>,
 }
 
+/// The simulator's drive: the device's flash queue on its clock. Reads
+/// complete at known times, so a slot is ready the moment it is issued,
+/// with the time its bytes are in.
+struct SimDrive {
+    flash: FlashQueue,
+    /// Device time at which each slot's bytes are in.
+    ready_at: Vec<f64>,
+    /// The device clock.
+    t: f64,
+    record_bytes: u64,
+    /// Read size of demand reads (0: whole records).
+    read_chunk: u64,
+    /// Device seconds one expert's read occupies the drive.
+    read_s: f64,
+}
+
+impl SimDrive {
+    /// Issues the reads of one record at the current time; returns when
+    /// its last byte is in.
+    fn read_record(&mut self, chunked: bool) -> f64 {
+        let total = self.record_bytes;
+        let chunk = if chunked && self.read_chunk > 0 {
+            self.read_chunk
+        } else {
+            total
+        };
+        let mut done = self.t;
+        let mut at = 0;
+        while at < total {
+            let n = chunk.min(total - at);
+            done = done.max(self.flash.read(self.t, n));
+            at += n;
+        }
+        done
+    }
+}
+
+impl Drive for SimDrive {
+    fn load(&mut self, cache: &mut SlotCache, slot: usize, _: ExpertKey, demand: bool) -> u64 {
+        self.ready_at[slot] = self.read_record(demand);
+        cache.mark_ready(slot);
+        self.record_bytes
+    }
+
+    fn submit(&mut self, _: &mut SlotCache) -> Result<()> {
+        Ok(())
+    }
+
+    fn loading(&self, _: &SlotCache, slot: usize) -> bool {
+        self.ready_at[slot] > self.t
+    }
+
+    fn pace(&self) -> Pace {
+        Pace {
+            now_s: self.t,
+            drained_s: self.flash.free_at(),
+            bytes_per_s: self.flash.bytes_per_s(),
+            latency_s: 0.0,
+        }
+    }
+
+    /// The queue itself knows: every read is on it the moment it is issued.
+    fn free_at(&self, _: &Pace, _: u64) -> f64 {
+        self.flash.free_at().max(self.t)
+    }
+
+    fn read_s(&self, _: &Pace) -> f64 {
+        self.read_s
+    }
+
+    fn wave_ready(&self, _: &SlotCache, wave: &[usize]) -> (f64, f64) {
+        let ready = wave.iter().fold(self.t, |r, &s| r.max(self.ready_at[s]));
+        (self.t, ready)
+    }
+
+    fn all_ready(&mut self, _: &mut SlotCache, wave: &[usize]) -> Result<bool> {
+        Ok(wave.iter().all(|&s| self.ready_at[s] <= self.t))
+    }
+}
+
 /// The simulator's state.
 struct Sim<'a> {
     m: &'a SimModel,
     o: &'a SimOptions,
     costs: Costs,
-    flash: FlashQueue,
-    cache: SlotCache,
-    /// Device time at which each slot's bytes are in.
-    ready_at: Vec<f64>,
+    io: SimDrive,
+    /// The engine's cache, prefetch bookkeeping, admission and clock of
+    /// demands.
+    pipe: Pipeline,
     fixed: Option<FixedHits>,
     predictor: Option<Box<dyn Predictor>>,
     oracle: bool,
     prefetch_k: usize,
-    /// The engine's prefetch bookkeeping and admission.
-    pf: Prefetcher,
     /// Step of the last demand.
     step: u64,
     memo: HashMap<(usize, usize), Vec<usize>>,
     moe_layers: Vec<usize>,
-    t: f64,
-    /// When the next layer's demand is expected (the engine's, from the
-    /// same measurements on the device clock).
-    clock: DemandClock,
-    /// Device seconds one expert's read occupies the drive.
-    read_s: f64,
     /// Whether the layer being run is a single token's.
     single: bool,
 }
 
-/// Plans the RAM budget the engine would plan on this device.
+/// Plans the RAM budget the engine would plan on this device (the
+/// streaming core's own planner).
 pub fn plan(m: &SimModel, p: &Profile, o: &SimOptions) -> Result<Budget> {
     let cap = o.ram_cap.unwrap_or_else(|| p.app_bytes());
     let ctx = o.prompt_tokens + o.tokens + 1;
@@ -234,7 +307,7 @@ pub fn plan(m: &SimModel, p: &Profile, o: &SimOptions) -> Result<Budget> {
         ctx,
         o.threads.max(1),
     );
-    let mut b = Budget {
+    let b = Budget {
         cap,
         baseline: (p.memory.process_mb.value * 1e6) as u64,
         margin: Budget::margin_for(cap),
@@ -242,33 +315,23 @@ pub fn plan(m: &SimModel, p: &Profile, o: &SimOptions) -> Result<Budget> {
         kv,
         scratch,
         device: 0,
-        slot: m.record_bytes,
+        slot: m.record_bytes.max(1),
         slots: 0,
         experts_total: m.experts_total(),
     };
-    let fixed = b.planned();
-    let fit =
-        (cap.saturating_sub(fixed) / m.record_bytes.max(1)).min(b.experts_total as u64) as usize;
-    b.slots = match o.slots {
-        Some(s) if s > fit => {
-            return Err(Error::Invalid(format!(
-                "{s} expert slots do not fit: {}",
-                Budget { slots: s, ..b.clone() }.describe()
-            )))
-        }
-        Some(0) => return Err(Error::Invalid("--cache-slots must be at least 1".into())),
-        Some(s) => s,
-        None if fit < m.top_k && o.fixed_hit_rate.is_none() => {
-            return Err(Error::Invalid(format!(
-                "a RAM cap of {:.2} GB is too small for {} on this device: {} leaves room for {fit} experts, one layer needs {}",
-                cap as f64 / 1e9,
-                m.name,
-                b.describe(),
+    let mut b = budget::plan(
+        b,
+        Demand {
+            slots: o.slots,
+            min_slots: if o.fixed_hit_rate.is_some() {
+                0
+            } else {
                 m.top_k
-            )))
-        }
-        None => fit,
-    };
+            },
+            available: None,
+        },
+    )?;
+    b.slot = m.record_bytes;
     Ok(b)
 }
 
@@ -288,42 +351,26 @@ pub fn simulate(
         p.flash.latency_us.value * 1e-6,
         engine_qd.min(dev_qd),
     );
-    let (mut predictor, oracle) = match o.prefetch.as_str() {
-        "none" => (None, false),
-        "oracle" => (None, true),
-        "gate" | "auto" => {
-            return Err(Error::Invalid(format!(
-                "--prefetch {} needs the model's hidden states, which a simulation has not got; use none, xlayer, history, token or oracle",
-                o.prefetch
-            )))
+    let (mut predictor, oracle) = match o.prefetch {
+        Prefetch::None => (None, false),
+        Prefetch::Oracle => (None, true),
+        Prefetch::Gate => {
+            return Err(Error::Invalid(
+                "--prefetch gate needs the model's hidden states, which a simulation has not got; use none, xlayer, history, token or oracle".into(),
+            ))
         }
-        name => (
-            Some(predictor_by_name(name, m.layers.len(), m.experts).ok_or_else(|| {
-                Error::Invalid(format!(
-                    "unknown predictor {name:?} (the simulator knows none, oracle, {})",
-                    sluice_cache::PREDICTOR_NAMES.join(", ")
-                ))
-            })?),
-            false,
-        ),
+        p => (p.learner(m.layers.len(), m.experts), false),
     };
     let policy = match o.residency {
         // The kernel's page cache: approximately LRU.
-        Residency::PageCache => "lru",
-        Residency::Slots => o.policy.as_str(),
+        Residency::PageCache => CachePolicy::Lru,
+        Residency::Slots => o.policy,
     };
-    let policy = policy_by_name(policy).ok_or_else(|| {
-        Error::Invalid(format!(
-            "unknown cache policy {:?} (known: {})",
-            o.policy,
-            sluice_cache::POLICY_NAMES.join(", ")
-        ))
-    })?;
     if !o.prefetch_seed.is_empty() {
         let Some(pr) = &mut predictor else {
             return Err(Error::Invalid(format!(
                 "--prefetch-seed teaches a learning predictor (xlayer, history, token); --prefetch {} learns nothing",
-                o.prefetch
+                o.prefetch.name()
             )));
         };
         for t in &o.prefetch_seed {
@@ -352,7 +399,7 @@ pub fn simulate(
             100.0 * budget.slots as f64 / budget.experts_total.max(1) as f64,
             budget.experts_total,
             match o.residency {
-                Residency::Slots => format!("policy {}", o.policy),
+                Residency::Slots => format!("policy {}", o.policy.name()),
                 Residency::PageCache => "the OS page cache (LRU), each use copied out of it".into(),
             }
         ));
@@ -362,28 +409,29 @@ pub fn simulate(
     } else {
         o.prefetch_k
     };
-    let mut cache = SlotCache::new(budget.slots.max(1), policy);
-    let pf = Prefetcher::new(&mut cache, prefetch_k, o.prefetch_depth);
+    let cache = SlotCache::new(budget.slots.max(1), policy.build());
     let mut sim = Sim {
         m,
         o,
         costs: Costs::new(p),
-        flash,
-        cache,
-        ready_at: vec![0.0; budget.slots.max(1)],
+        io: SimDrive {
+            flash,
+            ready_at: vec![0.0; budget.slots.max(1)],
+            t: 0.0,
+            record_bytes: m.record_bytes,
+            read_chunk: o.read_chunk,
+            read_s: m.record_bytes as f64 / (p.flash.read_gbps.value * 1e9)
+                + p.flash.latency_us.value * 1e-6,
+        },
+        pipe: Pipeline::new(cache, m.top_k, prefetch_k, o.prefetch_depth),
         fixed: o.fixed_hit_rate.map(|r| FixedHits::new(r, 7)),
         predictor,
         oracle,
         prefetch_k,
-        pf,
         step: 0,
-        clock: DemandClock::default(),
-        read_s: m.record_bytes as f64 / (p.flash.read_gbps.value * 1e9)
-            + p.flash.latency_us.value * 1e-6,
         single: false,
         memo: HashMap::new(),
         moe_layers: (0..m.layers.len()).filter(|&l| m.layers[l].moe).collect(),
-        t: 0.0,
     };
     let cold = sim.pass(routes)?;
     let warm = if o.warm {
@@ -410,37 +458,18 @@ impl Sim<'_> {
             .clone()
     }
 
-    /// Issues the reads of one record at the current time; returns when
-    /// its last byte is in.
-    fn read_record(&mut self, chunked: bool) -> f64 {
-        let total = self.m.record_bytes;
-        let chunk = if chunked && self.o.read_chunk > 0 {
-            self.o.read_chunk
-        } else {
-            total
-        };
-        let mut done = self.t;
-        let mut at = 0;
-        while at < total {
-            let n = chunk.min(total - at);
-            done = done.max(self.flash.read(self.t, n));
-            at += n;
-        }
-        done
-    }
-
     fn pass(&mut self, routes: &mut dyn Routes) -> Result<PassReport> {
         let m = self.m;
         let mut r = PassReport {
             layers: vec![LayerTimes::default(); m.layers.len()],
             ..Default::default()
         };
-        self.pf.clear(&mut self.cache);
-        self.clock.interrupt();
+        self.pipe.pf.clear(&mut self.pipe.cache);
+        self.pipe.demands.interrupt();
         // Prefill: the prompt as one batch.
         let n = self.o.prompt_tokens.max(1);
-        let t0 = self.t;
-        let bytes0 = self.flash.bytes();
+        let t0 = self.io.t;
+        let bytes0 = self.io.flash.bytes();
         let mut distinct = 0u64;
         let mut scratch = PassReport {
             layers: vec![LayerTimes::default(); m.layers.len()],
@@ -461,7 +490,7 @@ impl Sim<'_> {
             }
             self.layer(l, 0, n, &uses, &mut scratch, None)?;
         }
-        self.t += self
+        self.io.t += self
             .costs
             .matmul_s(&m.head.quant, m.head.bytes, m.head.rows, m.head.cols, 1);
         // The predictor learns the prompt token by token, as the engine's
@@ -485,15 +514,15 @@ impl Sim<'_> {
                 }
             }
         }
-        self.clock.interrupt();
-        r.ttft_s = self.t - t0;
-        r.prefill_bytes_read = self.flash.bytes() - bytes0;
+        self.pipe.demands.interrupt();
+        r.ttft_s = self.io.t - t0;
+        r.prefill_bytes_read = self.io.flash.bytes() - bytes0;
         r.prefill_distinct_expert_bytes = distinct;
         // Decode.
-        let t1 = self.t;
-        let bytes1 = self.flash.bytes();
-        let busy1 = self.flash.busy_s();
-        let pf1 = self.pf.stats;
+        let t1 = self.io.t;
+        let bytes1 = self.io.flash.bytes();
+        let busy1 = self.io.flash.busy_s();
+        let pf1 = self.pipe.pf.stats;
         for pos in n..n + self.o.tokens {
             self.begin_token(routes.token(pos));
             for l in 0..m.layers.len() {
@@ -510,15 +539,15 @@ impl Sim<'_> {
                 }
                 self.layer(l, pos, 1, &uses, &mut r, Some(&mut *routes))?;
             }
-            self.t += self
-                .costs
-                .matmul_s(&m.head.quant, m.head.bytes, m.head.rows, m.head.cols, 1);
+            self.io.t +=
+                self.costs
+                    .matmul_s(&m.head.quant, m.head.bytes, m.head.rows, m.head.cols, 1);
         }
         r.tokens = self.o.tokens;
-        r.decode_s = self.t - t1;
-        r.bytes_read = self.flash.bytes() - bytes1;
-        r.flash_busy_s = self.flash.busy_s() - busy1;
-        r.pf = self.pf.stats.since(&pf1);
+        r.decode_s = self.io.t - t1;
+        r.bytes_read = self.io.flash.bytes() - bytes1;
+        r.flash_busy_s = self.io.flash.busy_s() - busy1;
+        r.pf = self.pipe.pf.stats.since(&pf1);
         r.hits = r.layers.iter().map(|x| x.hits).sum();
         r.misses = r.layers.iter().map(|x| x.misses).sum();
         r.stall_s = r.layers.iter().map(|x| x.stall_s).sum();
@@ -535,7 +564,7 @@ impl Sim<'_> {
             for &l in self.moe_layers.iter().take(depth) {
                 let mut pred = Vec::new();
                 p.predict_scored(l, self.prefetch_k, &mut pred);
-                self.pf.predict(l, &pred);
+                self.pipe.pf.predict(l, &pred);
             }
         }
     }
@@ -557,7 +586,7 @@ impl Sim<'_> {
                     .map(|e| e as u32)
                     .collect();
                 let ranked: Vec<(u32, f32)> = e.into_iter().map(|e| (e, 1.0)).collect();
-                self.pf.predict(nl, &ranked);
+                self.pipe.pf.predict(nl, &ranked);
             }
             return;
         }
@@ -572,7 +601,7 @@ impl Sim<'_> {
         for &nl in self.moe_layers.iter().skip(i + 1).take(depth) {
             let mut pred = Vec::new();
             p.predict_scored(nl, self.prefetch_k, &mut pred);
-            self.pf.predict(nl, &pred);
+            self.pipe.pf.predict(nl, &pred);
         }
     }
 
@@ -613,7 +642,7 @@ impl Sim<'_> {
             if part > 0 {
                 self.tick();
             }
-            self.t += compute / 3.0;
+            self.io.t += compute / 3.0;
         }
         r.layers[l].compute_s += compute;
         if uses.is_empty() {
@@ -627,11 +656,11 @@ impl Sim<'_> {
         self.single = n == 1;
         let mut i = 0;
         while i < uses.len() {
-            let (took, ready, hits, misses) = self.load_wave(l, &uses[i..], step, i == 0)?;
+            let (took, ready, hits, misses) = self.load_wave(l, uses, i, step)?;
             r.layers[l].hits += hits;
             r.layers[l].misses += misses;
-            let stall = (ready - self.t).max(0.0);
-            self.t += stall;
+            let stall = (ready - self.io.t).max(0.0);
+            self.io.t += stall;
             r.layers[l].stall_s += stall;
             let mut ec = 0.0;
             for &(_, toks) in &uses[i..i + took] {
@@ -644,7 +673,7 @@ impl Sim<'_> {
                 if self.o.residency == Residency::PageCache {
                     one += self.costs.copy_s(self.m.record_bytes);
                 }
-                self.t += one;
+                self.io.t += one;
                 ec += one;
                 // The engine ticks between experts.
                 self.tick();
@@ -656,131 +685,51 @@ impl Sim<'_> {
     }
 
     /// Acquires the longest run of `uses` the slots allow (residents
-    /// first), reads the misses, issues pending prefetches behind them;
-    /// returns (taken, time all are in, hits, misses).
+    /// first), reads the misses, issues pending prefetches behind them
+    /// (the shared pipeline's wave); returns (taken, time all are in,
+    /// hits, misses). The wave's pins go at once: a simulated expert's
+    /// compute cannot be interrupted by a prefetch taking its slot.
     fn load_wave(
         &mut self,
         l: usize,
         uses: &[(usize, usize)],
+        from: usize,
         step: u64,
-        first: bool,
     ) -> Result<(usize, f64, u64, u64)> {
         if let Some(f) = &mut self.fixed {
             let (mut hits, mut misses) = (0, 0);
-            let hit: Vec<bool> = uses.iter().map(|_| f.hit()).collect();
-            let mut ready = self.t;
+            let hit: Vec<bool> = uses[from..].iter().map(|_| f.hit()).collect();
+            let mut ready = self.io.t;
             for h in hit {
                 if h {
                     hits += 1;
                 } else {
                     misses += 1;
-                    ready = ready.max(self.read_record(true));
+                    ready = ready.max(self.io.read_record(true));
                 }
             }
-            return Ok((uses.len(), ready, hits, misses));
+            return Ok((uses.len() - from, ready, hits, misses));
         }
-        let keys: Vec<(ExpertKey, f32)> = uses
-            .iter()
-            .map(|&(e, _)| (ExpertKey::new(l, e), 1.0))
-            .collect();
-        let predicted = first && self.pf.has_prediction(l);
-        if first {
-            self.settle_prefetch(l, uses);
-        }
-        let got = self.cache.acquire_step(&keys, step);
-        let end = got
-            .iter()
-            .position(|a| *a == Acquire::Full)
-            .unwrap_or(got.len());
-        let (mut hits, mut misses) = (0, 0);
+        let want: Vec<(usize, f32)> = uses.iter().map(|&(e, _)| (e, 1.0)).collect();
         let mut wave = Vec::new();
-        let mut ready = self.t;
-        for (o, a) in got.iter().enumerate() {
-            match *a {
-                Acquire::Hit(s) if o >= end => self.cache.release(s),
-                Acquire::Hit(s) => {
-                    hits += 1;
-                    ready = ready.max(self.ready_at[s]);
-                    wave.push(s);
-                }
-                Acquire::Miss(s) => {
-                    misses += 1;
-                    let done = self.read_record(true);
-                    self.ready_at[s] = done;
-                    self.cache.mark_ready(s);
-                    ready = ready.max(done);
-                    wave.push(s);
-                }
-                Acquire::Full => {}
-            }
+        let taken = self
+            .pipe
+            .load_wave(&mut self.io, l, &want, from, step, self.single, &mut wave);
+        let slots: Vec<usize> = wave.iter().map(|w| w.1).collect();
+        let (_, ready) = self.io.wave_ready(&self.pipe.cache, &slots);
+        for s in slots {
+            self.pipe.cache.release(s);
         }
-        if wave.is_empty() {
-            return Err(Error::Invalid(format!(
-                "no expert slot can be freed in layer {l}: {} slots, all in use",
-                self.cache.capacity()
-            )));
-        }
-        if predicted && misses == 0 && end == uses.len() && ready <= self.t {
-            self.pf.stats.all_ready += 1;
-        }
-        if first && self.single {
-            self.clock.demand(self.t, ready);
-        }
-        self.top_up(step);
-        for s in wave {
-            self.cache.release(s);
-        }
-        Ok((end, ready, hits, misses))
-    }
-
-    /// Scores the prediction for `l` and lets go of its prefetch pins
-    /// (the engine's `settle_prefetch`).
-    fn settle_prefetch(&mut self, l: usize, uses: &[(usize, usize)]) {
-        let demanded: Vec<usize> = uses.iter().map(|u| u.0).collect();
-        let (t, ready) = (self.t, &self.ready_at);
-        self.pf
-            .settle(&mut self.cache, l, &demanded, |_, s| ready[s] > t);
+        let t = taken?;
+        Ok((t.n, ready, t.hits, t.misses))
     }
 
     /// The engine's tick: queued predictions go to the drive while
     /// admission allows.
     fn tick(&mut self) {
         if self.fixed.is_none() {
-            self.top_up(self.step);
-        }
-    }
-
-    /// Issues queued predictions, nearest layer first, as whole-record
-    /// reads while admission allows (priced against the next demand once
-    /// a gap is measured, the window before), pinned until their layer
-    /// runs (the engine's `top_up`).
-    fn top_up(&mut self, step: u64) {
-        loop {
-            let (t, ready) = (self.t, &self.ready_at);
-            let admit = match self.clock.next_demand() {
-                Some(d) => Admit::Timed {
-                    slack_s: d - self.flash.free_at().max(t),
-                    read_s: self.read_s,
-                },
-                None => Admit::Window,
-            };
-            let Some(key) = self
-                .pf
-                .next(&self.cache, self.m.top_k, admit, |_, s| ready[s] > t)
-            else {
-                break;
-            };
-            match self.cache.prefetch(key, step) {
-                Acquire::Hit(s) => self.pf.took(&mut self.cache, key, s, None),
-                Acquire::Miss(s) => {
-                    let done = self.read_record(false);
-                    self.ready_at[s] = done;
-                    self.cache.mark_ready(s);
-                    let bytes = self.m.record_bytes;
-                    self.pf.took(&mut self.cache, key, s, Some(bytes));
-                }
-                Acquire::Full => break,
-            }
+            // The simulated drive cannot fail.
+            let _ = self.pipe.top_up(&mut self.io, self.step, false);
         }
     }
 }
@@ -816,7 +765,7 @@ mod tests {
                 prompt_tokens: 2,
                 warm: false,
                 ram_cap: Some(1 << 30),
-                prefetch: ["none", "xlayer", "history"][pf].into(),
+                prefetch: [Prefetch::None, Prefetch::Xlayer, Prefetch::History][pf],
                 ..SimOptions::default()
             };
             p.set("flash.read_gbps", g1).unwrap();

@@ -43,7 +43,7 @@ impl Sweep {
         };
         let num = |x: &str| -> Result<f64> {
             match var {
-                Var::Ram => sluice_engine::stream::parse_size(x).map(|b| b as f64),
+                Var::Ram => sluice_core::parse_size(x).map(|b| b as f64),
                 Var::Flash => x.parse::<f64>().map_err(|_| err()),
             }
         };

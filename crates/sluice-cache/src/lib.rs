@@ -18,9 +18,10 @@ mod predict;
 
 pub use admit::{Admit, DemandClock, PrefetchQueue, PrefetchStats, Prefetcher};
 
-pub use policy::{policy_by_name, Lfu, Lru, Policy, RouterAware, POLICY_NAMES};
+pub use policy::{policy_by_name, CachePolicy, Lfu, Lru, Policy, RouterAware, POLICY_NAMES};
 pub use predict::{
-    predictor_by_name, Belady, CrossLayer, History, Predictor, TokenLayer, PREDICTOR_NAMES,
+    predictor_by_name, Belady, CrossLayer, History, Predictor, Prefetch, TokenLayer,
+    PREDICTOR_NAMES,
 };
 
 use std::collections::{HashMap, HashSet};

@@ -20,17 +20,50 @@ pub trait Policy: Send {
     fn victim(&mut self, evictable: &dyn Fn(ExpertKey) -> bool) -> Option<ExpertKey>;
 }
 
-/// Names accepted by [`policy_by_name`].
+/// The eviction policies sluice offers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum CachePolicy {
+    /// Least recently used.
+    #[default]
+    Lru,
+    /// Decayed use counts ([`Lfu`]).
+    Lfu,
+    /// Recency weighted by router probabilities ([`RouterAware`]).
+    Router,
+}
+
+impl CachePolicy {
+    /// Every policy, in the order reports list them.
+    pub const ALL: [CachePolicy; 3] = [CachePolicy::Lru, CachePolicy::Lfu, CachePolicy::Router];
+
+    /// The name used on command lines and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            CachePolicy::Lru => "lru",
+            CachePolicy::Lfu => "lfu",
+            CachePolicy::Router => "router",
+        }
+    }
+
+    /// A fresh policy of this kind.
+    pub fn build(self) -> Box<dyn Policy> {
+        match self {
+            CachePolicy::Lru => Box::new(Lru::new()),
+            CachePolicy::Lfu => Box::new(Lfu::new(64.0)),
+            CachePolicy::Router => Box::new(RouterAware::new(8.0)),
+        }
+    }
+}
+
+/// Names of [`CachePolicy::ALL`].
 pub const POLICY_NAMES: &[&str] = &["lru", "lfu", "router"];
 
 /// The policy called `name`, or `None`.
 pub fn policy_by_name(name: &str) -> Option<Box<dyn Policy>> {
-    Some(match name {
-        "lru" => Box::new(Lru::new()),
-        "lfu" => Box::new(Lfu::new(64.0)),
-        "router" => Box::new(RouterAware::new(8.0)),
-        _ => return None,
-    })
+    CachePolicy::ALL
+        .into_iter()
+        .find(|p| p.name() == name)
+        .map(CachePolicy::build)
 }
 
 /// Least recently used.

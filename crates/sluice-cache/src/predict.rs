@@ -39,19 +39,96 @@ pub trait Predictor: Send {
     fn predicts_ahead(&self) -> bool {
         false
     }
+    /// Whether the predictor can guess a token's first MoE layer before
+    /// its forward pass starts (default: [`predicts_ahead`](Self::predicts_ahead)).
+    /// Speculative gating cannot: it needs a layer's hidden state.
+    fn predicts_first(&self) -> bool {
+        self.predicts_ahead()
+    }
+    /// The input of `layer`'s MoE block for the current (single) token,
+    /// before its router runs: predictors that apply later routers to it
+    /// (speculative gating) keep it. Called before
+    /// [`observe`](Self::observe) of the same layer.
+    fn observe_input(&mut self, layer: usize, hidden: &[f32]) {
+        let _ = (layer, hidden);
+    }
 }
 
-/// Names accepted by [`predictor_by_name`].
+/// How the next layers' experts are predicted for prefetch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Prefetch {
+    /// No prefetch.
+    #[default]
+    None,
+    /// Speculative gating: the next layers' routers applied to this
+    /// layer's hidden state (the forward pass computes it).
+    Gate,
+    /// The replayed trace's actual choices: an upper bound.
+    Oracle,
+    /// Co-occurrence with the previous layer's choices ([`CrossLayer`]).
+    Xlayer,
+    /// Recent use at that layer ([`History`]).
+    History,
+    /// What the input token's id used there before ([`TokenLayer`]).
+    Token,
+}
+
+impl Prefetch {
+    /// Every predictor.
+    pub const ALL: [Prefetch; 6] = [
+        Prefetch::None,
+        Prefetch::Gate,
+        Prefetch::Oracle,
+        Prefetch::Xlayer,
+        Prefetch::History,
+        Prefetch::Token,
+    ];
+
+    /// The name used on command lines and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Prefetch::None => "none",
+            Prefetch::Gate => "gate",
+            Prefetch::Oracle => "oracle",
+            Prefetch::Xlayer => "xlayer",
+            Prefetch::History => "history",
+            Prefetch::Token => "token",
+        }
+    }
+
+    /// The learning predictor of this kind for a model of `layers` ×
+    /// `experts`; `None` for none, gate and oracle, whose predictions
+    /// come from outside the cache (the forward pass, the trace).
+    pub fn learner(self, layers: usize, experts: usize) -> Option<Box<dyn Predictor>> {
+        Some(match self {
+            Prefetch::Xlayer => Box::new(CrossLayer::new(layers, experts)),
+            Prefetch::History => Box::new(History::new(layers, experts, 16.0)),
+            Prefetch::Token => Box::new(TokenLayer::new(layers, experts)),
+            Prefetch::None | Prefetch::Gate | Prefetch::Oracle => return None,
+        })
+    }
+
+    /// The depth that measured best when none is given (token: 2, the
+    /// others 1; docs/BENCHMARKS.md).
+    pub fn default_depth(self) -> usize {
+        if self == Prefetch::Token {
+            2
+        } else {
+            1
+        }
+    }
+}
+
+/// Names of the learning predictors.
 pub const PREDICTOR_NAMES: &[&str] = &["xlayer", "history", "token"];
 
-/// The predictor called `name` for a model of `layers` × `experts`.
+/// The learning predictor called `name` for a model of `layers` ×
+/// `experts`.
 pub fn predictor_by_name(name: &str, layers: usize, experts: usize) -> Option<Box<dyn Predictor>> {
-    Some(match name {
-        "xlayer" => Box::new(CrossLayer::new(layers, experts)),
-        "history" => Box::new(History::new(layers, experts, 16.0)),
-        "token" => Box::new(TokenLayer::new(layers, experts)),
-        _ => return None,
-    })
+    Prefetch::ALL
+        .into_iter()
+        .find(|p| p.name() == name)?
+        .learner(layers, experts)
 }
 
 /// Tokens that chose an expert at one layer, and how many of them chose

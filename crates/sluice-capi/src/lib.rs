@@ -10,7 +10,7 @@
 // Every unsafe block and impl must say why it is sound.
 #![warn(clippy::undocumented_unsafe_blocks)]
 
-use sluice::{Expert, IoKind, Store, StoreOptions};
+use sluice::{Expert, IoKind, Prefetch, Store, StoreOptions};
 use std::cell::RefCell;
 use std::ffi::{c_char, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -233,10 +233,10 @@ pub unsafe extern "C" fn sluice_store_open(
             }
         };
         let prefetch = match o.prefetch {
-            0 => "xlayer",
-            1 => "none",
-            2 => "history",
-            3 => "token",
+            0 => Prefetch::Xlayer,
+            1 => Prefetch::None,
+            2 => Prefetch::History,
+            3 => Prefetch::Token,
             n => {
                 return Err((
                     SluiceStatus::SluiceErrInvalid,
@@ -245,7 +245,7 @@ pub unsafe extern "C" fn sluice_store_open(
             }
         };
         let so = StoreOptions {
-            prefetch: prefetch.into(),
+            prefetch,
             ram_cap: (o.ram_cap != 0).then_some(o.ram_cap),
             io,
             direct: o.direct != 0,

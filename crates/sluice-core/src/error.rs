@@ -34,6 +34,17 @@ pub enum Error {
     /// Bad input from the caller (tokens out of range, bad options).
     #[error("{0}")]
     Invalid(String),
+    /// A RAM cap that cannot hold what must be resident. Embedders see
+    /// this; the CLI words it with its own flag names.
+    #[error("a RAM cap of {} is too small: {parts} need at least {}", crate::size::fmt_size(*cap), crate::size::fmt_size(*needed))]
+    Budget {
+        /// Bytes the plan needs at least.
+        needed: u64,
+        /// The cap.
+        cap: u64,
+        /// Where the bytes go, in words (dense weights, KV cache, slots...).
+        parts: String,
+    },
 }
 
 /// Result with [`Error`].

@@ -7,13 +7,16 @@
 //!   implements; the forward pass is written against it only.
 //! * [`ops`]: the portable element-wise kernels that backends default to.
 //! * [`Error`]: the one error type of the library crates.
+//! * [`size`]: byte sizes as written on command lines and in messages.
 
 pub mod backend;
 pub mod dtype;
 pub mod error;
 pub mod ops;
 pub mod quant;
+pub mod size;
 
 pub use backend::{fresh_weight_id, AttnParams, Backend, WeightView};
 pub use dtype::{DType, HalfType, MlxQuant};
 pub use error::{Error, Result};
+pub use size::{fmt_size, parse_size};

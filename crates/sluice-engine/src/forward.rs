@@ -8,11 +8,12 @@
 //! in ascending expert order, the order transformers uses, so the output is
 //! independent of where the expert bytes came from.
 
+use crate::experts::{ExpertSource, Resident, Streamed};
 use crate::model::{Attention, DeltaNet, Ffn, Linear, MixerWeights, Mlp, Model, Moe};
 pub use crate::replay::Replay;
-use crate::stream::Streamer;
 use sluice_core::ops::{self, Rope};
 use sluice_core::{AttnParams, Backend, Error, Result, WeightView};
+use sluice_stream::Streamer;
 use std::sync::Arc;
 
 /// One routing decision, reported to a [`RouteObserver`].
@@ -41,8 +42,9 @@ pub struct Session {
     lin: Vec<LinState>,
     pos: usize,
     observer: Option<RouteObserver>,
-    streamer: Option<Streamer>,
-    replay: Option<Replay>,
+    /// Where the routed experts come from.
+    experts: Box<dyn ExpertSource>,
+    replay: Option<Arc<Replay>>,
 }
 
 impl Session {
@@ -58,13 +60,13 @@ impl Session {
             })
             .collect();
         Session {
-            model,
             backend,
             kv: vec![(Vec::new(), Vec::new()); n],
             lin,
             pos: 0,
             observer: None,
-            streamer: None,
+            experts: Box::new(Resident::new(model.clone())),
+            model,
             replay: None,
         }
     }
@@ -73,12 +75,15 @@ impl Session {
     /// router's (routing replay: a synthetic model with a real model's
     /// locality). The output then no longer follows the model's router.
     pub fn set_replay(&mut self, replay: Option<Replay>) {
-        self.replay = replay;
+        self.replay = replay.map(Arc::new);
+        if let Some(r) = &self.replay {
+            self.experts.set_replay(r);
+        }
     }
 
     /// The routing replay in use, if any.
     pub fn replay(&self) -> Option<&Replay> {
-        self.replay.as_ref()
+        self.replay.as_deref()
     }
 
     /// A sequence whose routed experts come from `streamer` (see
@@ -99,13 +104,13 @@ impl Session {
                 v.reserve_exact(ctx * kd);
             }
         }
-        s.streamer = Some(streamer);
+        s.experts = Box::new(Streamed::new(streamer, s.model.clone(), s.backend.clone()));
         s
     }
 
     /// The streamer, when experts are streamed.
     pub fn streamer(&self) -> Option<&Streamer> {
-        self.streamer.as_ref()
+        self.experts.streamer()
     }
 
     /// The compute backend.
@@ -163,9 +168,7 @@ impl Session {
                 c.vocab
             )));
         }
-        if let Some(st) = &mut self.streamer {
-            st.begin(tokens);
-        }
+        self.experts.begin(tokens);
         let h = c.hidden;
         let mut x = vec![0f32; n * h];
         for (t, row) in tokens.iter().zip(x.chunks_exact_mut(h)) {
@@ -207,12 +210,9 @@ impl Session {
         Ok(logits)
     }
 
-    /// Lets the streamer feed the drive between two computations.
+    /// Lets the expert source feed the drive between two computations.
     fn tick(&mut self) -> Result<()> {
-        match &mut self.streamer {
-            Some(st) => st.tick(),
-            None => Ok(()),
-        }
+        self.experts.tick()
     }
 
     fn linear(&self, l: &Linear, x: &[f32], n: usize) -> Result<Vec<f32>> {
@@ -437,75 +437,46 @@ impl Session {
                 assigned[e].push((t, wt));
             }
         }
-        if let Some(st) = &mut self.streamer {
-            let per_token: Vec<&[usize]> = chosen_all.chunks_exact(k).collect();
-            st.routed(li, &per_token);
-            // The next MoE layers within the prefetch depth.
-            let ahead: Vec<usize> = (li + 1..c.n_layers)
-                .filter(|&l| c.moe_layers[l])
-                .take(st.depth())
-                .collect();
-            if let (true, Some(r), 1) = (st.wants_oracle(), &self.replay, n) {
-                for &nl in &ahead {
-                    let t = std::time::Instant::now();
-                    let e: Vec<u32> = r.experts(self.pos, nl).iter().map(|&e| e as u32).collect();
-                    st.hint(nl, e, t.elapsed());
-                }
-            }
-            if let (Some(kp), 1) = (st.gate_k(), n) {
-                // Speculative gating: the next MoE layers' routers applied
-                // to this layer's hidden state.
-                for &nl in &ahead {
-                    let Ffn::Moe(nm) = &self.model.layers[nl].ffn else {
-                        continue;
-                    };
-                    let t = std::time::Instant::now();
-                    let mut g = vec![0f32; ne];
-                    self.backend.matmul(nm.router.view(), x, 1, &mut g)?;
-                    let mut order: Vec<usize> = (0..ne).collect();
-                    let kp = kp.clamp(1, ne);
-                    let by = |a: &usize, b: &usize| g[*b].total_cmp(&g[*a]).then(a.cmp(b));
-                    order.select_nth_unstable_by(kp - 1, by);
-                    order.truncate(kp);
-                    order.sort_unstable_by(by);
-                    st.hint(nl, order.iter().map(|&e| e as u32).collect(), t.elapsed());
-                }
-            }
-        }
+        let per_token: Vec<&[usize]> = chosen_all.chunks_exact(k).collect();
+        self.experts.routed(li, &per_token, x);
+        // Fetch → compute → combine, in ascending expert order whatever
+        // the source, so the sums are the same floating-point operations
+        // resident or streamed.
+        let wanted: Vec<(usize, f32)> = assigned
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| !t.is_empty())
+            .map(|(e, t)| (e, t.iter().fold(0f32, |a, &(_, w)| a.max(w))))
+            .collect();
+        let step = (self.pos + n - 1) as u64;
         let mut out = vec![0f32; n * h];
         let mut xe = Vec::new();
-        let backend = self.backend.clone();
-        let mut run = |e: usize, w: [WeightView<'_>; 3]| -> Result<()> {
-            let toks = &assigned[e];
-            xe.clear();
-            for &(t, _) in toks {
-                xe.extend_from_slice(&x[t * h..(t + 1) * h]);
-            }
-            let y = mlp(&*backend, w, &xe, toks.len())?;
-            for (&(t, wt), yr) in toks.iter().zip(y.chunks_exact(h)) {
-                for (o, v) in out[t * h..(t + 1) * h].iter_mut().zip(yr) {
-                    *o += v * wt;
+        let mut wave = Vec::new();
+        let mut i = 0;
+        while i < wanted.len() {
+            i += self.experts.fetch(li, &wanted, i, step, &mut wave)?;
+            for w in 0..wave.len() {
+                let (e, handle) = wave[w];
+                let toks = &assigned[e];
+                xe.clear();
+                for &(t, _) in toks {
+                    xe.extend_from_slice(&x[t * h..(t + 1) * h]);
                 }
-            }
-            Ok(())
-        };
-        if let Some(st) = &mut self.streamer {
-            // Ascending expert order, as in the resident branch below, so
-            // the sums are the same floating-point operations.
-            let wanted: Vec<(usize, f32)> = assigned
-                .iter()
-                .enumerate()
-                .filter(|(_, t)| !t.is_empty())
-                .map(|(e, t)| (e, t.iter().fold(0f32, |a, &(_, w)| a.max(w))))
-                .collect();
-            st.run_experts(li, &wanted, (self.pos + n - 1) as u64, &mut run)?;
-        } else {
-            for (e, toks) in assigned.iter().enumerate() {
-                if toks.is_empty() {
-                    continue;
+                let y = match mlp(
+                    &*self.backend,
+                    self.experts.expert(li, e, handle),
+                    &xe,
+                    toks.len(),
+                ) {
+                    Ok(y) => y,
+                    Err(err) => return self.experts.abort(&wave[w..], err).map(|_| Vec::new()),
+                };
+                for (&(t, wt), yr) in toks.iter().zip(y.chunks_exact(h)) {
+                    for (o, v) in out[t * h..(t + 1) * h].iter_mut().zip(yr) {
+                        *o += v * wt;
+                    }
                 }
-                let x = &m.experts[e];
-                run(e, [x.gate.view(), x.up.view(), x.down.view()])?;
+                self.experts.done(handle, &wave[w + 1..])?;
             }
         }
         if let Some(s) = &m.shared {

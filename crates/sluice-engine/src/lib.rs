@@ -12,19 +12,23 @@
 // Every unsafe block and impl must say why it is sound.
 #![warn(clippy::undocumented_unsafe_blocks)]
 
-pub mod config;
+pub mod experts;
 pub mod forward;
+// The architecture configs and where a model's tensors lie are the format
+// crate's (the streaming core and the facade need them without the engine).
+pub use sluice_format::{config, model};
 pub mod gguf_meta;
-pub mod model;
 pub mod pack;
 pub mod replay;
 pub mod sampler;
-pub mod stream;
 pub mod synth;
 pub mod tokenizer;
 
 pub use config::{Arch, Config};
+pub use experts::{ExpertSource, Resident, Streamed};
 pub use forward::{Route, RouteObserver, Session};
 pub use model::Model;
 pub use sampler::Sampler;
+/// The streaming core, re-exported for the engine's users.
+pub use sluice_stream as stream;
 pub use tokenizer::{TextStream, Tokenizer};

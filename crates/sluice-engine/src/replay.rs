@@ -136,3 +136,48 @@ impl Replay {
         }
     }
 }
+
+/// The oracle: the replayed trace's actual choices for the layers ahead,
+/// taken as certain. An upper bound on what prediction can give, for
+/// measurement. It counts tokens as they begin to know the position.
+pub struct Oracle {
+    replay: std::sync::Arc<Replay>,
+    /// Tokens begun so far; the current one is at `begun - 1`.
+    begun: usize,
+}
+
+impl Oracle {
+    /// The oracle of `replay`, from position 0.
+    pub fn new(replay: std::sync::Arc<Replay>) -> Self {
+        Oracle { replay, begun: 0 }
+    }
+}
+
+impl Predictor for Oracle {
+    fn name(&self) -> &'static str {
+        "oracle"
+    }
+
+    fn observe(&mut self, _: usize, _: &[u32]) {}
+
+    fn begin_token(&mut self, _: Option<u32>) {
+        self.begun += 1;
+    }
+
+    fn predict(&mut self, layer: usize, m: usize, out: &mut Vec<u32>) {
+        let _ = m;
+        out.clear();
+        let pos = self.begun.saturating_sub(1);
+        out.extend(self.replay.experts(pos, layer).iter().map(|&e| e as u32));
+    }
+
+    fn predicts_ahead(&self) -> bool {
+        true
+    }
+
+    /// As the engine always did: the first MoE layer is not predicted
+    /// before the token's forward pass starts.
+    fn predicts_first(&self) -> bool {
+        false
+    }
+}

@@ -56,7 +56,7 @@ fn faulty_session(
         ctx: 64,
         batch: 16,
         read_chunk,
-        prefetch: "xlayer".into(),
+        prefetch: sluice_stream::Prefetch::Xlayer,
         engine_wrap: Some(EngineWrap(Arc::new(move |_plain| {
             fault::open_engine(&o, &f).expect("opening the faulty engine") as Box<dyn ReadEngine>
         }))),

@@ -12,8 +12,11 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 mod bytes;
+pub mod config;
 pub mod gguf;
 pub mod gguf_write;
+pub mod model;
+pub mod packed;
 
 pub use bytes::TensorBytes;
 pub use gguf::{Gguf, Value};

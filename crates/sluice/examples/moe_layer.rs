@@ -7,8 +7,8 @@
 use sluice::{dequantize, Matrix, Store, StoreOptions};
 use sluice_backend_cpu::CpuBackend;
 use sluice_core::{ops, Backend};
-use sluice_engine::model::Ffn;
-use sluice_engine::Model;
+use sluice_format::model::Ffn;
+use sluice_format::model::Model;
 
 /// y = W x for one token, W dequantized row by row.
 fn matvec(w: Matrix<'_>, x: &[f32]) -> Vec<f32> {

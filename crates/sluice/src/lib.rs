@@ -37,15 +37,15 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 use parking_lot::Mutex;
-use sluice_engine::model::Ffn;
-use sluice_engine::stream::{StreamOptions, Streamer};
-use sluice_engine::Model;
+use sluice_format::model::{Ffn, Model};
+use sluice_stream::{StreamOptions, Streamer};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use sluice_core::quant::dequantize;
 pub use sluice_core::{DType, Error, Result};
 pub use sluice_io::IoKind;
+pub use sluice_stream::{CachePolicy, Prefetch};
 
 /// How a [`Store`] reads and caches.
 #[derive(Clone, Debug)]
@@ -59,11 +59,12 @@ pub struct StoreOptions {
     pub direct: bool,
     /// Reads in flight at most.
     pub queue_depth: usize,
-    /// Eviction policy: `lru`, `lfu` or `router`.
-    pub cache_policy: String,
-    /// Predictor fed by [`Store::observe`] (and, for `token`, by
-    /// [`Store::begin_token`]): `none`, `xlayer`, `history` or `token`.
-    pub prefetch: String,
+    /// Eviction policy.
+    pub cache_policy: CachePolicy,
+    /// Predictor fed by [`Store::observe`] (and, for `Token`, by
+    /// [`Store::begin_token`]): `None`, `Xlayer`, `History` or `Token`
+    /// (gating and the oracle need a forward pass: refused).
+    pub prefetch: Prefetch,
     /// Use exactly this many expert slots.
     pub slots: Option<usize>,
 }
@@ -75,8 +76,8 @@ impl Default for StoreOptions {
             io: IoKind::Uring,
             direct: true,
             queue_depth: 16,
-            cache_policy: "lru".into(),
-            prefetch: "xlayer".into(),
+            cache_policy: CachePolicy::Lru,
+            prefetch: Prefetch::Xlayer,
             slots: None,
         }
     }
@@ -155,7 +156,7 @@ pub struct Expert {
     layer: usize,
     id: usize,
     slot: usize,
-    parts: [sluice_engine::stream::RawMatrix; 3],
+    parts: [sluice_stream::RawMatrix; 3],
 }
 
 // SAFETY: the pointers address slot memory owned by the store's streamer,
@@ -230,6 +231,12 @@ impl Store {
         if o.direct {
             files.advise_random();
         }
+        if matches!(o.prefetch, Prefetch::Gate | Prefetch::Oracle) {
+            return Err(Error::Invalid(format!(
+                "prefetch {} needs a forward pass (the model's routers, a replayed trace); a store serves none, xlayer, history or token",
+                o.prefetch.name()
+            )));
+        }
         let mut model = Model::load(files)?;
         let c = model.config.clone();
         let opts = StreamOptions {
@@ -242,12 +249,12 @@ impl Store {
             },
             ram_cap: o.ram_cap,
             slots: o.slots,
-            policy: o.cache_policy.clone(),
+            policy: o.cache_policy,
             verify: false,
             ctx: 0,
             batch: 1,
             threads: 1,
-            prefetch: o.prefetch.clone(),
+            prefetch: o.prefetch,
             dense: false,
             ..StreamOptions::default()
         };
@@ -346,7 +353,7 @@ impl Store {
         order.sort_by(|a, b| router_probs[*b].total_cmp(&router_probs[*a]).then(a.cmp(b)));
         order.truncate(self.geometry.top_k);
         let mut g = self.inner.lock();
-        g.streamer.routed(layer, &[&order]);
+        g.streamer.routed(layer, &[&order], &[]);
         let step = g.step;
         g.streamer.prefetch_now(step)
     }

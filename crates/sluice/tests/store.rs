@@ -150,7 +150,7 @@ fn begin_token_prefetches_a_known_tokens_first_layer() {
         fixture("qwen3_moe"),
         &StoreOptions {
             slots: Some(16),
-            prefetch: "token".into(),
+            prefetch: sluice::Prefetch::Token,
             ..Default::default()
         },
     )

@@ -1,9 +1,9 @@
 //! Architecture hyper-parameters, normalized from a Hugging Face
 //! `config.json` or from GGUF metadata into one [`Config`].
 
+use crate::{Gguf, ModelFiles, Value};
 use sluice_core::ops::RopeStyle;
 use sluice_core::{Error, Result};
-use sluice_format::{Gguf, ModelFiles, Value};
 
 /// Supported architectures.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -8,8 +8,8 @@
 //! three matrices are byte ranges of the file.
 
 use crate::config::{Arch, Config, Mixer};
+use crate::{ModelFiles, TensorBytes, TensorInfo};
 use sluice_core::{quant, DType, Error, HalfType, MlxQuant, Result, WeightView};
-use sluice_format::{ModelFiles, TensorBytes, TensorInfo};
 
 /// A 2-D weight matrix stored in a model file.
 #[derive(Clone, Debug)]
