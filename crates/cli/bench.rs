@@ -371,6 +371,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         "capped": o.capped && cap.is_some_and(|c| peak <= c),
         "ram_cap_bytes": cap,
         "peak_rss_bytes": peak,
+        "memory_measure": sluice_io::sys::memory_measure(),
         "probe_gbps": probe.gbps,
         "probe_burst_gbps": burst.gbps,
         "probe": {"request_bytes": probe.request_bytes, "queue_depth": probe.queue_depth,
