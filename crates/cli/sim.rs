@@ -158,7 +158,7 @@ fn options_of(a: &SimArgs) -> Result<SimOptions> {
         }
         (Some(p), _) => p,
     };
-    let prefetch_depth = crate::stream_args::prefetch_depth(prefetch, s.prefetch_depth);
+    let prefetch_depth = sluice_runtime::prefetch_depth(prefetch, s.prefetch_depth);
     Ok(SimOptions {
         ram_cap: s.ram_cap,
         residency,
