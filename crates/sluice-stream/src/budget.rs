@@ -100,6 +100,8 @@ pub struct Demand {
 /// slots asked for, and with [`Error::Invalid`] for zero slots.
 pub fn plan(mut b: Budget, d: Demand) -> Result<Budget> {
     let fixed = b.fixed();
+    // A layer never needs more slots than it has experts.
+    let min_slots = d.min_slots.min(b.experts_total);
     let fit = if b.slot == 0 {
         0
     } else if b.cap == u64::MAX {
@@ -126,15 +128,15 @@ pub fn plan(mut b: Budget, d: Demand) -> Result<Budget> {
         // Fewer slots than top-k still computes correctly, a wave of
         // reads at a time: allowed when asked for explicitly.
         Some(s) => s.min(b.experts_total.max(1)),
-        None if fit < d.min_slots && b.experts_total > 0 => {
+        None if fit < min_slots => {
             let want = Budget {
-                slots: d.min_slots,
+                slots: min_slots,
                 ..b.clone()
             };
             return Err(Error::Budget {
                 needed: want.planned(),
                 cap: b.cap,
-                parts: parts(&want, d.min_slots, "experts of one layer"),
+                parts: parts(&want, min_slots, "experts of one layer"),
             });
         }
         None => fit,
@@ -206,7 +208,7 @@ mod tests {
                 Err(Error::Budget { needed, cap: c, .. }) => {
                     prop_assert_eq!(c, cap);
                     prop_assert!(needed > cap);
-                    prop_assert_eq!(needed, b.fixed() + b.slot * k as u64);
+                    prop_assert_eq!(needed, b.fixed() + b.slot * k.min(experts) as u64);
                 }
                 Err(e) => prop_assert!(false, "{e}"),
             }
