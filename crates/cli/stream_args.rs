@@ -65,10 +65,12 @@ pub struct StreamArgs {
     #[arg(long, value_parser = parse_cap)]
     pub ram_cap: Option<u64>,
     /// Read engine: uring, pread or mmap (the page-cache baseline). Default:
-    /// uring when --ram-cap is given, else the model is used in place (mmap).
+    /// with --ram-cap, uring on Linux and pread elsewhere; without it, the
+    /// model is used in place (mmap).
     #[arg(long, value_parser = parse_io)]
     pub io: Option<IoKind>,
-    /// Read through the page cache instead of O_DIRECT (uring, pread).
+    /// Read through the page cache instead of bypassing it (O_DIRECT on
+    /// Linux, F_NOCACHE on Apple's systems, NO_BUFFERING on Windows).
     #[arg(long)]
     pub buffered: bool,
     /// Reads in flight at most.
@@ -167,12 +169,12 @@ fn parse_io(s: &str) -> Result<IoKind, String> {
 impl StreamArgs {
     /// The engine used: `None` means the model's maps, in place.
     pub fn engine(&self) -> Option<IoKind> {
-        match (self.io, self.ram_cap) {
-            (Some(IoKind::Mmap), _) => None,
-            (Some(k), _) => Some(k),
-            (None, Some(_)) => Some(IoKind::Uring),
-            (None, None) => None,
+        RunOptions {
+            io: self.io,
+            ram_cap: self.ram_cap,
+            ..RunOptions::default()
         }
+        .engine()
     }
 }
 

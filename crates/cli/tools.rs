@@ -545,8 +545,18 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         ])?;
     }
     let size = std::fs::metadata(&model)?.len();
+    let io = sluice_io::IoKind::platform_default();
+    let how = if cfg!(target_os = "linux") {
+        "io_uring and O_DIRECT"
+    } else if cfg!(target_vendor = "apple") {
+        "the pread pool and F_NOCACHE (Darwin has no io_uring or O_DIRECT)"
+    } else if cfg!(windows) {
+        "the pread pool, overlapped reads and FILE_FLAG_NO_BUFFERING"
+    } else {
+        "the pread pool and O_DIRECT"
+    };
     println!(
-        "model {} = {:.1}× the {} cap; streaming it with io_uring and O_DIRECT:",
+        "model {} = {:.1}× the {} cap; streaming it with {how}:",
         fmt_size(size),
         size as f64 / cap as f64,
         fmt_size(cap)
@@ -559,7 +569,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         "--ram-cap",
         &a.ram_cap,
         "--io",
-        "uring",
+        io.name(),
         "--tokens",
         &tokens,
         "--prompt-tokens",

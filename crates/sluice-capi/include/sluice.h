@@ -62,11 +62,13 @@ typedef struct SluiceOptions {
    */
   uint64_t ram_cap;
   /*
-   Read engine: 0 io_uring, 1 pread pool, 2 mmap.
+   Read engine: 0 io_uring (Linux; elsewhere the pread pool stands in),
+   1 pread pool, 2 mmap. Default: 0 on Linux, 1 elsewhere.
    */
   uint32_t io;
   /*
-   Nonzero: O_DIRECT (bypass the page cache).
+   Nonzero: bypass the page cache (O_DIRECT on Linux, F_NOCACHE on
+   Apple's systems, NO_BUFFERING on Windows).
    */
   uint8_t direct;
   /*

@@ -47,9 +47,11 @@ pub enum SluiceStatus {
 pub struct SluiceOptions {
     /// RAM budget in bytes; 0: no cap.
     pub ram_cap: u64,
-    /// Read engine: 0 io_uring, 1 pread pool, 2 mmap.
+    /// Read engine: 0 io_uring (Linux; elsewhere the pread pool stands in),
+    /// 1 pread pool, 2 mmap. Default: 0 on Linux, 1 elsewhere.
     pub io: u32,
-    /// Nonzero: O_DIRECT (bypass the page cache).
+    /// Nonzero: bypass the page cache (O_DIRECT on Linux, F_NOCACHE on
+    /// Apple's systems, NO_BUFFERING on Windows).
     pub direct: u8,
     /// Reads in flight at most.
     pub queue_depth: u32,
@@ -175,7 +177,11 @@ pub unsafe extern "C" fn sluice_options_default(out: *mut SluiceOptions) {
         unsafe {
             *out = SluiceOptions {
                 ram_cap: 0,
-                io: 0,
+                io: match IoKind::platform_default() {
+                    IoKind::Uring => 0,
+                    IoKind::Pread => 1,
+                    IoKind::Mmap => 2,
+                },
                 direct: 1,
                 queue_depth: 16,
                 slots: 0,

@@ -23,7 +23,6 @@ use crate::model::{Ffn, MixerWeights, Model, Weight};
 use crate::tokenizer::PACKED_TOKENIZER_KEY;
 use sluice_core::{quant, DType, Error, Result};
 use sluice_format::{GgufWriter, MetaValue, ModelFiles, TensorSpec};
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -454,7 +453,7 @@ fn fill(
                     slot => slot
                         .insert(std::fs::File::open(&f.path).map_err(|e| Error::io(&f.path, e))?),
                 };
-                r.read_exact_at(buf, w.data.offset() as u64)
+                sluice_format::read_exact_at(r, buf, w.data.offset() as u64)
                     .map_err(|e| Error::io(&f.path, e))?;
             } else {
                 buf.copy_from_slice(&w.data);

@@ -169,8 +169,10 @@ impl ModelFiles {
     /// Tells the kernel that the maps are read at random: touching one
     /// small tensor then faults in one page, not a read-ahead window, so
     /// streaming modes that read through their own buffers keep the page
-    /// cache (and the process's RSS) out of the picture.
+    /// cache (and the process's RSS) out of the picture. Windows has no
+    /// such advice for a mapping: there it does nothing.
     pub fn advise_random(&self) {
+        #[cfg(unix)]
         for f in &self.files {
             // Advice is a hint; failure changes nothing observable.
             let _ = f.map.advise(memmap2::Advice::Random);
@@ -341,6 +343,30 @@ fn open_safetensors_dir(dir: &Path, single: Option<&Path>) -> Result<ModelFiles>
     })
 }
 
+/// Fills `buf` from `file` at `offset` (positioned: the file's cursor is
+/// not relied on), failing with `UnexpectedEof` at the end of the file.
+pub fn read_exact_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    #[cfg(unix)]
+    return std::os::unix::fs::FileExt::read_exact_at(file, buf, offset);
+    #[cfg(windows)]
+    {
+        let mut done = 0;
+        while done < buf.len() {
+            match std::os::windows::fs::FileExt::seek_read(
+                file,
+                &mut buf[done..],
+                offset + done as u64,
+            ) {
+                Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -359,6 +385,8 @@ mod tests {
         assert_eq!(b.offset() as u64, t.offset);
         assert_eq!(b.slice(16, 16).unwrap().offset() as u64, t.offset + 16);
         assert!(b.slice(17, 16).is_none());
+        // Windows keeps a mapped file from being deleted.
+        drop((b, m));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -3,7 +3,6 @@
 //! read means.
 
 use std::fs::File;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -15,6 +14,15 @@ use crate::{widened_len, ReadReq, DIRECT_ALIGN};
 /// 0x7ffff000 bytes anyway and io_uring lengths are 32-bit; a block-aligned
 /// power of two keeps the follow-up reads aligned.
 pub(crate) const MAX_CHUNK: usize = 1 << 30;
+
+/// The platform's name for reads that bypass its cache, for messages.
+pub(crate) const DIRECT_NAME: &str = if cfg!(target_vendor = "apple") {
+    "F_NOCACHE"
+} else if cfg!(windows) {
+    "FILE_FLAG_NO_BUFFERING"
+} else {
+    "O_DIRECT"
+};
 
 /// An opened file.
 #[derive(Debug)]
@@ -64,7 +72,7 @@ impl FileSet {
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                     direct = false;
                     self.notes.push(format!(
-                        "{}: O_DIRECT refused by the filesystem ({e}); reading it through the page cache",
+                        "{}: {DIRECT_NAME} refused by the filesystem ({e}); reading it through the page cache",
                         path.display()
                     ));
                     open(path, false).map_err(|e| Error::io(path, e))?
@@ -120,18 +128,18 @@ impl FileSet {
         Plan::new(req, self.align(), file)
     }
 
-    /// `"O_DIRECT"`, `"buffered"` or a phrase for a mixture, for `describe`.
+    /// [`DIRECT_NAME`], `"buffered"` or a phrase for a mixture, for `describe`.
     pub fn mode_phrase(&self) -> String {
         let refused = self.files.iter().filter(|f| !f.direct).count();
         if !self.want_direct {
             "buffered (page cache)".into()
         } else if refused == 0 {
-            "O_DIRECT".into()
+            DIRECT_NAME.into()
         } else if refused == self.files.len() {
-            "buffered (O_DIRECT refused by the filesystem)".into()
+            format!("buffered ({DIRECT_NAME} refused by the filesystem)")
         } else {
             format!(
-                "O_DIRECT ({refused} of {} files buffered: O_DIRECT refused by their filesystem)",
+                "{DIRECT_NAME} ({refused} of {} files buffered: {DIRECT_NAME} refused by their filesystem)",
                 self.files.len()
             )
         }
@@ -141,7 +149,9 @@ impl FileSet {
 /// Opens `path` for reading; `direct`: bypassing the page cache, the
 /// platform's way (`O_DIRECT` on Linux and Android, `F_NOCACHE` on Apple's
 /// systems), `EINVAL` where the filesystem or platform has none.
+#[cfg(unix)]
 fn open_with(path: &Path, direct: bool) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
     #[cfg(any(target_os = "linux", target_os = "android"))]
     let flags = if direct { libc::O_DIRECT } else { 0 };
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
@@ -154,6 +164,112 @@ fn open_with(path: &Path, direct: bool) -> std::io::Result<File> {
         no_cache(&file)?;
     }
     Ok(file)
+}
+
+/// Windows: `FILE_FLAG_NO_BUFFERING` is the direct path (offsets, lengths
+/// and buffer addresses in multiples of the volume's sector size, which
+/// [`DIRECT_ALIGN`] covers), and `FILE_FLAG_OVERLAPPED` lets the pool's
+/// threads read one handle at once (a synchronous handle serialises them).
+#[cfg(windows)]
+fn open_with(path: &Path, direct: bool) -> std::io::Result<File> {
+    use std::os::windows::fs::OpenOptionsExt;
+    use windows_sys::Win32::Storage::FileSystem::{FILE_FLAG_NO_BUFFERING, FILE_FLAG_OVERLAPPED};
+    let mut flags = FILE_FLAG_OVERLAPPED;
+    if direct {
+        flags |= FILE_FLAG_NO_BUFFERING;
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags)
+        .open(path)
+}
+
+/// Reads up to `len` bytes at `offset` of `file` into `dst`; `Ok(0)` at
+/// end of file. Through the system call rather than a `&mut [u8]` so that
+/// no slice is formed over a destination the caller may not have
+/// initialised.
+///
+/// # Safety
+/// `dst..dst + len` must be valid for writes and not accessed by anyone
+/// else until this returns.
+#[cfg(unix)]
+pub(crate) unsafe fn read_at(
+    file: &File,
+    dst: *mut u8,
+    len: usize,
+    offset: u64,
+) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the caller guarantees dst..dst+len is writable and ours; the descriptor is open for the life of `file`.
+    let n = unsafe { libc::pread(file.as_raw_fd(), dst.cast(), len, offset as libc::off_t) };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Windows: `ReadFile` at an explicit offset on the overlapped handle
+/// [`open_with`] made, waited for on an event of this call's own (several
+/// threads read one handle at once).
+///
+/// # Safety
+/// As the Unix sibling.
+#[cfg(windows)]
+pub(crate) unsafe fn read_at(
+    file: &File,
+    dst: *mut u8,
+    len: usize,
+    offset: u64,
+) -> std::io::Result<usize> {
+    use std::os::windows::io::AsRawHandle;
+    use windows_sys::Win32::Foundation::{
+        CloseHandle, GetLastError, ERROR_HANDLE_EOF, ERROR_IO_PENDING,
+    };
+    use windows_sys::Win32::Storage::FileSystem::ReadFile;
+    use windows_sys::Win32::System::Threading::CreateEventW;
+    use windows_sys::Win32::System::IO::{GetOverlappedResult, OVERLAPPED};
+
+    let handle = file.as_raw_handle();
+    let len = u32::try_from(len.min(MAX_CHUNK)).unwrap_or(u32::MAX);
+    // SAFETY: CreateEventW with null attributes and name makes an unnamed manual-reset event; checked below.
+    let event = unsafe { CreateEventW(std::ptr::null(), 1, 0, std::ptr::null()) };
+    if event.is_null() {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: OVERLAPPED is plain data; all-zero is its documented initial state.
+    let mut ov: OVERLAPPED = unsafe { std::mem::zeroed() };
+    ov.Anonymous.Anonymous.Offset = offset as u32;
+    ov.Anonymous.Anonymous.OffsetHigh = (offset >> 32) as u32;
+    ov.hEvent = event;
+    let mut n = 0u32;
+    // SAFETY: the caller guarantees dst..dst+len is writable and ours; `ov` and `n` outlive the operation because GetOverlappedResult waits for it below.
+    let ok = unsafe { ReadFile(handle, dst, len, &mut n, &mut ov) };
+    let result = if ok != 0 {
+        Ok(n as usize)
+    } else {
+        // SAFETY: reads the calling thread's last error; no preconditions.
+        match unsafe { GetLastError() } {
+            ERROR_HANDLE_EOF => Ok(0),
+            ERROR_IO_PENDING => {
+                // SAFETY: `ov` is the operation just started on `handle`; waiting (bWait = 1) returns once it completed.
+                if unsafe { GetOverlappedResult(handle, &ov, &mut n, 1) } != 0 {
+                    Ok(n as usize)
+                } else {
+                    let e = std::io::Error::last_os_error();
+                    if e.raw_os_error() == Some(ERROR_HANDLE_EOF as i32) {
+                        Ok(0)
+                    } else {
+                        Err(e)
+                    }
+                }
+            }
+            _ => Err(std::io::Error::last_os_error()),
+        }
+    };
+    // SAFETY: `event` is the handle made above, no longer used by the finished operation.
+    unsafe { CloseHandle(event) };
+    result
 }
 
 /// Apple's systems have no `O_DIRECT`: `F_NOCACHE` keeps the file's reads
@@ -175,7 +291,10 @@ fn no_cache(_: &File) -> std::io::Result<()> {
 
 /// Elsewhere there is no direct path: reported as the filesystem refusing
 /// it, so the file is read through the cache with a note.
-#[cfg(not(any(target_os = "linux", target_os = "android", target_vendor = "apple")))]
+#[cfg(all(
+    unix,
+    not(any(target_os = "linux", target_os = "android", target_vendor = "apple"))
+))]
 fn no_cache(_: &File) -> std::io::Result<()> {
     Err(std::io::Error::from_raw_os_error(libc::EINVAL))
 }
@@ -370,24 +489,29 @@ mod tests {
         assert_eq!((set.direct(), set.align()), (true, DIRECT_ALIGN));
         set.open_using(&a, fake).unwrap();
         assert_eq!((set.direct(), set.align()), (true, DIRECT_ALIGN));
-        assert_eq!(set.mode_phrase(), "O_DIRECT");
+        assert_eq!(set.mode_phrase(), DIRECT_NAME);
         set.open_using(&b, fake).unwrap();
         // Mixed: not direct, but `a` still needs aligned reads.
         assert_eq!((set.direct(), set.align()), (false, DIRECT_ALIGN));
-        assert!(set.notes[0].contains("O_DIRECT refused"), "{:?}", set.notes);
+        let refused = format!("{DIRECT_NAME} refused");
+        assert!(set.notes[0].contains(&refused), "{:?}", set.notes);
         assert!(set.mode_phrase().contains("1 of 2 files buffered"));
+        drop(set);
 
         let mut set = FileSet::new(true);
         set.open_using(&b, fake).unwrap();
         assert_eq!((set.direct(), set.align()), (false, 1));
-        assert!(set.mode_phrase().contains("O_DIRECT refused"));
+        assert!(set.mode_phrase().contains(&refused));
         // Other errors are errors.
         let enoent = |_: &Path, _: bool| Err(std::io::Error::from_raw_os_error(libc::ENOENT));
         assert!(matches!(set.open_using(&a, enoent), Err(Error::Io { .. })));
+        // A directory: "not a regular file" (Windows refuses to open it).
         assert!(matches!(
-            set.open(Path::new("/proc")),
-            Err(Error::Invalid(_))
+            set.open(&std::env::temp_dir()),
+            Err(Error::Invalid(_) | Error::Io { .. })
         ));
+        // Windows keeps an open file from being deleted.
+        drop(set);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

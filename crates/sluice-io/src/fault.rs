@@ -194,11 +194,20 @@ pub fn open_engine(opts: &EngineOptions, faults: &Faults) -> Result<Box<dyn Read
     Ok(Box::new(FaultEngine::new(inner, faults.clone())))
 }
 
+/// The OS error a failing drive gives, as injected: `EIO` on Unix,
+/// `ERROR_IO_DEVICE` on Windows.
+pub const EIO: i32 = if cfg!(windows) { 1117 } else { libc::EIO };
+
+/// The OS error io_uring refusal is simulated with: `EPERM` (what a
+/// seccomp filter or `io_uring_disabled` gives); `ERROR_ACCESS_DENIED` on
+/// Windows.
+const EPERM: i32 = if cfg!(windows) { 5 } else { libc::EPERM };
+
 /// The error io_uring refusal is simulated with.
 pub(crate) fn refusal() -> Error {
     Error::Unsupported(format!(
         "io_uring_setup: {} (injected fault)",
-        std::io::Error::from_raw_os_error(libc::EPERM)
+        std::io::Error::from_raw_os_error(EPERM)
     ))
 }
 
@@ -387,7 +396,7 @@ impl ReadEngine for FaultEngine {
                     &path,
                     r.offset,
                     r.len,
-                    std::io::Error::from_raw_os_error(libc::EIO),
+                    std::io::Error::from_raw_os_error(EIO),
                 )),
                 submitted: now,
                 completed: now,

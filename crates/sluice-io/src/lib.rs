@@ -67,6 +67,17 @@ pub enum IoKind {
 }
 
 impl IoKind {
+    /// The streaming engine of this platform: io_uring on Linux, the pread
+    /// pool elsewhere (with `F_NOCACHE` on macOS and iOS, overlapped reads
+    /// on Windows; Android's sandbox refuses io_uring to apps).
+    pub const fn platform_default() -> IoKind {
+        if cfg!(target_os = "linux") {
+            IoKind::Uring
+        } else {
+            IoKind::Pread
+        }
+    }
+
     /// The name used on the command line and in reports: `uring`, `pread`, `mmap`.
     pub fn name(self) -> &'static str {
         match self {
@@ -115,7 +126,7 @@ pub struct EngineOptions {
 impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
-            kind: IoKind::Uring,
+            kind: IoKind::platform_default(),
             direct: true,
             queue_depth: 16,
             threads: 8,
@@ -413,13 +424,15 @@ fn open_uring(opts: &EngineOptions) -> Result<uring::UringEngine> {
 }
 
 /// io_uring is a Linux interface: elsewhere the pread pool stands in, and
-/// the note says why.
+/// the note says why. Android's kernel has it, but the app sandbox's
+/// seccomp filter refuses `io_uring_setup` to apps, so it is not tried.
 #[cfg(not(target_os = "linux"))]
 fn open_uring(_: &EngineOptions) -> Result<pread::PreadEngine> {
-    Err(Error::Unsupported(format!(
-        "io_uring is Linux-only, this is {}",
-        std::env::consts::OS
-    )))
+    Err(Error::Unsupported(if cfg!(target_os = "android") {
+        "Android's app sandbox refuses io_uring_setup".into()
+    } else {
+        format!("io_uring is Linux-only, this is {}", std::env::consts::OS)
+    }))
 }
 
 /// Why the pread pool stands in for io_uring, for the user.
@@ -552,6 +565,7 @@ mod tests {
             let mut p = pread::PreadEngine::new(&opts).unwrap();
             p.max_chunk = 8192;
             engines.push(Box::new(p));
+            #[cfg(target_os = "linux")]
             match uring::UringEngine::new(&opts) {
                 Ok(mut u) => {
                     u.max_chunk = 8192;

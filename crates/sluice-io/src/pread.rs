@@ -6,7 +6,6 @@
 //! workers at most `queue_depth` jobs at once and keeps the rest itself.
 
 use std::collections::VecDeque;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -15,7 +14,7 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender};
 use sluice_core::{Error, Result};
 
-use crate::common::{FileSet, Next, OpenedFile, Plan, MAX_CHUNK};
+use crate::common::{read_at, FileSet, Next, OpenedFile, Plan, MAX_CHUNK};
 use crate::fault::Faults;
 use crate::{AlignedBuf, Completion, Done, EngineOptions, FileId, IoKind, ReadEngine, ReadReq};
 
@@ -144,23 +143,16 @@ fn run(job: Job) -> Completion {
     let mut done = 0usize;
     let result = loop {
         let asked = (plan.total - done).min(chunk);
-        // Through libc rather than `FileExt::read_at` so that no `&mut [u8]`
-        // is formed over a destination the caller may not have initialised.
         // SAFETY: the submitter guaranteed dst..dst+cap is valid for writes and exclusively ours until this completion is returned; the plan checked cap >= total, and done + asked <= total.
-        let n = unsafe {
-            libc::pread(
-                file.file.as_raw_fd(),
-                req.dst.add(done).cast(),
+        let r = unsafe {
+            read_at(
+                &file.file,
+                req.dst.add(done),
                 asked,
-                (plan.start + done as u64) as libc::off_t,
+                plan.start + done as u64,
             )
-        };
-        let r = if n < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            let n = n as usize;
-            Ok(short.as_ref().map_or(n, |f| f.shorten(n, plan.align)))
-        };
+        }
+        .map(|n| short.as_ref().map_or(n, |f| f.shorten(n, plan.align)));
         match r {
             Ok(n) => {
                 done += n;

@@ -4,7 +4,6 @@
 //! sluice promises to stay under a RAM cap; these are the numbers that check
 //! it from outside the allocator (page cache charged to our cgroup included).
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use sluice_core::{Error, Result};
@@ -34,38 +33,47 @@ pub fn memory_measure() -> &'static str {
         "VmHWM/VmRSS (/proc/self/status)"
     } else if cfg!(target_vendor = "apple") {
         "phys_footprint (task_info TASK_VM_INFO), what iOS's memory limit counts"
+    } else if cfg!(windows) {
+        "working set (GetProcessMemoryInfo)"
     } else {
         "none on this platform"
     }
 }
 
 /// Peak resident set size of this process (`VmHWM`; on Apple's systems
-/// the peak physical footprint), in bytes.
+/// the peak physical footprint, on Windows the peak working set), in bytes.
 pub fn peak_rss_bytes() -> Option<u64> {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     return status_kb("VmHWM");
     #[cfg(target_vendor = "apple")]
     return darwin::footprint().map(|f| f.1);
+    #[cfg(windows)]
+    return windows::working_set().map(|w| w.1);
     #[allow(unreachable_code)]
     None
 }
 
 /// Current resident set size of this process (`VmRSS`; on Apple's systems
-/// the physical footprint), in bytes.
+/// the physical footprint, on Windows the working set), in bytes.
 pub fn rss_bytes() -> Option<u64> {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     return status_kb("VmRSS");
     #[cfg(target_vendor = "apple")]
     return darwin::footprint().map(|f| f.0);
+    #[cfg(windows)]
+    return windows::working_set().map(|w| w.0);
     #[allow(unreachable_code)]
     None
 }
 
-/// Memory the kernel could give without swapping (`MemAvailable`; on
-/// Apple's systems free plus inactive pages), bytes.
+/// Memory the kernel could give without swapping (`MemAvailable`; on iOS
+/// what the app may still allocate, on macOS free plus inactive pages, on
+/// Windows available physical memory), bytes.
 pub fn mem_available_bytes() -> Option<u64> {
     #[cfg(target_vendor = "apple")]
     return darwin::available();
+    #[cfg(windows)]
+    return windows::available();
     #[allow(unreachable_code)]
     {
         let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -73,42 +81,96 @@ pub fn mem_available_bytes() -> Option<u64> {
     }
 }
 
+/// Windows' accounting: the process's working set and its peak, and the
+/// physical memory the system reports available. Built here, run under
+/// Wine at most: no Windows machine.
+#[cfg(windows)]
+mod windows {
+    use windows_sys::Win32::System::ProcessStatus::{
+        GetProcessMemoryInfo, PROCESS_MEMORY_COUNTERS,
+    };
+    use windows_sys::Win32::System::SystemInformation::{GlobalMemoryStatusEx, MEMORYSTATUSEX};
+    use windows_sys::Win32::System::Threading::GetCurrentProcess;
+
+    /// (working set, peak working set), bytes.
+    pub fn working_set() -> Option<(u64, u64)> {
+        // SAFETY: plain data; zero is a valid initial state.
+        let mut c: PROCESS_MEMORY_COUNTERS = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<PROCESS_MEMORY_COUNTERS>() as u32;
+        c.cb = size;
+        // SAFETY: the pseudo-handle of this process and a counters struct of the size given.
+        let ok = unsafe { GetProcessMemoryInfo(GetCurrentProcess(), &mut c, size) };
+        (ok != 0).then_some((c.WorkingSetSize as u64, c.PeakWorkingSetSize as u64))
+    }
+
+    /// Physical memory available, bytes.
+    pub fn available() -> Option<u64> {
+        // SAFETY: plain data; dwLength set as the call requires.
+        let mut m: MEMORYSTATUSEX = unsafe { std::mem::zeroed() };
+        m.dwLength = std::mem::size_of::<MEMORYSTATUSEX>() as u32;
+        // SAFETY: a struct of the length given.
+        let ok = unsafe { GlobalMemoryStatusEx(&mut m) };
+        (ok != 0).then_some(m.ullAvailPhys)
+    }
+}
+
+/// The leading fields of `struct task_vm_info` (mach/task_info.h) up
+/// to `ledger_phys_footprint_peak` (revision 3); the kernel fills as
+/// many as the count passed allows.
+#[cfg(any(target_vendor = "apple", test))]
+#[repr(C)]
+#[derive(Default)]
+struct TaskVmInfo {
+    virtual_size: u64,
+    region_count: i32,
+    page_size: i32,
+    resident_size: u64,
+    resident_size_peak: u64,
+    device: u64,
+    device_peak: u64,
+    internal: u64,
+    internal_peak: u64,
+    external: u64,
+    external_peak: u64,
+    reusable: u64,
+    reusable_peak: u64,
+    purgeable_volatile_pmap: u64,
+    purgeable_volatile_resident: u64,
+    purgeable_volatile_virtual: u64,
+    compressed: u64,
+    compressed_peak: u64,
+    compressed_lifetime: u64,
+    phys_footprint: u64,
+    min_address: u64,
+    max_address: u64,
+    ledger_phys_footprint_peak: i64,
+}
+
+/// (footprint now, peak footprint) from a `task_vm_info` the kernel filled
+/// `words` 32-bit words of: `phys_footprint` needs revision 1 (38 words),
+/// `ledger_phys_footprint_peak` revision 3 (44); before that the peak
+/// resident size stands in for the peak.
+#[cfg(any(target_vendor = "apple", test))]
+fn footprint_of(info: &TaskVmInfo, words: u32) -> Option<(u64, u64)> {
+    let filled = |end: usize| words as usize * 4 >= end;
+    let fp_end = std::mem::offset_of!(TaskVmInfo, phys_footprint) + 8;
+    let peak_end = std::mem::offset_of!(TaskVmInfo, ledger_phys_footprint_peak) + 8;
+    if !filled(fp_end) {
+        return None;
+    }
+    let peak = if filled(peak_end) && info.ledger_phys_footprint_peak > 0 {
+        info.ledger_phys_footprint_peak as u64
+    } else {
+        info.resident_size_peak
+    };
+    Some((info.phys_footprint, peak.max(info.phys_footprint)))
+}
+
 /// Apple's accounting: the Mach task's physical footprint (what jetsam and
 /// iOS's per-app limit count, page cache excluded) and the host's free
 /// pages. Built and type-checked here, not run: no Apple machine.
 #[cfg(target_vendor = "apple")]
 mod darwin {
-    /// The leading fields of `struct task_vm_info` (mach/task_info.h) up
-    /// to `ledger_phys_footprint_peak` (revision 3); the kernel fills as
-    /// many as the count passed allows.
-    #[repr(C)]
-    #[derive(Default)]
-    struct TaskVmInfo {
-        virtual_size: u64,
-        region_count: i32,
-        page_size: i32,
-        resident_size: u64,
-        resident_size_peak: u64,
-        device: u64,
-        device_peak: u64,
-        internal: u64,
-        internal_peak: u64,
-        external: u64,
-        external_peak: u64,
-        reusable: u64,
-        reusable_peak: u64,
-        purgeable_volatile_pmap: u64,
-        purgeable_volatile_resident: u64,
-        purgeable_volatile_virtual: u64,
-        compressed: u64,
-        compressed_peak: u64,
-        compressed_lifetime: u64,
-        phys_footprint: u64,
-        min_address: u64,
-        max_address: u64,
-        ledger_phys_footprint_peak: i64,
-    }
-
     /// `TASK_VM_INFO` flavor.
     const TASK_VM_INFO: libc::task_flavor_t = 22;
 
@@ -117,32 +179,41 @@ mod darwin {
     // crate; two calls do not justify another dependency.
     #[allow(deprecated)]
     pub fn footprint() -> Option<(u64, u64)> {
-        let mut info = TaskVmInfo::default();
-        let mut count = (std::mem::size_of::<TaskVmInfo>() / 4) as libc::mach_msg_type_number_t;
+        let mut info = super::TaskVmInfo::default();
+        let mut count =
+            (std::mem::size_of::<super::TaskVmInfo>() / 4) as libc::mach_msg_type_number_t;
         // SAFETY: `info` is a writable buffer of `count` 32-bit words laid
         // out as the kernel's task_vm_info; the task port is our own.
         let kr = unsafe {
             libc::task_info(
                 libc::mach_task_self(),
                 TASK_VM_INFO,
-                &mut info as *mut TaskVmInfo as libc::task_info_t,
+                &mut info as *mut super::TaskVmInfo as libc::task_info_t,
                 &mut count,
             )
         };
         if kr != libc::KERN_SUCCESS {
             return None;
         }
-        let peak = if info.ledger_phys_footprint_peak > 0 {
-            info.ledger_phys_footprint_peak as u64
-        } else {
-            info.resident_size_peak
-        };
-        Some((info.phys_footprint, peak.max(info.phys_footprint)))
+        super::footprint_of(&info, count)
     }
 
-    /// Free plus inactive pages of the host, bytes.
+    /// On iOS, what this app may still allocate before the system ends it
+    /// (`os_proc_available_memory`, iOS 13 and later); elsewhere free plus
+    /// inactive pages of the host, bytes.
     #[allow(deprecated)]
     pub fn available() -> Option<u64> {
+        #[cfg(target_os = "ios")]
+        {
+            unsafe extern "C" {
+                fn os_proc_available_memory() -> usize;
+            }
+            // SAFETY: takes nothing and only reads the task's ledger.
+            let n = unsafe { os_proc_available_memory() };
+            if n > 0 {
+                return Some(n as u64);
+            }
+        }
         // SAFETY: zeroed plain-old-data the kernel overwrites.
         let mut st: libc::vm_statistics64 = unsafe { std::mem::zeroed() };
         let mut count = libc::HOST_VM_INFO64_COUNT;
@@ -384,7 +455,7 @@ fn has_v2_memory(dir: &Path) -> bool {
 #[cfg(any(target_os = "linux", target_os = "android"))]
 pub fn drop_page_cache(path: &Path) -> Result<()> {
     use std::os::fd::AsRawFd;
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: a valid open descriptor; the call only changes cache state.
     let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     if rc != 0 {
@@ -404,10 +475,18 @@ pub fn drop_page_cache(path: &Path) -> Result<()> {
     )))
 }
 
+/// Bytes of `path` resident in the page cache: unknown on Windows (no
+/// `mincore`).
+#[cfg(not(unix))]
+pub fn page_cache_resident(_: &Path) -> Option<u64> {
+    None
+}
+
 /// Bytes of `path` resident in the page cache (`mincore(2)` over a map of
 /// it), or `None` if it cannot be mapped.
+#[cfg(unix)]
 pub fn page_cache_resident(path: &Path) -> Option<u64> {
-    let file = File::open(path).ok()?;
+    let file = std::fs::File::open(path).ok()?;
     let len = file.metadata().ok()?.len();
     if len == 0 {
         return Some(0);
@@ -438,6 +517,7 @@ pub fn page_cache_resident(path: &Path) -> Option<u64> {
 mod tests {
     use super::*;
 
+    #[cfg(any(target_os = "linux", target_os = "android"))]
     #[test]
     fn parses_status() {
         let s = "Name:\tx\nVmHWM:\t  2048 kB\nVmRSS:\t  1024 kB\n";
@@ -451,6 +531,29 @@ mod tests {
         let peak = parse_status_kb(&status, "VmHWM").unwrap();
         let now = parse_status_kb(&status, "VmRSS").unwrap();
         assert!(now > 0 && peak >= now, "{peak} {now}");
+    }
+
+    #[test]
+    fn reads_task_vm_info_by_revision() {
+        // The layout of XNU's task_vm_info: revision 1 ends after
+        // phys_footprint (38 words), revision 3 after the ledger peak (44).
+        assert_eq!(std::mem::offset_of!(TaskVmInfo, phys_footprint), 144);
+        assert_eq!(std::mem::size_of::<TaskVmInfo>(), 44 * 4);
+        let info = TaskVmInfo {
+            resident_size_peak: 50,
+            phys_footprint: 40,
+            ledger_phys_footprint_peak: 70,
+            ..TaskVmInfo::default()
+        };
+        assert_eq!(footprint_of(&info, 36), None);
+        assert_eq!(footprint_of(&info, 38), Some((40, 50)));
+        assert_eq!(footprint_of(&info, 42), Some((40, 50)));
+        assert_eq!(footprint_of(&info, 44), Some((40, 70)));
+        let low = TaskVmInfo {
+            resident_size_peak: 10,
+            ..info
+        };
+        assert_eq!(footprint_of(&low, 38), Some((40, 40)));
     }
 
     #[test]
@@ -489,12 +592,13 @@ mod tests {
         std::fs::remove_dir_all(&root).unwrap();
     }
 
+    #[cfg(any(target_os = "linux", target_os = "android"))]
     #[test]
     fn page_cache_residency_and_drop() {
         let path = std::env::temp_dir().join(format!("sluice-pc-{}", std::process::id()));
         let data = vec![7u8; 1 << 20];
         std::fs::write(&path, &data).unwrap();
-        File::open(&path).unwrap().sync_all().unwrap();
+        std::fs::File::open(&path).unwrap().sync_all().unwrap();
         assert_eq!(std::fs::read(&path).unwrap().len(), data.len());
         let before = page_cache_resident(&path).unwrap();
         drop_page_cache(&path).unwrap();

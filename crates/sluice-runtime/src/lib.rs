@@ -123,7 +123,7 @@ impl RunOptions {
         match (self.io, self.ram_cap) {
             (Some(IoKind::Mmap), _) => None,
             (Some(k), _) => Some(k),
-            (None, Some(_)) => Some(IoKind::Uring),
+            (None, Some(_)) => Some(IoKind::platform_default()),
             (None, None) => None,
         }
     }
@@ -259,7 +259,7 @@ pub fn open(o: &RunOptions, ctx: usize, batch: usize) -> Result<Opened> {
                 if o.io.is_some() {
                     return Err(Error::Invalid("the simulated device paces the reads of the uring and pread engines; mmap's page faults cannot be paced".into()));
                 }
-                o.io = Some(IoKind::Uring);
+                o.io = Some(IoKind::platform_default());
             }
             if o.ram_cap.is_none() {
                 o.ram_cap = Some(p.app_bytes());

@@ -73,7 +73,7 @@ impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
             ram_cap: None,
-            io: IoKind::Uring,
+            io: IoKind::platform_default(),
             direct: true,
             queue_depth: 16,
             cache_policy: CachePolicy::Lru,
