@@ -590,7 +590,10 @@ mod tests {
 
     #[test]
     fn fallback_engine_says_why() {
-        let opts = EngineOptions::default();
+        let opts = EngineOptions {
+            kind: IoKind::Uring,
+            ..EngineOptions::default()
+        };
         let faults = fault::Faults::new(fault::FaultPlan {
             refuse_uring: true,
             ..Default::default()
