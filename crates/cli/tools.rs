@@ -545,21 +545,16 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         ])?;
     }
     let size = std::fs::metadata(&model)?.len();
+    // This platform's engine and direct flag (io_uring and O_DIRECT on
+    // Linux, the pread pool and F_NOCACHE on Apple's systems...).
     let io = sluice_io::IoKind::platform_default();
-    let how = if cfg!(target_os = "linux") {
-        "io_uring and O_DIRECT"
-    } else if cfg!(target_vendor = "apple") {
-        "the pread pool and F_NOCACHE (Darwin has no io_uring or O_DIRECT)"
-    } else if cfg!(windows) {
-        "the pread pool, overlapped reads and FILE_FLAG_NO_BUFFERING"
-    } else {
-        "the pread pool and O_DIRECT"
-    };
     println!(
-        "model {} = {:.1}× the {} cap; streaming it with {how}:",
+        "model {} = {:.1}× the {} cap; streaming it with the {} engine and {}:",
         fmt_size(size),
         size as f64 / cap as f64,
-        fmt_size(cap)
+        fmt_size(cap),
+        io.name(),
+        sluice_io::DIRECT_NAME
     );
     let tokens = a.tokens.to_string();
     run(&[

@@ -16,7 +16,7 @@ use crate::{widened_len, ReadReq, DIRECT_ALIGN};
 pub(crate) const MAX_CHUNK: usize = 1 << 30;
 
 /// The platform's name for reads that bypass its cache, for messages.
-pub(crate) const DIRECT_NAME: &str = if cfg!(target_vendor = "apple") {
+pub const DIRECT_NAME: &str = if cfg!(target_vendor = "apple") {
     "F_NOCACHE"
 } else if cfg!(windows) {
     "FILE_FLAG_NO_BUFFERING"

@@ -44,6 +44,7 @@ pub mod uring;
 pub const MAX_QUEUE_DEPTH: usize = 32768;
 
 pub use buf::AlignedBuf;
+pub use common::DIRECT_NAME;
 
 /// Alignment of file offsets, lengths and destination addresses of direct
 /// reads. 4096 covers every logical block size in common use (512 and

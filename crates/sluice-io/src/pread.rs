@@ -143,7 +143,7 @@ fn run(job: Job) -> Completion {
     let mut done = 0usize;
     let result = loop {
         let asked = (plan.total - done).min(chunk);
-        // SAFETY: the submitter guaranteed dst..dst+cap is valid for writes and exclusively ours until this completion is returned; the plan checked cap >= total, and done + asked <= total.
+        // SAFETY: read_at's contract holds: the submitter guaranteed dst..dst+cap is valid for writes and exclusively ours until this completion is returned; the plan checked cap >= total, and done + asked <= total.
         let r = unsafe {
             read_at(
                 &file.file,
