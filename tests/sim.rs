@@ -118,7 +118,7 @@ fn simulated_cache_is_the_engines() {
         ];
         let mut b = vec!["bench", "--probe-seconds", "0.1", "--no-warm"];
         b.extend_from_slice(&flags);
-        let mut s = vec!["sim", "--device", "host", "--no-warm"];
+        let mut s = vec!["sim", "--device", "dev-vm", "--no-warm"];
         s.extend_from_slice(&flags);
         let (bj, sj) = (json(&b), json(&s));
         let (bh, sh) = (
@@ -339,7 +339,7 @@ fn sweeps_write_csv_and_svg() {
     run_ok(&[
         "sim",
         "--device",
-        "host",
+        "dev-vm",
         "--model",
         "qwen3-30b-a3b",
         "--tokens",
@@ -579,4 +579,102 @@ fn probe_writes_a_host_profile_fitted_to_bursts_after_idle() {
         "--json",
     ]);
     assert!(s["tok_per_s"].as_f64().unwrap() > 0.0, "{s}");
+}
+
+/// `bench --profile-out` writes the profile the run observed (the drive
+/// the engine waited on, the kernels as the forward pass ran them), which
+/// `sim --device FILE` runs with the same flags and the same cache
+/// behaviour; `--device host` reads this machine's profile where
+/// SLUICE_HOST_PROFILE says, and names the variable when the file is
+/// missing.
+#[test]
+fn bench_writes_the_profile_it_observed() {
+    let m = small_model();
+    let t = scratch("small3.observed.json");
+    write_trace(&t, 3, 64, 4, 40);
+    let out = scratch("observed.toml");
+    let (m, t, o) = (
+        m.to_str().unwrap(),
+        t.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    let flags = [
+        "--model",
+        m,
+        "--replay",
+        t,
+        "--cache-slots",
+        "12",
+        "--prefetch",
+        "none",
+        "--tokens",
+        "24",
+        "--prompt-tokens",
+        "4",
+        "--io",
+        "pread",
+        "--json",
+    ];
+    let mut b = vec![
+        "bench",
+        "--probe-seconds",
+        "0.1",
+        "--no-warm",
+        "--profile-out",
+        o,
+    ];
+    b.extend_from_slice(&flags);
+    let bj = json(&b);
+    assert_eq!(bj["profile_out"], o);
+    let text = std::fs::read_to_string(&out).unwrap();
+    for want in [
+        "this machine, measured",
+        "observed by `",
+        "[compute.matvec_gbps_by_quant]",
+        "Q4_0 = ",
+    ] {
+        assert!(text.contains(want), "{want:?} in {text}");
+    }
+    let mut s = vec!["sim", "--device", o, "--no-warm"];
+    s.extend_from_slice(&flags);
+    let sj = json(&s);
+    assert!(sj["tok_per_s"].as_f64().unwrap() > 0.0);
+    assert!((sj["hit_rate"].as_f64().unwrap() - bj["hit_rate"].as_f64().unwrap()).abs() < 1e-9);
+    // The host profile where the environment says.
+    let mut h = vec!["sim", "--device", "host", "--no-warm"];
+    h.extend_from_slice(&flags);
+    let r = sluice()
+        .env("SLUICE_HOST_PROFILE", o)
+        .args(&h)
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let missing = scratch("no-such-profile.toml");
+    let r = sluice()
+        .env("SLUICE_HOST_PROFILE", &missing)
+        .args(&h)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("SLUICE_HOST_PROFILE") && err.contains("no such file"),
+        "{err}"
+    );
+    // Only the CPU backend is this machine.
+    let mut bad = vec![
+        "bench",
+        "--backend",
+        "sim",
+        "--device",
+        "dev-vm",
+        "--profile-out",
+        o,
+    ];
+    bad.extend_from_slice(&flags[..4]);
+    let err = fails(&bad);
+    assert!(
+        err.contains("--profile-out") && err.contains("--backend cpu"),
+        "{err}"
+    );
 }

@@ -1,13 +1,15 @@
 //! `sluice bench`: decode tok/s, time to first token, bytes per token, hit
 //! rate, achieved vs probed bandwidth, stall vs compute, peak RSS vs cap.
 
-use crate::stream_args::{open, ModelArgs};
-use anyhow::{bail, Result};
+use crate::stream_args::{run_options, ModelArgs};
+use anyhow::{bail, Context, Result};
 use clap::Args;
+use sluice_core::record::{KernelLog, KernelTimes};
 use sluice_engine::model::Ffn;
 use sluice_engine::stream::{PrefetchStats, StreamStats};
 use sluice_engine::{Sampler, Session};
 use sluice_io::{EngineOptions, IoKind};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -34,6 +36,12 @@ pub struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Write the device profile this run observed (the drive bursts the
+    /// engine waited on, the CPU kernels' times by type and size, memory
+    /// measured after the run) for `sluice sim --device FILE`: a simulation
+    /// with the same flags can then be checked against this run.
+    #[arg(long)]
+    profile_out: Option<PathBuf>,
 }
 
 /// Figures of one pass (cold or warm).
@@ -53,6 +61,8 @@ struct Pass {
     /// On a GPU: seconds from submission to completion of its work during
     /// decode (upload, kernels, read-back).
     gpu_decode_s: Option<f64>,
+    /// With a kernel log: the backend's calls during prefill and decode.
+    kernels: Option<(KernelTimes, KernelTimes)>,
 }
 
 impl Pass {
@@ -138,14 +148,19 @@ fn run_pass(
     n: usize,
     obs: &Observed,
     clock: Option<&sluice_backend_sim::DeviceClock>,
+    log: Option<&KernelLog>,
 ) -> Result<Pass> {
     s.reset();
+    if let Some(l) = log {
+        l.take();
+    }
     let d0 = clock.map(|c| c.time());
     let stats0 = s.streamer().map(|st| st.stats());
     obs.distinct.lock().expect("not poisoned").clear();
     let t0 = Instant::now();
     let mut last = s.forward(prompt, false)?;
     let ttft = t0.elapsed().as_secs_f64();
+    let prefill_kernels = log.map(KernelLog::take);
     let d1 = clock.map(|c| c.time());
     let prefill_distinct: u64 = {
         let d = obs.distinct.lock().expect("not poisoned");
@@ -168,6 +183,7 @@ fn run_pass(
         last = s.forward(&[next], false)?;
     }
     let decode_s = t1.elapsed().as_secs_f64();
+    let kernels = prefill_kernels.zip(log.map(KernelLog::take));
     let gpu_decode_s = match (g0, s.backend().device_seconds()) {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
@@ -203,6 +219,7 @@ fn run_pass(
         prefill_distinct,
         device,
         gpu_decode_s,
+        kernels,
     })
 }
 
@@ -226,8 +243,15 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     for p in &paths {
         dropped &= sluice_io::sys::drop_page_cache(p).is_ok();
     }
+    let baseline_rss = sluice_io::sys::rss_bytes().unwrap_or(0);
     let t_load = Instant::now();
-    let mut o = open(&a.m, ctx, a.prompt_tokens)?;
+    let mut ro = run_options(&a.m)?;
+    ro.record_kernels = a.profile_out.is_some();
+    if a.profile_out.is_some() && ro.backend != sluice_runtime::BackendKind::Cpu {
+        bail!("--profile-out profiles this machine: it needs --backend cpu");
+    }
+    let mut o = sluice_runtime::open(&ro, ctx, a.prompt_tokens)
+        .with_context(|| format!("opening {}", a.m.model.display()))?;
     let load_s = t_load.elapsed().as_secs_f64();
     let c = o.model.config.clone();
     // Bytes of each layer's experts, to count what the router used.
@@ -275,12 +299,32 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         })
         .collect();
     let clock = o.clock.clone();
-    let cold = run_pass(&mut s, &prompt, a.tokens, &obs, clock.as_deref())?;
+    let log = o.kernels.clone();
+    let b0 = s.streamer().map_or(0, |st| st.drive_bursts().len());
+    let mut cold = run_pass(
+        &mut s,
+        &prompt,
+        a.tokens,
+        &obs,
+        clock.as_deref(),
+        log.as_deref(),
+    )?;
     let warm = if a.no_warm {
         None
     } else {
-        Some(run_pass(&mut s, &prompt, a.tokens, &obs, clock.as_deref())?)
+        Some(run_pass(
+            &mut s,
+            &prompt,
+            a.tokens,
+            &obs,
+            clock.as_deref(),
+            None,
+        )?)
     };
+    let bursts: Vec<(u64, f64)> = s
+        .streamer()
+        .map(|st| st.drive_bursts().get(b0..).unwrap_or(&[]).to_vec())
+        .unwrap_or_default();
     let peak = sluice_io::sys::peak_rss_bytes().unwrap_or(0);
     // The queue depth the run used: reads per batch, on average.
     let qd = match &cold.io {
@@ -330,6 +374,28 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         (steady, burst)
     };
     let (probe, burst) = probe;
+    let profile_out = match (&a.profile_out, cold.kernels.take()) {
+        (Some(out), Some((prefill, decode))) => {
+            let stall = cold.io.map_or(0.0, |io| io.stall.as_secs_f64());
+            let p = crate::hostprof::from_run(&crate::hostprof::RunObserved {
+                command: std::env::args().collect::<Vec<_>>().join(" "),
+                bursts: &bursts,
+                queue_depth: a.m.stream.queue_depth,
+                probe: (burst.gbps, probe.p50_latency_s),
+                prefill,
+                decode,
+                decode_compute_s: cold.decode_s - stall,
+                baseline_rss,
+                tokens: a.tokens,
+                layers: c.n_layers,
+            })?;
+            let text = p.to_toml();
+            sluice_sim::Profile::parse(&text, out)?;
+            std::fs::write(out, text).with_context(|| format!("{}", out.display()))?;
+            Some(out.clone())
+        }
+        _ => None,
+    };
     // The cap in force: given, or the simulated device's default.
     let cap = s
         .streamer()
@@ -387,6 +453,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         "warm": warm.as_ref().map(|w| w.json()),
         "machine": machine(),
         "notes": notes,
+        "profile_out": profile_out,
     });
     for (k, v) in extra.as_object().expect("object") {
         m.insert(k.clone(), v.clone());
@@ -460,7 +527,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
 }
 
 /// CPU model, cores and kernel, for the record.
-pub fn machine() -> String {
+/// CPU, cores and RAM (what a cached host profile must match).
+pub fn fingerprint() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -471,9 +539,6 @@ pub fn machine() -> String {
         })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default();
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|s| {
@@ -484,5 +549,13 @@ pub fn machine() -> String {
         .map_or(String::new(), |kb| {
             format!(", {:.0} GB RAM", kb as f64 / 1e6)
         });
-    format!("{cpu}, {cores} cores{mem}, Linux {kernel}")
+    format!("{cpu}, {cores} cores{mem}")
+}
+
+/// The machine, in words, for reports.
+pub fn machine() -> String {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| format!(", Linux {}", s.trim()))
+        .unwrap_or_default();
+    format!("{}{kernel}", fingerprint())
 }

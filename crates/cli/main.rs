@@ -375,7 +375,7 @@ fn main() {
         Cmd::Bench(a) => bench::bench(a),
         Cmd::Pack(a) => tools::pack(a),
         Cmd::Synth(a) => tools::synth(a),
-        Cmd::Probe(a) => tools::probe(a),
+        Cmd::Probe(a) => tools::probe(&a),
         Cmd::Demo(a) => tools::demo(a),
         Cmd::Trace(a) => trace::trace(a),
         Cmd::Sim(a) => sim::sim(a),

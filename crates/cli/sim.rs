@@ -14,7 +14,9 @@ use std::path::PathBuf;
 #[derive(Args)]
 pub struct SimArgs {
     /// Device: a built-in profile (iphone-17-pro, macbook-pro-m3-max-48gb,
-    /// host) or a profile TOML file.
+    /// dev-vm), host (this machine: measured on first use and cached, see
+    /// SLUICE_HOST_PROFILE), or a profile TOML file (`sluice probe
+    /// --profile`, `sluice bench --profile-out`).
     #[arg(long, default_value = "iphone-17-pro")]
     device: String,
     /// A model file (its headers are read, not its weights) or a preset
@@ -186,6 +188,7 @@ fn flash_bound(p: &Profile, bytes_per_token: f64) -> Option<f64> {
 }
 
 pub fn sim(a: SimArgs) -> Result<()> {
+    crate::hostprof::resolve_device(&a.device)?;
     let mut profile = Profile::open(&a.device)?;
     if let Some(g) = a.flash_gbps {
         profile.set("flash.read_gbps", g)?;

@@ -26,7 +26,8 @@ pub struct ModelArgs {
     #[arg(long, default_value = "cpu")]
     pub backend: String,
     /// Device of --backend sim: a built-in profile (iphone-17-pro,
-    /// macbook-pro-m3-max-48gb, host) or a profile TOML file.
+    /// macbook-pro-m3-max-48gb, dev-vm), host (this machine, measured on
+    /// first use and cached) or a profile TOML file.
     #[arg(long, default_value = "iphone-17-pro")]
     pub device: String,
     /// With --backend sim: override the device's flash read bandwidth,
@@ -196,6 +197,9 @@ pub fn run_options(m: &ModelArgs) -> Result<RunOptions> {
             "--backend sim paces the reads of the uring and pread engines; mmap's page faults cannot be paced"
         );
     }
+    if backend == BackendKind::Sim {
+        crate::hostprof::resolve_device(&m.device)?;
+    }
     let prefetch = s.prefetch.0;
     if prefetch == Some(Prefetch::Oracle) && s.replay.is_none() {
         anyhow::bail!("--prefetch oracle needs a --replay trace to know the future from");
@@ -245,6 +249,7 @@ pub fn run_options(m: &ModelArgs) -> Result<RunOptions> {
         replay,
         verify: s.verify,
         cgroup: s.cgroup,
+        record_kernels: false,
     })
 }
 

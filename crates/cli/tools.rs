@@ -102,6 +102,29 @@ pub struct ProbeArgs {
     /// bytes / bandwidth.
     #[arg(long)]
     profile: Option<PathBuf>,
+    /// Print nothing (when the CLI measures the host profile itself).
+    #[arg(skip)]
+    silent: bool,
+}
+
+impl ProbeArgs {
+    /// The probe `--device host` runs the first time: both request sizes
+    /// and queue depths the profile needs, on a scratch file in `dir`,
+    /// writing the profile to `out`.
+    pub fn for_host_profile(dir: &Path, out: &Path) -> ProbeArgs {
+        ProbeArgs {
+            path: dir.to_path_buf(),
+            io: IoKind::platform_default().name().into(),
+            sizes: vec!["4K".into(), "512K".into()],
+            qd: vec![1, 16],
+            seconds: 1.0,
+            burst_gap_ms: 10.0,
+            file_size: "256M".into(),
+            json: true,
+            profile: Some(out.to_path_buf()),
+            silent: true,
+        }
+    }
 }
 
 fn dtype_arg(s: &str) -> Result<DType> {
@@ -201,7 +224,7 @@ pub fn synth(a: SynthArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn probe(a: ProbeArgs) -> Result<()> {
+pub fn probe(a: &ProbeArgs) -> Result<()> {
     let kind = IoKind::parse(&a.io).with_context(|| format!("unknown engine {:?}", a.io))?;
     if kind == IoKind::Mmap {
         bail!("probe measures the drive with O_DIRECT: use --io uring or pread");
@@ -400,6 +423,9 @@ pub fn probe(a: ProbeArgs) -> Result<()> {
         if !a.json {
             println!("wrote the host profile to {}", out.display());
         }
+    }
+    if a.silent {
+        return Ok(());
     }
     if a.json {
         println!("{j}");

@@ -116,8 +116,44 @@ pub const BUILTIN: &[(&str, &str)] = &[
         "macbook-pro-m3-max-48gb",
         include_str!("../profiles/macbook-pro-m3-max-48gb.toml"),
     ),
-    ("host", include_str!("../profiles/host.toml")),
+    ("dev-vm", include_str!("../profiles/dev-vm.toml")),
 ];
+
+/// The device name that means the machine sluice runs on.
+pub const HOST: &str = "host";
+
+/// Where the machine's own profile is kept: `$SLUICE_HOST_PROFILE` if set,
+/// else `host.toml` in sluice's cache directory (`$SLUICE_CACHE_DIR`, or
+/// the platform's user cache: `$XDG_CACHE_HOME/sluice`, `~/.cache/sluice`,
+/// `~/Library/Caches/sluice` on Apple's systems, `%LOCALAPPDATA%\sluice` on
+/// Windows). `None` when no such directory can be named.
+pub fn host_profile_path() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("SLUICE_HOST_PROFILE") {
+        return Some(PathBuf::from(p));
+    }
+    cache_dir().map(|d| d.join("host.toml"))
+}
+
+/// sluice's cache directory (see [`host_profile_path`]).
+pub fn cache_dir() -> Option<PathBuf> {
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(d) = var("SLUICE_CACHE_DIR") {
+        return Some(d);
+    }
+    if cfg!(windows) {
+        return var("LOCALAPPDATA").map(|d| d.join("sluice"));
+    }
+    if cfg!(target_vendor = "apple") {
+        return var("HOME").map(|h| h.join("Library/Caches/sluice"));
+    }
+    var("XDG_CACHE_HOME")
+        .or_else(|| var("HOME").map(|h| h.join(".cache")))
+        .map(|d| d.join("sluice"))
+}
 
 fn bad(path: &Path, msg: impl Into<String>) -> Error {
     Error::Format {
@@ -128,16 +164,27 @@ fn bad(path: &Path, msg: impl Into<String>) -> Error {
 }
 
 impl Profile {
-    /// A built-in profile by name, or a TOML file.
+    /// A built-in profile by name, [`HOST`] (this machine's profile at
+    /// [`host_profile_path`], which `sluice probe DIR --profile` and the
+    /// CLI's `--device host` write), or a TOML file.
     pub fn open(name_or_path: &str) -> Result<Profile> {
         if let Some((n, text)) = BUILTIN.iter().find(|(n, _)| *n == name_or_path) {
             return Profile::parse(text, Path::new(&format!("builtin:{n}")));
+        }
+        if name_or_path == HOST {
+            let Some(path) = host_profile_path().filter(|p| p.exists()) else {
+                return Err(Error::Invalid(format!(
+                    "no profile of this machine yet{}: the sluice CLI's `--device host` measures it (drive and kernels, about half a minute) and keeps it there",
+                    host_profile_path().map_or(String::new(), |p| format!(" at {}", p.display()))
+                )));
+            };
+            return Profile::open(&path.to_string_lossy());
         }
         let path = PathBuf::from(name_or_path);
         if !path.exists() {
             let names: Vec<&str> = BUILTIN.iter().map(|(n, _)| *n).collect();
             return Err(Error::Invalid(format!(
-                "no device {name_or_path:?}: neither a built-in profile ({}) nor a file",
+                "no device {name_or_path:?}: neither a built-in profile ({}), {HOST} (this machine) nor a file",
                 names.join(", ")
             )));
         }

@@ -742,7 +742,7 @@ mod tests {
 
     fn setup(layers: usize) -> (SimModel, Profile) {
         let m = SimModel::preset("small-moe", Some("q4_0"), Some(layers)).unwrap();
-        let p = Profile::open("host").unwrap();
+        let p = Profile::open("dev-vm").unwrap();
         (m, p)
     }
 

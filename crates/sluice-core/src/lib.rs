@@ -14,6 +14,7 @@ pub mod dtype;
 pub mod error;
 pub mod ops;
 pub mod quant;
+pub mod record;
 pub mod size;
 
 pub use backend::{fresh_weight_id, AttnParams, Backend, WeightView};

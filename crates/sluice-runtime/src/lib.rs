@@ -9,6 +9,7 @@
 
 use sluice_backend_cpu::{Activations, CpuBackend, CpuOptions};
 use sluice_backend_sim::{DeviceClock, PacedEngine, SimBackend};
+use sluice_core::record::{KernelLog, Recording};
 use sluice_core::{Backend, Error, Result};
 use sluice_engine::forward::Replay;
 use sluice_engine::model::{Ffn, MixerWeights};
@@ -85,6 +86,9 @@ pub struct RunOptions {
     pub verify: bool,
     /// Enter a memory cgroup limited to the cap (Linux, needs root).
     pub cgroup: bool,
+    /// Time the CPU backend's products and attention into
+    /// [`Opened::kernels`] (for a device profile fitted to the run).
+    pub record_kernels: bool,
 }
 
 impl Default for RunOptions {
@@ -113,6 +117,7 @@ impl Default for RunOptions {
             replay: None,
             verify: false,
             cgroup: false,
+            record_kernels: false,
         }
     }
 }
@@ -166,6 +171,8 @@ pub struct Opened {
     pub notes: Vec<String>,
     /// The simulated device's clock ([`BackendKind::Sim`]).
     pub clock: Option<Arc<DeviceClock>>,
+    /// With [`RunOptions::record_kernels`]: the CPU backend's calls, timed.
+    pub kernels: Option<Arc<KernelLog>>,
     replay: Option<Replay>,
 }
 
@@ -318,6 +325,17 @@ pub fn open(o: &RunOptions, ctx: usize, batch: usize) -> Result<Opened> {
             None => (Arc::new(cpu), None),
         },
     };
+    let kernels = o.record_kernels.then(|| Arc::new(KernelLog::default()));
+    if kernels.is_some() && o.backend != BackendKind::Cpu {
+        return Err(Error::Invalid(
+            "a profile of this machine times the CPU backend's kernels: it needs the CPU backend"
+                .into(),
+        ));
+    }
+    let backend: Arc<dyn Backend> = match &kernels {
+        Some(log) => Arc::new(Recording::new(backend, log.clone())),
+        None => backend,
+    };
     let load = || ModelFiles::open(&o.model);
     let Some(kind) = o.engine() else {
         if !o.prefetch_seed.is_empty() {
@@ -345,6 +363,7 @@ pub fn open(o: &RunOptions, ctx: usize, batch: usize) -> Result<Opened> {
             capped,
             notes,
             clock: None,
+            kernels,
             replay,
         });
     };
@@ -441,6 +460,7 @@ pub fn open(o: &RunOptions, ctx: usize, batch: usize) -> Result<Opened> {
         capped,
         notes,
         clock,
+        kernels,
     })
 }
 

@@ -42,6 +42,9 @@ struct Loading {
 /// Read rate assumed before any read has been timed (a modest NVMe drive).
 const FIRST_RATE: f64 = 1e9;
 
+/// Drive bursts kept for [`Streamer::drive_bursts`] (16 bytes each).
+const MAX_BURSTS: usize = 1 << 16;
+
 /// The I/O half: engine, slot memory, read plans and completions. It is
 /// the [`Drive`] of the real streamer.
 struct Reader {
@@ -61,6 +64,14 @@ struct Reader {
     verify: bool,
     stats: StreamStats,
     busy_since: Option<Instant>,
+    /// Bytes submitted since the drive was last idle.
+    busy_bytes: u64,
+    /// Whether the compute thread is waiting on a read.
+    waiting: bool,
+    /// Busy periods (bytes, seconds) that ended while the compute thread
+    /// waited, so that their end was seen as it happened: the drive as the
+    /// engine observed it.
+    bursts: Vec<(u64, f64)>,
     done: Vec<Completion>,
     loading_errors: Vec<(usize, Error)>,
     /// The wall clock's zero, for engines that do not pace a drive.
@@ -251,6 +262,9 @@ impl Streamer {
                 verify: opts.verify,
                 stats: StreamStats::default(),
                 busy_since: None,
+                busy_bytes: 0,
+                waiting: false,
+                bursts: Vec::new(),
                 done: Vec::new(),
                 loading_errors: Vec::new(),
                 epoch: Instant::now(),
@@ -311,6 +325,14 @@ impl Streamer {
     /// Counters so far.
     pub fn stats(&self) -> StreamStats {
         self.io.stats
+    }
+
+    /// The drive as the engine saw it: each period from an idle drive to
+    /// an idle drive that ended while compute waited on a read, as (bytes
+    /// read, seconds). Periods that ended under compute are left out, as
+    /// their completions were reaped late. Up to 65,536 periods.
+    pub fn drive_bursts(&self) -> &[(u64, f64)] {
+        &self.io.bursts
     }
 
     /// The read engine, described.
@@ -835,8 +857,13 @@ impl Reader {
         }
         if self.engine.in_flight() == 0 {
             if let (Some(s), Some(l)) = (self.busy_since.take(), last) {
-                self.stats.io_busy += l.saturating_duration_since(s);
+                let d = l.saturating_duration_since(s);
+                self.stats.io_busy += d;
+                if self.waiting && self.bursts.len() < MAX_BURSTS {
+                    self.bursts.push((self.busy_bytes, d.as_secs_f64()));
+                }
             }
+            self.busy_bytes = 0;
         }
         self.done = done;
         self.done.clear();
@@ -901,15 +928,20 @@ impl Reader {
             return Ok(());
         }
         let t = Instant::now();
-        while cache.state(slot) == SlotState::Loading && self.loading.contains_key(&slot) {
-            let mut done = std::mem::take(&mut self.done);
-            let r = self.engine.wait(1, &mut done);
-            self.done = done;
-            r?;
-            self.absorb(cache)?;
-        }
+        self.waiting = true;
+        let r = (|| {
+            while cache.state(slot) == SlotState::Loading && self.loading.contains_key(&slot) {
+                let mut done = std::mem::take(&mut self.done);
+                let r = self.engine.wait(1, &mut done);
+                self.done = done;
+                r?;
+                self.absorb(cache)?;
+            }
+            Ok(())
+        })();
+        self.waiting = false;
         self.stats.stall += t.elapsed();
-        Ok(())
+        r
     }
 
     fn take_error(&mut self, slot: usize) -> Option<Error> {
@@ -934,9 +966,10 @@ impl Drive for Reader {
         if self.busy_since.is_none() {
             self.busy_since = Some(Instant::now());
         }
+        let bytes: usize = reqs.iter().map(|r| r.len).sum();
+        self.busy_bytes += bytes as u64;
         if self.engine.pace().is_none() {
             let now = self.epoch.elapsed().as_secs_f64();
-            let bytes: usize = reqs.iter().map(|r| r.len).sum();
             self.drive_free = self.drive_free.max(now) + bytes as f64 / self.measured_rate();
         }
         self.stats.batches += 1;
