@@ -113,11 +113,10 @@ impl CpuBackend {
         let isa = match o.isa {
             Some(i) => i,
             None => match std::env::var("SLUICE_CPU_ISA") {
-                Ok(v) => Isa::parse(&v).ok_or_else(|| {
-                    Error::Invalid(format!(
-                        "SLUICE_CPU_ISA={v:?} is not an instruction set (known: {})",
-                        Isa::ALL.map(Isa::name).join(", ")
-                    ))
+                Ok(v) => Isa::parse(&v).ok_or_else(|| Error::UnknownName {
+                    what: "instruction set in SLUICE_CPU_ISA",
+                    name: v.clone(),
+                    known: Isa::ALL.map(Isa::name).join(", "),
                 })?,
                 Err(_) => Isa::detect(),
             },

@@ -123,8 +123,13 @@ fn set_error(msg: &str) {
 
 fn status_of(e: &sluice::Error) -> SluiceStatus {
     match e {
-        sluice::Error::Io { .. } => SluiceStatus::SluiceErrIo,
-        sluice::Error::Format { .. } => SluiceStatus::SluiceErrFormat,
+        sluice::Error::ExpertRead { cause, .. } => status_of(cause),
+        sluice::Error::Io { .. }
+        | sluice::Error::ShortRead { .. }
+        | sluice::Error::NotAFile { .. } => SluiceStatus::SluiceErrIo,
+        sluice::Error::Format { .. } | sluice::Error::Checksum { .. } => {
+            SluiceStatus::SluiceErrFormat
+        }
         sluice::Error::Unsupported(_) => SluiceStatus::SluiceErrUnsupported,
         _ => SluiceStatus::SluiceErrInvalid,
     }

@@ -163,10 +163,10 @@ impl Session {
             return Err(Error::Invalid("no tokens to process".into()));
         }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab) {
-            return Err(Error::Invalid(format!(
-                "token id {bad} is outside the vocabulary of {} tokens",
-                c.vocab
-            )));
+            return Err(Error::TokenOutOfVocab {
+                id: bad,
+                vocab: c.vocab,
+            });
         }
         self.experts.begin(tokens);
         let h = c.hidden;

@@ -220,10 +220,11 @@ pub const PRESETS: &[Preset] = &[
 pub fn preset(name: &str) -> Result<&'static Preset> {
     PRESETS.iter().find(|p| p.name == name).ok_or_else(|| {
         let names: Vec<&str> = PRESETS.iter().map(|p| p.name).collect();
-        Error::Invalid(format!(
-            "unknown preset {name:?} (known: {})",
-            names.join(", ")
-        ))
+        Error::UnknownName {
+            what: "preset",
+            name: name.into(),
+            known: names.join(", "),
+        }
     })
 }
 

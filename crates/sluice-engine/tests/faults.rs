@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_backend_cpu::CpuBackend;
+use sluice_core::Error;
 use sluice_engine::stream::{EngineWrap, StreamOptions, Streamer};
 use sluice_engine::{Model, Session};
 use sluice_io::fault::{self, FaultPlan, Faults};
@@ -167,7 +168,13 @@ fn torn_completion_is_an_error_not_logits() {
         ..FaultPlan::default()
     });
     let mut s = faulty_session(&m, IoKind::Pread, &faults, 4, 0);
-    let err = s.forward(&TOKENS, true).unwrap_err().to_string();
+    let err = s.forward(&TOKENS, true).unwrap_err();
+    // Typed, for embedders: which expert, and that the read came back short.
+    assert!(
+        matches!(&err, Error::ExpertRead { cause, .. } if matches!(**cause, Error::ShortRead { got, wanted } if got < wanted)),
+        "{err:?}"
+    );
+    let err = err.to_string();
     assert!(
         err.contains("reading layer ") && err.contains("reported success after"),
         "{err}"
@@ -241,6 +248,10 @@ fn checksum_mismatch_names_the_layer_and_expert() {
     .unwrap();
     for attempt in 0..2 {
         let err = st.pin_experts(layer, &[expert], attempt).unwrap_err();
+        assert!(
+            matches!(&err, Error::Checksum { layer: l, expert: e, .. } if (*l, *e) == (layer, expert)),
+            "{err:?}"
+        );
         let err = err.to_string();
         assert!(
             err.contains(&format!(

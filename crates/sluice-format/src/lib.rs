@@ -72,10 +72,9 @@ impl MappedFile {
         let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         let meta = f.metadata().map_err(|e| Error::io(path, e))?;
         if !meta.is_file() {
-            return Err(Error::Invalid(format!(
-                "{}: not a regular file",
-                path.display()
-            )));
+            return Err(Error::NotAFile {
+                path: path.to_path_buf(),
+            });
         }
         // SAFETY: the map is read-only and model files are treated as immutable while sluice runs; a file truncated underneath us would fault, as with every mmap-based loader, and is documented.
         let map = unsafe { Mmap::map(&f) }.map_err(|e| Error::io(path, e))?;

@@ -23,15 +23,15 @@ unsafe impl Sync for AlignedBuf {}
 impl AlignedBuf {
     /// Allocates `len` zeroed bytes aligned to `align` (a power of two).
     ///
-    /// `len == 0` allocates nothing. Fails with [`Error::Invalid`], naming the
+    /// `len == 0` allocates nothing. Fails with [`Error::Alloc`], naming the
     /// size, when `align` is not a power of two, the size is absurd or the
     /// allocation fails (rather than aborting the process).
     pub fn new(len: usize, align: usize) -> Result<AlignedBuf> {
         let align = align.max(1);
-        let layout = Layout::from_size_align(len, align).map_err(|_| {
-            Error::Invalid(format!(
-                "cannot allocate a buffer of {len} bytes aligned to {align}"
-            ))
+        let layout = Layout::from_size_align(len, align).map_err(|_| Error::Alloc {
+            len,
+            align,
+            why: "not a valid layout (the alignment must be a power of two, the size within isize)",
         })?;
         if len == 0 {
             // A zero-length slice needs a non-null, aligned pointer but no
@@ -41,10 +41,10 @@ impl AlignedBuf {
         }
         // SAFETY: the layout has a non-zero size.
         let raw = unsafe { alloc_zeroed(layout) };
-        let ptr = NonNull::new(raw).ok_or_else(|| {
-            Error::Invalid(format!(
-                "out of memory allocating a buffer of {len} bytes aligned to {align}"
-            ))
+        let ptr = NonNull::new(raw).ok_or(Error::Alloc {
+            len,
+            align,
+            why: "out of memory",
         })?;
         Ok(AlignedBuf { ptr, len, align })
     }
@@ -149,7 +149,7 @@ mod tests {
         assert!(b.is_empty());
         assert_eq!(b.as_ptr() as usize % 4096, 0);
         assert_eq!(&b[..], &[] as &[u8]);
-        assert!(matches!(AlignedBuf::new(10, 3), Err(Error::Invalid(_))));
+        assert!(matches!(AlignedBuf::new(10, 3), Err(Error::Alloc { .. })));
         let e = AlignedBuf::new(usize::MAX - 10, 4096).unwrap_err();
         assert!(
             e.to_string().contains(&(usize::MAX - 10).to_string()),
@@ -157,6 +157,6 @@ mod tests {
         );
         // Fits a Layout but no allocator will hand it out.
         let e = AlignedBuf::new(isize::MAX as usize / 2, 4096).unwrap_err();
-        assert!(matches!(e, Error::Invalid(_)));
+        assert!(matches!(e, Error::Alloc { .. }));
     }
 }

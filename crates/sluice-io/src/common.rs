@@ -83,10 +83,9 @@ impl FileSet {
             open(path, false).map_err(|e| Error::io(path, e))?
         };
         if !file.metadata().map_err(|e| Error::io(path, e))?.is_file() {
-            return Err(Error::Invalid(format!(
-                "{}: not a regular file",
-                path.display()
-            )));
+            return Err(Error::NotAFile {
+                path: path.to_path_buf(),
+            });
         }
         self.files.push(Arc::new(OpenedFile {
             path: path.to_path_buf(),
@@ -114,11 +113,9 @@ impl FileSet {
     }
 
     pub fn get(&self, id: usize) -> Result<&Arc<OpenedFile>> {
-        self.files.get(id).ok_or_else(|| {
-            Error::Invalid(format!(
-                "read of file #{id}, but only {} files are open",
-                self.files.len()
-            ))
+        self.files.get(id).ok_or(Error::NoSuchFile {
+            id,
+            open: self.files.len(),
         })
     }
 
@@ -508,7 +505,7 @@ mod tests {
         // A directory: "not a regular file" (Windows refuses to open it).
         assert!(matches!(
             set.open(&std::env::temp_dir()),
-            Err(Error::Invalid(_) | Error::Io { .. })
+            Err(Error::NotAFile { .. } | Error::Io { .. })
         ));
         // Windows keeps an open file from being deleted.
         drop(set);

@@ -304,12 +304,13 @@ pub trait ReadEngine: Send {
     /// given) and address them with pointers taken before handing them over
     /// ([`AlignedBuf::as_mut_ptr`]; moving an `AlignedBuf` does not move its
     /// memory). A later call replaces (and frees) them, which needs an idle
-    /// engine: with reads in flight it fails with [`Error::Invalid`].
+    /// engine: with reads in flight it fails with [`Error::EngineBusy`].
     fn register_buffers(&mut self, bufs: Vec<AlignedBuf>) -> Result<bool>;
 
     /// Queues reads. Either every request is accepted or none is (a request
     /// that is invalid for this engine fails the whole call with
-    /// [`Error::Invalid`]).
+    /// [`Error::Invalid`], or [`Error::NoSuchFile`] for a file it has not
+    /// opened).
     ///
     /// # Safety
     ///
@@ -450,7 +451,7 @@ fn fallback_note(reason: &Error) -> String {
 /// bytes in it: they are `buf[skip..skip + len]`.
 ///
 /// For one-off reads (headers, tests); the engine must be idle
-/// ([`ReadEngine::in_flight`] = 0), else [`Error::Invalid`].
+/// ([`ReadEngine::in_flight`] = 0), else [`Error::EngineBusy`].
 pub fn read_exact(
     engine: &mut dyn ReadEngine,
     file: FileId,
@@ -458,10 +459,10 @@ pub fn read_exact(
     len: usize,
 ) -> Result<(AlignedBuf, usize)> {
     if engine.in_flight() != 0 {
-        return Err(Error::Invalid(format!(
-            "read_exact needs an idle engine; {} reads are in flight",
-            engine.in_flight()
-        )));
+        return Err(Error::EngineBusy {
+            op: "read_exact",
+            in_flight: engine.in_flight(),
+        });
     }
     let align = engine.align();
     let mut buf = AlignedBuf::new(widened_len(offset, len, align), align)?;

@@ -104,10 +104,9 @@ impl ReadEngine for MmapEngine {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let meta = file.metadata().map_err(|e| Error::io(path, e))?;
         if !meta.is_file() {
-            return Err(Error::Invalid(format!(
-                "{}: not a regular file",
-                path.display()
-            )));
+            return Err(Error::NotAFile {
+                path: path.to_path_buf(),
+            });
         }
         let len = meta.len();
         let map = if len == 0 {
@@ -132,11 +131,10 @@ impl ReadEngine for MmapEngine {
     unsafe fn submit(&mut self, reqs: &[ReadReq]) -> Result<()> {
         for req in reqs {
             if req.file >= self.files.len() {
-                return Err(Error::Invalid(format!(
-                    "read of file #{}, but only {} files are open",
-                    req.file,
-                    self.files.len()
-                )));
+                return Err(Error::NoSuchFile {
+                    id: req.file,
+                    open: self.files.len(),
+                });
             }
             if req.cap < req.len || (req.len > 0 && req.dst.is_null()) {
                 return Err(Error::Invalid(format!(

@@ -213,10 +213,10 @@ impl ReadEngine for PreadEngine {
 
     fn register_buffers(&mut self, bufs: Vec<AlignedBuf>) -> Result<bool> {
         if self.queued != 0 {
-            return Err(Error::Invalid(format!(
-                "cannot replace destination buffers with {} reads in flight",
-                self.queued
-            )));
+            return Err(Error::EngineBusy {
+                op: "replacing the destination buffers",
+                in_flight: self.queued,
+            });
         }
         // Nothing to register with pread; keeping them is the point.
         self.bufs = bufs;

@@ -105,10 +105,10 @@ fn run(
         ));
     }
     if engine.in_flight() != 0 {
-        return Err(Error::Invalid(format!(
-            "probe needs an idle engine; {} reads are in flight",
-            engine.in_flight()
-        )));
+        return Err(Error::EngineBusy {
+            op: "probe",
+            in_flight: engine.in_flight(),
+        });
     }
     let align = engine.align();
     let slot_len = max_widened_len(request_bytes, align);
@@ -240,10 +240,10 @@ pub fn idle_bursts(
         )));
     }
     if engine.in_flight() != 0 {
-        return Err(Error::Invalid(format!(
-            "probe needs an idle engine; {} reads are in flight",
-            engine.in_flight()
-        )));
+        return Err(Error::EngineBusy {
+            op: "probe",
+            in_flight: engine.in_flight(),
+        });
     }
     let slot_len = max_widened_len(request_bytes, engine.align());
     let mut bufs = (0..most)

@@ -417,10 +417,10 @@ impl ReadEngine for UringEngine {
 
     fn register_buffers(&mut self, bufs: Vec<AlignedBuf>) -> Result<bool> {
         if self.queued != 0 {
-            return Err(Error::Invalid(format!(
-                "cannot register buffers with {} reads in flight",
-                self.queued
-            )));
+            return Err(Error::EngineBusy {
+                op: "registering buffers",
+                in_flight: self.queued,
+            });
         }
         if !self.fixed_bufs.is_empty() {
             // Unregistering waits for nothing: no reads are in flight.

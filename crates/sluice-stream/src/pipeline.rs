@@ -139,10 +139,10 @@ impl Pipeline {
             }
         }
         if wave.is_empty() {
-            return Err(Error::Invalid(format!(
-                "no expert slot can be freed in layer {layer}: {} slots, all in use",
-                self.cache.capacity()
-            )));
+            return Err(Error::SlotsInUse {
+                layer,
+                slots: self.cache.capacity(),
+            });
         }
         let slots: Vec<usize> = wave.iter().map(|w| w.1).collect();
         if predicted

@@ -593,8 +593,10 @@ impl Streamer {
         for w in 0..wave.len() {
             let (e, s) = wave[w];
             if self.pipe.cache.state(s) != SlotState::Ready {
-                let err = self.io.take_error(s).unwrap_or_else(|| {
-                    Error::Invalid(format!("layer {layer} expert {e}: read failed"))
+                let err = self.io.take_error(s).unwrap_or_else(|| Error::ExpertRead {
+                    layer,
+                    expert: e,
+                    cause: Box::new(Error::Invalid("the read failed".into())),
                 });
                 return self.fail(wave, err).map(|_| 0);
             }
@@ -634,33 +636,32 @@ impl Streamer {
         step: u64,
     ) -> Result<Vec<usize>> {
         if self.io.plans.layers.get(layer).is_none_or(|p| p.is_none()) {
-            return Err(Error::Invalid(format!("layer {layer} is not an MoE layer")));
+            return Err(Error::NotMoeLayer { layer });
         }
         let n = self.io.plans.layers[layer].as_ref().map_or(0, Vec::len);
         if let Some(&bad) = experts.iter().find(|&&e| e >= n) {
-            return Err(Error::Invalid(format!(
-                "expert {bad} is out of range: layer {layer} has {n} experts"
-            )));
+            return Err(Error::ExpertOutOfRange {
+                layer,
+                expert: bad,
+                experts: n,
+            });
         }
         let mut uniq: Vec<usize> = experts.to_vec();
         uniq.sort_unstable();
         uniq.dedup();
         if uniq.len() > self.pipe.cache.capacity() {
-            return Err(Error::Invalid(format!(
-                "{} experts cannot be resident at once in {} slots",
-                uniq.len(),
-                self.pipe.cache.capacity()
-            )));
+            return Err(Error::TooManyExperts {
+                wanted: uniq.len(),
+                slots: self.pipe.cache.capacity(),
+            });
         }
         let want: Vec<(usize, f32)> = uniq.iter().map(|&e| (e, 1.0)).collect();
         let mut wave = Vec::new();
         let got = self.fetch(layer, &want, 0, step, &mut wave)?;
         if got < want.len() {
-            let _ = self.fail(&wave, Error::Invalid(String::new()));
-            return Err(Error::Invalid(format!(
-                "only {got} of {} experts could be pinned in layer {layer}: other slots are in use",
-                want.len()
-            )));
+            let slots = self.pipe.cache.capacity();
+            let _ = self.fail(&wave, Error::SlotsInUse { layer, slots });
+            return Err(Error::SlotsInUse { layer, slots });
         }
         // One pin per requested id (duplicates pin twice).
         let mut out = Vec::with_capacity(experts.len());
@@ -807,36 +808,38 @@ impl Reader {
 
     /// Processes completions: marks slots ready (or failed).
     fn absorb(&mut self, cache: &mut SlotCache) -> Result<()> {
-        let done = std::mem::take(&mut self.done);
+        let mut done = std::mem::take(&mut self.done);
         let mut last = None::<Instant>;
-        for c in &done {
+        for c in done.drain(..) {
             let slot = (c.tag >> 8) as usize;
             last = Some(last.map_or(c.completed, |l: Instant| l.max(c.completed)));
             let Some(ld) = self.loading.get_mut(&slot) else {
                 continue;
             };
             ld.remaining -= 1;
-            match &c.result {
+            match c.result {
                 Ok(d) if !d.covers_wanted() => {
                     // An engine that reports success short of the wanted
                     // range must not get a half-filled slot marked valid.
                     if ld.error.is_none() {
-                        ld.error = Some(Error::Invalid(format!(
-                            "reading layer {} expert {}: the read engine reported success after {} of the wanted {} bytes",
-                            ld.key.layer,
-                            ld.key.expert,
-                            d.bytes_read.saturating_sub(d.skip),
-                            d.len
-                        )));
+                        ld.error = Some(Error::ExpertRead {
+                            layer: ld.key.layer as usize,
+                            expert: ld.key.expert as usize,
+                            cause: Box::new(Error::ShortRead {
+                                got: d.bytes_read.saturating_sub(d.skip) as u64,
+                                wanted: d.len as u64,
+                            }),
+                        });
                     }
                 }
                 Ok(d) => self.stats.bytes_read += d.bytes_read as u64,
                 Err(e) => {
                     if ld.error.is_none() {
-                        ld.error = Some(Error::Invalid(format!(
-                            "reading layer {} expert {}: {e}",
-                            ld.key.layer, ld.key.expert
-                        )));
+                        ld.error = Some(Error::ExpertRead {
+                            layer: ld.key.layer as usize,
+                            expert: ld.key.expert as usize,
+                            cause: Box::new(e),
+                        });
                     }
                 }
             }
@@ -904,14 +907,13 @@ impl Reader {
         let b = self.seg_bytes(slot, s);
         let got = xxhash_rust::xxh3::xxh3_64(b);
         if got != want {
-            return Err(Error::Invalid(format!(
-                "{}: checksum mismatch in layer {} expert {} (record at offset {}, {} bytes): the file is corrupt",
-                self.engine.path(s.file).display(),
-                key.layer,
-                key.expert,
-                s.offset,
-                s.len
-            )));
+            return Err(Error::Checksum {
+                path: self.engine.path(s.file).to_path_buf(),
+                layer: key.layer as usize,
+                expert: key.expert as usize,
+                offset: s.offset,
+                len: s.len as u64,
+            });
         }
         Ok(())
     }
