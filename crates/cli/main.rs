@@ -1,6 +1,7 @@
 //! The `sluice` command line.
 
 mod bench;
+mod chat;
 mod hostprof;
 mod sim;
 mod stream_args;
@@ -52,6 +53,13 @@ enum Cmd {
     /// Predict tok/s, TTFT, hit rate and stalls on a device (profile),
     /// for any RAM cap and flash bandwidth; sweeps write CSV and SVG.
     Sim(sim::SimArgs),
+    /// Chat with a model in the terminal, with its own chat template; the
+    /// conversation's KV cache is kept between turns.
+    Chat(chat::ChatArgs),
+    /// Serve a model over an OpenAI-compatible HTTP API
+    /// (/v1/chat/completions with streaming and tool calls,
+    /// /v1/completions, /v1/models, /health, /metrics).
+    Serve(chat::ServeArgs),
 }
 
 #[derive(Args)]
@@ -379,6 +387,8 @@ fn main() {
         Cmd::Demo(a) => tools::demo(a),
         Cmd::Trace(a) => trace::trace(a),
         Cmd::Sim(a) => sim::sim(a),
+        Cmd::Chat(a) => chat::chat(a),
+        Cmd::Serve(a) => chat::serve(a),
     };
     if let Err(e) = r {
         eprintln!("error: {}", words(&e));

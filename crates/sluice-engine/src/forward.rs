@@ -136,6 +136,39 @@ impl Session {
         }
     }
 
+    /// Whether the sequence can be cut back to an earlier position: only
+    /// attention keeps one entry per position; a linear layer's recurrent
+    /// state has folded every token in and cannot be rewound.
+    pub fn can_truncate(&self) -> bool {
+        self.model
+            .layers
+            .iter()
+            .all(|l| matches!(l.mixer, MixerWeights::Attention(_)))
+    }
+
+    /// Forgets every position from `pos` on, keeping the KV cache of the
+    /// ones before (a shared prefix reused by the next prompt). Fails for
+    /// models with linear layers unless nothing is cut
+    /// ([`can_truncate`](Self::can_truncate)).
+    pub fn truncate(&mut self, pos: usize) -> Result<()> {
+        if pos >= self.pos {
+            return Ok(());
+        }
+        if !self.can_truncate() {
+            return Err(Error::Invalid(format!(
+                "a model with linear-attention layers cannot be rewound from position {} to {pos}",
+                self.pos
+            )));
+        }
+        let kd = self.model.config.n_kv_heads * self.model.config.head_dim;
+        for (k, v) in &mut self.kv {
+            k.truncate(pos * kd);
+            v.truncate(pos * kd);
+        }
+        self.pos = pos;
+        Ok(())
+    }
+
     /// Installs a routing observer.
     pub fn set_observer(&mut self, o: Option<RouteObserver>) {
         self.observer = o;

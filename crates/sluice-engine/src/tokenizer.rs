@@ -163,6 +163,12 @@ impl Tokenizer {
         self.inner.to_string(false).unwrap_or_default()
     }
 
+    /// The id of a token given as its text (`<|im_end|>`), if the
+    /// vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

@@ -1,0 +1,267 @@
+//! Generation on one session, reusing what it has already processed: a
+//! new prompt that extends the previous sequence (the next turn of a
+//! chat) runs only its new tokens; one that diverges cuts the KV cache back
+//! to the shared prefix (attention-only models) or starts over (models with
+//! linear-attention layers, whose state cannot be rewound).
+
+use crate::template::END_OF_TURN;
+use sluice_core::{Error, Result};
+use sluice_engine::{Sampler, Session, TextStream, Tokenizer};
+use std::time::Instant;
+
+/// How to sample and when to stop.
+#[derive(Clone, Debug)]
+pub struct GenParams {
+    /// Tokens to generate at most.
+    pub max_tokens: usize,
+    /// 0: greedy.
+    pub temperature: f32,
+    /// Nucleus sampling mass.
+    pub top_p: f32,
+    /// Sampler seed.
+    pub seed: u64,
+    /// Texts that end the answer (not included in it).
+    pub stop: Vec<String>,
+}
+
+impl Default for GenParams {
+    fn default() -> Self {
+        GenParams {
+            max_tokens: 256,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            stop: Vec::new(),
+        }
+    }
+}
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    /// An end-of-turn token or a stop text.
+    Stop,
+    /// `max_tokens`, or the context is full.
+    Length,
+    /// The caller stopped it (a client that went away).
+    Cancelled,
+}
+
+impl Finish {
+    /// OpenAI's `finish_reason`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Finish::Stop => "stop",
+            Finish::Length => "length",
+            Finish::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// One generation, measured.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// The generated text (special tokens written out, stop text removed).
+    pub text: String,
+    /// Tokens of the prompt.
+    pub prompt_tokens: usize,
+    /// Of those, tokens whose KV cache was reused instead of recomputed.
+    pub reused_tokens: usize,
+    /// Tokens generated.
+    pub completion_tokens: usize,
+    /// Seconds from the call to the first generated token.
+    pub ttft_s: f64,
+    /// Seconds of the tokens after the first.
+    pub decode_s: f64,
+    /// Why it ended.
+    pub finish: Finish,
+}
+
+impl Outcome {
+    /// Generated tokens per second after the first.
+    pub fn tok_per_s(&self) -> f64 {
+        self.completion_tokens.saturating_sub(1) as f64 / self.decode_s.max(1e-9)
+    }
+}
+
+/// A session, its tokenizer and what it has processed.
+pub struct Generator {
+    session: Session,
+    tok: Tokenizer,
+    stops: Vec<u32>,
+    /// Tokens whose KV cache the session holds, in order.
+    seen: Vec<u32>,
+    ctx: usize,
+    batch: usize,
+}
+
+/// Length of the common prefix.
+fn common(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+impl Generator {
+    /// A generator on `session` (with room for `ctx` tokens, prompts run
+    /// in batches of up to `batch`): generation stops at the model's EOS ids
+    /// and at any end-of-turn token of the known template families that the
+    /// vocabulary has.
+    pub fn new(
+        session: Session,
+        tok: Tokenizer,
+        eos: &[u32],
+        ctx: usize,
+        batch: usize,
+    ) -> Generator {
+        let mut stops: Vec<u32> = eos.to_vec();
+        stops.extend(END_OF_TURN.iter().filter_map(|t| tok.token_id(t)));
+        stops.sort_unstable();
+        stops.dedup();
+        Generator {
+            session,
+            tok,
+            stops,
+            seen: Vec::new(),
+            ctx,
+            batch: batch.max(1),
+        }
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tok
+    }
+
+    /// The session.
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// Tokens the context holds at most.
+    pub fn ctx(&self) -> usize {
+        self.ctx
+    }
+
+    /// Forgets everything processed.
+    pub fn reset(&mut self) {
+        self.session.reset();
+        self.seen.clear();
+    }
+
+    /// Brings the session to `prompt` minus its last token, reusing what
+    /// it holds; returns the reused count.
+    fn rewind_to(&mut self, prompt: &[u32]) -> Result<usize> {
+        // The last prompt token is always run, for its logits.
+        let keep = common(&self.seen, prompt).min(prompt.len() - 1);
+        if keep == self.seen.len() {
+            return Ok(keep);
+        }
+        if keep > 0 && self.session.can_truncate() {
+            self.session.truncate(keep)?;
+            self.seen.truncate(keep);
+            return Ok(keep);
+        }
+        self.reset();
+        Ok(0)
+    }
+
+    /// Generates after `prompt`, calling `on_text` with each new piece of
+    /// text; `on_text` returning false cancels.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        p: &GenParams,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Outcome> {
+        if prompt.is_empty() {
+            return Err(Error::Invalid("the prompt is empty".into()));
+        }
+        if prompt.len() >= self.ctx {
+            return Err(Error::Invalid(format!(
+                "the prompt is {} tokens; the context holds {} (raise --ctx)",
+                prompt.len(),
+                self.ctx
+            )));
+        }
+        let t0 = Instant::now();
+        let reused = self.rewind_to(prompt)?;
+        let fresh = &prompt[reused..];
+        let mut logits = Vec::new();
+        for chunk in fresh.chunks(self.batch) {
+            match self.session.forward(chunk, false) {
+                Ok(l) => logits = l,
+                Err(e) => {
+                    // A failed step leaves the cache in an unknown state.
+                    self.reset();
+                    return Err(e);
+                }
+            }
+            self.seen.extend_from_slice(chunk);
+        }
+        let mut sampler = Sampler::new(p.temperature, p.top_p, p.seed);
+        let mut stream = TextStream::new();
+        let mut text = String::new();
+        let (mut n, mut ttft, mut t1) = (0usize, 0.0, t0);
+        let room = self.ctx - prompt.len();
+        let finish = loop {
+            if n >= p.max_tokens.min(room) {
+                break Finish::Length;
+            }
+            let id = if p.temperature <= 0.0 {
+                Sampler::argmax(&logits)
+            } else {
+                sampler.sample(&logits)
+            };
+            n += 1;
+            if n == 1 {
+                ttft = t0.elapsed().as_secs_f64();
+                t1 = Instant::now();
+            }
+            if self.stops.contains(&id) {
+                break Finish::Stop;
+            }
+            let piece = stream.push(&self.tok, id)?;
+            text.push_str(&piece);
+            if let Some((s, at)) = p
+                .stop
+                .iter()
+                .filter(|s| !s.is_empty())
+                .find_map(|s| text.find(s.as_str()).map(|i| (s, i)))
+            {
+                debug_assert!(!s.is_empty());
+                let keep = piece.len().saturating_sub(text.len() - at);
+                text.truncate(at);
+                if keep > 0 && !on_text(&piece[..keep]) {
+                    break Finish::Cancelled;
+                }
+                break Finish::Stop;
+            }
+            if !piece.is_empty() && !on_text(&piece) {
+                break Finish::Cancelled;
+            }
+            if n >= p.max_tokens.min(room) {
+                break Finish::Length;
+            }
+            match self.session.forward(&[id], false) {
+                Ok(l) => logits = l,
+                Err(e) => {
+                    self.reset();
+                    return Err(e);
+                }
+            }
+            self.seen.push(id);
+        };
+        Ok(Outcome {
+            text,
+            prompt_tokens: prompt.len(),
+            reused_tokens: reused,
+            completion_tokens: n,
+            ttft_s: ttft,
+            decode_s: if n > 1 {
+                t1.elapsed().as_secs_f64()
+            } else {
+                0.0
+            },
+            finish,
+        })
+    }
+}

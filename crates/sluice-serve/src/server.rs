@@ -1,0 +1,918 @@
+//! An OpenAI-compatible HTTP server over one streamed model: requests wait
+//! in a bounded queue for the model's one session (its RAM budget is the
+//! cap), are refused with 503 when the queue is full, and stop generating
+//! when their client goes away.
+
+use crate::chat::{Finish, GenParams, Generator, Outcome};
+use crate::template::{ChatTemplate, Family};
+use crate::tools;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::{json, Map, Value as Json};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+/// Figures of the streamed model that `/metrics` reports besides the
+/// server's own, read after each request.
+#[derive(Clone, Debug, Default)]
+pub struct EngineFigures {
+    /// Expert uses served from the cache, and read from the drive.
+    pub hits: u64,
+    /// See `hits`.
+    pub misses: u64,
+    /// Bytes read from the drive.
+    pub bytes_read: u64,
+    /// Seconds compute waited on reads.
+    pub stall_s: f64,
+    /// Resident bytes now, and at most.
+    pub rss: u64,
+    /// See `rss`.
+    pub peak_rss: u64,
+}
+
+/// What the server needs besides the generator.
+pub struct ServeConfig {
+    /// The model's name in `/v1/models` and responses.
+    pub model_name: String,
+    /// Requests that may wait for the model.
+    pub queue: usize,
+    /// The RAM cap, for `/metrics`.
+    pub ram_cap: Option<u64>,
+    /// Reads the engine's figures (called on the worker thread).
+    pub figures: Box<dyn Fn(&Generator) -> EngineFigures + Send>,
+}
+
+/// A request as the worker takes it.
+enum Input {
+    /// Chat messages, tools and template variables.
+    Chat {
+        messages: Vec<Json>,
+        tools: Vec<Json>,
+        extra: Map<String, Json>,
+    },
+    /// A raw prompt.
+    Text(String),
+}
+
+struct Job {
+    input: Input,
+    params: GenParams,
+    tx: UnboundedSender<Msg>,
+}
+
+/// What the worker sends back.
+enum Msg {
+    /// The prompt is valid and generation started.
+    Started,
+    Text(String),
+    Done(Outcome),
+    /// A request the model cannot serve (400), or a failure (500).
+    Failed(StatusCode, String),
+}
+
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    rejected_busy: AtomicU64,
+    rejected_bad: AtomicU64,
+    cancelled: AtomicU64,
+    prompt_tokens: AtomicU64,
+    reused_tokens: AtomicU64,
+    completion_tokens: AtomicU64,
+}
+
+#[derive(Default)]
+struct Last {
+    tok_per_s: f64,
+    ttft_s: f64,
+    ttft_sum: f64,
+    done: u64,
+    engine: EngineFigures,
+}
+
+struct AppState {
+    jobs: SyncSender<Job>,
+    model: String,
+    family: Family,
+    ram_cap: Option<u64>,
+    queue: usize,
+    counters: Counters,
+    last: Mutex<Last>,
+    waiting: AtomicU64,
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    let kind = if status == StatusCode::SERVICE_UNAVAILABLE {
+        "server_busy"
+    } else if status.is_client_error() {
+        "invalid_request_error"
+    } else {
+        "server_error"
+    };
+    (
+        status,
+        axum::Json(json!({"error": {"message": msg.into(), "type": kind}})),
+    )
+        .into_response()
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The worker: renders, tokenizes and generates, one request at a time.
+fn worker(
+    mut gen: Generator,
+    template: ChatTemplate,
+    rx: std::sync::mpsc::Receiver<Job>,
+    state: Arc<AppState>,
+    figures: Box<dyn Fn(&Generator) -> EngineFigures + Send>,
+) {
+    for job in rx {
+        state.waiting.fetch_sub(1, Ordering::Relaxed);
+        let prompt = match &job.input {
+            Input::Chat {
+                messages,
+                tools,
+                extra,
+            } => template.render(messages, Some(tools), true, extra),
+            Input::Text(t) => Ok(t.clone()),
+        };
+        let ids = prompt.and_then(|p| gen.tokenizer().encode(&p));
+        let ids = match ids {
+            Ok(ids) if ids.is_empty() => Err("the prompt is empty".to_string()),
+            Ok(ids) if ids.len() >= gen.ctx() => Err(format!(
+                "the prompt is {} tokens; the context holds {} (the server's --ctx)",
+                ids.len(),
+                gen.ctx()
+            )),
+            Ok(ids) => Ok(ids),
+            Err(e) => Err(e.to_string()),
+        };
+        let ids = match ids {
+            Ok(i) => i,
+            Err(m) => {
+                state.counters.rejected_bad.fetch_add(1, Ordering::Relaxed);
+                let _ = job.tx.send(Msg::Failed(StatusCode::BAD_REQUEST, m));
+                continue;
+            }
+        };
+        if job.tx.send(Msg::Started).is_err() {
+            state.counters.cancelled.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let tx = job.tx.clone();
+        let r = gen.generate(&ids, &job.params, &mut |piece| {
+            tx.send(Msg::Text(piece.to_string())).is_ok()
+        });
+        match r {
+            Ok(o) => {
+                let c = &state.counters;
+                c.prompt_tokens
+                    .fetch_add(o.prompt_tokens as u64, Ordering::Relaxed);
+                c.reused_tokens
+                    .fetch_add(o.reused_tokens as u64, Ordering::Relaxed);
+                c.completion_tokens
+                    .fetch_add(o.completion_tokens as u64, Ordering::Relaxed);
+                if o.finish == Finish::Cancelled {
+                    c.cancelled.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Ok(mut l) = state.last.lock() {
+                    l.tok_per_s = o.tok_per_s();
+                    l.ttft_s = o.ttft_s;
+                    l.ttft_sum += o.ttft_s;
+                    l.done += 1;
+                    l.engine = figures(&gen);
+                }
+                let _ = job.tx.send(Msg::Done(o));
+            }
+            Err(e) => {
+                let _ = job.tx.send(Msg::Failed(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    e.to_string(),
+                ));
+            }
+        }
+    }
+}
+
+/// The parts of a request body sluice reads, checked.
+struct Request {
+    stream: bool,
+    include_usage: bool,
+    params: GenParams,
+    input: Input,
+    has_tools: bool,
+}
+
+const CHAT_FIELDS: &[&str] = &[
+    "model",
+    "messages",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "n",
+    "user",
+    "chat_template_kwargs",
+    "reasoning_effort",
+    "frequency_penalty",
+    "presence_penalty",
+];
+
+const COMPLETION_FIELDS: &[&str] = &[
+    "model",
+    "prompt",
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "n",
+    "user",
+    "frequency_penalty",
+    "presence_penalty",
+];
+
+fn parse_request(body: &[u8], chat: bool, family: Family) -> Result<Request, String> {
+    let v: Json = serde_json::from_slice(body).map_err(|e| format!("malformed JSON: {e}"))?;
+    let Json::Object(o) = v else {
+        return Err("the request body must be a JSON object".into());
+    };
+    let known = if chat { CHAT_FIELDS } else { COMPLETION_FIELDS };
+    if let Some(k) = o.keys().find(|k| !known.contains(&k.as_str())) {
+        return Err(format!("unknown field {k:?}"));
+    }
+    let num = |k: &str| -> Result<Option<f64>, String> {
+        match o.get(k) {
+            None | Some(Json::Null) => Ok(None),
+            Some(x) => x
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| format!("{k} must be a number")),
+        }
+    };
+    for k in ["frequency_penalty", "presence_penalty"] {
+        if num(k)?.is_some_and(|x| x != 0.0) {
+            return Err(format!("{k} is not supported"));
+        }
+    }
+    if num("n")?.is_some_and(|n| n != 1.0) {
+        return Err("n must be 1: one answer per request".into());
+    }
+    let max = num("max_completion_tokens")?.or(num("max_tokens")?);
+    if max.is_some_and(|m| m < 1.0 || m.fract() != 0.0) {
+        return Err("max_tokens must be a positive integer".into());
+    }
+    let temperature = num("temperature")?.unwrap_or(if chat { 0.7 } else { 1.0 });
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err("temperature must be between 0 and 2".into());
+    }
+    let top_p = num("top_p")?.unwrap_or(1.0);
+    if !(0.0..=1.0).contains(&top_p) || top_p == 0.0 {
+        return Err("top_p must be in (0, 1]".into());
+    }
+    let stop = match o.get("stop") {
+        None | Some(Json::Null) => Vec::new(),
+        Some(Json::String(s)) => vec![s.clone()],
+        Some(Json::Array(a)) if a.iter().all(Json::is_string) && a.len() <= 4 => a
+            .iter()
+            .map(|s| s.as_str().unwrap_or_default().to_string())
+            .collect(),
+        Some(_) => return Err("stop must be a string or up to 4 strings".into()),
+    };
+    let stream = match o.get("stream") {
+        None | Some(Json::Null) => false,
+        Some(Json::Bool(b)) => *b,
+        Some(_) => return Err("stream must be true or false".into()),
+    };
+    let include_usage = o
+        .get("stream_options")
+        .and_then(|s| s.get("include_usage"))
+        .and_then(Json::as_bool)
+        .unwrap_or(false);
+    let params = GenParams {
+        max_tokens: max.map_or(if chat { 1024 } else { 16 }, |m| m as usize),
+        temperature: temperature as f32,
+        top_p: top_p as f32,
+        seed: num("seed")?.map_or_else(now, |s| s as u64),
+        stop,
+    };
+    let (input, has_tools) = if chat {
+        let Some(Json::Array(msgs)) = o.get("messages") else {
+            return Err("messages must be an array of messages".into());
+        };
+        if msgs.is_empty() {
+            return Err("messages is empty".into());
+        }
+        let mut messages = Vec::with_capacity(msgs.len());
+        for (i, m) in msgs.iter().enumerate() {
+            messages.push(normalize_message(m, family).map_err(|e| format!("messages[{i}]: {e}"))?);
+        }
+        let tools = match o.get("tools") {
+            None | Some(Json::Null) => Vec::new(),
+            Some(Json::Array(t)) => {
+                for (i, x) in t.iter().enumerate() {
+                    if x.pointer("/function/name").and_then(Json::as_str).is_none() {
+                        return Err(format!("tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}"));
+                    }
+                }
+                t.clone()
+            }
+            Some(_) => return Err("tools must be an array".into()),
+        };
+        if o.get("tool_choice").and_then(Json::as_str) == Some("none") {
+            // The template is still told about them; the caller wants text.
+        }
+        let mut extra = match o.get("chat_template_kwargs") {
+            None | Some(Json::Null) => Map::new(),
+            Some(Json::Object(m)) => m.clone(),
+            Some(_) => return Err("chat_template_kwargs must be an object".into()),
+        };
+        if let Some(r) = o.get("reasoning_effort") {
+            extra.insert("reasoning_effort".into(), r.clone());
+        }
+        let has = !tools.is_empty();
+        (
+            Input::Chat {
+                messages,
+                tools,
+                extra,
+            },
+            has,
+        )
+    } else {
+        match o.get("prompt") {
+            Some(Json::String(p)) => (Input::Text(p.clone()), false),
+            _ => return Err("prompt must be a string".into()),
+        }
+    };
+    Ok(Request {
+        stream,
+        include_usage,
+        params,
+        input,
+        has_tools,
+    })
+}
+
+/// A message as chat templates expect it: text parts joined into a string,
+/// tool-call arguments as objects (DeepSeek's template concatenates them as
+/// the JSON text the client sent, so they stay text there).
+fn normalize_message(m: &Json, family: Family) -> Result<Json, String> {
+    let Json::Object(o) = m else {
+        return Err("a message must be an object".into());
+    };
+    let role = o
+        .get("role")
+        .and_then(Json::as_str)
+        .ok_or("role is missing")?;
+    if !["system", "developer", "user", "assistant", "tool"].contains(&role) {
+        return Err(format!("unknown role {role:?}"));
+    }
+    let mut out = o.clone();
+    match o.get("content") {
+        Some(Json::Array(parts)) => {
+            let mut s = String::new();
+            for p in parts {
+                match (
+                    p.get("type").and_then(Json::as_str),
+                    p.get("text").and_then(Json::as_str),
+                ) {
+                    (Some("text"), Some(t)) => s.push_str(t),
+                    _ => return Err("only text content parts are supported".into()),
+                }
+            }
+            out.insert("content".into(), s.into());
+        }
+        Some(Json::String(_)) => {}
+        None | Some(Json::Null) if role == "assistant" => {
+            out.insert("content".into(), "".into());
+        }
+        _ => return Err("content must be a string or text parts".into()),
+    }
+    if let Some(Json::Array(calls)) = o.get("tool_calls") {
+        let mut fixed = Vec::new();
+        for c in calls {
+            let mut c = c.clone();
+            if family != Family::DeepSeek {
+                if let Some(a) = c.pointer_mut("/function/arguments") {
+                    if let Some(parsed) = a
+                        .as_str()
+                        .and_then(|s| serde_json::from_str::<Json>(s).ok())
+                    {
+                        *a = parsed;
+                    }
+                }
+            }
+            fixed.push(c);
+        }
+        out.insert("tool_calls".into(), Json::Array(fixed));
+    }
+    Ok(Json::Object(out))
+}
+
+/// Queues a job; `Err` is the response refusing it.
+fn submit(s: &AppState, req: &mut Request) -> Result<UnboundedReceiver<Msg>, (StatusCode, String)> {
+    s.counters.requests.fetch_add(1, Ordering::Relaxed);
+    let (tx, rx) = unbounded_channel();
+    let input = std::mem::replace(&mut req.input, Input::Text(String::new()));
+    s.waiting.fetch_add(1, Ordering::Relaxed);
+    match s.jobs.try_send(Job {
+        input,
+        params: req.params.clone(),
+        tx,
+    }) {
+        Ok(()) => Ok(rx),
+        Err(TrySendError::Full(_)) => {
+            s.waiting.fetch_sub(1, Ordering::Relaxed);
+            s.counters.rejected_busy.fetch_add(1, Ordering::Relaxed);
+            Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the model is busy: {} requests are waiting already; retry later",
+                    s.queue
+                ),
+            ))
+        }
+        Err(TrySendError::Disconnected(_)) => Err((
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the model's worker has stopped".into(),
+        )),
+    }
+}
+
+/// Waits for the worker to accept the prompt.
+async fn started(rx: &mut UnboundedReceiver<Msg>) -> Result<(), (StatusCode, String)> {
+    match rx.recv().await {
+        Some(Msg::Started) => Ok(()),
+        Some(Msg::Failed(st, m)) => Err((st, m)),
+        _ => Err((
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the model's worker stopped".into(),
+        )),
+    }
+}
+
+fn usage(o: &Outcome) -> Json {
+    json!({"prompt_tokens": o.prompt_tokens, "completion_tokens": o.completion_tokens,
+           "total_tokens": o.prompt_tokens + o.completion_tokens,
+           "prompt_tokens_details": {"cached_tokens": o.reused_tokens}})
+}
+
+fn message_of(family: Family, o: &Outcome, has_tools: bool) -> (Json, &'static str) {
+    let p = tools::parse(family, &o.text);
+    let mut msg = json!({"role": "assistant", "content": p.content});
+    if let Some(r) = &p.reasoning {
+        msg["reasoning_content"] = r.clone().into();
+    }
+    let mut finish = o.finish.reason();
+    if has_tools && !p.tool_calls.is_empty() {
+        msg["tool_calls"] = p
+            .tool_calls
+            .iter()
+            .enumerate()
+            .map(|(i, c)| c.to_openai(i))
+            .collect();
+        if o.finish == Finish::Stop {
+            finish = "tool_calls";
+        }
+    }
+    (msg, finish)
+}
+
+async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+    let mut req = match parse_request(&body, true, s.family) {
+        Ok(r) => r,
+        Err(m) => {
+            s.counters.rejected_bad.fetch_add(1, Ordering::Relaxed);
+            return error(StatusCode::BAD_REQUEST, m);
+        }
+    };
+    let mut rx = match submit(&s, &mut req) {
+        Ok(rx) => rx,
+        Err((st, m)) => return error(st, m),
+    };
+    if let Err((st, m)) = started(&mut rx).await {
+        return error(st, m);
+    }
+    let id = format!("chatcmpl-{}", now());
+    let created = now();
+    let model = s.model.clone();
+    if !req.stream {
+        let mut out = None;
+        while let Some(m) = rx.recv().await {
+            match m {
+                Msg::Done(o) => out = Some(o),
+                Msg::Failed(st, e) => return error(st, e),
+                _ => {}
+            }
+        }
+        let Some(o) = out else {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "generation ended without a result",
+            );
+        };
+        let (msg, finish) = message_of(s.family, &o, req.has_tools);
+        return axum::Json(json!({"id": id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": msg, "finish_reason": finish}], "usage": usage(&o)}))
+        .into_response();
+    }
+    // Streamed: content as it comes; with tools the turn is parsed whole
+    // first, so that call syntax never reaches the client as text.
+    let family = s.family;
+    let has_tools = req.has_tools;
+    let include_usage = req.include_usage;
+    let chunk = move |delta: Json, finish: Option<&str>| {
+        json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+    };
+    let first = chunk(json!({"role": "assistant", "content": ""}), None);
+    let (etx, erx) = unbounded_channel::<Result<Event, std::convert::Infallible>>();
+    // Forwards the worker's messages as events; when the client goes away
+    // the events' receiver is dropped, this task ends, and the worker's
+    // next send fails, which stops the generation.
+    tokio::spawn(async move {
+        let send = |j: String| etx.send(Ok(Event::default().data(j))).is_ok();
+        if !send(first.to_string()) {
+            return;
+        }
+        while let Some(m) = rx.recv().await {
+            let events: Vec<Json> = match m {
+                Msg::Text(t) if !has_tools => vec![chunk(json!({"content": t}), None)],
+                Msg::Text(_) if etx.is_closed() => return,
+                Msg::Done(o) => {
+                    let (msg, finish) = message_of(family, &o, has_tools);
+                    let mut v = Vec::new();
+                    if has_tools {
+                        let mut d = json!({"content": msg["content"]});
+                        if let Some(tc) = msg.get("tool_calls") {
+                            let mut tc = tc.clone();
+                            for (i, c) in tc.as_array_mut().into_iter().flatten().enumerate() {
+                                c["index"] = i.into();
+                            }
+                            d["tool_calls"] = tc;
+                        }
+                        if let Some(r) = msg.get("reasoning_content") {
+                            d["reasoning_content"] = r.clone();
+                        }
+                        v.push(chunk(d, None));
+                    }
+                    v.push(chunk(json!({}), Some(finish)));
+                    if include_usage {
+                        let mut u = chunk(json!({}), None);
+                        u["choices"] = json!([]);
+                        u["usage"] = usage(&o);
+                        v.push(u);
+                    }
+                    v
+                }
+                Msg::Failed(_, e) => vec![json!({"error": {"message": e, "type": "server_error"}})],
+                _ => Vec::new(),
+            };
+            for e in events {
+                if !send(e.to_string()) {
+                    return;
+                }
+            }
+        }
+        send("[DONE]".into());
+    });
+    Sse::new(UnboundedReceiverStream::new(erx))
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+    let mut req = match parse_request(&body, false, s.family) {
+        Ok(r) => r,
+        Err(m) => {
+            s.counters.rejected_bad.fetch_add(1, Ordering::Relaxed);
+            return error(StatusCode::BAD_REQUEST, m);
+        }
+    };
+    let mut rx = match submit(&s, &mut req) {
+        Ok(rx) => rx,
+        Err((st, m)) => return error(st, m),
+    };
+    if let Err((st, m)) = started(&mut rx).await {
+        return error(st, m);
+    }
+    let id = format!("cmpl-{}", now());
+    let created = now();
+    let model = s.model.clone();
+    if !req.stream {
+        let mut out = None;
+        while let Some(m) = rx.recv().await {
+            match m {
+                Msg::Done(o) => out = Some(o),
+                Msg::Failed(st, e) => return error(st, e),
+                _ => {}
+            }
+        }
+        let Some(o) = out else {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "generation ended without a result",
+            );
+        };
+        return axum::Json(json!({"id": id, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": o.text, "finish_reason": o.finish.reason()}], "usage": usage(&o)}))
+        .into_response();
+    }
+    let (etx, erx) = unbounded_channel::<Result<Event, std::convert::Infallible>>();
+    tokio::spawn(async move {
+        let send = |j: String| etx.send(Ok(Event::default().data(j))).is_ok();
+        while let Some(m) = rx.recv().await {
+            let j = match m {
+                Msg::Text(t) => {
+                    json!({"id": id, "object": "text_completion", "created": created, "model": model,
+                                       "choices": [{"index": 0, "text": t, "finish_reason": null}]})
+                }
+                Msg::Done(o) => {
+                    json!({"id": id, "object": "text_completion", "created": created, "model": model,
+                                       "choices": [{"index": 0, "text": "", "finish_reason": o.finish.reason()}],
+                                       "usage": usage(&o)})
+                }
+                Msg::Failed(_, e) => json!({"error": {"message": e, "type": "server_error"}}),
+                Msg::Started => continue,
+            };
+            if !send(j.to_string()) {
+                return;
+            }
+        }
+        send("[DONE]".into());
+    });
+    Sse::new(UnboundedReceiverStream::new(erx))
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+async fn models(State(s): State<Arc<AppState>>) -> Response {
+    axum::Json(json!({"object": "list", "data": [{"id": s.model, "object": "model", "created": 0, "owned_by": "sluice"}]}))
+        .into_response()
+}
+
+async fn health() -> Response {
+    axum::Json(json!({"status": "ok"})).into_response()
+}
+
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    let c = &s.counters;
+    let (l, e) = match s.last.lock() {
+        Ok(l) => (
+            (l.tok_per_s, l.ttft_s, l.ttft_sum, l.done),
+            l.engine.clone(),
+        ),
+        Err(_) => ((0.0, 0.0, 0.0, 0), EngineFigures::default()),
+    };
+    let mut out = String::new();
+    let mut m = |name: &str, kind: &str, help: &str, v: f64| {
+        out.push_str(&format!(
+            "# HELP sluice_{name} {help}\n# TYPE sluice_{name} {kind}\nsluice_{name} {v}\n"
+        ));
+    };
+    let g = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+    m(
+        "requests_total",
+        "counter",
+        "Requests received.",
+        g(&c.requests),
+    );
+    m(
+        "requests_rejected_busy_total",
+        "counter",
+        "Requests refused with 503 (queue full).",
+        g(&c.rejected_busy),
+    );
+    m(
+        "requests_rejected_invalid_total",
+        "counter",
+        "Requests refused with 400.",
+        g(&c.rejected_bad),
+    );
+    m(
+        "requests_cancelled_total",
+        "counter",
+        "Generations stopped because the client went away.",
+        g(&c.cancelled),
+    );
+    m(
+        "requests_waiting",
+        "gauge",
+        "Requests queued for the model.",
+        g(&s.waiting),
+    );
+    m(
+        "prompt_tokens_total",
+        "counter",
+        "Prompt tokens.",
+        g(&c.prompt_tokens),
+    );
+    m(
+        "prompt_tokens_reused_total",
+        "counter",
+        "Prompt tokens whose KV cache was reused.",
+        g(&c.reused_tokens),
+    );
+    m(
+        "completion_tokens_total",
+        "counter",
+        "Tokens generated.",
+        g(&c.completion_tokens),
+    );
+    m(
+        "decode_tokens_per_second",
+        "gauge",
+        "Decode speed of the last request.",
+        l.0,
+    );
+    m(
+        "time_to_first_token_seconds",
+        "gauge",
+        "Time to first token of the last request.",
+        l.1,
+    );
+    m(
+        "time_to_first_token_seconds_sum",
+        "counter",
+        "Sum of the requests' times to first token.",
+        l.2,
+    );
+    m(
+        "time_to_first_token_seconds_count",
+        "counter",
+        "Requests timed.",
+        l.3 as f64,
+    );
+    let uses = (e.hits + e.misses).max(1) as f64;
+    m(
+        "expert_hit_rate",
+        "gauge",
+        "Expert uses served from the cache, since start.",
+        e.hits as f64 / uses,
+    );
+    m(
+        "expert_bytes_read_total",
+        "counter",
+        "Bytes of experts read from the drive.",
+        e.bytes_read as f64,
+    );
+    m(
+        "io_stall_seconds_total",
+        "counter",
+        "Seconds compute waited on expert reads.",
+        e.stall_s,
+    );
+    m(
+        "resident_bytes",
+        "gauge",
+        "Resident memory (the platform's figure).",
+        e.rss as f64,
+    );
+    m(
+        "resident_bytes_peak",
+        "gauge",
+        "Peak resident memory.",
+        e.peak_rss as f64,
+    );
+    if let Some(cap) = s.ram_cap {
+        m("ram_cap_bytes", "gauge", "The RAM cap.", cap as f64);
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// Serves `gen` on `listener` until the process ends (or `shutdown`
+/// resolves).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    gen: Generator,
+    template: ChatTemplate,
+    cfg: ServeConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (jobs, rx) = sync_channel(cfg.queue);
+    let state = Arc::new(AppState {
+        jobs,
+        model: cfg.model_name,
+        family: template.family(),
+        ram_cap: cfg.ram_cap,
+        queue: cfg.queue,
+        counters: Counters::default(),
+        last: Mutex::new(Last::default()),
+        waiting: AtomicU64::new(0),
+    });
+    let st = state.clone();
+    let figures = cfg.figures;
+    std::thread::Builder::new()
+        .name("sluice-model".into())
+        .spawn(move || worker(gen, template, rx, st, figures))?;
+    let app = Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .with_state(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// [`serve`] on its own runtime, on `addr`, until Ctrl-C; `ready` is
+/// called with the bound address once it listens.
+pub fn serve_blocking(
+    addr: &str,
+    gen: Generator,
+    template: ChatTemplate,
+    cfg: ServeConfig,
+    ready: impl FnOnce(std::net::SocketAddr),
+) -> std::io::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_io()
+        .enable_time()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        ready(listener.local_addr()?);
+        let stop = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        serve(listener, gen, template, cfg, stop).await
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_checked() {
+        let bad = |b: &str| {
+            parse_request(b.as_bytes(), true, Family::Hermes)
+                .err()
+                .unwrap()
+        };
+        assert!(bad("{").contains("malformed JSON"));
+        assert!(bad("[]").contains("JSON object"));
+        assert!(bad(r#"{"messages": [], "foo": 1}"#).contains("unknown field \"foo\""));
+        assert!(bad(r#"{"messages": []}"#).contains("empty"));
+        assert!(
+            bad(r#"{"messages": [{"role": "wizard", "content": "x"}]}"#).contains("unknown role")
+        );
+        assert!(
+            bad(r#"{"messages": [{"role": "user", "content": "x"}], "n": 2}"#)
+                .contains("n must be 1")
+        );
+        assert!(
+            bad(r#"{"messages": [{"role": "user", "content": "x"}], "temperature": 9}"#)
+                .contains("temperature")
+        );
+        assert!(
+            bad(r#"{"messages": [{"role": "user", "content": "x"}], "tools": [{}]}"#)
+                .contains("tools[0]")
+        );
+        let r = parse_request(
+            br#"{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                 {"role": "assistant", "content": null, "tool_calls": [{"id": "a", "type": "function", "function": {"name": "f", "arguments": "{\"x\": 1}"}}]}],
+                 "stream": true, "max_tokens": 5, "stop": "END"}"#,
+            true,
+            Family::Hermes,
+        )
+        .unwrap();
+        assert!(r.stream);
+        assert_eq!(
+            (r.params.max_tokens, r.params.stop.clone()),
+            (5, vec!["END".to_string()])
+        );
+        let Input::Chat { messages, .. } = r.input else {
+            panic!()
+        };
+        assert_eq!(messages[0]["content"], "hi");
+        assert_eq!(
+            messages[1]["tool_calls"][0]["function"]["arguments"]["x"],
+            1
+        );
+    }
+}

@@ -1,0 +1,356 @@
+//! `sluice serve` through HTTP on a loopback port with a fixture model,
+//! and `sluice chat` through a pipe: the OpenAI shapes, streaming, tools in
+//! the template, bad requests (400), a full queue (503), a client that goes
+//! away (its generation stops), and the metrics.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+fn template() -> String {
+    fixtures()
+        .join("templates/Qwen-Qwen3-0.6B.jinja")
+        .to_string_lossy()
+        .into_owned()
+}
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(queue: &str) -> Server {
+    let model = fixtures().join("models/qwen3_moe");
+    let mut child = sluice()
+        .args([
+            "serve",
+            "--model",
+            model.to_str().unwrap(),
+            "--port",
+            "0",
+            "--ctx",
+            "2048",
+            "--queue",
+            queue,
+            "--chat-template",
+            &template(),
+        ])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let addr = loop {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "server exited");
+        if let Some(i) = line.find("http://") {
+            let rest = &line[i + 7..];
+            break rest[..rest.find('/').unwrap()].to_string();
+        }
+    };
+    // Keep draining stderr so that the server never blocks on it.
+    std::thread::spawn(move || {
+        let mut sink = String::new();
+        let _ = err.read_to_string(&mut sink);
+    });
+    Server { child, addr }
+}
+
+/// One HTTP/1.1 request; returns the status and the body.
+fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status: u16 = text[9..12].parse().unwrap();
+    let body = text.split_once("\r\n\r\n").map_or("", |x| x.1).to_string();
+    (status, dechunk(&body))
+}
+
+/// Undoes chunked transfer encoding when the body uses it.
+fn dechunk(b: &str) -> String {
+    let mut out = String::new();
+    let mut rest = b;
+    loop {
+        let Some((size, after)) = rest.split_once("\r\n") else {
+            return b.to_string();
+        };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            return b.to_string();
+        };
+        if n == 0 {
+            return out;
+        }
+        if after.len() < n {
+            return b.to_string();
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+}
+
+fn post(addr: &str, path: &str, body: &Value) -> (u16, Value) {
+    let (st, b) = http(addr, "POST", path, &body.to_string());
+    let v = serde_json::from_str(&b).unwrap_or_else(|e| panic!("{st} {e}: {b}"));
+    (st, v)
+}
+
+fn events(body: &str) -> Vec<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
+
+fn user(text: &str) -> Value {
+    json!([{"role": "user", "content": text}])
+}
+
+#[test]
+fn serves_the_openai_api() {
+    let s = start("4");
+    let a = s.addr.as_str();
+    assert_eq!(http(a, "GET", "/health", "").0, 200);
+    let (st, m) = http(a, "GET", "/v1/models", "");
+    assert_eq!(st, 200);
+    assert!(m.contains("\"id\":\"qwen3_moe\""), "{m}");
+    // Not streamed.
+    let (st, r) = post(
+        a,
+        "/v1/chat/completions",
+        &json!({"model": "qwen3_moe", "messages": user("Hi"), "max_tokens": 6, "temperature": 0}),
+    );
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["object"], "chat.completion");
+    assert_eq!(r["choices"][0]["message"]["role"], "assistant");
+    assert!(r["choices"][0]["message"]["content"].is_string());
+    assert_eq!(r["usage"]["completion_tokens"], 6);
+    assert_eq!(r["choices"][0]["finish_reason"], "length");
+    // The same request again: its prompt's KV cache is reused.
+    let (_, r2) = post(
+        a,
+        "/v1/chat/completions",
+        &json!({"messages": user("Hi"), "max_tokens": 6, "temperature": 0}),
+    );
+    assert_eq!(
+        r2["choices"][0]["message"]["content"],
+        r["choices"][0]["message"]["content"]
+    );
+    assert!(
+        r2["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{r2}"
+    );
+    // Streamed, with usage.
+    let (st, body) = http(
+        a,
+        "POST",
+        "/v1/chat/completions",
+        &json!({"messages": user("Hi"), "max_tokens": 5, "temperature": 0, "stream": true,
+                "stream_options": {"include_usage": true}})
+        .to_string(),
+    );
+    assert_eq!(st, 200);
+    let ev = events(&body);
+    assert_eq!(ev.last().map(String::as_str), Some("[DONE]"), "{body}");
+    let chunks: Vec<Value> = ev[..ev.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(
+        text,
+        r["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .trim()
+    );
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 5);
+    // Tools go through the template; the answer is well formed.
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "description": "Weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
+    let (st, r) = post(
+        a,
+        "/v1/chat/completions",
+        &json!({"messages": user("Weather in Paris?"), "tools": tools, "max_tokens": 4, "stream": false}),
+    );
+    assert_eq!(st, 200, "{r}");
+    // Raw completions.
+    let (st, r) = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": "Once upon", "max_tokens": 3}),
+    );
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["object"], "text_completion");
+    // Bad requests: 400 with a message, and the server lives on.
+    for (body, want) in [
+        ("{not json", "malformed JSON"),
+        (
+            r#"{"messages": [{"role": "user", "content": "x"}], "bogus": 1}"#,
+            "unknown field",
+        ),
+        (r#"{"messages": "x"}"#, "messages must be an array"),
+        (
+            r#"{"messages": [{"role": "user", "content": "x"}], "max_tokens": -3}"#,
+            "max_tokens",
+        ),
+    ] {
+        let (st, b) = http(a, "POST", "/v1/chat/completions", body);
+        assert_eq!(st, 400, "{body}: {b}");
+        assert!(b.contains(want), "{body}: {b}");
+    }
+    let long = "word ".repeat(1000);
+    let (st, r) = post(a, "/v1/chat/completions", &json!({"messages": user(&long)}));
+    assert_eq!(st, 400);
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("context holds 2048"),
+        "{r}"
+    );
+    let (st, metrics) = http(a, "GET", "/metrics", "");
+    assert_eq!(st, 200);
+    for k in [
+        "sluice_requests_total",
+        "sluice_requests_rejected_invalid_total 5",
+        "sluice_time_to_first_token_seconds",
+        "sluice_resident_bytes",
+    ] {
+        assert!(metrics.contains(k), "{k} in {metrics}");
+    }
+}
+
+#[test]
+fn a_full_queue_gets_503_and_a_gone_client_stops_its_generation() {
+    let s = start("1");
+    let a = s.addr.clone();
+    // A client that goes away after the first event.
+    {
+        let mut c = TcpStream::connect(&a).unwrap();
+        let body =
+            json!({"messages": user("Go on"), "max_tokens": 400, "stream": true}).to_string();
+        write!(
+            c,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut buf = [0u8; 256];
+        let n = c.read(&mut buf).unwrap();
+        assert!(n > 0);
+    }
+    // Eight at once against one running and one waiting: answers or 503s.
+    let hs: Vec<_> = (0..8)
+        .map(|_| {
+            let a = a.clone();
+            std::thread::spawn(move || {
+                http(
+                    &a,
+                    "POST",
+                    "/v1/chat/completions",
+                    &json!({"messages": user("Hello"), "max_tokens": 40}).to_string(),
+                )
+            })
+        })
+        .collect();
+    let codes: Vec<u16> = hs.into_iter().map(|h| h.join().unwrap().0).collect();
+    assert!(codes.iter().all(|&c| c == 200 || c == 503), "{codes:?}");
+    assert!(codes.contains(&503), "{codes:?}");
+    assert!(codes.contains(&200), "{codes:?}");
+    let (_, m) = http(&a, "GET", "/metrics", "");
+    let get = |k: &str| -> f64 {
+        m.lines()
+            .find(|l| l.starts_with(&format!("{k} ")))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(-1.0)
+    };
+    assert!(get("sluice_requests_cancelled_total") >= 1.0, "{m}");
+    assert_eq!(
+        get("sluice_requests_rejected_busy_total") as usize,
+        codes.iter().filter(|&&c| c == 503).count()
+    );
+    // The cancelled generation did not run its 400 tokens.
+    assert!(get("sluice_completion_tokens_total") < 400.0, "{m}");
+}
+
+#[test]
+fn chat_through_a_pipe_reuses_the_conversation() {
+    let model = fixtures().join("models/qwen3_moe");
+    let mut c = sluice()
+        .args([
+            "chat",
+            "--model",
+            model.to_str().unwrap(),
+            "--max-tokens",
+            "4",
+            "--temperature",
+            "0",
+            "--ctx",
+            "256",
+            "--chat-template",
+            &template(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin
+        .take()
+        .unwrap()
+        .write_all(b"Hello\nAnd then?\n/reset\nHello\n")
+        .unwrap();
+    let out = c.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let status: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("prompt tokens reused"))
+        .collect();
+    assert_eq!(status.len(), 3, "{err}");
+    let reused = |l: &str| -> usize {
+        let i = l.find("TTFT").unwrap();
+        let r = &l[i..];
+        let open = r.find('(').unwrap();
+        r[open + 1..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(reused(status[0]), 0);
+    assert!(reused(status[1]) > 0, "turn 2 reuses turn 1: {}", status[1]);
+    assert_eq!(reused(status[2]), 0, "after /reset nothing is reused");
+    assert!(err.contains("(conversation reset)"));
+}
