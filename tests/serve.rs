@@ -256,7 +256,7 @@ fn a_full_queue_gets_503_and_a_gone_client_stops_its_generation() {
     let a = s.addr.clone();
     // A client holds the model with a long generation, then goes away.
     let mut holder = TcpStream::connect(&a).unwrap();
-    let body = json!({"messages": user("Go on"), "max_tokens": 8000, "stream": true}).to_string();
+    let body = json!({"messages": user("Go on"), "max_tokens": 8000, "temperature": 0, "stream": true}).to_string();
     write!(
         holder,
         "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
