@@ -211,6 +211,33 @@ fn serves_the_openai_api() {
     );
     assert_eq!(st, 200, "{r}");
     assert_eq!(r["object"], "text_completion");
+    // A stop text ends the answer, and no part of it is streamed.
+    let (_, r) = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": "Once upon", "max_tokens": 12, "temperature": 0}),
+    );
+    let full = r["choices"][0]["text"].as_str().unwrap().to_string();
+    let chars: Vec<char> = full.chars().collect();
+    assert!(chars.len() >= 6, "{full:?}");
+    {
+        let stop: String = chars[3..5].iter().collect();
+        let want = &full[..full.find(&stop).unwrap()];
+        let (_, body) = http(
+            a,
+            "POST",
+            "/v1/completions",
+            &json!({"prompt": "Once upon", "max_tokens": 12, "temperature": 0, "stop": stop, "stream": true})
+                .to_string(),
+        );
+        let ev = events(&body);
+        let got: String = ev[..ev.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str::<Value>(e).unwrap())
+            .filter_map(|c| c["choices"][0]["text"].as_str().map(str::to_string))
+            .collect();
+        assert_eq!(got, want, "stop {stop:?} in {full:?}");
+    }
     // Bad requests: 400 with a message, and the server lives on.
     for (body, want) in [
         ("{not json", "malformed JSON"),
@@ -256,7 +283,9 @@ fn a_full_queue_gets_503_and_a_gone_client_stops_its_generation() {
     let a = s.addr.clone();
     // A client holds the model with a long generation, then goes away.
     let mut holder = TcpStream::connect(&a).unwrap();
-    let body = json!({"messages": user("Go on"), "max_tokens": 8000, "temperature": 0, "stream": true}).to_string();
+    let body =
+        json!({"messages": user("Go on"), "max_tokens": 8000, "temperature": 0, "stream": true})
+            .to_string();
     write!(
         holder,
         "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",

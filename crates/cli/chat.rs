@@ -103,7 +103,7 @@ fn open(
     ctx: usize,
     batch: usize,
     file: Option<&Path>,
-) -> Result<(Generator, ChatTemplate)> {
+) -> Result<(Generator, ChatTemplate, usize)> {
     if ctx < 16 {
         bail!("--ctx {ctx} is too small for a conversation");
     }
@@ -118,8 +118,9 @@ fn open(
         eprintln!("note: {n}");
     }
     let eos = o.model.config.eos.clone();
+    let top_k = o.model.config.top_k;
     let s = o.session();
-    Ok((Generator::new(s, tok, &eos, ctx, batch), t))
+    Ok((Generator::new(s, tok, &eos, ctx, batch), t, top_k))
 }
 
 fn figures(g: &Generator) -> EngineFigures {
@@ -135,7 +136,7 @@ fn figures(g: &Generator) -> EngineFigures {
 }
 
 pub fn chat(a: ChatArgs) -> Result<()> {
-    let (mut gen, t) = open(&a.m, a.ctx, a.batch, a.chat_template.as_deref())?;
+    let (mut gen, t, _) = open(&a.m, a.ctx, a.batch, a.chat_template.as_deref())?;
     let cap = a.m.stream.ram_cap;
     let mut history: Vec<Json> = Vec::new();
     let start = |h: &mut Vec<Json>| {
@@ -227,13 +228,19 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     if a.queue == 0 {
         bail!("--queue must be at least 1");
     }
-    let (gen, t) = open(&a.m, a.ctx, a.batch, a.chat_template.as_deref())?;
+    let (gen, t, top_k) = open(&a.m, a.ctx, a.batch, a.chat_template.as_deref())?;
     let name = a.model_name.clone().unwrap_or_else(|| {
         a.m.model
             .file_name()
             .map_or("model".into(), |n| n.to_string_lossy().into_owned())
     });
-    let kv = gen.session().streamer().map(|s| s.budget().kv);
+    // One session's KV is kept; the expert slots beyond the least a
+    // layer needs could hold this many more sessions' KV instead.
+    let kv = gen.session().streamer().map(|s| {
+        let b = s.budget();
+        let spare = b.slots.saturating_sub(top_k) as u64 * b.slot;
+        (b.kv, spare / b.kv.max(1))
+    });
     let cfg = ServeConfig {
         model_name: name.clone(),
         queue: a.queue,
@@ -245,7 +252,10 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     sluice_serve::server::serve_blocking(&addr, gen, t, cfg, move |at| {
         eprintln!(
             "sluice serve: {name} on http://{at}/v1 (chat/completions, completions, models; /health, /metrics); one session of {ctx} tokens{}: requests take turns, {queue} may wait, more get 503",
-            kv.map_or(String::new(), |b| format!(" ({} of KV cache under the cap)", sluice_core::fmt_size(b)))
+            kv.map_or(String::new(), |(b, more)| format!(
+                " ({} of KV cache under the cap; trading expert slots down to the minimum would make room for {more} more sessions' KV)",
+                sluice_core::fmt_size(b)
+            ))
         );
     })
     .with_context(|| format!("serving on {addr}"))

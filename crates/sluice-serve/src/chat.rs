@@ -187,6 +187,20 @@ impl Generator {
         let fresh = &prompt[reused..];
         let mut logits = Vec::new();
         for chunk in fresh.chunks(self.batch) {
+            // A caller that went away during a long prompt stops it here
+            // (an empty piece asks whether to go on).
+            if !logits.is_empty() && !on_text("") {
+                self.reset();
+                return Ok(Outcome {
+                    text: String::new(),
+                    prompt_tokens: prompt.len(),
+                    reused_tokens: reused,
+                    completion_tokens: 0,
+                    ttft_s: 0.0,
+                    decode_s: 0.0,
+                    finish: Finish::Cancelled,
+                });
+            }
             match self.session.forward(chunk, false) {
                 Ok(l) => logits = l,
                 Err(e) => {
@@ -200,6 +214,9 @@ impl Generator {
         let mut sampler = Sampler::new(p.temperature, p.top_p, p.seed);
         let mut stream = TextStream::new();
         let mut text = String::new();
+        // Text up to here has gone to `on_text`; what follows may be the
+        // start of a stop text and is held until it cannot be.
+        let mut sent = 0usize;
         let (mut n, mut ttft, mut t1) = (0usize, 0.0, t0);
         let room = self.ctx - prompt.len();
         let finish = loop {
@@ -221,22 +238,32 @@ impl Generator {
             }
             let piece = stream.push(&self.tok, id)?;
             text.push_str(&piece);
-            if let Some((s, at)) = p
+            if let Some(at) = p
                 .stop
                 .iter()
                 .filter(|s| !s.is_empty())
-                .find_map(|s| text.find(s.as_str()).map(|i| (s, i)))
+                .filter_map(|s| text.find(s.as_str()))
+                .min()
             {
-                debug_assert!(!s.is_empty());
-                let keep = piece.len().saturating_sub(text.len() - at);
                 text.truncate(at);
-                if keep > 0 && !on_text(&piece[..keep]) {
+                if at > sent && !on_text(&text[sent..]) {
                     break Finish::Cancelled;
                 }
+                sent = text.len();
                 break Finish::Stop;
             }
-            if !piece.is_empty() && !on_text(&piece) {
-                break Finish::Cancelled;
+            let hold = p
+                .stop
+                .iter()
+                .map(|s| crate::tools::partial_suffix(&text, s))
+                .max()
+                .unwrap_or(0);
+            let upto = text.len() - hold;
+            if upto > sent {
+                if !on_text(&text[sent..upto]) {
+                    break Finish::Cancelled;
+                }
+                sent = upto;
             }
             if n >= p.max_tokens.min(room) {
                 break Finish::Length;
@@ -250,6 +277,10 @@ impl Generator {
             }
             self.seen.push(id);
         };
+        if finish != Finish::Cancelled && text.len() > sent {
+            // Held back for a stop text that never came.
+            on_text(&text[sent..]);
+        }
         Ok(Outcome {
             text,
             prompt_tokens: prompt.len(),

@@ -70,8 +70,9 @@ struct Job {
 
 /// What the worker sends back.
 enum Msg {
-    /// The prompt is valid and generation started.
-    Started,
+    /// The prompt is valid and generation started; the prompt's last
+    /// characters (whether the template opened a think block).
+    Started(String),
     Text(String),
     Done(Outcome),
     /// A request the model cannot serve (400), or a failure (500).
@@ -148,7 +149,14 @@ fn worker(
             } => template.render(messages, Some(tools), true, extra),
             Input::Text(t) => Ok(t.clone()),
         };
-        let ids = prompt.and_then(|p| gen.tokenizer().encode(&p));
+        let mut tail = String::new();
+        let ids = prompt.and_then(|p| {
+            let cut = (p.len().saturating_sub(32)..=p.len())
+                .find(|&i| p.is_char_boundary(i))
+                .unwrap_or(p.len());
+            tail = p[cut..].to_string();
+            gen.tokenizer().encode(&p)
+        });
         let ids = match ids {
             Ok(ids) if ids.is_empty() => Err("the prompt is empty".to_string()),
             Ok(ids) if ids.len() >= gen.ctx() => Err(format!(
@@ -167,7 +175,7 @@ fn worker(
                 continue;
             }
         };
-        if job.tx.send(Msg::Started).is_err() {
+        if job.tx.send(Msg::Started(tail)).is_err() {
             state.counters.cancelled.fetch_add(1, Ordering::Relaxed);
             continue;
         }
@@ -462,9 +470,9 @@ fn submit(s: &AppState, req: &mut Request) -> Result<UnboundedReceiver<Msg>, (St
 }
 
 /// Waits for the worker to accept the prompt.
-async fn started(rx: &mut UnboundedReceiver<Msg>) -> Result<(), (StatusCode, String)> {
+async fn started(rx: &mut UnboundedReceiver<Msg>) -> Result<String, (StatusCode, String)> {
     match rx.recv().await {
-        Some(Msg::Started) => Ok(()),
+        Some(Msg::Started(tail)) => Ok(tail),
         Some(Msg::Failed(st, m)) => Err((st, m)),
         _ => Err((
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -512,9 +520,10 @@ async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
         Ok(rx) => rx,
         Err((st, m)) => return error(st, m),
     };
-    if let Err((st, m)) = started(&mut rx).await {
-        return error(st, m);
-    }
+    let tail = match started(&mut rx).await {
+        Ok(t) => t,
+        Err((st, m)) => return error(st, m),
+    };
     let id = format!("chatcmpl-{}", now());
     let created = now();
     let model = s.model.clone();
@@ -549,23 +558,49 @@ async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
     };
     let first = chunk(json!({"role": "assistant", "content": ""}), None);
     let (etx, erx) = unbounded_channel::<Result<Event, std::convert::Infallible>>();
+    // Without tools, call syntax is just text.
+    let split_family = if has_tools || family == Family::Harmony {
+        family
+    } else {
+        Family::Plain
+    };
+    let mut split = tools::StreamSplit::new(split_family, &tail);
     // Forwards the worker's messages as events; when the client goes away
     // the events' receiver is dropped, this task ends, and the worker's
     // next send fails, which stops the generation.
     tokio::spawn(async move {
         let send = |j: String| etx.send(Ok(Event::default().data(j))).is_ok();
+        let delta = |part: tools::Part, t: String| match part {
+            tools::Part::Content => json!({"content": t}),
+            tools::Part::Reasoning => json!({"reasoning_content": t}),
+        };
         if !send(first.to_string()) {
             return;
         }
         while let Some(m) = rx.recv().await {
             let events: Vec<Json> = match m {
-                Msg::Text(t) if !has_tools => vec![chunk(json!({"content": t}), None)],
                 Msg::Text(_) if etx.is_closed() => return,
+                Msg::Text(t) => split
+                    .push(&t)
+                    .into_iter()
+                    .map(|(p, t)| chunk(delta(p, t), None))
+                    .collect(),
                 Msg::Done(o) => {
                     let (msg, finish) = message_of(family, &o, has_tools);
                     let mut v = Vec::new();
-                    if has_tools {
-                        let mut d = json!({"content": msg["content"]});
+                    if let Some((p, t)) = split.finish() {
+                        v.push(chunk(delta(p, t), None));
+                    }
+                    if split.has_held() {
+                        // Everything from the first call on was held: the
+                        // calls (and, for harmony, the whole turn) now.
+                        let mut d = json!({});
+                        if split.holds_all() {
+                            d["content"] = msg["content"].clone();
+                            if let Some(r) = msg.get("reasoning_content") {
+                                d["reasoning_content"] = r.clone();
+                            }
+                        }
                         if let Some(tc) = msg.get("tool_calls") {
                             let mut tc = tc.clone();
                             for (i, c) in tc.as_array_mut().into_iter().flatten().enumerate() {
@@ -573,10 +608,9 @@ async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
                             }
                             d["tool_calls"] = tc;
                         }
-                        if let Some(r) = msg.get("reasoning_content") {
-                            d["reasoning_content"] = r.clone();
+                        if d.as_object().is_some_and(|m| !m.is_empty()) {
+                            v.push(chunk(d, None));
                         }
-                        v.push(chunk(d, None));
                     }
                     v.push(chunk(json!({}), Some(finish)));
                     if include_usage {
@@ -588,7 +622,7 @@ async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
                     v
                 }
                 Msg::Failed(_, e) => vec![json!({"error": {"message": e, "type": "server_error"}})],
-                _ => Vec::new(),
+                Msg::Started(_) => Vec::new(),
             };
             for e in events {
                 if !send(e.to_string()) {
@@ -645,6 +679,8 @@ async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
         let send = |j: String| etx.send(Ok(Event::default().data(j))).is_ok();
         while let Some(m) = rx.recv().await {
             let j = match m {
+                Msg::Text(_) if etx.is_closed() => return,
+                Msg::Text(t) if t.is_empty() => continue,
                 Msg::Text(t) => {
                     json!({"id": id, "object": "text_completion", "created": created, "model": model,
                                        "choices": [{"index": 0, "text": t, "finish_reason": null}]})
@@ -655,7 +691,7 @@ async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
                                        "usage": usage(&o)})
                 }
                 Msg::Failed(_, e) => json!({"error": {"message": e, "type": "server_error"}}),
-                Msg::Started => continue,
+                Msg::Started(_) => continue,
             };
             if !send(j.to_string()) {
                 return;

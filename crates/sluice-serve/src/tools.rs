@@ -315,3 +315,189 @@ mod tests {
         assert_eq!(p.content, "plain answer");
     }
 }
+
+/// What a piece of streamed output is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// Visible content.
+    Content,
+    /// Thinking.
+    Reasoning,
+}
+
+/// Splits a streamed turn as it arrives: content and reasoning go out as
+/// soon as they cannot be the start of a marker; from a tool-call opener
+/// on, the text is held for [`parse`] at the end. Harmony's channels are
+/// held whole.
+pub struct StreamSplit {
+    family: Family,
+    in_think: bool,
+    in_tools: bool,
+    buf: String,
+}
+
+fn tool_open(family: Family) -> Option<&'static str> {
+    match family {
+        Family::Hermes | Family::Glm | Family::XmlFunction => Some("<tool_call>"),
+        Family::DeepSeek => Some("<｜tool▁calls▁begin｜>"),
+        Family::Harmony | Family::Plain => None,
+    }
+}
+
+/// Bytes at the end of `s` that could begin `marker` (a char boundary).
+pub(crate) fn partial_suffix(s: &str, marker: &str) -> usize {
+    (1..marker.len().min(s.len() + 1))
+        .rev()
+        .find(|&n| s.is_char_boundary(s.len() - n) && marker.starts_with(&s[s.len() - n..]))
+        .unwrap_or(0)
+}
+
+impl StreamSplit {
+    /// A splitter for `family`; `prompt` is the rendered prompt (a template
+    /// that opened `<think>` itself starts the answer in reasoning).
+    pub fn new(family: Family, prompt: &str) -> StreamSplit {
+        let t = prompt.trim_end();
+        StreamSplit {
+            family,
+            in_think: family != Family::Harmony && t.ends_with("<think>"),
+            in_tools: false,
+            buf: String::new(),
+        }
+    }
+
+    /// Whether everything is held until the end.
+    pub fn holds_all(&self) -> bool {
+        self.family == Family::Harmony
+    }
+
+    /// Takes a piece; returns what can go out now.
+    pub fn push(&mut self, piece: &str) -> Vec<(Part, String)> {
+        let mut out = Vec::new();
+        if self.holds_all() || self.in_tools {
+            return out;
+        }
+        self.buf.push_str(piece);
+        loop {
+            let (marker, part) = if self.in_think {
+                ("</think>", Part::Reasoning)
+            } else {
+                ("<think>", Part::Content)
+            };
+            let tool = tool_open(self.family).filter(|_| !self.in_think);
+            let hit_m = self.buf.find(marker);
+            let hit_t = tool.and_then(|t| self.buf.find(t));
+            match (hit_m, hit_t) {
+                (Some(i), t) if t.is_none_or(|t| i < t) => {
+                    if i > 0 {
+                        out.push((part, self.buf[..i].to_string()));
+                    }
+                    self.buf.drain(..i + marker.len());
+                    self.in_think = !self.in_think;
+                }
+                (_, Some(t)) => {
+                    if t > 0 {
+                        out.push((Part::Content, self.buf[..t].to_string()));
+                    }
+                    self.buf.drain(..t);
+                    self.in_tools = true;
+                    return out;
+                }
+                _ => {
+                    let hold = partial_suffix(&self.buf, marker)
+                        .max(tool.map_or(0, |t| partial_suffix(&self.buf, t)));
+                    let emit = self.buf.len() - hold;
+                    if emit > 0 {
+                        out.push((part, self.buf[..emit].to_string()));
+                        self.buf.drain(..emit);
+                    }
+                    return out;
+                }
+            }
+        }
+    }
+
+    /// Whether the turn's end must be parsed for tool calls (an opener
+    /// was seen, or everything was held).
+    pub fn has_held(&self) -> bool {
+        self.holds_all() || self.in_tools
+    }
+
+    /// What is left at the end, if no opener was seen.
+    pub fn finish(&mut self) -> Option<(Part, String)> {
+        if self.has_held() || self.buf.is_empty() {
+            return None;
+        }
+        let part = if self.in_think {
+            Part::Reasoning
+        } else {
+            Part::Content
+        };
+        Some((part, std::mem::take(&mut self.buf)))
+    }
+}
+
+#[cfg(test)]
+mod split_tests {
+    use super::*;
+
+    fn run(family: Family, prompt: &str, pieces: &[&str]) -> (Vec<(Part, String)>, bool) {
+        let mut s = StreamSplit::new(family, prompt);
+        let mut out: Vec<(Part, String)> = Vec::new();
+        for p in pieces {
+            for (k, t) in s.push(p) {
+                match out.last_mut() {
+                    Some((lk, lt)) if *lk == k => lt.push_str(&t),
+                    _ => out.push((k, t)),
+                }
+            }
+        }
+        if let Some((k, t)) = s.finish() {
+            match out.last_mut() {
+                Some((lk, lt)) if *lk == k => lt.push_str(&t),
+                _ => out.push((k, t)),
+            }
+        }
+        (out, s.has_held())
+    }
+
+    #[test]
+    fn streams_reasoning_and_content_and_holds_calls() {
+        let (o, held) = run(
+            Family::Hermes,
+            "",
+            &[
+                "<th",
+                "ink>hm",
+                "m</th",
+                "ink>Hi",
+                " <tool",
+                "_call>{\"name\"",
+                "}",
+            ],
+        );
+        assert_eq!(
+            o,
+            vec![
+                (Part::Reasoning, "hmm".into()),
+                (Part::Content, "Hi ".into())
+            ]
+        );
+        assert!(held);
+        // A template that opened the think block: the answer starts in it.
+        let (o, held) = run(
+            Family::Hermes,
+            "<|im_start|>assistant\n<think>\n",
+            &["a", "b</think>", "c"],
+        );
+        assert_eq!(
+            o,
+            vec![(Part::Reasoning, "ab".into()), (Part::Content, "c".into())]
+        );
+        assert!(!held);
+        // A '<' that starts no marker goes out at the end.
+        let (o, _) = run(Family::Plain, "", &["a <", "b"]);
+        assert_eq!(o, vec![(Part::Content, "a <b".into())]);
+        let (o, held) = run(Family::Harmony, "", &["<|channel|>final<|message|>x"]);
+        assert!(o.is_empty() && held);
+    }
+}
