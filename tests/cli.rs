@@ -201,6 +201,57 @@ fn wrongly_shaped_tensor_names_the_tensor() {
     assert!(e.contains("embed_tokens") && e.contains("shape"), "{e}");
 }
 
+/// A config that contradicts the tensors is refused, naming both sides:
+/// the experts' and the dense layers' sizes, experts and top-k, and layers
+/// the file holds beyond the declared count (not silently dropped).
+#[test]
+fn config_that_contradicts_the_tensors_is_refused() {
+    for (tag, from, to, want) in [
+        (
+            "moe-inter",
+            "\"moe_intermediate_size\": 24",
+            "\"moe_intermediate_size\": 30",
+            ["moe_intermediate_size = 30", "24 rows"],
+        ),
+        (
+            "inter",
+            "\"intermediate_size\": 56",
+            "\"intermediate_size\": 40",
+            ["intermediate_size = 40", "56 rows"],
+        ),
+        (
+            "layers",
+            "\"num_hidden_layers\": 3",
+            "\"num_hidden_layers\": 2",
+            ["says 2 layers", "model.layers.2."],
+        ),
+        (
+            "experts",
+            "\"num_local_experts\": 10",
+            "\"num_local_experts\": 6",
+            ["mlp.gate.weight", "[6, 72]"],
+        ),
+        (
+            "topk",
+            "\"num_experts_per_tok\": 3",
+            "\"num_experts_per_tok\": 20",
+            ["top-k 20", "10 experts"],
+        ),
+        (
+            "zero",
+            "\"num_local_experts\": 10",
+            "\"num_local_experts\": 0",
+            ["expert count 0", "out of range"],
+        ),
+    ] {
+        let d = fixture_with_config_edit(tag, from, to);
+        let e = fails(&["inspect", d.to_str().unwrap()]);
+        for w in want {
+            assert!(e.contains(w), "{tag}: {w:?} in {e}");
+        }
+    }
+}
+
 /// `--experts-k`: the config's top-k is the default (passing it changes
 /// nothing), another value changes the logits and is announced, and an
 /// impossible one is refused.

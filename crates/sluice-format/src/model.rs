@@ -717,6 +717,7 @@ impl Model {
                 load_hf(&l, &config)?
             }
         };
+        check_declared(&files, &config, &layers)?;
         Ok(Model {
             config,
             files,
@@ -734,6 +735,125 @@ impl Model {
 }
 
 type Parts = (Weight, Vec<Layer>, Vec<f32>, Weight);
+
+/// Feed-forward sizes the metadata declares: (key, value) of the routed
+/// experts', the dense layers' and the shared expert's.
+struct Declared {
+    source: String,
+    expert: Option<(String, usize)>,
+    dense: Option<(String, usize)>,
+    shared: Option<(String, usize)>,
+}
+
+fn declared(files: &ModelFiles) -> Declared {
+    if let Some(g) = files.gguf() {
+        let arch = g
+            .get("general.architecture")
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string();
+        let key = |k: &str| {
+            let k = format!("{arch}.{k}");
+            g.get(&k)
+                .and_then(|v| v.as_u64())
+                .map(|v| (k.clone(), v as usize))
+        };
+        let expert_key = key("expert_feed_forward_length");
+        let ff = key("feed_forward_length");
+        return Declared {
+            source: files.path.display().to_string(),
+            // Without an expert key (llama.cpp's Mixtral), the one length
+            // is the experts'.
+            dense: if expert_key.is_some() {
+                ff.clone()
+            } else {
+                None
+            },
+            expert: expert_key.or(ff),
+            shared: key("expert_shared_feed_forward_length"),
+        };
+    }
+    let cfg = files.hf_config();
+    let text = cfg.and_then(|c| c.get("text_config")).or(cfg);
+    let key = |k: &str| {
+        text.and_then(|t| t.get(k))
+            .and_then(|v| v.as_u64())
+            .map(|v| (k.to_string(), v as usize))
+    };
+    let moe = key("moe_intermediate_size");
+    let inter = key("intermediate_size");
+    Declared {
+        source: files.path.join("config.json").display().to_string(),
+        // Mixtral and OLMoE name the experts' size intermediate_size.
+        dense: if moe.is_some() { inter.clone() } else { None },
+        expert: moe.or(inter),
+        shared: key("shared_expert_intermediate_size"),
+    }
+}
+
+/// A configuration that contradicts the tensors is refused, naming both
+/// sides: feed-forward sizes, and tensors of layers past the declared count.
+fn check_declared(files: &ModelFiles, c: &Config, layers: &[Layer]) -> Result<()> {
+    let d = declared(files);
+    let check = |want: &Option<(String, usize)>, got: usize, what: &str| -> Result<()> {
+        match want {
+            Some((k, v)) if *v != got => Err(Error::Model(format!(
+                "{} says {k} = {v}, but {what} has {got} rows",
+                d.source
+            ))),
+            _ => Ok(()),
+        }
+    };
+    for (i, l) in layers.iter().enumerate() {
+        match &l.ffn {
+            Ffn::Moe(m) => {
+                for (e, x) in m.experts.iter().enumerate() {
+                    check(
+                        &d.expert,
+                        x.gate.rows,
+                        &format!("layer {i} expert {e}'s gate projection"),
+                    )?;
+                }
+                if let Some(s) = &m.shared {
+                    check(
+                        &d.shared,
+                        s.gate.rows,
+                        &format!("layer {i}'s shared expert gate projection"),
+                    )?;
+                }
+            }
+            Ffn::Dense(m) => check(
+                &d.dense,
+                m.gate.rows,
+                &format!("layer {i}'s dense MLP gate projection"),
+            )?,
+        }
+    }
+    // Decoder layers past the declared count (vision towers and MTP heads
+    // number their own blocks).
+    for t in files.tensors() {
+        let n = &t.name;
+        if n.contains("visual") || n.contains("vision") || n.contains("mtp") {
+            continue;
+        }
+        for pre in ["layers.", "blk."] {
+            let Some(i) = n.find(pre) else { continue };
+            let digits: String = n[i + pre.len()..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            if let Ok(k) = digits.parse::<usize>() {
+                if k >= c.n_layers {
+                    return Err(Error::Model(format!(
+                        "{} says {} layers, but the file holds tensor {n} of layer {k}",
+                        d.source, c.n_layers
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
 
 fn attn_dims(c: &Config) -> (usize, usize) {
     (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim)
