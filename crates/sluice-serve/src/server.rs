@@ -180,8 +180,18 @@ fn worker(
             continue;
         }
         let tx = job.tx.clone();
-        let r = gen.generate(&ids, &job.params, &mut |piece| {
-            tx.send(Msg::Text(piece.to_string())).is_ok()
+        // A bug in one request must not take the server down: the panic
+        // becomes a 500 and the session starts afresh.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            gen.generate(&ids, &job.params, &mut |piece| {
+                tx.send(Msg::Text(piece.to_string())).is_ok()
+            })
+        }))
+        .unwrap_or_else(|_| {
+            gen.reset();
+            Err(sluice_core::Error::Invalid(
+                "internal error while generating (the session was reset)".into(),
+            ))
         });
         match r {
             Ok(o) => {
