@@ -13,11 +13,13 @@ use sluice_serve::{ChatTemplate, GenParams, Generator};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
+/// The model and how it is prompted, for `chat` and `serve`.
 #[derive(Args)]
-pub struct ChatArgs {
+struct ChatModelArgs {
     #[command(flatten)]
     m: ModelArgs,
-    /// Tokens the context holds: the whole conversation, answers included.
+    /// Tokens the context holds: a whole conversation (chat) or one
+    /// request's prompt and answer (serve).
     #[arg(long, default_value_t = 4096)]
     ctx: usize,
     /// Prompt tokens run per forward step.
@@ -26,6 +28,12 @@ pub struct ChatArgs {
     /// A Jinja chat template file instead of the model's own.
     #[arg(long)]
     chat_template: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    c: ChatModelArgs,
     /// A system message to start the conversation with.
     #[arg(long)]
     system: Option<String>,
@@ -49,22 +57,13 @@ pub struct ChatArgs {
 #[derive(Args)]
 pub struct ServeArgs {
     #[command(flatten)]
-    m: ModelArgs,
+    c: ChatModelArgs,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
     /// Port to listen on (0: any free port, printed).
     #[arg(long, default_value_t = 8080)]
     port: u16,
-    /// Tokens the context holds: one request's prompt and answer.
-    #[arg(long, default_value_t = 4096)]
-    ctx: usize,
-    /// Prompt tokens run per forward step.
-    #[arg(long, default_value_t = 64)]
-    batch: usize,
-    /// A Jinja chat template file instead of the model's own.
-    #[arg(long)]
-    chat_template: Option<PathBuf>,
     /// Requests that may wait for the model; more are refused with 503.
     #[arg(long, default_value_t = 8)]
     queue: usize,
@@ -75,16 +74,18 @@ pub struct ServeArgs {
 
 /// The model's template, a file given instead, or ChatML for a model that
 /// carries none but has ChatML's tokens.
-fn template(model: &Path, file: Option<&Path>, tok: &Tokenizer) -> Result<ChatTemplate> {
-    let files = sluice_format::ModelFiles::open(model)
-        .with_context(|| format!("loading {}", model.display()))?;
-    let own = ChatTemplate::for_model(&files)?;
+fn template(
+    files: &sluice_format::ModelFiles,
+    file: Option<&Path>,
+    tok: &Tokenizer,
+) -> Result<ChatTemplate> {
+    let model = &files.path;
     if let Some(f) = file {
         let src = std::fs::read_to_string(f)
             .with_context(|| format!("--chat-template {}", f.display()))?;
         return Ok(ChatTemplate::new(&src, "", "", &f.display().to_string())?);
     }
-    match own {
+    match ChatTemplate::for_model(files)? {
         Some(t) => Ok(t),
         None if tok.token_id("<|im_start|>").is_some() => {
             eprintln!("note: {} carries no chat template; its vocabulary has ChatML's tokens, so ChatML is used", model.display());
@@ -98,21 +99,17 @@ fn template(model: &Path, file: Option<&Path>, tok: &Tokenizer) -> Result<ChatTe
 }
 
 /// The model opened for chat: generator and template.
-fn open(
-    m: &ModelArgs,
-    ctx: usize,
-    batch: usize,
-    file: Option<&Path>,
-) -> Result<(Generator, ChatTemplate, usize)> {
+fn open(a: &ChatModelArgs) -> Result<(Generator, ChatTemplate, usize)> {
+    let (m, ctx, batch) = (&a.m, a.ctx, a.batch);
     if ctx < 16 {
         bail!("--ctx {ctx} is too small for a conversation");
     }
-    let tok = Tokenizer::for_model(
-        &sluice_format::ModelFiles::open(&m.model)
-            .with_context(|| format!("loading {}", m.model.display()))?,
-    )?
-    .with_context(|| format!("{} has no tokenizer to chat with", m.model.display()))?;
-    let t = template(&m.model, file, &tok)?;
+    let files = sluice_format::ModelFiles::open(&m.model)
+        .with_context(|| format!("loading {}", m.model.display()))?;
+    let tok = Tokenizer::for_model(&files)?
+        .with_context(|| format!("{} has no tokenizer to chat with", m.model.display()))?;
+    let t = template(&files, a.chat_template.as_deref(), &tok)?;
+    drop(files);
     let mut o = stream_args::open(m, ctx, batch.max(1))?;
     for n in &o.notes {
         eprintln!("note: {n}");
@@ -136,8 +133,8 @@ fn figures(g: &Generator) -> EngineFigures {
 }
 
 pub fn chat(a: ChatArgs) -> Result<()> {
-    let (mut gen, t, _) = open(&a.m, a.ctx, a.batch, a.chat_template.as_deref())?;
-    let cap = a.m.stream.ram_cap;
+    let (mut gen, t, _) = open(&a.c)?;
+    let cap = a.c.m.stream.ram_cap;
     let mut history: Vec<Json> = Vec::new();
     let start = |h: &mut Vec<Json>| {
         h.clear();
@@ -152,7 +149,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
     }
     eprintln!(
         "sluice chat: {} ({} template); /reset starts over, /exit or end of input quits",
-        a.m.model.display(),
+        a.c.m.model.display(),
         t.origin
     );
     let stdin = std::io::stdin();
@@ -228,9 +225,10 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     if a.queue == 0 {
         bail!("--queue must be at least 1");
     }
-    let (gen, t, top_k) = open(&a.m, a.ctx, a.batch, a.chat_template.as_deref())?;
+    let (gen, t, top_k) = open(&a.c)?;
     let name = a.model_name.clone().unwrap_or_else(|| {
-        a.m.model
+        a.c.m
+            .model
             .file_name()
             .map_or("model".into(), |n| n.to_string_lossy().into_owned())
     });
@@ -244,11 +242,11 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let cfg = ServeConfig {
         model_name: name.clone(),
         queue: a.queue,
-        ram_cap: a.m.stream.ram_cap,
+        ram_cap: a.c.m.stream.ram_cap,
         figures: Box::new(figures),
     };
     let addr = format!("{}:{}", a.host, a.port);
-    let (ctx, queue) = (a.ctx, a.queue);
+    let (ctx, queue) = (a.c.ctx, a.queue);
     sluice_serve::server::serve_blocking(&addr, gen, t, cfg, move |at| {
         eprintln!(
             "sluice serve: {name} on http://{at}/v1 (chat/completions, completions, models; /health, /metrics); one session of {ctx} tokens{}: requests take turns, {queue} may wait, more get 503",

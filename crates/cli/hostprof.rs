@@ -139,25 +139,33 @@ fn memory_rates(threads: usize) -> (f64, f64) {
 
 /// The memory section: sizes from the system, rates as measured.
 fn memory(baseline: u64, mem_gbps: f64, copy_gbps: f64) -> sluice_sim::profile::Memory {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let kb = |k: &str| {
-        meminfo
-            .lines()
-            .find(|l| l.starts_with(k))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-            .map(|v| v * 1024.0 / 1e9)
-    };
-    let total = kb("MemTotal:").unwrap_or(1.0);
+    let gb = |b: u64| b as f64 / 1e9;
+    let available = sluice_io::sys::mem_available_bytes().map(gb);
+    // Total memory is read where Linux publishes it; elsewhere the
+    // available figure stands in for it.
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kb| kb * 1024.0 / 1e9)
+        .or(available)
+        .unwrap_or(1.0);
     let avail = sluice_io::sys::memory_cgroup_limit()
-        .map(|b| b as f64 / 1e9)
+        .map(gb)
         .into_iter()
-        .chain(kb("MemAvailable:"))
+        .chain(available)
         .fold(total, f64::min);
     sluice_sim::profile::Memory {
-        total_gb: fig(total, "/proc/meminfo MemTotal"),
+        total_gb: fig(
+            total,
+            "MemTotal (/proc/meminfo; elsewhere the available memory)",
+        ),
         app_gb: fig(
             avail,
-            "MemAvailable (or the memory cgroup's limit) at measurement",
+            "available memory (MemAvailable, or the memory cgroup's limit) at measurement",
         ),
         bandwidth_gbps: fig(mem_gbps, "sum over a 256 MiB buffer, all cores, this run"),
         process_mb: fig(

@@ -358,9 +358,6 @@ fn parse_request(body: &[u8], chat: bool, family: Family) -> Result<Request, Str
             }
             Some(_) => return Err("tools must be an array".into()),
         };
-        if o.get("tool_choice").and_then(Json::as_str) == Some("none") {
-            // The template is still told about them; the caller wants text.
-        }
         let mut extra = match o.get("chat_template_kwargs") {
             None | Some(Json::Null) => Map::new(),
             Some(Json::Object(m)) => m.clone(),
@@ -518,39 +515,50 @@ fn message_of(family: Family, o: &Outcome, has_tools: bool) -> (Json, &'static s
     (msg, finish)
 }
 
-async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
-    let mut req = match parse_request(&body, true, s.family) {
-        Ok(r) => r,
-        Err(m) => {
-            s.counters.rejected_bad.fetch_add(1, Ordering::Relaxed);
-            return error(StatusCode::BAD_REQUEST, m);
+/// Checks a request, queues it and waits until the worker accepts its
+/// prompt: the request, its messages and the prompt's tail.
+async fn begin(
+    s: &AppState,
+    body: &[u8],
+    chat: bool,
+) -> Result<(Request, UnboundedReceiver<Msg>, String), (StatusCode, String)> {
+    let mut req = parse_request(body, chat, s.family).map_err(|m| {
+        s.counters.rejected_bad.fetch_add(1, Ordering::Relaxed);
+        (StatusCode::BAD_REQUEST, m)
+    })?;
+    let mut rx = submit(s, &mut req)?;
+    let tail = started(&mut rx).await?;
+    Ok((req, rx, tail))
+}
+
+/// The finished generation of a request that is not streamed.
+async fn outcome(rx: &mut UnboundedReceiver<Msg>) -> Result<Outcome, (StatusCode, String)> {
+    let mut out = None;
+    while let Some(m) = rx.recv().await {
+        match m {
+            Msg::Done(o) => out = Some(o),
+            Msg::Failed(st, e) => return Err((st, e)),
+            _ => {}
         }
-    };
-    let mut rx = match submit(&s, &mut req) {
-        Ok(rx) => rx,
-        Err((st, m)) => return error(st, m),
-    };
-    let tail = match started(&mut rx).await {
-        Ok(t) => t,
+    }
+    out.ok_or((
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "generation ended without a result".into(),
+    ))
+}
+
+async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+    let (req, mut rx, tail) = match begin(&s, &body, true).await {
+        Ok(x) => x,
         Err((st, m)) => return error(st, m),
     };
     let id = format!("chatcmpl-{}", now());
     let created = now();
     let model = s.model.clone();
     if !req.stream {
-        let mut out = None;
-        while let Some(m) = rx.recv().await {
-            match m {
-                Msg::Done(o) => out = Some(o),
-                Msg::Failed(st, e) => return error(st, e),
-                _ => {}
-            }
-        }
-        let Some(o) = out else {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "generation ended without a result",
-            );
+        let o = match outcome(&mut rx).await {
+            Ok(o) => o,
+            Err((st, m)) => return error(st, m),
         };
         let (msg, finish) = message_of(s.family, &o, req.has_tools);
         return axum::Json(json!({"id": id, "object": "chat.completion", "created": created, "model": model,
@@ -648,37 +656,17 @@ async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
 }
 
 async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
-    let mut req = match parse_request(&body, false, s.family) {
-        Ok(r) => r,
-        Err(m) => {
-            s.counters.rejected_bad.fetch_add(1, Ordering::Relaxed);
-            return error(StatusCode::BAD_REQUEST, m);
-        }
-    };
-    let mut rx = match submit(&s, &mut req) {
-        Ok(rx) => rx,
+    let (req, mut rx, _) = match begin(&s, &body, false).await {
+        Ok(x) => x,
         Err((st, m)) => return error(st, m),
     };
-    if let Err((st, m)) = started(&mut rx).await {
-        return error(st, m);
-    }
     let id = format!("cmpl-{}", now());
     let created = now();
     let model = s.model.clone();
     if !req.stream {
-        let mut out = None;
-        while let Some(m) = rx.recv().await {
-            match m {
-                Msg::Done(o) => out = Some(o),
-                Msg::Failed(st, e) => return error(st, e),
-                _ => {}
-            }
-        }
-        let Some(o) = out else {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "generation ended without a result",
-            );
+        let o = match outcome(&mut rx).await {
+            Ok(o) => o,
+            Err((st, m)) => return error(st, m),
         };
         return axum::Json(json!({"id": id, "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": 0, "text": o.text, "finish_reason": o.finish.reason()}], "usage": usage(&o)}))
@@ -732,119 +720,118 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
         ),
         Err(_) => ((0.0, 0.0, 0.0, 0), EngineFigures::default()),
     };
-    let mut out = String::new();
-    let mut m = |name: &str, kind: &str, help: &str, v: f64| {
-        out.push_str(&format!(
-            "# HELP sluice_{name} {help}\n# TYPE sluice_{name} {kind}\nsluice_{name} {v}\n"
-        ));
-    };
     let g = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
-    m(
-        "requests_total",
-        "counter",
-        "Requests received.",
-        g(&c.requests),
-    );
-    m(
-        "requests_rejected_busy_total",
-        "counter",
-        "Requests refused with 503 (queue full).",
-        g(&c.rejected_busy),
-    );
-    m(
-        "requests_rejected_invalid_total",
-        "counter",
-        "Requests refused with 400.",
-        g(&c.rejected_bad),
-    );
-    m(
-        "requests_cancelled_total",
-        "counter",
-        "Generations stopped because the client went away.",
-        g(&c.cancelled),
-    );
-    m(
-        "requests_waiting",
-        "gauge",
-        "Requests queued for the model.",
-        g(&s.waiting),
-    );
-    m(
-        "prompt_tokens_total",
-        "counter",
-        "Prompt tokens.",
-        g(&c.prompt_tokens),
-    );
-    m(
-        "prompt_tokens_reused_total",
-        "counter",
-        "Prompt tokens whose KV cache was reused.",
-        g(&c.reused_tokens),
-    );
-    m(
-        "completion_tokens_total",
-        "counter",
-        "Tokens generated.",
-        g(&c.completion_tokens),
-    );
-    m(
-        "decode_tokens_per_second",
-        "gauge",
-        "Decode speed of the last request.",
-        l.0,
-    );
-    m(
-        "time_to_first_token_seconds",
-        "gauge",
-        "Time to first token of the last request.",
-        l.1,
-    );
-    m(
-        "time_to_first_token_seconds_sum",
-        "counter",
-        "Sum of the requests' times to first token.",
-        l.2,
-    );
-    m(
-        "time_to_first_token_seconds_count",
-        "counter",
-        "Requests timed.",
-        l.3 as f64,
-    );
     let uses = (e.hits + e.misses).max(1) as f64;
-    m(
-        "expert_hit_rate",
-        "gauge",
-        "Expert uses served from the cache, since start.",
-        e.hits as f64 / uses,
-    );
-    m(
-        "expert_bytes_read_total",
-        "counter",
-        "Bytes of experts read from the drive.",
-        e.bytes_read as f64,
-    );
-    m(
-        "io_stall_seconds_total",
-        "counter",
-        "Seconds compute waited on expert reads.",
-        e.stall_s,
-    );
-    m(
-        "resident_bytes",
-        "gauge",
-        "Resident memory (the platform's figure).",
-        e.rss as f64,
-    );
-    m(
-        "resident_bytes_peak",
-        "gauge",
-        "Peak resident memory.",
-        e.peak_rss as f64,
-    );
+    const C: &str = "counter";
+    const G: &str = "gauge";
+    let mut rows = vec![
+        ("requests_total", C, "Requests received.", g(&c.requests)),
+        (
+            "requests_rejected_busy_total",
+            C,
+            "Requests refused with 503 (queue full).",
+            g(&c.rejected_busy),
+        ),
+        (
+            "requests_rejected_invalid_total",
+            C,
+            "Requests refused with 400.",
+            g(&c.rejected_bad),
+        ),
+        (
+            "requests_cancelled_total",
+            C,
+            "Generations stopped because the client went away.",
+            g(&c.cancelled),
+        ),
+        (
+            "requests_waiting",
+            G,
+            "Requests queued for the model.",
+            g(&s.waiting),
+        ),
+        (
+            "prompt_tokens_total",
+            C,
+            "Prompt tokens.",
+            g(&c.prompt_tokens),
+        ),
+        (
+            "prompt_tokens_reused_total",
+            C,
+            "Prompt tokens whose KV cache was reused.",
+            g(&c.reused_tokens),
+        ),
+        (
+            "completion_tokens_total",
+            C,
+            "Tokens generated.",
+            g(&c.completion_tokens),
+        ),
+        (
+            "decode_tokens_per_second",
+            G,
+            "Decode speed of the last request.",
+            l.0,
+        ),
+        (
+            "time_to_first_token_seconds",
+            G,
+            "Time to first token of the last request.",
+            l.1,
+        ),
+        (
+            "time_to_first_token_seconds_sum",
+            C,
+            "Sum of the requests' times to first token.",
+            l.2,
+        ),
+        (
+            "time_to_first_token_seconds_count",
+            C,
+            "Requests timed.",
+            l.3 as f64,
+        ),
+        (
+            "expert_hit_rate",
+            G,
+            "Expert uses served from the cache, since start.",
+            e.hits as f64 / uses,
+        ),
+        (
+            "expert_bytes_read_total",
+            C,
+            "Bytes of experts read from the drive.",
+            e.bytes_read as f64,
+        ),
+        (
+            "io_stall_seconds_total",
+            C,
+            "Seconds compute waited on expert reads.",
+            e.stall_s,
+        ),
+        (
+            "resident_bytes",
+            G,
+            "Resident memory (the platform's figure).",
+            e.rss as f64,
+        ),
+        (
+            "resident_bytes_peak",
+            G,
+            "Peak resident memory.",
+            e.peak_rss as f64,
+        ),
+    ];
     if let Some(cap) = s.ram_cap {
-        m("ram_cap_bytes", "gauge", "The RAM cap.", cap as f64);
+        rows.push(("ram_cap_bytes", G, "The RAM cap.", cap as f64));
     }
+    let out: String = rows
+        .iter()
+        .map(|(name, kind, help, v)| {
+            format!("# HELP sluice_{name} {help}\n# TYPE sluice_{name} {kind}\nsluice_{name} {v}\n")
+        })
+        .collect();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

@@ -72,23 +72,34 @@ fn args_text(v: &Json) -> String {
     }
 }
 
-fn parse_hermes(text: &str, calls: &mut Vec<ToolCall>) -> String {
+/// Each `<tool_call>…</tool_call>` block of `text` parsed by `one`; a
+/// block `one` cannot read stays in the content as text.
+fn tool_call_blocks(
+    text: &str,
+    calls: &mut Vec<ToolCall>,
+    one: impl Fn(&str) -> Option<ToolCall>,
+) -> String {
     let mut content = String::new();
     let mut rest = text;
     while let Some((before, inner, after)) = between(rest, "<tool_call>", "</tool_call>") {
         content.push_str(before);
-        match serde_json::from_str::<Json>(inner.trim()) {
-            Ok(v) if v.get("name").and_then(Json::as_str).is_some() => calls.push(ToolCall {
-                name: v["name"].as_str().unwrap_or_default().to_string(),
-                arguments: v.get("arguments").map_or("{}".into(), args_text),
-            }),
-            // Not a call after all: keep it as text.
-            _ => content.push_str(&format!("<tool_call>{inner}</tool_call>")),
+        match one(inner) {
+            Some(c) => calls.push(c),
+            None => content.push_str(&format!("<tool_call>{inner}</tool_call>")),
         }
         rest = after;
     }
     content.push_str(rest);
     content
+}
+
+/// `{"name": .., "arguments": ..}`.
+fn hermes_call(inner: &str) -> Option<ToolCall> {
+    let v: Json = serde_json::from_str(inner.trim()).ok()?;
+    Some(ToolCall {
+        name: v.get("name")?.as_str()?.to_string(),
+        arguments: v.get("arguments").map_or("{}".into(), args_text),
+    })
 }
 
 /// An argument value as the model wrote it: JSON when it parses as JSON
@@ -98,57 +109,40 @@ fn arg_value(v: &str) -> Json {
     serde_json::from_str(t).unwrap_or_else(|_| Json::String(t.to_string()))
 }
 
-fn parse_glm(text: &str, calls: &mut Vec<ToolCall>) -> String {
-    let mut content = String::new();
-    let mut rest = text;
-    while let Some((before, inner, after)) = between(rest, "<tool_call>", "</tool_call>") {
-        content.push_str(before);
-        let name_end = inner.find("<arg_key>").unwrap_or(inner.len());
-        let name = inner[..name_end].trim().to_string();
-        let mut args = Map::new();
-        let mut a = &inner[name_end..];
-        while let Some((_, k, after_k)) = between(a, "<arg_key>", "</arg_key>") {
-            let Some((_, v, after_v)) = between(after_k, "<arg_value>", "</arg_value>") else {
-                break;
-            };
-            args.insert(k.trim().to_string(), arg_value(v));
-            a = after_v;
-        }
-        calls.push(ToolCall {
-            name,
-            arguments: Json::Object(args).to_string(),
-        });
-        rest = after;
+/// `NAME<arg_key>k</arg_key><arg_value>v</arg_value>…`.
+fn glm_call(inner: &str) -> Option<ToolCall> {
+    let name_end = inner.find("<arg_key>").unwrap_or(inner.len());
+    let mut args = Map::new();
+    let mut a = &inner[name_end..];
+    while let Some((_, k, after_k)) = between(a, "<arg_key>", "</arg_key>") {
+        let Some((_, v, after_v)) = between(after_k, "<arg_value>", "</arg_value>") else {
+            break;
+        };
+        args.insert(k.trim().to_string(), arg_value(v));
+        a = after_v;
     }
-    content.push_str(rest);
-    content
+    Some(ToolCall {
+        name: inner[..name_end].trim().to_string(),
+        arguments: Json::Object(args).to_string(),
+    })
 }
 
-fn parse_xml_function(text: &str, calls: &mut Vec<ToolCall>) -> String {
-    let mut content = String::new();
-    let mut rest = text;
-    while let Some((before, inner, after)) = between(rest, "<tool_call>", "</tool_call>") {
-        content.push_str(before);
-        if let Some((_, f, _)) = between(inner, "<function=", "</function>") {
-            let name_end = f.find('>').unwrap_or(f.len());
-            let name = f[..name_end].trim().to_string();
-            let mut args = Map::new();
-            let mut a = f.get(name_end + 1..).unwrap_or("");
-            while let Some((_, p, after_p)) = between(a, "<parameter=", "</parameter>") {
-                let k_end = p.find('>').unwrap_or(p.len());
-                let v = p.get(k_end + 1..).unwrap_or("");
-                args.insert(p[..k_end].trim().to_string(), arg_value(v));
-                a = after_p;
-            }
-            calls.push(ToolCall {
-                name,
-                arguments: Json::Object(args).to_string(),
-            });
-        }
-        rest = after;
+/// `<function=NAME><parameter=k>v</parameter>…</function>`.
+fn xml_function_call(inner: &str) -> Option<ToolCall> {
+    let (_, f, _) = between(inner, "<function=", "</function>")?;
+    let name_end = f.find('>').unwrap_or(f.len());
+    let mut args = Map::new();
+    let mut a = f.get(name_end + 1..).unwrap_or("");
+    while let Some((_, p, after_p)) = between(a, "<parameter=", "</parameter>") {
+        let k_end = p.find('>').unwrap_or(p.len());
+        let v = p.get(k_end + 1..).unwrap_or("");
+        args.insert(p[..k_end].trim().to_string(), arg_value(v));
+        a = after_p;
     }
-    content.push_str(rest);
-    content
+    Some(ToolCall {
+        name: f[..name_end].trim().to_string(),
+        arguments: Json::Object(args).to_string(),
+    })
 }
 
 fn parse_deepseek(text: &str, calls: &mut Vec<ToolCall>) -> String {
@@ -225,9 +219,9 @@ pub fn parse(family: Family, text: &str) -> Parsed {
         _ => {
             let (reasoning, rest) = split_think(text);
             let content = match family {
-                Family::Hermes => parse_hermes(&rest, &mut calls),
-                Family::Glm => parse_glm(&rest, &mut calls),
-                Family::XmlFunction => parse_xml_function(&rest, &mut calls),
+                Family::Hermes => tool_call_blocks(&rest, &mut calls, hermes_call),
+                Family::Glm => tool_call_blocks(&rest, &mut calls, glm_call),
+                Family::XmlFunction => tool_call_blocks(&rest, &mut calls, xml_function_call),
                 Family::DeepSeek => parse_deepseek(&rest, &mut calls),
                 Family::Harmony | Family::Plain => rest,
             };
