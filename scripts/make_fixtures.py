@@ -124,6 +124,7 @@ ARCH_CLASSES = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"),
     "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM"),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
 }
 
 # Geometry of the built-in fixtures.  Keys are generic; make_config() maps them
@@ -160,6 +161,18 @@ BASE = {
         lin_k_heads=2, lin_v_heads=4, lin_k_dim=16, lin_v_dim=24, conv_kernel=4,
         tie=False, init_range=0.15, rms_eps=1e-6,
     ),
+    # multi-head latent attention with a compressed query, YaRN (its attention factor and the
+    # mscale of the softmax scale both away from 1), sigmoid routing with a selection bias over
+    # 4 groups of which 2 are chosen, two shared experts, the first layer dense
+    "deepseek_v3": dict(
+        arch="deepseek_v3", seed=6000, vocab=317, hidden=64, layers=3, heads=4, kv_heads=4,
+        head_dim=None, experts=8, top_k=3, moe_inter=20, n_shared=2, inter=48, n_group=4,
+        topk_group=2, routed_scaling=2.5, norm_topk_prob=True, first_dense=1, q_lora=24,
+        kv_lora=32, nope=16, rope=8, v_head=12, rope_theta=10000.0,
+        yarn=dict(factor=4.0, original_max_position_embeddings=64, mscale=1.0, mscale_all_dim=0.7,
+                  beta_fast=32.0, beta_slow=1.0),
+        tie=False, init_range=0.15, rms_eps=1e-6,
+    ),
 }
 
 # safetensors model fixtures: name -> spec (BASE entry + overrides)
@@ -186,6 +199,15 @@ MODEL_FIXTURES = {
     # seed and the default layer pattern (three linear layers, then full attention)
     "qwen3_5_moe_vl": dict(BASE["qwen3_5_moe"], seed=5100, multimodal=True, layers=4,
                            layer_types=None, experts=6, top_k=3),
+    "deepseek_v3": dict(BASE["deepseek_v3"]),
+    # DeepSeek-V2-Lite's shape: an uncompressed query, no groups, no renormalization, plain
+    # rope, one shared expert, two dense layers; other seed and widths
+    "deepseek_v3_lite": dict(
+        BASE["deepseek_v3"], seed=6100, vocab=301, hidden=48, layers=4, heads=3, kv_heads=3,
+        experts=6, top_k=2, moe_inter=16, n_shared=1, inter=40, n_group=1, topk_group=1,
+        routed_scaling=1.5, norm_topk_prob=False, first_dense=2, q_lora=None, kv_lora=20,
+        nope=12, rope=4, v_head=16, yarn=None,
+    ),
 }
 
 # GGUF fixtures: name -> (spec, quant type for 2-D/3-D weights)
@@ -258,6 +280,18 @@ def make_config(spec: dict):
                   linear_conv_kernel_dim=spec["conv_kernel"], attention_bias=False)
         if spec.get("layer_types"):
             kw["layer_types"] = list(spec["layer_types"])
+    elif arch == "deepseek_v3":
+        kw.update(n_routed_experts=spec["experts"], moe_intermediate_size=spec["moe_inter"],
+                  intermediate_size=spec["inter"], n_shared_experts=spec["n_shared"],
+                  n_group=spec["n_group"], topk_group=spec["topk_group"],
+                  routed_scaling_factor=spec["routed_scaling"], norm_topk_prob=spec["norm_topk_prob"],
+                  first_k_dense_replace=spec["first_dense"], q_lora_rank=spec["q_lora"],
+                  kv_lora_rank=spec["kv_lora"], qk_nope_head_dim=spec["nope"],
+                  qk_rope_head_dim=spec["rope"], v_head_dim=spec["v_head"], rope_interleave=True,
+                  attention_bias=False)
+        if spec.get("yarn"):
+            kw["rope_parameters"] = dict(rope_type="yarn", rope_theta=float(spec["rope_theta"]),
+                                         **spec["yarn"])
     else:
         raise ValueError(arch)
     if spec.get("multimodal"):
@@ -295,6 +329,10 @@ def build_model(spec: dict, seed: int):
             elif name.endswith("A_log"):
                 # decay rates A in [0.1, 4]: neither forgetting at once nor never
                 p.copy_(torch.log(0.1 + 3.9 * torch.rand(p.shape, generator=g)))
+        for name, b in model.named_buffers():
+            # DeepSeek's selection bias is zeros at init, which would hide its use
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
     set_eager(model)
     model.eval()
     return model
@@ -316,7 +354,24 @@ def set_eager(model):
 # ----------------------------------------------------------------------------
 
 def is_router(mod) -> bool:
-    return type(mod).__name__.endswith("TopKRouter")
+    return type(mod).__name__.lower().endswith("topkrouter")
+
+
+def sigmoid_router_gap(mod, logits) -> float:
+    """Smallest margin of a grouped sigmoid router's decisions: which groups (by the sum of
+    their two best biased scores) and which experts within them (by biased score)."""
+    choice = torch.sigmoid(logits) + mod.e_score_correction_bias.float()
+    ng, tg, k = mod.num_group, mod.topk_group, mod.top_k
+    gap = float("inf")
+    if ng > 1 and tg < ng:
+        gs = choice.view(-1, ng, choice.shape[-1] // ng).topk(2, dim=-1)[0].sum(-1)
+        srt = torch.sort(gs, dim=-1, descending=True).values
+        gap = float((srt[:, tg - 1] - srt[:, tg]).min())
+        keep = torch.zeros_like(gs).scatter_(1, gs.topk(tg, dim=-1)[1], 1)
+        keep = keep.unsqueeze(-1).expand(-1, ng, choice.shape[-1] // ng).reshape(choice.shape)
+        choice = choice.masked_fill(~keep.bool(), float("-inf"))
+    srt = torch.sort(choice, dim=-1, descending=True).values
+    return min(gap, float((srt[:, k - 1] - srt[:, k]).min()))
 
 
 @torch.no_grad()
@@ -326,6 +381,9 @@ def forward_with_gaps(model, ids: list[int], top_k: int):
 
     def hook(mod, inp, out):
         logits = out[0].float()
+        if hasattr(mod, "e_score_correction_bias"):
+            gaps.append(sigmoid_router_gap(mod, logits))
+            return
         probs = torch.softmax(logits, dim=-1)
         srt = torch.sort(probs, dim=-1, descending=True).values
         gaps.append(float((srt[:, top_k - 1] - srt[:, top_k]).min()))

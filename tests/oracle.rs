@@ -70,6 +70,8 @@ fn fixture_set_covers_every_architecture_and_layout() {
         "qwen3_5_moe_vl",
         "qwen3_5_moe_mlx",
         "qwen3_5_moe.q8_0.gguf",
+        "deepseek_v3",
+        "deepseek_v3_lite",
     ] {
         assert!(
             names.iter().any(|n| n == want),
@@ -111,23 +113,21 @@ fn the_exact_path_matches_transformers_within_1e_3() {
 #[test]
 fn prompt_in_pieces_equals_prompt_at_once() {
     // KV cache correctness: feeding tokens one by one must give the same
-    // last-position logits as one batch (up to float reassociation).
-    let p = fixtures().join("models/qwen2_moe");
-    let e = read_expected(&p.join("expected.json"));
-    let model = Arc::new(Model::open(&p).unwrap());
-    let be = Arc::new(CpuBackend::new(Some(2)).unwrap());
-    let mut s = Session::new(model.clone(), be);
-    let mut last = Vec::new();
-    for (i, t) in e.tokens.iter().enumerate() {
-        last = s.forward(&[*t], false).unwrap();
-        assert_eq!(s.pos(), i + 1);
+    // last-position logits as one batch (up to float reassociation); the
+    // latent cache of DeepSeek's attention included.
+    for name in ["qwen2_moe", "deepseek_v3", "deepseek_v3_lite"] {
+        let p = fixtures().join("models").join(name);
+        let e = read_expected(&p.join("expected.json"));
+        let model = Arc::new(Model::open(&p).unwrap());
+        let be = Arc::new(CpuBackend::new(Some(2)).unwrap());
+        let mut s = Session::new(model.clone(), be);
+        let mut last = Vec::new();
+        for (i, t) in e.tokens.iter().enumerate() {
+            last = s.forward(&[*t], false).unwrap();
+            assert_eq!(s.pos(), i + 1);
+        }
+        assert_close(name, &[last], &[e.logits.last().unwrap().clone()], 1e-3);
     }
-    assert_close(
-        "incremental",
-        &[last],
-        &[e.logits.last().unwrap().clone()],
-        1e-3,
-    );
 }
 
 #[test]

@@ -36,6 +36,7 @@ fn streamed_logits_are_bit_identical_to_resident() {
         "qwen3_5_moe",
         "qwen3_5_moe_mlx",
         "qwen3_5_moe.q8_0.gguf",
+        "deepseek_v3",
     ] {
         let m = fixtures().join("models").join(f);
         let resident = logits(&m, &[]);
@@ -148,6 +149,40 @@ fn packed_model_matches_source_and_checks_records() {
         "--verify",
     ]);
     assert!(err.contains("packed"), "{err}");
+}
+
+/// DeepSeek-V3's latent attention, selection bias and shared experts
+/// survive packing (llama.cpp's `deepseek2` tensor names), and the packed
+/// file streams to the same logits.
+#[test]
+fn deepseek_packs_and_streams() {
+    for name in ["deepseek_v3", "deepseek_v3_lite"] {
+        let src = fixtures().join("models").join(name);
+        let out = scratch(&format!("{name}.packed.gguf"));
+        let o = out.to_str().unwrap();
+        run_ok(&["pack", src.to_str().unwrap(), "-o", o, "--quiet"]);
+        let want = logits(&src, &[]);
+        assert!(
+            logits(&out, &[]) == want,
+            "{name}: packing changed the logits"
+        );
+        assert!(
+            logits(&out, &["--cache-slots", "2", "--verify"]) == want,
+            "{name}: streaming the packed file changed the logits"
+        );
+        let g = sluice_format::ModelFiles::open(&out).unwrap();
+        for n in [
+            "blk.0.attn_kv_a_mqa.weight",
+            "blk.0.attn_kv_b.weight",
+            "blk.2.exp_probs_b.bias",
+            "blk.2.ffn_up_shexp.weight",
+        ] {
+            assert!(
+                g.tensor(n).is_some(),
+                "{name}: {n} missing from the packed file"
+            );
+        }
+    }
 }
 
 /// Qwen3.5: the packed file stores the linear-attention tensors under

@@ -449,6 +449,11 @@ fn qwen35_397b(eq: &Quant, q: &Quant, n_layers: usize) -> SimModel {
             tiled: false,
         }),
         config_top_k: top_k,
+        routing: Default::default(),
+        mla: None,
+        yarn: None,
+        attn_scale: None,
+        mtp_layers: 0,
     };
     preset_model("qwen3.5-397b-a17b", layers, expert_ops, head, config, inter)
 }

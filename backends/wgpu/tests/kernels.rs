@@ -225,6 +225,7 @@ fn element_wise_kernels_match_cpu() {
             theta: 10000.0,
             rot_dim: 16,
             style,
+            yarn: None,
         };
         let x = floats(4 * 2 * 32, 3);
         let (mut a, mut b) = (x.clone(), x.clone());

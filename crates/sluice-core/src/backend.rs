@@ -88,6 +88,27 @@ impl<'a> WeightView<'a> {
         self
     }
 
+    /// Rows `r0..r0 + n` as a view of their own (without an id: it names
+    /// the whole matrix). Panics if they are out of range.
+    pub fn rows(&self, r0: usize, n: usize) -> WeightView<'a> {
+        assert!(
+            r0 + n <= self.rows,
+            "rows {r0}..{} of {}",
+            r0 + n,
+            self.rows
+        );
+        let rb = self.row_bytes();
+        let ab = self.scales.len() / self.rows.max(1);
+        WeightView {
+            rows: n,
+            data: &self.data[r0 * rb..(r0 + n) * rb],
+            scales: &self.scales[r0 * ab..(r0 + n) * ab],
+            biases: &self.biases[r0 * ab..(r0 + n) * ab],
+            id: None,
+            ..*self
+        }
+    }
+
     /// Bytes of one row.
     #[inline]
     pub fn row_bytes(&self) -> usize {

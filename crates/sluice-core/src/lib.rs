@@ -20,4 +20,5 @@ pub mod size;
 pub use backend::{fresh_weight_id, AttnParams, Backend, WeightView};
 pub use dtype::{DType, HalfType, MlxQuant};
 pub use error::{Error, Result};
+pub use ops::Yarn;
 pub use size::{fmt_size, parse_size};

@@ -26,6 +26,67 @@ pub enum RopeStyle {
     Interleaved,
 }
 
+/// YaRN context extension (Hugging Face `rope_type: "yarn"`, GGUF
+/// `rope.scaling.type = yarn`): each frequency is blended between the
+/// original (extrapolated) and the `factor`-times slower (interpolated) one
+/// by how many turns it makes over the original context, and cos and sin
+/// are multiplied by `attn_factor`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Yarn {
+    /// Context extension factor.
+    pub factor: f32,
+    /// Context length the model was trained at before extension.
+    pub orig_ctx: usize,
+    /// Rotations above which a frequency is kept as is.
+    pub beta_fast: f32,
+    /// Rotations below which a frequency is fully interpolated.
+    pub beta_slow: f32,
+    /// Multiplier of cos and sin (transformers' `attention_factor`).
+    pub attn_factor: f32,
+    /// Round the blending range outward to whole dimensions.
+    pub truncate: bool,
+}
+
+impl Yarn {
+    /// transformers' `get_mscale`: `0.1 · m · ln(factor) + 1` (1 when the
+    /// factor does not extend).
+    pub fn mscale(factor: f32, m: f32) -> f32 {
+        if factor <= 1.0 {
+            1.0
+        } else {
+            0.1 * m * factor.ln() + 1.0
+        }
+    }
+
+    /// Inverse frequencies of `rot_dim / 2` pairs for base `theta`.
+    pub fn inv_freqs(&self, theta: f32, rot_dim: usize) -> Vec<f32> {
+        // The correction range in f64, as Python's math computes it.
+        let dim = rot_dim as f64;
+        let corr = |rot: f64| {
+            dim * (self.orig_ctx as f64 / (rot * 2.0 * std::f64::consts::PI)).ln()
+                / (2.0 * (theta as f64).ln())
+        };
+        let (mut low, mut high) = (corr(self.beta_fast as f64), corr(self.beta_slow as f64));
+        if self.truncate {
+            low = low.floor();
+            high = high.ceil();
+        }
+        let (low, mut high) = (low.max(0.0) as f32, high.min(dim - 1.0) as f32);
+        if low == high {
+            high += 0.001;
+        }
+        (0..rot_dim / 2)
+            .map(|i| {
+                let pos_freq = theta.powf((2 * i) as f32 / rot_dim as f32);
+                let (extrap, interp) = (1.0 / pos_freq, 1.0 / (self.factor * pos_freq));
+                let ramp = ((i as f32 - low) / (high - low)).clamp(0.0, 1.0);
+                let keep = 1.0 - ramp;
+                interp * (1.0 - keep) + extrap * keep
+            })
+            .collect()
+    }
+}
+
 /// Rotary position embedding parameters.
 #[derive(Clone, Copy, Debug)]
 pub struct Rope {
@@ -35,6 +96,8 @@ pub struct Rope {
     pub rot_dim: usize,
     /// Pairing convention.
     pub style: RopeStyle,
+    /// YaRN scaling of the frequencies, if configured.
+    pub yarn: Option<Yarn>,
 }
 
 impl Rope {
@@ -43,6 +106,14 @@ impl Rope {
         let half = self.rot_dim / 2;
         cos.clear();
         sin.clear();
+        if let Some(y) = &self.yarn {
+            for inv in y.inv_freqs(self.theta, self.rot_dim) {
+                let a = pos as f32 * inv;
+                cos.push(a.cos() * y.attn_factor);
+                sin.push(a.sin() * y.attn_factor);
+            }
+            return;
+        }
         for i in 0..half {
             let inv = 1.0 / self.theta.powf((2 * i) as f32 / self.rot_dim as f32);
             let a = pos as f32 * inv;
@@ -102,6 +173,50 @@ pub fn route(logits: &mut [f32], n: usize, k: usize, chosen: &mut [usize]) {
         idx[..k].sort_unstable_by(best);
         out.copy_from_slice(&idx[..k]);
     }
+}
+
+/// Sigmoid routing (DeepSeek-V3, GLM-4.5): `scores` receives each
+/// expert's `sigmoid(logit)`; the choice ranks `score + bias` (the bias
+/// steers selection only), restricted to the `topk_group` groups of
+/// `n_group` equal groups whose two best biased scores sum highest.
+/// `chosen` receives
+/// the `k` best, best first, ties to the lower index.
+pub fn route_sigmoid(
+    logits: &[f32],
+    bias: Option<&[f32]>,
+    (n_group, topk_group): (usize, usize),
+    scores: &mut [f32],
+    chosen: &mut [usize],
+) {
+    let ne = logits.len();
+    for (s, &l) in scores.iter_mut().zip(logits) {
+        *s = sigmoid(l);
+    }
+    let mut pick: Vec<f32> = match bias {
+        Some(b) => scores.iter().zip(b).map(|(s, b)| s + b).collect(),
+        None => scores.to_vec(),
+    };
+    let n_group = n_group.max(1);
+    if n_group > 1 && topk_group < n_group && ne.is_multiple_of(n_group) {
+        let size = ne / n_group;
+        let group_score = |g: usize| {
+            let mut v: Vec<f32> = pick[g * size..(g + 1) * size].to_vec();
+            v.sort_unstable_by(|a, b| b.total_cmp(a));
+            v.iter().take(2).sum::<f32>()
+        };
+        let gs: Vec<f32> = (0..n_group).map(group_score).collect();
+        let mut groups: Vec<usize> = (0..n_group).collect();
+        groups.sort_by(|&a, &b| gs[b].total_cmp(&gs[a]).then(a.cmp(&b)));
+        for &g in &groups[topk_group..] {
+            pick[g * size..(g + 1) * size].fill(f32::NEG_INFINITY);
+        }
+    }
+    let k = chosen.len();
+    let mut idx: Vec<usize> = (0..ne).collect();
+    let best = |a: &usize, b: &usize| pick[*b].total_cmp(&pick[*a]).then(a.cmp(b));
+    idx.select_nth_unstable_by(k - 1, best);
+    idx[..k].sort_unstable_by(best);
+    chosen.copy_from_slice(&idx[..k]);
 }
 
 /// Numerically stable softmax in place.
@@ -244,6 +359,7 @@ mod tests {
             theta: 10000.0,
             rot_dim: 4,
             style,
+            yarn: None,
         };
         let (mut c, mut s) = (Vec::new(), Vec::new());
         rope(RopeStyle::Neox).tables(3, &mut c, &mut s);
@@ -256,6 +372,38 @@ mod tests {
         assert!(b[1].abs() > 0.1 && b[2] == 0.0);
         let n = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>();
         assert!((n(&a) - 1.0).abs() < 1e-6 && (n(&b) - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn sigmoid_routing_masks_groups_and_ignores_bias_in_scores() {
+        // Four groups of two; the bias lifts expert 6 into the choice.
+        let logits = [2.0, 1.9, -1.0, -1.0, 0.5, 0.4, 0.0, -3.0];
+        let bias = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0];
+        let mut scores = [0.0; 8];
+        let mut chosen = [0; 3];
+        route_sigmoid(&logits, Some(&bias), (4, 2), &mut scores, &mut chosen);
+        // Groups {0,1} and {6,7} win; expert 4 (group 2) is masked out.
+        assert_eq!(chosen, [6, 0, 1]);
+        assert_eq!(scores[6], 0.5);
+        route_sigmoid(&logits, None, (1, 1), &mut scores, &mut chosen);
+        assert_eq!(chosen, [0, 1, 4]);
+    }
+
+    #[test]
+    fn yarn_keeps_fast_and_slows_slow_frequencies() {
+        let y = Yarn {
+            factor: 40.0,
+            orig_ctx: 4096,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            attn_factor: 1.0,
+            truncate: true,
+        };
+        let f = y.inv_freqs(10000.0, 64);
+        let plain = |i: usize| 1.0 / 10000f32.powf((2 * i) as f32 / 64.0);
+        assert_eq!(f[0], plain(0));
+        assert!((f[31] / (plain(31) / 40.0) - 1.0).abs() < 1e-6);
+        assert!((Yarn::mscale(40.0, 1.0) - (1.0 + 0.1 * 40f32.ln())).abs() < 1e-6);
     }
 
     #[test]

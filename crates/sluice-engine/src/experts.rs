@@ -225,6 +225,13 @@ impl Predictor for Gate {
         {
             return;
         }
+        // Sigmoid routers choose by score plus bias (groups aside: this
+        // ranks candidates, it does not decide).
+        if let Some(b) = &nm.score_bias {
+            for (v, b) in g.iter_mut().zip(b) {
+                *v = sluice_core::ops::sigmoid(*v) + b;
+            }
+        }
         let mut order: Vec<usize> = (0..ne).collect();
         let kp = m.clamp(1, ne);
         let by = |a: &usize, b: &usize| g[*b].total_cmp(&g[*a]).then(a.cmp(b));

@@ -9,7 +9,9 @@
 //! independent of where the expert bytes came from.
 
 use crate::experts::{ExpertSource, Resident, Streamed};
-use crate::model::{Attention, DeltaNet, Ffn, Linear, MixerWeights, Mlp, Model, Moe};
+use crate::model::{
+    Attention, DeltaNet, Ffn, LatentAttn, LatentKv, Linear, MixerWeights, Mlp, Model, Moe,
+};
 pub use crate::replay::Replay;
 use sluice_core::ops::{self, Rope};
 use sluice_core::{AttnParams, Backend, Error, Result, WeightView};
@@ -56,7 +58,7 @@ impl Session {
             .iter()
             .map(|l| match &l.mixer {
                 MixerWeights::DeltaNet(_) => LinState::new(&model.config),
-                MixerWeights::Attention(_) => LinState::default(),
+                MixerWeights::Attention(_) | MixerWeights::Latent(_) => LinState::default(),
             })
             .collect();
         Session {
@@ -97,11 +99,11 @@ impl Session {
         ctx: usize,
     ) -> Self {
         let mut s = Session::new(model, backend);
-        let kd = s.model.config.n_kv_heads * s.model.config.head_dim;
+        let (kd, vd) = s.model.config.kv_widths();
         for (li, (k, v)) in s.kv.iter_mut().enumerate() {
             if s.model.config.mixers[li] == crate::config::Mixer::Attention {
                 k.reserve_exact(ctx * kd);
-                v.reserve_exact(ctx * kd);
+                v.reserve_exact(ctx * vd);
             }
         }
         s.experts = Box::new(Streamed::new(streamer, s.model.clone(), s.backend.clone()));
@@ -143,7 +145,7 @@ impl Session {
         self.model
             .layers
             .iter()
-            .all(|l| matches!(l.mixer, MixerWeights::Attention(_)))
+            .all(|l| !matches!(l.mixer, MixerWeights::DeltaNet(_)))
     }
 
     /// Forgets every position from `pos` on, keeping the KV cache of the
@@ -160,10 +162,10 @@ impl Session {
                 self.pos
             )));
         }
-        let kd = self.model.config.n_kv_heads * self.model.config.head_dim;
+        let (kd, vd) = self.model.config.kv_widths();
         for (k, v) in &mut self.kv {
             k.truncate(pos * kd);
-            v.truncate(pos * kd);
+            v.truncate(pos * vd);
         }
         self.pos = pos;
         Ok(())
@@ -214,6 +216,7 @@ impl Session {
             let o = match &layer.mixer {
                 MixerWeights::Attention(a) => self.attention(li, a, &hn, n)?,
                 MixerWeights::DeltaNet(d) => self.delta_net(li, d, &hn, n)?,
+                MixerWeights::Latent(a) => self.latent_attention(li, a, &hn, n)?,
             };
             for (a, b) in x.iter_mut().zip(&o) {
                 *a += b;
@@ -304,11 +307,7 @@ impl Session {
                 *t = t.clamp(-clip, clip);
             }
         }
-        let rope = Rope {
-            theta: c.rope_theta,
-            rot_dim: c.rot_dim,
-            style: c.rope_style,
-        };
+        let rope = rope_of(c);
         self.backend.rope(&rope, self.pos, &mut q, n, c.head_dim)?;
         self.backend.rope(&rope, self.pos, &mut k, n, c.head_dim)?;
         let (kc, vc) = &mut self.kv[li];
@@ -318,7 +317,9 @@ impl Session {
             n_heads: c.n_heads,
             n_kv_heads: c.n_kv_heads,
             head_dim: c.head_dim,
-            scale: 1.0 / (c.head_dim as f32).sqrt(),
+            scale: c
+                .attn_scale
+                .unwrap_or_else(|| 1.0 / (c.head_dim as f32).sqrt()),
             window: c.windows[li],
         };
         let mut att = vec![0f32; n * qd];
@@ -330,6 +331,147 @@ impl Session {
             }
         }
         self.linear(&layer.o, &att, n)
+    }
+
+    /// Multi-head latent attention of the normalized input `hn`, in the
+    /// absorbed form: the cache keeps per position only the normalized
+    /// latent and the rotary key (`kv_lora + rope` values for all heads);
+    /// each head's key expansion is folded into its query and its value
+    /// expansion applied after the weighted sum, so attention runs as one
+    /// shared key/value head over `[latent | rotary]`, whose first
+    /// `kv_lora` values serve as the value.
+    fn latent_attention(
+        &mut self,
+        li: usize,
+        a: &LatentAttn,
+        hn: &[f32],
+        n: usize,
+    ) -> Result<Vec<f32>> {
+        let model = self.model.clone();
+        let c = &model.config;
+        let m = c.mla.expect("a latent layer has its shape");
+        let (heads, l, r, nope, vd) = (c.n_heads, m.kv_lora, m.rope, m.nope, m.v);
+        let qk = nope + r;
+        let be = &*self.backend;
+        let q = match &a.q_a {
+            Some((wa, norm)) => {
+                let mut qa = vec![0f32; n * wa.rows];
+                be.matmul(wa.view(), hn, n, &mut qa)?;
+                be.rms_norm(&mut qa, norm, c.rms_eps)?;
+                let mut q = vec![0f32; n * a.q.rows];
+                be.matmul(a.q.view(), &qa, n, &mut q)?;
+                q
+            }
+            None => {
+                let mut q = vec![0f32; n * a.q.rows];
+                be.matmul(a.q.view(), hn, n, &mut q)?;
+                q
+            }
+        };
+        let mut kv = vec![0f32; n * (l + r)];
+        be.matmul(a.kv_a.view(), hn, n, &mut kv)?;
+        let (mut lat, mut kpe) = (Vec::with_capacity(n * l), Vec::with_capacity(n * r));
+        for row in kv.chunks_exact(l + r) {
+            lat.extend_from_slice(&row[..l]);
+            kpe.extend_from_slice(&row[l..]);
+        }
+        be.rms_norm(&mut lat, &a.kv_a_norm, c.rms_eps)?;
+        let mut qpe: Vec<f32> = q
+            .chunks_exact(qk)
+            .flat_map(|head| &head[nope..])
+            .copied()
+            .collect();
+        let rope = rope_of(c);
+        be.rope(&rope, self.pos, &mut qpe, n, r)?;
+        be.rope(&rope, self.pos, &mut kpe, n, r)?;
+        // Per token and head: [absorbed query | rotary query].
+        let w = l + r;
+        let mut qf = vec![0f32; n * heads * w];
+        for t in 0..n {
+            for h in 0..heads {
+                let dst = &mut qf[(t * heads + h) * w..(t * heads + h + 1) * w];
+                dst[l..].copy_from_slice(&qpe[(t * heads + h) * r..(t * heads + h + 1) * r]);
+            }
+        }
+        let mut xh = vec![0f32; n * nope.max(l)];
+        let mut yh = vec![0f32; n * l.max(vd)];
+        match &a.kv_b {
+            LatentKv::Split { k_t, .. } => {
+                // Per head, `kv_lora × nope`: the absorption is a product.
+                for h in 0..heads {
+                    for t in 0..n {
+                        let src = &q[(t * heads + h) * qk..][..nope];
+                        xh[t * nope..(t + 1) * nope].copy_from_slice(src);
+                    }
+                    be.matmul(
+                        k_t.view().rows(h * l, l),
+                        &xh[..n * nope],
+                        n,
+                        &mut yh[..n * l],
+                    )?;
+                    for t in 0..n {
+                        qf[(t * heads + h) * w..][..l].copy_from_slice(&yh[t * l..(t + 1) * l]);
+                    }
+                }
+            }
+            LatentKv::Joint(kv_b) => {
+                // The key rows are `nope × kv_lora` per head: the query
+                // takes their transpose, one dequantized row at a time.
+                let view = kv_b.view();
+                let mut row = vec![0f32; l];
+                for h in 0..heads {
+                    for i in 0..nope {
+                        view.row_into(h * (nope + vd) + i, &mut row);
+                        for t in 0..n {
+                            let s = q[(t * heads + h) * qk + i];
+                            let dst = &mut qf[(t * heads + h) * w..][..l];
+                            for (d, &x) in dst.iter_mut().zip(&row) {
+                                *d += s * x;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.tick()?;
+        let (cache, _) = &mut self.kv[li];
+        for t in 0..n {
+            cache.extend_from_slice(&lat[t * l..(t + 1) * l]);
+            cache.extend_from_slice(&kpe[t * r..(t + 1) * r]);
+        }
+        let p = AttnParams {
+            n_heads: heads,
+            n_kv_heads: 1,
+            head_dim: w,
+            scale: c.attn_scale.unwrap_or_else(|| 1.0 / (qk as f32).sqrt()),
+            window: c.windows[li],
+        };
+        let mut att = vec![0f32; n * heads * w];
+        let cache = &self.kv[li].0;
+        self.backend
+            .attention(&qf, cache, cache, n, self.pos, &p, &mut att)?;
+        let (vw, v0, stride) = match &a.kv_b {
+            LatentKv::Joint(w) => (w.view(), nope, nope + vd),
+            LatentKv::Split { v, .. } => (v.view(), 0, vd),
+        };
+        let mut o = vec![0f32; n * heads * vd];
+        for h in 0..heads {
+            for t in 0..n {
+                xh[t * l..(t + 1) * l].copy_from_slice(&att[(t * heads + h) * w..][..l]);
+            }
+            self.backend.matmul(
+                vw.rows(h * stride + v0, vd),
+                &xh[..n * l],
+                n,
+                &mut yh[..n * vd],
+            )?;
+            for t in 0..n {
+                o[(t * heads + h) * vd..][..vd].copy_from_slice(&yh[t * vd..(t + 1) * vd]);
+            }
+        }
+        let mut y = vec![0f32; n * c.hidden];
+        self.backend.matmul(a.o.view(), &o, n, &mut y)?;
+        Ok(y)
     }
 
     /// Gated DeltaNet of the normalized input `hn`, token by token through
@@ -439,7 +581,26 @@ impl Session {
         let mut assigned: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ne];
         let mut idx: Vec<usize> = Vec::with_capacity(ne);
         let mut chosen_all: Vec<usize> = vec![0; n * k];
-        self.backend.route(&mut logits, n, k, &mut chosen_all)?;
+        let routing = c.routing;
+        if routing.sigmoid {
+            // The scores replace the logits, as softmax's probabilities do.
+            let mut scores = vec![0f32; ne];
+            for (row, chosen) in logits
+                .chunks_exact_mut(ne)
+                .zip(chosen_all.chunks_exact_mut(k))
+            {
+                ops::route_sigmoid(
+                    row,
+                    m.score_bias.as_deref(),
+                    (routing.n_group, routing.topk_group),
+                    &mut scores,
+                    chosen,
+                );
+                row.copy_from_slice(&scores);
+            }
+        } else {
+            self.backend.route(&mut logits, n, k, &mut chosen_all)?;
+        }
         for t in 0..n {
             let probs = &logits[t * ne..(t + 1) * ne];
             idx.clear();
@@ -455,8 +616,13 @@ impl Session {
             let chosen = &idx[..k];
             let mut w: Vec<f32> = chosen.iter().map(|&e| probs[e]).collect();
             if c.norm_topk_prob {
-                let s: f32 = w.iter().sum();
+                // transformers adds 1e-20 for sigmoid scores (which may all
+                // be tiny); it cannot change a sum of softmax probabilities.
+                let s: f32 = w.iter().sum::<f32>() + if routing.sigmoid { 1e-20 } else { 0.0 };
                 w.iter_mut().for_each(|v| *v /= s);
+            }
+            if routing.scale != 1.0 {
+                w.iter_mut().for_each(|v| *v *= routing.scale);
             }
             if let Some(o) = &mut self.observer {
                 o(&Route {
@@ -530,6 +696,16 @@ impl Session {
             }
         }
         Ok(out)
+    }
+}
+
+/// The model's rotary embedding.
+fn rope_of(c: &crate::config::Config) -> Rope {
+    Rope {
+        theta: c.rope_theta,
+        rot_dim: c.rot_dim,
+        style: c.rope_style,
+        yarn: c.yarn,
     }
 }
 

@@ -19,7 +19,7 @@
 
 use crate::config::{Arch, Config, PACKED_CONFIG_KEY};
 use crate::gguf_meta::{self, FfnSizes};
-use crate::model::{Ffn, MixerWeights, Model, Weight};
+use crate::model::{Ffn, LatentKv, MixerWeights, Model, Weight};
 use crate::tokenizer::PACKED_TOKENIZER_KEY;
 use sluice_core::{quant, DType, Error, Result};
 use sluice_format::{GgufWriter, MetaValue, ModelFiles, TensorSpec};
@@ -109,6 +109,7 @@ pub(crate) fn gguf_arch(a: Arch) -> &'static str {
         Arch::Mixtral => "llama",
         Arch::Olmoe => "olmoe",
         Arch::Qwen35Moe => "qwen35moe",
+        Arch::DeepseekV3 => "deepseek2",
     }
 }
 
@@ -194,6 +195,25 @@ pub fn pack(
                     dense.push(v(format!("{b}attn_k_norm.weight"), x));
                 }
             }
+            MixerWeights::Latent(a) => {
+                if let Some((qa, norm)) = &a.q_a {
+                    dense.push(w(format!("{b}attn_q_a.weight"), qa));
+                    dense.push(v(format!("{b}attn_q_a_norm.weight"), norm));
+                    dense.push(w(format!("{b}attn_q_b.weight"), &a.q));
+                } else {
+                    dense.push(w(format!("{b}attn_q.weight"), &a.q));
+                }
+                dense.push(w(format!("{b}attn_kv_a_mqa.weight"), &a.kv_a));
+                dense.push(v(format!("{b}attn_kv_a_norm.weight"), &a.kv_a_norm));
+                match &a.kv_b {
+                    LatentKv::Joint(x) => dense.push(w(format!("{b}attn_kv_b.weight"), x)),
+                    LatentKv::Split { k_t, v: vb } => {
+                        dense.push(w(format!("{b}attn_k_b.weight"), k_t));
+                        dense.push(w(format!("{b}attn_v_b.weight"), vb));
+                    }
+                }
+                dense.push(w(format!("{b}attn_output.weight"), &a.o));
+            }
             MixerWeights::DeltaNet(d) => {
                 dense.push(w(format!("{b}attn_qkv.weight"), &d.qkv));
                 dense.push(w(format!("{b}attn_gate.weight"), &d.z));
@@ -223,6 +243,9 @@ pub fn pack(
             }
             Ffn::Moe(m) => {
                 dense.push(w(format!("{b}ffn_gate_inp.weight"), &m.router));
+                if let Some(x) = &m.score_bias {
+                    dense.push(v(format!("{b}exp_probs_b.bias"), x));
+                }
                 if let Some(s) = &m.shared {
                     dense.push(w(format!("{b}ffn_gate_shexp.weight"), &s.gate));
                     dense.push(w(format!("{b}ffn_up_shexp.weight"), &s.up));

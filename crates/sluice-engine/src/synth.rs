@@ -301,6 +301,11 @@ impl Preset {
             attn_gate: self.hybrid.is_some(),
             linear: self.hybrid.map(|h| h.linear),
             config_top_k: self.top_k,
+            routing: Default::default(),
+            mla: None,
+            yarn: None,
+            attn_scale: None,
+            mtp_layers: 0,
         }
     }
 }

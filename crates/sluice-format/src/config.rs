@@ -2,7 +2,7 @@
 //! `config.json` or from GGUF metadata into one [`Config`].
 
 use crate::{Gguf, ModelFiles, Value};
-use sluice_core::ops::RopeStyle;
+use sluice_core::ops::{RopeStyle, Yarn};
 use sluice_core::{Error, Result};
 
 /// Supported architectures.
@@ -20,6 +20,10 @@ pub enum Arch {
     /// linear attention in most layers, output-gated full attention with
     /// partial rotary in the rest, a sigmoid-gated shared expert.
     Qwen35Moe,
+    /// DeepSeek-V3/R1/V3.1 and Kimi K2: multi-head latent attention,
+    /// sigmoid routing with a selection bias over expert groups, shared
+    /// experts, leading dense layers.
+    DeepseekV3,
 }
 
 impl Arch {
@@ -31,8 +35,51 @@ impl Arch {
             Arch::Mixtral => "mixtral",
             Arch::Olmoe => "olmoe",
             Arch::Qwen35Moe => "qwen3_5_moe",
+            Arch::DeepseekV3 => "deepseek_v3",
         }
     }
+}
+
+/// How a router's logits become the chosen experts and their weights.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Routing {
+    /// Sigmoid scores with the router's selection bias and expert groups
+    /// ([`sluice_core::ops::route_sigmoid`]); else softmax over all experts.
+    pub sigmoid: bool,
+    /// Equal groups the experts are split into (1: no grouping).
+    pub n_group: usize,
+    /// Groups a token may choose from.
+    pub topk_group: usize,
+    /// Multiplier of the routed experts' weights (`routed_scaling_factor`).
+    pub scale: f32,
+}
+
+impl Default for Routing {
+    fn default() -> Self {
+        Routing {
+            sigmoid: false,
+            n_group: 1,
+            topk_group: 1,
+            scale: 1.0,
+        }
+    }
+}
+
+/// Shape of multi-head latent attention (DeepSeek-V2/V3): keys and values
+/// are rebuilt per head from one compressed vector per position, which is
+/// all the cache keeps (with the shared rotary key).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mla {
+    /// Rank of the query compression (0: a plain query projection).
+    pub q_lora: usize,
+    /// Rank of the key/value compression: the cached vector's length.
+    pub kv_lora: usize,
+    /// Per head, query/key dimensions without position.
+    pub nope: usize,
+    /// Per head, rotary query/key dimensions (one rotary key for all heads).
+    pub rope: usize,
+    /// Per head, value dimensions.
+    pub v: usize,
 }
 
 /// The token mixer of a layer.
@@ -141,6 +188,18 @@ pub struct Config {
     /// The router's top-k as the model file states it (`top_k` differs
     /// when `--experts-k` overrides it).
     pub config_top_k: usize,
+    /// How the router chooses and weights experts.
+    pub routing: Routing,
+    /// Multi-head latent attention, when the model uses it (every
+    /// attention layer then does).
+    pub mla: Option<Mla>,
+    /// YaRN scaling of the rotary frequencies.
+    pub yarn: Option<Yarn>,
+    /// Multiplier of q·k where it is not `1/sqrt(head_dim)`.
+    pub attn_scale: Option<f32>,
+    /// Multi-token-prediction layers the file holds after the decoder's;
+    /// never run (they serve speculative decoding).
+    pub mtp_layers: usize,
 }
 
 fn bad(msg: impl Into<String>) -> Error {
@@ -238,6 +297,42 @@ fn check(cfg: &Config) -> Result<()> {
             )));
         }
     }
+    if let Some(m) = cfg.mla {
+        for (what, v) in [
+            ("latent key/value rank", m.kv_lora),
+            ("latent rotary dim", m.rope),
+            ("latent value head dim", m.v),
+        ] {
+            if v == 0 || v > 1 << 16 {
+                return Err(bad(format!("{what} {v} is out of range (1..=65536)")));
+            }
+        }
+        if m.q_lora > 1 << 16 || m.nope > 1 << 16 || m.nope + m.rope != cfg.head_dim {
+            return Err(bad(format!(
+                "latent attention: query rank {}, head dims {} + {} do not fit head dim {}",
+                m.q_lora, m.nope, m.rope, cfg.head_dim
+            )));
+        }
+    }
+    let r = cfg.routing;
+    if r.sigmoid
+        && (r.n_group == 0
+            || r.topk_group == 0
+            || r.topk_group > r.n_group
+            || !cfg.n_experts.is_multiple_of(r.n_group)
+            || !r.scale.is_finite())
+    {
+        return Err(bad(format!(
+            "router groups: {} of {} groups over {} experts (needs 1 <= chosen <= groups, groups dividing the experts), scaling {}",
+            r.topk_group, r.n_group, cfg.n_experts, r.scale
+        )));
+    }
+    if let Some(y) = cfg.yarn {
+        if !(y.factor.is_finite() && y.factor > 0.0 && y.orig_ctx > 0 && y.attn_factor.is_finite())
+        {
+            return Err(bad(format!("YaRN scaling {y:?} is out of range")));
+        }
+    }
     if cfg.rot_dim == 0 || cfg.rot_dim > cfg.head_dim || !cfg.rot_dim.is_multiple_of(2) {
         return Err(bad(format!(
             "rotary dimension {} does not fit head dim {}",
@@ -245,6 +340,56 @@ fn check(cfg: &Config) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// YaRN scaling from `rope_scaling` (transformers 4) or `rope_parameters`
+/// (transformers 5), with its `mscale_all_dim`; other scaling types are
+/// refused rather than run unscaled.
+fn yarn_hf(c: &serde_json::Value) -> Result<(Option<Yarn>, Option<f32>)> {
+    let Some(r) = ["rope_scaling", "rope_parameters"]
+        .iter()
+        .filter_map(|k| c.get(*k))
+        .find(|r| r.is_object())
+    else {
+        return Ok((None, None));
+    };
+    let kind = r
+        .get("rope_type")
+        .or_else(|| r.get("type"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("default");
+    match kind {
+        "default" => return Ok((None, None)),
+        "yarn" => {}
+        other => return Err(Error::Unsupported(format!("rope_type \"{other}\""))),
+    }
+    let f = |k: &str| r.get(k).and_then(|v| v.as_f64()).map(|v| v as f32);
+    let max_ctx = get_usize(c, "max_position_embeddings");
+    let orig_ctx = get_usize(r, "original_max_position_embeddings")
+        .or(max_ctx)
+        .filter(|&n| n > 0)
+        .ok_or_else(|| bad("config.json: YaRN without original_max_position_embeddings"))?;
+    // Without a factor, the extension is the ratio of the two lengths.
+    let factor = f("factor")
+        .or_else(|| max_ctx.map(|m| m as f32 / orig_ctx as f32))
+        .ok_or_else(|| bad("config.json: YaRN without \"factor\""))?;
+    let (mscale, mscale_all) = (f("mscale"), f("mscale_all_dim"));
+    let attn_factor = match (f("attention_factor"), mscale, mscale_all) {
+        (Some(a), _, _) => a,
+        (None, Some(m), Some(a)) if m != 0.0 && a != 0.0 => {
+            Yarn::mscale(factor, m) / Yarn::mscale(factor, a)
+        }
+        _ => Yarn::mscale(factor, 1.0),
+    };
+    let yarn = Yarn {
+        factor,
+        orig_ctx,
+        beta_fast: f("beta_fast").unwrap_or(32.0),
+        beta_slow: f("beta_slow").unwrap_or(1.0),
+        attn_factor,
+        truncate: r.get("truncate").and_then(|v| v.as_bool()).unwrap_or(true),
+    };
+    Ok((Some(yarn), mscale_all))
 }
 
 /// GGUF metadata key under which packed files store [`Config::to_json`].
@@ -292,6 +437,29 @@ impl Config {
                 "tiled": l.tiled,
             })),
             "config_top_k": self.config_top_k,
+            "routing": serde_json::json!({
+                "sigmoid": self.routing.sigmoid,
+                "n_group": self.routing.n_group,
+                "topk_group": self.routing.topk_group,
+                "scale": self.routing.scale,
+            }),
+            "mla": self.mla.map(|m| serde_json::json!({
+                "q_lora": m.q_lora,
+                "kv_lora": m.kv_lora,
+                "nope": m.nope,
+                "rope": m.rope,
+                "v": m.v,
+            })),
+            "yarn": self.yarn.map(|y| serde_json::json!({
+                "factor": y.factor,
+                "orig_ctx": y.orig_ctx,
+                "beta_fast": y.beta_fast,
+                "beta_slow": y.beta_slow,
+                "attn_factor": y.attn_factor,
+                "truncate": y.truncate,
+            })),
+            "attn_scale": self.attn_scale,
+            "mtp_layers": self.mtp_layers,
         })
     }
 
@@ -311,6 +479,7 @@ impl Config {
             Some("mixtral") => Arch::Mixtral,
             Some("olmoe") => Arch::Olmoe,
             Some("qwen3_5_moe") => Arch::Qwen35Moe,
+            Some("deepseek_v3") => Arch::DeepseekV3,
             other => return Err(bad(format!("packed config: unknown arch {other:?}"))),
         };
         let n_layers = layer_count(n("n_layers")?)?;
@@ -383,6 +552,55 @@ impl Config {
                 _ => None,
             },
             config_top_k: get_usize(v, "config_top_k").unwrap_or(0),
+            // Files packed before these existed are softmax-routed, plain
+            // attention, unscaled rope.
+            routing: match v.get("routing") {
+                Some(r) if !r.is_null() => Routing {
+                    sigmoid: r.get("sigmoid").and_then(|x| x.as_bool()).unwrap_or(false),
+                    n_group: need(r, "n_group")?,
+                    topk_group: need(r, "topk_group")?,
+                    scale: r
+                        .get("scale")
+                        .and_then(|x| x.as_f64())
+                        .ok_or_else(|| bad("packed config: routing without \"scale\""))?
+                        as f32,
+                },
+                _ => Routing::default(),
+            },
+            mla: match v.get("mla") {
+                Some(m) if !m.is_null() => Some(Mla {
+                    q_lora: need(m, "q_lora")?,
+                    kv_lora: need(m, "kv_lora")?,
+                    nope: need(m, "nope")?,
+                    rope: need(m, "rope")?,
+                    v: need(m, "v")?,
+                }),
+                _ => None,
+            },
+            yarn: match v.get("yarn") {
+                Some(y) if !y.is_null() => {
+                    let g = |k: &str| {
+                        y.get(k)
+                            .and_then(|x| x.as_f64())
+                            .map(|x| x as f32)
+                            .ok_or_else(|| bad(format!("packed config: yarn without \"{k}\"")))
+                    };
+                    Some(Yarn {
+                        factor: g("factor")?,
+                        orig_ctx: need(y, "orig_ctx")?,
+                        beta_fast: g("beta_fast")?,
+                        beta_slow: g("beta_slow")?,
+                        attn_factor: g("attn_factor")?,
+                        truncate: y.get("truncate").and_then(|x| x.as_bool()).unwrap_or(true),
+                    })
+                }
+                _ => None,
+            },
+            attn_scale: v
+                .get("attn_scale")
+                .and_then(|x| x.as_f64())
+                .map(|x| x as f32),
+            mtp_layers: get_usize(v, "mtp_layers").unwrap_or(0),
         };
         let mut cfg = cfg;
         if cfg.config_top_k == 0 {
@@ -440,17 +658,36 @@ impl Config {
             "mixtral" => Arch::Mixtral,
             "olmoe" => Arch::Olmoe,
             "qwen3_5_moe" | "qwen3_5_moe_text" => Arch::Qwen35Moe,
+            // Kimi K2 ships DeepSeek-V3's architecture under its own name.
+            "deepseek_v3" | "kimi_k2" => Arch::DeepseekV3,
             other => {
                 return Err(Error::Unsupported(format!(
-                    "architecture \"{other}\" (supported: qwen3_moe, qwen2_moe, mixtral, olmoe, qwen3_5_moe)"
+                    "architecture \"{other}\" (supported: qwen3_moe, qwen2_moe, mixtral, olmoe, qwen3_5_moe, deepseek_v3, kimi_k2)"
                 )))
             }
         };
+        let ds = arch == Arch::DeepseekV3;
         let hidden = need(c, "hidden_size")?;
         let n_layers = layer_count(need(c, "num_hidden_layers")?)?;
         let n_heads = need(c, "num_attention_heads")?;
-        let n_kv_heads = get_usize(c, "num_key_value_heads").unwrap_or(n_heads);
-        let head_dim = get_usize(c, "head_dim").unwrap_or(hidden / n_heads.max(1));
+        // transformers' defaults where a DeepSeek config leaves a field out.
+        let ds_num = |k: &str, default: usize| get_usize(c, k).unwrap_or(default);
+        let mla = ds.then(|| Mla {
+            q_lora: ds_num("q_lora_rank", 0),
+            kv_lora: ds_num("kv_lora_rank", 512),
+            nope: ds_num("qk_nope_head_dim", 128),
+            rope: ds_num("qk_rope_head_dim", 64),
+            v: ds_num("v_head_dim", 128),
+        });
+        let n_kv_heads = match mla {
+            // Every head has its own keys, rebuilt from the shared latent.
+            Some(_) => n_heads,
+            None => get_usize(c, "num_key_value_heads").unwrap_or(n_heads),
+        };
+        let head_dim = match mla {
+            Some(m) => m.nope + m.rope,
+            None => get_usize(c, "head_dim").unwrap_or(hidden / n_heads.max(1)),
+        };
         let rope = c.get("rope_parameters");
         let rope_theta = c
             .get("rope_theta")
@@ -462,18 +699,15 @@ impl Config {
             .or_else(|| rope.and_then(|r| r.get("partial_rotary_factor")))
             .and_then(|v| v.as_f64())
             .unwrap_or(1.0);
-        if let Some(t) = rope
-            .and_then(|r| r.get("rope_type"))
-            .and_then(|v| v.as_str())
-            .filter(|t| *t != "default")
-        {
-            return Err(Error::Unsupported(format!("rope_type \"{t}\"")));
-        }
+        let (yarn, yarn_mscale_all) = yarn_hf(c)?;
         // transformers 5 writes `num_local_experts` for every MoE family;
         // hub checkpoints of the Qwen and OLMoE families say `num_experts`.
         let n_experts = get_usize(c, "num_local_experts")
             .or_else(|| get_usize(c, "num_experts"))
-            .ok_or_else(|| bad("config.json: missing \"num_experts\" / \"num_local_experts\""))?;
+            .or_else(|| get_usize(c, "n_routed_experts"))
+            .ok_or_else(|| {
+                bad("config.json: missing \"num_experts\" / \"num_local_experts\" / \"n_routed_experts\"")
+            })?;
         let top_k = need(c, "num_experts_per_tok")?;
         let norm_topk_prob = match arch {
             // Both always renormalize the top-k probabilities.
@@ -481,7 +715,7 @@ impl Config {
             _ => c
                 .get("norm_topk_prob")
                 .and_then(|v| v.as_bool())
-                .unwrap_or(false),
+                .unwrap_or(ds),
         };
         let (step, mlp_only) = match arch {
             Arch::Qwen3Moe | Arch::Qwen2Moe => (
@@ -490,9 +724,21 @@ impl Config {
             ),
             _ => (1, vec![]),
         };
-        let moe_layers = (0..n_layers)
-            .map(|i| !mlp_only.contains(&(i as u32)) && n_experts > 0 && (i + 1) % step == 0)
-            .collect();
+        let moe_layers = if ds {
+            // The first `first_k_dense_replace` layers are dense, then every
+            // `moe_layer_freq`-th (DeepSeek's own rule; 1 in every release).
+            let (first, freq) = (
+                ds_num("first_k_dense_replace", 3),
+                ds_num("moe_layer_freq", 1).max(1),
+            );
+            (0..n_layers)
+                .map(|i| n_experts > 0 && i >= first && i % freq == 0)
+                .collect()
+        } else {
+            (0..n_layers)
+                .map(|i| !mlp_only.contains(&(i as u32)) && n_experts > 0 && (i + 1) % step == 0)
+                .collect()
+        };
         let window = c
             .get("sliding_window")
             .and_then(|v| v.as_u64())
@@ -518,8 +764,39 @@ impl Config {
                 window.filter(|_| use_sw && sliding)
             })
             .collect();
-        let mut rot_dim = ((head_dim as f64) * partial) as usize;
+        let mut rot_dim = match mla {
+            Some(m) => m.rope,
+            None => ((head_dim as f64) * partial) as usize,
+        };
         rot_dim -= rot_dim % 2;
+        let routing = if ds {
+            if let Some(f) = c
+                .get("scoring_func")
+                .and_then(|v| v.as_str())
+                .filter(|f| *f != "sigmoid")
+            {
+                return Err(Error::Unsupported(format!("scoring_func \"{f}\"")));
+            }
+            Routing {
+                sigmoid: true,
+                n_group: ds_num("n_group", 8),
+                topk_group: ds_num("topk_group", 4),
+                scale: c
+                    .get("routed_scaling_factor")
+                    .and_then(|v| v.as_f64())
+                    .unwrap_or(2.5) as f32,
+            }
+        } else {
+            Routing::default()
+        };
+        // DeepSeek scales q·k by YaRN's mscale for `mscale_all_dim`, squared.
+        let attn_scale = match (ds, yarn, yarn_mscale_all) {
+            (true, Some(y), Some(m)) if m != 0.0 => {
+                let s = Yarn::mscale(y.factor, m);
+                Some(s * s / (head_dim as f32).sqrt())
+            }
+            _ => None,
+        };
         let (mixers, linear) = if arch == Arch::Qwen35Moe {
             let mixers = match &layer_types {
                 Some(t) => {
@@ -572,7 +849,16 @@ impl Config {
             head_dim,
             rope_theta,
             rot_dim,
-            rope_style: RopeStyle::Neox,
+            // DeepSeek's rotary dims pair neighbours (`rope_interleave`).
+            rope_style: if ds
+                && c.get("rope_interleave")
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or(true)
+            {
+                RopeStyle::Interleaved
+            } else {
+                RopeStyle::Neox
+            },
             rms_eps: c
                 .get("rms_norm_eps")
                 .and_then(|v| v.as_f64())
@@ -594,6 +880,11 @@ impl Config {
             attn_gate: arch == Arch::Qwen35Moe,
             linear,
             config_top_k: top_k,
+            routing,
+            mla,
+            yarn,
+            attn_scale,
+            mtp_layers: get_usize(c, "num_nextn_predict_layers").unwrap_or(0),
         })
     }
 
@@ -735,13 +1026,19 @@ impl Config {
             attn_gate: arch == Arch::Qwen35Moe,
             linear,
             config_top_k: num("expert_used_count").unwrap_or(0),
+            routing: Routing::default(),
+            mla: None,
+            yarn: None,
+            attn_scale: None,
+            mtp_layers: num("nextn_predict_layers").unwrap_or(0),
         })
     }
 
     /// Bytes of the per-sequence state for `ctx` positions: the KV cache
     /// of attention layers and the fixed state of linear ones.
     pub fn state_bytes(&self, ctx: usize) -> u64 {
-        let kv = (2 * self.n_kv_heads * self.head_dim * ctx) as u64;
+        let (k, v) = self.kv_widths();
+        let kv = ((k + v) * ctx) as u64;
         let lin = self.linear.map_or(0, |l| l.state_len()) as u64;
         self.mixers
             .iter()
@@ -751,6 +1048,19 @@ impl Config {
             })
             .sum::<u64>()
             * 4
+    }
+
+    /// f32 values an attention layer caches per position, for keys and for
+    /// values: with latent attention, one compressed vector and the rotary
+    /// key, serving as both.
+    pub fn kv_widths(&self) -> (usize, usize) {
+        match self.mla {
+            Some(m) => (m.kv_lora + m.rope, 0),
+            None => {
+                let d = self.n_kv_heads * self.head_dim;
+                (d, d)
+            }
+        }
     }
 
     /// Overrides the number of routed experts per token (`--experts-k`).

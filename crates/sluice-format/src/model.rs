@@ -144,9 +144,15 @@ pub struct Moe {
     pub shared: Option<Mlp>,
     /// Sigmoid gate of the shared expert: `1 × hidden`.
     pub shared_gate: Option<Weight>,
+    /// Added to the sigmoid scores to choose experts, never to weight them
+    /// (DeepSeek-V3's `e_score_correction_bias`).
+    pub score_bias: Option<Vec<f32>>,
 }
 
 /// The feed-forward half of a layer.
+// One per layer, built once at load and never moved in a hot loop: the
+// size gap between the variants costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Ffn {
     /// A dense MLP.
@@ -170,6 +176,58 @@ pub struct Attention {
     pub q_norm: Option<Vec<f32>>,
     /// RMSNorm of keys, likewise.
     pub k_norm: Option<Vec<f32>>,
+}
+
+/// How latent attention's per-head key and value expansions are stored.
+#[derive(Clone, Debug)]
+pub enum LatentKv {
+    /// One matrix (Hugging Face `kv_b_proj`, GGUF `attn_kv_b`) of
+    /// `heads × (nope + v)` rows of `kv_lora`: per head, the key rows, then
+    /// the value rows.
+    Joint(Weight),
+    /// llama.cpp's split: `attn_k_b`, per head `kv_lora` rows of `nope`
+    /// (the key rows transposed, so absorbing them into the query is a
+    /// plain product), and `attn_v_b`, per head `v` rows of `kv_lora`.
+    Split {
+        /// `heads × kv_lora` rows of `nope`.
+        k_t: Weight,
+        /// `heads × v` rows of `kv_lora`.
+        v: Weight,
+    },
+}
+
+/// Multi-head latent attention's weights (DeepSeek-V3).
+#[derive(Clone, Debug)]
+pub struct LatentAttn {
+    /// Query compression `q_lora × hidden` and its RMSNorm, when the
+    /// query is compressed.
+    pub q_a: Option<(Weight, Vec<f32>)>,
+    /// `heads × (nope + rope)` rows of `q_lora` (or of `hidden`).
+    pub q: Weight,
+    /// `(kv_lora + rope) × hidden`: the latent and the shared rotary key.
+    pub kv_a: Weight,
+    /// RMSNorm of the latent.
+    pub kv_a_norm: Vec<f32>,
+    /// Per-head key and value expansions of the latent.
+    pub kv_b: LatentKv,
+    /// `hidden × heads·v`.
+    pub o: Weight,
+}
+
+impl LatentAttn {
+    /// Every matrix, mutably.
+    fn weights_mut(&mut self) -> Vec<&mut Weight> {
+        let mut v: Vec<&mut Weight> = Vec::with_capacity(6);
+        if let Some((w, _)) = &mut self.q_a {
+            v.push(w);
+        }
+        v.extend([&mut self.q, &mut self.kv_a, &mut self.o]);
+        match &mut self.kv_b {
+            LatentKv::Joint(w) => v.push(w),
+            LatentKv::Split { k_t, v: vb } => v.extend([k_t, vb]),
+        }
+        v
+    }
 }
 
 /// Gated DeltaNet weights (Qwen3.5's linear attention).
@@ -202,6 +260,8 @@ pub enum MixerWeights {
     Attention(Attention),
     /// Gated DeltaNet.
     DeltaNet(DeltaNet),
+    /// Multi-head latent attention.
+    Latent(LatentAttn),
 }
 
 /// One decoder layer.
@@ -223,6 +283,36 @@ impl Layer {
         match &self.mixer {
             MixerWeights::Attention(a) => vec![&a.q.w, &a.k.w, &a.v.w, &a.o.w],
             MixerWeights::DeltaNet(d) => vec![&d.qkv, &d.z, &d.b, &d.a, &d.out],
+            MixerWeights::Latent(a) => {
+                let mut out = Vec::with_capacity(6);
+                if let Some((w, _)) = &a.q_a {
+                    out.push(w);
+                }
+                out.extend([&a.q, &a.kv_a, &a.o]);
+                match &a.kv_b {
+                    LatentKv::Joint(w) => out.push(w),
+                    LatentKv::Split { k_t, v } => out.extend([k_t, v]),
+                }
+                out
+            }
+        }
+    }
+
+    /// Every projection matrix of the mixer, mutably.
+    pub fn mixer_weights_mut(&mut self) -> Vec<&mut Weight> {
+        self.mixer.weights_mut()
+    }
+}
+
+impl MixerWeights {
+    /// Every projection matrix, mutably.
+    pub fn weights_mut(&mut self) -> Vec<&mut Weight> {
+        match self {
+            MixerWeights::Attention(a) => vec![&mut a.q.w, &mut a.k.w, &mut a.v.w, &mut a.o.w],
+            MixerWeights::DeltaNet(d) => {
+                vec![&mut d.qkv, &mut d.z, &mut d.b, &mut d.a, &mut d.out]
+            }
+            MixerWeights::Latent(a) => a.weights_mut(),
         }
     }
 }
@@ -419,6 +509,36 @@ impl Loader<'_> {
         let h = c.hidden;
         let (qd, kd) = attn_dims(c);
         let mixer = match c.mixers[i] {
+            Mixer::Attention if c.mla.is_some() => {
+                let m = c.mla.expect("checked by the guard");
+                let heads = c.n_heads;
+                let q_in = if m.q_lora > 0 { m.q_lora } else { h };
+                let q_a = if m.q_lora > 0 {
+                    Some((
+                        self.matrix(&n.mla_q_a, m.q_lora, h)?,
+                        self.vector(&n.mla_q_a_norm, m.q_lora)?,
+                    ))
+                } else {
+                    None
+                };
+                let q_name = if m.q_lora > 0 { &n.mla_q_b } else { &n.mla_q };
+                let kv_b = if self.has(&n.mla_k_b) {
+                    LatentKv::Split {
+                        k_t: self.heads_matrix(&n.mla_k_b, heads, m.kv_lora, m.nope)?,
+                        v: self.heads_matrix(&n.mla_v_b, heads, m.v, m.kv_lora)?,
+                    }
+                } else {
+                    LatentKv::Joint(self.matrix(&n.mla_kv_b, heads * (m.nope + m.v), m.kv_lora)?)
+                };
+                MixerWeights::Latent(LatentAttn {
+                    q_a,
+                    q: self.matrix(q_name, heads * (m.nope + m.rope), q_in)?,
+                    kv_a: self.matrix(&n.mla_kv_a, m.kv_lora + m.rope, h)?,
+                    kv_a_norm: self.vector(&n.mla_kv_a_norm, m.kv_lora)?,
+                    kv_b,
+                    o: self.matrix(&format!("{}.weight", n.o), h, heads * m.v)?,
+                })
+            }
             Mixer::Attention => {
                 let q_rows = if c.attn_gate { 2 * qd } else { qd };
                 MixerWeights::Attention(Attention {
@@ -473,6 +593,18 @@ impl Loader<'_> {
             }
         }
         Ok(layer)
+    }
+
+    /// A per-head matrix stored `[heads, rows, cols]` (llama.cpp) or
+    /// `[heads·rows, cols]`, as one `heads·rows × cols` weight.
+    fn heads_matrix(&self, name: &str, heads: usize, rows: usize, cols: usize) -> Result<Weight> {
+        let (dtype, shape, parts) = self.resolve(name)?;
+        if shape != [heads, rows, cols] && shape != [heads * rows, cols] {
+            return Err(Error::Model(format!(
+                "tensor {name} has shape {shape:?}, expected [{heads}, {rows}, {cols}]"
+            )));
+        }
+        self.weight_of(dtype, &parts, 0, heads * rows, cols)
     }
 
     /// A q/k norm whose length says whether it is per head or whole.
@@ -609,6 +741,16 @@ struct LayerNames {
     lin_out: String,
     /// Norms are zero-centred in the file (`1 + w` applied).
     shift_norms: bool,
+    mla_q_a: String,
+    mla_q_a_norm: String,
+    mla_q_b: String,
+    mla_q: String,
+    mla_kv_a: String,
+    mla_kv_a_norm: String,
+    mla_kv_b: String,
+    /// Only in llama.cpp's files.
+    mla_k_b: String,
+    mla_v_b: String,
 }
 
 impl LayerNames {
@@ -635,6 +777,15 @@ impl LayerNames {
             lin_norm: l("norm.weight"),
             lin_out: l("out_proj.weight"),
             shift_norms,
+            mla_q_a: a("q_a_proj.weight"),
+            mla_q_a_norm: a("q_a_layernorm.weight"),
+            mla_q_b: a("q_b_proj.weight"),
+            mla_q: a("q_proj.weight"),
+            mla_kv_a: a("kv_a_proj_with_mqa.weight"),
+            mla_kv_a_norm: a("kv_a_layernorm.weight"),
+            mla_kv_b: a("kv_b_proj.weight"),
+            mla_k_b: a("k_b_proj.weight"),
+            mla_v_b: a("v_b_proj.weight"),
         }
     }
 
@@ -665,6 +816,15 @@ impl LayerNames {
             lin_out: a("ssm_out.weight"),
             // llama.cpp's converter stores 1 + w already.
             shift_norms: false,
+            mla_q_a: a("attn_q_a.weight"),
+            mla_q_a_norm: a("attn_q_a_norm.weight"),
+            mla_q_b: a("attn_q_b.weight"),
+            mla_q: a("attn_q.weight"),
+            mla_kv_a: a("attn_kv_a_mqa.weight"),
+            mla_kv_a_norm: a("attn_kv_a_norm.weight"),
+            mla_kv_b: a("attn_kv_b.weight"),
+            mla_k_b: a("attn_k_b.weight"),
+            mla_v_b: a("attn_v_b.weight"),
         }
     }
 }
@@ -782,12 +942,20 @@ fn declared(files: &ModelFiles) -> Declared {
     };
     let moe = key("moe_intermediate_size");
     let inter = key("intermediate_size");
+    // DeepSeek's shared experts run as one MLP of their summed width.
+    let shared = key("shared_expert_intermediate_size").or_else(|| {
+        let (n, (_, m)) = (key("n_shared_experts")?, moe.clone()?);
+        Some((
+            "n_shared_experts × moe_intermediate_size".to_string(),
+            n.1 * m,
+        ))
+    });
     Declared {
         source: files.path.join("config.json").display().to_string(),
         // Mixtral and OLMoE name the experts' size intermediate_size.
         dense: if moe.is_some() { inter.clone() } else { None },
         expert: moe.or(inter),
-        shared: key("shared_expert_intermediate_size"),
+        shared,
     }
 }
 
@@ -843,7 +1011,8 @@ fn check_declared(files: &ModelFiles, c: &Config, layers: &[Layer]) -> Result<()
                 .take_while(char::is_ascii_digit)
                 .collect();
             if let Ok(k) = digits.parse::<usize>() {
-                if k >= c.n_layers {
+                // Multi-token-prediction layers follow the decoder's.
+                if k >= c.n_layers + c.mtp_layers {
                     return Err(Error::Model(format!(
                         "{} says {} layers, but the file holds tensor {n} of layer {k}",
                         d.source, c.n_layers
@@ -933,20 +1102,24 @@ fn load_hf(l: &Loader, c: &Config) -> Result<Parts> {
                     .map(|e| mlp(&format!("{base}.experts.{e}"), names))
                     .collect::<Result<Vec<_>>>()?
             };
-            let shared = if l.has(&format!("{b}mlp.shared_expert.gate_proj.weight")) {
-                Some(mlp(
-                    &format!("{b}mlp.shared_expert"),
-                    ["gate_proj", "up_proj", "down_proj"],
-                )?)
-            } else {
-                None
+            // Qwen's `shared_expert`, DeepSeek's `shared_experts` (several
+            // fused into one wider MLP).
+            let shared = match ["shared_expert", "shared_experts"]
+                .into_iter()
+                .map(|s| format!("{b}mlp.{s}"))
+                .find(|s| l.has(&format!("{s}.gate_proj.weight")))
+            {
+                Some(s) => Some(mlp(&s, ["gate_proj", "up_proj", "down_proj"])?),
+                None => None,
             };
             let shared_gate = l.opt_matrix(&format!("{b}mlp.shared_expert_gate.weight"), 1, h)?;
+            let score_bias = l.opt_vector(&format!("{base}.gate.e_score_correction_bias"), ne)?;
             Ffn::Moe(Moe {
                 router,
                 experts,
                 shared,
                 shared_gate,
+                score_bias,
             })
         } else {
             Ffn::Dense(mlp(
@@ -1025,6 +1198,7 @@ fn load_gguf(l: &Loader, c: &Config) -> Result<Parts> {
                 experts,
                 shared,
                 shared_gate,
+                score_bias: l.opt_vector(&format!("{b}exp_probs_b.bias"), ne)?,
             })
         } else {
             Ffn::Dense(mlp("")?)

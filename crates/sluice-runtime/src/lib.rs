@@ -12,7 +12,7 @@ use sluice_backend_sim::{DeviceClock, PacedEngine, SimBackend};
 use sluice_core::record::{KernelLog, Recording};
 use sluice_core::{Backend, Error, Result};
 use sluice_engine::forward::Replay;
-use sluice_engine::model::{Ffn, MixerWeights};
+use sluice_engine::model::Ffn;
 use sluice_engine::{Model, Session};
 use sluice_format::ModelFiles;
 use sluice_io::{EngineOptions, IoKind};
@@ -193,10 +193,7 @@ impl Opened {
 fn has_quantized(model: &Model) -> bool {
     let mut q = model.embed.dtype.is_quantized() || model.lm_head.dtype.is_quantized();
     for l in &model.layers {
-        q |= match &l.mixer {
-            MixerWeights::Attention(a) => a.q.w.dtype.is_quantized(),
-            MixerWeights::DeltaNet(d) => d.qkv.dtype.is_quantized(),
-        };
+        q |= l.mixer_weights().iter().any(|w| w.dtype.is_quantized());
         q |= match &l.ffn {
             Ffn::Dense(m) => m.gate.dtype.is_quantized(),
             Ffn::Moe(m) => m

@@ -7,7 +7,7 @@ use crate::plan::{ExpertPlan, Loc, Plans, Seg};
 use crate::{CachePolicy, Prefetch, StreamOptions, StreamStats};
 use sluice_cache::{ExpertKey, Predictor, PrefetchStats, SlotCache, SlotState};
 use sluice_core::{DType, Error, Result, WeightView};
-use sluice_format::model::{Ffn, MixerWeights, Model, Weight};
+use sluice_format::model::{Ffn, Model, Weight};
 use sluice_format::TensorBytes;
 use sluice_io::{AlignedBuf, Completion, FileId, Pace, ReadEngine, ReadReq};
 use std::collections::HashMap;
@@ -114,14 +114,7 @@ fn dense_weights(m: &mut Model) -> Vec<&mut Weight> {
         v.push(&mut m.lm_head);
     }
     for l in &mut m.layers {
-        match &mut l.mixer {
-            MixerWeights::Attention(a) => {
-                v.extend([&mut a.q.w, &mut a.k.w, &mut a.v.w, &mut a.o.w])
-            }
-            MixerWeights::DeltaNet(d) => {
-                v.extend([&mut d.qkv, &mut d.z, &mut d.b, &mut d.a, &mut d.out])
-            }
-        }
+        v.extend(l.mixer.weights_mut());
         match &mut l.ffn {
             Ffn::Dense(d) => v.extend([&mut d.gate, &mut d.up, &mut d.down]),
             Ffn::Moe(moe) => {
