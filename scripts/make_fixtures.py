@@ -1163,6 +1163,11 @@ def geometry_str(spec: dict) -> str:
               f"linear heads k {spec['lin_k_heads']}x{spec['lin_k_dim']} / v {spec['lin_v_heads']}x{spec['lin_v_dim']}, "
               f"conv {spec['conv_kernel']}, partial rotary {spec['partial_rotary']}"
               f"{', multimodal (vision tower skipped)' if spec.get('multimodal') else ''}")
+    if spec["arch"] == "deepseek_v3":
+        s += (f", MLA q_lora {spec['q_lora']} kv_lora {spec['kv_lora']} nope {spec['nope']} rope {spec['rope']} "
+              f"v {spec['v_head']}, {spec['n_shared']} shared, first {spec['first_dense']} dense (inter {spec['inter']}), "
+              f"sigmoid + bias routing, groups {spec['n_group']}/{spec['topk_group']}, scale {spec['routed_scaling']}, "
+              f"yarn {spec['yarn'] or 'none'}")
     if "norm_topk_prob" in spec:
         s += f", norm_topk_prob {spec['norm_topk_prob']}"
     s += f", rope_theta {spec['rope_theta']:g}, rms_eps {spec['rms_eps']:g}, tied {spec['tie']}, init {spec['init_range']}"
@@ -1188,6 +1193,15 @@ SEMANTICS = """## Semantics the Rust side must reproduce (verified)
   (ties: torch.topk, never exercised here); if `norm_topk_prob` (qwen3_moe, qwen2_moe_sharded: true; qwen2_moe,
   olmoe: false) the k weights are divided by their sum; Mixtral ALWAYS renormalises (no config flag).  Expert
   output = `down(silu(gate x) * up x) * weight`, summed over the k experts.
+* deepseek_v3 (Kimi K2 is the same architecture): multi-head latent attention -- `q = q_b(norm(q_a x))` (or
+  `q_proj x` without q_lora), `[c | k_pe] = kv_a_proj_with_mqa x`, `k_nope, v = kv_b(norm(c))` per head, rope on
+  the last `qk_rope_head_dim` of q and on the shared `k_pe` (rotate_half, or interleaved pairs when
+  `rope_interleave`), scale `1/sqrt(nope + rope)` times `yarn_get_mscale(factor, mscale_all_dim)^2` under YaRN.
+  Router: `sigmoid(x @ gate.weight.T)`; experts chosen by `score + e_score_correction_bias` (bias only chooses),
+  groups of `n_experts / n_group` ranked by the sum of their top-2 biased scores, the best `topk_group` kept
+  (others masked), then top-k; weights are the unbiased scores, divided by `sum + 1e-20` if `norm_topk_prob`, times
+  `routed_scaling_factor`; plus `n_shared_experts` shared experts (one MLP of `n_shared * moe_intermediate_size`);
+  the first `first_k_dense_replace` layers are dense MLPs of `intermediate_size`.
 * Dense-MLP layers (`mlp_only_layers`) in qwen2/3_moe use `intermediate_size`; experts use `moe_intermediate_size`.
 * GGUF metadata: `<arch>.expert_weights_norm` (bool) is written by this script for every file (llama.cpp's converter
   does not write it for these archs and hard-codes qwen3moe=true, qwen2moe=false, olmoe=false, llama=true);
