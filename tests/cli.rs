@@ -252,6 +252,51 @@ fn config_that_contradicts_the_tensors_is_refused() {
     }
 }
 
+/// DeepSeek-V3's own fields: router groups that do not divide the experts
+/// or choose more groups than exist, latent ranks that contradict the
+/// tensors, and a YaRN factor out of range are refused by name.
+#[test]
+fn deepseek_config_that_contradicts_the_tensors_is_refused() {
+    for (tag, from, to, want) in [
+        (
+            "ds-groups",
+            "\"n_group\": 4",
+            "\"n_group\": 3",
+            ["3 groups over 8 experts", "dividing"],
+        ),
+        (
+            "ds-topk-group",
+            "\"topk_group\": 2",
+            "\"topk_group\": 5",
+            ["5 of 4 groups", "chosen <= groups"],
+        ),
+        (
+            "ds-kv-lora",
+            "\"kv_lora_rank\": 32",
+            "\"kv_lora_rank\": 16",
+            ["kv_b_proj.weight has shape [112, 32]", "kv_lora_rank 16"],
+        ),
+        (
+            "ds-rope",
+            "\"qk_rope_head_dim\": 8",
+            "\"qk_rope_head_dim\": 4",
+            ["q_b_proj.weight has shape [96, 24]", "qk_rope_head_dim 4"],
+        ),
+        (
+            "ds-yarn",
+            "\"factor\": 4.0",
+            "\"factor\": -1.0",
+            ["YaRN", "factor -1"],
+        ),
+    ] {
+        let d = fixture_edit(tag, "deepseek_v3", from, to);
+        let e = fails(&["inspect", d.to_str().unwrap()]);
+        for w in want {
+            assert!(e.contains(w), "{tag}: {w:?} in {e}");
+        }
+    }
+}
+
 /// `--experts-k`: the config's top-k is the default (passing it changes
 /// nothing), another value changes the logits and is announced, and an
 /// impossible one is refused.

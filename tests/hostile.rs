@@ -29,8 +29,14 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(96))]
 
     #[test]
-    fn mutated_gguf_headers_never_panic(edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6)) {
-        let src = std::fs::read(common::fixtures().join("models/qwen3_moe.q8_0.gguf")).unwrap();
+    fn mutated_gguf_headers_never_panic(
+        which in any::<bool>(),
+        edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
+    ) {
+        // A Qwen3 file of our writer, and DeepSeek's latent attention and
+        // YaRN keys as llama.cpp's converter writes them.
+        let file = if which { "models/qwen3_moe.q8_0.gguf" } else { "llamacpp/deepseek_v3.q8_0.gguf" };
+        let src = std::fs::read(common::fixtures().join(file)).unwrap();
         // The header (metadata and tensor records) is in the first ~16 KiB.
         let bytes = mutate(src, &edits, 16 << 10);
         let dir = std::env::temp_dir().join(format!("sluice-hostile-{}", std::process::id()));

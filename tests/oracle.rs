@@ -1,5 +1,6 @@
 //! Oracle tests: every fixture model's logits at all positions against the
-//! logits Hugging Face transformers computed (scripts/make_fixtures.py).
+//! logits Hugging Face transformers computed (scripts/make_fixtures.py, and
+//! scripts/llama_cpp_fixtures.py for the files llama.cpp's converter made).
 //! Float weights must match within 1e-3 × max|logit|; GGUF and MLX files
 //! against transformers run on the same weights dequantized, within
 //! 1e-3 × max|logit| on the exact path (f32 activations) and 1e-2 on the
@@ -72,9 +73,24 @@ fn fixture_set_covers_every_architecture_and_layout() {
         "qwen3_5_moe.q8_0.gguf",
         "deepseek_v3",
         "deepseek_v3_lite",
-    ] {
+    ]
+    .into_iter()
+    .map(String::from)
+    .chain(
+        // llama.cpp's converter, every architecture it converts, at each type
+        [
+            "qwen3_moe",
+            "qwen2_moe",
+            "mixtral",
+            "olmoe",
+            "qwen3_5_moe",
+            "deepseek_v3",
+        ]
+        .iter()
+        .flat_map(|a| ["f32", "f16", "q8_0"].map(|t| format!("{a}.{t}.gguf"))),
+    ) {
         assert!(
-            names.iter().any(|n| n == want),
+            names.iter().any(|n| *n == want),
             "fixture {want} missing: {names:?}"
         );
     }
@@ -89,7 +105,7 @@ fn all_fixtures_match_transformers() {
         assert_close(&model.display().to_string(), &got, &e.logits, bound(&model));
         checked += 1;
     }
-    assert!(checked >= 12, "only {checked} oracles found");
+    assert!(checked >= 30, "only {checked} oracles found");
 }
 
 #[test]

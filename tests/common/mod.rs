@@ -98,11 +98,19 @@ pub fn fails(args: &[&str]) -> String {
     err
 }
 
-/// Every (model path, expected.json) pair under tests/fixtures/models.
+/// Every (model path, expected.json) pair under tests/fixtures/models and
+/// tests/fixtures/llamacpp (GGUF files made by llama.cpp's converter).
 pub fn oracles() -> Vec<(std::path::PathBuf, std::path::PathBuf)> {
-    let dir = fixtures().join("models");
     let mut v = Vec::new();
-    for e in std::fs::read_dir(&dir).unwrap() {
+    for dir in ["models", "llamacpp"].map(|d| fixtures().join(d)) {
+        oracles_in(&dir, &mut v);
+    }
+    v.sort();
+    v
+}
+
+fn oracles_in(dir: &std::path::Path, v: &mut Vec<(std::path::PathBuf, std::path::PathBuf)>) {
+    for e in std::fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();
         if p.is_dir() && p.join("expected.json").is_file() {
             v.push((p.clone(), p.join("expected.json")));
@@ -112,6 +120,4 @@ pub fn oracles() -> Vec<(std::path::PathBuf, std::path::PathBuf)> {
             v.push((p, exp));
         }
     }
-    v.sort();
-    v
 }

@@ -330,7 +330,10 @@ fn check(cfg: &Config) -> Result<()> {
     if let Some(y) = cfg.yarn {
         if !(y.factor.is_finite() && y.factor > 0.0 && y.orig_ctx > 0 && y.attn_factor.is_finite())
         {
-            return Err(bad(format!("YaRN scaling {y:?} is out of range")));
+            return Err(bad(format!(
+                "YaRN scaling out of range: factor {}, original context {}, beta_fast {}, beta_slow {}, attention factor {}",
+                y.factor, y.orig_ctx, y.beta_fast, y.beta_slow, y.attn_factor
+            )));
         }
     }
     if cfg.rot_dim == 0 || cfg.rot_dim > cfg.head_dim || !cfg.rot_dim.is_multiple_of(2) {
@@ -907,9 +910,11 @@ impl Config {
             "olmoe" => Arch::Olmoe,
             "llama" if n_experts > 0 => Arch::Mixtral,
             "qwen35moe" => Arch::Qwen35Moe,
+            // DeepSeek-V3, R1 and Kimi K2 as llama.cpp's converter writes them.
+            "deepseek2" => Arch::DeepseekV3,
             other => {
                 return Err(Error::Unsupported(format!(
-                    "GGUF architecture \"{other}\"{} (supported: qwen3moe, qwen2moe, olmoe, qwen35moe, llama with experts)",
+                    "GGUF architecture \"{other}\"{} (supported: qwen3moe, qwen2moe, olmoe, qwen35moe, deepseek2, llama with experts)",
                     if other == "llama" { " without experts" } else { "" }
                 )))
             }
@@ -923,9 +928,22 @@ impl Config {
             .ok_or_else(|| bad("GGUF: nextn_predict_layers leaves no layers"))?;
         let n_layers = layer_count(n_layers)?;
         let n_heads = req("attention.head_count")?;
-        let n_kv_heads = num("attention.head_count_kv").unwrap_or(n_heads);
-        let head_dim = num("attention.key_length").unwrap_or(hidden / n_heads.max(1));
         let flt = |k: &str| g.get(&format!("{a}.{k}")).and_then(Value::as_f64);
+        let ds = arch == Arch::DeepseekV3;
+        let mla = if ds {
+            Some(Self::mla_gguf(&num)?)
+        } else {
+            None
+        };
+        let (n_kv_heads, head_dim) = match mla {
+            // llama.cpp stores MLA as one KV head of `kv_lora + rope`; each
+            // query head's keys are rebuilt from it, as in config.json.
+            Some(m) => (n_heads, m.nope + m.rope),
+            None => (
+                num("attention.head_count_kv").unwrap_or(n_heads),
+                num("attention.key_length").unwrap_or(hidden / n_heads.max(1)),
+            ),
+        };
         let norm_topk_prob = g
             .get(&format!("{a}.expert_weights_norm"))
             .and_then(Value::as_bool)
@@ -933,6 +951,32 @@ impl Config {
                 arch,
                 Arch::Qwen3Moe | Arch::Mixtral | Arch::Qwen35Moe
             ));
+        let routing = if ds {
+            // llama.cpp's gating function ids: 1 softmax, 2 sigmoid; files
+            // without one are DeepSeek-V2's softmax.
+            let sigmoid = match num("expert_gating_func").unwrap_or(1) {
+                1 => false,
+                2 => true,
+                other => {
+                    return Err(Error::Unsupported(format!(
+                        "GGUF: {a}.expert_gating_func {other} (supported: 1 softmax, 2 sigmoid)"
+                    )))
+                }
+            };
+            Routing {
+                sigmoid,
+                n_group: num("expert_group_count").unwrap_or(1).max(1),
+                topk_group: num("expert_group_used_count").unwrap_or(1).max(1),
+                scale: flt("expert_weights_scale").unwrap_or(1.0) as f32,
+            }
+        } else {
+            Routing::default()
+        };
+        let (yarn, attn_scale) = if ds {
+            Self::yarn_gguf(g, &a, head_dim)?
+        } else {
+            (None, None)
+        };
         let (mixers, linear) = if arch == Arch::Qwen35Moe {
             let every = num("full_attention_interval").unwrap_or(4).max(1);
             let mixers = match g
@@ -1005,8 +1049,9 @@ impl Config {
             rope_theta: flt("rope.freq_base").unwrap_or(10000.0) as f32,
             rot_dim: num("rope.dimension_count").unwrap_or(head_dim),
             // llama.cpp's converter permutes llama-arch Q/K rows so that
-            // its "normal" (interleaved) rope applies; the others are neox.
-            rope_style: if a == "llama" {
+            // its "normal" (interleaved) rope applies; DeepSeek's checkpoints
+            // are interleaved already; the others are neox.
+            rope_style: if a == "llama" || ds {
                 RopeStyle::Interleaved
             } else {
                 RopeStyle::Neox
@@ -1026,12 +1071,90 @@ impl Config {
             attn_gate: arch == Arch::Qwen35Moe,
             linear,
             config_top_k: num("expert_used_count").unwrap_or(0),
-            routing: Routing::default(),
-            mla: None,
-            yarn: None,
-            attn_scale: None,
+            routing,
+            mla,
+            yarn,
+            attn_scale,
             mtp_layers: num("nextn_predict_layers").unwrap_or(0),
         })
+    }
+
+    /// MLA's ranks from llama.cpp's `deepseek2` keys. Files converted for
+    /// absorbed MLA give the per-head sizes as `key_length_mla` and
+    /// `value_length_mla` (`key_length` is then `kv_lora + rope`); older
+    /// ones give them as `key_length` and `value_length`.
+    fn mla_gguf(num: &dyn Fn(&str) -> Option<usize>) -> Result<Mla> {
+        let req = |k: &str| num(k).ok_or_else(|| bad(format!("GGUF: missing deepseek2 {k}")));
+        let rope = req("rope.dimension_count")?;
+        let (qk, v) = match num("attention.key_length_mla") {
+            Some(k) => (k, req("attention.value_length_mla")?),
+            None => (req("attention.key_length")?, req("attention.value_length")?),
+        };
+        let nope = qk.checked_sub(rope).filter(|&n| n > 0).ok_or_else(|| {
+            bad(format!(
+                "GGUF: deepseek2 key length {qk} leaves no room beside {rope} rotated dimensions"
+            ))
+        })?;
+        Ok(Mla {
+            q_lora: num("attention.q_lora_rank").unwrap_or(0),
+            kv_lora: req("attention.kv_lora_rank")?,
+            nope,
+            rope,
+            v,
+        })
+    }
+
+    /// YaRN from llama.cpp's `rope.scaling.*` keys and the attention scale
+    /// that goes with it. The converter keeps only `mscale_all_dim` (as
+    /// `yarn_log_multiplier`, times 0.1) and llama.cpp reads `mscale` as
+    /// equal to it, which makes the cos/sin factor 1 and scales q·k by
+    /// `mscale(factor, mscale_all_dim)²`, as transformers does for the
+    /// published checkpoints (whose two values are equal).
+    fn yarn_gguf(g: &Gguf, a: &str, head_dim: usize) -> Result<(Option<Yarn>, Option<f32>)> {
+        let key = |k: &str| g.get(&format!("{a}.rope.scaling.{k}"));
+        let f = |k: &str| key(k).and_then(Value::as_f64).map(|v| v as f32);
+        match key("type").and_then(Value::as_str) {
+            None | Some("none") => return Ok((None, None)),
+            Some("yarn") => {}
+            Some(other) => {
+                return Err(Error::Unsupported(format!(
+                    "GGUF: {a}.rope.scaling.type \"{other}\""
+                )))
+            }
+        }
+        let factor = f("factor")
+            .filter(|&x| x.is_finite() && x > 0.0)
+            .ok_or_else(|| {
+                bad(format!(
+                    "GGUF: YaRN without a valid {a}.rope.scaling.factor"
+                ))
+            })?;
+        let orig_ctx = key("original_context_length")
+            .and_then(Value::as_u64)
+            .filter(|&n| n > 0)
+            .ok_or_else(|| {
+                bad(format!(
+                    "GGUF: YaRN without {a}.rope.scaling.original_context_length"
+                ))
+            })? as usize;
+        let mscale_all = f("yarn_log_multiplier").map(|l| l / 0.1);
+        let attn_factor = match mscale_all {
+            Some(m) if m != 0.0 => 1.0,
+            _ => Yarn::mscale(factor, 1.0),
+        } * f("attn_factor").unwrap_or(1.0);
+        let yarn = Yarn {
+            factor,
+            orig_ctx,
+            beta_fast: f("yarn_beta_fast").unwrap_or(32.0),
+            beta_slow: f("yarn_beta_slow").unwrap_or(1.0),
+            attn_factor,
+            truncate: true,
+        };
+        let scale = mscale_all.filter(|&m| m != 0.0).map(|m| {
+            let s = Yarn::mscale(factor, m);
+            s * s / (head_dim as f32).sqrt()
+        });
+        Ok((Some(yarn), scale))
     }
 
     /// Bytes of the per-sequence state for `ctx` positions: the KV cache

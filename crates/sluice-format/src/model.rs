@@ -513,30 +513,54 @@ impl Loader<'_> {
                 let m = c.mla.expect("checked by the guard");
                 let heads = c.n_heads;
                 let q_in = if m.q_lora > 0 { m.q_lora } else { h };
+
+                let q_name = if m.q_lora > 0 { &n.mla_q_b } else { &n.mla_q };
+                // A shape that disagrees names the config's ranks beside it.
+                let ranks = |e: Error| {
+                    match e {
+                    Error::Model(msg) => Error::Model(format!(
+                        "{msg} (the config's latent attention: {heads} heads, q_lora_rank {}, kv_lora_rank {}, qk_nope_head_dim {}, qk_rope_head_dim {}, v_head_dim {})",
+                        m.q_lora, m.kv_lora, m.nope, m.rope, m.v
+                    )),
+                    other => other,
+                }
+                };
                 let q_a = if m.q_lora > 0 {
                     Some((
-                        self.matrix(&n.mla_q_a, m.q_lora, h)?,
-                        self.vector(&n.mla_q_a_norm, m.q_lora)?,
+                        self.matrix(&n.mla_q_a, m.q_lora, h).map_err(ranks)?,
+                        self.vector(&n.mla_q_a_norm, m.q_lora).map_err(ranks)?,
                     ))
                 } else {
                     None
                 };
-                let q_name = if m.q_lora > 0 { &n.mla_q_b } else { &n.mla_q };
                 let kv_b = if self.has(&n.mla_k_b) {
                     LatentKv::Split {
-                        k_t: self.heads_matrix(&n.mla_k_b, heads, m.kv_lora, m.nope)?,
-                        v: self.heads_matrix(&n.mla_v_b, heads, m.v, m.kv_lora)?,
+                        k_t: self
+                            .heads_matrix(&n.mla_k_b, heads, m.kv_lora, m.nope)
+                            .map_err(ranks)?,
+                        v: self
+                            .heads_matrix(&n.mla_v_b, heads, m.v, m.kv_lora)
+                            .map_err(ranks)?,
                     }
                 } else {
-                    LatentKv::Joint(self.matrix(&n.mla_kv_b, heads * (m.nope + m.v), m.kv_lora)?)
+                    LatentKv::Joint(
+                        self.matrix(&n.mla_kv_b, heads * (m.nope + m.v), m.kv_lora)
+                            .map_err(ranks)?,
+                    )
                 };
                 MixerWeights::Latent(LatentAttn {
                     q_a,
-                    q: self.matrix(q_name, heads * (m.nope + m.rope), q_in)?,
-                    kv_a: self.matrix(&n.mla_kv_a, m.kv_lora + m.rope, h)?,
-                    kv_a_norm: self.vector(&n.mla_kv_a_norm, m.kv_lora)?,
+                    q: self
+                        .matrix(q_name, heads * (m.nope + m.rope), q_in)
+                        .map_err(ranks)?,
+                    kv_a: self
+                        .matrix(&n.mla_kv_a, m.kv_lora + m.rope, h)
+                        .map_err(ranks)?,
+                    kv_a_norm: self.vector(&n.mla_kv_a_norm, m.kv_lora).map_err(ranks)?,
                     kv_b,
-                    o: self.matrix(&format!("{}.weight", n.o), h, heads * m.v)?,
+                    o: self
+                        .matrix(&format!("{}.weight", n.o), h, heads * m.v)
+                        .map_err(ranks)?,
                 })
             }
             Mixer::Attention => {
