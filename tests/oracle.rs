@@ -89,10 +89,7 @@ fn fixture_set_covers_every_architecture_and_layout() {
         .iter()
         .flat_map(|a| ["f32", "f16", "q8_0"].map(|t| format!("{a}.{t}.gguf"))),
     ) {
-        assert!(
-            names.iter().any(|n| *n == want),
-            "fixture {want} missing: {names:?}"
-        );
+        assert!(names.contains(&want), "fixture {want} missing: {names:?}");
     }
 }
 
