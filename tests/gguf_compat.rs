@@ -47,9 +47,11 @@ fn check_keys(p: &Path) {
         u(&g, &format!("{a}.attention.head_count")) as usize,
         c.n_heads
     );
+    // llama.cpp keeps latent attention as one key/value head (the cache).
+    let kv_heads = if c.mla.is_some() { 1 } else { c.n_kv_heads };
     assert_eq!(
         u(&g, &format!("{a}.attention.head_count_kv")) as usize,
-        c.n_kv_heads
+        kv_heads
     );
     assert_eq!(u(&g, &format!("{a}.expert_count")) as usize, c.n_experts);
     assert_eq!(u(&g, &format!("{a}.expert_used_count")) as usize, c.top_k);
@@ -76,6 +78,17 @@ fn check_keys(p: &Path) {
     assert_eq!(from_keys.head_dim, c.head_dim);
     assert_eq!(from_keys.rot_dim, c.rot_dim);
     assert_eq!(from_keys.mixers, c.mixers);
+    assert_eq!(from_keys.n_kv_heads, c.n_kv_heads);
+    assert_eq!(from_keys.moe_layers, c.moe_layers);
+    assert_eq!(from_keys.mla, c.mla);
+    assert_eq!(from_keys.routing, c.routing);
+    assert_eq!(from_keys.rope_style, c.rope_style);
+    assert_eq!(from_keys.norm_topk_prob, c.norm_topk_prob);
+    assert_eq!(from_keys.yarn, c.yarn);
+    match (from_keys.attn_scale, c.attn_scale) {
+        (Some(x), Some(y)) => assert!((x - y).abs() <= 1e-6 * y, "{x} vs {y}"),
+        (x, y) => assert_eq!(x, y),
+    }
 }
 
 #[test]
@@ -85,6 +98,8 @@ fn synth_writes_files_llama_cpp_accepts_in_both_layouts() {
         ("small-moe", &["--stacked"][..]),
         ("small-qwen3.5", &["--stacked"][..]),
         ("small-qwen3.5", &["--align", "16K"][..]),
+        ("small-deepseek", &[][..]),
+        ("small-deepseek", &["--stacked"][..]),
     ] {
         let out = scratch(&format!("{preset}{}.gguf", extra.join("")));
         let o = out.to_str().unwrap();

@@ -678,3 +678,56 @@ fn bench_writes_the_profile_it_observed() {
         "{err}"
     );
 }
+
+/// The DeepSeek-V3 family's presets: the simulator's geometry of a preset
+/// is the geometry of the file `sluice synth` writes for it (dense bytes,
+/// latent KV cache, compute), and the real models answer on the phone.
+#[test]
+fn deepseek_presets_match_their_synthesized_files() {
+    let f = scratch("small-deepseek.gguf");
+    run_ok(&[
+        "synth",
+        "--preset",
+        "small-deepseek",
+        "--quant",
+        "q4",
+        "-o",
+        f.to_str().unwrap(),
+        "--quiet",
+    ]);
+    let sim = |m: &str| {
+        json(&[
+            "sim", "--model", m, "--device", "dev-vm", "--tokens", "4", "--json",
+        ])
+    };
+    let (file, preset) = (sim(f.to_str().unwrap()), sim("small-deepseek"));
+    std::fs::remove_file(&f).ok();
+    for k in ["dense_bytes", "top_k"] {
+        assert_eq!(file[k], preset[k], "{k}");
+    }
+    assert_eq!(file["budget"]["kv"], preset["budget"]["kv"]);
+    let (a, b) = (
+        file["compute_s"].as_f64().unwrap(),
+        preset["compute_s"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() <= 1e-9 * a, "compute {a} vs {b}");
+    assert_eq!(file["per_layer"].as_array().unwrap().len(), 6);
+    for (model, quant, layers) in [("deepseek-v3", "q2_k", 61), ("kimi-k2", "q4_0", 61)] {
+        let j = json(&[
+            "sim",
+            "--model",
+            model,
+            "--device",
+            "iphone-17-pro",
+            "--quant",
+            quant,
+            "--tokens",
+            "3",
+            "--json",
+        ]);
+        let tps = j["tok_per_s"].as_f64().unwrap();
+        assert!(tps > 0.0 && tps <= j["flash_bound_tok_per_s"].as_f64().unwrap() * 1.0001);
+        assert_eq!(j["per_layer"].as_array().unwrap().len(), layers, "{model}");
+        assert_eq!(j["top_k"], 8, "{model}");
+    }
+}

@@ -324,10 +324,28 @@ fn inspect(a: InspectArgs) -> Result<()> {
     println!("{} ({container})", a.path.display());
     println!("  architecture     {}", c.arch.hf_name());
     println!("  layers           {} ({moe_layers} MoE)", c.n_layers);
-    println!(
-        "  attention        {} heads, {} kv heads, head dim {}, hidden {}",
-        c.n_heads, c.n_kv_heads, c.head_dim, c.hidden
-    );
+    match c.mla {
+        Some(m) => println!(
+            "  attention        latent: {} heads, q_lora {}, kv_lora {} (+{} rotary) cached per position, head dims {}+{} / v {}, hidden {}",
+            c.n_heads, m.q_lora, m.kv_lora, m.rope, m.nope, m.rope, m.v, c.hidden
+        ),
+        None => println!(
+            "  attention        {} heads, {} kv heads, head dim {}, hidden {}",
+            c.n_heads, c.n_kv_heads, c.head_dim, c.hidden
+        ),
+    }
+    if c.routing.sigmoid {
+        println!(
+            "  routing          sigmoid + selection bias, {} of {} groups, scale {}",
+            c.routing.topk_group, c.routing.n_group, c.routing.scale
+        );
+    }
+    if let Some(y) = c.yarn {
+        println!(
+            "  rope             YaRN ×{} over {} positions",
+            y.factor, y.orig_ctx
+        );
+    }
     println!(
         "  experts          {} per layer, top-{}{}",
         c.n_experts,

@@ -157,6 +157,22 @@ impl Costs {
         self.op_s + kv / self.mem_bps + flops / self.flops
     }
 
+    /// Latent attention of `n` queries over `ctx` cached vectors of
+    /// `width` floats: the cache is read once for keys and values alike;
+    /// scores cost `heads × width` and values `heads × latent` per position.
+    pub fn latent_attention_s(
+        &self,
+        heads: usize,
+        width: usize,
+        latent: usize,
+        ctx: usize,
+        n: usize,
+    ) -> f64 {
+        let cache = (ctx * width * 4) as f64;
+        let flops = 2.0 * (ctx * heads * (width + latent) * n) as f64;
+        self.op_s + cache / self.mem_bps + flops / self.flops
+    }
+
     /// Reading and writing `bytes` of recurrent state (linear attention).
     pub fn state_s(&self, bytes: u64, n: usize) -> f64 {
         2.0 * bytes as f64 * n as f64 / self.mem_bps

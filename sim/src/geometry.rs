@@ -5,6 +5,7 @@
 
 use sluice_core::{DType, Error, Result};
 use sluice_engine::config::{Arch, Config};
+use sluice_engine::gguf_meta::FfnSizes;
 use sluice_engine::model::{Ffn, Model, Weight};
 
 /// One matrix product.
@@ -53,6 +54,17 @@ pub enum Mixer {
         head_dim: usize,
         /// Sliding window.
         window: Option<usize>,
+    },
+    /// Multi-head latent attention (DeepSeek-V3): every head reads one
+    /// cached vector of `width` per position (the latent plus the shared
+    /// rotary key) for its scores and the first `latent` of it for values.
+    Latent {
+        /// Query heads.
+        heads: usize,
+        /// Cached floats per position.
+        width: usize,
+        /// The latent's length.
+        latent: usize,
     },
     /// Linear attention (Gated DeltaNet): a fixed-size recurrent state.
     Linear {
@@ -215,6 +227,7 @@ impl SimModel {
             layers.push(LayerGeom {
                 ops,
                 mixer: match c.mixers[li] {
+                    sluice_engine::config::Mixer::Attention if c.mla.is_some() => latent(c),
                     sluice_engine::config::Mixer::Attention => Mixer::Attention {
                         heads: c.n_heads,
                         kv_heads: c.n_kv_heads,
@@ -261,25 +274,74 @@ impl SimModel {
         })?;
         let q = Quant::parse(quant.unwrap_or("q4_0"))?;
         let c = p.config(layers.unwrap_or(p.layers()));
-        Ok(from_config(name, &c, p.expert_inter(), &q))
+        Ok(from_config(name, &c, p.ffn_sizes(), &q))
     }
 }
 
-/// A routed-MoE model of config `c` in format `q`: attention layers, and
-/// Gated DeltaNet ones where the config has them (Qwen3.5).
-fn from_config(name: &str, c: &Config, inter: usize, q: &Quant) -> SimModel {
+/// The sim's mixer for a latent-attention config.
+fn latent(c: &Config) -> Mixer {
+    let (k, _) = c.kv_widths();
+    Mixer::Latent {
+        heads: c.n_heads,
+        width: k,
+        latent: c.mla.map_or(k, |m| m.kv_lora),
+    }
+}
+
+/// A routed-MoE model of config `c` in format `q`: attention layers (latent
+/// where the config says so), Gated DeltaNet ones where the config has
+/// them (Qwen3.5), dense MLPs in its non-MoE layers and shared experts of
+/// the sizes in `ffn`.
+fn from_config(name: &str, c: &Config, ffn: FfnSizes, q: &Quant) -> SimModel {
+    let inter = ffn.expert;
     let (h, qd, kd) = (c.hidden, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+    // The feed-forward block's resident products besides the experts.
+    let ffn_ops = |l: usize| -> Vec<Op> {
+        if !c.moe_layers[l] {
+            let d = ffn.dense;
+            return vec![Op::new(q, d, h), Op::new(q, d, h), Op::new(q, h, d)];
+        }
+        let mut v = vec![Op::new(q, c.n_experts, h)];
+        if let Some(s) = ffn.shared {
+            v.extend([Op::new(q, s, h), Op::new(q, s, h), Op::new(q, h, s)]);
+        }
+        v
+    };
     let layers: Vec<LayerGeom> = (0..c.n_layers)
-        .map(|l| match (c.mixers[l], c.linear) {
-            (sluice_engine::config::Mixer::Linear, Some(la)) => {
-                let vd = la.v_heads * la.v_dim;
+        .map(|l| match (c.mixers[l], c.linear, c.mla) {
+            (_, _, Some(m)) => {
+                let mut ops = if m.q_lora > 0 {
+                    vec![
+                        Op::new(q, m.q_lora, h),
+                        Op::new(q, c.n_heads * (m.nope + m.rope), m.q_lora),
+                    ]
+                } else {
+                    vec![Op::new(q, c.n_heads * (m.nope + m.rope), h)]
+                };
+                ops.extend([
+                    Op::new(q, m.kv_lora + m.rope, h),
+                    // absorbed k_b and v_b, every head's
+                    Op::new(q, c.n_heads * m.kv_lora, m.nope),
+                    Op::new(q, c.n_heads * m.v, m.kv_lora),
+                    Op::new(q, h, c.n_heads * m.v),
+                ]);
+                ops.extend(ffn_ops(l));
                 LayerGeom {
-                    ops: vec![
-                        Op::new(q, la.conv_dim() + vd, h),
-                        Op::new(q, 2 * la.v_heads, h),
-                        Op::new(q, h, vd),
-                        Op::new(q, c.n_experts, h),
-                    ],
+                    ops,
+                    mixer: latent(c),
+                    moe: c.moe_layers[l],
+                }
+            }
+            (sluice_engine::config::Mixer::Linear, Some(la), None) => {
+                let vd = la.v_heads * la.v_dim;
+                let mut ops = vec![
+                    Op::new(q, la.conv_dim() + vd, h),
+                    Op::new(q, 2 * la.v_heads, h),
+                    Op::new(q, h, vd),
+                ];
+                ops.extend(ffn_ops(l));
+                LayerGeom {
+                    ops,
                     mixer: Mixer::Linear {
                         state_bytes: la.state_len() as u64 * 4,
                     },
@@ -287,13 +349,15 @@ fn from_config(name: &str, c: &Config, inter: usize, q: &Quant) -> SimModel {
                 }
             }
             _ => LayerGeom {
-                ops: vec![
+                ops: [
                     Op::new(q, if c.attn_gate { 2 * qd } else { qd }, h),
                     Op::new(q, kd, h),
                     Op::new(q, kd, h),
                     Op::new(q, h, qd),
-                    Op::new(q, c.n_experts, h),
-                ],
+                ]
+                .into_iter()
+                .chain(ffn_ops(l))
+                .collect(),
                 mixer: Mixer::Attention {
                     heads: c.n_heads,
                     kv_heads: c.n_kv_heads,
@@ -501,6 +565,7 @@ impl SimModel {
                 Mixer::Attention {
                     kv_heads, head_dim, ..
                 } => (2 * kv_heads * head_dim * 4) as u64,
+                Mixer::Latent { width, .. } => (width * 4) as u64,
                 _ => 0,
             })
             .sum()

@@ -633,6 +633,11 @@ impl Sim<'_> {
                 let ctx = (pos + n).min(window.unwrap_or(usize::MAX));
                 c.attention_s(heads, kv_heads, head_dim, ctx, n)
             }
+            Mixer::Latent {
+                heads,
+                width,
+                latent,
+            } => c.latent_attention_s(heads, width, latent, pos + n, n),
             Mixer::Linear { state_bytes } => c.state_s(state_bytes, n),
         };
         // The engine's forward pass ticks twice inside a layer's dense

@@ -7,7 +7,7 @@
 //! same in llama.cpp's terms (`<arch>.block_count`, `<arch>.expert_count`,
 //! ...), with the values `Config::from_gguf` reads back.
 
-use crate::config::{Arch, Config, Mixer};
+use crate::config::{Arch, Config, Mixer, Mla};
 use crate::pack::gguf_arch;
 use sluice_format::{Gguf, MetaValue, Value};
 
@@ -63,6 +63,9 @@ pub fn hparams(c: &Config, ffn: FfnSizes, name: &str) -> Vec<(String, MetaValue)
     if c.arch == Arch::Mixtral {
         m.push((k("vocab_size"), u(c.vocab)));
     }
+    if let Some(mla) = c.mla {
+        deepseek2(c, mla, ffn, &mut m);
+    }
     if let Some(w) = c.windows.iter().flatten().next() {
         m.push((k("attention.sliding_window"), u(*w)));
     }
@@ -102,6 +105,66 @@ pub fn hparams(c: &Config, ffn: FfnSizes, name: &str) -> Vec<(String, MetaValue)
         ));
     }
     m
+}
+
+/// llama.cpp's `deepseek2` keys, as its converter writes them for absorbed
+/// MLA: one key/value head of `kv_lora + rope` (the cache), the per-head
+/// sizes as `*_length_mla`, the router's and YaRN's settings.
+fn deepseek2(c: &Config, mla: Mla, ffn: FfnSizes, m: &mut Vec<(String, MetaValue)>) {
+    let k = |s: &str| format!("deepseek2.{s}");
+    let u = |v: usize| MetaValue::U32(v as u32);
+    let set = |m: &mut Vec<(String, MetaValue)>, key: String, v: MetaValue| {
+        m.retain(|(x, _)| *x != key);
+        m.push((key, v));
+    };
+    set(m, k("attention.head_count_kv"), u(1));
+    set(m, k("attention.key_length"), u(mla.kv_lora + mla.rope));
+    set(m, k("attention.value_length"), u(mla.kv_lora));
+    m.push((k("attention.key_length_mla"), u(mla.nope + mla.rope)));
+    m.push((k("attention.value_length_mla"), u(mla.v)));
+    if mla.q_lora > 0 {
+        m.push((k("attention.q_lora_rank"), u(mla.q_lora)));
+    }
+    m.push((k("attention.kv_lora_rank"), u(mla.kv_lora)));
+    let lead = c.moe_layers.iter().take_while(|&&x| !x).count();
+    m.push((k("leading_dense_block_count"), u(lead)));
+    let shared = ffn.shared.map_or(0, |s| s / ffn.expert.max(1));
+    m.push((k("expert_shared_count"), u(shared)));
+    let r = c.routing;
+    m.push((k("expert_weights_scale"), MetaValue::F32(r.scale)));
+    m.push((k("expert_gating_func"), u(if r.sigmoid { 2 } else { 1 })));
+    m.push((k("expert_group_count"), u(r.n_group)));
+    m.push((k("expert_group_used_count"), u(r.topk_group)));
+    if let Some(y) = c.yarn {
+        m.push((k("rope.scaling.type"), MetaValue::Str("yarn".into())));
+        m.push((k("rope.scaling.factor"), MetaValue::F32(y.factor)));
+        m.push((k("rope.scaling.original_context_length"), u(y.orig_ctx)));
+        m.push((
+            k("rope.scaling.yarn_beta_fast"),
+            MetaValue::F32(y.beta_fast),
+        ));
+        m.push((
+            k("rope.scaling.yarn_beta_slow"),
+            MetaValue::F32(y.beta_slow),
+        ));
+        // The q·k scale is mscale(factor, mscale_all_dim)² / sqrt(head):
+        // llama.cpp wants mscale_all_dim back, times 0.1.
+        let head = (mla.nope + mla.rope) as f32;
+        let log_mul = c
+            .attn_scale
+            .map(|s| ((s * head.sqrt()).sqrt() - 1.0) / y.factor.ln().max(f32::MIN_POSITIVE))
+            .filter(|l| l.is_finite() && *l != 0.0);
+        let attn_factor = match log_mul {
+            Some(l) => {
+                m.push((k("rope.scaling.yarn_log_multiplier"), MetaValue::F32(l)));
+                y.attn_factor
+            }
+            None => y.attn_factor / sluice_core::ops::Yarn::mscale(y.factor, 1.0),
+        };
+        if attn_factor != 1.0 {
+            m.push((k("rope.scaling.attn_factor"), MetaValue::F32(attn_factor)));
+        }
+    }
 }
 
 /// GPT-2's printable stand-in for each byte (byte-level BPE vocabularies

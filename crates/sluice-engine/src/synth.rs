@@ -3,10 +3,10 @@
 //! machine. The numbers they produce mean nothing; their shapes, byte
 //! counts and I/O are those of the real model.
 
-use crate::config::{Arch, Config, LinearAttn, Mixer};
+use crate::config::{Arch, Config, LinearAttn, Mixer, Mla, Routing};
 use crate::gguf_meta::{self, FfnSizes};
 use crate::pack::{self, spec, Item, PackSummary, Plan, Src};
-use sluice_core::ops::RopeStyle;
+use sluice_core::ops::{RopeStyle, Yarn};
 use sluice_core::{DType, Error, Result};
 use std::path::Path;
 
@@ -33,6 +33,46 @@ pub struct Preset {
     /// Qwen3.5: Gated DeltaNet layers (all but every `full_every`-th),
     /// gated attention with partial rotary, a shared expert.
     hybrid: Option<Hybrid>,
+    /// DeepSeek-V3 family: latent attention, grouped sigmoid routing,
+    /// leading dense layers, shared experts, YaRN.
+    deepseek: Option<DeepSeek>,
+}
+
+/// The DeepSeek-V3 family's extra geometry.
+#[derive(Clone, Copy, Debug)]
+struct DeepSeek {
+    mla: Mla,
+    routing: Routing,
+    first_dense: usize,
+    dense_inter: usize,
+    /// `n_shared_experts × moe_intermediate_size`.
+    shared_inter: usize,
+    /// YaRN factor over `orig_ctx`, with `beta_fast` and `beta_slow`
+    /// (`mscale` = `mscale_all_dim` = 1 in every release).
+    yarn: (f32, usize, f32, f32),
+}
+
+/// DeepSeek-V3's latent attention ranks and dense, shared and routed
+/// expert sizes, with the routing, leading dense layers and YaRN given.
+const fn deepseek(
+    routing: Routing,
+    first_dense: usize,
+    yarn: (f32, usize, f32, f32),
+) -> Option<DeepSeek> {
+    Some(DeepSeek {
+        mla: Mla {
+            q_lora: 1536,
+            kv_lora: 512,
+            nope: 128,
+            rope: 64,
+            v: 128,
+        },
+        routing,
+        first_dense,
+        dense_inter: 18_432,
+        shared_inter: 2048,
+        yarn,
+    })
 }
 
 /// The Qwen3.5 family's extra geometry.
@@ -87,6 +127,7 @@ pub const PRESETS: &[Preset] = &[
         rms_eps: 1e-6,
         qk_norm: true,
         hybrid: None,
+        deepseek: None,
     },
     Preset {
         name: "qwen3-235b-a22b",
@@ -105,6 +146,7 @@ pub const PRESETS: &[Preset] = &[
         rms_eps: 1e-6,
         qk_norm: true,
         hybrid: None,
+        deepseek: None,
     },
     Preset {
         name: "mixtral-8x7b",
@@ -123,6 +165,7 @@ pub const PRESETS: &[Preset] = &[
         rms_eps: 1e-5,
         qk_norm: false,
         hybrid: None,
+        deepseek: None,
     },
     Preset {
         name: "qwen1.5-moe-a2.7b",
@@ -141,6 +184,7 @@ pub const PRESETS: &[Preset] = &[
         rms_eps: 1e-6,
         qk_norm: false,
         hybrid: None,
+        deepseek: None,
     },
     Preset {
         name: "small-moe",
@@ -159,6 +203,7 @@ pub const PRESETS: &[Preset] = &[
         rms_eps: 1e-6,
         qk_norm: true,
         hybrid: None,
+        deepseek: None,
     },
     Preset {
         name: "qwen3.5-397b-a17b",
@@ -177,6 +222,7 @@ pub const PRESETS: &[Preset] = &[
         rms_eps: 1e-6,
         qk_norm: true,
         hybrid: qwen35(16, 64, 128, 64, 1024),
+        deepseek: None,
     },
     Preset {
         name: "qwen3.6-35b-a3b",
@@ -195,6 +241,7 @@ pub const PRESETS: &[Preset] = &[
         rms_eps: 1e-6,
         qk_norm: true,
         hybrid: qwen35(16, 32, 128, 64, 512),
+        deepseek: None,
     },
     Preset {
         name: "small-qwen3.5",
@@ -213,6 +260,100 @@ pub const PRESETS: &[Preset] = &[
         rms_eps: 1e-6,
         qk_norm: true,
         hybrid: qwen35(4, 8, 64, 16, 512),
+        deepseek: None,
+    },
+    Preset {
+        name: "deepseek-v3",
+        about: "DeepSeek-V3 / R1 (671B): 61 layers (3 dense), multi-head latent attention (128 heads, kv_lora 512), 256 experts of 7168→2048→7168 in 8 groups, top-8 + 1 shared",
+        arch: Arch::DeepseekV3,
+        vocab: 129_280,
+        hidden: 7168,
+        layers: 61,
+        heads: 128,
+        kv_heads: 128,
+        head_dim: 192,
+        expert_inter: 2048,
+        experts: 256,
+        top_k: 8,
+        rope_theta: 10_000.0,
+        rms_eps: 1e-6,
+        qk_norm: false,
+        hybrid: None,
+        deepseek: deepseek(
+            Routing {
+                sigmoid: true,
+                n_group: 8,
+                topk_group: 4,
+                scale: 2.5,
+            },
+            3,
+            (40.0, 4096, 32.0, 1.0),
+        ),
+    },
+    Preset {
+        name: "kimi-k2",
+        about: "Kimi K2 (1T): DeepSeek-V3's architecture with 64 heads, 384 experts of 7168→2048→7168 (no groups), top-8 + 1 shared, 1 dense layer",
+        arch: Arch::DeepseekV3,
+        vocab: 163_840,
+        hidden: 7168,
+        layers: 61,
+        heads: 64,
+        kv_heads: 64,
+        head_dim: 192,
+        expert_inter: 2048,
+        experts: 384,
+        top_k: 8,
+        rope_theta: 50_000.0,
+        rms_eps: 1e-6,
+        qk_norm: false,
+        hybrid: None,
+        deepseek: deepseek(
+            Routing {
+                sigmoid: true,
+                n_group: 1,
+                topk_group: 1,
+                scale: 2.827,
+            },
+            1,
+            (32.0, 4096, 1.0, 1.0),
+        ),
+    },
+    Preset {
+        name: "small-deepseek",
+        about: "a small DeepSeek-V3 geometry for tests: 6 layers (1 dense), latent attention (8 heads, kv_lora 64), 64 experts of 512→256→512 in 4 groups, top-4 + 1 shared",
+        arch: Arch::DeepseekV3,
+        vocab: 2048,
+        hidden: 512,
+        layers: 6,
+        heads: 8,
+        kv_heads: 8,
+        head_dim: 96,
+        expert_inter: 256,
+        experts: 64,
+        top_k: 4,
+        rope_theta: 10_000.0,
+        rms_eps: 1e-6,
+        qk_norm: false,
+        hybrid: None,
+        deepseek: Some(DeepSeek {
+            mla: Mla {
+                q_lora: 128,
+                kv_lora: 64,
+                nope: 64,
+                rope: 32,
+                v: 64,
+            },
+            routing: Routing {
+                sigmoid: true,
+                n_group: 4,
+                topk_group: 2,
+                scale: 2.5,
+            },
+            first_dense: 1,
+            dense_inter: 1024,
+            shared_inter: 256,
+            yarn: (4.0, 1024, 32.0, 1.0),
+        }),
     },
 ];
 
@@ -268,8 +409,33 @@ impl Preset {
         self.expert_inter
     }
 
+    /// Intermediate sizes of the dense layers, the experts and the shared
+    /// expert.
+    pub fn ffn_sizes(&self) -> FfnSizes {
+        FfnSizes {
+            dense: self.deepseek.map_or(0, |d| d.dense_inter),
+            expert: self.expert_inter,
+            shared: self
+                .hybrid
+                .map(|h| h.shared_inter)
+                .or(self.deepseek.map(|d| d.shared_inter)),
+        }
+    }
+
     /// The config of this geometry with `layers` layers.
     pub fn config(&self, layers: usize) -> Config {
+        let ds = self.deepseek;
+        let yarn = ds.map(|d| {
+            let (factor, orig_ctx, beta_fast, beta_slow) = d.yarn;
+            Yarn {
+                factor,
+                orig_ctx,
+                beta_fast,
+                beta_slow,
+                attn_factor: 1.0,
+                truncate: true,
+            }
+        });
         Config {
             arch: self.arch,
             vocab: self.vocab,
@@ -279,13 +445,23 @@ impl Preset {
             n_kv_heads: self.kv_heads,
             head_dim: self.head_dim,
             rope_theta: self.rope_theta,
-            rot_dim: self.hybrid.map_or(self.head_dim, |h| h.rot_dim),
-            rope_style: RopeStyle::Neox,
+            rot_dim: match (self.hybrid, ds) {
+                (Some(h), _) => h.rot_dim,
+                (_, Some(d)) => d.mla.rope,
+                _ => self.head_dim,
+            },
+            rope_style: if ds.is_some() {
+                RopeStyle::Interleaved
+            } else {
+                RopeStyle::Neox
+            },
             rms_eps: self.rms_eps,
             n_experts: self.experts,
             top_k: self.top_k,
             norm_topk_prob: true,
-            moe_layers: vec![true; layers],
+            moe_layers: (0..layers)
+                .map(|i| ds.is_none_or(|d| i >= d.first_dense))
+                .collect(),
             windows: vec![None; layers],
             clip_qkv: None,
             tie_embeddings: false,
@@ -301,10 +477,14 @@ impl Preset {
             attn_gate: self.hybrid.is_some(),
             linear: self.hybrid.map(|h| h.linear),
             config_top_k: self.top_k,
-            routing: Default::default(),
-            mla: None,
-            yarn: None,
-            attn_scale: None,
+            routing: ds.map_or_else(Routing::default, |d| d.routing),
+            mla: ds.map(|d| d.mla),
+            yarn,
+            // DeepSeek's q·k scale: YaRN's mscale (mscale_all_dim 1) squared.
+            attn_scale: yarn.map(|y| {
+                let m = Yarn::mscale(y.factor, 1.0);
+                m * m / (self.head_dim as f32).sqrt()
+            }),
             mtp_layers: 0,
         }
     }
@@ -332,13 +512,28 @@ pub fn synth(
     let bs = q.block_size();
     let vd = c.linear.map_or(c.hidden, |l| l.v_heads * l.v_dim);
     let si = preset.hybrid.map_or(c.hidden, |h| h.shared_inter);
+    // Latent attention's inputs: the compressed query and latent, a head's
+    // key width (k_b's rows) and all heads' values (o's rows).
+    let ds_dims = preset.deepseek.map_or([c.hidden; 5], |d| {
+        let m = d.mla;
+        [
+            m.q_lora.max(c.hidden),
+            m.kv_lora,
+            m.nope,
+            c.n_heads * m.v,
+            d.dense_inter,
+        ]
+    });
     for d in [
         c.hidden,
         preset.expert_inter,
         c.n_heads * c.head_dim,
         vd,
         si,
-    ] {
+    ]
+    .into_iter()
+    .chain(ds_dims)
+    {
         if d % bs != 0 {
             return Err(Error::Unsupported(format!(
                 "{q:?} needs rows that are multiples of {bs}; {} has a dimension of {d}",
@@ -409,6 +604,46 @@ pub fn synth(
                     1.0 / (vd as f32).sqrt(),
                 ));
             }
+            _ if c.mla.is_some() => {
+                let a = c.mla.expect("checked by the guard");
+                let heads = c.n_heads;
+                let qk = a.nope + a.rope;
+                if a.q_lora > 0 {
+                    dense.push(m(format!("{b}attn_q_a.weight"), a.q_lora, h, s));
+                    dense.push(v(format!("{b}attn_q_a_norm.weight"), a.q_lora));
+                    let sq = 1.0 / (a.q_lora as f32).sqrt();
+                    dense.push(m(format!("{b}attn_q_b.weight"), heads * qk, a.q_lora, sq));
+                } else {
+                    dense.push(m(format!("{b}attn_q.weight"), heads * qk, h, s));
+                }
+                dense.push(m(
+                    format!("{b}attn_kv_a_mqa.weight"),
+                    a.kv_lora + a.rope,
+                    h,
+                    s,
+                ));
+                dense.push(v(format!("{b}attn_kv_a_norm.weight"), a.kv_lora));
+                // llama.cpp's absorbed layout: per head, k_b transposed
+                // (kv_lora rows of nope) and v_b (v rows of kv_lora).
+                let sl = 1.0 / (a.kv_lora as f32).sqrt();
+                let mut kb = m(
+                    format!("{b}attn_k_b.weight"),
+                    heads * a.kv_lora,
+                    a.nope,
+                    1.0 / (a.nope as f32).sqrt(),
+                );
+                kb.spec.shape = vec![heads, a.kv_lora, a.nope];
+                dense.push(kb);
+                let mut vb = m(format!("{b}attn_v_b.weight"), heads * a.v, a.kv_lora, sl);
+                vb.spec.shape = vec![heads, a.v, a.kv_lora];
+                dense.push(vb);
+                dense.push(m(
+                    format!("{b}attn_output.weight"),
+                    h,
+                    heads * a.v,
+                    1.0 / ((heads * a.v) as f32).sqrt(),
+                ));
+            }
             _ => {
                 let q_rows = if c.attn_gate { 2 * qd } else { qd };
                 dense.push(m(format!("{b}attn_q.weight"), q_rows, h, s));
@@ -427,6 +662,31 @@ pub fn synth(
             "ffn_norm"
         };
         dense.push(v(format!("{b}{ffn_norm}.weight"), c.hidden));
+        if let (false, Some(d)) = (c.moe_layers[l], preset.deepseek) {
+            let di = d.dense_inter;
+            dense.push(m(format!("{b}ffn_gate.weight"), di, h, s));
+            dense.push(m(format!("{b}ffn_up.weight"), di, h, s));
+            dense.push(m(
+                format!("{b}ffn_down.weight"),
+                h,
+                di,
+                1.0 / (di as f32).sqrt(),
+            ));
+            continue;
+        }
+        if let Some(d) = preset.deepseek {
+            let si = d.shared_inter;
+            dense.push(m(format!("{b}ffn_gate_shexp.weight"), si, h, s));
+            dense.push(m(format!("{b}ffn_up_shexp.weight"), si, h, s));
+            dense.push(m(
+                format!("{b}ffn_down_shexp.weight"),
+                h,
+                si,
+                1.0 / (si as f32).sqrt(),
+            ));
+            // Selection bias of the sigmoid router.
+            dense.push(f32s(format!("{b}exp_probs_b.bias"), c.n_experts, 0.05));
+        }
         if let Some(hy) = preset.hybrid {
             let si = hy.shared_inter;
             dense.push(m(format!("{b}ffn_gate_shexp.weight"), si, h, s));
@@ -480,12 +740,7 @@ pub fn synth(
     dense.push(v("output_norm.weight".into(), c.hidden));
     dense.push(m("output.weight".into(), c.vocab, h, s));
     let source = format!("synth:{} seed {}", preset.name, opts.seed);
-    let ffn = FfnSizes {
-        dense: 0,
-        expert: preset.expert_inter,
-        shared: preset.hybrid.map(|h| h.shared_inter),
-    };
-    let mut meta = gguf_meta::hparams(&c, ffn, &source);
+    let mut meta = gguf_meta::hparams(&c, preset.ffn_sizes(), &source);
     meta.extend(gguf_meta::byte_vocab(c.vocab));
     let plan = Plan {
         config: &c,
