@@ -22,11 +22,14 @@ renames, splits, transposes and row permutations need no mirror here
 tensors are kept f32 by the converter (some transformed, e.g. Qwen3.5's
 1 + w norms) and are used as they are.
 
-Two things the converter needs that a tiny model lacks or that transformers
-drops are supplied here, and said so:
+What the converter needs that a tiny model lacks or that transformers drops
+is supplied here, and said so:
 * it identifies BPE pre-tokenizers by hashing the tokenization of a fixed
   text; the fixture tokenizer (byte-level BPE with GPT-2's regex) matches no
   published hash, so `get_vocab_base_pre` is made to answer "gpt-2";
+* GLM's converter looks up its special tokens (`[gMASK]`, `<|user|>`,
+  `<|observation|>`) by name; they are added to the tokenizer (ids above
+  the prompt's, which does not change);
 * DeepSeek's published config.json carries `scoring_func: "sigmoid"`, which
   transformers' DeepseekV3Config does not write back; the converter reads the
   gating function from it, so it is added before conversion.
@@ -74,7 +77,12 @@ MODELS = {
                          yarn=dict(B["deepseek_v3"]["yarn"], mscale=0.7, mscale_all_dim=0.7)),
                     {"scoring_func": "sigmoid", "topk_method": "noaux_tc"}, [],
                     "absorbed-MLA split attn_k_b / attn_v_b, YaRN with yarn_log_multiplier"),
+    # one group: the converter writes no expert_group_count for glm4moe
+    "glm4_moe": (dict(B["glm4_moe"], seed=7600, head_dim=16, moe_inter=32, n_group=1, topk_group=1),
+                 {}, ["--no-mtp"], "q/k/v biases, per-head q/k norms, partial rotary, sigmoid routing"),
 }
+
+GLM_SPECIALS = ["<|endoftext|>", "[gMASK]", "<|user|>", "<|observation|>"]
 
 CONVERT = """
 import runpy, sys
@@ -216,6 +224,13 @@ def main() -> int:
             spec, extra_cfg, flags, note = MODELS[name]
             src = Path(tmp) / name
             info = mf.make_model_fixture(name, spec, src, tok, ids, args.min_gap)
+            if spec["arch"] == "glm4_moe":
+                # the converter looks GLM's special tokens up by name
+                from tokenizers import Tokenizer
+                t = Tokenizer.from_file(str(src / "tokenizer.json"))
+                t.add_special_tokens([x for x in GLM_SPECIALS if t.token_to_id(x) is None])
+                assert t.get_vocab_size() <= spec["vocab"]
+                t.save(str(src / "tokenizer.json"))
             if extra_cfg:
                 cfg = json.loads((src / "config.json").read_text())
                 cfg.update(extra_cfg)

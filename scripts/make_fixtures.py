@@ -125,6 +125,7 @@ ARCH_CLASSES = {
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"),
     "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM"),
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM"),
 }
 
 # Geometry of the built-in fixtures.  Keys are generic; make_config() maps them
@@ -173,6 +174,16 @@ BASE = {
                   beta_fast=32.0, beta_slow=1.0),
         tie=False, init_range=0.15, rms_eps=1e-6,
     ),
+    # GQA with q/k/v biases and per-head q/k norms, half the head rotated, sigmoid routing with
+    # a selection bias over 2 groups of which 1 is chosen, scaled, one shared expert, the first
+    # layer dense
+    "glm4_moe": dict(
+        arch="glm4_moe", seed=8000, vocab=307, hidden=64, layers=3, heads=4, kv_heads=2,
+        head_dim=24, experts=8, top_k=3, moe_inter=24, n_shared=1, inter=56, n_group=2,
+        topk_group=1, routed_scaling=1.8, norm_topk_prob=True, first_dense=1, partial_rotary=0.5,
+        qk_norm=True, attention_bias=True, rope_theta=10000.0, tie=False, init_range=0.15,
+        rms_eps=1e-5,
+    ),
 }
 
 # safetensors model fixtures: name -> spec (BASE entry + overrides)
@@ -207,6 +218,15 @@ MODEL_FIXTURES = {
         experts=6, top_k=2, moe_inter=16, n_shared=1, inter=40, n_group=1, topk_group=1,
         routed_scaling=1.5, norm_topk_prob=False, first_dense=2, q_lora=None, kv_lora=20,
         nope=12, rope=4, v_head=16, yarn=None,
+    ),
+    "glm4_moe": dict(BASE["glm4_moe"]),
+    # GLM-4.5-Air's switches: no q/k norm, no attention bias, no groups, no renormalization,
+    # two dense layers; other seed and widths
+    "glm4_moe_air": dict(
+        BASE["glm4_moe"], seed=8100, vocab=301, hidden=48, heads=6, kv_heads=2, head_dim=16,
+        experts=6, top_k=2, moe_inter=16, inter=40, n_group=1, topk_group=1, routed_scaling=1.0,
+        norm_topk_prob=False, qk_norm=False, attention_bias=False, layers=4,
+        first_dense=2,
     ),
 }
 
@@ -292,6 +312,15 @@ def make_config(spec: dict):
         if spec.get("yarn"):
             kw["rope_parameters"] = dict(rope_type="yarn", rope_theta=float(spec["rope_theta"]),
                                          **spec["yarn"])
+    elif arch == "glm4_moe":
+        kw.update(n_routed_experts=spec["experts"], moe_intermediate_size=spec["moe_inter"],
+                  intermediate_size=spec["inter"], n_shared_experts=spec["n_shared"],
+                  n_group=spec["n_group"], topk_group=spec["topk_group"],
+                  routed_scaling_factor=spec["routed_scaling"], norm_topk_prob=spec["norm_topk_prob"],
+                  first_k_dense_replace=spec["first_dense"], use_qk_norm=spec["qk_norm"],
+                  attention_bias=spec["attention_bias"])
+        if spec.get("partial_rotary") is not None:
+            kw["rope_parameters"]["partial_rotary_factor"] = spec["partial_rotary"]
     else:
         raise ValueError(arch)
     if spec.get("multimodal"):
@@ -1168,6 +1197,11 @@ def geometry_str(spec: dict) -> str:
               f"v {spec['v_head']}, {spec['n_shared']} shared, first {spec['first_dense']} dense (inter {spec['inter']}), "
               f"sigmoid + bias routing, groups {spec['n_group']}/{spec['topk_group']}, scale {spec['routed_scaling']}, "
               f"yarn {spec['yarn'] or 'none'}")
+    if spec["arch"] == "glm4_moe":
+        s += (f", partial rotary {spec.get('partial_rotary')}, qk norm {spec['qk_norm']}, qkv bias "
+              f"{spec['attention_bias']}, {spec['n_shared']} shared, first {spec['first_dense']} dense "
+              f"(inter {spec['inter']}), sigmoid + bias routing, groups {spec['n_group']}/{spec['topk_group']}, "
+              f"scale {spec['routed_scaling']}")
     if "norm_topk_prob" in spec:
         s += f", norm_topk_prob {spec['norm_topk_prob']}"
     s += f", rope_theta {spec['rope_theta']:g}, rms_eps {spec['rms_eps']:g}, tied {spec['tie']}, init {spec['init_range']}"
@@ -1202,6 +1236,11 @@ SEMANTICS = """## Semantics the Rust side must reproduce (verified)
   (others masked), then top-k; weights are the unbiased scores, divided by `sum + 1e-20` if `norm_topk_prob`, times
   `routed_scaling_factor`; plus `n_shared_experts` shared experts (one MLP of `n_shared * moe_intermediate_size`);
   the first `first_k_dense_replace` layers are dense MLPs of `intermediate_size`.
+* glm4_moe: Llama-style GQA attention (q/k/v biases if `attention_bias`, per-head q/k RMSNorm if
+  `use_qk_norm`), rotate_half rope on the first `head_dim * partial_rotary_factor` dims of each head
+  (transformers' default factor 0.5), DeepSeek-V3's router (sigmoid, selection bias, groups,
+  `routed_scaling_factor`), `n_shared_experts` shared experts, the first `first_k_dense_replace`
+  layers dense.
 * Dense-MLP layers (`mlp_only_layers`) in qwen2/3_moe use `intermediate_size`; experts use `moe_intermediate_size`.
 * GGUF metadata: `<arch>.expert_weights_norm` (bool) is written by this script for every file (llama.cpp's converter
   does not write it for these archs and hard-codes qwen3moe=true, qwen2moe=false, olmoe=false, llama=true);

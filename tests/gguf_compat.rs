@@ -100,6 +100,7 @@ fn synth_writes_files_llama_cpp_accepts_in_both_layouts() {
         ("small-qwen3.5", &["--align", "16K"][..]),
         ("small-deepseek", &[][..]),
         ("small-deepseek", &["--stacked"][..]),
+        ("small-glm", &["--stacked"][..]),
     ] {
         let out = scratch(&format!("{preset}{}.gguf", extra.join("")));
         let o = out.to_str().unwrap();

@@ -73,6 +73,8 @@ fn fixture_set_covers_every_architecture_and_layout() {
         "qwen3_5_moe.q8_0.gguf",
         "deepseek_v3",
         "deepseek_v3_lite",
+        "glm4_moe",
+        "glm4_moe_air",
     ]
     .into_iter()
     .map(String::from)
@@ -85,6 +87,7 @@ fn fixture_set_covers_every_architecture_and_layout() {
             "olmoe",
             "qwen3_5_moe",
             "deepseek_v3",
+            "glm4_moe",
         ]
         .iter()
         .flat_map(|a| ["f32", "f16", "q8_0"].map(|t| format!("{a}.{t}.gguf"))),
@@ -128,7 +131,7 @@ fn prompt_in_pieces_equals_prompt_at_once() {
     // KV cache correctness: feeding tokens one by one must give the same
     // last-position logits as one batch (up to float reassociation); the
     // latent cache of DeepSeek's attention included.
-    for name in ["qwen2_moe", "deepseek_v3", "deepseek_v3_lite"] {
+    for name in ["qwen2_moe", "deepseek_v3", "deepseek_v3_lite", "glm4_moe"] {
         let p = fixtures().join("models").join(name);
         let e = read_expected(&p.join("expected.json"));
         let model = Arc::new(Model::open(&p).unwrap());

@@ -679,40 +679,21 @@ fn bench_writes_the_profile_it_observed() {
     );
 }
 
-/// The DeepSeek-V3 family's presets: the simulator's geometry of a preset
-/// is the geometry of the file `sluice synth` writes for it (dense bytes,
-/// latent KV cache, compute), and the real models answer on the phone.
+/// The DeepSeek-V3 and GLM-4.5 presets: the simulator's geometry of a
+/// preset is the geometry of the file `sluice synth` writes for it (dense
+/// bytes, KV cache, latent or not, compute), and the real models answer on
+/// the phone.
 #[test]
-fn deepseek_presets_match_their_synthesized_files() {
-    let f = scratch("small-deepseek.gguf");
-    run_ok(&[
-        "synth",
-        "--preset",
-        "small-deepseek",
-        "--quant",
-        "q4",
-        "-o",
-        f.to_str().unwrap(),
-        "--quiet",
-    ]);
-    let sim = |m: &str| {
-        json(&[
-            "sim", "--model", m, "--device", "dev-vm", "--tokens", "4", "--json",
-        ])
-    };
-    let (file, preset) = (sim(f.to_str().unwrap()), sim("small-deepseek"));
-    std::fs::remove_file(&f).ok();
-    for k in ["dense_bytes", "top_k"] {
-        assert_eq!(file[k], preset[k], "{k}");
+fn sigmoid_router_presets_match_their_synthesized_files() {
+    for small in ["small-deepseek", "small-glm"] {
+        preset_matches_its_file(small);
     }
-    assert_eq!(file["budget"]["kv"], preset["budget"]["kv"]);
-    let (a, b) = (
-        file["compute_s"].as_f64().unwrap(),
-        preset["compute_s"].as_f64().unwrap(),
-    );
-    assert!((a - b).abs() <= 1e-9 * a, "compute {a} vs {b}");
-    assert_eq!(file["per_layer"].as_array().unwrap().len(), 6);
-    for (model, quant, layers) in [("deepseek-v3", "q2_k", 61), ("kimi-k2", "q4_0", 61)] {
+    for (model, quant, layers) in [
+        ("deepseek-v3", "q2_k", 61),
+        ("kimi-k2", "q4_0", 61),
+        ("glm-4.5", "q2_k", 92),
+        ("glm-4.5-air", "q4_0", 46),
+    ] {
         let j = json(&[
             "sim",
             "--model",
@@ -730,4 +711,38 @@ fn deepseek_presets_match_their_synthesized_files() {
         assert_eq!(j["per_layer"].as_array().unwrap().len(), layers, "{model}");
         assert_eq!(j["top_k"], 8, "{model}");
     }
+}
+
+fn preset_matches_its_file(preset: &str) {
+    let f = scratch(&format!("{preset}.gguf"));
+    run_ok(&[
+        "synth",
+        "--preset",
+        preset,
+        "--quant",
+        "q4",
+        "-o",
+        f.to_str().unwrap(),
+        "--quiet",
+    ]);
+    let sim = |m: &str| {
+        json(&[
+            "sim", "--model", m, "--device", "dev-vm", "--tokens", "4", "--json",
+        ])
+    };
+    let (file, from_preset) = (sim(f.to_str().unwrap()), sim(preset));
+    std::fs::remove_file(&f).ok();
+    for k in ["dense_bytes", "top_k"] {
+        assert_eq!(file[k], from_preset[k], "{preset}: {k}");
+    }
+    assert_eq!(
+        file["budget"]["kv"], from_preset["budget"]["kv"],
+        "{preset}"
+    );
+    let (a, b) = (
+        file["compute_s"].as_f64().unwrap(),
+        from_preset["compute_s"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() <= 1e-9 * a, "{preset}: compute {a} vs {b}");
+    assert_eq!(file["per_layer"].as_array().unwrap().len(), 6, "{preset}");
 }

@@ -39,6 +39,8 @@ fn streamed_logits_are_bit_identical_to_resident() {
         "deepseek_v3",
         // stacked experts and quantized absorbed-MLA tensors as llama.cpp converts them
         "llamacpp/deepseek_v3.q8_0.gguf",
+        "glm4_moe",
+        "llamacpp/glm4_moe.q8_0.gguf",
     ] {
         let m = match f.split_once('/') {
             Some((dir, file)) => fixtures().join(dir).join(file),
@@ -157,11 +159,26 @@ fn packed_model_matches_source_and_checks_records() {
 }
 
 /// DeepSeek-V3's latent attention, selection bias and shared experts
-/// survive packing (llama.cpp's `deepseek2` tensor names), and the packed
-/// file streams to the same logits.
+/// survive packing (llama.cpp's `deepseek2` tensor names), GLM-4.5's
+/// biases and q/k norms too (`glm4moe`), and the packed files stream to
+/// the same logits.
 #[test]
-fn deepseek_packs_and_streams() {
-    for name in ["deepseek_v3", "deepseek_v3_lite"] {
+fn sigmoid_router_models_pack_and_stream() {
+    for (name, tensors) in [
+        (
+            "deepseek_v3",
+            &["blk.0.attn_kv_a_mqa.weight", "blk.0.attn_kv_b.weight"][..],
+        ),
+        ("deepseek_v3_lite", &["blk.0.attn_kv_a_mqa.weight"][..]),
+        (
+            "glm4_moe",
+            &[
+                "blk.0.attn_q.bias",
+                "blk.0.attn_k_norm.weight",
+                "blk.1.post_attention_norm.weight",
+            ][..],
+        ),
+    ] {
         let src = fixtures().join("models").join(name);
         let out = scratch(&format!("{name}.packed.gguf"));
         let o = out.to_str().unwrap();
@@ -176,12 +193,10 @@ fn deepseek_packs_and_streams() {
             "{name}: streaming the packed file changed the logits"
         );
         let g = sluice_format::ModelFiles::open(&out).unwrap();
-        for n in [
-            "blk.0.attn_kv_a_mqa.weight",
-            "blk.0.attn_kv_b.weight",
-            "blk.2.exp_probs_b.bias",
-            "blk.2.ffn_up_shexp.weight",
-        ] {
+        for n in tensors
+            .iter()
+            .chain(&["blk.2.exp_probs_b.bias", "blk.2.ffn_up_shexp.weight"])
+        {
             assert!(
                 g.tensor(n).is_some(),
                 "{name}: {n} missing from the packed file"

@@ -39,8 +39,8 @@ pub struct PackArgs {
 pub struct SynthArgs {
     /// Geometry: qwen3-30b-a3b, qwen3-235b-a22b, mixtral-8x7b,
     /// qwen1.5-moe-a2.7b, qwen3.5-397b-a17b, qwen3.6-35b-a3b, deepseek-v3,
-    /// kimi-k2, small-moe, small-qwen3.5, small-deepseek (an unknown name
-    /// lists them).
+    /// kimi-k2, glm-4.5, glm-4.5-air, small-moe, small-qwen3.5,
+    /// small-deepseek, small-glm (an unknown name lists them).
     #[arg(long)]
     preset: String,
     /// Number of layers (default: the preset's).

@@ -64,7 +64,10 @@ pub fn hparams(c: &Config, ffn: FfnSizes, name: &str) -> Vec<(String, MetaValue)
         m.push((k("vocab_size"), u(c.vocab)));
     }
     if let Some(mla) = c.mla {
-        deepseek2(c, mla, ffn, &mut m);
+        deepseek2(c, mla, &mut m);
+    }
+    if c.routing.sigmoid {
+        sigmoid_router(c, ffn, &mut m);
     }
     if let Some(w) = c.windows.iter().flatten().next() {
         m.push((k("attention.sliding_window"), u(*w)));
@@ -110,7 +113,7 @@ pub fn hparams(c: &Config, ffn: FfnSizes, name: &str) -> Vec<(String, MetaValue)
 /// llama.cpp's `deepseek2` keys, as its converter writes them for absorbed
 /// MLA: one key/value head of `kv_lora + rope` (the cache), the per-head
 /// sizes as `*_length_mla`, the router's and YaRN's settings.
-fn deepseek2(c: &Config, mla: Mla, ffn: FfnSizes, m: &mut Vec<(String, MetaValue)>) {
+fn deepseek2(c: &Config, mla: Mla, m: &mut Vec<(String, MetaValue)>) {
     let k = |s: &str| format!("deepseek2.{s}");
     let u = |v: usize| MetaValue::U32(v as u32);
     let set = |m: &mut Vec<(String, MetaValue)>, key: String, v: MetaValue| {
@@ -126,15 +129,6 @@ fn deepseek2(c: &Config, mla: Mla, ffn: FfnSizes, m: &mut Vec<(String, MetaValue
         m.push((k("attention.q_lora_rank"), u(mla.q_lora)));
     }
     m.push((k("attention.kv_lora_rank"), u(mla.kv_lora)));
-    let lead = c.moe_layers.iter().take_while(|&&x| !x).count();
-    m.push((k("leading_dense_block_count"), u(lead)));
-    let shared = ffn.shared.map_or(0, |s| s / ffn.expert.max(1));
-    m.push((k("expert_shared_count"), u(shared)));
-    let r = c.routing;
-    m.push((k("expert_weights_scale"), MetaValue::F32(r.scale)));
-    m.push((k("expert_gating_func"), u(if r.sigmoid { 2 } else { 1 })));
-    m.push((k("expert_group_count"), u(r.n_group)));
-    m.push((k("expert_group_used_count"), u(r.topk_group)));
     if let Some(y) = c.yarn {
         m.push((k("rope.scaling.type"), MetaValue::Str("yarn".into())));
         m.push((k("rope.scaling.factor"), MetaValue::F32(y.factor)));
@@ -165,6 +159,23 @@ fn deepseek2(c: &Config, mla: Mla, ffn: FfnSizes, m: &mut Vec<(String, MetaValue
             m.push((k("rope.scaling.attn_factor"), MetaValue::F32(attn_factor)));
         }
     }
+}
+
+/// The keys of DeepSeek-V3's router (`deepseek2`, `glm4moe`): sigmoid
+/// gating, groups, weight scale, leading dense layers, shared experts.
+fn sigmoid_router(c: &Config, ffn: FfnSizes, m: &mut Vec<(String, MetaValue)>) {
+    let a = gguf_arch(c.arch);
+    let k = |s: &str| format!("{a}.{s}");
+    let u = |v: usize| MetaValue::U32(v as u32);
+    let lead = c.moe_layers.iter().take_while(|&&x| !x).count();
+    m.push((k("leading_dense_block_count"), u(lead)));
+    let shared = ffn.shared.map_or(0, |s| s / ffn.expert.max(1));
+    m.push((k("expert_shared_count"), u(shared)));
+    let r = c.routing;
+    m.push((k("expert_weights_scale"), MetaValue::F32(r.scale)));
+    m.push((k("expert_gating_func"), u(2)));
+    m.push((k("expert_group_count"), u(r.n_group)));
+    m.push((k("expert_group_used_count"), u(r.topk_group)));
 }
 
 /// GPT-2's printable stand-in for each byte (byte-level BPE vocabularies

@@ -110,6 +110,7 @@ pub(crate) fn gguf_arch(a: Arch) -> &'static str {
         Arch::Olmoe => "olmoe",
         Arch::Qwen35Moe => "qwen35moe",
         Arch::DeepseekV3 => "deepseek2",
+        Arch::Glm4Moe => "glm4moe",
     }
 }
 
@@ -229,7 +230,7 @@ pub fn pack(
                 dense.push(w(format!("{b}ssm_out.weight"), &d.out));
             }
         }
-        let ffn_norm = if c.arch == Arch::Qwen35Moe {
+        let ffn_norm = if matches!(c.arch, Arch::Qwen35Moe | Arch::Glm4Moe) {
             "post_attention_norm"
         } else {
             "ffn_norm"

@@ -33,15 +33,17 @@ pub struct Preset {
     /// Qwen3.5: Gated DeltaNet layers (all but every `full_every`-th),
     /// gated attention with partial rotary, a shared expert.
     hybrid: Option<Hybrid>,
-    /// DeepSeek-V3 family: latent attention, grouped sigmoid routing,
-    /// leading dense layers, shared experts, YaRN.
+    /// DeepSeek-V3 and GLM-4.5 families: grouped sigmoid routing, leading
+    /// dense layers, shared experts; DeepSeek's latent attention and YaRN,
+    /// GLM's partial rotary and attention biases.
     deepseek: Option<DeepSeek>,
 }
 
-/// The DeepSeek-V3 family's extra geometry.
+/// The DeepSeek-V3 and GLM-4.5 families' extra geometry.
 #[derive(Clone, Copy, Debug)]
 struct DeepSeek {
-    mla: Mla,
+    /// Latent attention (DeepSeek); GLM's is grouped-query.
+    mla: Option<Mla>,
     routing: Routing,
     first_dense: usize,
     dense_inter: usize,
@@ -49,7 +51,11 @@ struct DeepSeek {
     shared_inter: usize,
     /// YaRN factor over `orig_ctx`, with `beta_fast` and `beta_slow`
     /// (`mscale` = `mscale_all_dim` = 1 in every release).
-    yarn: (f32, usize, f32, f32),
+    yarn: Option<(f32, usize, f32, f32)>,
+    /// Rotated dimensions per head (GLM rotates half).
+    rot_dim: usize,
+    /// Biases on q, k and v (GLM).
+    attn_bias: bool,
 }
 
 /// DeepSeek-V3's latent attention ranks and dense, shared and routed
@@ -60,18 +66,45 @@ const fn deepseek(
     yarn: (f32, usize, f32, f32),
 ) -> Option<DeepSeek> {
     Some(DeepSeek {
-        mla: Mla {
+        mla: Some(Mla {
             q_lora: 1536,
             kv_lora: 512,
             nope: 128,
             rope: 64,
             v: 128,
-        },
+        }),
         routing,
         first_dense,
         dense_inter: 18_432,
         shared_inter: 2048,
-        yarn,
+        yarn: Some(yarn),
+        rot_dim: 64,
+        attn_bias: false,
+    })
+}
+
+/// GLM-4.5's routing (no groups), shared expert of `moe_inter` and
+/// attention (half of 128 rotated, q/k/v biases).
+const fn glm(
+    scale: f32,
+    first_dense: usize,
+    dense_inter: usize,
+    moe_inter: usize,
+) -> Option<DeepSeek> {
+    Some(DeepSeek {
+        mla: None,
+        routing: Routing {
+            sigmoid: true,
+            n_group: 1,
+            topk_group: 1,
+            scale,
+        },
+        first_dense,
+        dense_inter,
+        shared_inter: moe_inter,
+        yarn: None,
+        rot_dim: 64,
+        attn_bias: true,
     })
 }
 
@@ -336,13 +369,13 @@ pub const PRESETS: &[Preset] = &[
         qk_norm: false,
         hybrid: None,
         deepseek: Some(DeepSeek {
-            mla: Mla {
+            mla: Some(Mla {
                 q_lora: 128,
                 kv_lora: 64,
                 nope: 64,
                 rope: 32,
                 v: 64,
-            },
+            }),
             routing: Routing {
                 sigmoid: true,
                 n_group: 4,
@@ -352,7 +385,69 @@ pub const PRESETS: &[Preset] = &[
             first_dense: 1,
             dense_inter: 1024,
             shared_inter: 256,
-            yarn: (4.0, 1024, 32.0, 1.0),
+            yarn: Some((4.0, 1024, 32.0, 1.0)),
+            rot_dim: 32,
+            attn_bias: false,
+        }),
+    },
+    Preset {
+        name: "glm-4.5",
+        about: "GLM-4.5 (355B): 92 layers (3 dense), 96 heads / 8 kv of 128 (half rotated), 160 experts of 5120→1536→5120, top-8 + 1 shared",
+        arch: Arch::Glm4Moe,
+        vocab: 151_552,
+        hidden: 5120,
+        layers: 92,
+        heads: 96,
+        kv_heads: 8,
+        head_dim: 128,
+        expert_inter: 1536,
+        experts: 160,
+        top_k: 8,
+        rope_theta: 1e6,
+        rms_eps: 1e-5,
+        qk_norm: true,
+        hybrid: None,
+        deepseek: glm(2.5, 3, 12_288, 1536),
+    },
+    Preset {
+        name: "glm-4.5-air",
+        about: "GLM-4.5-Air (106B): 46 layers (1 dense), 96 heads / 8 kv of 128 (half rotated), 128 experts of 4096→1408→4096, top-8 + 1 shared",
+        arch: Arch::Glm4Moe,
+        vocab: 151_552,
+        hidden: 4096,
+        layers: 46,
+        heads: 96,
+        kv_heads: 8,
+        head_dim: 128,
+        expert_inter: 1408,
+        experts: 128,
+        top_k: 8,
+        rope_theta: 1e6,
+        rms_eps: 1e-5,
+        qk_norm: false,
+        hybrid: None,
+        deepseek: glm(1.0, 1, 10_944, 1408),
+    },
+    Preset {
+        name: "small-glm",
+        about: "a small GLM-4.5 geometry for tests: 6 layers (1 dense), 8 heads / 2 kv of 64 (half rotated), 64 experts of 512→256→512, top-4 + 1 shared",
+        arch: Arch::Glm4Moe,
+        vocab: 2048,
+        hidden: 512,
+        layers: 6,
+        heads: 8,
+        kv_heads: 2,
+        head_dim: 64,
+        expert_inter: 256,
+        experts: 64,
+        top_k: 4,
+        rope_theta: 1e6,
+        rms_eps: 1e-5,
+        qk_norm: true,
+        hybrid: None,
+        deepseek: Some(DeepSeek {
+            rot_dim: 32,
+            ..glm(1.5, 1, 1024, 256).unwrap()
         }),
     },
 ];
@@ -425,8 +520,8 @@ impl Preset {
     /// The config of this geometry with `layers` layers.
     pub fn config(&self, layers: usize) -> Config {
         let ds = self.deepseek;
-        let yarn = ds.map(|d| {
-            let (factor, orig_ctx, beta_fast, beta_slow) = d.yarn;
+        let yarn = ds.and_then(|d| d.yarn).map(|y| {
+            let (factor, orig_ctx, beta_fast, beta_slow) = y;
             Yarn {
                 factor,
                 orig_ctx,
@@ -447,10 +542,10 @@ impl Preset {
             rope_theta: self.rope_theta,
             rot_dim: match (self.hybrid, ds) {
                 (Some(h), _) => h.rot_dim,
-                (_, Some(d)) => d.mla.rope,
+                (_, Some(d)) => d.rot_dim,
                 _ => self.head_dim,
             },
-            rope_style: if ds.is_some() {
+            rope_style: if ds.is_some_and(|d| d.mla.is_some()) {
                 RopeStyle::Interleaved
             } else {
                 RopeStyle::Neox
@@ -478,7 +573,7 @@ impl Preset {
             linear: self.hybrid.map(|h| h.linear),
             config_top_k: self.top_k,
             routing: ds.map_or_else(Routing::default, |d| d.routing),
-            mla: ds.map(|d| d.mla),
+            mla: ds.and_then(|d| d.mla),
             yarn,
             // DeepSeek's q·k scale: YaRN's mscale (mscale_all_dim 1) squared.
             attn_scale: yarn.map(|y| {
@@ -514,15 +609,15 @@ pub fn synth(
     let si = preset.hybrid.map_or(c.hidden, |h| h.shared_inter);
     // Latent attention's inputs: the compressed query and latent, a head's
     // key width (k_b's rows) and all heads' values (o's rows).
-    let ds_dims = preset.deepseek.map_or([c.hidden; 5], |d| {
-        let m = d.mla;
-        [
+    let ds_dims = preset.deepseek.map_or([c.hidden; 5], |d| match d.mla {
+        Some(m) => [
             m.q_lora.max(c.hidden),
             m.kv_lora,
             m.nope,
             c.n_heads * m.v,
             d.dense_inter,
-        ]
+        ],
+        None => [c.hidden, c.hidden, c.hidden, c.hidden, d.dense_inter],
     });
     for d in [
         c.hidden,
@@ -650,13 +745,18 @@ pub fn synth(
                 dense.push(m(format!("{b}attn_k.weight"), kd, h, s));
                 dense.push(m(format!("{b}attn_v.weight"), kd, h, s));
                 dense.push(m(format!("{b}attn_output.weight"), h, qd, s));
+                if preset.deepseek.is_some_and(|d| d.attn_bias) {
+                    dense.push(f32s(format!("{b}attn_q.bias"), qd, 0.1));
+                    dense.push(f32s(format!("{b}attn_k.bias"), kd, 0.1));
+                    dense.push(f32s(format!("{b}attn_v.bias"), kd, 0.1));
+                }
                 if preset.qk_norm {
                     dense.push(v(format!("{b}attn_q_norm.weight"), c.head_dim));
                     dense.push(v(format!("{b}attn_k_norm.weight"), c.head_dim));
                 }
             }
         }
-        let ffn_norm = if c.arch == Arch::Qwen35Moe {
+        let ffn_norm = if matches!(c.arch, Arch::Qwen35Moe | Arch::Glm4Moe) {
             "post_attention_norm"
         } else {
             "ffn_norm"

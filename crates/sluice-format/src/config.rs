@@ -24,6 +24,10 @@ pub enum Arch {
     /// sigmoid routing with a selection bias over expert groups, shared
     /// experts, leading dense layers.
     DeepseekV3,
+    /// GLM-4.5/4.6: grouped-query attention with partial rotary and
+    /// optional q/k norms, DeepSeek-V3's sigmoid routing, a shared expert,
+    /// leading dense layers.
+    Glm4Moe,
 }
 
 impl Arch {
@@ -36,6 +40,7 @@ impl Arch {
             Arch::Olmoe => "olmoe",
             Arch::Qwen35Moe => "qwen3_5_moe",
             Arch::DeepseekV3 => "deepseek_v3",
+            Arch::Glm4Moe => "glm4_moe",
         }
     }
 }
@@ -483,6 +488,7 @@ impl Config {
             Some("olmoe") => Arch::Olmoe,
             Some("qwen3_5_moe") => Arch::Qwen35Moe,
             Some("deepseek_v3") => Arch::DeepseekV3,
+            Some("glm4_moe") => Arch::Glm4Moe,
             other => return Err(bad(format!("packed config: unknown arch {other:?}"))),
         };
         let n_layers = layer_count(n("n_layers")?)?;
@@ -663,13 +669,16 @@ impl Config {
             "qwen3_5_moe" | "qwen3_5_moe_text" => Arch::Qwen35Moe,
             // Kimi K2 ships DeepSeek-V3's architecture under its own name.
             "deepseek_v3" | "kimi_k2" => Arch::DeepseekV3,
+            "glm4_moe" => Arch::Glm4Moe,
             other => {
                 return Err(Error::Unsupported(format!(
-                    "architecture \"{other}\" (supported: qwen3_moe, qwen2_moe, mixtral, olmoe, qwen3_5_moe, deepseek_v3, kimi_k2)"
+                    "architecture \"{other}\" (supported: qwen3_moe, qwen2_moe, mixtral, olmoe, qwen3_5_moe, deepseek_v3, kimi_k2, glm4_moe)"
                 )))
             }
         };
         let ds = arch == Arch::DeepseekV3;
+        // DeepSeek's router and leading dense layers, GLM's as well.
+        let glm = arch == Arch::Glm4Moe;
         let hidden = need(c, "hidden_size")?;
         let n_layers = layer_count(need(c, "num_hidden_layers")?)?;
         let n_heads = need(c, "num_attention_heads")?;
@@ -699,9 +708,13 @@ impl Config {
             .unwrap_or(10000.0) as f32;
         let partial = c
             .get("partial_rotary_factor")
-            .or_else(|| rope.and_then(|r| r.get("partial_rotary_factor")))
             .and_then(|v| v.as_f64())
-            .unwrap_or(1.0);
+            .or_else(|| {
+                rope.and_then(|r| r.get("partial_rotary_factor"))
+                    .and_then(|v| v.as_f64())
+            })
+            // transformers' GLM-4.5 config rotates half of each head unless told.
+            .unwrap_or(if glm { 0.5 } else { 1.0 });
         let (yarn, yarn_mscale_all) = yarn_hf(c)?;
         // transformers 5 writes `num_local_experts` for every MoE family;
         // hub checkpoints of the Qwen and OLMoE families say `num_experts`.
@@ -718,7 +731,7 @@ impl Config {
             _ => c
                 .get("norm_topk_prob")
                 .and_then(|v| v.as_bool())
-                .unwrap_or(ds),
+                .unwrap_or(ds || glm),
         };
         let (step, mlp_only) = match arch {
             Arch::Qwen3Moe | Arch::Qwen2Moe => (
@@ -727,11 +740,11 @@ impl Config {
             ),
             _ => (1, vec![]),
         };
-        let moe_layers = if ds {
+        let moe_layers = if ds || glm {
             // The first `first_k_dense_replace` layers are dense, then every
             // `moe_layer_freq`-th (DeepSeek's own rule; 1 in every release).
             let (first, freq) = (
-                ds_num("first_k_dense_replace", 3),
+                ds_num("first_k_dense_replace", if glm { 1 } else { 3 }),
                 ds_num("moe_layer_freq", 1).max(1),
             );
             (0..n_layers)
@@ -772,7 +785,7 @@ impl Config {
             None => ((head_dim as f64) * partial) as usize,
         };
         rot_dim -= rot_dim % 2;
-        let routing = if ds {
+        let routing = if ds || glm {
             if let Some(f) = c
                 .get("scoring_func")
                 .and_then(|v| v.as_str())
@@ -782,12 +795,12 @@ impl Config {
             }
             Routing {
                 sigmoid: true,
-                n_group: ds_num("n_group", 8),
-                topk_group: ds_num("topk_group", 4),
+                n_group: ds_num("n_group", if glm { 1 } else { 8 }),
+                topk_group: ds_num("topk_group", if glm { 1 } else { 4 }),
                 scale: c
                     .get("routed_scaling_factor")
                     .and_then(|v| v.as_f64())
-                    .unwrap_or(2.5) as f32,
+                    .unwrap_or(if glm { 1.0 } else { 2.5 }) as f32,
             }
         } else {
             Routing::default()
@@ -912,9 +925,10 @@ impl Config {
             "qwen35moe" => Arch::Qwen35Moe,
             // DeepSeek-V3, R1 and Kimi K2 as llama.cpp's converter writes them.
             "deepseek2" => Arch::DeepseekV3,
+            "glm4moe" => Arch::Glm4Moe,
             other => {
                 return Err(Error::Unsupported(format!(
-                    "GGUF architecture \"{other}\"{} (supported: qwen3moe, qwen2moe, olmoe, qwen35moe, deepseek2, llama with experts)",
+                    "GGUF architecture \"{other}\"{} (supported: qwen3moe, qwen2moe, olmoe, qwen35moe, deepseek2, glm4moe, llama with experts)",
                     if other == "llama" { " without experts" } else { "" }
                 )))
             }
@@ -951,10 +965,10 @@ impl Config {
                 arch,
                 Arch::Qwen3Moe | Arch::Mixtral | Arch::Qwen35Moe
             ));
-        let routing = if ds {
+        let routing = if ds || arch == Arch::Glm4Moe {
             // llama.cpp's gating function ids: 1 softmax, 2 sigmoid; files
             // without one are DeepSeek-V2's softmax.
-            let sigmoid = match num("expert_gating_func").unwrap_or(1) {
+            let sigmoid = match num("expert_gating_func").unwrap_or(if ds { 1 } else { 2 }) {
                 1 => false,
                 2 => true,
                 other => {

@@ -1227,7 +1227,12 @@ fn load_gguf(l: &Loader, c: &Config) -> Result<Parts> {
         } else {
             Ffn::Dense(mlp("")?)
         };
-        layers.push(l.layer(c, i, &LayerNames::gguf(&b, c.arch == Arch::Qwen35Moe), ffn)?);
+        layers.push(l.layer(
+            c,
+            i,
+            &LayerNames::gguf(&b, matches!(c.arch, Arch::Qwen35Moe | Arch::Glm4Moe)),
+            ffn,
+        )?);
     }
     let norm = l.vector("output_norm.weight", h)?;
     let lm_head = match l.opt_matrix("output.weight", c.vocab, h)? {
