@@ -256,6 +256,15 @@ GGUF_FIXTURES = {
 }
 
 
+def sigmoid_router_kw(spec: dict) -> dict:
+    """Config fields of DeepSeek-V3's router, experts and leading dense layers (GLM-4.5's too)."""
+    return dict(n_routed_experts=spec["experts"], moe_intermediate_size=spec["moe_inter"],
+                intermediate_size=spec["inter"], n_shared_experts=spec["n_shared"],
+                n_group=spec["n_group"], topk_group=spec["topk_group"],
+                routed_scaling_factor=spec["routed_scaling"], norm_topk_prob=spec["norm_topk_prob"],
+                first_k_dense_replace=spec["first_dense"])
+
+
 def make_config(spec: dict):
     arch = spec["arch"]
     cfg_cls = getattr(transformers, ARCH_CLASSES[arch][0])
@@ -301,11 +310,7 @@ def make_config(spec: dict):
         if spec.get("layer_types"):
             kw["layer_types"] = list(spec["layer_types"])
     elif arch == "deepseek_v3":
-        kw.update(n_routed_experts=spec["experts"], moe_intermediate_size=spec["moe_inter"],
-                  intermediate_size=spec["inter"], n_shared_experts=spec["n_shared"],
-                  n_group=spec["n_group"], topk_group=spec["topk_group"],
-                  routed_scaling_factor=spec["routed_scaling"], norm_topk_prob=spec["norm_topk_prob"],
-                  first_k_dense_replace=spec["first_dense"], q_lora_rank=spec["q_lora"],
+        kw.update(sigmoid_router_kw(spec), q_lora_rank=spec["q_lora"],
                   kv_lora_rank=spec["kv_lora"], qk_nope_head_dim=spec["nope"],
                   qk_rope_head_dim=spec["rope"], v_head_dim=spec["v_head"], rope_interleave=True,
                   attention_bias=False)
@@ -313,11 +318,7 @@ def make_config(spec: dict):
             kw["rope_parameters"] = dict(rope_type="yarn", rope_theta=float(spec["rope_theta"]),
                                          **spec["yarn"])
     elif arch == "glm4_moe":
-        kw.update(n_routed_experts=spec["experts"], moe_intermediate_size=spec["moe_inter"],
-                  intermediate_size=spec["inter"], n_shared_experts=spec["n_shared"],
-                  n_group=spec["n_group"], topk_group=spec["topk_group"],
-                  routed_scaling_factor=spec["routed_scaling"], norm_topk_prob=spec["norm_topk_prob"],
-                  first_k_dense_replace=spec["first_dense"], use_qk_norm=spec["qk_norm"],
+        kw.update(sigmoid_router_kw(spec), use_qk_norm=spec["qk_norm"],
                   attention_bias=spec["attention_bias"])
         if spec.get("partial_rotary") is not None:
             kw["rope_parameters"]["partial_rotary_factor"] = spec["partial_rotary"]

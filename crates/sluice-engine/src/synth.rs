@@ -762,41 +762,30 @@ pub fn synth(
             "ffn_norm"
         };
         dense.push(v(format!("{b}{ffn_norm}.weight"), c.hidden));
+        // Gate, up and down of an MLP `w` wide, named `ffn_gate{suffix}`...
+        let mlp = |suffix: &str, w: usize| {
+            [
+                m(format!("{b}ffn_gate{suffix}.weight"), w, h, s),
+                m(format!("{b}ffn_up{suffix}.weight"), w, h, s),
+                m(
+                    format!("{b}ffn_down{suffix}.weight"),
+                    h,
+                    w,
+                    1.0 / (w as f32).sqrt(),
+                ),
+            ]
+        };
         if let (false, Some(d)) = (c.moe_layers[l], preset.deepseek) {
-            let di = d.dense_inter;
-            dense.push(m(format!("{b}ffn_gate.weight"), di, h, s));
-            dense.push(m(format!("{b}ffn_up.weight"), di, h, s));
-            dense.push(m(
-                format!("{b}ffn_down.weight"),
-                h,
-                di,
-                1.0 / (di as f32).sqrt(),
-            ));
+            dense.extend(mlp("", d.dense_inter));
             continue;
         }
         if let Some(d) = preset.deepseek {
-            let si = d.shared_inter;
-            dense.push(m(format!("{b}ffn_gate_shexp.weight"), si, h, s));
-            dense.push(m(format!("{b}ffn_up_shexp.weight"), si, h, s));
-            dense.push(m(
-                format!("{b}ffn_down_shexp.weight"),
-                h,
-                si,
-                1.0 / (si as f32).sqrt(),
-            ));
+            dense.extend(mlp("_shexp", d.shared_inter));
             // Selection bias of the sigmoid router.
             dense.push(f32s(format!("{b}exp_probs_b.bias"), c.n_experts, 0.05));
         }
         if let Some(hy) = preset.hybrid {
-            let si = hy.shared_inter;
-            dense.push(m(format!("{b}ffn_gate_shexp.weight"), si, h, s));
-            dense.push(m(format!("{b}ffn_up_shexp.weight"), si, h, s));
-            dense.push(m(
-                format!("{b}ffn_down_shexp.weight"),
-                h,
-                si,
-                1.0 / (si as f32).sqrt(),
-            ));
+            dense.extend(mlp("_shexp", hy.shared_inter));
             dense.push(f32s(format!("{b}ffn_gate_inp_shexp.weight"), h, s));
         }
         dense.push(m(
@@ -807,13 +796,8 @@ pub fn synth(
         ));
         if opts.stacked {
             let ne = c.n_experts;
-            for (n, rows, cols, sc) in [
-                ("gate", i, h, s),
-                ("up", i, h, s),
-                ("down", h, i, 1.0 / (i as f32).sqrt()),
-            ] {
-                let mut it = m(format!("{b}ffn_{n}_exps.weight"), rows, cols, sc);
-                it.spec.shape = vec![ne, rows, cols];
+            for mut it in mlp("_exps", i) {
+                it.spec.shape.insert(0, ne);
                 dense.push(it);
             }
             continue;
@@ -821,16 +805,7 @@ pub fn synth(
         experts.push(
             (0..c.n_experts)
                 .map(|e| {
-                    let mut r = [
-                        m(format!("{b}ffn_gate.{e}.weight"), i, h, s),
-                        m(format!("{b}ffn_up.{e}.weight"), i, h, s),
-                        m(
-                            format!("{b}ffn_down.{e}.weight"),
-                            h,
-                            i,
-                            1.0 / (i as f32).sqrt(),
-                        ),
-                    ];
+                    let mut r = mlp(&format!(".{e}"), i);
                     r[0].spec.align = opts.align;
                     r
                 })
