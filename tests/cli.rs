@@ -252,6 +252,21 @@ fn config_that_contradicts_the_tensors_is_refused() {
     }
 }
 
+/// A config that declares multi-token-prediction layers gets them skipped,
+/// and the run says so.
+#[test]
+fn skipped_mtp_layers_are_announced() {
+    let m = fixtures().join("models/deepseek_v3");
+    let (_, err) = run_ok(&["logits", "--model", m.to_str().unwrap(), "--tokens", "1,2"]);
+    assert!(
+        err.contains("declares 1 multi-token-prediction layer: skipped"),
+        "{err}"
+    );
+    let q = fixtures().join("models/qwen3_moe");
+    let (_, err) = run_ok(&["logits", "--model", q.to_str().unwrap(), "--tokens", "1,2"]);
+    assert!(!err.contains("multi-token"), "{err}");
+}
+
 /// DeepSeek-V3's own fields: router groups that do not divide the experts
 /// or choose more groups than exist, latent ranks that contradict the
 /// tensors, and a YaRN factor out of range are refused by name.

@@ -224,8 +224,17 @@ fn announce_kernels(
     notes.push(format!("CPU kernels: {isa}, {threads} threads; {how}"));
 }
 
-/// Applies the experts-per-token override to a loaded model and says so.
+/// Applies the experts-per-token override to a loaded model and says so,
+/// and announces the multi-token-prediction layers the model skips.
 fn apply_experts_k(model: &mut Model, k: Option<usize>, notes: &mut Vec<String>) -> Result<()> {
+    // Said here because every open path passes through this point.
+    let mtp = model.config.mtp_layers;
+    if mtp > 0 {
+        notes.push(format!(
+            "the config declares {mtp} multi-token-prediction layer{}: skipped (not loaded, not used for generation)",
+            if mtp == 1 { "" } else { "s" }
+        ));
+    }
     let Some(k) = k else {
         return Ok(());
     };
