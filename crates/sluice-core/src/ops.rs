@@ -58,6 +58,13 @@ impl Yarn {
         }
     }
 
+    /// DeepSeek's q·k scale under YaRN: `mscale(factor, mscale_all_dim)²`
+    /// over `sqrt(head_dim)`.
+    pub fn qk_scale(&self, mscale_all_dim: f32, head_dim: usize) -> f32 {
+        let s = Self::mscale(self.factor, mscale_all_dim);
+        s * s / (head_dim as f32).sqrt()
+    }
+
     /// Inverse frequencies of `rot_dim / 2` pairs for base `theta`.
     pub fn inv_freqs(&self, theta: f32, rot_dim: usize) -> Vec<f32> {
         // The correction range in f64, as Python's math computes it.

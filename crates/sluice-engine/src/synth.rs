@@ -576,10 +576,7 @@ impl Preset {
             mla: ds.and_then(|d| d.mla),
             yarn,
             // DeepSeek's q·k scale: YaRN's mscale (mscale_all_dim 1) squared.
-            attn_scale: yarn.map(|y| {
-                let m = Yarn::mscale(y.factor, 1.0);
-                m * m / (self.head_dim as f32).sqrt()
-            }),
+            attn_scale: yarn.map(|y| y.qk_scale(1.0, self.head_dim)),
             mtp_layers: 0,
         }
     }

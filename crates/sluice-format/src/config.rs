@@ -807,10 +807,7 @@ impl Config {
         };
         // DeepSeek scales q·k by YaRN's mscale for `mscale_all_dim`, squared.
         let attn_scale = match (ds, yarn, yarn_mscale_all) {
-            (true, Some(y), Some(m)) if m != 0.0 => {
-                let s = Yarn::mscale(y.factor, m);
-                Some(s * s / (head_dim as f32).sqrt())
-            }
+            (true, Some(y), Some(m)) if m != 0.0 => Some(y.qk_scale(m, head_dim)),
             _ => None,
         };
         let (mixers, linear) = if arch == Arch::Qwen35Moe {
@@ -1164,10 +1161,9 @@ impl Config {
             attn_factor,
             truncate: true,
         };
-        let scale = mscale_all.filter(|&m| m != 0.0).map(|m| {
-            let s = Yarn::mscale(factor, m);
-            s * s / (head_dim as f32).sqrt()
-        });
+        let scale = mscale_all
+            .filter(|&m| m != 0.0)
+            .map(|m| yarn.qk_scale(m, head_dim));
         Ok((Some(yarn), scale))
     }
 
