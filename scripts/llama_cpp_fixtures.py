@@ -80,6 +80,11 @@ MODELS = {
     # one group: the converter writes no expert_group_count for glm4moe
     "glm4_moe": (dict(B["glm4_moe"], seed=7600, head_dim=16, moe_inter=32, n_group=1, topk_group=1),
                  {}, ["--no-mtp"], "q/k/v biases, per-head q/k norms, partial rotary, sigmoid routing"),
+    # llama.cpp's qwen3next has no dense layers and always renormalizes the top-k; widths of
+    # whole q8_0 blocks so the fused projections are quantized too
+    "qwen3_next": (dict(B["qwen3_next"], seed=7700, moe_inter=32, shared_inter=64, lin_v_dim=16,
+                        mlp_only_layers=[], norm_topk_prob=True), {}, ["--no-mtp"],
+                   "in_proj_qkvz split into attn_qkv + attn_gate, in_proj_ba kept fused as ssm_ba"),
 }
 
 GLM_SPECIALS = ["<|endoftext|>", "[gMASK]", "<|user|>", "<|observation|>"]
@@ -265,7 +270,7 @@ def write_readme(args, rows, failures):
         "",
         "```",
         f"/work/venv/bin/python scripts/llama_cpp_fixtures.py --llama-cpp LLAMA_CPP --out {args.out} "
-        f"--types {args.types}" + (f" --only {args.only}" if args.only else ""),
+        f"--types {args.types}" + (" (and --only ARCH for architectures added later)" if args.only else ""),
         "```",
         "",
         "with LLAMA_CPP the llama.cpp vendored by llama-cpp-python 0.3.36 (PyPI source distribution).",
@@ -275,9 +280,25 @@ def write_readme(args, rows, failures):
         "| file | arch | seed | min router gap | tensor types | size | note |",
         "|---|---|---|---|---|---|---|",
     ]
+    table = {}
+    readme = args.out / "README.md"
+    if args.only and readme.exists():
+        # a partial run keeps the rows of the files it did not remake
+        for line in readme.read_text().splitlines():
+            cells = line.split(" | ")
+            if line.startswith("| ") and cells[0][2:].endswith(".gguf") and (args.out / cells[0][2:]).exists():
+                table[cells[0][2:]] = line
     for f, arch, seed, gap, tt, size, note in rows:
         tts = ", ".join(f"{k}:{v}" for k, v in sorted(tt.items()))
-        lines.append(f"| {f} | {arch} | {seed} | {gap:.4f} | {tts} | {size / 1e6:.2f} MB | {note} |")
+        table[f] = f"| {f} | {arch} | {seed} | {gap:.4f} | {tts} | {size / 1e6:.2f} MB | {note} |"
+    order = {n: i for i, n in enumerate(MODELS)}
+    kinds = ["f32", "f16", "bf16", "q8_0"]
+
+    def key(f):
+        stem, kind, _ = f.rsplit(".", 2)
+        return order.get(stem, len(order)), kinds.index(kind) if kind in kinds else len(kinds), f
+
+    lines += [table[f] for f in sorted(table, key=key)]
     if failures:
         lines += ["", "## Not converted", ""]
         lines += [f"* {n} {t}: `{e}`" for n, t, e in failures]

@@ -126,6 +126,7 @@ ARCH_CLASSES = {
     "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM"),
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
     "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM"),
+    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM"),
 }
 
 # Geometry of the built-in fixtures.  Keys are generic; make_config() maps them
@@ -184,6 +185,17 @@ BASE = {
         qk_norm=True, attention_bias=True, rope_theta=10000.0, tie=False, init_range=0.15,
         rms_eps=1e-5,
     ),
+    # Qwen3.5's layers with the DeltaNet inputs fused per key head (in_proj_qkvz, in_proj_ba):
+    # three value heads per key head and value heads narrower than key heads, so a grouping
+    # mistake shows; the default layer pattern (every 4th full attention) over 5 layers, one
+    # dense layer, no renormalization of the top-k
+    "qwen3_next": dict(
+        arch="qwen3_next", seed=9000, vocab=313, hidden=64, layers=5, heads=4, kv_heads=2,
+        head_dim=32, experts=8, top_k=3, moe_inter=24, shared_inter=40, inter=56,
+        norm_topk_prob=False, mlp_only_layers=[2], rope_theta=10000.0, partial_rotary=0.25,
+        layer_types=None, lin_k_heads=2, lin_v_heads=6, lin_k_dim=16, lin_v_dim=12, conv_kernel=4,
+        tie=False, init_range=0.15, rms_eps=1e-6,
+    ),
 }
 
 # safetensors model fixtures: name -> spec (BASE entry + overrides)
@@ -228,6 +240,7 @@ MODEL_FIXTURES = {
         norm_topk_prob=False, qk_norm=False, attention_bias=False, layers=4,
         first_dense=2,
     ),
+    "qwen3_next": dict(BASE["qwen3_next"]),
 }
 
 # GGUF fixtures: name -> (spec, quant type for 2-D/3-D weights)
@@ -322,6 +335,17 @@ def make_config(spec: dict):
                   attention_bias=spec["attention_bias"])
         if spec.get("partial_rotary") is not None:
             kw["rope_parameters"]["partial_rotary_factor"] = spec["partial_rotary"]
+    elif arch == "qwen3_next":
+        kw["rope_parameters"]["partial_rotary_factor"] = spec["partial_rotary"]
+        kw.update(num_experts=spec["experts"], moe_intermediate_size=spec["moe_inter"],
+                  shared_expert_intermediate_size=spec["shared_inter"],
+                  intermediate_size=spec["inter"], norm_topk_prob=spec["norm_topk_prob"],
+                  mlp_only_layers=list(spec.get("mlp_only_layers", [])), decoder_sparse_step=1,
+                  linear_num_key_heads=spec["lin_k_heads"], linear_num_value_heads=spec["lin_v_heads"],
+                  linear_key_head_dim=spec["lin_k_dim"], linear_value_head_dim=spec["lin_v_dim"],
+                  linear_conv_kernel_dim=spec["conv_kernel"], attention_bias=False)
+        if spec.get("layer_types"):
+            kw["layer_types"] = list(spec["layer_types"])
     else:
         raise ValueError(arch)
     if spec.get("multimodal"):
@@ -348,7 +372,7 @@ def build_model(spec: dict, seed: int):
     g = torch.Generator().manual_seed(seed * 7919 + 17)
     # Qwen3.5's RMSNorms are zero-centred (the layer applies 1 + w), except the
     # gated norm inside linear attention
-    centred = spec["arch"] == "qwen3_5_moe"
+    centred = spec["arch"] in ("qwen3_5_moe", "qwen3_next")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
@@ -1193,6 +1217,11 @@ def geometry_str(spec: dict) -> str:
               f"linear heads k {spec['lin_k_heads']}x{spec['lin_k_dim']} / v {spec['lin_v_heads']}x{spec['lin_v_dim']}, "
               f"conv {spec['conv_kernel']}, partial rotary {spec['partial_rotary']}"
               f"{', multimodal (vision tower skipped)' if spec.get('multimodal') else ''}")
+    if spec["arch"] == "qwen3_next":
+        s += (f", shared-expert inter {spec['shared_inter']}, dense inter {spec['inter']} (mlp_only_layers "
+              f"{spec.get('mlp_only_layers')}), layer_types {spec.get('layer_types') or 'default'}, "
+              f"linear heads k {spec['lin_k_heads']}x{spec['lin_k_dim']} / v {spec['lin_v_heads']}x{spec['lin_v_dim']}, "
+              f"conv {spec['conv_kernel']}, partial rotary {spec['partial_rotary']}, fused in_proj_qkvz / in_proj_ba")
     if spec["arch"] == "deepseek_v3":
         s += (f", MLA q_lora {spec['q_lora']} kv_lora {spec['kv_lora']} nope {spec['nope']} rope {spec['rope']} "
               f"v {spec['v_head']}, {spec['n_shared']} shared, first {spec['first_dense']} dense (inter {spec['inter']}), "
@@ -1242,6 +1271,13 @@ SEMANTICS = """## Semantics the Rust side must reproduce (verified)
   (transformers' default factor 0.5), DeepSeek-V3's router (sigmoid, selection bias, groups,
   `routed_scaling_factor`), `n_shared_experts` shared experts, the first `first_k_dense_replace`
   layers dense.
+* qwen3_next: Qwen3.5's Gated DeltaNet and output-gated attention, but the DeltaNet inputs come from two
+  fused matrices grouped per key head: `in_proj_qkvz` rows are, per key head, q (k_dim), k (k_dim), v
+  (r * v_dim) and z (r * v_dim) with r = value heads per key head; `in_proj_ba` rows are, per key head, b (r)
+  then a (r). Value heads stay in the grouped order (llama.cpp's `qwen3next` converter splits `in_proj_qkvz`
+  into `attn_qkv` + `attn_gate` and keeps `ssm_ba`, without reordering value heads). Router as qwen2_moe
+  (softmax, `norm_topk_prob`), sigmoid-gated shared expert, `mlp_only_layers` dense layers of
+  `intermediate_size`, `partial_rotary_factor` 0.25 by default.
 * Dense-MLP layers (`mlp_only_layers`) in qwen2/3_moe use `intermediate_size`; experts use `moe_intermediate_size`.
 * GGUF metadata: `<arch>.expert_weights_norm` (bool) is written by this script for every file (llama.cpp's converter
   does not write it for these archs and hard-codes qwen3moe=true, qwen2moe=false, olmoe=false, llama=true);
@@ -1295,7 +1331,7 @@ def write_readme(out: Path, model_infos: list, gguf_infos: list, argv: list[str]
     for mi in model_infos:
         spec = MODEL_FIXTURES[mi["name"]] if mi["name"] in MODEL_FIXTURES else MLX_FIXTURES[mi["name"]][0]
         extra = []
-        if spec["arch"] == "qwen3_5_moe":
+        if spec["arch"] in ("qwen3_5_moe", "qwen3_next"):
             extra.append("zero-centred RMSNorms (layer applies 1 + w) randomised to U(-0.25, 0.25), the gated "
                          "linear-attention norm to U(0.75, 1.25); A_log = log U(0.1, 4), dt_bias N(0, 0.1)")
         if mi["name"] in MLX_FIXTURES:

@@ -101,6 +101,7 @@ fn synth_writes_files_llama_cpp_accepts_in_both_layouts() {
         ("small-deepseek", &[][..]),
         ("small-deepseek", &["--stacked"][..]),
         ("small-glm", &["--stacked"][..]),
+        ("small-qwen3-next", &["--stacked"][..]),
     ] {
         let out = scratch(&format!("{preset}{}.gguf", extra.join("")));
         let o = out.to_str().unwrap();

@@ -75,6 +75,7 @@ fn fixture_set_covers_every_architecture_and_layout() {
         "deepseek_v3_lite",
         "glm4_moe",
         "glm4_moe_air",
+        "qwen3_next",
     ]
     .into_iter()
     .map(String::from)
@@ -88,6 +89,7 @@ fn fixture_set_covers_every_architecture_and_layout() {
             "qwen3_5_moe",
             "deepseek_v3",
             "glm4_moe",
+            "qwen3_next",
         ]
         .iter()
         .flat_map(|a| ["f32", "f16", "q8_0"].map(|t| format!("{a}.{t}.gguf"))),
@@ -151,7 +153,13 @@ fn linear_attention_state_carries_across_calls() {
     // Gated DeltaNet keeps a conv history and a recurrent state between
     // calls: the prompt in uneven pieces (one token, three, the rest) must
     // give the oracle's logits at every position.
-    for name in ["qwen3_5_moe", "qwen3_5_moe_vl", "qwen3_5_moe.q8_0.gguf"] {
+    for name in [
+        "qwen3_5_moe",
+        "qwen3_5_moe_vl",
+        "qwen3_5_moe.q8_0.gguf",
+        "qwen3_next",
+        "../llamacpp/qwen3_next.q8_0.gguf",
+    ] {
         let p = fixtures().join("models").join(name);
         let e = if name.ends_with(".gguf") {
             read_expected(&p.with_extension("expected.json"))

@@ -686,7 +686,7 @@ fn bench_writes_the_profile_it_observed() {
 #[test]
 fn sigmoid_router_presets_match_their_synthesized_files() {
     for small in ["small-deepseek", "small-glm"] {
-        preset_matches_its_file(small);
+        preset_matches_its_file(small, 6);
     }
     for (model, quant, layers) in [
         ("deepseek-v3", "q2_k", 61),
@@ -713,7 +713,28 @@ fn sigmoid_router_presets_match_their_synthesized_files() {
     }
 }
 
-fn preset_matches_its_file(preset: &str) {
+/// Qwen3-Next: the preset's geometry is its synthesized file's, and the
+/// 80B model answers on the phone with its 48 layers and top-10.
+#[test]
+fn qwen3_next_preset_matches_its_file() {
+    preset_matches_its_file("small-qwen3-next", 8);
+    let j = json(&[
+        "sim",
+        "--model",
+        "qwen3-next-80b",
+        "--device",
+        "iphone-17-pro",
+        "--tokens",
+        "3",
+        "--json",
+    ]);
+    let tps = j["tok_per_s"].as_f64().unwrap();
+    assert!(tps > 0.0 && tps <= j["flash_bound_tok_per_s"].as_f64().unwrap() * 1.0001);
+    assert_eq!(j["per_layer"].as_array().unwrap().len(), 48);
+    assert_eq!(j["top_k"], 10);
+}
+
+fn preset_matches_its_file(preset: &str, layers: usize) {
     let f = scratch(&format!("{preset}.gguf"));
     run_ok(&[
         "synth",
@@ -744,5 +765,9 @@ fn preset_matches_its_file(preset: &str) {
         from_preset["compute_s"].as_f64().unwrap(),
     );
     assert!((a - b).abs() <= 1e-9 * a, "{preset}: compute {a} vs {b}");
-    assert_eq!(file["per_layer"].as_array().unwrap().len(), 6, "{preset}");
+    assert_eq!(
+        file["per_layer"].as_array().unwrap().len(),
+        layers,
+        "{preset}"
+    );
 }

@@ -41,6 +41,9 @@ fn streamed_logits_are_bit_identical_to_resident() {
         "llamacpp/deepseek_v3.q8_0.gguf",
         "glm4_moe",
         "llamacpp/glm4_moe.q8_0.gguf",
+        // Qwen3-Next's fused DeltaNet inputs, and llama.cpp's split of them
+        "qwen3_next",
+        "llamacpp/qwen3_next.q8_0.gguf",
     ] {
         let m = match f.split_once('/') {
             Some((dir, file)) => fixtures().join(dir).join(file),
@@ -205,29 +208,52 @@ fn sigmoid_router_models_pack_and_stream() {
     }
 }
 
-/// Qwen3.5: the packed file stores the linear-attention tensors under
-/// llama.cpp's names and the zero-centred norms as `1 + w`, and reads back
-/// to the same logits; MLX files are refused by name (GGUF has no MLX
+/// Qwen3.5 and Qwen3-Next: the packed file stores the linear-attention
+/// tensors under llama.cpp's names (Qwen3-Next's fused inputs as its
+/// `ssm_in` and `ssm_ba`) and the zero-centred norms as `1 + w`, and reads
+/// back to the same logits; MLX files are refused by name (GGUF has no MLX
 /// types) instead of being converted silently.
 #[test]
 fn qwen35_packs_and_mlx_pack_is_refused() {
-    let src = fixtures().join("models").join("qwen3_5_moe_vl");
-    let out = scratch("qwen3_5_moe.packed.gguf");
-    let o = out.to_str().unwrap();
-    run_ok(&["pack", src.to_str().unwrap(), "-o", o, "--quiet"]);
-    let want = logits(&src, &[]);
-    assert!(logits(&out, &[]) == want, "packing changed the logits");
-    assert!(
-        logits(&out, &["--cache-slots", "3", "--verify"]) == want,
-        "streaming the packed file changed the logits"
-    );
-    let g = sluice_format::ModelFiles::open(&out).unwrap();
-    for n in [
-        "blk.0.attn_qkv.weight",
-        "blk.0.ssm_a",
-        "blk.3.attn_q.weight",
+    for (name, tensors) in [
+        (
+            "qwen3_5_moe_vl",
+            &[
+                "blk.0.attn_qkv.weight",
+                "blk.0.ssm_a",
+                "blk.3.attn_q.weight",
+            ][..],
+        ),
+        (
+            "qwen3_next",
+            &[
+                "blk.0.ssm_in.weight",
+                "blk.0.ssm_ba.weight",
+                "blk.3.attn_q.weight",
+                "blk.2.ffn_gate.weight",
+            ][..],
+        ),
     ] {
-        assert!(g.tensor(n).is_some(), "{n} missing from the packed file");
+        let src = fixtures().join("models").join(name);
+        let out = scratch(&format!("{name}.packed.gguf"));
+        let o = out.to_str().unwrap();
+        run_ok(&["pack", src.to_str().unwrap(), "-o", o, "--quiet"]);
+        let want = logits(&src, &[]);
+        assert!(
+            logits(&out, &[]) == want,
+            "{name}: packing changed the logits"
+        );
+        assert!(
+            logits(&out, &["--cache-slots", "3", "--verify"]) == want,
+            "{name}: streaming the packed file changed the logits"
+        );
+        let g = sluice_format::ModelFiles::open(&out).unwrap();
+        for n in tensors {
+            assert!(
+                g.tensor(n).is_some(),
+                "{name}: {n} missing from the packed file"
+            );
+        }
     }
     let mlx = fixtures().join("models").join("qwen3_5_moe_mlx");
     let err = fails(&[
@@ -411,35 +437,31 @@ fn bad_streaming_options_are_refused() {
     assert!(err.contains("unknown preset"), "{err}");
 }
 
-/// `synth --preset small-qwen3.5`: Gated DeltaNet and gated attention
-/// layers with a shared expert, written in the packed layout, stream with
-/// the same logits as the resident run; the full-size 397B preset has the
-/// published per-expert size.
+/// `synth --preset small-qwen3.5` and `small-qwen3-next`: Gated DeltaNet
+/// and gated attention layers with a shared expert, written in the packed
+/// layout, stream with the same logits as the resident run; the full-size
+/// 397B preset has the published per-expert size.
 #[test]
 fn synthetic_qwen35_streams_bit_identically() {
-    let out = scratch("small-qwen35.gguf");
-    let o = out.to_str().unwrap();
-    run_ok(&[
-        "synth",
-        "--preset",
-        "small-qwen3.5",
-        "--layers",
-        "4",
-        "--quant",
-        "q8",
-        "-o",
-        o,
-        "--quiet",
-    ]);
-    let (inspect, _) = run_ok(&["inspect", o]);
-    assert!(inspect.contains("qwen3_5_moe"), "{inspect}");
-    let resident = logits(&out, &[]);
-    for pf in ["none", "gate", "xlayer"] {
-        let s = logits(
-            &out,
-            &["--io", "uring", "--cache-slots", "6", "--prefetch", pf],
-        );
-        assert!(s == resident, "prefetch {pf} changed the logits");
+    for (preset, arch) in [
+        ("small-qwen3.5", "qwen3_5_moe"),
+        ("small-qwen3-next", "qwen3_next"),
+    ] {
+        let out = scratch(&format!("{preset}.gguf"));
+        let o = out.to_str().unwrap();
+        run_ok(&[
+            "synth", "--preset", preset, "--layers", "4", "--quant", "q8", "-o", o, "--quiet",
+        ]);
+        let (inspect, _) = run_ok(&["inspect", o]);
+        assert!(inspect.contains(arch), "{inspect}");
+        let resident = logits(&out, &[]);
+        for pf in ["none", "gate", "xlayer"] {
+            let s = logits(
+                &out,
+                &["--io", "uring", "--cache-slots", "6", "--prefetch", pf],
+            );
+            assert!(s == resident, "{preset}: prefetch {pf} changed the logits");
+        }
     }
     let p = sluice_engine::synth::preset("qwen3.5-397b-a17b").unwrap();
     let c = p.config(p.layers());

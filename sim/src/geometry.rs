@@ -304,6 +304,10 @@ fn from_config(name: &str, c: &Config, ffn: FfnSizes, q: &Quant) -> SimModel {
         let mut v = vec![Op::new(q, c.n_experts, h)];
         if let Some(s) = ffn.shared {
             v.extend([Op::new(q, s, h), Op::new(q, s, h), Op::new(q, h, s)]);
+            if c.arch.is_hybrid() {
+                // The shared expert's sigmoid gate, one f32 row.
+                v.push(Op::new(&Quant::Gguf(DType::F32), 1, h));
+            }
         }
         v
     };
@@ -334,11 +338,16 @@ fn from_config(name: &str, c: &Config, ffn: FfnSizes, q: &Quant) -> SimModel {
             }
             (sluice_engine::config::Mixer::Linear, Some(la), None) => {
                 let vd = la.v_heads * la.v_dim;
-                let mut ops = vec![
-                    Op::new(q, la.conv_dim() + vd, h),
-                    Op::new(q, 2 * la.v_heads, h),
-                    Op::new(q, h, vd),
-                ];
+                // The products `sluice synth` writes (llama.cpp's layout):
+                // qkv and z apart, b and a apart (Qwen3.5) or fused
+                // (Qwen3-Next's ssm_ba).
+                let mut ops = vec![Op::new(q, la.conv_dim(), h), Op::new(q, vd, h)];
+                if c.arch == Arch::Qwen3Next {
+                    ops.push(Op::new(q, 2 * la.v_heads, h));
+                } else {
+                    ops.extend([Op::new(q, la.v_heads, h), Op::new(q, la.v_heads, h)]);
+                }
+                ops.push(Op::new(q, h, vd));
                 ops.extend(ffn_ops(l));
                 LayerGeom {
                     ops,

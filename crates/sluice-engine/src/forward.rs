@@ -10,7 +10,7 @@
 
 use crate::experts::{ExpertSource, Resident, Streamed};
 use crate::model::{
-    Attention, DeltaNet, Ffn, LatentAttn, LatentKv, Linear, MixerWeights, Mlp, Model, Moe,
+    Attention, DeltaNet, Ffn, LatentAttn, LatentKv, Linear, MixerWeights, Mlp, Model, Moe, PairProj,
 };
 pub use crate::replay::Replay;
 use sluice_core::ops::{self, Rope};
@@ -490,10 +490,30 @@ impl Session {
             self.backend.matmul(w.view(), hn, n, &mut y)?;
             Ok(y)
         };
-        let qkv = mm(&d.qkv, cd)?;
-        let z = mm(&d.z, vd)?;
-        let b = mm(&d.b, nv)?;
-        let a = mm(&d.a, nv)?;
+        // Per key head, a grouped matrix's rows are `segs` (length, output,
+        // offset of key head 0's segment in that output).
+        let r = nv / nk;
+        let (qkv, z) = match &d.qkvz {
+            PairProj::Split(qkv, z) => (mm(qkv, cd)?, mm(z, vd)?),
+            PairProj::Grouped(w) => ungroup(
+                &mm(w, cd + vd)?,
+                n,
+                nk,
+                [
+                    (dk, 0, 0),
+                    (dk, 0, nk * dk),
+                    (r * dv, 0, 2 * nk * dk),
+                    (r * dv, 1, 0),
+                ],
+                [cd, vd],
+            ),
+        };
+        let (b, a) = match &d.ba {
+            PairProj::Split(b, a) => (mm(b, nv)?, mm(a, nv)?),
+            PairProj::Grouped(w) => {
+                ungroup(&mm(w, 2 * nv)?, n, nk, [(r, 0, 0), (r, 1, 0)], [nv, nv])
+            }
+        };
         self.tick()?;
         let st = &mut self.lin[li];
         let mut out = vec![0f32; n * vd];
@@ -749,4 +769,32 @@ fn mlp(backend: &dyn Backend, w: [WeightView<'_>; 3], x: &[f32], n: usize) -> Re
     let mut y = vec![0f32; n * w[2].rows];
     backend.mlp(w, x, n, &mut y)?;
     Ok(y)
+}
+
+/// Splits the `n` rows of a grouped projection's output (per key head, the
+/// segments `segs`: length, which output, where key head 0's segment
+/// starts in it; head `g`'s lands `g · length` further) into two outputs of
+/// `widths` per row.
+fn ungroup<const S: usize>(
+    y: &[f32],
+    n: usize,
+    groups: usize,
+    segs: [(usize, usize, usize); S],
+    widths: [usize; 2],
+) -> (Vec<f32>, Vec<f32>) {
+    let mut out = [vec![0f32; n * widths[0]], vec![0f32; n * widths[1]]];
+    let per_group: usize = segs.iter().map(|s| s.0).sum();
+    for t in 0..n {
+        let row = &y[t * groups * per_group..(t + 1) * groups * per_group];
+        for (g, src) in row.chunks_exact(per_group).enumerate() {
+            let mut at = 0;
+            for &(len, which, base) in &segs {
+                let dst = t * widths[which] + base + g * len;
+                out[which][dst..dst + len].copy_from_slice(&src[at..at + len]);
+                at += len;
+            }
+        }
+    }
+    let [a, b] = out;
+    (a, b)
 }

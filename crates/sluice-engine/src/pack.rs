@@ -19,7 +19,7 @@
 
 use crate::config::{Arch, Config, PACKED_CONFIG_KEY};
 use crate::gguf_meta::{self, FfnSizes};
-use crate::model::{Ffn, LatentKv, MixerWeights, Model, Weight};
+use crate::model::{Ffn, LatentKv, MixerWeights, Model, PairProj, Weight};
 use crate::tokenizer::PACKED_TOKENIZER_KEY;
 use sluice_core::{quant, DType, Error, Result};
 use sluice_format::{GgufWriter, MetaValue, ModelFiles, TensorSpec};
@@ -111,6 +111,7 @@ pub(crate) fn gguf_arch(a: Arch) -> &'static str {
         Arch::Qwen35Moe => "qwen35moe",
         Arch::DeepseekV3 => "deepseek2",
         Arch::Glm4Moe => "glm4moe",
+        Arch::Qwen3Next => "qwen3next",
     }
 }
 
@@ -216,13 +217,24 @@ pub fn pack(
                 dense.push(w(format!("{b}attn_output.weight"), &a.o));
             }
             MixerWeights::DeltaNet(d) => {
-                dense.push(w(format!("{b}attn_qkv.weight"), &d.qkv));
-                dense.push(w(format!("{b}attn_gate.weight"), &d.z));
-                dense.push(w(format!("{b}ssm_beta.weight"), &d.b));
-                dense.push(w(format!("{b}ssm_alpha.weight"), &d.a));
+                // Grouped projections keep llama.cpp's names for them.
+                match &d.qkvz {
+                    PairProj::Split(qkv, z) => {
+                        dense.push(w(format!("{b}attn_qkv.weight"), qkv));
+                        dense.push(w(format!("{b}attn_gate.weight"), z));
+                    }
+                    PairProj::Grouped(x) => dense.push(w(format!("{b}ssm_in.weight"), x)),
+                }
+                match &d.ba {
+                    PairProj::Split(beta, alpha) => {
+                        dense.push(w(format!("{b}ssm_beta.weight"), beta));
+                        dense.push(w(format!("{b}ssm_alpha.weight"), alpha));
+                    }
+                    PairProj::Grouped(x) => dense.push(w(format!("{b}ssm_ba.weight"), x)),
+                }
                 let mut conv = v(format!("{b}ssm_conv1d.weight"), &d.conv);
-                let kw = d.conv.len() / d.qkv.rows.max(1);
-                conv.spec.shape = vec![d.qkv.rows, kw];
+                let cd = c.linear.map_or(1, |l| l.conv_dim());
+                conv.spec.shape = vec![cd, d.conv.len() / cd];
                 dense.push(conv);
                 dense.push(v(format!("{b}ssm_dt.bias"), &d.dt_bias));
                 dense.push(v(format!("{b}ssm_a"), &d.a_neg));
@@ -230,7 +242,7 @@ pub fn pack(
                 dense.push(w(format!("{b}ssm_out.weight"), &d.out));
             }
         }
-        let ffn_norm = if matches!(c.arch, Arch::Qwen35Moe | Arch::Glm4Moe) {
+        let ffn_norm = if c.arch.is_hybrid() || c.arch == Arch::Glm4Moe {
             "post_attention_norm"
         } else {
             "ffn_norm"

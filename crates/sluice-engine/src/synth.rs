@@ -118,13 +118,15 @@ struct Hybrid {
 }
 
 /// Qwen3.5's layer pattern with `k_heads`/`v_heads` linear heads of
-/// `head_dim`, `rot_dim` rotated dimensions and a shared expert.
+/// `head_dim`, `rot_dim` rotated dimensions and a shared expert. Value
+/// heads are tiled in Qwen3.5's GGUF files, grouped in Qwen3-Next's.
 const fn qwen35(
     k_heads: usize,
     v_heads: usize,
     head_dim: usize,
     rot_dim: usize,
     shared_inter: usize,
+    tiled: bool,
 ) -> Option<Hybrid> {
     Some(Hybrid {
         linear: LinearAttn {
@@ -133,7 +135,7 @@ const fn qwen35(
             v_heads,
             k_dim: head_dim,
             v_dim: head_dim,
-            tiled: true,
+            tiled,
         },
         full_every: 4,
         rot_dim,
@@ -254,7 +256,7 @@ pub const PRESETS: &[Preset] = &[
         rope_theta: 1e7,
         rms_eps: 1e-6,
         qk_norm: true,
-        hybrid: qwen35(16, 64, 128, 64, 1024),
+        hybrid: qwen35(16, 64, 128, 64, 1024, true),
         deepseek: None,
     },
     Preset {
@@ -273,7 +275,7 @@ pub const PRESETS: &[Preset] = &[
         rope_theta: 1e7,
         rms_eps: 1e-6,
         qk_norm: true,
-        hybrid: qwen35(16, 32, 128, 64, 512),
+        hybrid: qwen35(16, 32, 128, 64, 512, true),
         deepseek: None,
     },
     Preset {
@@ -292,7 +294,45 @@ pub const PRESETS: &[Preset] = &[
         rope_theta: 1e7,
         rms_eps: 1e-6,
         qk_norm: true,
-        hybrid: qwen35(4, 8, 64, 16, 512),
+        hybrid: qwen35(4, 8, 64, 16, 512, true),
+        deepseek: None,
+    },
+    Preset {
+        name: "qwen3-next-80b",
+        about: "Qwen3-Next-80B-A3B: 48 layers, 36 Gated DeltaNet and 12 gated attention, 512 experts of 2048→512→2048, top-10 + a shared expert",
+        arch: Arch::Qwen3Next,
+        vocab: 151_936,
+        hidden: 2048,
+        layers: 48,
+        heads: 16,
+        kv_heads: 2,
+        head_dim: 256,
+        expert_inter: 512,
+        experts: 512,
+        top_k: 10,
+        rope_theta: 1e7,
+        rms_eps: 1e-6,
+        qk_norm: true,
+        hybrid: qwen35(16, 32, 128, 64, 512, false),
+        deepseek: None,
+    },
+    Preset {
+        name: "small-qwen3-next",
+        about: "a small Qwen3-Next geometry for tests: 8 layers (6 Gated DeltaNet, 2 gated attention), 64 experts of 512→512→512, top-4 + a shared expert",
+        arch: Arch::Qwen3Next,
+        vocab: 2048,
+        hidden: 512,
+        layers: 8,
+        heads: 8,
+        kv_heads: 2,
+        head_dim: 64,
+        expert_inter: 512,
+        experts: 64,
+        top_k: 4,
+        rope_theta: 1e7,
+        rms_eps: 1e-6,
+        qk_norm: true,
+        hybrid: qwen35(4, 8, 64, 16, 512, false),
         deepseek: None,
     },
     Preset {
@@ -675,8 +715,13 @@ pub fn synth(
                 let (cd, vd) = (la.conv_dim(), la.v_heads * la.v_dim);
                 dense.push(m(format!("{b}attn_qkv.weight"), cd, h, s));
                 dense.push(m(format!("{b}attn_gate.weight"), vd, h, s));
-                dense.push(m(format!("{b}ssm_beta.weight"), la.v_heads, h, s));
-                dense.push(m(format!("{b}ssm_alpha.weight"), la.v_heads, h, s));
+                if c.arch == Arch::Qwen3Next {
+                    // llama.cpp's converter keeps Qwen3-Next's b and a fused.
+                    dense.push(m(format!("{b}ssm_ba.weight"), 2 * la.v_heads, h, s));
+                } else {
+                    dense.push(m(format!("{b}ssm_beta.weight"), la.v_heads, h, s));
+                    dense.push(m(format!("{b}ssm_alpha.weight"), la.v_heads, h, s));
+                }
                 let mut conv = f32s(format!("{b}ssm_conv1d.weight"), cd * la.conv_kernel, 0.5);
                 conv.spec.shape = vec![cd, la.conv_kernel];
                 dense.push(conv);
@@ -753,7 +798,7 @@ pub fn synth(
                 }
             }
         }
-        let ffn_norm = if matches!(c.arch, Arch::Qwen35Moe | Arch::Glm4Moe) {
+        let ffn_norm = if c.arch.is_hybrid() || c.arch == Arch::Glm4Moe {
             "post_attention_norm"
         } else {
             "ffn_norm"

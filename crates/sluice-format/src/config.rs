@@ -28,6 +28,10 @@ pub enum Arch {
     /// optional q/k norms, DeepSeek-V3's sigmoid routing, a shared expert,
     /// leading dense layers.
     Glm4Moe,
+    /// Qwen3-Next (Qwen3-Next-80B-A3B): Qwen3.5's Gated DeltaNet and gated
+    /// attention with the DeltaNet inputs fused per key head
+    /// (`in_proj_qkvz`, `in_proj_ba`), optional dense layers.
+    Qwen3Next,
 }
 
 impl Arch {
@@ -41,7 +45,14 @@ impl Arch {
             Arch::Qwen35Moe => "qwen3_5_moe",
             Arch::DeepseekV3 => "deepseek_v3",
             Arch::Glm4Moe => "glm4_moe",
+            Arch::Qwen3Next => "qwen3_next",
         }
+    }
+
+    /// Gated DeltaNet layers beside gated full attention, zero-centred
+    /// RMSNorms in Hugging Face files (Qwen3.5, Qwen3-Next).
+    pub fn is_hybrid(self) -> bool {
+        matches!(self, Arch::Qwen35Moe | Arch::Qwen3Next)
     }
 }
 
@@ -489,6 +500,7 @@ impl Config {
             Some("qwen3_5_moe") => Arch::Qwen35Moe,
             Some("deepseek_v3") => Arch::DeepseekV3,
             Some("glm4_moe") => Arch::Glm4Moe,
+            Some("qwen3_next") => Arch::Qwen3Next,
             other => return Err(bad(format!("packed config: unknown arch {other:?}"))),
         };
         let n_layers = layer_count(n("n_layers")?)?;
@@ -670,9 +682,10 @@ impl Config {
             // Kimi K2 ships DeepSeek-V3's architecture under its own name.
             "deepseek_v3" | "kimi_k2" => Arch::DeepseekV3,
             "glm4_moe" => Arch::Glm4Moe,
+            "qwen3_next" => Arch::Qwen3Next,
             other => {
                 return Err(Error::Unsupported(format!(
-                    "architecture \"{other}\" (supported: qwen3_moe, qwen2_moe, mixtral, olmoe, qwen3_5_moe, deepseek_v3, kimi_k2, glm4_moe)"
+                    "architecture \"{other}\" (supported: qwen3_moe, qwen2_moe, mixtral, olmoe, qwen3_5_moe, qwen3_next, deepseek_v3, kimi_k2, glm4_moe)"
                 )))
             }
         };
@@ -713,8 +726,13 @@ impl Config {
                 rope.and_then(|r| r.get("partial_rotary_factor"))
                     .and_then(|v| v.as_f64())
             })
-            // transformers' GLM-4.5 config rotates half of each head unless told.
-            .unwrap_or(if glm { 0.5 } else { 1.0 });
+            // transformers' GLM-4.5 config rotates half of each head unless
+            // told, its Qwen3-Next config a quarter.
+            .unwrap_or(match arch {
+                Arch::Glm4Moe => 0.5,
+                Arch::Qwen3Next => 0.25,
+                _ => 1.0,
+            });
         let (yarn, yarn_mscale_all) = yarn_hf(c)?;
         // transformers 5 writes `num_local_experts` for every MoE family;
         // hub checkpoints of the Qwen and OLMoE families say `num_experts`.
@@ -731,10 +749,10 @@ impl Config {
             _ => c
                 .get("norm_topk_prob")
                 .and_then(|v| v.as_bool())
-                .unwrap_or(ds || glm),
+                .unwrap_or(ds || glm || arch == Arch::Qwen3Next),
         };
         let (step, mlp_only) = match arch {
-            Arch::Qwen3Moe | Arch::Qwen2Moe => (
+            Arch::Qwen3Moe | Arch::Qwen2Moe | Arch::Qwen3Next => (
                 get_usize(c, "decoder_sparse_step").unwrap_or(1).max(1),
                 ids(c.get("mlp_only_layers")),
             ),
@@ -810,7 +828,7 @@ impl Config {
             (true, Some(y), Some(m)) if m != 0.0 => Some(y.qk_scale(m, head_dim)),
             _ => None,
         };
-        let (mixers, linear) = if arch == Arch::Qwen35Moe {
+        let (mixers, linear) = if arch.is_hybrid() {
             let mixers = match &layer_types {
                 Some(t) => {
                     if t.len() != n_layers {
@@ -890,7 +908,7 @@ impl Config {
             bos: ids(c.get("bos_token_id")).first().copied(),
             max_ctx: get_usize(c, "max_position_embeddings"),
             mixers,
-            attn_gate: arch == Arch::Qwen35Moe,
+            attn_gate: arch.is_hybrid(),
             linear,
             config_top_k: top_k,
             routing,
@@ -923,9 +941,10 @@ impl Config {
             // DeepSeek-V3, R1 and Kimi K2 as llama.cpp's converter writes them.
             "deepseek2" => Arch::DeepseekV3,
             "glm4moe" => Arch::Glm4Moe,
+            "qwen3next" => Arch::Qwen3Next,
             other => {
                 return Err(Error::Unsupported(format!(
-                    "GGUF architecture \"{other}\"{} (supported: qwen3moe, qwen2moe, olmoe, qwen35moe, deepseek2, glm4moe, llama with experts)",
+                    "GGUF architecture \"{other}\"{} (supported: qwen3moe, qwen2moe, olmoe, qwen35moe, qwen3next, deepseek2, glm4moe, llama with experts)",
                     if other == "llama" { " without experts" } else { "" }
                 )))
             }
@@ -960,7 +979,7 @@ impl Config {
             .and_then(Value::as_bool)
             .unwrap_or(matches!(
                 arch,
-                Arch::Qwen3Moe | Arch::Mixtral | Arch::Qwen35Moe
+                Arch::Qwen3Moe | Arch::Mixtral | Arch::Qwen35Moe | Arch::Qwen3Next
             ));
         let routing = if ds || arch == Arch::Glm4Moe {
             // llama.cpp's gating function ids: 1 softmax, 2 sigmoid; files
@@ -988,7 +1007,7 @@ impl Config {
         } else {
             (None, None)
         };
-        let (mixers, linear) = if arch == Arch::Qwen35Moe {
+        let (mixers, linear) = if arch.is_hybrid() {
             let every = num("full_attention_interval").unwrap_or(4).max(1);
             let mixers = match g
                 .get(&format!("{a}.attention.recurrent_layers"))
@@ -1026,7 +1045,9 @@ impl Config {
                 v_heads,
                 k_dim: req("ssm.state_size")?,
                 v_dim: req("ssm.inner_size")? / v_heads.max(1),
-                tiled: true,
+                // llama.cpp's converter reorders Qwen3.5's value heads, not
+                // Qwen3-Next's.
+                tiled: arch == Arch::Qwen35Moe,
             };
             (mixers, Some(linear))
         } else {
@@ -1079,7 +1100,7 @@ impl Config {
             bos: tok("bos_token_id"),
             max_ctx: num("context_length"),
             mixers,
-            attn_gate: arch == Arch::Qwen35Moe,
+            attn_gate: arch.is_hybrid(),
             linear,
             config_top_k: num("expert_used_count").unwrap_or(0),
             routing,

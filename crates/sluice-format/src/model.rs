@@ -230,17 +230,47 @@ impl LatentAttn {
     }
 }
 
-/// Gated DeltaNet weights (Qwen3.5's linear attention).
+/// Two projections of the same input: two matrices, or one whose rows
+/// interleave them per key head (Qwen3-Next's `in_proj_qkvz` and
+/// `in_proj_ba`), which the forward pass splits after one matmul.
+#[derive(Clone, Debug)]
+pub enum PairProj {
+    /// The first projection's matrix, then the second's.
+    Split(Weight, Weight),
+    /// One matrix: per key head, that head's rows of the first projection
+    /// then of the second (see [`DeltaNet`] for each pair's segments).
+    Grouped(Weight),
+}
+
+impl PairProj {
+    /// The matrices, in file order.
+    pub fn weights(&self) -> Vec<&Weight> {
+        match self {
+            PairProj::Split(a, b) => vec![a, b],
+            PairProj::Grouped(w) => vec![w],
+        }
+    }
+
+    /// The matrices, mutably.
+    pub fn weights_mut(&mut self) -> Vec<&mut Weight> {
+        match self {
+            PairProj::Split(a, b) => vec![a, b],
+            PairProj::Grouped(w) => vec![w],
+        }
+    }
+}
+
+/// Gated DeltaNet weights (Qwen3.5's and Qwen3-Next's linear attention).
 #[derive(Clone, Debug)]
 pub struct DeltaNet {
-    /// `conv_dim × hidden`: queries, keys and values before the conv.
-    pub qkv: Weight,
-    /// `v_heads·v_dim × hidden`: the output gate.
-    pub z: Weight,
-    /// `v_heads × hidden`: the update strength β (through a sigmoid).
-    pub b: Weight,
-    /// `v_heads × hidden`: the decay input.
-    pub a: Weight,
+    /// Queries, keys and values before the conv (`conv_dim × hidden`), and
+    /// the output gate z (`v_heads·v_dim × hidden`). Grouped per key head:
+    /// `[q (k_dim), k (k_dim), v (r·v_dim), z (r·v_dim)]` with `r` value
+    /// heads per key head.
+    pub qkvz: PairProj,
+    /// The update strength β (through a sigmoid) and the decay input, each
+    /// `v_heads × hidden`. Grouped per key head: `[b (r), a (r)]`.
+    pub ba: PairProj,
     /// Depthwise causal conv1d, `conv_dim × kernel`.
     pub conv: Vec<f32>,
     /// Per value head, added to `a` before the softplus.
@@ -282,7 +312,12 @@ impl Layer {
     pub fn mixer_weights(&self) -> Vec<&Weight> {
         match &self.mixer {
             MixerWeights::Attention(a) => vec![&a.q.w, &a.k.w, &a.v.w, &a.o.w],
-            MixerWeights::DeltaNet(d) => vec![&d.qkv, &d.z, &d.b, &d.a, &d.out],
+            MixerWeights::DeltaNet(d) => {
+                let mut v = d.qkvz.weights();
+                v.extend(d.ba.weights());
+                v.push(&d.out);
+                v
+            }
             MixerWeights::Latent(a) => {
                 let mut out = Vec::with_capacity(6);
                 if let Some((w, _)) = &a.q_a {
@@ -310,7 +345,10 @@ impl MixerWeights {
         match self {
             MixerWeights::Attention(a) => vec![&mut a.q.w, &mut a.k.w, &mut a.v.w, &mut a.o.w],
             MixerWeights::DeltaNet(d) => {
-                vec![&mut d.qkv, &mut d.z, &mut d.b, &mut d.a, &mut d.out]
+                let mut v = d.qkvz.weights_mut();
+                v.extend(d.ba.weights_mut());
+                v.push(&mut d.out);
+                v
             }
             MixerWeights::Latent(a) => a.weights_mut(),
         }
@@ -587,11 +625,25 @@ impl Loader<'_> {
                         .collect(),
                     None => self.vector(&n.lin_a, l.v_heads)?,
                 };
+                let qkvz = if self.has(&n.lin_qkvz) {
+                    PairProj::Grouped(self.matrix(&n.lin_qkvz, cd + vd, h)?)
+                } else {
+                    PairProj::Split(
+                        self.matrix(&n.lin_qkv, cd, h)?,
+                        self.matrix(&n.lin_z, vd, h)?,
+                    )
+                };
+                let ba = if self.has(&n.lin_ba) {
+                    PairProj::Grouped(self.matrix(&n.lin_ba, 2 * l.v_heads, h)?)
+                } else {
+                    PairProj::Split(
+                        self.matrix(&n.lin_b, l.v_heads, h)?,
+                        self.matrix(&n.lin_a_proj, l.v_heads, h)?,
+                    )
+                };
                 MixerWeights::DeltaNet(DeltaNet {
-                    qkv: self.matrix(&n.lin_qkv, cd, h)?,
-                    z: self.matrix(&n.lin_z, vd, h)?,
-                    b: self.matrix(&n.lin_b, l.v_heads, h)?,
-                    a: self.matrix(&n.lin_a_proj, l.v_heads, h)?,
+                    qkvz,
+                    ba,
                     conv,
                     dt_bias: self.vector(&n.lin_dt, l.v_heads)?,
                     a_neg,
@@ -755,6 +807,10 @@ struct LayerNames {
     lin_z: String,
     lin_b: String,
     lin_a_proj: String,
+    /// Qwen3-Next: q, k, v and z in one matrix, grouped per key head.
+    lin_qkvz: String,
+    /// Qwen3-Next: b and a in one matrix, grouped per key head.
+    lin_ba: String,
     lin_conv: String,
     lin_dt: String,
     /// `A_log` (Hugging Face) ...
@@ -794,6 +850,8 @@ impl LayerNames {
             lin_z: l("in_proj_z.weight"),
             lin_b: l("in_proj_b.weight"),
             lin_a_proj: l("in_proj_a.weight"),
+            lin_qkvz: l("in_proj_qkvz.weight"),
+            lin_ba: l("in_proj_ba.weight"),
             lin_conv: l("conv1d.weight"),
             lin_dt: l("dt_bias"),
             lin_a_log: Some(l("A_log")),
@@ -832,6 +890,8 @@ impl LayerNames {
             lin_z: a("attn_gate.weight"),
             lin_b: a("ssm_beta.weight"),
             lin_a_proj: a("ssm_alpha.weight"),
+            lin_qkvz: a("ssm_in.weight"),
+            lin_ba: a("ssm_ba.weight"),
             lin_conv: a("ssm_conv1d.weight"),
             lin_dt: a("ssm_dt.bias"),
             lin_a_log: None,
@@ -1062,7 +1122,7 @@ fn load_hf(l: &Loader, c: &Config) -> Result<Parts> {
     // converter stores 1 + w, and moves the conv1d kernel axis last-but-one
     // ([C, K, 1] instead of [C, 1, K]), which is how its files are told
     // apart (the rule mlx-lm itself applies).
-    let shift = c.arch == Arch::Qwen35Moe && {
+    let shift = c.arch.is_hybrid() && {
         let conv = c
             .mixers
             .iter()
@@ -1230,7 +1290,7 @@ fn load_gguf(l: &Loader, c: &Config) -> Result<Parts> {
         layers.push(l.layer(
             c,
             i,
-            &LayerNames::gguf(&b, matches!(c.arch, Arch::Qwen35Moe | Arch::Glm4Moe)),
+            &LayerNames::gguf(&b, c.arch.is_hybrid() || c.arch == Arch::Glm4Moe),
             ffn,
         )?);
     }
