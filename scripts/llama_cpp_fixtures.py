@@ -18,7 +18,8 @@ q8_0 with gguf-py's own quantizer), found row by row as the one whose bytes
 the file contains (`Stored.as_stored`) -- no name mapping is assumed, so the converter's
 renames, splits, transposes and row permutations need no mirror here
 (reorderings along a row, which regroup quantization blocks, do: see
-`column_orders`). 1-D
+`column_orders`; so do weights transformers keeps transposed, Llama 4's
+experts, matched with their axes swapped). 1-D
 tensors are kept f32 by the converter (some transformed, e.g. Qwen3.5's
 1 + w norms) and are used as they are.
 
@@ -85,6 +86,11 @@ MODELS = {
     "qwen3_next": (dict(B["qwen3_next"], seed=7700, moe_inter=32, shared_inter=64, lin_v_dim=16,
                         mlp_only_layers=[], norm_topk_prob=True), {}, ["--no-mtp"],
                    "in_proj_qkvz split into attn_qkv + attn_gate, in_proj_ba kept fused as ssm_ba"),
+    # llama.cpp reads no chunk size, temperature floor or scale from the file: it uses Llama 4's
+    # published 8192, 8192 and 0.1, which the oracle model has too (the prompt is shorter than
+    # both); Llama 3 rope scaling becomes the rope_freqs tensor
+    "llama4": (dict(B["llama4"], seed=9700, inter=64, chunk=8192, floor_scale=8192, attn_scale=0.1),
+               {}, [], "experts transposed back, gate_up split; rope_freqs; no-rope every 4th layer"),
 }
 
 GLM_SPECIALS = ["<|endoftext|>", "[gMASK]", "<|user|>", "<|observation|>"]
@@ -201,7 +207,16 @@ def oracle(model, spec: dict, path: Path, ids, gguf) -> tuple[np.ndarray, float,
     for name, w in m.state_dict().items():
         if not w.is_floating_point() or name.endswith("inv_freq"):
             continue
-        w.copy_(torch.from_numpy(stored.as_stored(name, w.float().numpy(), gguf, spec)))
+        x = w.float().numpy()
+        # Llama 4's experts are [E, in, out] in transformers: the file's rows (its blocking
+        # axis) are their columns
+        swap = spec["arch"] == "llama4" and name.endswith(("experts.gate_up_proj", "experts.down_proj"))
+        if swap:
+            x = np.ascontiguousarray(np.swapaxes(x, -1, -2))
+        y = stored.as_stored(name, x, gguf, spec)
+        if swap:
+            y = np.swapaxes(y, -1, -2)
+        w.copy_(torch.from_numpy(np.ascontiguousarray(y)))
     logits, gap, _ = mf.forward_with_gaps(m, ids, spec["top_k"])
     return logits, gap, stored.types
 

@@ -127,6 +127,7 @@ ARCH_CLASSES = {
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
     "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM"),
     "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM"),
+    "llama4": ("Llama4TextConfig", "Llama4ForCausalLM"),
 }
 
 # Geometry of the built-in fixtures.  Keys are generic; make_config() maps them
@@ -196,6 +197,19 @@ BASE = {
         layer_types=None, lin_k_heads=2, lin_v_heads=6, lin_k_dim=16, lin_v_dim=12, conv_kernel=4,
         tie=False, init_range=0.15, rms_eps=1e-6,
     ),
+    # Llama 4 (Scout's switches): MoE every second layer with a shared expert and top-1
+    # sigmoid routing applied to the input, a no-rope layer every 4th with temperature-tuned
+    # queries, chunked attention and L2 q/k norm on the rope layers, Llama 3 rope scaling.
+    # Chunks of 4 and a floor scale of 4 so that the 13-token prompt crosses both; rope
+    # scaling bands that split the 8 frequencies of a 16-wide head
+    "llama4": dict(
+        arch="llama4", seed=9500, vocab=307, hidden=64, layers=4, heads=4, kv_heads=2,
+        head_dim=16, experts=4, top_k=1, moe_inter=32, inter=48, moe_step=2, nope_every=4,
+        chunk=4, temp_tuning=True, floor_scale=4, attn_scale=0.5, qk_norm=True,
+        rope_theta=500000.0, llama3=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                         original_max_position_embeddings=16),
+        tie=False, init_range=0.15, rms_eps=1e-5,
+    ),
 }
 
 # safetensors model fixtures: name -> spec (BASE entry + overrides)
@@ -241,6 +255,14 @@ MODEL_FIXTURES = {
         first_dense=2,
     ),
     "qwen3_next": dict(BASE["qwen3_next"]),
+    "llama4": dict(BASE["llama4"]),
+    # Maverick's switches: no q/k norm, no temperature tuning, every layer MoE, top-2, plain
+    # rope, its chunks of 8192 (longer than the prompt); other seed and widths
+    "llama4_maverick": dict(
+        BASE["llama4"], seed=9600, vocab=301, hidden=48, heads=6, kv_heads=2, head_dim=8,
+        experts=6, top_k=2, moe_inter=24, moe_step=1, chunk=8192, temp_tuning=False,
+        qk_norm=False, llama3=None, rope_theta=10000.0,
+    ),
 }
 
 # GGUF fixtures: name -> (spec, quant type for 2-D/3-D weights)
@@ -346,6 +368,16 @@ def make_config(spec: dict):
                   linear_conv_kernel_dim=spec["conv_kernel"], attention_bias=False)
         if spec.get("layer_types"):
             kw["layer_types"] = list(spec["layer_types"])
+    elif arch == "llama4":
+        kw.update(num_local_experts=spec["experts"], intermediate_size=spec["moe_inter"],
+                  intermediate_size_mlp=spec["inter"], interleave_moe_layer_step=spec["moe_step"],
+                  no_rope_layer_interval=spec["nope_every"], attention_chunk_size=spec["chunk"],
+                  attn_temperature_tuning=spec["temp_tuning"], floor_scale=spec["floor_scale"],
+                  attn_scale=spec["attn_scale"], use_qk_norm=spec["qk_norm"], attention_bias=False,
+                  pad_token_id=None)
+        if spec.get("llama3"):
+            kw["rope_parameters"] = dict(rope_type="llama3", rope_theta=float(spec["rope_theta"]),
+                                         **spec["llama3"])
     else:
         raise ValueError(arch)
     if spec.get("multimodal"):
@@ -408,7 +440,7 @@ def set_eager(model):
 # ----------------------------------------------------------------------------
 
 def is_router(mod) -> bool:
-    return type(mod).__name__.lower().endswith("topkrouter")
+    return type(mod).__name__.lower().endswith(("topkrouter", "llama4router"))
 
 
 def sigmoid_router_gap(mod, logits) -> float:
@@ -434,6 +466,11 @@ def forward_with_gaps(model, ids: list[int], top_k: int):
     gaps = []
 
     def hook(mod, inp, out):
+        if type(mod).__name__ == "Llama4Router":
+            # top-k of the raw logits (returned second)
+            srt = torch.sort(out[1].float(), dim=-1, descending=True).values
+            gaps.append(float((srt[:, top_k - 1] - srt[:, top_k]).min()))
+            return
         logits = out[0].float()
         if hasattr(mod, "e_score_correction_bias"):
             gaps.append(sigmoid_router_gap(mod, logits))
@@ -1222,6 +1259,10 @@ def geometry_str(spec: dict) -> str:
               f"{spec.get('mlp_only_layers')}), layer_types {spec.get('layer_types') or 'default'}, "
               f"linear heads k {spec['lin_k_heads']}x{spec['lin_k_dim']} / v {spec['lin_v_heads']}x{spec['lin_v_dim']}, "
               f"conv {spec['conv_kernel']}, partial rotary {spec['partial_rotary']}, fused in_proj_qkvz / in_proj_ba")
+    if spec["arch"] == "llama4":
+        s += (f", dense inter {spec['inter']}, MoE every {spec['moe_step']}, no rope every {spec['nope_every']}, "
+              f"chunk {spec['chunk']}, temperature tuning {spec['temp_tuning']} (floor {spec['floor_scale']:g}, "
+              f"scale {spec['attn_scale']:g}), qk norm {spec['qk_norm']}, llama3 rope {spec['llama3'] or 'none'}")
     if spec["arch"] == "deepseek_v3":
         s += (f", MLA q_lora {spec['q_lora']} kv_lora {spec['kv_lora']} nope {spec['nope']} rope {spec['rope']} "
               f"v {spec['v_head']}, {spec['n_shared']} shared, first {spec['first_dense']} dense (inter {spec['inter']}), "
@@ -1278,6 +1319,15 @@ SEMANTICS = """## Semantics the Rust side must reproduce (verified)
   into `attn_qkv` + `attn_gate` and keeps `ssm_ba`, without reordering value heads). Router as qwen2_moe
   (softmax, `norm_topk_prob`), sigmoid-gated shared expert, `mlp_only_layers` dense layers of
   `intermediate_size`, `partial_rotary_factor` 0.25 by default.
+* llama4: Llama-style GQA (no biases), rope on complex pairs (interleaved: `(2i, 2i+1)`), skipped on every
+  `no_rope_layer_interval`-th layer, where queries are instead multiplied by
+  `log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1` (`attn_temperature_tuning`); on rope layers q and k are
+  RMS-normalized per head without a weight after rope (`use_qk_norm`) and attention is chunked
+  (`attention_chunk_size`: key j visible to query i iff j // C == i // C). Llama 3 rope scaling (`rope_type`
+  "llama3": per frequency kept, divided by `factor` or blended, by wavelength against `original_max_position_embeddings
+  / {high,low}_freq_factor`). MoE every `interleave_moe_layer_step`-th layer (dense MLPs of `intermediate_size_mlp`
+  elsewhere): router top-k on the raw logits, `sigmoid(logit)` multiplies the chosen expert's INPUT, outputs summed
+  unweighted, plus an ungated shared expert.
 * Dense-MLP layers (`mlp_only_layers`) in qwen2/3_moe use `intermediate_size`; experts use `moe_intermediate_size`.
 * GGUF metadata: `<arch>.expert_weights_norm` (bool) is written by this script for every file (llama.cpp's converter
   does not write it for these archs and hard-codes qwen3moe=true, qwen2moe=false, olmoe=false, llama=true);

@@ -147,9 +147,9 @@ fn fixture_edit(tag: &str, src: &str, from: &str, to: &str) -> PathBuf {
 
 #[test]
 fn unsupported_architecture_is_named() {
-    let d = fixture_with_config_edit("arch", "\"qwen3_moe\"", "\"llama4\"");
+    let d = fixture_with_config_edit("arch", "\"qwen3_moe\"", "\"jamba\"");
     let e = fails(&["inspect", d.to_str().unwrap()]);
-    assert!(e.contains("llama4") && e.contains("unsupported"), "{e}");
+    assert!(e.contains("jamba") && e.contains("unsupported"), "{e}");
 }
 
 #[test]
@@ -270,6 +270,63 @@ fn skipped_mtp_layers_are_announced() {
 /// DeepSeek-V3's own fields: router groups that do not divide the experts
 /// or choose more groups than exist, latent ranks that contradict the
 /// tensors, and a YaRN factor out of range are refused by name.
+#[test]
+fn llama4_config_that_contradicts_itself_or_the_tensors_is_refused() {
+    for (tag, from, to, want) in [
+        (
+            "l4-rope",
+            "\"high_freq_factor\": 4.0",
+            "\"high_freq_factor\": 0.5",
+            ["llama3 rope scaling", "high > low"],
+        ),
+        (
+            "l4-chunk",
+            "\"attention_chunk_size\": 4",
+            "\"attention_chunk_size\": 0",
+            ["attention_chunk_size", "positive"],
+        ),
+        (
+            "l4-floor",
+            "\"floor_scale\": 4",
+            "\"floor_scale\": 0",
+            ["floor_scale 0", "> 0"],
+        ),
+        (
+            "l4-experts",
+            "\"num_local_experts\": 4",
+            "\"num_local_experts\": 5",
+            [
+                "gate_up_proj has shape [4, 64, 64]",
+                "expected [5, cols, rows]",
+            ],
+        ),
+    ] {
+        let d = fixture_edit(tag, "llama4", from, to);
+        let e = fails(&["inspect", d.to_str().unwrap()]);
+        for w in want {
+            assert!(e.contains(w), "{tag}: {w:?} in {e}");
+        }
+    }
+}
+
+/// Llama 4's safetensors store experts transposed: they are rearranged in
+/// memory for a resident run, and streaming them is refused by name (the
+/// packed file streams).
+#[test]
+fn transposed_experts_are_not_streamed_but_pack() {
+    let m = fixtures().join("models/llama4");
+    let e = fails(&[
+        "logits",
+        "--model",
+        m.to_str().unwrap(),
+        "--tokens",
+        "1,2",
+        "--ram-cap",
+        "1G",
+    ]);
+    assert!(e.contains("transposed") && e.contains("GGUF"), "{e}");
+}
+
 #[test]
 fn deepseek_config_that_contradicts_the_tensors_is_refused() {
     for (tag, from, to, want) in [

@@ -83,6 +83,8 @@ fn check_keys(p: &Path) {
     assert_eq!(from_keys.mla, c.mla);
     assert_eq!(from_keys.routing, c.routing);
     assert_eq!(from_keys.rope_style, c.rope_style);
+    assert_eq!(from_keys.llama4, c.llama4);
+    assert_eq!(from_keys.rope_factors, c.rope_factors);
     assert_eq!(from_keys.norm_topk_prob, c.norm_topk_prob);
     assert_eq!(from_keys.yarn, c.yarn);
     match (from_keys.attn_scale, c.attn_scale) {
@@ -102,6 +104,8 @@ fn synth_writes_files_llama_cpp_accepts_in_both_layouts() {
         ("small-deepseek", &["--stacked"][..]),
         ("small-glm", &["--stacked"][..]),
         ("small-qwen3-next", &["--stacked"][..]),
+        ("small-llama4", &["--stacked"][..]),
+        ("small-llama4", &[][..]),
     ] {
         let out = scratch(&format!("{preset}{}.gguf", extra.join("")));
         let o = out.to_str().unwrap();

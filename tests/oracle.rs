@@ -76,6 +76,8 @@ fn fixture_set_covers_every_architecture_and_layout() {
         "glm4_moe",
         "glm4_moe_air",
         "qwen3_next",
+        "llama4",
+        "llama4_maverick",
     ]
     .into_iter()
     .map(String::from)
@@ -90,6 +92,7 @@ fn fixture_set_covers_every_architecture_and_layout() {
             "deepseek_v3",
             "glm4_moe",
             "qwen3_next",
+            "llama4",
         ]
         .iter()
         .flat_map(|a| ["f32", "f16", "q8_0"].map(|t| format!("{a}.{t}.gguf"))),
@@ -133,7 +136,14 @@ fn prompt_in_pieces_equals_prompt_at_once() {
     // KV cache correctness: feeding tokens one by one must give the same
     // last-position logits as one batch (up to float reassociation); the
     // latent cache of DeepSeek's attention included.
-    for name in ["qwen2_moe", "deepseek_v3", "deepseek_v3_lite", "glm4_moe"] {
+    // Llama 4's chunks and temperature tuning depend on absolute positions.
+    for name in [
+        "qwen2_moe",
+        "deepseek_v3",
+        "deepseek_v3_lite",
+        "glm4_moe",
+        "llama4",
+    ] {
         let p = fixtures().join("models").join(name);
         let e = read_expected(&p.join("expected.json"));
         let model = Arc::new(Model::open(&p).unwrap());

@@ -734,6 +734,31 @@ fn qwen3_next_preset_matches_its_file() {
     assert_eq!(j["top_k"], 10);
 }
 
+/// Llama 4: the preset's geometry is its synthesized file's, and Scout
+/// and Maverick answer on the phone with their 48 layers and top-1.
+#[test]
+fn llama4_presets_match_their_files() {
+    preset_matches_its_file("small-llama4", 8);
+    for model in ["llama4-scout", "llama4-maverick"] {
+        let j = json(&[
+            "sim",
+            "--model",
+            model,
+            "--device",
+            "macbook-pro-m3-max-48gb",
+            "--quant",
+            "q2_k",
+            "--tokens",
+            "3",
+            "--json",
+        ]);
+        let tps = j["tok_per_s"].as_f64().unwrap();
+        assert!(tps > 0.0 && tps <= j["flash_bound_tok_per_s"].as_f64().unwrap() * 1.0001);
+        assert_eq!(j["per_layer"].as_array().unwrap().len(), 48, "{model}");
+        assert_eq!(j["top_k"], 1, "{model}");
+    }
+}
+
 fn preset_matches_its_file(preset: &str, layers: usize) {
     let f = scratch(&format!("{preset}.gguf"));
     run_ok(&[

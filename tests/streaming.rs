@@ -44,6 +44,7 @@ fn streamed_logits_are_bit_identical_to_resident() {
         // Qwen3-Next's fused DeltaNet inputs, and llama.cpp's split of them
         "qwen3_next",
         "llamacpp/qwen3_next.q8_0.gguf",
+        "llamacpp/llama4.q8_0.gguf",
     ] {
         let m = match f.split_once('/') {
             Some((dir, file)) => fixtures().join(dir).join(file),
@@ -163,22 +164,47 @@ fn packed_model_matches_source_and_checks_records() {
 
 /// DeepSeek-V3's latent attention, selection bias and shared experts
 /// survive packing (llama.cpp's `deepseek2` tensor names), GLM-4.5's
-/// biases and q/k norms too (`glm4moe`), and the packed files stream to
-/// the same logits.
+/// biases and q/k norms too (`glm4moe`), Llama 4's experts (transposed in
+/// its safetensors) and rope scaling as well, and the packed files stream
+/// to the same logits.
 #[test]
 fn sigmoid_router_models_pack_and_stream() {
     for (name, tensors) in [
         (
             "deepseek_v3",
-            &["blk.0.attn_kv_a_mqa.weight", "blk.0.attn_kv_b.weight"][..],
+            &[
+                "blk.0.attn_kv_a_mqa.weight",
+                "blk.0.attn_kv_b.weight",
+                "blk.2.exp_probs_b.bias",
+                "blk.2.ffn_up_shexp.weight",
+            ][..],
         ),
-        ("deepseek_v3_lite", &["blk.0.attn_kv_a_mqa.weight"][..]),
+        (
+            "deepseek_v3_lite",
+            &[
+                "blk.0.attn_kv_a_mqa.weight",
+                "blk.2.exp_probs_b.bias",
+                "blk.2.ffn_up_shexp.weight",
+            ][..],
+        ),
         (
             "glm4_moe",
             &[
                 "blk.0.attn_q.bias",
                 "blk.0.attn_k_norm.weight",
                 "blk.1.post_attention_norm.weight",
+                "blk.2.exp_probs_b.bias",
+                "blk.2.ffn_up_shexp.weight",
+            ][..],
+        ),
+        // Llama 4's transposed experts, rearranged at load, written as
+        // records; its rope scaling as llama.cpp's rope_freqs.
+        (
+            "llama4",
+            &[
+                "rope_freqs.weight",
+                "blk.1.ffn_up_shexp.weight",
+                "blk.0.ffn_gate.weight",
             ][..],
         ),
     ] {
@@ -196,10 +222,7 @@ fn sigmoid_router_models_pack_and_stream() {
             "{name}: streaming the packed file changed the logits"
         );
         let g = sluice_format::ModelFiles::open(&out).unwrap();
-        for n in tensors
-            .iter()
-            .chain(&["blk.2.exp_probs_b.bias", "blk.2.ffn_up_shexp.weight"])
-        {
+        for n in tensors {
             assert!(
                 g.tensor(n).is_some(),
                 "{name}: {n} missing from the packed file"
@@ -437,15 +460,18 @@ fn bad_streaming_options_are_refused() {
     assert!(err.contains("unknown preset"), "{err}");
 }
 
-/// `synth --preset small-qwen3.5` and `small-qwen3-next`: Gated DeltaNet
-/// and gated attention layers with a shared expert, written in the packed
-/// layout, stream with the same logits as the resident run; the full-size
-/// 397B preset has the published per-expert size.
+/// `synth --preset small-qwen3.5`, `small-qwen3-next` and `small-llama4`:
+/// Gated DeltaNet and gated attention layers with a shared expert (and
+/// Llama 4's interleaved layers, input-scaled routing and rope scaling),
+/// written in the packed layout, stream with the same logits as the
+/// resident run; the full-size 397B preset has the published per-expert
+/// size.
 #[test]
 fn synthetic_qwen35_streams_bit_identically() {
     for (preset, arch) in [
         ("small-qwen3.5", "qwen3_5_moe"),
         ("small-qwen3-next", "qwen3_next"),
+        ("small-llama4", "llama4_text"),
     ] {
         let out = scratch(&format!("{preset}.gguf"));
         let o = out.to_str().unwrap();

@@ -39,9 +39,10 @@ pub struct PackArgs {
 pub struct SynthArgs {
     /// Geometry: qwen3-30b-a3b, qwen3-235b-a22b, mixtral-8x7b,
     /// qwen1.5-moe-a2.7b, qwen3.5-397b-a17b, qwen3.6-35b-a3b,
-    /// qwen3-next-80b, deepseek-v3, kimi-k2, glm-4.5, glm-4.5-air,
-    /// small-moe, small-qwen3.5, small-qwen3-next, small-deepseek,
-    /// small-glm (an unknown name lists them).
+    /// qwen3-next-80b, llama4-scout, llama4-maverick, deepseek-v3,
+    /// kimi-k2, glm-4.5, glm-4.5-air, small-moe, small-qwen3.5,
+    /// small-qwen3-next, small-llama4, small-deepseek, small-glm (an
+    /// unknown name lists them).
     #[arg(long)]
     preset: String,
     /// Number of layers (default: the preset's).

@@ -527,6 +527,8 @@ fn qwen35_397b(eq: &Quant, q: &Quant, n_layers: usize) -> SimModel {
         yarn: None,
         attn_scale: None,
         mtp_layers: 0,
+        rope_factors: None,
+        llama4: None,
     };
     preset_model("qwen3.5-397b-a17b", layers, expert_ops, head, config, inter)
 }

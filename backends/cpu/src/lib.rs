@@ -616,6 +616,7 @@ mod tests {
             head_dim: 8,
             scale: 0.3,
             window: None,
+            chunk: None,
         };
         let n = 40;
         let (q, k, v) = (floats(n * 32, 1), floats(n * 16, 2), floats(n * 16, 3));

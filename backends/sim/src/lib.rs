@@ -158,7 +158,8 @@ impl Backend for SimBackend {
         out: &mut [f32],
     ) -> Result<()> {
         self.cpu.attention(q, k, v, n, pos0, p, out)?;
-        let ctx = (pos0 + n).min(p.window.unwrap_or(usize::MAX));
+        // Keys the last query sees.
+        let ctx = (pos0 + n).saturating_sub(p.first_key((pos0 + n).saturating_sub(1)));
         // One attention call per layer: the layer's fixed cost rides on it.
         self.clock.compute(
             self.costs

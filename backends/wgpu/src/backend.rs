@@ -911,7 +911,7 @@ impl WgpuBackend {
             p.n_kv_heads as u32,
             p.window.unwrap_or(0) as u32,
             p.scale.to_bits(),
-            0,
+            p.chunk.unwrap_or(0) as u32,
         ];
         let mut enc = self.encoder();
         self.ops_pass(

@@ -685,7 +685,7 @@ fn route(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
 // Causal attention: one workgroup per (query token wid.y, head wid.x).
 // xa: q rows (q.a heads × q.b head_dim), xb: K cache, xc: V cache (q.c kv
 // heads), xo: output; q.n = pos0, q.e = window (0: none), q.f0 = scale,
-// q.d = keys in the cache. Scores live in idx reinterpreted as f32 scratch
+// q.f1 = chunk size as u32 bits (0: none), q.d = keys in the cache. Scores live in idx reinterpreted as f32 scratch
 // of q.d per (token, head).
 @compute @workgroup_size(WG)
 fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
@@ -695,6 +695,8 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
     let pos = q.n + t;
     var first = 0u;
     if (q.e > 0u && pos + 1u > q.e) { first = pos + 1u - q.e; }
+    let chunk = bitcast<u32>(q.f1);
+    if (chunk > 0u) { first = max(first, pos / chunk * chunk); }
     let qo = t * q.a * hd + h * hd;
     let so = (t * q.a + h) * q.d;
     var m = -3.402823e38;

@@ -226,6 +226,7 @@ fn element_wise_kernels_match_cpu() {
             rot_dim: 16,
             style,
             yarn: None,
+            factors: None,
         };
         let x = floats(4 * 2 * 32, 3);
         let (mut a, mut b) = (x.clone(), x.clone());
@@ -253,13 +254,19 @@ fn attention_matches_cpu() {
         return;
     };
     let cpu = exact_cpu();
-    for window in [None, Some(3)] {
+    for (window, chunk) in [
+        (None, None),
+        (Some(3), None),
+        (None, Some(4)),
+        (Some(3), Some(6)),
+    ] {
         let p = AttnParams {
             n_heads: 4,
             n_kv_heads: 2,
             head_dim: 16,
             scale: 0.25,
             window,
+            chunk,
         };
         let (pos0, n) = (5, 3);
         let q = floats(n * 64, 1);
@@ -270,7 +277,7 @@ fn attention_matches_cpu() {
         cpu.attention(&q, &k, &v, n, pos0, &p, &mut b).unwrap();
         assert!(
             rel_err(&a, &b) < 1e-5,
-            "window {window:?}: {}",
+            "window {window:?}, chunk {chunk:?}: {}",
             rel_err(&a, &b)
         );
     }

@@ -150,6 +150,24 @@ pub struct AttnParams {
     pub scale: f32,
     /// Sliding window: a query at position `i` sees keys `j` with `i - j < w`.
     pub window: Option<usize>,
+    /// Chunked attention (Llama 4): a query at position `i` sees keys `j`
+    /// of its own chunk, `j / c == i / c`.
+    pub chunk: Option<usize>,
+}
+
+impl AttnParams {
+    /// The first key a query at position `pos` sees (keys up to `pos`).
+    pub fn first_key(&self, pos: usize) -> usize {
+        let w = match self.window {
+            Some(w) if w > 0 => (pos + 1).saturating_sub(w),
+            _ => 0,
+        };
+        let c = match self.chunk {
+            Some(c) if c > 0 => pos / c * c,
+            _ => 0,
+        };
+        w.max(c)
+    }
 }
 
 /// A compute backend.

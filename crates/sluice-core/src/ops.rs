@@ -2,6 +2,7 @@
 //! (PyTorch) order of operations closely enough for the 1e-3 oracle bound.
 
 use crate::AttnParams;
+use std::sync::Arc;
 
 /// RMSNorm of each `w.len()`-long row of `x`, in place:
 /// `x · rsqrt(mean(x²) + eps) · w`.
@@ -95,7 +96,7 @@ impl Yarn {
 }
 
 /// Rotary position embedding parameters.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Rope {
     /// Base of the frequencies (`rope_theta`).
     pub theta: f32,
@@ -105,6 +106,9 @@ pub struct Rope {
     pub style: RopeStyle,
     /// YaRN scaling of the frequencies, if configured.
     pub yarn: Option<Yarn>,
+    /// Per frequency, a divisor (`rot_dim / 2` of them): Llama 3's
+    /// frequency scaling as llama.cpp stores it (`rope_freqs.weight`).
+    pub factors: Option<Arc<[f32]>>,
 }
 
 impl Rope {
@@ -122,7 +126,10 @@ impl Rope {
             return;
         }
         for i in 0..half {
-            let inv = 1.0 / self.theta.powf((2 * i) as f32 / self.rot_dim as f32);
+            let mut inv = 1.0 / self.theta.powf((2 * i) as f32 / self.rot_dim as f32);
+            if let Some(f) = &self.factors {
+                inv /= f[i];
+            }
             let a = pos as f32 * inv;
             cos.push(a.cos());
             sin.push(a.sin());
@@ -294,10 +301,7 @@ pub fn attend_head(
 ) {
     let d = p.head_dim;
     let kv_dim = p.n_kv_heads * d;
-    let first = match p.window {
-        Some(w) if w > 0 => (pos + 1).saturating_sub(w),
-        _ => 0,
-    };
+    let first = p.first_key(pos);
     scores.clear();
     for j in first..=pos {
         let kj = &k[j * kv_dim + kvh * d..j * kv_dim + kvh * d + d];
@@ -367,6 +371,7 @@ mod tests {
             rot_dim: 4,
             style,
             yarn: None,
+            factors: None,
         };
         let (mut c, mut s) = (Vec::new(), Vec::new());
         rope(RopeStyle::Neox).tables(3, &mut c, &mut s);
@@ -422,6 +427,7 @@ mod tests {
             head_dim: 1,
             scale: 1.0,
             window: Some(1),
+            chunk: None,
         };
         let (q, k, v) = (vec![1.0, 1.0], vec![1.0, 1.0], vec![5.0, 7.0]);
         let mut out = vec![0.0; 2];
@@ -430,5 +436,30 @@ mod tests {
         let p = AttnParams { window: None, ..p };
         attention(&q, &k, &v, 2, 0, &p, &mut out);
         assert_eq!(out[1], 6.0);
+    }
+
+    #[test]
+    fn attention_chunks_start_over() {
+        // Chunks of 2: position 2 starts a chunk and sees only itself,
+        // position 3 sees 2 and 3, never 0 or 1.
+        let p = AttnParams {
+            n_heads: 1,
+            n_kv_heads: 1,
+            head_dim: 1,
+            scale: 1.0,
+            window: None,
+            chunk: Some(2),
+        };
+        let (q, k, v) = (vec![1.0; 4], vec![1.0; 4], vec![1.0, 3.0, 5.0, 7.0]);
+        let mut out = vec![0.0; 4];
+        attention(&q, &k, &v, 4, 0, &p, &mut out);
+        assert_eq!(out, vec![1.0, 2.0, 5.0, 6.0]);
+        assert_eq!((p.first_key(1), p.first_key(2), p.first_key(5)), (0, 2, 4));
+        let both = AttnParams {
+            window: Some(2),
+            chunk: Some(4),
+            ..p
+        };
+        assert_eq!((both.first_key(3), both.first_key(4)), (2, 4));
     }
 }

@@ -307,9 +307,32 @@ impl Session {
                 *t = t.clamp(-clip, clip);
             }
         }
-        let rope = rope_of(c);
-        self.backend.rope(&rope, self.pos, &mut q, n, c.head_dim)?;
-        self.backend.rope(&rope, self.pos, &mut k, n, c.head_dim)?;
+        // Llama 4: no-rope layers, q/k norm and chunks on the rope layers,
+        // temperature-tuned queries on the others.
+        let l4 = c.llama4.as_ref();
+        let roped = l4.is_none_or(|l| l.rope_layers[li]);
+        if roped {
+            let rope = rope_of(c);
+            self.backend.rope(&rope, self.pos, &mut q, n, c.head_dim)?;
+            self.backend.rope(&rope, self.pos, &mut k, n, c.head_dim)?;
+        }
+        let mut chunk = None;
+        if let Some(l) = l4 {
+            if roped {
+                chunk = l.chunk;
+                if l.qk_norm {
+                    let ones = vec![1f32; c.head_dim];
+                    self.backend.rms_norm(&mut q, &ones, c.rms_eps)?;
+                    self.backend.rms_norm(&mut k, &ones, c.rms_eps)?;
+                }
+            } else if let Some((floor, scale)) = l.temperature {
+                for (t, row) in q.chunks_exact_mut(qd).enumerate() {
+                    let pos = (self.pos + t) as f32;
+                    let m = ((pos + 1.0) / floor).floor().ln_1p() * scale + 1.0;
+                    row.iter_mut().for_each(|v| *v *= m);
+                }
+            }
+        }
         let (kc, vc) = &mut self.kv[li];
         kc.extend_from_slice(&k);
         vc.extend_from_slice(&v);
@@ -321,6 +344,7 @@ impl Session {
                 .attn_scale
                 .unwrap_or_else(|| 1.0 / (c.head_dim as f32).sqrt()),
             window: c.windows[li],
+            chunk,
         };
         let mut att = vec![0f32; n * qd];
         self.backend
@@ -445,6 +469,7 @@ impl Session {
             head_dim: w,
             scale: c.attn_scale.unwrap_or_else(|| 1.0 / (qk as f32).sqrt()),
             window: c.windows[li],
+            chunk: None,
         };
         let mut att = vec![0f32; n * heads * w];
         let cache = &self.kv[li].0;
@@ -618,6 +643,14 @@ impl Session {
                 );
                 row.copy_from_slice(&scores);
             }
+        } else if routing.gate_input {
+            // Llama 4: the best logits, each through a sigmoid (the order
+            // is softmax's).
+            let raw = logits.clone();
+            self.backend.route(&mut logits, n, k, &mut chosen_all)?;
+            for (p, r) in logits.iter_mut().zip(&raw) {
+                *p = ops::sigmoid(*r);
+            }
         } else {
             self.backend.route(&mut logits, n, k, &mut chosen_all)?;
         }
@@ -678,8 +711,13 @@ impl Session {
                 let (e, handle) = wave[w];
                 let toks = &assigned[e];
                 xe.clear();
-                for &(t, _) in toks {
-                    xe.extend_from_slice(&x[t * h..(t + 1) * h]);
+                for &(t, wt) in toks {
+                    let row = &x[t * h..(t + 1) * h];
+                    if routing.gate_input {
+                        xe.extend(row.iter().map(|v| v * wt));
+                    } else {
+                        xe.extend_from_slice(row);
+                    }
                 }
                 let y = match mlp(
                     &*self.backend,
@@ -691,6 +729,7 @@ impl Session {
                     Err(err) => return self.experts.abort(&wave[w..], err).map(|_| Vec::new()),
                 };
                 for (&(t, wt), yr) in toks.iter().zip(y.chunks_exact(h)) {
+                    let wt = if routing.gate_input { 1.0 } else { wt };
                     for (o, v) in out[t * h..(t + 1) * h].iter_mut().zip(yr) {
                         *o += v * wt;
                     }
@@ -726,6 +765,7 @@ fn rope_of(c: &crate::config::Config) -> Rope {
         rot_dim: c.rot_dim,
         style: c.rope_style,
         yarn: c.yarn,
+        factors: c.rope_factors.clone(),
     }
 }
 

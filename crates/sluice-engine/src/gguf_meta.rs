@@ -72,6 +72,15 @@ pub fn hparams(c: &Config, ffn: FfnSizes, name: &str) -> Vec<(String, MetaValue)
     if let Some(w) = c.windows.iter().flatten().next() {
         m.push((k("attention.sliding_window"), u(*w)));
     }
+    if let Some(l) = &c.llama4 {
+        // llama.cpp's Llama 4 keys: the MoE interval, and a window of 0
+        // where the model has no chunks (it then ropes every layer).
+        let step = c.moe_layers.iter().position(|&x| x).map_or(1, |i| i + 1);
+        m.push((k("interleave_moe_layer_step"), u(step)));
+        if l.chunk.is_none() {
+            m.push((k("attention.sliding_window"), u(0)));
+        }
+    }
     if let Some(l) = c.linear {
         m.push((k("ssm.conv_kernel"), u(l.conv_kernel)));
         m.push((k("ssm.state_size"), u(l.k_dim)));

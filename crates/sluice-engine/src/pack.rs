@@ -112,6 +112,22 @@ pub(crate) fn gguf_arch(a: Arch) -> &'static str {
         Arch::DeepseekV3 => "deepseek2",
         Arch::Glm4Moe => "glm4moe",
         Arch::Qwen3Next => "qwen3next",
+        Arch::Llama4 => "llama4",
+    }
+}
+
+/// llama.cpp's `rope_freqs.weight`: Llama 3's rope scaling, one divisor
+/// per rotated pair.
+pub(crate) fn rope_freqs(factors: &[f32]) -> Item<'_> {
+    Item {
+        spec: spec(
+            "rope_freqs.weight".into(),
+            DType::F32,
+            vec![factors.len()],
+            0,
+        ),
+        src: Src::F32(factors),
+        convert: false,
     }
 }
 
@@ -319,6 +335,9 @@ pub fn pack(
     dense.push(v("output_norm.weight".into(), &model.norm));
     if !c.tie_embeddings {
         dense.push(w("output.weight".into(), &model.lm_head));
+    }
+    if let Some(f) = &c.rope_factors {
+        dense.push(rope_freqs(f));
     }
     let source = model.files.path.display().to_string();
     let mut meta = gguf_meta::hparams(c, ffn_sizes(model), &source);

@@ -3,7 +3,7 @@
 //! machine. The numbers they produce mean nothing; their shapes, byte
 //! counts and I/O are those of the real model.
 
-use crate::config::{Arch, Config, LinearAttn, Mixer, Mla, Routing};
+use crate::config::{Arch, Config, LinearAttn, Llama4Attn, Mixer, Mla, Routing};
 use crate::gguf_meta::{self, FfnSizes};
 use crate::pack::{self, spec, Item, PackSummary, Plan, Src};
 use sluice_core::ops::{RopeStyle, Yarn};
@@ -37,6 +37,23 @@ pub struct Preset {
     /// dense layers, shared experts; DeepSeek's latent attention and YaRN,
     /// GLM's partial rotary and attention biases.
     deepseek: Option<DeepSeek>,
+    /// Llama 4: interleaved dense and MoE layers, a shared expert of the
+    /// experts' width, its attention switches.
+    llama4: Option<Llama4Geom>,
+}
+
+/// Llama 4's extra geometry.
+#[derive(Clone, Copy, Debug)]
+struct Llama4Geom {
+    /// Every `moe_step`-th layer is MoE, the others dense MLPs.
+    moe_step: usize,
+    /// Width of the dense MLPs (`intermediate_size_mlp`).
+    dense_inter: usize,
+    /// Rope layers RMS-normalize q and k (Scout; not Maverick).
+    qk_norm: bool,
+    /// Llama 3 rope scaling: factor, low and high frequency factors,
+    /// original context.
+    llama3: Option<(f64, f64, f64, f64)>,
 }
 
 /// The DeepSeek-V3 and GLM-4.5 families' extra geometry.
@@ -98,6 +115,7 @@ const fn glm(
             n_group: 1,
             topk_group: 1,
             scale,
+            gate_input: false,
         },
         first_dense,
         dense_inter,
@@ -162,6 +180,7 @@ pub const PRESETS: &[Preset] = &[
         rms_eps: 1e-6,
         qk_norm: true,
         hybrid: None,
+        llama4: None,
         deepseek: None,
     },
     Preset {
@@ -181,6 +200,7 @@ pub const PRESETS: &[Preset] = &[
         rms_eps: 1e-6,
         qk_norm: true,
         hybrid: None,
+        llama4: None,
         deepseek: None,
     },
     Preset {
@@ -200,6 +220,7 @@ pub const PRESETS: &[Preset] = &[
         rms_eps: 1e-5,
         qk_norm: false,
         hybrid: None,
+        llama4: None,
         deepseek: None,
     },
     Preset {
@@ -219,6 +240,7 @@ pub const PRESETS: &[Preset] = &[
         rms_eps: 1e-6,
         qk_norm: false,
         hybrid: None,
+        llama4: None,
         deepseek: None,
     },
     Preset {
@@ -238,6 +260,7 @@ pub const PRESETS: &[Preset] = &[
         rms_eps: 1e-6,
         qk_norm: true,
         hybrid: None,
+        llama4: None,
         deepseek: None,
     },
     Preset {
@@ -257,6 +280,7 @@ pub const PRESETS: &[Preset] = &[
         rms_eps: 1e-6,
         qk_norm: true,
         hybrid: qwen35(16, 64, 128, 64, 1024, true),
+        llama4: None,
         deepseek: None,
     },
     Preset {
@@ -276,6 +300,7 @@ pub const PRESETS: &[Preset] = &[
         rms_eps: 1e-6,
         qk_norm: true,
         hybrid: qwen35(16, 32, 128, 64, 512, true),
+        llama4: None,
         deepseek: None,
     },
     Preset {
@@ -295,6 +320,7 @@ pub const PRESETS: &[Preset] = &[
         rms_eps: 1e-6,
         qk_norm: true,
         hybrid: qwen35(4, 8, 64, 16, 512, true),
+        llama4: None,
         deepseek: None,
     },
     Preset {
@@ -314,6 +340,7 @@ pub const PRESETS: &[Preset] = &[
         rms_eps: 1e-6,
         qk_norm: true,
         hybrid: qwen35(16, 32, 128, 64, 512, false),
+        llama4: None,
         deepseek: None,
     },
     Preset {
@@ -333,6 +360,82 @@ pub const PRESETS: &[Preset] = &[
         rms_eps: 1e-6,
         qk_norm: true,
         hybrid: qwen35(4, 8, 64, 16, 512, false),
+        llama4: None,
+        deepseek: None,
+    },
+    Preset {
+        name: "llama4-scout",
+        about: "Llama 4 Scout (17B-16E, 109B): 48 layers, every one MoE, 16 experts of 5120→8192→5120, top-1 + a shared expert; no rope every 4th layer",
+        arch: Arch::Llama4,
+        vocab: 202_048,
+        hidden: 5120,
+        layers: 48,
+        heads: 40,
+        kv_heads: 8,
+        head_dim: 128,
+        expert_inter: 8192,
+        experts: 16,
+        top_k: 1,
+        rope_theta: 5e5,
+        rms_eps: 1e-5,
+        qk_norm: false,
+        hybrid: None,
+        llama4: Some(Llama4Geom {
+            moe_step: 1,
+            dense_inter: 16_384,
+            qk_norm: true,
+            llama3: Some((16.0, 1.0, 1.0, 8192.0)),
+        }),
+        deepseek: None,
+    },
+    Preset {
+        name: "llama4-maverick",
+        about: "Llama 4 Maverick (17B-128E, 400B): 48 layers, MoE every second, 128 experts of 5120→8192→5120, top-1 + a shared expert, dense MLPs of 16384; no rope every 4th layer",
+        arch: Arch::Llama4,
+        vocab: 202_048,
+        hidden: 5120,
+        layers: 48,
+        heads: 40,
+        kv_heads: 8,
+        head_dim: 128,
+        expert_inter: 8192,
+        experts: 128,
+        top_k: 1,
+        rope_theta: 5e5,
+        rms_eps: 1e-5,
+        qk_norm: false,
+        hybrid: None,
+        llama4: Some(Llama4Geom {
+            moe_step: 2,
+            dense_inter: 16_384,
+            qk_norm: false,
+            llama3: None,
+        }),
+        deepseek: None,
+    },
+    Preset {
+        name: "small-llama4",
+        about: "a small Llama 4 geometry for tests: 8 layers, MoE every second, 32 experts of 512→512→512, top-1 + a shared expert, dense MLPs of 1024",
+        arch: Arch::Llama4,
+        vocab: 2048,
+        hidden: 512,
+        layers: 8,
+        heads: 8,
+        kv_heads: 2,
+        head_dim: 64,
+        expert_inter: 512,
+        experts: 32,
+        top_k: 1,
+        rope_theta: 5e5,
+        rms_eps: 1e-5,
+        qk_norm: false,
+        hybrid: None,
+        llama4: Some(Llama4Geom {
+            moe_step: 2,
+            dense_inter: 1024,
+            qk_norm: true,
+            llama3: Some((16.0, 1.0, 1.0, 8192.0)),
+        }),
         deepseek: None,
     },
     Preset {
@@ -352,12 +455,14 @@ pub const PRESETS: &[Preset] = &[
         rms_eps: 1e-6,
         qk_norm: false,
         hybrid: None,
+        llama4: None,
         deepseek: deepseek(
             Routing {
                 sigmoid: true,
                 n_group: 8,
                 topk_group: 4,
                 scale: 2.5,
+                gate_input: false,
             },
             3,
             (40.0, 4096, 32.0, 1.0),
@@ -380,12 +485,14 @@ pub const PRESETS: &[Preset] = &[
         rms_eps: 1e-6,
         qk_norm: false,
         hybrid: None,
+        llama4: None,
         deepseek: deepseek(
             Routing {
                 sigmoid: true,
                 n_group: 1,
                 topk_group: 1,
                 scale: 2.827,
+                gate_input: false,
             },
             1,
             (32.0, 4096, 1.0, 1.0),
@@ -408,6 +515,7 @@ pub const PRESETS: &[Preset] = &[
         rms_eps: 1e-6,
         qk_norm: false,
         hybrid: None,
+        llama4: None,
         deepseek: Some(DeepSeek {
             mla: Some(Mla {
                 q_lora: 128,
@@ -421,6 +529,7 @@ pub const PRESETS: &[Preset] = &[
                 n_group: 4,
                 topk_group: 2,
                 scale: 2.5,
+                gate_input: false,
             },
             first_dense: 1,
             dense_inter: 1024,
@@ -447,6 +556,7 @@ pub const PRESETS: &[Preset] = &[
         rms_eps: 1e-5,
         qk_norm: true,
         hybrid: None,
+        llama4: None,
         deepseek: glm(2.5, 3, 12_288, 1536),
     },
     Preset {
@@ -466,6 +576,7 @@ pub const PRESETS: &[Preset] = &[
         rms_eps: 1e-5,
         qk_norm: false,
         hybrid: None,
+        llama4: None,
         deepseek: glm(1.0, 1, 10_944, 1408),
     },
     Preset {
@@ -485,6 +596,7 @@ pub const PRESETS: &[Preset] = &[
         rms_eps: 1e-5,
         qk_norm: true,
         hybrid: None,
+        llama4: None,
         deepseek: Some(DeepSeek {
             rot_dim: 32,
             ..glm(1.5, 1, 1024, 256).unwrap()
@@ -548,12 +660,17 @@ impl Preset {
     /// expert.
     pub fn ffn_sizes(&self) -> FfnSizes {
         FfnSizes {
-            dense: self.deepseek.map_or(0, |d| d.dense_inter),
+            dense: self
+                .deepseek
+                .map(|d| d.dense_inter)
+                .or(self.llama4.map(|l| l.dense_inter))
+                .unwrap_or(0),
             expert: self.expert_inter,
             shared: self
                 .hybrid
                 .map(|h| h.shared_inter)
-                .or(self.deepseek.map(|d| d.shared_inter)),
+                .or(self.deepseek.map(|d| d.shared_inter))
+                .or(self.llama4.map(|_| self.expert_inter)),
         }
     }
 
@@ -585,7 +702,7 @@ impl Preset {
                 (_, Some(d)) => d.rot_dim,
                 _ => self.head_dim,
             },
-            rope_style: if ds.is_some_and(|d| d.mla.is_some()) {
+            rope_style: if ds.is_some_and(|d| d.mla.is_some()) || self.llama4.is_some() {
                 RopeStyle::Interleaved
             } else {
                 RopeStyle::Neox
@@ -593,9 +710,12 @@ impl Preset {
             rms_eps: self.rms_eps,
             n_experts: self.experts,
             top_k: self.top_k,
-            norm_topk_prob: true,
+            norm_topk_prob: self.llama4.is_none(),
             moe_layers: (0..layers)
-                .map(|i| ds.is_none_or(|d| i >= d.first_dense))
+                .map(|i| {
+                    ds.is_none_or(|d| i >= d.first_dense)
+                        && self.llama4.is_none_or(|l| (i + 1) % l.moe_step == 0)
+                })
                 .collect(),
             windows: vec![None; layers],
             clip_qkv: None,
@@ -612,12 +732,30 @@ impl Preset {
             attn_gate: self.hybrid.is_some(),
             linear: self.hybrid.map(|h| h.linear),
             config_top_k: self.top_k,
-            routing: ds.map_or_else(Routing::default, |d| d.routing),
+            routing: match (ds, self.llama4) {
+                (Some(d), _) => d.routing,
+                (_, Some(_)) => Routing {
+                    gate_input: true,
+                    ..Routing::default()
+                },
+                _ => Routing::default(),
+            },
             mla: ds.and_then(|d| d.mla),
             yarn,
             // DeepSeek's q·k scale: YaRN's mscale (mscale_all_dim 1) squared.
             attn_scale: yarn.map(|y| y.qk_scale(1.0, self.head_dim)),
             mtp_layers: 0,
+            // Llama 4 as llama.cpp reads it: chunks of 8192 on the rope
+            // layers, no rope every 4th layer with temperature tuning.
+            rope_factors: self.llama4.and_then(|l| l.llama3).map(|(f, lo, hi, orig)| {
+                crate::config::llama3_factors(self.rope_theta, self.head_dim, f, lo, hi, orig)
+            }),
+            llama4: self.llama4.map(|l| Llama4Attn {
+                rope_layers: (0..layers).map(|i| (i + 1) % 4 != 0).collect(),
+                chunk: Some(8192),
+                temperature: Some((8192.0, 0.1)),
+                qk_norm: l.qk_norm,
+            }),
         }
     }
 }
@@ -821,6 +959,14 @@ pub fn synth(
             dense.extend(mlp("", d.dense_inter));
             continue;
         }
+        if let Some(g) = preset.llama4 {
+            if !c.moe_layers[l] {
+                dense.extend(mlp("", g.dense_inter));
+                continue;
+            }
+            // The shared expert, ungated, as wide as the routed ones.
+            dense.extend(mlp("_shexp", i));
+        }
         if let Some(d) = preset.deepseek {
             dense.extend(mlp("_shexp", d.shared_inter));
             // Selection bias of the sigmoid router.
@@ -856,6 +1002,9 @@ pub fn synth(
     }
     dense.push(v("output_norm.weight".into(), c.hidden));
     dense.push(m("output.weight".into(), c.vocab, h, s));
+    if let Some(f) = &c.rope_factors {
+        dense.push(pack::rope_freqs(f));
+    }
     let source = format!("synth:{} seed {}", preset.name, opts.seed);
     let mut meta = gguf_meta::hparams(&c, preset.ffn_sizes(), &source);
     meta.extend(gguf_meta::byte_vocab(c.vocab));

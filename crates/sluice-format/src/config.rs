@@ -4,6 +4,7 @@
 use crate::{Gguf, ModelFiles, Value};
 use sluice_core::ops::{RopeStyle, Yarn};
 use sluice_core::{Error, Result};
+use std::sync::Arc;
 
 /// Supported architectures.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,6 +33,11 @@ pub enum Arch {
     /// attention with the DeltaNet inputs fused per key head
     /// (`in_proj_qkvz`, `in_proj_ba`), optional dense layers.
     Qwen3Next,
+    /// Llama 4 (Scout, Maverick): interleaved MoE and dense layers, a
+    /// shared expert, sigmoid-scored top-k routing applied to the experts'
+    /// input, chunked attention on rope layers, no-rope layers with
+    /// attention temperature tuning, Llama 3 rope scaling.
+    Llama4,
 }
 
 impl Arch {
@@ -46,6 +52,7 @@ impl Arch {
             Arch::DeepseekV3 => "deepseek_v3",
             Arch::Glm4Moe => "glm4_moe",
             Arch::Qwen3Next => "qwen3_next",
+            Arch::Llama4 => "llama4_text",
         }
     }
 
@@ -68,6 +75,9 @@ pub struct Routing {
     pub topk_group: usize,
     /// Multiplier of the routed experts' weights (`routed_scaling_factor`).
     pub scale: f32,
+    /// Llama 4: top-k of the raw logits, whose sigmoids scale each chosen
+    /// expert's input instead of its output.
+    pub gate_input: bool,
 }
 
 impl Default for Routing {
@@ -77,8 +87,27 @@ impl Default for Routing {
             n_group: 1,
             topk_group: 1,
             scale: 1.0,
+            gate_input: false,
         }
     }
+}
+
+/// Llama 4's attention, layer by layer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Llama4Attn {
+    /// Whether each layer applies rope (the others, every
+    /// `no_rope_layer_interval`-th, see positions only through the mask).
+    pub rope_layers: Vec<bool>,
+    /// Rope layers attend within chunks of this many positions
+    /// (`attention_chunk_size`).
+    pub chunk: Option<usize>,
+    /// No-rope layers scale queries by
+    /// `ln(floor((pos + 1) / floor_scale) + 1) · scale + 1`:
+    /// `(floor_scale, scale)` (`attn_temperature_tuning`).
+    pub temperature: Option<(f32, f32)>,
+    /// Rope layers RMS-normalize each query and key head, without a
+    /// weight, after rope (`use_qk_norm`).
+    pub qk_norm: bool,
 }
 
 /// Shape of multi-head latent attention (DeepSeek-V2/V3): keys and values
@@ -216,6 +245,10 @@ pub struct Config {
     /// Multi-token-prediction layers the file holds after the decoder's;
     /// never run (they serve speculative decoding).
     pub mtp_layers: usize,
+    /// Llama 3 rope scaling: per frequency, a divisor (`rot_dim / 2`).
+    pub rope_factors: Option<Arc<[f32]>>,
+    /// Llama 4's per-layer attention switches.
+    pub llama4: Option<Llama4Attn>,
 }
 
 fn bad(msg: impl Into<String>) -> Error {
@@ -378,7 +411,8 @@ fn yarn_hf(c: &serde_json::Value) -> Result<(Option<Yarn>, Option<f32>)> {
         .and_then(|v| v.as_str())
         .unwrap_or("default");
     match kind {
-        "default" => return Ok((None, None)),
+        // Llama 3's scaling is read by `llama3_hf`.
+        "default" | "llama3" => return Ok((None, None)),
         "yarn" => {}
         other => return Err(Error::Unsupported(format!("rope_type \"{other}\""))),
     }
@@ -409,6 +443,138 @@ fn yarn_hf(c: &serde_json::Value) -> Result<(Option<Yarn>, Option<f32>)> {
         truncate: r.get("truncate").and_then(|v| v.as_bool()).unwrap_or(true),
     };
     Ok((Some(yarn), mscale_all))
+}
+
+/// The rope parameters of a `config.json` (either spelling).
+fn rope_params(c: &serde_json::Value) -> Option<&serde_json::Value> {
+    ["rope_scaling", "rope_parameters"]
+        .iter()
+        .filter_map(|k| c.get(*k))
+        .find(|r| r.is_object())
+}
+
+/// Llama 3's rope scaling (`rope_type` "llama3") as a divisor per
+/// frequency, in transformers' wavelength bands: frequencies whose
+/// wavelength is under `original_max_position_embeddings /
+/// high_freq_factor` are kept, those over `... / low_freq_factor` divided
+/// by `factor`, those between blended.
+fn llama3_hf(c: &serde_json::Value, theta: f32, rot_dim: usize) -> Result<Option<Arc<[f32]>>> {
+    let Some(r) = rope_params(c) else {
+        return Ok(None);
+    };
+    let kind = r
+        .get("rope_type")
+        .or_else(|| r.get("type"))
+        .and_then(|v| v.as_str());
+    if kind != Some("llama3") {
+        return Ok(None);
+    }
+    let f = |k: &str| {
+        r.get(k)
+            .and_then(|v| v.as_f64())
+            .ok_or_else(|| bad(format!("config.json: llama3 rope scaling without \"{k}\"")))
+    };
+    let (factor, low, high) = (f("factor")?, f("low_freq_factor")?, f("high_freq_factor")?);
+    let orig = f("original_max_position_embeddings")?;
+    if !(factor > 0.0 && low > 0.0 && high > low && orig > 0.0) {
+        return Err(bad(format!(
+            "config.json: llama3 rope scaling with factor {factor}, low_freq_factor {low}, high_freq_factor {high}, original_max_position_embeddings {orig} (needs positive values and high > low)"
+        )));
+    }
+    Ok(Some(llama3_factors(
+        theta, rot_dim, factor, low, high, orig,
+    )))
+}
+
+/// Llama 3's rope scaling as one divisor per rotated pair: frequencies
+/// whose wavelength is under `orig / high` are kept, those over
+/// `orig / low` divided by `factor`, those between blended (the bands
+/// transformers and llama.cpp's converter use). Needs `high > low > 0`.
+pub fn llama3_factors(
+    theta: f32,
+    rot_dim: usize,
+    factor: f64,
+    low: f64,
+    high: f64,
+    orig: f64,
+) -> Arc<[f32]> {
+    let (low_wl, high_wl) = (orig / low, orig / high);
+    (0..rot_dim / 2)
+        .map(|i| {
+            let inv = 1.0 / (theta as f64).powf((2 * i) as f64 / rot_dim as f64);
+            let wl = 2.0 * std::f64::consts::PI / inv;
+            if wl < high_wl {
+                1.0
+            } else if wl > low_wl {
+                factor as f32
+            } else {
+                let smooth = (orig / wl - low) / (high - low);
+                (1.0 / ((1.0 - smooth) / factor + smooth)) as f32
+            }
+        })
+        .collect()
+}
+
+/// Llama 4's attention switches from its `config.json`, with transformers'
+/// defaults: a no-rope layer every `no_rope_layer_interval` (4), chunks of
+/// `attention_chunk_size` (8192) on the rope layers, temperature tuning
+/// with `floor_scale` 8192 and `attn_scale` 0.1, q/k norm.
+fn llama4_hf(c: &serde_json::Value, n_layers: usize) -> Result<Llama4Attn> {
+    let listed = ids(c.get("no_rope_layers"));
+    let rope_layers: Vec<bool> = if listed.is_empty() {
+        let every = get_usize(c, "no_rope_layer_interval").unwrap_or(4).max(1);
+        (0..n_layers).map(|i| (i + 1) % every != 0).collect()
+    } else if listed.len() == n_layers {
+        listed.iter().map(|&v| v != 0).collect()
+    } else {
+        return Err(bad(format!(
+            "config.json: {} no_rope_layers for {n_layers} layers",
+            listed.len()
+        )));
+    };
+    let chunk = match c.get("attention_chunk_size") {
+        Some(v) if v.is_null() => None,
+        Some(v) => Some(
+            v.as_u64()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| bad("config.json: attention_chunk_size is not a positive integer"))?
+                as usize,
+        ),
+        None => Some(8192),
+    };
+    // transformers masks by `layer_types` where given: chunked layers are
+    // those it names so.
+    if let Some(t) = c.get("layer_types").and_then(|v| v.as_array()) {
+        let chunked: Vec<bool> = t
+            .iter()
+            .map(|x| x.as_str() == Some("chunked_attention"))
+            .collect();
+        if chunked.len() != n_layers || chunked != rope_layers && chunk.is_some() {
+            return Err(bad(
+                "config.json: layer_types does not chunk exactly the rope layers (no_rope_layers), as Llama 4 does",
+            ));
+        }
+    }
+    let tuning = match c.get("attn_temperature_tuning") {
+        Some(serde_json::Value::Bool(b)) => *b,
+        // Meta's own configs wrote a number here (truthy when non-zero).
+        Some(v) => v.as_f64().is_some_and(|x| x != 0.0),
+        None => true,
+    };
+    let num = |k: &str, d: f64| c.get(k).and_then(|v| v.as_f64()).unwrap_or(d) as f32;
+    let floor = num("floor_scale", 8192.0);
+    if tuning && floor <= 0.0 {
+        return Err(bad(format!("config.json: floor_scale {floor} (needs > 0)")));
+    }
+    Ok(Llama4Attn {
+        rope_layers,
+        chunk,
+        temperature: tuning.then_some((floor, num("attn_scale", 0.1))),
+        qk_norm: c
+            .get("use_qk_norm")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(true),
+    })
 }
 
 /// GGUF metadata key under which packed files store [`Config::to_json`].
@@ -461,6 +627,7 @@ impl Config {
                 "n_group": self.routing.n_group,
                 "topk_group": self.routing.topk_group,
                 "scale": self.routing.scale,
+                "gate_input": self.routing.gate_input,
             }),
             "mla": self.mla.map(|m| serde_json::json!({
                 "q_lora": m.q_lora,
@@ -479,6 +646,13 @@ impl Config {
             })),
             "attn_scale": self.attn_scale,
             "mtp_layers": self.mtp_layers,
+            "rope_factors": self.rope_factors.as_deref(),
+            "llama4": self.llama4.as_ref().map(|l| serde_json::json!({
+                "rope_layers": l.rope_layers,
+                "chunk": l.chunk,
+                "temperature": l.temperature.map(|(f, s)| [f, s]),
+                "qk_norm": l.qk_norm,
+            })),
         })
     }
 
@@ -501,6 +675,7 @@ impl Config {
             Some("deepseek_v3") => Arch::DeepseekV3,
             Some("glm4_moe") => Arch::Glm4Moe,
             Some("qwen3_next") => Arch::Qwen3Next,
+            Some("llama4_text") => Arch::Llama4,
             other => return Err(bad(format!("packed config: unknown arch {other:?}"))),
         };
         let n_layers = layer_count(n("n_layers")?)?;
@@ -585,6 +760,10 @@ impl Config {
                         .and_then(|x| x.as_f64())
                         .ok_or_else(|| bad("packed config: routing without \"scale\""))?
                         as f32,
+                    gate_input: r
+                        .get("gate_input")
+                        .and_then(|x| x.as_bool())
+                        .unwrap_or(false),
                 },
                 _ => Routing::default(),
             },
@@ -622,6 +801,34 @@ impl Config {
                 .and_then(|x| x.as_f64())
                 .map(|x| x as f32),
             mtp_layers: get_usize(v, "mtp_layers").unwrap_or(0),
+            rope_factors: match v.get("rope_factors").and_then(|x| x.as_array()) {
+                Some(a) => Some(
+                    a.iter()
+                        .map(|x| x.as_f64().map(|f| f as f32))
+                        .collect::<Option<Vec<f32>>>()
+                        .ok_or_else(|| bad("packed config: invalid \"rope_factors\""))?
+                        .into(),
+                ),
+                None => None,
+            },
+            llama4: match v.get("llama4") {
+                Some(l) if !l.is_null() => Some(Llama4Attn {
+                    rope_layers: l
+                        .get("rope_layers")
+                        .and_then(|x| x.as_array())
+                        .filter(|a| a.len() == n_layers)
+                        .and_then(|a| a.iter().map(|x| x.as_bool()).collect())
+                        .ok_or_else(|| {
+                            bad("packed config: llama4 without one rope flag per layer")
+                        })?,
+                    chunk: get_usize(l, "chunk"),
+                    temperature: l.get("temperature").and_then(|t| {
+                        Some((t.get(0)?.as_f64()? as f32, t.get(1)?.as_f64()? as f32))
+                    }),
+                    qk_norm: l.get("qk_norm").and_then(|x| x.as_bool()).unwrap_or(false),
+                }),
+                _ => None,
+            },
         };
         let mut cfg = cfg;
         if cfg.config_top_k == 0 {
@@ -683,9 +890,11 @@ impl Config {
             "deepseek_v3" | "kimi_k2" => Arch::DeepseekV3,
             "glm4_moe" => Arch::Glm4Moe,
             "qwen3_next" => Arch::Qwen3Next,
+            // A multimodal Llama 4's text model is read from `text_config`.
+            "llama4_text" | "llama4" => Arch::Llama4,
             other => {
                 return Err(Error::Unsupported(format!(
-                    "architecture \"{other}\" (supported: qwen3_moe, qwen2_moe, mixtral, olmoe, qwen3_5_moe, qwen3_next, deepseek_v3, kimi_k2, glm4_moe)"
+                    "architecture \"{other}\" (supported: qwen3_moe, qwen2_moe, mixtral, olmoe, qwen3_5_moe, qwen3_next, deepseek_v3, kimi_k2, glm4_moe, llama4)"
                 )))
             }
         };
@@ -758,7 +967,24 @@ impl Config {
             ),
             _ => (1, vec![]),
         };
-        let moe_layers = if ds || glm {
+        let l4 = arch == Arch::Llama4;
+        let moe_layers = if l4 {
+            // `moe_layers`, else every `interleave_moe_layer_step`-th.
+            let step = get_usize(c, "interleave_moe_layer_step")
+                .unwrap_or(1)
+                .max(1);
+            match c.get("moe_layers").and_then(|v| v.as_array()) {
+                Some(_) => {
+                    let moe = ids(c.get("moe_layers"));
+                    (0..n_layers)
+                        .map(|i| n_experts > 0 && moe.contains(&(i as u32)))
+                        .collect()
+                }
+                None => (0..n_layers)
+                    .map(|i| n_experts > 0 && (i + 1) % step == 0)
+                    .collect(),
+            }
+        } else if ds || glm {
             // The first `first_k_dense_replace` layers are dense, then every
             // `moe_layer_freq`-th (DeepSeek's own rule; 1 in every release).
             let (first, freq) = (
@@ -803,7 +1029,12 @@ impl Config {
             None => ((head_dim as f64) * partial) as usize,
         };
         rot_dim -= rot_dim % 2;
-        let routing = if ds || glm {
+        let routing = if l4 {
+            Routing {
+                gate_input: true,
+                ..Routing::default()
+            }
+        } else if ds || glm {
             if let Some(f) = c
                 .get("scoring_func")
                 .and_then(|v| v.as_str())
@@ -819,6 +1050,7 @@ impl Config {
                     .get("routed_scaling_factor")
                     .and_then(|v| v.as_f64())
                     .unwrap_or(if glm { 1.0 } else { 2.5 }) as f32,
+                gate_input: false,
             }
         } else {
             Routing::default()
@@ -880,11 +1112,13 @@ impl Config {
             head_dim,
             rope_theta,
             rot_dim,
-            // DeepSeek's rotary dims pair neighbours (`rope_interleave`).
-            rope_style: if ds
-                && c.get("rope_interleave")
-                    .and_then(|v| v.as_bool())
-                    .unwrap_or(true)
+            // DeepSeek's rotary dims pair neighbours (`rope_interleave`),
+            // Llama 4's too (complex multiplication of pairs).
+            rope_style: if l4
+                || ds
+                    && c.get("rope_interleave")
+                        .and_then(|v| v.as_bool())
+                        .unwrap_or(true)
             {
                 RopeStyle::Interleaved
             } else {
@@ -916,6 +1150,12 @@ impl Config {
             yarn,
             attn_scale,
             mtp_layers: get_usize(c, "num_nextn_predict_layers").unwrap_or(0),
+            rope_factors: llama3_hf(c, rope_theta, rot_dim)?,
+            llama4: if l4 {
+                Some(llama4_hf(c, n_layers)?)
+            } else {
+                None
+            },
         })
     }
 
@@ -942,9 +1182,10 @@ impl Config {
             "deepseek2" => Arch::DeepseekV3,
             "glm4moe" => Arch::Glm4Moe,
             "qwen3next" => Arch::Qwen3Next,
+            "llama4" => Arch::Llama4,
             other => {
                 return Err(Error::Unsupported(format!(
-                    "GGUF architecture \"{other}\"{} (supported: qwen3moe, qwen2moe, olmoe, qwen35moe, qwen3next, deepseek2, glm4moe, llama with experts)",
+                    "GGUF architecture \"{other}\"{} (supported: qwen3moe, qwen2moe, olmoe, qwen35moe, qwen3next, deepseek2, glm4moe, llama4, llama with experts)",
                     if other == "llama" { " without experts" } else { "" }
                 )))
             }
@@ -981,7 +1222,12 @@ impl Config {
                 arch,
                 Arch::Qwen3Moe | Arch::Mixtral | Arch::Qwen35Moe | Arch::Qwen3Next
             ));
-        let routing = if ds || arch == Arch::Glm4Moe {
+        let routing = if arch == Arch::Llama4 {
+            Routing {
+                gate_input: true,
+                ..Routing::default()
+            }
+        } else if ds || arch == Arch::Glm4Moe {
             // llama.cpp's gating function ids: 1 softmax, 2 sigmoid; files
             // without one are DeepSeek-V2's softmax.
             let sigmoid = match num("expert_gating_func").unwrap_or(if ds { 1 } else { 2 }) {
@@ -998,6 +1244,7 @@ impl Config {
                 n_group: num("expert_group_count").unwrap_or(1).max(1),
                 topk_group: num("expert_group_used_count").unwrap_or(1).max(1),
                 scale: flt("expert_weights_scale").unwrap_or(1.0) as f32,
+                gate_input: false,
             }
         } else {
             Routing::default()
@@ -1007,6 +1254,36 @@ impl Config {
         } else {
             (None, None)
         };
+        let rot_dim = num("rope.dimension_count").unwrap_or(head_dim);
+        let rope_factors = Self::rope_freqs_gguf(files, rot_dim)?;
+        // llama.cpp reads Llama 4's attention from no key but this one: a
+        // sliding window of 0 turns chunks, no-rope layers and temperature
+        // off; otherwise chunks of 8192 on three layers in four (or the
+        // stated pattern), temperature tuning with floor 8192 and scale
+        // 0.1 on the others, and q/k norm unless there are 128 experts.
+        let llama4 = (arch == Arch::Llama4).then(|| {
+            let off = num("attention.sliding_window") == Some(0);
+            let pattern = g
+                .get(&format!("{a}.attention.sliding_window_pattern"))
+                .and_then(Value::as_array)
+                .filter(|p| p.len() >= n_layers)
+                .map(|p| {
+                    p.iter()
+                        .take(n_layers)
+                        .map(|v| v.as_bool().or(v.as_u64().map(|x| x != 0)) == Some(true))
+                        .collect::<Vec<bool>>()
+                });
+            Llama4Attn {
+                rope_layers: if off {
+                    vec![true; n_layers]
+                } else {
+                    pattern.unwrap_or_else(|| (0..n_layers).map(|i| (i + 1) % 4 != 0).collect())
+                },
+                chunk: (!off).then_some(8192),
+                temperature: (!off).then_some((8192.0, 0.1)),
+                qk_norm: n_experts != 128,
+            }
+        });
         let (mixers, linear) = if arch.is_hybrid() {
             let every = num("full_attention_interval").unwrap_or(4).max(1);
             let mixers = match g
@@ -1079,11 +1356,11 @@ impl Config {
             n_kv_heads,
             head_dim,
             rope_theta: flt("rope.freq_base").unwrap_or(10000.0) as f32,
-            rot_dim: num("rope.dimension_count").unwrap_or(head_dim),
+            rot_dim,
             // llama.cpp's converter permutes llama-arch Q/K rows so that
             // its "normal" (interleaved) rope applies; DeepSeek's checkpoints
             // are interleaved already; the others are neox.
-            rope_style: if a == "llama" || ds {
+            rope_style: if a == "llama" || ds || arch == Arch::Llama4 {
                 RopeStyle::Interleaved
             } else {
                 RopeStyle::Neox
@@ -1108,7 +1385,36 @@ impl Config {
             yarn,
             attn_scale,
             mtp_layers: num("nextn_predict_layers").unwrap_or(0),
+            rope_factors,
+            llama4,
         })
+    }
+
+    /// llama.cpp's `rope_freqs.weight` (Llama 3 scaling: one divisor per
+    /// rotated pair), when the file has it.
+    fn rope_freqs_gguf(files: &ModelFiles, rot_dim: usize) -> Result<Option<Arc<[f32]>>> {
+        let Some(t) = files.tensor("rope_freqs.weight") else {
+            return Ok(None);
+        };
+        let n: usize = t.shape.iter().product();
+        if n != rot_dim / 2 || t.dtype != Some(sluice_core::DType::F32) {
+            return Err(bad(format!(
+                "GGUF: rope_freqs.weight holds {n} values of {}, expected {} f32 (half the rotated dimensions)",
+                t.dtype_name,
+                rot_dim / 2
+            )));
+        }
+        let v: Vec<f32> = files
+            .bytes(t)
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        if v.iter().any(|f| !(f.is_finite() && *f > 0.0)) {
+            return Err(bad(
+                "GGUF: rope_freqs.weight holds a divisor that is not a positive number",
+            ));
+        }
+        Ok(Some(v.into()))
     }
 
     /// MLA's ranks from llama.cpp's `deepseek2` keys. Files converted for

@@ -714,6 +714,54 @@ impl Loader<'_> {
 }
 
 impl Loader<'_> {
+    /// Expert `e` of a stacked tensor stored transposed, `[E, cols, rows ·
+    /// parts]` (Llama 4's `gate_up_proj` and `down_proj`), as a row-major
+    /// `rows × cols` matrix of its own (`sub` picks a column block, as in
+    /// [`stacked`](Self::stacked)). The transpose is a copy in memory, so
+    /// only float types qualify, and such experts cannot be streamed.
+    fn transposed_stacked(
+        &self,
+        name: &str,
+        e: usize,
+        n_experts: usize,
+        sub: (usize, usize),
+    ) -> Result<Weight> {
+        let (dtype, shape, parts) = self.resolve(name)?;
+        if shape.len() != 3 || shape[0] != n_experts || shape[2] % sub.1 != 0 {
+            return Err(Error::Model(format!(
+                "stacked expert tensor {name} has shape {shape:?}, expected [{n_experts}, cols, rows]",
+            )));
+        }
+        let size = match dtype {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+            other => {
+                return Err(Error::Unsupported(format!(
+                    "{name}: transposed experts of type {other:?} (Llama 4's layout; f32, f16 and bf16 are rearranged at load, quantized ones cannot be)"
+                )))
+            }
+        };
+        let (cols, width) = (shape[1], shape[2]);
+        let rows = width / sub.1;
+        let src = self.part(parts[0], e * cols * width * size, cols * width * size)?;
+        let mut out = vec![0u8; rows * cols * size];
+        for c in 0..cols {
+            let line = &src.data[(c * width + sub.0 * rows) * size..][..rows * size];
+            for (r, v) in line.chunks_exact(size).enumerate() {
+                out[(r * cols + c) * size..][..size].copy_from_slice(v);
+            }
+        }
+        Ok(Weight {
+            dtype,
+            rows,
+            cols,
+            file: parts[0].file,
+            data: TensorBytes::from_vec(out),
+            aux: None,
+            id: sluice_core::fresh_weight_id(),
+        })
+    }
+
     /// Every expert of a layer whose gate, up and down matrices are each
     /// stacked `[E, rows, cols]` under `name("gate" | "up" | "down")`.
     fn stacked_experts(
@@ -1149,7 +1197,43 @@ fn load_hf(l: &Loader, c: &Config) -> Result<Parts> {
             check_mlp(&m, h, base)?;
             Ok(m)
         };
-        let ffn = if c.moe_layers[i] {
+        let ffn = if c.moe_layers[i] && c.arch == Arch::Llama4 {
+            // `feed_forward`: a router, experts stacked transposed, gate
+            // and up side by side in `gate_up_proj [E, H, 2I]`, and a
+            // shared expert.
+            let base = format!("{b}feed_forward");
+            let ne = c.n_experts;
+            let (gu, dn) = (
+                format!("{base}.experts.gate_up_proj"),
+                format!("{base}.experts.down_proj"),
+            );
+            let experts = (0..ne)
+                .map(|e| {
+                    let m = Mlp {
+                        gate: l.transposed_stacked(&gu, e, ne, (0, 2))?,
+                        up: l.transposed_stacked(&gu, e, ne, (1, 2))?,
+                        down: l.transposed_stacked(&dn, e, ne, (0, 1))?,
+                    };
+                    check_mlp(&m, h, &gu)?;
+                    Ok(m)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ffn::Moe(Moe {
+                router: l.matrix(&format!("{base}.router.weight"), ne, h)?,
+                experts,
+                shared: Some(mlp(
+                    &format!("{base}.shared_expert"),
+                    ["gate_proj", "up_proj", "down_proj"],
+                )?),
+                shared_gate: None,
+                score_bias: None,
+            })
+        } else if c.arch == Arch::Llama4 {
+            Ffn::Dense(mlp(
+                &format!("{b}feed_forward"),
+                ["gate_proj", "up_proj", "down_proj"],
+            )?)
+        } else if c.moe_layers[i] {
             let base = ["mlp", "block_sparse_moe"]
                 .into_iter()
                 .map(|m| format!("{b}{m}"))

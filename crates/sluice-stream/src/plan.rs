@@ -69,6 +69,13 @@ impl Plans {
             };
             let mut ps = Vec::with_capacity(m.experts.len());
             for (e, x) in m.experts.iter().enumerate() {
+                let parts = [&x.gate, &x.up, &x.down].map(|w| w.parts());
+                if parts.iter().flatten().any(|(_, d)| !d.is_mapped()) {
+                    return Err(Error::Unsupported(format!(
+                        "streaming layer {} expert {e}: its weights were rearranged in memory at load (the file stores them transposed, as Llama 4's safetensors do), so they are not a range of the file to read; convert the model to GGUF first (llama.cpp's convert_hf_to_gguf.py)",
+                        layers.len()
+                    )));
+                }
                 inter = inter.max(x.gate.rows);
                 let gap = pack.as_ref().map_or(4096, |p| p.align.max(4096));
                 let (segs, mats) = merge_plan([&x.gate, &x.up, &x.down], file_ids, align, gap);
