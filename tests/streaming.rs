@@ -208,26 +208,33 @@ fn sigmoid_router_models_pack_and_stream() {
             ][..],
         ),
     ] {
-        let src = fixtures().join("models").join(name);
-        let out = scratch(&format!("{name}.packed.gguf"));
-        let o = out.to_str().unwrap();
-        run_ok(&["pack", src.to_str().unwrap(), "-o", o, "--quiet"]);
-        let want = logits(&src, &[]);
+        pack_and_stream(name, tensors, "2");
+    }
+}
+
+/// Packs fixture `name`, checks the packed file gives the source's logits
+/// resident and streamed through `slots` slots with record checksums, and
+/// holds `tensors`.
+fn pack_and_stream(name: &str, tensors: &[&str], slots: &str) {
+    let src = fixtures().join("models").join(name);
+    let out = scratch(&format!("{name}.packed.gguf"));
+    let o = out.to_str().unwrap();
+    run_ok(&["pack", src.to_str().unwrap(), "-o", o, "--quiet"]);
+    let want = logits(&src, &[]);
+    assert!(
+        logits(&out, &[]) == want,
+        "{name}: packing changed the logits"
+    );
+    assert!(
+        logits(&out, &["--cache-slots", slots, "--verify"]) == want,
+        "{name}: streaming the packed file changed the logits"
+    );
+    let g = sluice_format::ModelFiles::open(&out).unwrap();
+    for n in tensors {
         assert!(
-            logits(&out, &[]) == want,
-            "{name}: packing changed the logits"
+            g.tensor(n).is_some(),
+            "{name}: {n} missing from the packed file"
         );
-        assert!(
-            logits(&out, &["--cache-slots", "2", "--verify"]) == want,
-            "{name}: streaming the packed file changed the logits"
-        );
-        let g = sluice_format::ModelFiles::open(&out).unwrap();
-        for n in tensors {
-            assert!(
-                g.tensor(n).is_some(),
-                "{name}: {n} missing from the packed file"
-            );
-        }
     }
 }
 
@@ -257,26 +264,7 @@ fn qwen35_packs_and_mlx_pack_is_refused() {
             ][..],
         ),
     ] {
-        let src = fixtures().join("models").join(name);
-        let out = scratch(&format!("{name}.packed.gguf"));
-        let o = out.to_str().unwrap();
-        run_ok(&["pack", src.to_str().unwrap(), "-o", o, "--quiet"]);
-        let want = logits(&src, &[]);
-        assert!(
-            logits(&out, &[]) == want,
-            "{name}: packing changed the logits"
-        );
-        assert!(
-            logits(&out, &["--cache-slots", "3", "--verify"]) == want,
-            "{name}: streaming the packed file changed the logits"
-        );
-        let g = sluice_format::ModelFiles::open(&out).unwrap();
-        for n in tensors {
-            assert!(
-                g.tensor(n).is_some(),
-                "{name}: {n} missing from the packed file"
-            );
-        }
+        pack_and_stream(name, tensors, "3");
     }
     let mlx = fixtures().join("models").join("qwen3_5_moe_mlx");
     let err = fails(&[
