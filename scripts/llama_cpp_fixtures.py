@@ -19,7 +19,7 @@ the file contains (`Stored.as_stored`) -- no name mapping is assumed, so the con
 renames, splits, transposes and row permutations need no mirror here
 (reorderings along a row, which regroup quantization blocks, do: see
 `column_orders`; so do weights transformers keeps transposed, Llama 4's
-experts, matched with their axes swapped). 1-D
+experts and gpt-oss's, matched with their axes swapped). 1-D
 tensors are kept f32 by the converter (some transformed, e.g. Qwen3.5's
 1 + w norms) and are used as they are.
 
@@ -91,6 +91,10 @@ MODELS = {
     # both); Llama 3 rope scaling becomes the rope_freqs tensor
     "llama4": (dict(B["llama4"], seed=9700, inter=64, chunk=8192, floor_scale=8192, attn_scale=0.1),
                {}, [], "experts transposed back, gate_up split; rope_freqs; no-rope every 4th layer"),
+    # llama.cpp hard-codes gpt-oss's SwiGLU limit 7 and alpha 1.702 and reads no layer pattern
+    # (even layers slide), so the oracle model has those; YaRN unrounded (llama.cpp rounds it)
+    "gpt_oss": (dict(B["gpt_oss"], seed=9900, swiglu_limit=7.0, swiglu_alpha=1.702, layers=3), {}, [],
+                "float experts transposed back, gate_up de-interleaved; sinks; expert biases"),
 }
 
 GLM_SPECIALS = ["<|endoftext|>", "[gMASK]", "<|user|>", "<|observation|>"]
@@ -210,7 +214,8 @@ def oracle(model, spec: dict, path: Path, ids, gguf) -> tuple[np.ndarray, float,
         x = w.float().numpy()
         # Llama 4's experts are [E, in, out] in transformers: the file's rows (its blocking
         # axis) are their columns
-        swap = spec["arch"] == "llama4" and name.endswith(("experts.gate_up_proj", "experts.down_proj"))
+        swap = spec["arch"] in ("llama4", "gpt_oss") and name.endswith(
+            ("experts.gate_up_proj", "experts.down_proj"))
         if swap:
             x = np.ascontiguousarray(np.swapaxes(x, -1, -2))
         y = stored.as_stored(name, x, gguf, spec)

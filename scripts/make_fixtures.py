@@ -128,6 +128,7 @@ ARCH_CLASSES = {
     "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM"),
     "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM"),
     "llama4": ("Llama4TextConfig", "Llama4ForCausalLM"),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM"),
 }
 
 # Geometry of the built-in fixtures.  Keys are generic; make_config() maps them
@@ -210,6 +211,18 @@ BASE = {
                                          original_max_position_embeddings=16),
         tie=False, init_range=0.15, rms_eps=1e-5,
     ),
+    # gpt-oss: sinks, biased q/k/v/o, sliding window of 4 on even layers (the prompt crosses it),
+    # YaRN unrounded (truncate false) over an original context of 64 so that the ramp falls
+    # between dimensions, router bias + softmax over the chosen, biased experts, and a clamped
+    # SwiGLU whose limit (0.8) and alpha (1.5) are small/odd enough to be exercised and read
+    "gpt_oss": dict(
+        arch="gpt_oss", seed=9700, vocab=307, hidden=64, layers=4, heads=4, kv_heads=2,
+        head_dim=16, experts=6, top_k=2, moe_inter=32, window=4, swiglu_limit=0.8,
+        swiglu_alpha=1.5, rope_theta=10000.0,
+        yarn=dict(factor=4.0, beta_fast=8.0, beta_slow=1.0, truncate=False,
+                  original_max_position_embeddings=64),
+        tie=False, init_range=0.15, rms_eps=1e-5,
+    ),
 }
 
 # safetensors model fixtures: name -> spec (BASE entry + overrides)
@@ -262,6 +275,14 @@ MODEL_FIXTURES = {
         BASE["llama4"], seed=9600, vocab=301, hidden=48, heads=6, kv_heads=2, head_dim=8,
         experts=6, top_k=2, moe_inter=24, moe_step=1, chunk=8192, temp_tuning=False,
         qk_norm=False, llama3=None, rope_theta=10000.0,
+    ),
+    "gpt_oss": dict(BASE["gpt_oss"]),
+    # gpt-oss-20b's published switches: limit 7, alpha 1.702 (defaults, not written), truncated
+    # YaRN off (no rope scaling), explicit layer_types with full attention first; other seed and widths
+    "gpt_oss_plain": dict(
+        BASE["gpt_oss"], seed=9800, vocab=301, hidden=48, heads=6, kv_heads=2, head_dim=8,
+        experts=5, top_k=3, moe_inter=24, swiglu_limit=None, swiglu_alpha=None, yarn=None,
+        layer_types=["full_attention", "sliding_attention", "sliding_attention"], layers=3,
     ),
 }
 
@@ -378,6 +399,17 @@ def make_config(spec: dict):
         if spec.get("llama3"):
             kw["rope_parameters"] = dict(rope_type="llama3", rope_theta=float(spec["rope_theta"]),
                                          **spec["llama3"])
+    elif arch == "gpt_oss":
+        kw.update(num_local_experts=spec["experts"], intermediate_size=spec["moe_inter"],
+                  sliding_window=spec["window"], attention_bias=True, pad_token_id=None)
+        for k in ("swiglu_limit", "swiglu_alpha"):
+            if spec.get(k) is not None:
+                kw[k] = spec[k]
+        if spec.get("layer_types"):
+            kw["layer_types"] = list(spec["layer_types"])
+        if spec.get("yarn"):
+            kw["rope_parameters"] = dict(rope_type="yarn", rope_theta=float(spec["rope_theta"]),
+                                         **spec["yarn"])
     else:
         raise ValueError(arch)
     if spec.get("multimodal"):
@@ -410,8 +442,11 @@ def build_model(spec: dict, seed: int):
             if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
                 base = 0.0 if centred and "linear_attn.norm" not in name else 1.0
                 p.copy_(base + 0.25 * (torch.rand(p.shape, generator=g) * 2 - 1))
-            elif name.endswith(".bias") or name.endswith("dt_bias"):
+            elif name.endswith(".bias") or name.endswith("_bias"):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith("sinks"):
+                # per-head sink logits of the order of the scores
+                p.copy_(torch.randn(p.shape, generator=g))
             elif name.endswith("A_log"):
                 # decay rates A in [0.1, 4]: neither forgetting at once nor never
                 p.copy_(torch.log(0.1 + 3.9 * torch.rand(p.shape, generator=g)))
@@ -1273,6 +1308,11 @@ def geometry_str(spec: dict) -> str:
               f"{spec['attention_bias']}, {spec['n_shared']} shared, first {spec['first_dense']} dense "
               f"(inter {spec['inter']}), sigmoid + bias routing, groups {spec['n_group']}/{spec['topk_group']}, "
               f"scale {spec['routed_scaling']}")
+    if spec["arch"] == "gpt_oss":
+        s += (f", sinks, q/k/v/o biases, sliding window {spec['window']} on layer_types "
+              f"{spec.get('layer_types') or 'default (even layers)'}, yarn {spec['yarn'] or 'none'}, "
+              f"router bias, expert biases, clamped SwiGLU limit {spec['swiglu_limit'] or 'default 7'} "
+              f"alpha {spec['swiglu_alpha'] or 'default 1.702'}")
     if "norm_topk_prob" in spec:
         s += f", norm_topk_prob {spec['norm_topk_prob']}"
     s += f", rope_theta {spec['rope_theta']:g}, rms_eps {spec['rms_eps']:g}, tied {spec['tie']}, init {spec['init_range']}"
@@ -1328,6 +1368,13 @@ SEMANTICS = """## Semantics the Rust side must reproduce (verified)
   / {high,low}_freq_factor`). MoE every `interleave_moe_layer_step`-th layer (dense MLPs of `intermediate_size_mlp`
   elsewhere): router top-k on the raw logits, `sigmoid(logit)` multiplies the chosen expert's INPUT, outputs summed
   unweighted, plus an ungated shared expert.
+* gpt_oss: Llama-style GQA with biases on q, k, v and o, rotate_half rope (YaRN with `truncate: false`: the
+  ramp between `beta_fast` and `beta_slow` is not rounded to whole dimensions; cos/sin scaled by
+  `0.1 ln(factor) + 1`), a learned sink logit per head that joins every softmax's denominator and is dropped
+  from the weights, `sliding_window` on the layers `layer_types` marks (default: even layers). Router
+  `x @ W.T + b`, top-k of the logits, softmax over those k; experts stored transposed (`gate_up_proj` [E, H, 2I]
+  with gate and up columns interleaved, `down_proj` [E, I, H]) with biases; activation `gate = min(gate, limit)`,
+  `up = clamp(up, -limit, limit)`, `(up + 1) * gate * sigmoid(alpha * gate)`.
 * Dense-MLP layers (`mlp_only_layers`) in qwen2/3_moe use `intermediate_size`; experts use `moe_intermediate_size`.
 * GGUF metadata: `<arch>.expert_weights_norm` (bool) is written by this script for every file (llama.cpp's converter
   does not write it for these archs and hard-codes qwen3moe=true, qwen2moe=false, olmoe=false, llama=true);
@@ -1390,6 +1437,10 @@ def write_readme(out: Path, model_infos: list, gguf_infos: list, argv: list[str]
                          "tower under `vision_tower.`), affine-quantized with MLX's formula in numpy: "
                          f"`quantization` = `{json.dumps(mi['quantization'])}`, scales/biases bf16, other tensors "
                          "bf16 (A_log f32); oracle = transformers on the dequantized weights")
+        if spec["arch"] in ("llama4", "gpt_oss"):
+            extra.append("experts stored as transformers keeps them, transposed ([E, H, 2I] gate_up_proj, "
+                         "[E, I, H] down_proj)" + (", gate and up columns interleaved, with biases"
+                                                  if spec["arch"] == "gpt_oss" else ""))
         if spec.get("layout") == "fused":
             extra.append("**fused** expert layout (save_original_format=False), same weights/logits as qwen3_moe")
         if spec.get("dtype") == "bfloat16":

@@ -309,22 +309,62 @@ fn llama4_config_that_contradicts_itself_or_the_tensors_is_refused() {
     }
 }
 
-/// Llama 4's safetensors store experts transposed: they are rearranged in
-/// memory for a resident run, and streaming them is refused by name (the
-/// packed file streams).
+/// gpt-oss's own fields: a SwiGLU limit that is not positive, experts
+/// and widths that contradict the stacked tensors.
+#[test]
+fn gpt_oss_config_that_contradicts_itself_or_the_tensors_is_refused() {
+    for (tag, from, to, want) in [
+        (
+            "oss-limit",
+            "\"swiglu_limit\": 0.8",
+            "\"swiglu_limit\": -1.0",
+            ["clamped SwiGLU", "positive limit"],
+        ),
+        (
+            "oss-experts",
+            "\"num_local_experts\": 6",
+            "\"num_local_experts\": 7",
+            [
+                "gate_up_proj has shape [6, 64, 64]",
+                "expected [7, cols, rows]",
+            ],
+        ),
+        (
+            "oss-inter",
+            "\"intermediate_size\": 32",
+            "\"intermediate_size\": 40",
+            ["intermediate_size = 40", "32 rows"],
+        ),
+    ] {
+        let d = fixture_edit(tag, "gpt_oss", from, to);
+        let e = fails(&["inspect", d.to_str().unwrap()]);
+        for w in want {
+            assert!(e.contains(w), "{tag}: {w:?} in {e}");
+        }
+    }
+}
+
+/// Llama 4's and gpt-oss's safetensors store experts transposed: they are
+/// rearranged in memory for a resident run, and streaming them is refused
+/// by name (the packed file streams).
 #[test]
 fn transposed_experts_are_not_streamed_but_pack() {
-    let m = fixtures().join("models/llama4");
-    let e = fails(&[
-        "logits",
-        "--model",
-        m.to_str().unwrap(),
-        "--tokens",
-        "1,2",
-        "--ram-cap",
-        "1G",
-    ]);
-    assert!(e.contains("transposed") && e.contains("GGUF"), "{e}");
+    for name in ["llama4", "gpt_oss"] {
+        let m = fixtures().join("models").join(name);
+        let e = fails(&[
+            "logits",
+            "--model",
+            m.to_str().unwrap(),
+            "--tokens",
+            "1,2",
+            "--ram-cap",
+            "1G",
+        ]);
+        assert!(
+            e.contains("transposed") && e.contains("GGUF"),
+            "{name}: {e}"
+        );
+    }
 }
 
 #[test]

@@ -87,6 +87,8 @@ fn check_keys(p: &Path) {
     assert_eq!(from_keys.rope_factors, c.rope_factors);
     assert_eq!(from_keys.norm_topk_prob, c.norm_topk_prob);
     assert_eq!(from_keys.yarn, c.yarn);
+    assert_eq!(from_keys.windows, c.windows);
+    assert_eq!(from_keys.swiglu, c.swiglu);
     match (from_keys.attn_scale, c.attn_scale) {
         (Some(x), Some(y)) => assert!((x - y).abs() <= 1e-6 * y, "{x} vs {y}"),
         (x, y) => assert_eq!(x, y),
@@ -106,6 +108,8 @@ fn synth_writes_files_llama_cpp_accepts_in_both_layouts() {
         ("small-qwen3-next", &["--stacked"][..]),
         ("small-llama4", &["--stacked"][..]),
         ("small-llama4", &[][..]),
+        ("small-gpt-oss", &["--stacked"][..]),
+        ("small-gpt-oss", &[][..]),
     ] {
         let out = scratch(&format!("{preset}{}.gguf", extra.join("")));
         let o = out.to_str().unwrap();

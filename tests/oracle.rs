@@ -78,6 +78,8 @@ fn fixture_set_covers_every_architecture_and_layout() {
         "qwen3_next",
         "llama4",
         "llama4_maverick",
+        "gpt_oss",
+        "gpt_oss_plain",
     ]
     .into_iter()
     .map(String::from)
@@ -93,6 +95,7 @@ fn fixture_set_covers_every_architecture_and_layout() {
             "glm4_moe",
             "qwen3_next",
             "llama4",
+            "gpt_oss",
         ]
         .iter()
         .flat_map(|a| ["f32", "f16", "q8_0"].map(|t| format!("{a}.{t}.gguf"))),
@@ -143,6 +146,8 @@ fn prompt_in_pieces_equals_prompt_at_once() {
         "deepseek_v3_lite",
         "glm4_moe",
         "llama4",
+        // sliding windows and sinks
+        "gpt_oss",
     ] {
         let p = fixtures().join("models").join(name);
         let e = read_expected(&p.join("expected.json"));

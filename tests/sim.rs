@@ -734,6 +734,31 @@ fn qwen3_next_preset_matches_its_file() {
     assert_eq!(j["top_k"], 10);
 }
 
+/// gpt-oss: the preset's geometry is its synthesized file's, and the 120b
+/// and 20b answer with their 36 and 24 layers, top-4 and windows on half.
+#[test]
+fn gpt_oss_presets_match_their_files() {
+    preset_matches_its_file("small-gpt-oss", 4);
+    for (model, layers) in [("gpt-oss-120b", 36), ("gpt-oss-20b", 24)] {
+        let j = json(&[
+            "sim",
+            "--model",
+            model,
+            "--device",
+            "iphone-17-pro",
+            "--quant",
+            "q4_0",
+            "--tokens",
+            "3",
+            "--json",
+        ]);
+        let tps = j["tok_per_s"].as_f64().unwrap();
+        assert!(tps > 0.0 && tps <= j["flash_bound_tok_per_s"].as_f64().unwrap() * 1.0001);
+        assert_eq!(j["per_layer"].as_array().unwrap().len(), layers, "{model}");
+        assert_eq!(j["top_k"], 4, "{model}");
+    }
+}
+
 /// Llama 4: the preset's geometry is its synthesized file's, and Scout
 /// and Maverick answer on the phone with their 48 layers and top-1.
 #[test]

@@ -45,6 +45,8 @@ fn streamed_logits_are_bit_identical_to_resident() {
         "qwen3_next",
         "llamacpp/qwen3_next.q8_0.gguf",
         "llamacpp/llama4.q8_0.gguf",
+        // gpt-oss's resident expert biases beside streamed experts
+        "llamacpp/gpt_oss.q8_0.gguf",
     ] {
         let m = match f.split_once('/') {
             Some((dir, file)) => fixtures().join(dir).join(file),
@@ -205,6 +207,19 @@ fn sigmoid_router_models_pack_and_stream() {
                 "rope_freqs.weight",
                 "blk.1.ffn_up_shexp.weight",
                 "blk.0.ffn_gate.weight",
+            ][..],
+        ),
+        // gpt-oss's interleaved transposed experts as records, their
+        // biases, the router's and the sinks resident.
+        (
+            "gpt_oss",
+            &[
+                "blk.0.attn_sinks.weight",
+                "blk.0.attn_output.bias",
+                "blk.1.ffn_gate_inp.bias",
+                "blk.1.ffn_down_exps.bias",
+                "blk.1.post_attention_norm.weight",
+                "blk.0.ffn_up.3.weight",
             ][..],
         ),
     ] {
@@ -460,6 +475,7 @@ fn synthetic_qwen35_streams_bit_identically() {
         ("small-qwen3.5", "qwen3_5_moe"),
         ("small-qwen3-next", "qwen3_next"),
         ("small-llama4", "llama4_text"),
+        ("small-gpt-oss", "gpt_oss"),
     ] {
         let out = scratch(&format!("{preset}.gguf"));
         let o = out.to_str().unwrap();

@@ -529,6 +529,7 @@ fn qwen35_397b(eq: &Quant, q: &Quant, n_layers: usize) -> SimModel {
         mtp_layers: 0,
         rope_factors: None,
         llama4: None,
+        swiglu: None,
     };
     preset_model("qwen3.5-397b-a17b", layers, expert_ops, head, config, inter)
 }

@@ -306,11 +306,10 @@ impl Backend for CpuBackend {
         v: &[f32],
         n: usize,
         pos0: usize,
-        p: &AttnParams,
+        p: &AttnParams<'_>,
         out: &mut [f32],
     ) -> Result<()> {
         let d = p.head_dim;
-        let group = p.n_heads / p.n_kv_heads;
         let heads = n * p.n_heads;
         if out.len() != heads * d || q.len() != heads * d {
             return Err(Error::Invalid(format!(
@@ -331,7 +330,7 @@ impl Backend for CpuBackend {
                     k,
                     v,
                     pos0 + t,
-                    h / group,
+                    h,
                     p,
                     &mut scores,
                     &mut row,
@@ -617,6 +616,7 @@ mod tests {
             scale: 0.3,
             window: None,
             chunk: None,
+            sinks: Some(&[0.5, -1.0, 2.0, 0.0]),
         };
         let n = 40;
         let (q, k, v) = (floats(n * 32, 1), floats(n * 16, 2), floats(n * 16, 3));

@@ -881,11 +881,26 @@ impl WgpuBackend {
         v: &[f32],
         n: usize,
         pos0: usize,
-        p: &AttnParams,
+        p: &AttnParams<'_>,
         out: &mut [f32],
     ) -> Result<()> {
         let keys = pos0 + n;
-        let qa = self.upload_f32(q, wgpu::BufferUsages::empty())?;
+        // Per head, a sink logit follows the queries: the model's
+        // (gpt-oss), or one too small to take any share.
+        let mut qs = Vec::with_capacity(q.len() + p.n_heads);
+        qs.extend_from_slice(q);
+        match p.sinks {
+            Some(s) if s.len() == p.n_heads => qs.extend_from_slice(s),
+            Some(s) => {
+                return Err(Error::Invalid(format!(
+                    "{} attention sinks for {} heads",
+                    s.len(),
+                    p.n_heads
+                )))
+            }
+            None => qs.resize(q.len() + p.n_heads, f32::MIN),
+        }
+        let qa = self.upload_f32(&qs, wgpu::BufferUsages::empty())?;
         let kb = self.upload_f32(
             &k[..keys * p.n_kv_heads * p.head_dim],
             wgpu::BufferUsages::empty(),
@@ -952,7 +967,7 @@ impl Backend for WgpuBackend {
         v: &[f32],
         n: usize,
         pos0: usize,
-        p: &AttnParams,
+        p: &AttnParams<'_>,
         out: &mut [f32],
     ) -> Result<()> {
         self.try_attention(q, k, v, n, pos0, p, out)

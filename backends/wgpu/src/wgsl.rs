@@ -683,12 +683,14 @@ fn route(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
 }
 
 // Causal attention: one workgroup per (query token wid.y, head wid.x).
-// xa: q rows (q.a heads × q.b head_dim), xb: K cache, xc: V cache (q.c kv
+// xa: q rows (q.a heads × q.b head_dim), then one sink logit per head
+// (f32::MIN when the model has none), xb: K cache, xc: V cache (q.c kv
 // heads), xo: output; q.n = pos0, q.e = window (0: none), q.f0 = scale,
-// q.f1 = chunk size as u32 bits (0: none), q.d = keys in the cache. Scores live in idx reinterpreted as f32 scratch
-// of q.d per (token, head).
+// q.f1 = chunk size as u32 bits (0: none), q.d = keys in the cache. Scores
+// live in idx reinterpreted as f32 scratch of q.d per (token, head).
 @compute @workgroup_size(WG)
-fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32,
+             @builtin(num_workgroups) nw: vec3<u32>) {
     let h = wid.x; let t = wid.y;
     let hd = q.b;
     let kvh = h / (q.a / q.c);
@@ -708,14 +710,15 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
         idx[so + j] = bitcast<u32>(s);
         m = max(m, s);
     }
-    let mx = wmax(li, m);
+    let sink = xa[nw.y * q.a * hd + h];
+    let mx = max(wmax(li, m), sink);
     var tot = 0.0;
     for (var j = first + li; j <= pos; j += WG) {
         let e = exp(bitcast<f32>(idx[so + j]) - mx);
         idx[so + j] = bitcast<u32>(e);
         tot += e;
     }
-    let z = wsum(li, tot);
+    let z = wsum(li, tot) + exp(sink - mx);
     storageBarrier();
     for (var i = li; i < hd; i += WG) {
         var acc = 0.0;

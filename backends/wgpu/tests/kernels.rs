@@ -254,11 +254,14 @@ fn attention_matches_cpu() {
         return;
     };
     let cpu = exact_cpu();
-    for (window, chunk) in [
-        (None, None),
-        (Some(3), None),
-        (None, Some(4)),
-        (Some(3), Some(6)),
+    let sinks = [0.5, -1.0, 2.0, 0.0];
+    for (window, chunk, sinks) in [
+        (None, None, None),
+        (Some(3), None, None),
+        (None, Some(4), None),
+        (Some(3), Some(6), None),
+        (None, None, Some(&sinks[..])),
+        (Some(3), None, Some(&sinks[..])),
     ] {
         let p = AttnParams {
             n_heads: 4,
@@ -267,6 +270,7 @@ fn attention_matches_cpu() {
             scale: 0.25,
             window,
             chunk,
+            sinks,
         };
         let (pos0, n) = (5, 3);
         let q = floats(n * 64, 1);
@@ -277,7 +281,8 @@ fn attention_matches_cpu() {
         cpu.attention(&q, &k, &v, n, pos0, &p, &mut b).unwrap();
         assert!(
             rel_err(&a, &b) < 1e-5,
-            "window {window:?}, chunk {chunk:?}: {}",
+            "window {window:?}, chunk {chunk:?}, sinks {}: {}",
+            sinks.is_some(),
             rel_err(&a, &b)
         );
     }

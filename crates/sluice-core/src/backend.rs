@@ -139,7 +139,7 @@ impl<'a> WeightView<'a> {
 
 /// Shape of a causal attention call.
 #[derive(Clone, Copy, Debug)]
-pub struct AttnParams {
+pub struct AttnParams<'a> {
     /// Query heads.
     pub n_heads: usize,
     /// Key/value heads (grouped-query attention when fewer than `n_heads`).
@@ -153,9 +153,12 @@ pub struct AttnParams {
     /// Chunked attention (Llama 4): a query at position `i` sees keys `j`
     /// of its own chunk, `j / c == i / c`.
     pub chunk: Option<usize>,
+    /// Attention sinks (gpt-oss): per query head, a logit that joins each
+    /// softmax's denominator without a value of its own.
+    pub sinks: Option<&'a [f32]>,
 }
 
-impl AttnParams {
+impl AttnParams<'_> {
     /// The first key a query at position `pos` sees (keys up to `pos`).
     pub fn first_key(&self, pos: usize) -> usize {
         let w = match self.window {
@@ -193,7 +196,7 @@ pub trait Backend: Send + Sync {
         v: &[f32],
         n: usize,
         pos0: usize,
-        p: &AttnParams,
+        p: &AttnParams<'_>,
         out: &mut [f32],
     ) -> Result<()> {
         ops::attention(q, k, v, n, pos0, p, out);

@@ -287,19 +287,21 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
-/// One head of causal attention for the query row `qh` at position `pos`.
+/// Causal attention of query head `h` for the query row `qh` at position
+/// `pos`.
 #[allow(clippy::too_many_arguments)]
 pub fn attend_head(
     qh: &[f32],
     k: &[f32],
     v: &[f32],
     pos: usize,
-    kvh: usize,
-    p: &AttnParams,
+    h: usize,
+    p: &AttnParams<'_>,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
     let d = p.head_dim;
+    let kvh = h / (p.n_heads / p.n_kv_heads);
     let kv_dim = p.n_kv_heads * d;
     let first = p.first_key(pos);
     scores.clear();
@@ -307,7 +309,15 @@ pub fn attend_head(
         let kj = &k[j * kv_dim + kvh * d..j * kv_dim + kvh * d + d];
         scores.push(dot(qh, kj) * p.scale);
     }
-    softmax(scores);
+    match p.sinks {
+        // The sink takes its share of the probability and adds nothing.
+        Some(s) => {
+            scores.push(s[h]);
+            softmax(scores);
+            scores.pop();
+        }
+        None => softmax(scores),
+    }
     out.fill(0.0);
     for (s, j) in scores.iter().zip(first..=pos) {
         let vj = &v[j * kv_dim + kvh * d..j * kv_dim + kvh * d + d];
@@ -325,18 +335,17 @@ pub fn attention(
     v: &[f32],
     n: usize,
     pos0: usize,
-    p: &AttnParams,
+    p: &AttnParams<'_>,
     out: &mut [f32],
 ) {
     let d = p.head_dim;
     let q_dim = p.n_heads * d;
-    let group = p.n_heads / p.n_kv_heads;
     let mut scores = Vec::new();
     for t in 0..n {
         for h in 0..p.n_heads {
             let qh = &q[t * q_dim + h * d..t * q_dim + h * d + d];
             let o = &mut out[t * q_dim + h * d..t * q_dim + h * d + d];
-            attend_head(qh, k, v, pos0 + t, h / group, p, &mut scores, o);
+            attend_head(qh, k, v, pos0 + t, h, p, &mut scores, o);
         }
     }
 }
@@ -428,6 +437,7 @@ mod tests {
             scale: 1.0,
             window: Some(1),
             chunk: None,
+            sinks: None,
         };
         let (q, k, v) = (vec![1.0, 1.0], vec![1.0, 1.0], vec![5.0, 7.0]);
         let mut out = vec![0.0; 2];
@@ -449,6 +459,7 @@ mod tests {
             scale: 1.0,
             window: None,
             chunk: Some(2),
+            sinks: None,
         };
         let (q, k, v) = (vec![1.0; 4], vec![1.0; 4], vec![1.0, 3.0, 5.0, 7.0]);
         let mut out = vec![0.0; 4];
@@ -461,5 +472,24 @@ mod tests {
             ..p
         };
         assert_eq!((both.first_key(3), both.first_key(4)), (2, 4));
+    }
+
+    #[test]
+    fn attention_sinks_take_a_share_without_a_value() {
+        // One key of value 4; sinks of 0 (head 0) and -inf-like (head 1)
+        // beside a score of 0: head 0 keeps half, head 1 all.
+        let sinks = [0.0, -1e30];
+        let p = AttnParams {
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 1,
+            scale: 1.0,
+            window: None,
+            chunk: None,
+            sinks: Some(&sinks),
+        };
+        let mut out = vec![0.0; 2];
+        attention(&[0.0, 0.0], &[1.0], &[4.0], 1, 0, &p, &mut out);
+        assert_eq!(out, vec![2.0, 4.0]);
     }
 }

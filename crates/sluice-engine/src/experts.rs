@@ -225,6 +225,9 @@ impl Predictor for Gate {
         {
             return;
         }
+        if let Some(b) = &nm.router_bias {
+            g.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+        }
         // Sigmoid routers choose by score plus bias (groups aside: this
         // ranks candidates, it does not decide).
         if let Some(b) = &nm.score_bias {

@@ -345,6 +345,7 @@ impl Session {
                 .unwrap_or_else(|| 1.0 / (c.head_dim as f32).sqrt()),
             window: c.windows[li],
             chunk,
+            sinks: layer.sinks.as_deref(),
         };
         let mut att = vec![0f32; n * qd];
         self.backend
@@ -470,6 +471,7 @@ impl Session {
             scale: c.attn_scale.unwrap_or_else(|| 1.0 / (qk as f32).sqrt()),
             window: c.windows[li],
             chunk: None,
+            sinks: None,
         };
         let mut att = vec![0f32; n * heads * w];
         let cache = &self.kv[li].0;
@@ -622,6 +624,11 @@ impl Session {
         let (h, ne, k) = (c.hidden, c.n_experts, c.top_k);
         let mut logits = vec![0f32; n * ne];
         self.backend.matmul(m.router.view(), x, n, &mut logits)?;
+        if let Some(b) = &m.router_bias {
+            for row in logits.chunks_exact_mut(ne) {
+                row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+            }
+        }
         // Per expert: (token, weight) pairs.
         let mut assigned: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ne];
         let mut idx: Vec<usize> = Vec::with_capacity(ne);
@@ -719,12 +726,19 @@ impl Session {
                         xe.extend_from_slice(row);
                     }
                 }
-                let y = match mlp(
-                    &*self.backend,
-                    self.experts.expert(li, e, handle),
-                    &xe,
-                    toks.len(),
-                ) {
+                let w3 = self.experts.expert(li, e, handle);
+                let ran = match (&m.biases, c.swiglu) {
+                    (None, None) => mlp(&*self.backend, w3, &xe, toks.len()),
+                    (b, act) => biased_mlp(
+                        &*self.backend,
+                        w3,
+                        b.as_ref().map(|b| b.of(e)),
+                        act,
+                        &xe,
+                        toks.len(),
+                    ),
+                };
+                let y = match ran {
                     Ok(y) => y,
                     Err(err) => return self.experts.abort(&wave[w..], err).map(|_| Vec::new()),
                 };
@@ -808,6 +822,43 @@ fn softplus(x: f32) -> f32 {
 fn mlp(backend: &dyn Backend, w: [WeightView<'_>; 3], x: &[f32], n: usize) -> Result<Vec<f32>> {
     let mut y = vec![0f32; n * w[2].rows];
     backend.mlp(w, x, n, &mut y)?;
+    Ok(y)
+}
+
+/// An expert with biases and/or gpt-oss's clamped SwiGLU, as three
+/// products: `down(act(gate x + bg, up x + bu)) + bd`.
+fn biased_mlp(
+    backend: &dyn Backend,
+    w: [WeightView<'_>; 3],
+    bias: Option<[&[f32]; 3]>,
+    act: Option<crate::config::ClampedSwiglu>,
+    x: &[f32],
+    n: usize,
+) -> Result<Vec<f32>> {
+    let inter = w[0].rows;
+    let (mut g, mut u) = (vec![0f32; n * inter], vec![0f32; n * inter]);
+    backend.matmul(w[0], x, n, &mut g)?;
+    backend.matmul(w[1], x, n, &mut u)?;
+    let add = |y: &mut [f32], b: &[f32]| {
+        for row in y.chunks_exact_mut(b.len()) {
+            row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+        }
+    };
+    if let Some([bg, bu, _]) = bias {
+        add(&mut g, bg);
+        add(&mut u, bu);
+    }
+    for (gv, uv) in g.iter_mut().zip(&u) {
+        *gv = match act {
+            Some(a) => a.apply(*gv, *uv),
+            None => ops::silu(*gv) * uv,
+        };
+    }
+    let mut y = vec![0f32; n * w[2].rows];
+    backend.matmul(w[2], &g, n, &mut y)?;
+    if let Some([_, _, bd]) = bias {
+        add(&mut y, bd);
+    }
     Ok(y)
 }
 

@@ -71,6 +71,15 @@ pub fn hparams(c: &Config, ffn: FfnSizes, name: &str) -> Vec<(String, MetaValue)
     }
     if let Some(w) = c.windows.iter().flatten().next() {
         m.push((k("attention.sliding_window"), u(*w)));
+        if c.arch == Arch::GptOss {
+            m.push((
+                k("attention.sliding_window_pattern"),
+                MetaValue::Bools(c.windows.iter().map(Option::is_some).collect()),
+            ));
+        }
+    }
+    if let (None, Some(y)) = (c.mla, c.yarn) {
+        yarn(a, y, None, &mut m);
     }
     if let Some(l) = &c.llama4 {
         // llama.cpp's Llama 4 keys: the MoE interval, and a window of 0
@@ -139,17 +148,6 @@ fn deepseek2(c: &Config, mla: Mla, m: &mut Vec<(String, MetaValue)>) {
     }
     m.push((k("attention.kv_lora_rank"), u(mla.kv_lora)));
     if let Some(y) = c.yarn {
-        m.push((k("rope.scaling.type"), MetaValue::Str("yarn".into())));
-        m.push((k("rope.scaling.factor"), MetaValue::F32(y.factor)));
-        m.push((k("rope.scaling.original_context_length"), u(y.orig_ctx)));
-        m.push((
-            k("rope.scaling.yarn_beta_fast"),
-            MetaValue::F32(y.beta_fast),
-        ));
-        m.push((
-            k("rope.scaling.yarn_beta_slow"),
-            MetaValue::F32(y.beta_slow),
-        ));
         // The q·k scale is mscale(factor, mscale_all_dim)² / sqrt(head):
         // llama.cpp wants mscale_all_dim back, times 0.1.
         let head = (mla.nope + mla.rope) as f32;
@@ -157,16 +155,40 @@ fn deepseek2(c: &Config, mla: Mla, m: &mut Vec<(String, MetaValue)>) {
             .attn_scale
             .map(|s| ((s * head.sqrt()).sqrt() - 1.0) / y.factor.ln().max(f32::MIN_POSITIVE))
             .filter(|l| l.is_finite() && *l != 0.0);
-        let attn_factor = match log_mul {
-            Some(l) => {
-                m.push((k("rope.scaling.yarn_log_multiplier"), MetaValue::F32(l)));
-                y.attn_factor
-            }
-            None => y.attn_factor / sluice_core::ops::Yarn::mscale(y.factor, 1.0),
-        };
-        if attn_factor != 1.0 {
-            m.push((k("rope.scaling.attn_factor"), MetaValue::F32(attn_factor)));
+        yarn("deepseek2", y, log_mul, m);
+    }
+}
+
+/// llama.cpp's `rope.scaling.*` keys of YaRN `y` (with DeepSeek's
+/// `yarn_log_multiplier` when given).
+fn yarn(
+    a: &str,
+    y: sluice_core::ops::Yarn,
+    log_mul: Option<f32>,
+    m: &mut Vec<(String, MetaValue)>,
+) {
+    let k = |s: &str| format!("{a}.{s}");
+    let u = |v: usize| MetaValue::U32(v as u32);
+    m.push((k("rope.scaling.type"), MetaValue::Str("yarn".into())));
+    m.push((k("rope.scaling.factor"), MetaValue::F32(y.factor)));
+    m.push((k("rope.scaling.original_context_length"), u(y.orig_ctx)));
+    m.push((
+        k("rope.scaling.yarn_beta_fast"),
+        MetaValue::F32(y.beta_fast),
+    ));
+    m.push((
+        k("rope.scaling.yarn_beta_slow"),
+        MetaValue::F32(y.beta_slow),
+    ));
+    let attn_factor = match log_mul {
+        Some(l) => {
+            m.push((k("rope.scaling.yarn_log_multiplier"), MetaValue::F32(l)));
+            y.attn_factor
         }
+        None => y.attn_factor / sluice_core::ops::Yarn::mscale(y.factor, 1.0),
+    };
+    if attn_factor != 1.0 {
+        m.push((k("rope.scaling.attn_factor"), MetaValue::F32(attn_factor)));
     }
 }
 

@@ -113,6 +113,7 @@ pub(crate) fn gguf_arch(a: Arch) -> &'static str {
         Arch::Glm4Moe => "glm4moe",
         Arch::Qwen3Next => "qwen3next",
         Arch::Llama4 => "llama4",
+        Arch::GptOss => "gpt-oss",
     }
 }
 
@@ -212,6 +213,9 @@ pub fn pack(
                 if let Some(x) = &a.k_norm {
                     dense.push(v(format!("{b}attn_k_norm.weight"), x));
                 }
+                if let Some(x) = &a.sinks {
+                    dense.push(v(format!("{b}attn_sinks.weight"), x));
+                }
             }
             MixerWeights::Latent(a) => {
                 if let Some((qa, norm)) = &a.q_a {
@@ -258,7 +262,7 @@ pub fn pack(
                 dense.push(w(format!("{b}ssm_out.weight"), &d.out));
             }
         }
-        let ffn_norm = if c.arch.is_hybrid() || c.arch == Arch::Glm4Moe {
+        let ffn_norm = if c.arch.is_hybrid() || matches!(c.arch, Arch::Glm4Moe | Arch::GptOss) {
             "post_attention_norm"
         } else {
             "ffn_norm"
@@ -274,6 +278,17 @@ pub fn pack(
                 dense.push(w(format!("{b}ffn_gate_inp.weight"), &m.router));
                 if let Some(x) = &m.score_bias {
                     dense.push(v(format!("{b}exp_probs_b.bias"), x));
+                }
+                if let Some(x) = &m.router_bias {
+                    dense.push(v(format!("{b}ffn_gate_inp.bias"), x));
+                }
+                if let Some(x) = &m.biases {
+                    // Resident beside the router, `[E, rows]` as llama.cpp's.
+                    for (n, vals) in [("gate", &x.gate), ("up", &x.up), ("down", &x.down)] {
+                        let mut it = v(format!("{b}ffn_{n}_exps.bias"), vals);
+                        it.spec.shape = vec![x.experts, vals.len() / x.experts];
+                        dense.push(it);
+                    }
                 }
                 if let Some(s) = &m.shared {
                     dense.push(w(format!("{b}ffn_gate_shexp.weight"), &s.gate));

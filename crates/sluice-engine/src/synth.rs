@@ -40,6 +40,47 @@ pub struct Preset {
     /// Llama 4: interleaved dense and MoE layers, a shared expert of the
     /// experts' width, its attention switches.
     llama4: Option<Llama4Geom>,
+    /// gpt-oss: sliding window of the even layers, YaRN factor over the
+    /// original context (attention sinks, biases and the clamped SwiGLU
+    /// come with it).
+    oss: Option<Oss>,
+}
+
+/// gpt-oss's extra geometry.
+#[derive(Clone, Copy, Debug)]
+struct Oss {
+    window: usize,
+    yarn: (f32, usize),
+}
+
+/// gpt-oss's geometry around `layers` layers of `experts` experts: 2880
+/// wide, 64 heads / 8 kv of 64, experts of 2880, top-4, 128-token windows
+/// on every other layer, YaRN ×32 over 4096.
+const fn gpt_oss(name: &'static str, about: &'static str, layers: usize, experts: usize) -> Preset {
+    Preset {
+        name,
+        about,
+        arch: Arch::GptOss,
+        vocab: 201_088,
+        hidden: 2880,
+        layers,
+        heads: 64,
+        kv_heads: 8,
+        head_dim: 64,
+        expert_inter: 2880,
+        experts,
+        top_k: 4,
+        rope_theta: 150_000.0,
+        rms_eps: 1e-5,
+        oss: Some(Oss {
+            window: 128,
+            yarn: (32.0, 4096),
+        }),
+        qk_norm: false,
+        hybrid: None,
+        llama4: None,
+        deepseek: None,
+    }
 }
 
 /// Llama 4's extra geometry.
@@ -163,6 +204,34 @@ const fn qwen35(
 
 /// The presets `sluice synth` knows.
 pub const PRESETS: &[Preset] = &[
+    gpt_oss(
+        "gpt-oss-120b",
+        "gpt-oss-120b (117B): 36 layers (sliding 128 / full alternating), 64 heads / 8 kv of 64 with sinks, 128 experts of 2880→2880→2880, top-4",
+        36,
+        128,
+    ),
+    gpt_oss(
+        "gpt-oss-20b",
+        "gpt-oss-20b (21B): 24 layers (sliding 128 / full alternating), 64 heads / 8 kv of 64 with sinks, 32 experts of 2880→2880→2880, top-4",
+        24,
+        32,
+    ),
+    Preset {
+        name: "small-gpt-oss",
+        about: "a small gpt-oss geometry for tests: 4 layers (sliding 16 / full), 8 heads / 2 kv of 64 with sinks, 32 experts of 512→256→512, top-4",
+        vocab: 2048,
+        hidden: 512,
+        layers: 4,
+        heads: 8,
+        kv_heads: 2,
+        expert_inter: 256,
+        experts: 32,
+        oss: Some(Oss {
+            window: 16,
+            yarn: (4.0, 1024),
+        }),
+        ..gpt_oss("", "", 4, 32)
+    },
     Preset {
         name: "qwen3-30b-a3b",
         about: "Qwen3-30B-A3B: 48 layers, 128 experts of 2048→768→2048, top-8",
@@ -178,6 +247,7 @@ pub const PRESETS: &[Preset] = &[
         top_k: 8,
         rope_theta: 1e6,
         rms_eps: 1e-6,
+        oss: None,
         qk_norm: true,
         hybrid: None,
         llama4: None,
@@ -198,6 +268,7 @@ pub const PRESETS: &[Preset] = &[
         top_k: 8,
         rope_theta: 1e6,
         rms_eps: 1e-6,
+        oss: None,
         qk_norm: true,
         hybrid: None,
         llama4: None,
@@ -218,6 +289,7 @@ pub const PRESETS: &[Preset] = &[
         top_k: 2,
         rope_theta: 1e6,
         rms_eps: 1e-5,
+        oss: None,
         qk_norm: false,
         hybrid: None,
         llama4: None,
@@ -238,6 +310,7 @@ pub const PRESETS: &[Preset] = &[
         top_k: 4,
         rope_theta: 1e6,
         rms_eps: 1e-6,
+        oss: None,
         qk_norm: false,
         hybrid: None,
         llama4: None,
@@ -258,6 +331,7 @@ pub const PRESETS: &[Preset] = &[
         top_k: 4,
         rope_theta: 1e6,
         rms_eps: 1e-6,
+        oss: None,
         qk_norm: true,
         hybrid: None,
         llama4: None,
@@ -278,6 +352,7 @@ pub const PRESETS: &[Preset] = &[
         top_k: 10,
         rope_theta: 1e7,
         rms_eps: 1e-6,
+        oss: None,
         qk_norm: true,
         hybrid: qwen35(16, 64, 128, 64, 1024, true),
         llama4: None,
@@ -298,6 +373,7 @@ pub const PRESETS: &[Preset] = &[
         top_k: 8,
         rope_theta: 1e7,
         rms_eps: 1e-6,
+        oss: None,
         qk_norm: true,
         hybrid: qwen35(16, 32, 128, 64, 512, true),
         llama4: None,
@@ -318,6 +394,7 @@ pub const PRESETS: &[Preset] = &[
         top_k: 4,
         rope_theta: 1e7,
         rms_eps: 1e-6,
+        oss: None,
         qk_norm: true,
         hybrid: qwen35(4, 8, 64, 16, 512, true),
         llama4: None,
@@ -338,6 +415,7 @@ pub const PRESETS: &[Preset] = &[
         top_k: 10,
         rope_theta: 1e7,
         rms_eps: 1e-6,
+        oss: None,
         qk_norm: true,
         hybrid: qwen35(16, 32, 128, 64, 512, false),
         llama4: None,
@@ -358,6 +436,7 @@ pub const PRESETS: &[Preset] = &[
         top_k: 4,
         rope_theta: 1e7,
         rms_eps: 1e-6,
+        oss: None,
         qk_norm: true,
         hybrid: qwen35(4, 8, 64, 16, 512, false),
         llama4: None,
@@ -378,6 +457,7 @@ pub const PRESETS: &[Preset] = &[
         top_k: 1,
         rope_theta: 5e5,
         rms_eps: 1e-5,
+        oss: None,
         qk_norm: false,
         hybrid: None,
         llama4: Some(Llama4Geom {
@@ -403,6 +483,7 @@ pub const PRESETS: &[Preset] = &[
         top_k: 1,
         rope_theta: 5e5,
         rms_eps: 1e-5,
+        oss: None,
         qk_norm: false,
         hybrid: None,
         llama4: Some(Llama4Geom {
@@ -428,6 +509,7 @@ pub const PRESETS: &[Preset] = &[
         top_k: 1,
         rope_theta: 5e5,
         rms_eps: 1e-5,
+        oss: None,
         qk_norm: false,
         hybrid: None,
         llama4: Some(Llama4Geom {
@@ -453,6 +535,7 @@ pub const PRESETS: &[Preset] = &[
         top_k: 8,
         rope_theta: 10_000.0,
         rms_eps: 1e-6,
+        oss: None,
         qk_norm: false,
         hybrid: None,
         llama4: None,
@@ -483,6 +566,7 @@ pub const PRESETS: &[Preset] = &[
         top_k: 8,
         rope_theta: 50_000.0,
         rms_eps: 1e-6,
+        oss: None,
         qk_norm: false,
         hybrid: None,
         llama4: None,
@@ -513,6 +597,7 @@ pub const PRESETS: &[Preset] = &[
         top_k: 4,
         rope_theta: 10_000.0,
         rms_eps: 1e-6,
+        oss: None,
         qk_norm: false,
         hybrid: None,
         llama4: None,
@@ -554,6 +639,7 @@ pub const PRESETS: &[Preset] = &[
         top_k: 8,
         rope_theta: 1e6,
         rms_eps: 1e-5,
+        oss: None,
         qk_norm: true,
         hybrid: None,
         llama4: None,
@@ -574,6 +660,7 @@ pub const PRESETS: &[Preset] = &[
         top_k: 8,
         rope_theta: 1e6,
         rms_eps: 1e-5,
+        oss: None,
         qk_norm: false,
         hybrid: None,
         llama4: None,
@@ -594,6 +681,7 @@ pub const PRESETS: &[Preset] = &[
         top_k: 4,
         rope_theta: 1e6,
         rms_eps: 1e-5,
+        oss: None,
         qk_norm: true,
         hybrid: None,
         llama4: None,
@@ -688,6 +776,15 @@ impl Preset {
                 truncate: true,
             }
         });
+        // gpt-oss's YaRN scales cos and sin, unrounded.
+        let oss_yarn = self.oss.map(|o| Yarn {
+            factor: o.yarn.0,
+            orig_ctx: o.yarn.1,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            attn_factor: Yarn::mscale(o.yarn.0, 1.0),
+            truncate: false,
+        });
         Config {
             arch: self.arch,
             vocab: self.vocab,
@@ -717,7 +814,9 @@ impl Preset {
                         && self.llama4.is_none_or(|l| (i + 1) % l.moe_step == 0)
                 })
                 .collect(),
-            windows: vec![None; layers],
+            windows: (0..layers)
+                .map(|i| self.oss.filter(|_| i % 2 == 0).map(|o| o.window))
+                .collect(),
             clip_qkv: None,
             tie_embeddings: false,
             eos: vec![],
@@ -741,7 +840,7 @@ impl Preset {
                 _ => Routing::default(),
             },
             mla: ds.and_then(|d| d.mla),
-            yarn,
+            yarn: yarn.or(oss_yarn),
             // DeepSeek's q·k scale: YaRN's mscale (mscale_all_dim 1) squared.
             attn_scale: yarn.map(|y| y.qk_scale(1.0, self.head_dim)),
             mtp_layers: 0,
@@ -755,6 +854,10 @@ impl Preset {
                 chunk: Some(8192),
                 temperature: Some((8192.0, 0.1)),
                 qk_norm: l.qk_norm,
+            }),
+            swiglu: self.oss.map(|_| crate::config::ClampedSwiglu {
+                alpha: 1.702,
+                limit: 7.0,
             }),
         }
     }
@@ -925,7 +1028,12 @@ pub fn synth(
                 dense.push(m(format!("{b}attn_k.weight"), kd, h, s));
                 dense.push(m(format!("{b}attn_v.weight"), kd, h, s));
                 dense.push(m(format!("{b}attn_output.weight"), h, qd, s));
-                if preset.deepseek.is_some_and(|d| d.attn_bias) {
+                if preset.oss.is_some() {
+                    // Biases on every projection and a sink per head.
+                    dense.push(f32s(format!("{b}attn_output.bias"), h, 0.1));
+                    dense.push(f32s(format!("{b}attn_sinks.weight"), c.n_heads, 1.0));
+                }
+                if preset.deepseek.is_some_and(|d| d.attn_bias) || preset.oss.is_some() {
                     dense.push(f32s(format!("{b}attn_q.bias"), qd, 0.1));
                     dense.push(f32s(format!("{b}attn_k.bias"), kd, 0.1));
                     dense.push(f32s(format!("{b}attn_v.bias"), kd, 0.1));
@@ -936,7 +1044,7 @@ pub fn synth(
                 }
             }
         }
-        let ffn_norm = if c.arch.is_hybrid() || c.arch == Arch::Glm4Moe {
+        let ffn_norm = if c.arch.is_hybrid() || matches!(c.arch, Arch::Glm4Moe | Arch::GptOss) {
             "post_attention_norm"
         } else {
             "ffn_norm"
@@ -982,6 +1090,15 @@ pub fn synth(
             h,
             4.0 * s,
         ));
+        if preset.oss.is_some() {
+            // The router's bias and the experts', resident `[E, rows]`.
+            dense.push(f32s(format!("{b}ffn_gate_inp.bias"), c.n_experts, 0.1));
+            for (n, rows) in [("gate", i), ("up", i), ("down", h)] {
+                let mut it = f32s(format!("{b}ffn_{n}_exps.bias"), c.n_experts * rows, 0.1);
+                it.spec.shape = vec![c.n_experts, rows];
+                dense.push(it);
+            }
+        }
         if opts.stacked {
             let ne = c.n_experts;
             for mut it in mlp("_exps", i) {

@@ -38,6 +38,10 @@ pub enum Arch {
     /// input, chunked attention on rope layers, no-rope layers with
     /// attention temperature tuning, Llama 3 rope scaling.
     Llama4,
+    /// gpt-oss (gpt-oss-20b, gpt-oss-120b): attention sinks, sliding and
+    /// full attention alternating, biased projections, a clamped SwiGLU
+    /// with biased experts, softmax over the chosen experts' logits.
+    GptOss,
 }
 
 impl Arch {
@@ -53,6 +57,7 @@ impl Arch {
             Arch::Glm4Moe => "glm4_moe",
             Arch::Qwen3Next => "qwen3_next",
             Arch::Llama4 => "llama4_text",
+            Arch::GptOss => "gpt_oss",
         }
     }
 
@@ -89,6 +94,27 @@ impl Default for Routing {
             scale: 1.0,
             gate_input: false,
         }
+    }
+}
+
+/// gpt-oss's SwiGLU variant: the gate clamped from above and the up
+/// projection on both sides at `limit`, then `(up + 1) · gate ·
+/// sigmoid(alpha · gate)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ClampedSwiglu {
+    /// Slope inside the sigmoid (`swiglu_alpha`).
+    pub alpha: f32,
+    /// Clamp of gate and up (`swiglu_limit`).
+    pub limit: f32,
+}
+
+impl ClampedSwiglu {
+    /// The activation of one gate/up pair.
+    #[inline]
+    pub fn apply(&self, gate: f32, up: f32) -> f32 {
+        let g = gate.min(self.limit);
+        let u = up.clamp(-self.limit, self.limit);
+        (u + 1.0) * g / (1.0 + (-self.alpha * g).exp())
     }
 }
 
@@ -249,6 +275,8 @@ pub struct Config {
     pub rope_factors: Option<Arc<[f32]>>,
     /// Llama 4's per-layer attention switches.
     pub llama4: Option<Llama4Attn>,
+    /// gpt-oss's clamped SwiGLU in the experts (else plain SwiGLU).
+    pub swiglu: Option<ClampedSwiglu>,
 }
 
 fn bad(msg: impl Into<String>) -> Error {
@@ -382,6 +410,14 @@ fn check(cfg: &Config) -> Result<()> {
             return Err(bad(format!(
                 "YaRN scaling out of range: factor {}, original context {}, beta_fast {}, beta_slow {}, attention factor {}",
                 y.factor, y.orig_ctx, y.beta_fast, y.beta_slow, y.attn_factor
+            )));
+        }
+    }
+    if let Some(a) = cfg.swiglu {
+        if !(a.alpha.is_finite() && a.limit.is_finite() && a.limit > 0.0) {
+            return Err(bad(format!(
+                "clamped SwiGLU: alpha {}, limit {} (needs finite values and a positive limit)",
+                a.alpha, a.limit
             )));
         }
     }
@@ -653,6 +689,10 @@ impl Config {
                 "temperature": l.temperature.map(|(f, s)| [f, s]),
                 "qk_norm": l.qk_norm,
             })),
+            "swiglu": self.swiglu.map(|a| serde_json::json!({
+                "alpha": a.alpha,
+                "limit": a.limit,
+            })),
         })
     }
 
@@ -676,6 +716,7 @@ impl Config {
             Some("glm4_moe") => Arch::Glm4Moe,
             Some("qwen3_next") => Arch::Qwen3Next,
             Some("llama4_text") => Arch::Llama4,
+            Some("gpt_oss") => Arch::GptOss,
             other => return Err(bad(format!("packed config: unknown arch {other:?}"))),
         };
         let n_layers = layer_count(n("n_layers")?)?;
@@ -829,6 +870,21 @@ impl Config {
                 }),
                 _ => None,
             },
+            swiglu: match v.get("swiglu") {
+                Some(a) if !a.is_null() => {
+                    let g = |k: &str| {
+                        a.get(k)
+                            .and_then(|x| x.as_f64())
+                            .map(|x| x as f32)
+                            .ok_or_else(|| bad(format!("packed config: swiglu without \"{k}\"")))
+                    };
+                    Some(ClampedSwiglu {
+                        alpha: g("alpha")?,
+                        limit: g("limit")?,
+                    })
+                }
+                _ => None,
+            },
         };
         let mut cfg = cfg;
         if cfg.config_top_k == 0 {
@@ -892,9 +948,10 @@ impl Config {
             "qwen3_next" => Arch::Qwen3Next,
             // A multimodal Llama 4's text model is read from `text_config`.
             "llama4_text" | "llama4" => Arch::Llama4,
+            "gpt_oss" => Arch::GptOss,
             other => {
                 return Err(Error::Unsupported(format!(
-                    "architecture \"{other}\" (supported: qwen3_moe, qwen2_moe, mixtral, olmoe, qwen3_5_moe, qwen3_next, deepseek_v3, kimi_k2, glm4_moe, llama4)"
+                    "architecture \"{other}\" (supported: qwen3_moe, qwen2_moe, mixtral, olmoe, qwen3_5_moe, qwen3_next, deepseek_v3, kimi_k2, glm4_moe, llama4, gpt_oss)"
                 )))
             }
         };
@@ -953,8 +1010,9 @@ impl Config {
             })?;
         let top_k = need(c, "num_experts_per_tok")?;
         let norm_topk_prob = match arch {
-            // Both always renormalize the top-k probabilities.
-            Arch::Mixtral | Arch::Qwen35Moe => true,
+            // Both always renormalize the top-k probabilities; gpt-oss
+            // takes the softmax of the chosen logits, which is the same.
+            Arch::Mixtral | Arch::Qwen35Moe | Arch::GptOss => true,
             _ => c
                 .get("norm_topk_prob")
                 .and_then(|v| v.as_bool())
@@ -1004,10 +1062,11 @@ impl Config {
             .and_then(|v| v.as_u64())
             .filter(|&w| w > 0)
             .map(|w| w as usize);
+        let oss = arch == Arch::GptOss;
         let use_sw = c
             .get("use_sliding_window")
             .and_then(|v| v.as_bool())
-            .unwrap_or(arch == Arch::Mixtral);
+            .unwrap_or(arch == Arch::Mixtral || oss);
         let layer_types: Option<Vec<String>> = c.get("layer_types").and_then(|v| {
             v.as_array().map(|a| {
                 a.iter()
@@ -1019,6 +1078,8 @@ impl Config {
             .map(|i| {
                 let sliding = match &layer_types {
                     Some(t) => t.get(i).is_some_and(|s| s == "sliding_attention"),
+                    // gpt-oss alternates, sliding first.
+                    None if oss => i % 2 == 0,
                     None => arch != Arch::Olmoe,
                 };
                 window.filter(|_| use_sw && sliding)
@@ -1156,6 +1217,16 @@ impl Config {
             } else {
                 None
             },
+            swiglu: oss.then(|| ClampedSwiglu {
+                alpha: c
+                    .get("swiglu_alpha")
+                    .and_then(|v| v.as_f64())
+                    .unwrap_or(1.702) as f32,
+                limit: c
+                    .get("swiglu_limit")
+                    .and_then(|v| v.as_f64())
+                    .unwrap_or(7.0) as f32,
+            }),
         })
     }
 
@@ -1183,9 +1254,10 @@ impl Config {
             "glm4moe" => Arch::Glm4Moe,
             "qwen3next" => Arch::Qwen3Next,
             "llama4" => Arch::Llama4,
+            "gpt-oss" => Arch::GptOss,
             other => {
                 return Err(Error::Unsupported(format!(
-                    "GGUF architecture \"{other}\"{} (supported: qwen3moe, qwen2moe, olmoe, qwen35moe, qwen3next, deepseek2, glm4moe, llama4, llama with experts)",
+                    "GGUF architecture \"{other}\"{} (supported: qwen3moe, qwen2moe, olmoe, qwen35moe, qwen3next, deepseek2, glm4moe, llama4, gpt-oss, llama with experts)",
                     if other == "llama" { " without experts" } else { "" }
                 )))
             }
@@ -1220,7 +1292,7 @@ impl Config {
             .and_then(Value::as_bool)
             .unwrap_or(matches!(
                 arch,
-                Arch::Qwen3Moe | Arch::Mixtral | Arch::Qwen35Moe | Arch::Qwen3Next
+                Arch::Qwen3Moe | Arch::Mixtral | Arch::Qwen35Moe | Arch::Qwen3Next | Arch::GptOss
             ));
         let routing = if arch == Arch::Llama4 {
             Routing {
@@ -1249,11 +1321,17 @@ impl Config {
         } else {
             Routing::default()
         };
-        let (yarn, attn_scale) = if ds {
+        let oss = arch == Arch::GptOss;
+        let (mut yarn, attn_scale) = if ds || oss {
             Self::yarn_gguf(g, &a, head_dim)?
         } else {
             (None, None)
         };
+        if let (true, Some(y)) = (oss, yarn.as_mut()) {
+            // gpt-oss's YaRN ramp is not rounded to whole dimensions
+            // (transformers' `truncate: false`; llama.cpp rounds it).
+            y.truncate = false;
+        }
         let rot_dim = num("rope.dimension_count").unwrap_or(head_dim);
         let rope_factors = Self::rope_freqs_gguf(files, rot_dim)?;
         // llama.cpp reads Llama 4's attention from no key but this one: a
@@ -1342,6 +1420,33 @@ impl Config {
             .map(|t| t.shape[0])
             .ok_or_else(|| bad("GGUF: no token_embd.weight"))?;
         let window = num("attention.sliding_window");
+        // gpt-oss slides on the layers `sliding_window_pattern` marks, else
+        // on even layers, as llama.cpp reads it; other files on all.
+        let windows = match (oss, window) {
+            (true, Some(_)) => {
+                let pattern = g.get(&format!("{a}.attention.sliding_window_pattern"));
+                let marked: Vec<bool> = match pattern {
+                    Some(p) => match (p.as_array(), p.as_u64()) {
+                        (Some(arr), _) if arr.len() >= n_layers => arr
+                            .iter()
+                            .take(n_layers)
+                            .map(|v| v.as_bool().or(v.as_u64().map(|x| x != 0)) == Some(true))
+                            .collect(),
+                        (None, Some(every)) => (0..n_layers)
+                            .map(|i| every == 0 || (i as u64 % every) < every - 1)
+                            .collect(),
+                        _ => {
+                            return Err(bad(format!(
+                                "GGUF: {a}.attention.sliding_window_pattern is neither a per-layer array nor a number"
+                            )))
+                        }
+                    },
+                    None => (0..n_layers).map(|i| i % 2 == 0).collect(),
+                };
+                marked.into_iter().map(|m| window.filter(|_| m)).collect()
+            }
+            _ => vec![window; n_layers],
+        };
         let tok = |k: &str| {
             g.get(&format!("tokenizer.ggml.{k}"))
                 .and_then(Value::as_u64)
@@ -1370,7 +1475,7 @@ impl Config {
             top_k: num("expert_used_count").unwrap_or(0),
             norm_topk_prob,
             moe_layers,
-            windows: vec![window; n_layers],
+            windows,
             clip_qkv: flt("attention.clamp_kqv").map(|v| v as f32),
             tie_embeddings: files.tensor("output.weight").is_none(),
             eos: tok("eos_token_id").into_iter().collect(),
@@ -1387,6 +1492,11 @@ impl Config {
             mtp_layers: num("nextn_predict_layers").unwrap_or(0),
             rope_factors,
             llama4,
+            // llama.cpp's constants: its files carry none.
+            swiglu: oss.then(|| ClampedSwiglu {
+                alpha: flt("swiglu_alpha").unwrap_or(1.702) as f32,
+                limit: flt("swiglu_limit").unwrap_or(7.0) as f32,
+            }),
         })
     }
 

@@ -147,6 +147,39 @@ pub struct Moe {
     /// Added to the sigmoid scores to choose experts, never to weight them
     /// (DeepSeek-V3's `e_score_correction_bias`).
     pub score_bias: Option<Vec<f32>>,
+    /// Bias of the router's logits (gpt-oss).
+    pub router_bias: Option<Vec<f32>>,
+    /// Per-expert biases of the projections (gpt-oss), kept resident.
+    pub biases: Option<ExpertBiases>,
+}
+
+/// Per-expert biases of the routed experts' projections, expert-major:
+/// `experts × rows` of each matrix.
+#[derive(Clone, Debug)]
+pub struct ExpertBiases {
+    /// Experts.
+    pub experts: usize,
+    /// Of the gate projections (`experts × intermediate`).
+    pub gate: Vec<f32>,
+    /// Of the up projections (`experts × intermediate`).
+    pub up: Vec<f32>,
+    /// Of the down projections (`experts × hidden`).
+    pub down: Vec<f32>,
+}
+
+impl ExpertBiases {
+    /// Expert `e`'s biases of gate, up and down.
+    pub fn of(&self, e: usize) -> [&[f32]; 3] {
+        let (i, h) = (
+            self.gate.len() / self.experts,
+            self.down.len() / self.experts,
+        );
+        [
+            &self.gate[e * i..(e + 1) * i],
+            &self.up[e * i..(e + 1) * i],
+            &self.down[e * h..(e + 1) * h],
+        ]
+    }
 }
 
 /// The feed-forward half of a layer.
@@ -176,6 +209,8 @@ pub struct Attention {
     pub q_norm: Option<Vec<f32>>,
     /// RMSNorm of keys, likewise.
     pub k_norm: Option<Vec<f32>>,
+    /// Per head, a logit in each softmax's denominator (gpt-oss).
+    pub sinks: Option<Vec<f32>>,
 }
 
 /// How latent attention's per-head key and value expansions are stored.
@@ -610,6 +645,7 @@ impl Loader<'_> {
                     o: self.linear(&n.o, h, qd)?,
                     q_norm: self.qk_norm(&format!("{}.weight", n.q_norm), c.head_dim, qd)?,
                     k_norm: self.qk_norm(&format!("{}.weight", n.k_norm), c.head_dim, kd)?,
+                    sinks: self.opt_vector(&n.sinks, c.n_heads)?,
                 })
             }
             Mixer::Linear => {
@@ -715,16 +751,19 @@ impl Loader<'_> {
 
 impl Loader<'_> {
     /// Expert `e` of a stacked tensor stored transposed, `[E, cols, rows ·
-    /// parts]` (Llama 4's `gate_up_proj` and `down_proj`), as a row-major
-    /// `rows × cols` matrix of its own (`sub` picks a column block, as in
-    /// [`stacked`](Self::stacked)). The transpose is a copy in memory, so
-    /// only float types qualify, and such experts cannot be streamed.
+    /// parts]` (Llama 4's and gpt-oss's `gate_up_proj` and `down_proj`),
+    /// as a row-major `rows × cols` matrix of its own (`sub` picks a block
+    /// of columns, as in [`stacked`](Self::stacked), or with `interleaved`
+    /// every `sub.1`-th column from `sub.0`, gpt-oss's gate/up order). The
+    /// transpose is a copy in memory, so only float types qualify, and such
+    /// experts cannot be streamed.
     fn transposed_stacked(
         &self,
         name: &str,
         e: usize,
         n_experts: usize,
         sub: (usize, usize),
+        interleaved: bool,
     ) -> Result<Weight> {
         let (dtype, shape, parts) = self.resolve(name)?;
         if shape.len() != 3 || shape[0] != n_experts || shape[2] % sub.1 != 0 {
@@ -746,9 +785,14 @@ impl Loader<'_> {
         let src = self.part(parts[0], e * cols * width * size, cols * width * size)?;
         let mut out = vec![0u8; rows * cols * size];
         for c in 0..cols {
-            let line = &src.data[(c * width + sub.0 * rows) * size..][..rows * size];
-            for (r, v) in line.chunks_exact(size).enumerate() {
-                out[(r * cols + c) * size..][..size].copy_from_slice(v);
+            let line = &src.data[c * width * size..][..width * size];
+            for r in 0..rows {
+                let j = if interleaved {
+                    r * sub.1 + sub.0
+                } else {
+                    sub.0 * rows + r
+                };
+                out[(r * cols + c) * size..][..size].copy_from_slice(&line[j * size..][..size]);
             }
         }
         Ok(Weight {
@@ -849,6 +893,8 @@ struct LayerNames {
     o: String,
     q_norm: String,
     k_norm: String,
+    /// Attention sinks, full name.
+    sinks: String,
     ffn_norm: String,
     // Gated DeltaNet tensors, full names.
     lin_qkv: String,
@@ -893,6 +939,7 @@ impl LayerNames {
             o: a("o_proj"),
             q_norm: a("q_norm"),
             k_norm: a("k_norm"),
+            sinks: a("sinks"),
             ffn_norm: format!("{b}post_attention_layernorm"),
             lin_qkv: l("in_proj_qkv.weight"),
             lin_z: l("in_proj_z.weight"),
@@ -929,6 +976,7 @@ impl LayerNames {
             o: a("attn_output"),
             q_norm: a("attn_q_norm"),
             k_norm: a("attn_k_norm"),
+            sinks: a("attn_sinks.weight"),
             ffn_norm: if post_attention_norm {
                 a("post_attention_norm")
             } else {
@@ -1210,9 +1258,9 @@ fn load_hf(l: &Loader, c: &Config) -> Result<Parts> {
             let experts = (0..ne)
                 .map(|e| {
                     let m = Mlp {
-                        gate: l.transposed_stacked(&gu, e, ne, (0, 2))?,
-                        up: l.transposed_stacked(&gu, e, ne, (1, 2))?,
-                        down: l.transposed_stacked(&dn, e, ne, (0, 1))?,
+                        gate: l.transposed_stacked(&gu, e, ne, (0, 2), false)?,
+                        up: l.transposed_stacked(&gu, e, ne, (1, 2), false)?,
+                        down: l.transposed_stacked(&dn, e, ne, (0, 1), false)?,
                     };
                     check_mlp(&m, h, &gu)?;
                     Ok(m)
@@ -1227,7 +1275,11 @@ fn load_hf(l: &Loader, c: &Config) -> Result<Parts> {
                 )?),
                 shared_gate: None,
                 score_bias: None,
+                router_bias: None,
+                biases: None,
             })
+        } else if c.moe_layers[i] && c.arch == Arch::GptOss {
+            gpt_oss_moe(l, c, &format!("{b}mlp"))?
         } else if c.arch == Arch::Llama4 {
             Ffn::Dense(mlp(
                 &format!("{b}feed_forward"),
@@ -1288,6 +1340,8 @@ fn load_hf(l: &Loader, c: &Config) -> Result<Parts> {
                 shared,
                 shared_gate,
                 score_bias,
+                router_bias: None,
+                biases: None,
             })
         } else {
             Ffn::Dense(mlp(
@@ -1361,12 +1415,15 @@ fn load_gguf(l: &Loader, c: &Config) -> Result<Parts> {
             } else {
                 None
             };
+            let biases = expert_biases(l, &b, c, experts.first().map_or(0, |m| m.gate.rows))?;
             Ffn::Moe(Moe {
                 router,
                 experts,
                 shared,
                 shared_gate,
                 score_bias: l.opt_vector(&format!("{b}exp_probs_b.bias"), ne)?,
+                router_bias: l.opt_vector(&format!("{b}ffn_gate_inp.bias"), ne)?,
+                biases,
             })
         } else {
             Ffn::Dense(mlp("")?)
@@ -1374,7 +1431,10 @@ fn load_gguf(l: &Loader, c: &Config) -> Result<Parts> {
         layers.push(l.layer(
             c,
             i,
-            &LayerNames::gguf(&b, c.arch.is_hybrid() || c.arch == Arch::Glm4Moe),
+            &LayerNames::gguf(
+                &b,
+                c.arch.is_hybrid() || matches!(c.arch, Arch::Glm4Moe | Arch::GptOss),
+            ),
             ffn,
         )?);
     }
@@ -1384,4 +1444,73 @@ fn load_gguf(l: &Loader, c: &Config) -> Result<Parts> {
         None => embed.clone(),
     };
     Ok((embed, layers, norm, lm_head))
+}
+
+/// gpt-oss's experts from a Hugging Face file: a biased router, experts
+/// stacked transposed with gate and up columns interleaved in
+/// `gate_up_proj [E, H, 2I]`, their biases beside them.
+fn gpt_oss_moe(l: &Loader, c: &Config, base: &str) -> Result<Ffn> {
+    let (ne, h) = (c.n_experts, c.hidden);
+    let (gu, dn) = (
+        format!("{base}.experts.gate_up_proj"),
+        format!("{base}.experts.down_proj"),
+    );
+    let experts = (0..ne)
+        .map(|e| {
+            let m = Mlp {
+                gate: l.transposed_stacked(&gu, e, ne, (0, 2), true)?,
+                up: l.transposed_stacked(&gu, e, ne, (1, 2), true)?,
+                down: l.transposed_stacked(&dn, e, ne, (0, 1), false)?,
+            };
+            check_mlp(&m, h, &gu)?;
+            Ok(m)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let inter = experts.first().map_or(0, |m| m.gate.rows);
+    let biases = match l.opt_vector(&format!("{gu}_bias"), ne * 2 * inter)? {
+        Some(gu_b) => {
+            // Interleaved like the columns: gate at even places, up at odd.
+            let (gate, up) = gu_b.chunks_exact(2).map(|p| (p[0], p[1])).unzip();
+            let down = l.vector(&format!("{dn}_bias"), ne * h)?;
+            Some(ExpertBiases {
+                experts: ne,
+                gate,
+                up,
+                down,
+            })
+        }
+        None => None,
+    };
+    Ok(Ffn::Moe(Moe {
+        router: l.matrix(&format!("{base}.router.weight"), ne, h)?,
+        experts,
+        shared: None,
+        shared_gate: None,
+        score_bias: None,
+        router_bias: l.opt_vector(&format!("{base}.router.bias"), ne)?,
+        biases,
+    }))
+}
+
+/// llama.cpp's per-expert biases of layer prefix `b`
+/// (`ffn_{gate,up,down}_exps.bias`, experts `inter` wide): all three or
+/// none.
+fn expert_biases(l: &Loader, b: &str, c: &Config, inter: usize) -> Result<Option<ExpertBiases>> {
+    let ne = c.n_experts;
+    let name = |k: &str| format!("{b}ffn_{k}_exps.bias");
+    let present = ["gate", "up", "down"].map(|k| l.has(&name(k)));
+    if present == [false; 3] {
+        return Ok(None);
+    }
+    if present != [true; 3] {
+        return Err(Error::Model(format!(
+            "{b}: expert biases of gate, up, down present: {present:?} (needs all three or none)"
+        )));
+    }
+    Ok(Some(ExpertBiases {
+        experts: ne,
+        gate: l.vector(&name("gate"), ne * inter)?,
+        up: l.vector(&name("up"), ne * inter)?,
+        down: l.vector(&name("down"), ne * c.hidden)?,
+    }))
 }
