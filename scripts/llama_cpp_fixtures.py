@@ -95,6 +95,10 @@ MODELS = {
     # (even layers slide), so the oracle model has those; YaRN unrounded (llama.cpp rounds it)
     "gpt_oss": (dict(B["gpt_oss"], seed=9900, swiglu_limit=7.0, swiglu_alpha=1.702, layers=3), {}, [],
                 "float experts transposed back, gate_up de-interleaved; sinks; expert biases"),
+    # the published layout: MXFP4 experts, which the converter repacks into GGUF's MXFP4 blocks
+    "gpt_oss_mxfp4": (dict(B["gpt_oss"], seed=9950, swiglu_limit=7.0, swiglu_alpha=1.702, layers=3,
+                           mxfp4=True), {}, [],
+                      "MXFP4 experts repacked to GGUF MXFP4 (gate/up de-interleaved); the rest at the type"),
 }
 
 GLM_SPECIALS = ["<|endoftext|>", "[gMASK]", "<|user|>", "<|observation|>"]
@@ -211,6 +215,8 @@ def oracle(model, spec: dict, path: Path, ids, gguf) -> tuple[np.ndarray, float,
     for name, w in m.state_dict().items():
         if not w.is_floating_point() or name.endswith("inv_freq"):
             continue
+        if spec.get("mxfp4") and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            continue  # MXFP4 in the file too, repacked without loss
         x = w.float().numpy()
         # Llama 4's experts are [E, in, out] in transformers: the file's rows (its blocking
         # axis) are their columns
@@ -260,7 +266,11 @@ def main() -> int:
                 cfg = json.loads((src / "config.json").read_text())
                 cfg.update(extra_cfg)
                 (src / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-            model = mf.model_class(spec).from_pretrained(src, dtype=torch.float32)
+            if spec.get("mxfp4"):
+                # transformers would want its MXFP4 kernels to load the checkpoint
+                model = mf.mxfp4_reference(src, spec, info["seed"])
+            else:
+                model = mf.model_class(spec).from_pretrained(src, dtype=torch.float32)
             mf.set_eager(model)
             model.eval()
             for t in types:

@@ -277,6 +277,10 @@ MODEL_FIXTURES = {
         qk_norm=False, llama3=None, rope_theta=10000.0,
     ),
     "gpt_oss": dict(BASE["gpt_oss"]),
+    # the published checkpoints' layout: experts as MXFP4 `*_blocks` + `*_scales` (quantized here in
+    # numpy like gguf-py's quantizer), quantization_config quant_method "mxfp4"; the oracle is
+    # transformers on the weights transformers' own MXFP4 dequantizer makes of them
+    "gpt_oss_mxfp4": dict(BASE["gpt_oss"], seed=9750, mxfp4=True),
     # gpt-oss-20b's published switches: limit 7, alpha 1.702 (defaults, not written), truncated
     # YaRN off (no rope scaling), explicit layer_types with full attention first; other seed and widths
     "gpt_oss_plain": dict(
@@ -566,7 +570,100 @@ def find_seed(spec: dict, ids, min_gap: float, extra_check=None, max_tries: int 
     raise RuntimeError("no seed with a large enough router gap")
 
 
+MXFP4_KV = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=np.float32)
+
+
+def mxfp4_quantize(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[..., R, C] float -> (blocks [..., R, C/32, 16] u8, scales [..., R, C/32] u8) in the safetensors
+    layout of gpt-oss (byte j of a block: value 2j low, 2j+1 high; scale = E8M0 exponent, bias 127),
+    with gguf-py's choice of exponent (floor(log2 amax) - 2) and nearest code."""
+    *pre, r, c = w.shape
+    x = w.reshape(-1, 32).astype(np.float32)
+    amax = np.abs(x).max(axis=1)
+    with np.errstate(divide="ignore"):
+        e = np.where(amax > 0, np.floor(np.log2(amax)) - 2 + 127, 0).astype(np.uint8)
+    d = np.where(e < 2, (np.uint32(0x00200000) << e.astype(np.uint32)),
+                 (e.astype(np.uint32) - 1) << np.uint32(23)).view(np.float32)
+    codes = np.abs(d[:, None, None] * MXFP4_KV[None, None, :] - x[:, :, None]).argmin(axis=-1).astype(np.uint8)
+    blocks = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return blocks.reshape(*pre, r, c // 32, 16), e.reshape(*pre, r, c // 32)
+
+
+def make_mxfp4_fixture(name: str, spec: dict, out_dir: Path, tok: Tokenizer, ids, min_gap: float) -> dict:
+    """gpt-oss with MXFP4 experts as the hub ships them; oracle on the dequantized weights."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    print(f"[model] {name}", flush=True)
+
+    def quantized(model, seed):
+        ref = copy.deepcopy(model)
+        packed = {}
+        with torch.no_grad():
+            for pname, p in ref.named_parameters():
+                if not pname.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                    continue
+                # transformers keeps [E, in, out]; the checkpoint stores [E, out, in/32, 16]
+                blocks, scales = mxfp4_quantize(np.swapaxes(p.float().numpy(), -1, -2))
+                packed[pname] = (blocks, scales)
+                deq = convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales),
+                                                 dtype=torch.float32)
+                assert deq.shape == p.shape, (pname, deq.shape, p.shape)
+                p.copy_(deq)
+        logits, gap, _ = forward_with_gaps(ref, ids, spec["top_k"])
+        if gap <= min_gap:
+            print(f"    seed {seed}: dequantized router gap {gap:.2e} too small", flush=True)
+            return None
+        return ref, packed, logits, gap
+
+    seed, _, _, _, extra = find_seed(spec, ids, min_gap, extra_check=quantized)
+    ref, packed, logits, gap = extra
+    d = out_dir
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    tmp = d / "_hf"
+    ref.save_pretrained(tmp, safe_serialization=True)
+    cfg = json.loads((tmp / "config.json").read_text())
+    tensors = load_file(str(tmp / "model.safetensors"))
+    shutil.rmtree(tmp)
+    for pname, (blocks, scales) in packed.items():
+        del tensors[pname]
+        tensors[pname + "_blocks"] = torch.from_numpy(np.ascontiguousarray(blocks))
+        tensors[pname + "_scales"] = torch.from_numpy(np.ascontiguousarray(scales))
+    cfg["quantization_config"] = {"quant_method": "mxfp4",
+                                  "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                             "model.embed_tokens", "lm_head"]}
+    (d / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(d / "model.safetensors"),
+              metadata={"format": "pt"})
+    tok.save(str(d / "tokenizer.json"))
+    meta = dict(versions(), seed=seed, dtype="float32", arch=spec["arch"], prompt=PROMPT, min_router_gap=gap,
+                weights="MXFP4 experts (numpy, gguf-py's exponent rule), oracle on transformers' dequantization")
+    write_expected(d / "expected.json", ids, logits, meta)
+    files = sorted(p.name for p in d.iterdir())
+    info = dict(name=name, seed=seed, min_gap=gap, files=files, logit_absmax=float(np.abs(logits).max()),
+                logit_std=float(logits.std()), reload_max_abs_err=0.0)
+    print(f"    seed={seed} min_router_gap={gap:.4f} |logits|max={info['logit_absmax']:.2f} files={files}", flush=True)
+    return info
+
+
+def mxfp4_reference(d: Path, spec: dict, seed: int):
+    """The float model an MXFP4 fixture in `d` holds: build_model's weights with the experts replaced
+    by transformers' dequantization of the stored blocks and scales."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    model = build_model(spec, seed)
+    stored = load_file(str(d / "model.safetensors"))
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                p.copy_(convert_moe_packed_tensors(stored[pname + "_blocks"], stored[pname + "_scales"],
+                                                   dtype=torch.float32))
+    return model
+
+
 def make_model_fixture(name: str, spec: dict, out_dir: Path, tok: Tokenizer, ids, min_gap: float) -> dict:
+    if spec.get("mxfp4"):
+        return make_mxfp4_fixture(name, spec, out_dir, tok, ids, min_gap)
     print(f"[model] {name}", flush=True)
     seed, model, logits, gap, _ = find_seed(spec, ids, min_gap)
     d = out_dir
@@ -1215,6 +1312,8 @@ BLOCK_LAYOUTS = {
     "Q4_K": "d f16 @0, dmin f16 @2, scales[12] @4, qs[128] @16 (144 bytes)",
     "Q5_K": "d f16 @0, dmin f16 @2, scales[12] @4, qh[32] @16, qs[128] @48 (176 bytes)",
     "Q6_K": "ql[128] @0, qh[64] @128, scales[16] int8 @192, d f16 @208 (210 bytes)",
+    "MXFP4": "e u8 @0 (E8M0), qs[16] @1; x[j] = kv[qs[j]&0xF]*2^(e-128), x[j+16] = kv[qs[j]>>4]*2^(e-128), "
+             "kv = doubled E2M1 {0,1,2,3,4,6,8,12,-0,-1,..,-12} (17 bytes)",
 }
 
 
@@ -1223,7 +1322,8 @@ def make_quants(out: Path, seed: int = 12345) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     index = {}
-    for name in ["F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]:
+    for name in ["F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+                 "MXFP4"]:
         qt = QT[name]
         block, tsize = gguf.GGML_QUANT_SIZES[qt]
         if name in ("F16", "BF16"):
@@ -1246,6 +1346,11 @@ def make_quants(out: Path, seed: int = 12345) -> dict:
             x[1] -= 0.05  # an all-negative-leaning block
             x[4] = np.abs(x[4])  # an all-positive block
             raw = gguf.quants.quantize(x.reshape(1, -1), qt).reshape(-1)
+            if name == "MXFP4":
+                # the subnormal scales (exponent bytes 0 and 1) and a huge one (2^122)
+                raw = raw.copy()
+                for b, ex in ((0, 0), (1, 1), (7, 250)):
+                    raw[b * tsize] = ex
         raw = np.ascontiguousarray(raw, dtype=np.uint8)
         assert raw.size == n_blocks * tsize, (name, raw.size)
         deq = gguf.quants.dequantize(raw.reshape(1, -1), qt).astype(np.float32).reshape(-1)
@@ -1259,7 +1364,7 @@ def make_quants(out: Path, seed: int = 12345) -> dict:
         index[name] = entry
     index["_note"] = ("<TYPE>.bin = raw GGML blocks; <TYPE>.f32 = little-endian float32 of "
                       "gguf.quants.dequantize(bin, GGMLQuantizationType.<TYPE>), flattened. "
-                      "F16/BF16/Q4_0..Q8_0: quantized random floats of varied magnitude; "
+                      "F16/BF16/Q4_0..Q8_0/MXFP4: quantized random floats of varied magnitude (MXFP4: exponent bytes of blocks 0, 1, 7 then set to 0, 1, 250); "
                       "K-quants: random bytes with the f16 super-block scale fields overwritten by "
                       "finite values of magnitude 0.01..0.5 (offsets in random_bytes_except_f16_fields_at). "
                       f"gguf-py {gguf_version()}.")
@@ -1437,7 +1542,12 @@ def write_readme(out: Path, model_infos: list, gguf_infos: list, argv: list[str]
                          "tower under `vision_tower.`), affine-quantized with MLX's formula in numpy: "
                          f"`quantization` = `{json.dumps(mi['quantization'])}`, scales/biases bf16, other tensors "
                          "bf16 (A_log f32); oracle = transformers on the dequantized weights")
-        if spec["arch"] in ("llama4", "gpt_oss"):
+        if spec.get("mxfp4"):
+            extra.append("**MXFP4** experts as the published checkpoints store them (`*_blocks` [E, out, in/32, 16] + "
+                         "`*_scales` [E, out, in/32], E8M0, gate and up rows interleaved; quantized in numpy with "
+                         "gguf-py's exponent rule, `quantization_config` mxfp4); oracle = transformers on its own "
+                         "dequantization of those blocks")
+        elif spec["arch"] in ("llama4", "gpt_oss"):
             extra.append("experts stored as transformers keeps them, transposed ([E, H, 2I] gate_up_proj, "
                          "[E, I, H] down_proj)" + (", gate and up columns interleaved, with biases"
                                                   if spec["arch"] == "gpt_oss" else ""))

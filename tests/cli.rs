@@ -342,6 +342,30 @@ fn gpt_oss_config_that_contradicts_itself_or_the_tensors_is_refused() {
             assert!(e.contains(w), "{tag}: {w:?} in {e}");
         }
     }
+    // The MXFP4 layout's blocks and scales are checked against the config.
+    let d = fixture_edit(
+        "oss-mxfp4-experts",
+        "gpt_oss_mxfp4",
+        "\"num_local_experts\": 6",
+        "\"num_local_experts\": 7",
+    );
+    let e = fails(&["inspect", d.to_str().unwrap()]);
+    assert!(
+        e.contains("MXFP4 expert tensors") && e.contains("[7, rows, blocks, 16]"),
+        "{e}"
+    );
+    for (tag, from, to, want) in [(
+        "oss-mxfp4-inter",
+        "\"intermediate_size\": 32",
+        "\"intermediate_size\": 40",
+        ["intermediate_size = 40", "32 rows"],
+    )] {
+        let d = fixture_edit(tag, "gpt_oss_mxfp4", from, to);
+        let e = fails(&["inspect", d.to_str().unwrap()]);
+        for w in want {
+            assert!(e.contains(w), "{tag}: {w:?} in {e}");
+        }
+    }
 }
 
 /// Llama 4's and gpt-oss's safetensors store experts transposed: they are
@@ -349,7 +373,7 @@ fn gpt_oss_config_that_contradicts_itself_or_the_tensors_is_refused() {
 /// by name (the packed file streams).
 #[test]
 fn transposed_experts_are_not_streamed_but_pack() {
-    for name in ["llama4", "gpt_oss"] {
+    for name in ["llama4", "gpt_oss", "gpt_oss_mxfp4"] {
         let m = fixtures().join("models").join(name);
         let e = fails(&[
             "logits",

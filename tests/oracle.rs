@@ -80,6 +80,7 @@ fn fixture_set_covers_every_architecture_and_layout() {
         "llama4_maverick",
         "gpt_oss",
         "gpt_oss_plain",
+        "gpt_oss_mxfp4",
     ]
     .into_iter()
     .map(String::from)
@@ -96,6 +97,8 @@ fn fixture_set_covers_every_architecture_and_layout() {
             "qwen3_next",
             "llama4",
             "gpt_oss",
+            // MXFP4 experts as the converter repacks the published layout
+            "gpt_oss_mxfp4",
         ]
         .iter()
         .flat_map(|a| ["f32", "f16", "q8_0"].map(|t| format!("{a}.{t}.gguf"))),

@@ -47,6 +47,8 @@ fn streamed_logits_are_bit_identical_to_resident() {
         "llamacpp/llama4.q8_0.gguf",
         // gpt-oss's resident expert biases beside streamed experts
         "llamacpp/gpt_oss.q8_0.gguf",
+        // MXFP4 expert records
+        "llamacpp/gpt_oss_mxfp4.q8_0.gguf",
     ] {
         let m = match f.split_once('/') {
             Some((dir, file)) => fixtures().join(dir).join(file),
@@ -221,6 +223,12 @@ fn sigmoid_router_models_pack_and_stream() {
                 "blk.1.post_attention_norm.weight",
                 "blk.0.ffn_up.3.weight",
             ][..],
+        ),
+        // gpt-oss's MXFP4 safetensors, repacked at load, written as MXFP4
+        // records.
+        (
+            "gpt_oss_mxfp4",
+            &["blk.0.attn_sinks.weight", "blk.1.ffn_down.2.weight"][..],
         ),
     ] {
         pack_and_stream(name, tensors, "2");

@@ -186,7 +186,7 @@ impl CpuBackend {
     fn product(&self, w: &WeightView<'_>, x: &[f32], n: usize, y: &mut [f32]) {
         let out = Out::new(y, w.rows);
         let bytes = (w.data.len() + w.scales.len() + w.biases.len()) * n.min(4);
-        if w.dtype.is_quantized() && self.activations.integer() {
+        if kernels::integer(w.dtype) && self.activations.integer() {
             ACT.with(|a| {
                 let mut a = a.borrow_mut();
                 let residual = self.activations == Activations::Q16;
@@ -276,7 +276,8 @@ impl Backend for CpuBackend {
                 }
             }
         };
-        if gate.dtype.is_quantized() && self.activations.integer() {
+        if kernels::integer(gate.dtype) && kernels::integer(up.dtype) && self.activations.integer()
+        {
             ACT.with(|a| {
                 let mut a = a.borrow_mut();
                 let residual = self.activations == Activations::Q16;

@@ -49,6 +49,11 @@ fn u16at(o: u32) -> u32 { return byte(o) | (byte(o + 1u) << 8u); }
 fn u32at(o: u32) -> u32 { return u16at(o) | (u16at(o + 2u) << 16u); }
 fn f16at(o: u32) -> f32 { return unpack2x16float(u16at(o)).x; }
 fn i8of(b: u32) -> i32 { return bitcast<i32>(b << 24u) >> 24u; }
+fn mxfp4(q: u32) -> f32 {
+    let m = q & 7u;
+    let big = f32((4u + 2u * (m & 1u)) << ((max(m, 4u) - 4u) >> 1u));
+    return select(1.0, -1.0, q >= 8u) * select(f32(m), big, m >= 4u);
+}
 "#;
 
 /// The decoder of one type: `fn deq(rb, u, r)` fills `v` with values
@@ -111,6 +116,18 @@ fn decoder(dtype: DType, f16: bool) -> String {
         DType::Q8_0 => {
             "let o = rb + u * 34u; let d = f16at(o);
              for (var j = 0u; j < 32u; j++) { v[j] = f32(i8of(byte(o + 2u + j))) * d; }"
+        }
+        DType::MXFP4 => {
+            // 2^(e - 128) from the exponent byte (ggml's half E8M0), and the
+            // doubled E2M1 magnitudes 0,1,2,3,4,6,8,12 computed from the
+            // code's three low bits: m, or (4 + 2·(m & 1)) << ((m - 4) >> 1).
+            "let o = rb + u * 17u; let e = byte(o);
+             let d = select(bitcast<f32>((e - 1u) << 23u), bitcast<f32>(0x00200000u << e), e < 2u);
+             for (var j = 0u; j < 16u; j++) {
+                 let q = byte(o + 1u + j);
+                 v[j] = mxfp4(q & 15u) * d;
+                 v[j + 16u] = mxfp4(q >> 4u) * d;
+             }"
         }
         DType::Q2_K => {
             "let o = rb + (u >> 3u) * 84u; let s = u & 7u; let n = s >> 2u; let si = s & 3u;

@@ -80,6 +80,10 @@ pub enum DType {
     Q4_K,
     Q5_K,
     Q6_K,
+    /// OCP microscaling FP4 (gpt-oss's experts): per 32 weights an E8M0
+    /// exponent byte and 16 bytes of E2M1 codes, ggml's layout (byte `j`
+    /// holds weight `j` low and weight `j + 16` high).
+    MXFP4,
     /// MLX affine quantization; the block is one group's packed values
     /// (its scale and bias live in separate tensors).
     Mlx(MlxQuant),
@@ -87,7 +91,7 @@ pub enum DType {
 
 impl DType {
     /// Every supported type.
-    pub const ALL: [DType; 13] = [
+    pub const ALL: [DType; 14] = [
         DType::F32,
         DType::F16,
         DType::BF16,
@@ -101,13 +105,16 @@ impl DType {
         DType::Q4_K,
         DType::Q5_K,
         DType::Q6_K,
+        DType::MXFP4,
     ];
 
     /// Elements per block (1 for plain floats).
     pub const fn block_size(self) -> usize {
         match self {
             DType::F32 | DType::F16 | DType::BF16 => 1,
-            DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 => 32,
+            DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 | DType::MXFP4 => {
+                32
+            }
             DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K => 256,
             DType::Mlx(q) => q.group as usize,
         }
@@ -128,6 +135,7 @@ impl DType {
             DType::Q4_K => 144,
             DType::Q5_K => 176,
             DType::Q6_K => 210,
+            DType::MXFP4 => 17,
             DType::Mlx(q) => q.group as usize * q.bits as usize / 8,
         }
     }
@@ -185,6 +193,7 @@ impl DType {
             DType::Q5_K => 13,
             DType::Q6_K => 14,
             DType::BF16 => 30,
+            DType::MXFP4 => 39,
             DType::Mlx(_) => u32::MAX,
         }
     }
@@ -210,6 +219,7 @@ impl DType {
             DType::Q4_K => "Q4_K",
             DType::Q5_K => "Q5_K",
             DType::Q6_K => "Q6_K",
+            DType::MXFP4 => "MXFP4",
             DType::Mlx(q) => match q.bits {
                 2 => "MLX2",
                 3 => "MLX3",

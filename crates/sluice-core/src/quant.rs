@@ -43,7 +43,7 @@ pub fn dequantize_unchecked(dtype: DType, src: &[u8], dst: &mut [f32]) {
         DType::F16 => halves(src, dst, f16_bits),
         DType::BF16 => halves(src, dst, bf16_bits),
         #[cfg(target_arch = "x86_64")]
-        DType::Q4_0 | DType::Q8_0 if simd::available() => {
+        DType::Q4_0 | DType::Q8_0 | DType::MXFP4 if simd::available() => {
             let n = dst.len() / bs;
             assert!(
                 src.len() >= n * bb,
@@ -51,10 +51,10 @@ pub fn dequantize_unchecked(dtype: DType, src: &[u8], dst: &mut [f32]) {
             );
             // SAFETY: AVX2 is present (checked at run time), and the block counts of `src` and `dst` were checked just above.
             unsafe {
-                if dtype == DType::Q4_0 {
-                    simd::q4_0(&src[..n * bb], &mut dst[..n * bs])
-                } else {
-                    simd::q8_0(&src[..n * bb], &mut dst[..n * bs])
+                match dtype {
+                    DType::Q4_0 => simd::q4_0(&src[..n * bb], &mut dst[..n * bs]),
+                    DType::Q8_0 => simd::q8_0(&src[..n * bb], &mut dst[..n * bs]),
+                    _ => simd::mxfp4(&src[..n * bb], &mut dst[..n * bs]),
                 }
             }
         }
@@ -67,7 +67,8 @@ pub fn dequantize_unchecked(dtype: DType, src: &[u8], dst: &mut [f32]) {
     }
 }
 
-/// AVX2 dequantization of the two most common expert formats. Each value
+/// AVX2 dequantization of the most common expert formats (MXFP4 has no
+/// integer kernel, so this is its product's inner loop). Each value
 /// is one exact integer-to-float conversion times the block scale, as in
 /// the scalar code, so the results are bit-identical; the scalar loops
 /// were the larger half of the quantized matmul's time.
@@ -96,6 +97,37 @@ mod simd {
             {
                 let q = _mm256_sub_epi32(_mm256_cvtepu8_epi32(v), eight);
                 let f = _mm256_mul_ps(_mm256_cvtepi32_ps(q), d);
+                // SAFETY: `y` has 32 floats; k*8..k*8+8 is in range.
+                unsafe { _mm256_storeu_ps(y.as_mut_ptr().add(k * 8), f) };
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX2 must be available; `src` holds exactly `dst.len() / 32` blocks.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn mxfp4(src: &[u8], dst: &mut [f32]) {
+        let mut t = [0u8; 16];
+        for (o, v) in t.iter_mut().zip(super::MXFP4_VALUES) {
+            *o = v as u8;
+        }
+        // SAFETY: `t` has 16 bytes.
+        let lut = unsafe { _mm_loadu_si128(t.as_ptr() as *const __m128i) };
+        for (b, y) in src.chunks_exact(17).zip(dst.chunks_exact_mut(32)) {
+            let d = _mm256_set1_ps(super::e8m0_half(b[0]));
+            // SAFETY: `b` has 17 bytes: the exponent and 16 bytes of codes.
+            let qs = unsafe { _mm_loadu_si128(b.as_ptr().add(1) as *const __m128i) };
+            let lo = _mm_shuffle_epi8(lut, _mm_and_si128(qs, _mm_set1_epi8(0x0f)));
+            let hi = _mm_shuffle_epi8(
+                lut,
+                _mm_and_si128(_mm_srli_epi16(qs, 4), _mm_set1_epi8(0x0f)),
+            );
+            for (k, v) in [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)]
+                .into_iter()
+                .enumerate()
+            {
+                // Small integers times a power of two: exact, as the scalar.
+                let f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), d);
                 // SAFETY: `y` has 32 floats; k*8..k*8+8 is in range.
                 unsafe { _mm256_storeu_ps(y.as_mut_ptr().add(k * 8), f) };
             }
@@ -154,6 +186,7 @@ fn block_fn(dtype: DType) -> BlockFn {
         DType::Q4_K => q4_k,
         DType::Q5_K => q5_k,
         DType::Q6_K => q6_k,
+        DType::MXFP4 => mxfp4,
         DType::F32 | DType::F16 | DType::BF16 => unreachable!("not a block type"),
         DType::Mlx(_) => unreachable!("MLX rows dequantize with dequantize_mlx"),
     }
@@ -544,8 +577,32 @@ fn q6_k(b: &[u8], y: &mut [f32]) {
     }
 }
 
+/// MXFP4's E2M1 values, doubled (ggml's table): the exponent byte then
+/// scales by `2^(e - 128)`.
+pub const MXFP4_VALUES: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+
+/// `2^(e - 128)`: half of an E8M0 scale, as ggml applies it to the doubled
+/// values (subnormal for `e < 2`).
+#[inline]
+pub fn e8m0_half(e: u8) -> f32 {
+    if e < 2 {
+        f32::from_bits(0x0020_0000 << e)
+    } else {
+        f32::from_bits(((e as u32) - 1) << 23)
+    }
+}
+
+fn mxfp4(b: &[u8], o: &mut [f32]) {
+    let d = e8m0_half(b[0]);
+    for j in 0..16 {
+        let q = b[1 + j];
+        o[j] = MXFP4_VALUES[(q & 15) as usize] as f32 * d;
+        o[j + 16] = MXFP4_VALUES[(q >> 4) as usize] as f32 * d;
+    }
+}
+
 /// Byte offsets of the f16 scale fields inside one block of `dtype`
-/// (empty for plain float types).
+/// (empty for plain float types and MXFP4, whose scale is a byte).
 pub fn scale_field_offsets(dtype: DType) -> &'static [usize] {
     match dtype {
         DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => &[0],
@@ -553,7 +610,7 @@ pub fn scale_field_offsets(dtype: DType) -> &'static [usize] {
         DType::Q2_K => &[80, 82],
         DType::Q3_K => &[108],
         DType::Q6_K => &[208],
-        DType::F32 | DType::F16 | DType::BF16 | DType::Mlx(_) => &[],
+        DType::F32 | DType::F16 | DType::BF16 | DType::MXFP4 | DType::Mlx(_) => &[],
     }
 }
 
@@ -662,6 +719,14 @@ pub fn fill_random_tensor(dtype: DType, out: &mut [u8], seed: u64, scale: f32) {
             rem.copy_from_slice(&z[..n]);
             let d = scale / if dtype == DType::Q8_0 { 127.0 } else { 16.0 };
             let bb = dtype.block_bytes();
+            if dtype == DType::MXFP4 {
+                // Exponents within a factor 2 either side of `scale / 12`.
+                let base = 128.0 + (scale / 12.0).max(1e-30).log2().round();
+                for blk in out.chunks_exact_mut(bb) {
+                    blk[0] = (base + (unit(next()) * 1.5).round()).clamp(2.0, 254.0) as u8;
+                }
+                return;
+            }
             for blk in out.chunks_exact_mut(bb) {
                 for (i, &o) in scale_field_offsets(dtype).iter().enumerate() {
                     let u = unit(next());
@@ -680,6 +745,27 @@ pub fn fill_random_tensor(dtype: DType, out: &mut [u8], seed: u64, scale: f32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mxfp4_fast_path_equals_the_reference_blocks() {
+        let mut raw = random_tensor_bytes(DType::MXFP4, 32 * 64, 7, 3.0);
+        // Subnormal and large exponents too.
+        raw[0] = 0;
+        raw[17] = 1;
+        raw[34] = 250;
+        let mut fast = vec![0f32; 32 * 64];
+        dequantize(DType::MXFP4, &raw, &mut fast).unwrap();
+        let mut slow = vec![0f32; 32];
+        for (b, y) in raw.chunks_exact(17).zip(fast.chunks_exact(32)) {
+            mxfp4(b, &mut slow);
+            assert_eq!(
+                slow.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+        }
+        assert_eq!(e8m0_half(128), 1.0);
+        assert_eq!(e8m0_half(0), 2f32.powi(-128));
+    }
 
     #[test]
     fn dequantize_rejects_wrong_lengths() {

@@ -806,6 +806,62 @@ impl Loader<'_> {
         })
     }
 
+    /// Expert `e` of gpt-oss's MXFP4 safetensors (`{base}_blocks [E, R, C/32,
+    /// 16]` and `{base}_scales [E, R, C/32]`, bytes; within a block byte
+    /// `j` holds weights `2j` low and `2j + 1` high), rows `r · sub.1 +
+    /// sub.0` (gate and up interleave), repacked into ggml's MXFP4 blocks
+    /// (weight `j` low and `j + 16` high beside its exponent byte): a copy
+    /// in memory, so such experts cannot be streamed.
+    fn mxfp4_stacked(
+        &self,
+        base: &str,
+        e: usize,
+        n_experts: usize,
+        sub: (usize, usize),
+    ) -> Result<Weight> {
+        let (bn, sn) = (format!("{base}_blocks"), format!("{base}_scales"));
+        let (bt, st) = (self.info(&bn)?, self.info(&sn)?);
+        let ok = bt.dtype_name == "U8"
+            && st.dtype_name == "U8"
+            && bt.shape.len() == 4
+            && bt.shape[0] == n_experts
+            && bt.shape[3] == 16
+            && bt.shape[1] % sub.1 == 0
+            && st.shape == bt.shape[..3];
+        if !ok {
+            return Err(Error::Model(format!(
+                "MXFP4 expert tensors {bn} {:?} {} and {sn} {:?} {} are not [{n_experts}, rows, blocks, 16] and [{n_experts}, rows, blocks] bytes",
+                bt.shape, bt.dtype_name, st.shape, st.dtype_name
+            )));
+        }
+        let (all_rows, nb) = (bt.shape[1], bt.shape[2]);
+        let rows = all_rows / sub.1;
+        let blocks = self.part(bt, e * all_rows * nb * 16, all_rows * nb * 16)?;
+        let scales = self.part(st, e * all_rows * nb, all_rows * nb)?;
+        let mut out = vec![0u8; rows * nb * 17];
+        for r in 0..rows {
+            let src = r * sub.1 + sub.0;
+            for b in 0..nb {
+                let o = &mut out[(r * nb + b) * 17..][..17];
+                o[0] = scales.data[src * nb + b];
+                let q = &blocks.data[(src * nb + b) * 16..][..16];
+                let code = |i: usize| (q[i / 2] >> (4 * (i % 2))) & 15;
+                for j in 0..16 {
+                    o[1 + j] = code(j) | (code(j + 16) << 4);
+                }
+            }
+        }
+        Ok(Weight {
+            dtype: DType::MXFP4,
+            rows,
+            cols: nb * 32,
+            file: bt.file,
+            data: TensorBytes::from_vec(out),
+            aux: None,
+            id: sluice_core::fresh_weight_id(),
+        })
+    }
+
     /// Every expert of a layer whose gate, up and down matrices are each
     /// stacked `[E, rows, cols]` under `name("gate" | "up" | "down")`.
     fn stacked_experts(
@@ -1455,12 +1511,22 @@ fn gpt_oss_moe(l: &Loader, c: &Config, base: &str) -> Result<Ffn> {
         format!("{base}.experts.gate_up_proj"),
         format!("{base}.experts.down_proj"),
     );
+    // The published checkpoints keep the experts in MXFP4, not transposed.
+    let mxfp4 = l.has(&format!("{gu}_blocks"));
     let experts = (0..ne)
         .map(|e| {
-            let m = Mlp {
-                gate: l.transposed_stacked(&gu, e, ne, (0, 2), true)?,
-                up: l.transposed_stacked(&gu, e, ne, (1, 2), true)?,
-                down: l.transposed_stacked(&dn, e, ne, (0, 1), false)?,
+            let m = if mxfp4 {
+                Mlp {
+                    gate: l.mxfp4_stacked(&gu, e, ne, (0, 2))?,
+                    up: l.mxfp4_stacked(&gu, e, ne, (1, 2))?,
+                    down: l.mxfp4_stacked(&dn, e, ne, (0, 1))?,
+                }
+            } else {
+                Mlp {
+                    gate: l.transposed_stacked(&gu, e, ne, (0, 2), true)?,
+                    up: l.transposed_stacked(&gu, e, ne, (1, 2), true)?,
+                    down: l.transposed_stacked(&dn, e, ne, (0, 1), false)?,
+                }
             };
             check_mlp(&m, h, &gu)?;
             Ok(m)

@@ -10,7 +10,7 @@
 use sluice_backend_cpu::{Activations, CpuBackend, CpuOptions};
 use sluice_backend_sim::{DeviceClock, PacedEngine, SimBackend};
 use sluice_core::record::{KernelLog, Recording};
-use sluice_core::{Backend, Error, Result};
+use sluice_core::{Backend, DType, Error, Result};
 use sluice_engine::forward::Replay;
 use sluice_engine::model::Ffn;
 use sluice_engine::{Model, Session};
@@ -191,15 +191,18 @@ impl Opened {
 /// Whether any matrix of the model is block-quantized (GGUF quant types,
 /// MLX), which the CPU multiplies with quantized activations.
 fn has_quantized(model: &Model) -> bool {
-    let mut q = model.embed.dtype.is_quantized() || model.lm_head.dtype.is_quantized();
+    any_weight(model, DType::is_quantized)
+}
+
+/// Whether any weight (the first expert's standing for its layer's) has a
+/// type `f` picks.
+fn any_weight(model: &Model, f: impl Fn(DType) -> bool) -> bool {
+    let mut q = f(model.embed.dtype) || f(model.lm_head.dtype);
     for l in &model.layers {
-        q |= l.mixer_weights().iter().any(|w| w.dtype.is_quantized());
+        q |= l.mixer_weights().iter().any(|w| f(w.dtype));
         q |= match &l.ffn {
-            Ffn::Dense(m) => m.gate.dtype.is_quantized(),
-            Ffn::Moe(m) => m
-                .experts
-                .first()
-                .is_some_and(|e| e.gate.dtype.is_quantized()),
+            Ffn::Dense(m) => f(m.gate.dtype),
+            Ffn::Moe(m) => m.experts.first().is_some_and(|e| f(e.gate.dtype)),
         };
     }
     q
@@ -221,7 +224,14 @@ fn announce_kernels(
         Activations::Q8 if has_quantized(model) => "activations quantized to 8 bits per 32 values, as llama.cpp does (logits move by percents on small models and routing can change; --activations q16 or f32 to avoid)".to_string(),
         _ => "f32 weights, exact products".to_string(),
     };
-    notes.push(format!("CPU kernels: {isa}, {threads} threads; {how}"));
+    let mxfp4 = if activations != Activations::F32 && any_weight(model, |d| d == DType::MXFP4) {
+        "; MXFP4 weights take exact products (f32 activations): there is no integer MXFP4 kernel yet"
+    } else {
+        ""
+    };
+    notes.push(format!(
+        "CPU kernels: {isa}, {threads} threads; {how}{mxfp4}"
+    ));
 }
 
 /// Applies the experts-per-token override to a loaded model and says so,

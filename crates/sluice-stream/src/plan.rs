@@ -72,7 +72,7 @@ impl Plans {
                 let parts = [&x.gate, &x.up, &x.down].map(|w| w.parts());
                 if parts.iter().flatten().any(|(_, d)| !d.is_mapped()) {
                     return Err(Error::Unsupported(format!(
-                        "streaming layer {} expert {e}: its weights were rearranged in memory at load (the file stores them transposed, as Llama 4's and gpt-oss's float safetensors do), so they are not a range of the file to read; convert the model to GGUF first (llama.cpp's convert_hf_to_gguf.py)",
+                        "streaming layer {} expert {e}: its weights were rearranged in memory at load (the file stores them transposed, as Llama 4's and gpt-oss's float safetensors do, or in another block layout, as gpt-oss's MXFP4 ones), so they are not a range of the file to read; convert the model to GGUF first (`sluice pack`, or llama.cpp's convert_hf_to_gguf.py)",
                         layers.len()
                     )));
                 }

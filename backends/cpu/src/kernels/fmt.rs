@@ -240,7 +240,9 @@ pub fn header(
                 m[2 * i + 1] = bi + off * sc;
             }
         }
-        DType::F32 | DType::F16 | DType::BF16 => unreachable!("float weights take the f32 path"),
+        DType::F32 | DType::F16 | DType::BF16 | DType::MXFP4 => {
+            unreachable!("float and MXFP4 weights take the f32 path")
+        }
     }
 }
 
@@ -315,7 +317,9 @@ pub fn codes(dt: DType, row: Row<'_>, u: usize, c: &mut [u8; 32]) {
             }
         }
         DType::Mlx(q) => mlx_codes(q, b, u, c),
-        DType::F32 | DType::F16 | DType::BF16 => unreachable!("float weights have no codes"),
+        DType::F32 | DType::F16 | DType::BF16 | DType::MXFP4 => {
+            unreachable!("float and MXFP4 weights take the f32 path")
+        }
     }
 }
 
@@ -349,7 +353,7 @@ mod tests {
         let mut types: Vec<DType> = DType::ALL
             .iter()
             .copied()
-            .filter(|t| t.is_quantized())
+            .filter(|t| super::super::integer(*t))
             .collect();
         for bits in [2, 3, 4, 5, 6, 8] {
             for (g, s) in [

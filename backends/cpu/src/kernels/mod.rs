@@ -255,6 +255,12 @@ pub fn q8_layout(isa: Isa, dt: DType, residual: bool) -> Layout {
     }
 }
 
+/// Whether `dt` has 8-bit-activation kernels. MXFP4 has none yet: its
+/// products run on the f32 path (weights dequantized exactly).
+pub const fn integer(dt: DType) -> bool {
+    dt.is_quantized() && !matches!(dt, DType::MXFP4)
+}
+
 /// Rows `r0..r1` of `w` against the quantized activations `act` (made with
 /// [`q8_layout`]`(isa, w.dtype)`).
 pub fn q8_tile(isa: Isa, w: &WeightView<'_>, r0: usize, r1: usize, act: &QAct, out: Out) {
