@@ -313,54 +313,48 @@ fn llama4_config_that_contradicts_itself_or_the_tensors_is_refused() {
 /// and widths that contradict the stacked tensors.
 #[test]
 fn gpt_oss_config_that_contradicts_itself_or_the_tensors_is_refused() {
-    for (tag, from, to, want) in [
+    for (fixture, tag, from, to, want) in [
         (
+            "gpt_oss",
             "oss-limit",
             "\"swiglu_limit\": 0.8",
             "\"swiglu_limit\": -1.0",
-            ["clamped SwiGLU", "positive limit"],
+            &["clamped SwiGLU", "positive limit"][..],
         ),
         (
+            "gpt_oss",
             "oss-experts",
             "\"num_local_experts\": 6",
             "\"num_local_experts\": 7",
-            [
+            &[
                 "gate_up_proj has shape [6, 64, 64]",
                 "expected [7, cols, rows]",
-            ],
+            ][..],
         ),
         (
+            "gpt_oss",
             "oss-inter",
             "\"intermediate_size\": 32",
             "\"intermediate_size\": 40",
-            ["intermediate_size = 40", "32 rows"],
+            &["intermediate_size = 40", "32 rows"][..],
+        ),
+        // The MXFP4 layout's blocks and scales are checked too.
+        (
+            "gpt_oss_mxfp4",
+            "oss-mxfp4-experts",
+            "\"num_local_experts\": 6",
+            "\"num_local_experts\": 7",
+            &["MXFP4 expert tensors", "[7, rows, blocks, 16]"][..],
+        ),
+        (
+            "gpt_oss_mxfp4",
+            "oss-mxfp4-inter",
+            "\"intermediate_size\": 32",
+            "\"intermediate_size\": 40",
+            &["intermediate_size = 40", "32 rows"][..],
         ),
     ] {
-        let d = fixture_edit(tag, "gpt_oss", from, to);
-        let e = fails(&["inspect", d.to_str().unwrap()]);
-        for w in want {
-            assert!(e.contains(w), "{tag}: {w:?} in {e}");
-        }
-    }
-    // The MXFP4 layout's blocks and scales are checked against the config.
-    let d = fixture_edit(
-        "oss-mxfp4-experts",
-        "gpt_oss_mxfp4",
-        "\"num_local_experts\": 6",
-        "\"num_local_experts\": 7",
-    );
-    let e = fails(&["inspect", d.to_str().unwrap()]);
-    assert!(
-        e.contains("MXFP4 expert tensors") && e.contains("[7, rows, blocks, 16]"),
-        "{e}"
-    );
-    for (tag, from, to, want) in [(
-        "oss-mxfp4-inter",
-        "\"intermediate_size\": 32",
-        "\"intermediate_size\": 40",
-        ["intermediate_size = 40", "32 rows"],
-    )] {
-        let d = fixture_edit(tag, "gpt_oss_mxfp4", from, to);
+        let d = fixture_edit(tag, fixture, from, to);
         let e = fails(&["inspect", d.to_str().unwrap()]);
         for w in want {
             assert!(e.contains(w), "{tag}: {w:?} in {e}");

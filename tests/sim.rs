@@ -694,22 +694,7 @@ fn sigmoid_router_presets_match_their_synthesized_files() {
         ("glm-4.5", "q2_k", 92),
         ("glm-4.5-air", "q4_0", 46),
     ] {
-        let j = json(&[
-            "sim",
-            "--model",
-            model,
-            "--device",
-            "iphone-17-pro",
-            "--quant",
-            quant,
-            "--tokens",
-            "3",
-            "--json",
-        ]);
-        let tps = j["tok_per_s"].as_f64().unwrap();
-        assert!(tps > 0.0 && tps <= j["flash_bound_tok_per_s"].as_f64().unwrap() * 1.0001);
-        assert_eq!(j["per_layer"].as_array().unwrap().len(), layers, "{model}");
-        assert_eq!(j["top_k"], 8, "{model}");
+        answers_with(model, "iphone-17-pro", quant, layers, 8);
     }
 }
 
@@ -718,70 +703,42 @@ fn sigmoid_router_presets_match_their_synthesized_files() {
 #[test]
 fn qwen3_next_preset_matches_its_file() {
     preset_matches_its_file("small-qwen3-next", 8);
-    let j = json(&[
-        "sim",
-        "--model",
-        "qwen3-next-80b",
-        "--device",
-        "iphone-17-pro",
-        "--tokens",
-        "3",
-        "--json",
-    ]);
-    let tps = j["tok_per_s"].as_f64().unwrap();
-    assert!(tps > 0.0 && tps <= j["flash_bound_tok_per_s"].as_f64().unwrap() * 1.0001);
-    assert_eq!(j["per_layer"].as_array().unwrap().len(), 48);
-    assert_eq!(j["top_k"], 10);
+    answers_with("qwen3-next-80b", "iphone-17-pro", "q4_0", 48, 10);
 }
 
 /// gpt-oss: the preset's geometry is its synthesized file's, and the 120b
-/// and 20b answer with their 36 and 24 layers, top-4 and windows on half.
+/// and 20b answer with their 36 and 24 layers and top-4, in the published
+/// MXFP4 and in Q4_0.
 #[test]
 fn gpt_oss_presets_match_their_files() {
     preset_matches_its_file("small-gpt-oss", 4);
     for (model, layers) in [("gpt-oss-120b", 36), ("gpt-oss-20b", 24)] {
-        let j = json(&[
-            "sim",
-            "--model",
-            model,
-            "--device",
-            "iphone-17-pro",
-            "--quant",
-            "q4_0",
-            "--tokens",
-            "3",
-            "--json",
-        ]);
-        let tps = j["tok_per_s"].as_f64().unwrap();
-        assert!(tps > 0.0 && tps <= j["flash_bound_tok_per_s"].as_f64().unwrap() * 1.0001);
-        assert_eq!(j["per_layer"].as_array().unwrap().len(), layers, "{model}");
-        assert_eq!(j["top_k"], 4, "{model}");
+        for quant in ["mxfp4", "q4_0"] {
+            answers_with(model, "iphone-17-pro", quant, layers, 4);
+        }
     }
 }
 
 /// Llama 4: the preset's geometry is its synthesized file's, and Scout
-/// and Maverick answer on the phone with their 48 layers and top-1.
+/// and Maverick answer on the laptop with their 48 layers and top-1.
 #[test]
 fn llama4_presets_match_their_files() {
     preset_matches_its_file("small-llama4", 8);
     for model in ["llama4-scout", "llama4-maverick"] {
-        let j = json(&[
-            "sim",
-            "--model",
-            model,
-            "--device",
-            "macbook-pro-m3-max-48gb",
-            "--quant",
-            "q2_k",
-            "--tokens",
-            "3",
-            "--json",
-        ]);
-        let tps = j["tok_per_s"].as_f64().unwrap();
-        assert!(tps > 0.0 && tps <= j["flash_bound_tok_per_s"].as_f64().unwrap() * 1.0001);
-        assert_eq!(j["per_layer"].as_array().unwrap().len(), 48, "{model}");
-        assert_eq!(j["top_k"], 1, "{model}");
+        answers_with(model, "macbook-pro-m3-max-48gb", "q2_k", 48, 1);
     }
+}
+
+/// `sim --model MODEL --device DEVICE --quant QUANT` answers within its
+/// flash bound, with `layers` layers and the model's top-k.
+fn answers_with(model: &str, device: &str, quant: &str, layers: usize, top_k: usize) {
+    let j = json(&[
+        "sim", "--model", model, "--device", device, "--quant", quant, "--tokens", "3", "--json",
+    ]);
+    let tps = j["tok_per_s"].as_f64().unwrap();
+    assert!(tps > 0.0 && tps <= j["flash_bound_tok_per_s"].as_f64().unwrap() * 1.0001);
+    assert_eq!(j["per_layer"].as_array().unwrap().len(), layers, "{model}");
+    assert_eq!(j["top_k"], top_k, "{model}");
 }
 
 fn preset_matches_its_file(preset: &str, layers: usize) {
