@@ -358,6 +358,24 @@ fn parse_request(body: &[u8], chat: bool, family: Family) -> Result<Request, Str
             }
             Some(_) => return Err("tools must be an array".into()),
         };
+        // Nothing constrains decoding to a call, so only the choices that
+        // leave it to the model (or take the tools away) are honoured.
+        let tools = match o.get("tool_choice") {
+            None | Some(Json::Null) => tools,
+            Some(Json::String(s)) if s == "auto" => tools,
+            Some(Json::String(s)) if s == "none" => Vec::new(),
+            Some(Json::String(s)) if s == "required" => {
+                return Err("tool_choice \"required\" is not supported: sluice does not constrain decoding to a tool call; use \"auto\" (the model decides) or \"none\"".into())
+            }
+            Some(Json::Object(_)) => {
+                return Err("tool_choice naming a function is not supported: sluice does not constrain decoding to a tool call; use \"auto\" (the model decides) or \"none\"".into())
+            }
+            Some(other) => {
+                return Err(format!(
+                    "tool_choice must be \"auto\", \"none\", \"required\" or a function, not {other}"
+                ))
+            }
+        };
         let mut extra = match o.get("chat_template_kwargs") {
             None | Some(Json::Null) => Map::new(),
             Some(Json::Object(m)) => m.clone(),
@@ -926,6 +944,26 @@ mod tests {
             bad(r#"{"messages": [{"role": "user", "content": "x"}], "tools": [{}]}"#)
                 .contains("tools[0]")
         );
+        let tool = r#"[{"type": "function", "function": {"name": "f"}}]"#;
+        let with_choice = |c: &str| {
+            format!(
+                r#"{{"messages": [{{"role": "user", "content": "x"}}], "tools": {tool}, "tool_choice": {c}}}"#
+            )
+        };
+        assert!(bad(&with_choice(r#""required""#)).contains("not supported"));
+        assert!(bad(&with_choice(
+            r#"{"type": "function", "function": {"name": "f"}}"#
+        ))
+        .contains("naming a function is not supported"));
+        assert!(bad(&with_choice("3")).contains("tool_choice must be"));
+        for (c, offered) in [(r#""auto""#, true), (r#""none""#, false), ("null", true)] {
+            let r = parse_request(with_choice(c).as_bytes(), true, Family::Hermes).unwrap();
+            assert_eq!(r.has_tools, offered, "{c}");
+            let Input::Chat { tools, .. } = r.input else {
+                panic!()
+            };
+            assert_eq!(tools.is_empty(), !offered, "{c}");
+        }
         let r = parse_request(
             br#"{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
                  {"role": "assistant", "content": null, "tool_calls": [{"id": "a", "type": "function", "function": {"name": "f", "arguments": "{\"x\": 1}"}}]}],
