@@ -226,7 +226,7 @@ impl Predictor for Gate {
             return;
         }
         if let Some(b) = &nm.router_bias {
-            g.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+            crate::forward::add_rows(&mut g, b);
         }
         // Sigmoid routers choose by score plus bias (groups aside: this
         // ranks candidates, it does not decide).

@@ -255,11 +255,7 @@ impl Session {
         let mut y = vec![0f32; n * l.w.rows];
         self.backend.matmul(l.w.view(), x, n, &mut y)?;
         if let Some(b) = &l.bias {
-            for row in y.chunks_exact_mut(b.len()) {
-                for (v, bb) in row.iter_mut().zip(b) {
-                    *v += bb;
-                }
-            }
+            add_rows(&mut y, b);
         }
         Ok(y)
     }
@@ -625,9 +621,7 @@ impl Session {
         let mut logits = vec![0f32; n * ne];
         self.backend.matmul(m.router.view(), x, n, &mut logits)?;
         if let Some(b) = &m.router_bias {
-            for row in logits.chunks_exact_mut(ne) {
-                row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
-            }
+            add_rows(&mut logits, b);
         }
         // Per expert: (token, weight) pairs.
         let mut assigned: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ne];
@@ -839,14 +833,9 @@ fn biased_mlp(
     let (mut g, mut u) = (vec![0f32; n * inter], vec![0f32; n * inter]);
     backend.matmul(w[0], x, n, &mut g)?;
     backend.matmul(w[1], x, n, &mut u)?;
-    let add = |y: &mut [f32], b: &[f32]| {
-        for row in y.chunks_exact_mut(b.len()) {
-            row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
-        }
-    };
     if let Some([bg, bu, _]) = bias {
-        add(&mut g, bg);
-        add(&mut u, bu);
+        add_rows(&mut g, bg);
+        add_rows(&mut u, bu);
     }
     for (gv, uv) in g.iter_mut().zip(&u) {
         *gv = match act {
@@ -857,9 +846,16 @@ fn biased_mlp(
     let mut y = vec![0f32; n * w[2].rows];
     backend.matmul(w[2], &g, n, &mut y)?;
     if let Some([_, _, bd]) = bias {
-        add(&mut y, bd);
+        add_rows(&mut y, bd);
     }
     Ok(y)
+}
+
+/// Adds the bias `b` to every row of `y` (rows of `b.len()`).
+pub(crate) fn add_rows(y: &mut [f32], b: &[f32]) {
+    for row in y.chunks_exact_mut(b.len()) {
+        row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+    }
 }
 
 /// Splits the `n` rows of a grouped projection's output (per key head, the

@@ -304,6 +304,24 @@ fn ids(v: Option<&serde_json::Value>) -> Vec<u32> {
     }
 }
 
+/// The first `n_layers` entries of a GGUF per-layer array of flags, which
+/// converters write as booleans or as integers.
+fn layer_flags(v: &[Value], n_layers: usize) -> Vec<bool> {
+    v.iter()
+        .take(n_layers)
+        .map(|x| x.as_bool().or(x.as_u64().map(|i| i != 0)) == Some(true))
+        .collect()
+}
+
+/// A number of the packed config's object `v` (`what` names it in the
+/// error).
+fn packed_f32(v: &serde_json::Value, what: &str, k: &str) -> Result<f32> {
+    v.get(k)
+        .and_then(|x| x.as_f64())
+        .map(|x| x as f32)
+        .ok_or_else(|| bad(format!("packed config: {what} without \"{k}\"")))
+}
+
 /// Most layers a config may state.
 const MAX_LAYERS: usize = 4096;
 
@@ -820,12 +838,7 @@ impl Config {
             },
             yarn: match v.get("yarn") {
                 Some(y) if !y.is_null() => {
-                    let g = |k: &str| {
-                        y.get(k)
-                            .and_then(|x| x.as_f64())
-                            .map(|x| x as f32)
-                            .ok_or_else(|| bad(format!("packed config: yarn without \"{k}\"")))
-                    };
+                    let g = |k: &str| packed_f32(y, "yarn", k);
                     Some(Yarn {
                         factor: g("factor")?,
                         orig_ctx: need(y, "orig_ctx")?,
@@ -871,18 +884,10 @@ impl Config {
                 _ => None,
             },
             swiglu: match v.get("swiglu") {
-                Some(a) if !a.is_null() => {
-                    let g = |k: &str| {
-                        a.get(k)
-                            .and_then(|x| x.as_f64())
-                            .map(|x| x as f32)
-                            .ok_or_else(|| bad(format!("packed config: swiglu without \"{k}\"")))
-                    };
-                    Some(ClampedSwiglu {
-                        alpha: g("alpha")?,
-                        limit: g("limit")?,
-                    })
-                }
+                Some(a) if !a.is_null() => Some(ClampedSwiglu {
+                    alpha: packed_f32(a, "swiglu", "alpha")?,
+                    limit: packed_f32(a, "swiglu", "limit")?,
+                }),
                 _ => None,
             },
         };
@@ -1345,12 +1350,7 @@ impl Config {
                 .get(&format!("{a}.attention.sliding_window_pattern"))
                 .and_then(Value::as_array)
                 .filter(|p| p.len() >= n_layers)
-                .map(|p| {
-                    p.iter()
-                        .take(n_layers)
-                        .map(|v| v.as_bool().or(v.as_u64().map(|x| x != 0)) == Some(true))
-                        .collect::<Vec<bool>>()
-                });
+                .map(|p| layer_flags(p, n_layers));
             Llama4Attn {
                 rope_layers: if off {
                     vec![true; n_layers]
@@ -1375,11 +1375,14 @@ impl Config {
                             r.len()
                         )));
                     }
-                    r.iter()
-                        .take(n_layers)
-                        .map(|v| match v.as_bool().or(v.as_u64().map(|x| x != 0)) {
-                            Some(true) => Mixer::Linear,
-                            _ => Mixer::Attention,
+                    layer_flags(r, n_layers)
+                        .into_iter()
+                        .map(|linear| {
+                            if linear {
+                                Mixer::Linear
+                            } else {
+                                Mixer::Attention
+                            }
                         })
                         .collect()
                 }
@@ -1427,11 +1430,7 @@ impl Config {
                 let pattern = g.get(&format!("{a}.attention.sliding_window_pattern"));
                 let marked: Vec<bool> = match pattern {
                     Some(p) => match (p.as_array(), p.as_u64()) {
-                        (Some(arr), _) if arr.len() >= n_layers => arr
-                            .iter()
-                            .take(n_layers)
-                            .map(|v| v.as_bool().or(v.as_u64().map(|x| x != 0)) == Some(true))
-                            .collect(),
+                        (Some(arr), _) if arr.len() >= n_layers => layer_flags(arr, n_layers),
                         (None, Some(every)) => (0..n_layers)
                             .map(|i| every == 0 || (i as u64 % every) < every - 1)
                             .collect(),
