@@ -14,7 +14,7 @@
 //! counts). One JSON line per measurement.
 
 use sluice_backend_cpu::{Activations, CpuBackend, CpuOptions, Isa};
-use sluice_core::{quant, Backend, DType, HalfType, MlxQuant, WeightView};
+use sluice_core::{fp8, quant, Backend, DType, Fp8Block, HalfType, MlxQuant, WeightView};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -31,12 +31,14 @@ fn num(name: &str, default: usize) -> usize {
 }
 
 /// Every type the kernels read (MLX: groups of 64, bf16 scales, as
-/// mlx-community publishes).
+/// mlx-community publishes; FP8: 128×128 tiles, f32 scales, as DeepSeek
+/// publishes).
 fn types() -> Vec<DType> {
     let mut v: Vec<DType> = DType::ALL.to_vec();
     for bits in [2, 3, 4, 5, 6, 8] {
         v.push(DType::Mlx(MlxQuant::new(bits, 64, HalfType::Bf16).unwrap()));
     }
+    v.push(DType::FP8(Fp8Block::new(128, 128, HalfType::F32).unwrap()));
     match arg("--types") {
         Some(list) => v
             .into_iter()
@@ -94,13 +96,22 @@ fn copies(dt: DType, rows: usize, cols: usize, total: usize) -> Copies {
             }
             (p, s, b)
         }
+        DType::FP8(q) => {
+            let f = quant::random_tensor_bytes(DType::F32, rows * cols, 1, 0.1);
+            let f: Vec<f32> = f
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            let (codes, s) = fp8::quantize(q, &f, rows, cols).unwrap();
+            (codes, s, Vec::new())
+        }
         _ => (
             quant::random_tensor_bytes(dt, rows * cols, 1, 0.1),
             Vec::new(),
             Vec::new(),
         ),
     };
-    let n = total.div_ceil(d.len() + 2 * scales.len()).max(2);
+    let n = total.div_ceil(d.len() + scales.len() + biases.len()).max(2);
     Copies {
         data: vec![d; n],
         scales,
@@ -152,7 +163,7 @@ fn main() {
             .iter()
             .map(|d| WeightView::with_aux(dt, rows, cols, d, &c.scales, &c.biases).unwrap())
             .collect();
-        let bytes = views[0].data.len() + 2 * c.scales.len();
+        let bytes = views[0].data.len() + c.scales.len() + c.biases.len();
         let x: Vec<f32> = (0..tokens * cols)
             .map(|i| ((i % 13) as f32 - 6.0) * 0.1)
             .collect();

@@ -62,6 +62,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -281,6 +282,14 @@ MODEL_FIXTURES = {
     # numpy like gguf-py's quantizer), quantization_config quant_method "mxfp4"; the oracle is
     # transformers on the weights transformers' own MXFP4 dequantizer makes of them
     "gpt_oss_mxfp4": dict(BASE["gpt_oss"], seed=9750, mxfp4=True),
+    # block-scaled FP8 as DeepSeek-V3/Kimi K2/GLM-4.5 publish it: every linear weight of the layers
+    # (not the routers) F8_E4M3 with a `weight_scale_inv` grid, quantized per tile as the checkpoints
+    # are (scale = amax / 448). Tiles smaller than the published 128x128 and not dividing the shapes,
+    # so partial tiles and MLA's per-head slices that start mid-tile are exercised; f32 scales
+    # (DeepSeek's) here, bf16 on the GLM one. Oracle: transformers on the weights its own FP8
+    # dequantizer (`_dequantize_fp8_weight`) makes of the stored codes
+    "deepseek_v3_fp8": dict(BASE["deepseek_v3"], seed=6200, fp8=dict(block=[16, 32], scales="float32")),
+    "glm4_moe_fp8": dict(BASE["glm4_moe"], seed=8200, fp8=dict(block=[24, 40], scales="bfloat16")),
     # gpt-oss-20b's published switches: limit 7, alpha 1.702 (defaults, not written), truncated
     # YaRN off (no rope scaling), explicit layer_types with full attention first; other seed and widths
     "gpt_oss_plain": dict(
@@ -661,9 +670,92 @@ def mxfp4_reference(d: Path, spec: dict, seed: int):
     return model
 
 
+def fp8_quantized(name: str, w: torch.Tensor) -> bool:
+    """Whether a saved tensor is one the FP8 checkpoints store in FP8: the layers' linear weights,
+    not the routers (`mlp.gate`, `mlp.router`) nor norms, embeddings or the output head."""
+    return (name.startswith("model.layers.") and name.endswith(".weight") and w.ndim == 2
+            and not name.endswith(("mlp.gate.weight", "mlp.router.weight")))
+
+
+def fp8_quantize(w: torch.Tensor, block: list, scale_dtype: torch.dtype):
+    """[R, C] float -> (E4M3 codes [R, C], weight_scale_inv [ceil(R/br), ceil(C/bc)]) with the published
+    recipe: per tile scale = amax / 448 (1 for an all-zero tile) in the scale type, codes = the value
+    over its scale, clamped to +-448 and cast (round to nearest even)."""
+    br, bc = block
+    r, c = w.shape
+    gr, gc = -(-r // br), -(-c // bc)
+    padded = torch.zeros(gr * br, gc * bc, dtype=torch.float32)
+    padded[:r, :c] = w.float()
+    tiles = padded.reshape(gr, br, gc, bc)
+    amax = tiles.abs().amax(dim=(1, 3))
+    s = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax)).to(scale_dtype)
+    full = s.float().repeat_interleave(br, 0).repeat_interleave(bc, 1)[:r, :c]
+    codes = (w.float() / full).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return codes, s
+
+
+def make_fp8_fixture(name: str, spec: dict, out_dir: Path, tok: Tokenizer, ids, min_gap: float) -> dict:
+    """A block-scaled FP8 checkpoint; oracle on transformers' dequantization of the stored codes."""
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+    from safetensors.torch import save_file
+    print(f"[model] {name}", flush=True)
+    block, scale_dtype = spec["fp8"]["block"], getattr(torch, spec["fp8"]["scales"])
+    model_cls = model_class(spec)
+
+    def quantized(model, seed):
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tensors = load_file(str(Path(tmp) / "model.safetensors"))
+            stored, deq = {}, {}
+            for k, v in tensors.items():
+                if fp8_quantized(k, v):
+                    codes, s = fp8_quantize(v, block, scale_dtype)
+                    stored[k], stored[k[:-len("weight")] + "weight_scale_inv"] = codes, s
+                    deq[k] = _dequantize_fp8_weight(codes, s, block, torch.float32)
+                else:
+                    stored[k] = deq[k] = v
+            save_file({k: v.contiguous() for k, v in deq.items()}, str(Path(tmp) / "model.safetensors"),
+                      metadata={"format": "pt"})
+            ref = model_cls.from_pretrained(tmp, dtype=torch.float32, attn_implementation="eager",
+                                            experts_implementation="eager")
+            ref.eval()
+            cfg = json.loads((Path(tmp) / "config.json").read_text())
+        logits, gap, _ = forward_with_gaps(ref, ids, spec["top_k"])
+        if gap <= min_gap:
+            print(f"    seed {seed}: dequantized router gap {gap:.2e} too small", flush=True)
+            return None
+        return stored, cfg, logits, gap
+
+    seed, _, _, _, extra = find_seed(spec, ids, min_gap, extra_check=quantized)
+    stored, cfg, logits, gap = extra
+    d = out_dir
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                                  "weight_block_size": block}
+    (d / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    save_file({k: v.contiguous() for k, v in sorted(stored.items())}, str(d / "model.safetensors"),
+              metadata={"format": "pt"})
+    tok.save(str(d / "tokenizer.json"))
+    n_fp8 = sum(1 for v in stored.values() if v.dtype == torch.float8_e4m3fn)
+    meta = dict(versions(), seed=seed, dtype="float32", arch=spec["arch"], prompt=PROMPT, min_router_gap=gap,
+                weights=f"FP8 E4M3, {block[0]}x{block[1]} tiles, {spec['fp8']['scales']} scales ({n_fp8} "
+                        "tensors); oracle on transformers' dequantization")
+    write_expected(d / "expected.json", ids, logits, meta)
+    files = sorted(p.name for p in d.iterdir())
+    info = dict(name=name, seed=seed, min_gap=gap, files=files, logit_absmax=float(np.abs(logits).max()),
+                logit_std=float(logits.std()), reload_max_abs_err=0.0)
+    print(f"    seed={seed} min_router_gap={gap:.4f} |logits|max={info['logit_absmax']:.2f} fp8 tensors={n_fp8}",
+          flush=True)
+    return info
+
+
 def make_model_fixture(name: str, spec: dict, out_dir: Path, tok: Tokenizer, ids, min_gap: float) -> dict:
     if spec.get("mxfp4"):
         return make_mxfp4_fixture(name, spec, out_dir, tok, ids, min_gap)
+    if spec.get("fp8"):
+        return make_fp8_fixture(name, spec, out_dir, tok, ids, min_gap)
     print(f"[model] {name}", flush=True)
     seed, model, logits, gap, _ = find_seed(spec, ids, min_gap)
     d = out_dir
@@ -1542,6 +1634,12 @@ def write_readme(out: Path, model_infos: list, gguf_infos: list, argv: list[str]
                          "tower under `vision_tower.`), affine-quantized with MLX's formula in numpy: "
                          f"`quantization` = `{json.dumps(mi['quantization'])}`, scales/biases bf16, other tensors "
                          "bf16 (A_log f32); oracle = transformers on the dequantized weights")
+        if spec.get("fp8"):
+            b = spec["fp8"]["block"]
+            extra.append(f"**FP8** block-scaled as DeepSeek-V3/GLM-4.5 publish it: the layers' linear weights "
+                         f"F8_E4M3 with `weight_scale_inv` per {b[0]}x{b[1]} tile ({spec['fp8']['scales']}, "
+                         "partial tiles at the edges), routers and norms float, `quantization_config` fp8; "
+                         "oracle = transformers on its own dequantization (`_dequantize_fp8_weight`)")
         if spec.get("mxfp4"):
             extra.append("**MXFP4** experts as the published checkpoints store them (`*_blocks` [E, out, in/32, 16] + "
                          "`*_scales` [E, out, in/32], E8M0, gate and up rows interleaved; quantized in numpy with "

@@ -362,6 +362,76 @@ fn gpt_oss_config_that_contradicts_itself_or_the_tensors_is_refused() {
     }
 }
 
+/// Block-scaled FP8 files whose tile size, scale grid or types contradict
+/// each other are refused by name, as is packing FP8 into GGUF.
+#[test]
+fn fp8_that_contradicts_itself_is_refused() {
+    let block = "\"weight_block_size\": [\n      16,\n      32\n    ]";
+    for (tag, to, want) in [
+        (
+            "fp8-block",
+            "\"weight_block_size\": [32, 32]",
+            &[
+                "gate_proj.weight_scale_inv have shape [3, 2]",
+                "[48, 64] in tiles of 32x32 need [2, 2]",
+            ][..],
+        ),
+        (
+            "fp8-zero",
+            "\"weight_block_size\": [0, 32]",
+            &["weight_block_size is [0,32]", "positive integers"][..],
+        ),
+        (
+            "fp8-one",
+            "\"weight_block_size\": [16]",
+            &["weight_block_size is [16]"][..],
+        ),
+    ] {
+        let d = fixture_edit(tag, "deepseek_v3_fp8", block, to);
+        let e = fails(&["inspect", d.to_str().unwrap()]);
+        for w in want {
+            assert!(e.contains(w), "{tag}: {w:?} in {e}");
+        }
+    }
+    // Types in the safetensors header, swapped for names of the same length.
+    for (tag, from, to, want) in [
+        (
+            "fp8-e5m2",
+            "\"F8_E4M3\"",
+            "\"F8_E5M2\"",
+            "values are F8_E5M2, expected F8_E4M3",
+        ),
+        (
+            "fp8-scales",
+            "\"F32\",\"shape\":[4,2]",
+            "\"I32\",\"shape\":[4,2]",
+            "of type I32",
+        ),
+    ] {
+        let d = fixture_edit(tag, "deepseek_v3_fp8", block, block);
+        let p = d.join("model.safetensors");
+        let mut b = std::fs::read(&p).unwrap();
+        let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+        let head = String::from_utf8(b[8..8 + n].to_vec()).unwrap();
+        assert!(head.contains(from), "{tag}: no {from} in the header");
+        let i = head.find(from).unwrap();
+        b[8 + i..8 + i + to.len()].copy_from_slice(to.as_bytes());
+        std::fs::write(&p, b).unwrap();
+        let e = fails(&["inspect", d.to_str().unwrap()]);
+        assert!(e.contains(want), "{tag}: {want:?} in {e}");
+    }
+    let m = fixtures().join("models/deepseek_v3_fp8");
+    let out = tmpdir("fp8-pack").join("m.gguf");
+    let e = fails(&[
+        "pack",
+        m.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(e.contains("no block-scaled FP8 type"), "{e}");
+}
+
 /// Llama 4's and gpt-oss's safetensors store experts transposed: they are
 /// rearranged in memory for a resident run, and streaming them is refused
 /// by name (the packed file streams).

@@ -81,6 +81,8 @@ fn fixture_set_covers_every_architecture_and_layout() {
         "gpt_oss",
         "gpt_oss_plain",
         "gpt_oss_mxfp4",
+        "deepseek_v3_fp8",
+        "glm4_moe_fp8",
     ]
     .into_iter()
     .map(String::from)

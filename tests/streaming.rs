@@ -37,6 +37,9 @@ fn streamed_logits_are_bit_identical_to_resident() {
         "qwen3_5_moe_mlx",
         "qwen3_5_moe.q8_0.gguf",
         "deepseek_v3",
+        // FP8 experts streamed in place: codes and scale grids, two ranges each
+        "deepseek_v3_fp8",
+        "glm4_moe_fp8",
         // stacked experts and quantized absorbed-MLA tensors as llama.cpp converts them
         "llamacpp/deepseek_v3.q8_0.gguf",
         "glm4_moe",

@@ -121,12 +121,18 @@ pub enum Quant {
         /// Values per scale/bias pair.
         group: usize,
     },
+    /// Block-scaled FP8 as DeepSeek-V3, Kimi K2 and GLM-4.5 publish it: a
+    /// byte per weight and an f32 scale per 128×128 tile.
+    Fp8,
 }
 
 impl Quant {
-    /// Parses `q4_0`, `f16`, `mlx4`, `mlx2`, `mlx3-g32`...
+    /// Parses `q4_0`, `f16`, `mlx4`, `mlx2`, `mlx3-g32`, `fp8`...
     pub fn parse(s: &str) -> Result<Quant> {
         let l = s.to_ascii_lowercase();
+        if l == "fp8" {
+            return Ok(Quant::Fp8);
+        }
         if let Some(rest) = l.strip_prefix("mlx") {
             let (b, g) = rest.split_once("-g").unwrap_or((rest, "64"));
             let bits: u32 = b.parse().unwrap_or(0);
@@ -140,7 +146,7 @@ impl Quant {
         }
         DType::parse(s).map(Quant::Gguf).ok_or_else(|| {
             Error::Invalid(format!(
-                "unknown weight format {s:?} (a GGUF type such as q4_0, q8_0, f16, or mlx4/mlx2)"
+                "unknown weight format {s:?} (a GGUF type such as q4_0, q8_0, f16, mlx4/mlx2, or fp8)"
             ))
         })
     }
@@ -150,6 +156,7 @@ impl Quant {
         match self {
             Quant::Gguf(d) => d.name().into(),
             Quant::Mlx { bits, .. } => format!("mlx{bits}"),
+            Quant::Fp8 => "fp8".into(),
         }
     }
 
@@ -165,6 +172,7 @@ impl Quant {
                 // bf16 scale and bias per group
                 values + (rows * cols.div_ceil(*group) * 4) as u64
             }
+            Quant::Fp8 => (rows * cols + rows.div_ceil(128) * cols.div_ceil(128) * 4) as u64,
         }
     }
 }
@@ -617,6 +625,9 @@ mod tests {
             Quant::Mlx { bits: 3, group: 32 }
         );
         assert!(Quant::parse("mlx5").is_err());
+        assert_eq!(Quant::parse("FP8").unwrap(), Quant::Fp8);
+        // A 7168x2048 expert matrix: a byte per weight, 56x16 f32 scales.
+        assert_eq!(Quant::Fp8.bytes(2048, 7168), 2048 * 7168 + 16 * 56 * 4);
         assert!(Quant::parse("q9").is_err());
     }
 }

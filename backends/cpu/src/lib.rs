@@ -221,8 +221,7 @@ fn check(w: &WeightView<'_>, x: &[f32], n: usize, y: &[f32]) -> Result<()> {
         )));
     }
     // Checks every length, so the kernels cannot read out of bounds.
-    WeightView::with_aux(w.dtype, rows, cols, w.data, w.scales, w.biases)?;
-    Ok(())
+    w.check()
 }
 
 impl Backend for CpuBackend {
@@ -357,7 +356,11 @@ use sluice_core::{quant, DType};
 #[cfg(test)]
 fn reference_matmul(w: WeightView<'_>, x: &[f32], n: usize) -> Result<Vec<f32>> {
     let mut wf = vec![0f32; w.rows * w.cols];
-    if let DType::Mlx(q) = w.dtype {
+    if let DType::FP8(_) = w.dtype {
+        for (r, out) in wf.chunks_exact_mut(w.cols).enumerate() {
+            w.row_into(r, out);
+        }
+    } else if let DType::Mlx(q) = w.dtype {
         let (rb, ab) = (w.row_bytes(), q.aux_row_bytes(w.cols));
         for (r, out) in wf.chunks_exact_mut(w.cols).enumerate() {
             quant::dequantize_mlx(
@@ -388,7 +391,7 @@ fn reference_matmul(w: WeightView<'_>, x: &[f32], n: usize) -> Result<Vec<f32>> 
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use sluice_core::{HalfType, MlxQuant};
+    use sluice_core::{fp8, Fp8Block, HalfType, MlxQuant};
 
     /// Every quantized type sluice reads, MLX widths and groups included.
     fn all_types() -> Vec<DType> {
@@ -401,6 +404,14 @@ mod tests {
             ] {
                 v.push(DType::Mlx(MlxQuant::new(bits, g, s).unwrap()));
             }
+        }
+        // FP8 tiles whole, partial (48 columns) and of single rows.
+        for (br, bc, s) in [
+            (4, 32, HalfType::F32),
+            (3, 48, HalfType::F16),
+            (1, 128, HalfType::Bf16),
+        ] {
+            v.push(DType::FP8(Fp8Block::new(br, bc, s).unwrap()));
         }
         v
     }
@@ -420,6 +431,10 @@ mod tests {
                     quant::quantize_mlx(q, row, &mut p, &mut s, &mut b).unwrap();
                 }
                 (p, s, b)
+            }
+            DType::FP8(q) => {
+                let (c, s) = fp8::quantize(q, &floats(rows * cols, seed), rows, cols).unwrap();
+                (c, s, Vec::new())
             }
             _ => (
                 quant::random_tensor_bytes(dt, rows * cols, seed, 1.0),
@@ -490,7 +505,7 @@ mod tests {
         /// portable 8-bit kernel up to float rounding.
         #[test]
         fn matmul_matches_reference_on_every_isa(
-            ti in 0usize..31,
+            ti in 0usize..40,
             rows in 1usize..24,
             blocks in 1usize..4,
             n in 1usize..7,
@@ -531,7 +546,7 @@ mod tests {
         /// The fused MLP equals gate, up, SwiGLU and down run one by one.
         #[test]
         fn fused_mlp_equals_separate_products(
-            ti in 0usize..31,
+            ti in 0usize..40,
             inter in 1usize..3,
             n in 1usize..5,
             seed in any::<u64>(),
@@ -584,6 +599,41 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A view of some rows of an FP8 matrix, starting mid-tile, takes the
+    /// scales of its own rows (MLA's per-head slices of `kv_b_proj`).
+    #[test]
+    fn fp8_row_views_keep_their_scales() {
+        let dt = DType::FP8(Fp8Block::new(4, 32, HalfType::Bf16).unwrap());
+        let (rows, cols) = (19, 96);
+        let (d, s, _) = random_matrix(dt, rows, cols, 11);
+        let w = WeightView::with_aux(dt, rows, cols, &d, &s, &[]).unwrap();
+        let x = floats(2 * cols, 12);
+        let be = backend(Isa::detect(), Activations::Q16, 2);
+        let mut full = vec![0f32; 2 * rows];
+        be.matmul(w, &x, 2, &mut full).unwrap();
+        for (r0, n) in [(0, 19), (3, 7), (5, 1), (6, 13), (18, 1)] {
+            let v = w.rows(r0, n);
+            let mut y = vec![0f32; 2 * n];
+            be.matmul(v, &x, 2, &mut y).unwrap();
+            for t in 0..2 {
+                assert_eq!(
+                    y[t * n..(t + 1) * n],
+                    full[t * rows + r0..t * rows + r0 + n]
+                );
+            }
+            // Nested views agree too.
+            if n > 2 {
+                let inner = v.rows(1, n - 2);
+                let mut z = vec![0f32; 2 * (n - 2)];
+                be.matmul(inner, &x, 2, &mut z).unwrap();
+                assert_eq!(z[..n - 2], full[r0 + 1..r0 + n - 1]);
+            }
+        }
+        // A grid one line short is refused, not read past.
+        let short = WeightView::with_aux(dt, rows, cols, &d, &s[..s.len() - 6], &[]);
+        assert!(short.is_err());
     }
 
     #[test]

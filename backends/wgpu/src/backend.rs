@@ -440,6 +440,8 @@ impl WgpuBackend {
     /// Splits `w` into row ranges of at most one binding each and uploads
     /// them.
     fn to_device(&self, w: &WeightView<'_>) -> Result<GpuWeight> {
+        // Every slice below stays in bounds.
+        w.check()?;
         let rb = w.row_bytes();
         let ab = match w.dtype {
             DType::Mlx(q) => q.aux_row_bytes(w.cols),
@@ -462,7 +464,18 @@ impl WgpuBackend {
                 &w.data[r0 * rb..(r0 + rows) * rb],
                 wgpu::BufferUsages::empty(),
             )?;
-            let aux = if ab > 0 {
+            let aux = if let DType::FP8(q) = w.dtype {
+                // One f32 scale line per row: the shader then indexes
+                // scales as it does MLX's.
+                let mut s = Vec::with_capacity(rows * q.scale_cols(w.cols));
+                for r in r0..r0 + rows {
+                    sluice_core::fp8::line_f32(q, w.fp8_scale_line(q, r), &mut s);
+                }
+                Some([
+                    self.upload_f32(&s, wgpu::BufferUsages::empty())?,
+                    self.upload(&[], wgpu::BufferUsages::empty())?,
+                ])
+            } else if ab > 0 {
                 Some([
                     self.upload(
                         &w.scales[r0 * ab..(r0 + rows) * ab],
@@ -529,6 +542,7 @@ impl WgpuBackend {
         let pipe = self.pipeline(kernel)?;
         let ab = match w.dtype {
             DType::Mlx(q) => (w.cols / q.group as usize) as u32,
+            DType::FP8(q) => q.scale_cols(w.cols) as u32,
             _ => 0,
         };
         let maxg = self.limits.max_compute_workgroups_per_dimension as usize;

@@ -49,6 +49,13 @@ fn u16at(o: u32) -> u32 { return byte(o) | (byte(o + 1u) << 8u); }
 fn u32at(o: u32) -> u32 { return u16at(o) | (u16at(o + 2u) << 16u); }
 fn f16at(o: u32) -> f32 { return unpack2x16float(u16at(o)).x; }
 fn i8of(b: u32) -> i32 { return bitcast<i32>(b << 24u) >> 24u; }
+fn fp8(b: u32) -> f32 {
+    let e = (b >> 3u) & 15u; let m = b & 7u;
+    var a = bitcast<f32>(((e + 120u) << 23u) | (m << 20u));
+    if (e == 0u) { a = ldexp(f32(m), -9); }
+    if (e == 15u && m == 7u) { a = bitcast<f32>(0x7fc00000u); }
+    return select(a, -a, b >= 128u);
+}
 fn mxfp4(q: u32) -> f32 {
     let m = q & 7u;
     let big = f32((4u + 2u * (m & 1u)) << ((max(m, 4u) - 4u) >> 1u));
@@ -197,6 +204,14 @@ fn decoder(dtype: DType, f16: bool) -> String {
                  v[l] = d * scl * f32(q);
              }"
         }
+        DType::FP8(_) => {
+            // The backend expands the scale grid to one f32 line per row.
+            "let e0 = u * 32u; let lim = min(32u, p.cols - e0); let sr = r * p.aux_row;
+             for (var i = 0u; i < lim; i++) {
+                 let c = e0 + i;
+                 v[i] = fp8(byte(rb + c)) * bitcast<f32>(sc[sr + c / BC]);
+             }"
+        }
         DType::Mlx(_) => {
             "let wb = (rb >> 2u) + u * BITS;
              let gi = r * p.aux_row + (u * 32u) / GROUP;
@@ -231,6 +246,9 @@ fn decoder(dtype: DType, f16: bool) -> String {
             conv("sc"),
             conv("bi")
         ));
+    }
+    if let DType::FP8(q) = dtype {
+        src.push_str(&format!("const BC: u32 = {}u;\n", q.block_cols));
     }
     src.push_str(&format!("fn deq(rb: u32, u: u32, r: u32) {{\n{body}\n}}\n"));
     src

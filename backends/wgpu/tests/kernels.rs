@@ -5,7 +5,9 @@
 use sluice_backend_cpu::{Activations, CpuBackend, CpuOptions};
 use sluice_backend_wgpu::{WgpuBackend, WgpuOptions, REQUIRE_ENV};
 use sluice_core::ops::{Rope, RopeStyle};
-use sluice_core::{quant, AttnParams, Backend, DType, HalfType, MlxQuant, WeightView};
+use sluice_core::{
+    fp8, quant, AttnParams, Backend, DType, Fp8Block, HalfType, MlxQuant, WeightView,
+};
 
 fn gpu(opts: WgpuOptions) -> Option<WgpuBackend> {
     match WgpuBackend::new(&opts) {
@@ -72,6 +74,9 @@ impl Owned {
                     quant::quantize_mlx(q, &row, &mut data, &mut scales, &mut biases).unwrap();
                 }
             }
+            DType::FP8(q) => {
+                (data, scales) = fp8::quantize(q, &floats(rows * cols, seed), rows, cols).unwrap();
+            }
             t => data = quant::random_tensor_bytes(t, rows * cols, seed, 0.5),
         }
         Owned {
@@ -109,6 +114,9 @@ fn all_types() -> Vec<DType> {
     ] {
         v.push(DType::Mlx(MlxQuant::new(bits, group, sc).unwrap()));
     }
+    // FP8 tiles that split rows and columns unevenly, and DeepSeek's.
+    v.push(DType::FP8(Fp8Block::new(5, 48, HalfType::Bf16).unwrap()));
+    v.push(DType::FP8(Fp8Block::new(128, 128, HalfType::F32).unwrap()));
     v
 }
 
@@ -174,6 +182,7 @@ fn split_bindings_give_the_same_products() {
         DType::Q8_0,
         DType::Q4_K,
         DType::Mlx(MlxQuant::new(4, 64, HalfType::Bf16).unwrap()),
+        DType::FP8(Fp8Block::new(7, 64, HalfType::F16).unwrap()),
     ] {
         let (rows, cols, n) = (45, 256, 5);
         let w = Owned::random(dt, rows, cols, 3);
@@ -182,6 +191,16 @@ fn split_bindings_give_the_same_products() {
         g.matmul(w.view(), &x, n, &mut a).unwrap();
         cpu.matmul(w.view(), &x, n, &mut b).unwrap();
         assert!(rel_err(&a, &b) < 1e-5, "{dt}: {}", rel_err(&a, &b));
+        // A view starting mid-tile (FP8) keeps its rows' scales.
+        let v = w.view().rows(9, 30);
+        let (mut a, mut b) = (vec![0f32; n * 30], vec![0f32; n * 30]);
+        g.matmul(v, &x, n, &mut a).unwrap();
+        cpu.matmul(v, &x, n, &mut b).unwrap();
+        assert!(
+            rel_err(&a, &b) < 1e-5,
+            "{dt} rows 9..39: {}",
+            rel_err(&a, &b)
+        );
     }
 }
 

@@ -414,7 +414,7 @@ pub unsafe extern "C" fn sluice_expert_matrix(
         if out.is_null() {
             return Err(null("out"));
         }
-        if m.dtype.is_mlx() {
+        if m.dtype.has_aux() {
             return Err((
                 SluiceStatus::SluiceErrUnsupported,
                 format!(

@@ -24,10 +24,16 @@ pub struct WeightView<'a> {
     pub cols: usize,
     /// Exactly `rows * dtype.row_bytes(cols)` bytes.
     pub data: &'a [u8],
-    /// MLX types: one scale per group, `rows × cols/group` values (else empty).
+    /// MLX types: one scale per group, `rows × cols/group` values. FP8:
+    /// the lines of the scale grid that the rows cover (see
+    /// [`block_row0`](Self::block_row0)). Empty for other types.
     pub scales: &'a [u8],
     /// MLX types: one bias per group, like `scales` (else empty).
     pub biases: &'a [u8],
+    /// FP8: where the first row sits inside its block of rows, so that
+    /// row `r` takes scale line `(block_row0 + r) / block_rows` (0 unless
+    /// the view starts mid-block; 0 for other types).
+    pub block_row0: usize,
     /// Identity of bytes that stay unchanged while the id is in use (a
     /// loaded model's resident weights, see [`fresh_weight_id`]): a backend
     /// may keep a device copy under it. `None` for memory that is reused,
@@ -58,28 +64,48 @@ impl<'a> WeightView<'a> {
         scales: &'a [u8],
         biases: &'a [u8],
     ) -> Result<Self> {
-        let need = dtype.tensor_bytes(&[rows, cols])?;
-        let aux = match dtype {
-            DType::Mlx(q) => rows * q.aux_row_bytes(cols),
-            _ => 0,
-        };
-        if data.len() != need || scales.len() != aux || biases.len() != aux {
-            return Err(crate::Error::Model(format!(
-                "{rows}x{cols} {dtype} weight needs {need} bytes and {aux} of scales and of biases, has {}, {} and {}",
-                data.len(),
-                scales.len(),
-                biases.len()
-            )));
-        }
-        Ok(WeightView {
+        let v = WeightView {
             dtype,
             rows,
             cols,
             data,
             scales,
             biases,
+            block_row0: 0,
             id: None,
-        })
+        };
+        v.check()?;
+        Ok(v)
+    }
+
+    /// Checks that every length matches the shape and type, so that
+    /// kernels indexing the view cannot go out of bounds.
+    pub fn check(&self) -> Result<()> {
+        let (dtype, rows, cols) = (self.dtype, self.rows, self.cols);
+        let need = dtype.tensor_bytes(&[rows, cols])?;
+        let (scales, biases) = match dtype {
+            DType::Mlx(q) => (rows * q.aux_row_bytes(cols), rows * q.aux_row_bytes(cols)),
+            DType::FP8(q) if self.block_row0 < q.block_rows as usize => (
+                q.scale_rows(self.block_row0, rows) * q.aux_row_bytes(cols),
+                0,
+            ),
+            DType::FP8(q) => {
+                return Err(crate::Error::Model(format!(
+                    "{dtype} weight view starts at row {} of a block of {}",
+                    self.block_row0, q.block_rows
+                )))
+            }
+            _ => (0, 0),
+        };
+        if self.data.len() != need || self.scales.len() != scales || self.biases.len() != biases {
+            return Err(crate::Error::Model(format!(
+                "{rows}x{cols} {dtype} weight needs {need} bytes, {scales} of scales and {biases} of biases, has {}, {} and {}",
+                self.data.len(),
+                self.scales.len(),
+                self.biases.len()
+            )));
+        }
+        Ok(())
     }
 
     /// The same view, marked as the unchanging bytes `id` names.
@@ -98,6 +124,18 @@ impl<'a> WeightView<'a> {
             self.rows
         );
         let rb = self.row_bytes();
+        if let DType::FP8(q) = self.dtype {
+            let (br, ab) = (q.block_rows as usize, q.aux_row_bytes(self.cols));
+            let first = self.block_row0 + r0;
+            return WeightView {
+                rows: n,
+                data: &self.data[r0 * rb..(r0 + n) * rb],
+                scales: &self.scales[first / br * ab..][..q.scale_rows(first % br, n) * ab],
+                block_row0: first % br,
+                id: None,
+                ..*self
+            };
+        }
         let ab = self.scales.len() / self.rows.max(1);
         WeightView {
             rows: n,
@@ -107,6 +145,14 @@ impl<'a> WeightView<'a> {
             id: None,
             ..*self
         }
+    }
+
+    /// FP8: the line of the scale grid that row `r` takes.
+    #[inline]
+    pub fn fp8_scale_line(&self, q: crate::Fp8Block, r: usize) -> &'a [u8] {
+        let ab = q.aux_row_bytes(self.cols);
+        let l = (self.block_row0 + r) / q.block_rows as usize;
+        &self.scales[l * ab..(l + 1) * ab]
     }
 
     /// Bytes of one row.
@@ -131,6 +177,9 @@ impl<'a> WeightView<'a> {
                     &self.biases[r * ab..(r + 1) * ab],
                     out,
                 )
+            }
+            DType::FP8(q) => {
+                crate::fp8::dequantize_unchecked(q, src, self.fp8_scale_line(q, r), 0, out)
             }
             t => crate::quant::dequantize_unchecked(t, src, out),
         }

@@ -59,6 +59,55 @@ impl MlxQuant {
     }
 }
 
+/// Block-scaled FP8, as DeepSeek-V3, Kimi K2, GLM-4.5 and Qwen3 publish
+/// their FP8 checkpoints: one OCP E4M3 byte per weight (`float8_e4m3fn`:
+/// exponent bias 7, no infinities), times one scale per
+/// `block_rows × block_cols` tile of the matrix. The scales (the file's
+/// `weight_scale_inv`, `ceil(rows / block_rows) × ceil(cols / block_cols)`
+/// values) are a separate tensor; the last tiles of a row or column may be
+/// partial.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Fp8Block {
+    /// Rows per scale (128 in the published checkpoints).
+    pub block_rows: u32,
+    /// Columns per scale (128 in the published checkpoints).
+    pub block_cols: u32,
+    /// Type of the scales.
+    pub scales: HalfType,
+}
+
+impl Fp8Block {
+    /// A checked block geometry (each side 1 to 65536).
+    pub fn new(block_rows: u32, block_cols: u32, scales: HalfType) -> Result<Fp8Block> {
+        if !(1..=1 << 16).contains(&block_rows) || !(1..=1 << 16).contains(&block_cols) {
+            return Err(Error::Unsupported(format!(
+                "FP8 scale blocks of {block_rows}x{block_cols} weights (each side must be 1 to 65536)"
+            )));
+        }
+        Ok(Fp8Block {
+            block_rows,
+            block_cols,
+            scales,
+        })
+    }
+
+    /// Scales per row of the scale grid for rows of `cols` weights.
+    pub fn scale_cols(&self, cols: usize) -> usize {
+        cols.div_ceil(self.block_cols as usize)
+    }
+
+    /// Bytes of one row of the scale grid for rows of `cols` weights.
+    pub fn aux_row_bytes(&self, cols: usize) -> usize {
+        self.scale_cols(cols) * self.scales.bytes()
+    }
+
+    /// Rows of the scale grid that `rows` weight rows cover when the first
+    /// sits at position `row0` of its block of rows.
+    pub fn scale_rows(&self, row0: usize, rows: usize) -> usize {
+        (row0 + rows).div_ceil(self.block_rows as usize)
+    }
+}
+
 /// A tensor element type: plain floats or a block-quantized format.
 ///
 /// Quantized types pack `block_size()` weights of one row into
@@ -87,6 +136,8 @@ pub enum DType {
     /// MLX affine quantization; the block is one group's packed values
     /// (its scale and bias live in separate tensors).
     Mlx(MlxQuant),
+    /// Block-scaled FP8: one byte per weight, the scales a separate tensor.
+    FP8(Fp8Block),
 }
 
 impl DType {
@@ -111,7 +162,7 @@ impl DType {
     /// Elements per block (1 for plain floats).
     pub const fn block_size(self) -> usize {
         match self {
-            DType::F32 | DType::F16 | DType::BF16 => 1,
+            DType::F32 | DType::F16 | DType::BF16 | DType::FP8(_) => 1,
             DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 | DType::MXFP4 => {
                 32
             }
@@ -125,6 +176,7 @@ impl DType {
         match self {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
+            DType::FP8(_) => 1,
             DType::Q4_0 => 18,
             DType::Q4_1 => 20,
             DType::Q5_0 => 22,
@@ -140,7 +192,8 @@ impl DType {
         }
     }
 
-    /// True for block-quantized types.
+    /// True for block-quantized types (FP8, a float per weight with scales
+    /// beside, is not one).
     pub const fn is_quantized(self) -> bool {
         self.block_size() > 1
     }
@@ -177,7 +230,13 @@ impl DType {
         matches!(self, DType::Mlx(_))
     }
 
-    /// GGUF's numeric type id (`u32::MAX` for MLX types, which GGUF lacks).
+    /// True for the types whose scales are a separate tensor (MLX, FP8).
+    pub const fn has_aux(self) -> bool {
+        matches!(self, DType::Mlx(_) | DType::FP8(_))
+    }
+
+    /// GGUF's numeric type id (`u32::MAX` for MLX and FP8 types, which GGUF
+    /// lacks).
     pub const fn ggml_id(self) -> u32 {
         match self {
             DType::F32 => 0,
@@ -194,7 +253,7 @@ impl DType {
             DType::Q6_K => 14,
             DType::BF16 => 30,
             DType::MXFP4 => 39,
-            DType::Mlx(_) => u32::MAX,
+            DType::Mlx(_) | DType::FP8(_) => u32::MAX,
         }
     }
 
@@ -228,6 +287,7 @@ impl DType {
                 6 => "MLX6",
                 _ => "MLX8",
             },
+            DType::FP8(_) => "FP8",
         }
     }
 
@@ -243,6 +303,7 @@ impl std::fmt::Display for DType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             DType::Mlx(q) => write!(f, "{}g{}", self.name(), q.group),
+            DType::FP8(q) => write!(f, "FP8[{}x{}]", q.block_rows, q.block_cols),
             _ => f.write_str(self.name()),
         }
     }

@@ -12,13 +12,14 @@
 pub mod backend;
 pub mod dtype;
 pub mod error;
+pub mod fp8;
 pub mod ops;
 pub mod quant;
 pub mod record;
 pub mod size;
 
 pub use backend::{fresh_weight_id, AttnParams, Backend, WeightView};
-pub use dtype::{DType, HalfType, MlxQuant};
+pub use dtype::{DType, Fp8Block, HalfType, MlxQuant};
 pub use error::{Error, Result};
 pub use ops::Yarn;
 pub use size::{fmt_size, parse_size};

@@ -42,6 +42,9 @@ pub fn dequantize_unchecked(dtype: DType, src: &[u8], dst: &mut [f32]) {
         }
         DType::F16 => halves(src, dst, f16_bits),
         DType::BF16 => halves(src, dst, bf16_bits),
+        // The codes' own values: the tile scales are a separate tensor
+        // (crate::fp8 applies them).
+        DType::FP8(_) => crate::fp8::decode(src, 1.0, dst),
         #[cfg(target_arch = "x86_64")]
         DType::Q4_0 | DType::Q8_0 | DType::MXFP4 if simd::available() => {
             let n = dst.len() / bs;
@@ -187,7 +190,7 @@ fn block_fn(dtype: DType) -> BlockFn {
         DType::Q5_K => q5_k,
         DType::Q6_K => q6_k,
         DType::MXFP4 => mxfp4,
-        DType::F32 | DType::F16 | DType::BF16 => unreachable!("not a block type"),
+        DType::F32 | DType::F16 | DType::BF16 | DType::FP8(_) => unreachable!("not a block type"),
         DType::Mlx(_) => unreachable!("MLX rows dequantize with dequantize_mlx"),
     }
 }
@@ -610,7 +613,7 @@ pub fn scale_field_offsets(dtype: DType) -> &'static [usize] {
         DType::Q2_K => &[80, 82],
         DType::Q3_K => &[108],
         DType::Q6_K => &[208],
-        DType::F32 | DType::F16 | DType::BF16 | DType::MXFP4 | DType::Mlx(_) => &[],
+        DType::F32 | DType::F16 | DType::BF16 | DType::MXFP4 | DType::Mlx(_) | DType::FP8(_) => &[],
     }
 }
 
@@ -708,6 +711,11 @@ pub fn fill_random_tensor(dtype: DType, out: &mut [u8], seed: u64, scale: f32) {
         DType::BF16 => out
             .chunks_exact_mut(2)
             .for_each(|c| c.copy_from_slice(&bf16::from_f32(unit(next()) * scale).to_le_bytes())),
+        // Codes of magnitude about `scale` (the tile scales, a separate
+        // tensor, are the caller's).
+        DType::FP8(_) => out
+            .iter_mut()
+            .for_each(|c| *c = crate::fp8::encode(unit(next()) * scale)),
         _ => {
             let mut chunks = out.chunks_exact_mut(8);
             for c in &mut chunks {

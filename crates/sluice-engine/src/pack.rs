@@ -164,21 +164,38 @@ pub fn pack(
         }
     }
     let c = &model.config;
-    let mlx = model.layers.iter().any(|l| {
-        l.mixer_weights().iter().any(|w| w.dtype.is_mlx())
-            || match &l.ffn {
-                Ffn::Moe(m) => {
-                    m.router.dtype.is_mlx() || m.experts.iter().any(|e| e.gate.dtype.is_mlx())
-                }
-                Ffn::Dense(d) => d.gate.dtype.is_mlx(),
-            }
-    }) || model.embed.dtype.is_mlx()
-        || model.lm_head.dtype.is_mlx();
-    if mlx {
-        return Err(Error::Unsupported(
-            "packing MLX-quantized weights: GGUF has no MLX types (sluice streams MLX files in place)"
-                .into(),
-        ));
+    // Types whose scales are separate tensors have no GGUF type.
+    let aux = |w: &Weight| w.dtype.has_aux().then_some(w.dtype);
+    let found = model
+        .layers
+        .iter()
+        .find_map(|l| {
+            l.mixer_weights()
+                .into_iter()
+                .find_map(aux)
+                .or(match &l.ffn {
+                    Ffn::Moe(m) => aux(&m.router).or(m
+                        .experts
+                        .iter()
+                        .find_map(|e| aux(&e.gate).or(aux(&e.up)).or(aux(&e.down)))),
+                    Ffn::Dense(d) => aux(&d.gate).or(aux(&d.up)).or(aux(&d.down)),
+                })
+        })
+        .or(aux(&model.embed))
+        .or(aux(&model.lm_head));
+    match found {
+        Some(DType::Mlx(_)) => {
+            return Err(Error::Unsupported(
+                "packing MLX-quantized weights: GGUF has no MLX types (sluice streams MLX files in place)"
+                    .into(),
+            ))
+        }
+        Some(t) => {
+            return Err(Error::Unsupported(format!(
+                "packing {t} weights: GGUF has no block-scaled FP8 type (sluice streams FP8 safetensors in place; llama.cpp's convert_hf_to_gguf.py dequantizes them to a GGUF type)"
+            )))
+        }
+        None => {}
     }
     fn w<'a>(name: String, w: &'a Weight) -> Item<'a> {
         Item {

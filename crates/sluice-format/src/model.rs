@@ -9,7 +9,7 @@
 
 use crate::config::{Arch, Config, Mixer};
 use crate::{ModelFiles, TensorBytes, TensorInfo};
-use sluice_core::{quant, DType, Error, HalfType, MlxQuant, Result, WeightView};
+use sluice_core::{quant, DType, Error, Fp8Block, HalfType, MlxQuant, Result, WeightView};
 
 /// A 2-D weight matrix stored in a model file.
 #[derive(Clone, Debug)]
@@ -24,9 +24,12 @@ pub struct Weight {
     pub file: usize,
     /// Its bytes (a range of the mapped file).
     pub data: TensorBytes,
-    /// MLX types: the scales and the biases, separate tensors (possibly in
-    /// other files).
-    pub aux: Option<Box<[Part; 2]>>,
+    /// Separate tensors (possibly in other files): MLX types' scales and
+    /// biases, FP8's scale grid lines; empty for other types.
+    pub aux: Vec<Part>,
+    /// FP8: where the first row sits inside its block of rows (see
+    /// [`WeightView::block_row0`]); 0 otherwise.
+    pub block_row0: usize,
     /// Process-unique identity of these (immutable) bytes, so a GPU backend
     /// can keep a copy: [`sluice_core::fresh_weight_id`].
     pub id: u64,
@@ -44,17 +47,15 @@ pub struct Part {
 impl Weight {
     /// Borrowed view for a backend.
     pub fn view(&self) -> WeightView<'_> {
-        let (scales, biases): (&[u8], &[u8]) = match &self.aux {
-            Some(a) => (&a[0].data, &a[1].data),
-            None => (&[], &[]),
-        };
+        let aux = |i: usize| -> &[u8] { self.aux.get(i).map_or(&[], |p| &p.data) };
         WeightView {
             dtype: self.dtype,
             rows: self.rows,
             cols: self.cols,
             data: &self.data,
-            scales,
-            biases,
+            scales: aux(0),
+            biases: aux(1),
+            block_row0: self.block_row0,
             id: Some(self.id),
         }
     }
@@ -63,18 +64,14 @@ impl Weight {
     /// biases, as `(file, bytes)`.
     pub fn parts(&self) -> Vec<(usize, &TensorBytes)> {
         let mut v = vec![(self.file, &self.data)];
-        if let Some(a) = &self.aux {
-            v.extend(a.iter().map(|p| (p.file, &p.data)));
-        }
+        v.extend(self.aux.iter().map(|p| (p.file, &p.data)));
         v
     }
 
     /// Mutable [`parts`](Self::parts).
     pub fn parts_mut(&mut self) -> Vec<(usize, &mut TensorBytes)> {
         let mut v = vec![(self.file, &mut self.data)];
-        if let Some(a) = &mut self.aux {
-            v.extend(a.iter_mut().map(|p| (p.file, &mut p.data)));
-        }
+        v.extend(self.aux.iter_mut().map(|p| (p.file, &mut p.data)));
         v
     }
 
@@ -99,8 +96,7 @@ impl Weight {
             )));
         }
         let v = self.view();
-        // Lengths were checked when the weight was loaded.
-        WeightView::with_aux(v.dtype, v.rows, v.cols, v.data, v.scales, v.biases)?;
+        v.check()?;
         v.row_into(r, out);
         Ok(())
     }
@@ -409,6 +405,9 @@ pub struct Model {
 struct Loader<'a> {
     files: &'a ModelFiles,
     mlx: MlxConfig,
+    /// FP8 checkpoints: `quantization_config.weight_block_size` (rows,
+    /// columns); `None` means one scale per matrix.
+    fp8_block: Option<(u32, u32)>,
 }
 
 impl Loader<'_> {
@@ -433,6 +432,15 @@ impl Loader<'_> {
     fn resolve(&self, name: &str) -> Result<(DType, Vec<usize>, Vec<&TensorInfo>)> {
         let t = self.info(name)?;
         let base = name.strip_suffix(".weight").unwrap_or(name);
+        if let Some(ts) = self.files.tensor(&format!("{base}.weight_scale_inv")) {
+            return self.resolve_fp8(name, t, ts);
+        }
+        if t.dtype_name.starts_with("F8_") {
+            return Err(Error::Unsupported(format!(
+                "tensor {name} is {} without a {base}.weight_scale_inv beside it (sluice reads block-scaled FP8 checkpoints)",
+                t.dtype_name
+            )));
+        }
         let (Some(ts), Some(tb)) = (
             self.files.tensor(&format!("{base}.scales")),
             self.files.tensor(&format!("{base}.biases")),
@@ -477,6 +485,54 @@ impl Loader<'_> {
         Ok((DType::Mlx(q), shape, vec![t, ts, tb]))
     }
 
+    /// A block-scaled FP8 weight: E4M3 values `t` and their scale grid `ts`
+    /// (`[.., ceil(rows / block_rows), ceil(cols / block_cols)]`).
+    fn resolve_fp8<'t>(
+        &self,
+        name: &str,
+        t: &'t TensorInfo,
+        ts: &'t TensorInfo,
+    ) -> Result<(DType, Vec<usize>, Vec<&'t TensorInfo>)> {
+        let bad = |m: String| Error::Model(format!("FP8 weight {name}: {m}"));
+        if t.dtype_name != "F8_E4M3" {
+            return Err(bad(format!(
+                "values are {}, expected F8_E4M3 beside {}",
+                t.dtype_name, ts.name
+            )));
+        }
+        let scales = match ts.dtype {
+            Some(DType::BF16) => HalfType::Bf16,
+            Some(DType::F16) => HalfType::F16,
+            Some(DType::F32) => HalfType::F32,
+            _ => {
+                return Err(Error::Unsupported(format!(
+                    "FP8 weight {name}: scales {} of type {} (supported: F32, BF16, F16)",
+                    ts.name, ts.dtype_name
+                )))
+            }
+        };
+        let [outer @ .., r, c] = t.shape.as_slice() else {
+            return Err(bad(format!("shape {:?} is not a matrix", t.shape)));
+        };
+        let (br, bc) = self.fp8_block.unwrap_or((
+            u32::try_from(*r).unwrap_or(u32::MAX),
+            u32::try_from(*c).unwrap_or(u32::MAX),
+        ));
+        let q = Fp8Block::new(br, bc, scales).map_err(|e| bad(e.to_string()))?;
+        let mut want = outer.to_vec();
+        want.extend([q.scale_rows(0, *r), q.scale_cols(*c)]);
+        // One scale per matrix may be stored without its unit dimensions.
+        let per_matrix = want.ends_with(&[1, 1])
+            && ts.shape.iter().product::<usize>() == want.iter().product::<usize>();
+        if ts.shape != want && !per_matrix {
+            return Err(bad(format!(
+                "scales {} have shape {:?}; {:?} in tiles of {br}x{bc} need {want:?}",
+                ts.name, ts.shape, t.shape
+            )));
+        }
+        Ok((DType::FP8(q), t.shape.clone(), vec![t, ts]))
+    }
+
     /// Byte range `[off, off + len)` of a resolved tensor part.
     fn part(&self, t: &TensorInfo, off: usize, len: usize) -> Result<Part> {
         let data = self.files.bytes(t).slice(off, len).ok_or_else(|| {
@@ -502,16 +558,35 @@ impl Loader<'_> {
     ) -> Result<Weight> {
         let rb = dtype.row_bytes(cols)?;
         let main = self.part(parts[0], r0 * rb, rows * rb)?;
-        let aux = match dtype {
+        let (mut aux, mut block_row0) = (Vec::new(), 0);
+        match dtype {
             DType::Mlx(q) => {
                 let ab = q.aux_row_bytes(cols);
-                Some(Box::new([
-                    self.part(parts[1], r0 * ab, rows * ab)?,
-                    self.part(parts[2], r0 * ab, rows * ab)?,
-                ]))
+                aux.push(self.part(parts[1], r0 * ab, rows * ab)?);
+                aux.push(self.part(parts[2], r0 * ab, rows * ab)?);
             }
-            _ => None,
-        };
+            DType::FP8(q) => {
+                // The scale grid is per matrix of a stack: rows r0.. lie in
+                // matrix r0 / per, whose grid has `lines` lines.
+                let per = match parts[0].shape.as_slice() {
+                    [.., r, _] => *r,
+                    _ => rows,
+                };
+                let (m, i) = (r0 / per.max(1), r0 % per.max(1));
+                if i + rows > per {
+                    return Err(Error::Model(format!(
+                        "{}: FP8 rows {r0}..{} cross a matrix of {per} rows",
+                        parts[0].name,
+                        r0 + rows
+                    )));
+                }
+                let (br, ab) = (q.block_rows as usize, q.aux_row_bytes(cols));
+                let line = m * per.div_ceil(br) + i / br;
+                block_row0 = i % br;
+                aux.push(self.part(parts[1], line * ab, q.scale_rows(block_row0, rows) * ab)?);
+            }
+            _ => {}
+        }
         Ok(Weight {
             dtype,
             rows,
@@ -519,6 +594,7 @@ impl Loader<'_> {
             file: main.file,
             data: main.data,
             aux,
+            block_row0,
             id: sluice_core::fresh_weight_id(),
         })
     }
@@ -801,7 +877,8 @@ impl Loader<'_> {
             cols,
             file: parts[0].file,
             data: TensorBytes::from_vec(out),
-            aux: None,
+            aux: Vec::new(),
+            block_row0: 0,
             id: sluice_core::fresh_weight_id(),
         })
     }
@@ -857,7 +934,8 @@ impl Loader<'_> {
             cols: nb * 32,
             file: bt.file,
             data: TensorBytes::from_vec(out),
-            aux: None,
+            aux: Vec::new(),
+            block_row0: 0,
             id: sluice_core::fresh_weight_id(),
         })
     }
@@ -882,6 +960,28 @@ impl Loader<'_> {
                 Ok(m)
             })
             .collect()
+    }
+}
+
+/// The FP8 tile of `config.json`'s `quantization_config` (`quant_method`
+/// "fp8", `weight_block_size` [rows, columns]); `None` when it gives none.
+fn fp8_block(c: Option<&serde_json::Value>) -> Result<Option<(u32, u32)>> {
+    let Some(q) = c.and_then(|c| c.get("quantization_config")) else {
+        return Ok(None);
+    };
+    let Some(b) = q.get("weight_block_size").filter(|b| !b.is_null()) else {
+        return Ok(None);
+    };
+    let side = |i: usize| {
+        b.get(i)
+            .and_then(|v| v.as_u64())
+            .and_then(|v| u32::try_from(v).ok())
+    };
+    match (b.as_array().map(|a| a.len()), side(0), side(1)) {
+        (Some(2), Some(r), Some(c)) if r > 0 && c > 0 => Ok(Some((r, c))),
+        _ => Err(Error::Model(format!(
+            "config.json: quantization_config.weight_block_size is {b}, expected [rows, columns] of positive integers"
+        ))),
     }
 }
 
@@ -1106,6 +1206,7 @@ impl Model {
             let l = Loader {
                 files: &files,
                 mlx: MlxConfig::from_hf(files.hf_config()),
+                fp8_block: fp8_block(files.hf_config())?,
             };
             if files.gguf().is_some() {
                 load_gguf(&l, &config)?
@@ -1465,7 +1566,8 @@ fn load_gguf(l: &Loader, c: &Config) -> Result<Parts> {
                     cols: h,
                     file: 0,
                     data: TensorBytes::from_vec(bytes),
-                    aux: None,
+                    aux: Vec::new(),
+                    block_row0: 0,
                     id: sluice_core::fresh_weight_id(),
                 })
             } else {

@@ -222,10 +222,16 @@ fn announce_kernels(
         Activations::F32 => "exact products (f32 activations)".to_string(),
         Activations::Q16 if has_quantized(model) => "activations quantized to 8-bit codes plus an 8-bit residual per 32 values (within 1e-3 × max|logit| of exact on the oracle fixtures but one, 2.6e-3 on the most sensitive; --activations f32 for exact)".to_string(),
         Activations::Q8 if has_quantized(model) => "activations quantized to 8 bits per 32 values, as llama.cpp does (logits move by percents on small models and routing can change; --activations q16 or f32 to avoid)".to_string(),
+        _ if any_weight(model, |d| matches!(d, DType::FP8(_))) => {
+            "FP8 weights, exact products (each E4M3 code times its tile's scale, f32 activations)"
+                .to_string()
+        }
         _ => "f32 weights, exact products".to_string(),
     };
     let mxfp4 = if activations != Activations::F32 && any_weight(model, |d| d == DType::MXFP4) {
         "; MXFP4 weights take exact products (f32 activations): there is no integer MXFP4 kernel yet"
+    } else if has_quantized(model) && any_weight(model, |d| matches!(d, DType::FP8(_))) {
+        "; FP8 weights take exact products (f32 activations)"
     } else {
         ""
     };

@@ -29,8 +29,10 @@ pub(crate) struct Loc {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Mat {
     pub main: Loc,
-    /// MLX scales and biases.
-    pub aux: Option<[Loc; 2]>,
+    /// Separate scales and biases (MLX), or scale grid lines (FP8).
+    pub aux: [Option<Loc>; 2],
+    /// FP8: the first row's position in its block of rows.
+    pub block_row0: usize,
     pub dtype: DType,
     pub rows: usize,
     pub cols: usize,
@@ -189,7 +191,8 @@ fn merge_plan(
     }
     let mat = |i: usize| Mat {
         main: at[i][0],
-        aux: w[i].aux.as_ref().map(|_| [at[i][1], at[i][2]]),
+        aux: [1, 2].map(|p| (p <= w[i].aux.len()).then_some(at[i][p])),
+        block_row0: w[i].block_row0,
         dtype: w[i].dtype,
         rows: w[i].rows,
         cols: w[i].cols,

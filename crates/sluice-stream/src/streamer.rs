@@ -26,10 +26,12 @@ pub struct RawMatrix {
     pub cols: usize,
     /// The values.
     pub data: (*const u8, usize),
-    /// MLX scales (empty otherwise).
+    /// MLX scales, FP8 scale grid lines (empty otherwise).
     pub scales: (*const u8, usize),
     /// MLX biases (empty otherwise).
     pub biases: (*const u8, usize),
+    /// FP8: the first row's position in its block of rows.
+    pub block_row0: usize,
 }
 
 /// A slot whose reads are in flight.
@@ -685,6 +687,7 @@ impl Streamer {
             data: raw(v.data),
             scales: raw(v.scales),
             biases: raw(v.biases),
+            block_row0: v.block_row0,
         })
     }
 
@@ -712,17 +715,15 @@ impl Streamer {
         let plan = self.io.plans.get(layer, e);
         let at = |l: Loc| &self.io.seg_bytes(slot, &plan.segs[l.seg])[l.rel..l.rel + l.len];
         plan.mats.map(|m| {
-            let (scales, biases): (&[u8], &[u8]) = match m.aux {
-                Some([s, b]) => (at(s), at(b)),
-                None => (&[], &[]),
-            };
+            let aux = |l: Option<Loc>| l.map_or(&[][..], at);
             WeightView {
                 dtype: m.dtype,
                 rows: m.rows,
                 cols: m.cols,
                 data: at(m.main),
-                scales,
-                biases,
+                scales: aux(m.aux[0]),
+                biases: aux(m.aux[1]),
+                block_row0: m.block_row0,
                 id: None,
             }
         })

@@ -144,10 +144,15 @@ pub struct Matrix<'a> {
     pub cols: usize,
     /// The bytes.
     pub data: &'a [u8],
-    /// MLX types: one scale per group of each row (empty otherwise).
+    /// MLX types: one scale per group of each row. FP8: the lines of the
+    /// scale grid the rows cover ([`sluice_core::Fp8Block`]). Empty
+    /// otherwise.
     pub scales: &'a [u8],
     /// MLX types: one bias per group of each row (empty otherwise).
     pub biases: &'a [u8],
+    /// FP8: the first row's position in its block of rows (row `r` takes
+    /// scale line `(block_row0 + r) / block_rows`); 0 otherwise.
+    pub block_row0: usize,
 }
 
 /// A resident, pinned expert. Dropping it lets the cache evict it again.
@@ -190,6 +195,7 @@ impl Expert {
             data: bytes(p.data),
             scales: bytes(p.scales),
             biases: bytes(p.biases),
+            block_row0: p.block_row0,
         }
     }
 

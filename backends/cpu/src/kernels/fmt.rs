@@ -240,8 +240,8 @@ pub fn header(
                 m[2 * i + 1] = bi + off * sc;
             }
         }
-        DType::F32 | DType::F16 | DType::BF16 | DType::MXFP4 => {
-            unreachable!("float and MXFP4 weights take the f32 path")
+        DType::F32 | DType::F16 | DType::BF16 | DType::MXFP4 | DType::FP8(_) => {
+            unreachable!("float, MXFP4 and FP8 weights take the f32 path")
         }
     }
 }
@@ -317,8 +317,8 @@ pub fn codes(dt: DType, row: Row<'_>, u: usize, c: &mut [u8; 32]) {
             }
         }
         DType::Mlx(q) => mlx_codes(q, b, u, c),
-        DType::F32 | DType::F16 | DType::BF16 | DType::MXFP4 => {
-            unreachable!("float and MXFP4 weights take the f32 path")
+        DType::F32 | DType::F16 | DType::BF16 | DType::MXFP4 | DType::FP8(_) => {
+            unreachable!("float, MXFP4 and FP8 weights take the f32 path")
         }
     }
 }

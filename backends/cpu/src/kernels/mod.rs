@@ -27,7 +27,7 @@ pub mod x86;
 
 use crate::act::{Layout, QAct};
 use fmt::Row;
-use sluice_core::{quant, DType, WeightView};
+use sluice_core::{fp8, quant, DType, WeightView};
 
 /// An instruction set the kernels are compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -171,19 +171,24 @@ pub struct Rows<'a> {
     w: WeightView<'a>,
     rb: usize,
     ab: usize,
+    /// FP8: rows per scale line (scale lines are shared by rows).
+    br: usize,
 }
 
 impl<'a> Rows<'a> {
     /// The rows of `w`.
     #[inline]
     pub fn new(w: &WeightView<'a>) -> Rows<'a> {
+        let (ab, br) = match w.dtype {
+            DType::Mlx(q) => (q.aux_row_bytes(w.cols), 0),
+            DType::FP8(q) => (q.aux_row_bytes(w.cols), q.block_rows as usize),
+            _ => (0, 0),
+        };
         Rows {
             w: *w,
             rb: w.row_bytes(),
-            ab: match w.dtype {
-                DType::Mlx(q) => q.aux_row_bytes(w.cols),
-                _ => 0,
-            },
+            ab,
+            br,
         }
     }
 
@@ -197,6 +202,13 @@ impl<'a> Rows<'a> {
     #[inline(always)]
     pub fn row(&self, r: usize) -> Row<'a> {
         let (rb, ab) = (self.rb, self.ab);
+        if let Some(l) = (self.w.block_row0 + r).checked_div(self.br) {
+            return Row {
+                data: &self.w.data[r * rb..(r + 1) * rb],
+                scales: &self.w.scales[l * ab..(l + 1) * ab],
+                biases: &[],
+            };
+        }
         Row {
             data: &self.w.data[r * rb..(r + 1) * rb],
             scales: &self.w.scales[r * ab..(r + 1) * ab],
@@ -321,7 +333,7 @@ const FCHUNK: usize = 512;
 /// exactly, chunk by chunk, products in f32.
 pub fn f32_tile(isa: Isa, w: &WeightView<'_>, r0: usize, r1: usize, x: &[f32], n: usize, out: Out) {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 && !w.dtype.is_quantized() {
+    if isa == Isa::Avx512 && matches!(w.dtype, DType::F32 | DType::F16 | DType::BF16) {
         // SAFETY: see `q8_tile`.
         return unsafe { x86::avx512_float_tile(w, r0, r1, x, n, out) };
     }
@@ -364,6 +376,7 @@ fn chunk_f32(dt: DType, row: Row<'_>, c0: usize, out: &mut [f32]) {
                 out,
             )
         }
+        DType::FP8(q) => fp8::dequantize_unchecked(q, &row.data[c0..c0 + len], row.scales, c0, out),
         _ => {
             let (b0, b1) = (
                 c0 / dt.block_size() * dt.block_bytes(),

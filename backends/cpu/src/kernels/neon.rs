@@ -327,8 +327,8 @@ unsafe fn dispatch<const DOT: bool, const RES: bool>(
                 6 => tile::<Mlx<6>, DOT, RES>(w, r0, r1, act, out),
                 _ => tile::<Mlx<8>, DOT, RES>(w, r0, r1, act, out),
             },
-            DType::F32 | DType::F16 | DType::BF16 | DType::MXFP4 => {
-                unreachable!("float and MXFP4 weights take the f32 path")
+            DType::F32 | DType::F16 | DType::BF16 | DType::MXFP4 | DType::FP8(_) => {
+                unreachable!("float, MXFP4 and FP8 weights take the f32 path")
             }
         }
     }

@@ -788,8 +788,8 @@ unsafe fn avx512_dispatch<const RES: bool>(
             DType::Mlx(q) if q.bits == 4 => tile512::<Mlx4, RES>(w, r0, r1, act, out),
             DType::Mlx(q) if q.bits == 2 => tile512::<Mlx2, RES>(w, r0, r1, act, out),
             DType::Mlx(_) => tile512::<Mlx, RES>(w, r0, r1, act, out),
-            DType::F32 | DType::F16 | DType::BF16 | DType::MXFP4 => {
-                unreachable!("float and MXFP4 weights take the f32 path")
+            DType::F32 | DType::F16 | DType::BF16 | DType::MXFP4 | DType::FP8(_) => {
+                unreachable!("float, MXFP4 and FP8 weights take the f32 path")
             }
         }
     }
@@ -1456,8 +1456,8 @@ unsafe fn avx2_dispatch<const RES: bool>(
                 6 => tile256::<Mlx256<6>, RES>(w, r0, r1, act, out),
                 _ => tile256::<Mlx256<8>, RES>(w, r0, r1, act, out),
             },
-            DType::F32 | DType::F16 | DType::BF16 | DType::MXFP4 => {
-                unreachable!("float and MXFP4 weights take the f32 path")
+            DType::F32 | DType::F16 | DType::BF16 | DType::MXFP4 | DType::FP8(_) => {
+                unreachable!("float, MXFP4 and FP8 weights take the f32 path")
             }
         }
     }
