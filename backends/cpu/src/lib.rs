@@ -636,6 +636,41 @@ mod tests {
         assert!(short.is_err());
     }
 
+    /// Subnormal and NaN codes, a partial last tile and scales whose
+    /// 256-fold overflows give every instruction set the same products.
+    #[test]
+    fn fp8_edge_codes_agree_across_isas() {
+        let q = Fp8Block::new(2, 32, HalfType::F32).unwrap();
+        let (rows, cols) = (6, 80);
+        let mut d: Vec<u8> = (0..rows * cols).map(|i| (i * 37 % 251) as u8).collect();
+        for (i, c) in d.iter_mut().enumerate() {
+            // NaN codes only in row 5; the others finite (0x7f -> 0x7e).
+            if *c & 0x7f == 0x7f && i / cols != 5 {
+                *c -= 1;
+            }
+        }
+        d[5 * cols + 3] = 0x7f;
+        let scales: Vec<f32> = vec![1e-3, 2.5e-2, 7.0, 1e-40, 1e38, 3e-3, 0.5, 1.0, 2.0];
+        let s: Vec<u8> = scales.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let w = WeightView::with_aux(DType::FP8(q), rows, cols, &d, &s, &[]).unwrap();
+        let x = floats(cols, 3);
+        let want = reference_matmul(w, &x, 1).unwrap();
+        for isa in Isa::available() {
+            let mut y = vec![0f32; rows];
+            backend(isa, Activations::Q16, 1)
+                .matmul(w, &x, 1, &mut y)
+                .unwrap();
+            for r in 0..rows {
+                let tol = 1e-5 * want[r].abs() + 1e-30;
+                let same = (y[r] - want[r]).abs() <= tol
+                    || (y[r].is_nan() && want[r].is_nan())
+                    || y[r] == want[r];
+                assert!(same, "{} row {r}: {} vs {}", isa.name(), y[r], want[r]);
+            }
+            assert!(y[5].is_nan() && !y[4].is_nan(), "{}", isa.name());
+        }
+    }
+
     #[test]
     fn matmul_rejects_bad_shapes() {
         let be = CpuBackend::new(Some(1)).unwrap();

@@ -337,6 +337,13 @@ pub fn f32_tile(isa: Isa, w: &WeightView<'_>, r0: usize, r1: usize, x: &[f32], n
         // SAFETY: see `q8_tile`.
         return unsafe { x86::avx512_float_tile(w, r0, r1, x, n, out) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if let DType::FP8(q) = w.dtype {
+        if isa == Isa::Avx512 && q.block_cols.is_multiple_of(16) {
+            // SAFETY: see `q8_tile`.
+            return unsafe { x86::avx512_fp8_tile(w, q, r0, r1, x, n, out) };
+        }
+    }
     let cols = w.cols;
     let mut buf = [0f32; FCHUNK];
     let mut acc = vec![0f32; n];

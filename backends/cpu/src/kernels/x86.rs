@@ -1779,6 +1779,133 @@ unsafe fn float512<const K: u8>(
     }
 }
 
+// ---------------------------------------------------------------- FP8
+
+/// 32 E4M3 codes at `p` (lanes past `len` zero) as two vectors of 16
+/// floats, each the code's value times 2⁻⁸: the code widened to the IEEE
+/// half with the same bits (NaN codes given an all-ones exponent), then
+/// converted.
+#[inline(always)]
+unsafe fn fp8x32(p: *const u8, len: usize) -> (__m512, __m512) {
+    let m = if len >= 32 {
+        u32::MAX
+    } else {
+        ((1u64 << len) - 1) as u32
+    };
+    // SAFETY: the masked load reads `len` bytes at `p`; AVX-512BW/VL and
+    // F16C per contract.
+    unsafe {
+        let w = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(m, p as *const i8));
+        let mag = _mm512_slli_epi16(_mm512_and_si512(w, _mm512_set1_epi16(0x7f)), 7);
+        let sign = _mm512_slli_epi16(_mm512_and_si512(w, _mm512_set1_epi16(0x80)), 8);
+        let nan = _mm512_cmpeq_epi16_mask(mag, _mm512_set1_epi16(0x3f80));
+        let h = _mm512_or_si512(mag, sign);
+        let h = _mm512_mask_mov_epi16(h, nan, _mm512_or_si512(h, _mm512_set1_epi16(0x7c00)));
+        (
+            _mm512_cvtph_ps(_mm512_castsi512_si256(h)),
+            _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(h)),
+        )
+    }
+}
+
+/// Rows `r0..r1` of block-scaled FP8 `w` (tiles a multiple of 16 columns
+/// wide) against `n` rows of `x`, AVX-512: each weight its code's value
+/// times its tile's scale, as `sluice_core::fp8` computes it (the code's
+/// half is the value times 2⁻⁸ and 256 · scale is exact, so one product
+/// rounds as the table's does), dotted by fused multiply-adds, four tokens
+/// per pass.
+///
+/// # Safety
+/// The CPU must support [`super::Isa::Avx512`]; `out` rows `r0..r1`
+/// belong to the caller.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+pub unsafe fn avx512_fp8_tile(
+    w: &WeightView<'_>,
+    q: sluice_core::Fp8Block,
+    r0: usize,
+    r1: usize,
+    x: &[f32],
+    n: usize,
+    out: Out,
+) {
+    let cols = w.cols;
+    let bc = q.block_cols as usize;
+    assert!(x.len() >= n * cols && bc.is_multiple_of(16));
+    let rows = Rows::new(w);
+    let rb = (ROW_BLOCK_BYTES / rows.row_bytes().max(1)).max(1);
+    let mut sc = Vec::with_capacity(q.scale_cols(cols));
+    for b0 in (r0..r1).step_by(rb) {
+        let b1 = (b0 + rb).min(r1);
+        let mut t0 = 0;
+        while t0 < n {
+            let nt = (n - t0).min(TOK);
+            for r in b0..b1 {
+                let row = rows.row(r);
+                assert!(row.data.len() >= cols);
+                sc.clear();
+                sluice_core::fp8::line_f32(q, row.scales, &mut sc);
+                assert!(sc.len() >= cols.div_ceil(bc));
+                // SAFETY: loads stay in the row (`fp8x32` and the
+                // activation loads mask the tail) and in the activation
+                // rows `t0..t0 + nt`.
+                unsafe {
+                    let mut acc = [[_mm512_setzero_ps(); TOK]; 2];
+                    // Tile by tile, its scale broadcast once.
+                    for (j, &s) in sc.iter().enumerate().take(cols.div_ceil(bc)) {
+                        // 256 · s is exact unless it overflows: then the
+                        // two factors go one at a time.
+                        let s256 = s * 256.0;
+                        let (s, t) = if s256.is_finite() {
+                            (_mm512_set1_ps(s256), _mm512_set1_ps(1.0))
+                        } else {
+                            (_mm512_set1_ps(s), _mm512_set1_ps(256.0))
+                        };
+                        let finite = s256.is_finite();
+                        let scale = |v: __m512| {
+                            if finite {
+                                _mm512_mul_ps(v, s)
+                            } else {
+                                _mm512_mul_ps(_mm512_mul_ps(v, t), s)
+                            }
+                        };
+                        let end = ((j + 1) * bc).min(cols);
+                        let mut c = j * bc;
+                        while c < end {
+                            let len = (end - c).min(32);
+                            let p = row.data.as_ptr().add(c);
+                            _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(AHEAD) as *const i8);
+                            let (lo, hi) = fp8x32(p, len);
+                            let (lo, hi) = (scale(lo), scale(hi));
+                            let m = if len >= 32 {
+                                u32::MAX
+                            } else {
+                                ((1u64 << len) - 1) as u32
+                            };
+                            let (ml, mh) = (m as u16, (m >> 16) as u16);
+                            for t in 0..nt {
+                                let xp = x.as_ptr().add((t0 + t) * cols + c);
+                                let xl = _mm512_maskz_loadu_ps(ml, xp);
+                                let xh = _mm512_maskz_loadu_ps(mh, xp.wrapping_add(16));
+                                acc[0][t] = _mm512_fmadd_ps(lo, xl, acc[0][t]);
+                                acc[1][t] = _mm512_fmadd_ps(hi, xh, acc[1][t]);
+                            }
+                            c += 32;
+                        }
+                    }
+                    for t in 0..nt {
+                        out.put(
+                            t0 + t,
+                            r,
+                            _mm512_reduce_add_ps(_mm512_add_ps(acc[0][t], acc[1][t])),
+                        );
+                    }
+                }
+            }
+            t0 += nt;
+        }
+    }
+}
+
 // ---------------------------------------------------------------- f32
 
 /// `Σ a[i]·b[i]` with FMA, four partial sums of eight.
