@@ -14,7 +14,7 @@
 //! counts). One JSON line per measurement.
 
 use sluice_backend_cpu::{Activations, CpuBackend, CpuOptions, Isa};
-use sluice_core::{fp8, quant, Backend, DType, Fp8Block, HalfType, MlxQuant, WeightView};
+use sluice_core::{fp8, quant, Backend, DType, Fp8Block, Fp8Scale, HalfType, MlxQuant, WeightView};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -38,7 +38,7 @@ fn types() -> Vec<DType> {
     for bits in [2, 3, 4, 5, 6, 8] {
         v.push(DType::Mlx(MlxQuant::new(bits, 64, HalfType::Bf16).unwrap()));
     }
-    v.push(DType::FP8(Fp8Block::new(128, 128, HalfType::F32).unwrap()));
+    v.push(DType::FP8(Fp8Block::new(128, 128, Fp8Scale::F32).unwrap()));
     match arg("--types") {
         Some(list) => v
             .into_iter()

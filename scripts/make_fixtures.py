@@ -290,6 +290,10 @@ MODEL_FIXTURES = {
     # dequantizer (`_dequantize_fp8_weight`) makes of the stored codes
     "deepseek_v3_fp8": dict(BASE["deepseek_v3"], seed=6200, fp8=dict(block=[16, 32], scales="float32")),
     "glm4_moe_fp8": dict(BASE["glm4_moe"], seed=8200, fp8=dict(block=[24, 40], scales="bfloat16")),
+    # transformers' own spellings: stacked experts (save_original_format=False, `gate_up_proj` [E, 2I, H]
+    # with `gate_up_proj_scale_inv` [E, 2, 3]: the up half starts mid-tile) and E8M0 scales (`ue8m0`)
+    "qwen3_moe_fp8": dict(BASE["qwen3_moe"], seed=1300, layout="fused",
+                          fp8=dict(block=[16, 32], scales="float8_e8m0fnu")),
     # gpt-oss-20b's published switches: limit 7, alpha 1.702 (defaults, not written), truncated
     # YaRN off (no rope scaling), explicit layer_types with full attention first; other seed and widths
     "gpt_oss_plain": dict(
@@ -671,16 +675,28 @@ def mxfp4_reference(d: Path, spec: dict, seed: int):
 
 
 def fp8_quantized(name: str, w: torch.Tensor) -> bool:
-    """Whether a saved tensor is one the FP8 checkpoints store in FP8: the layers' linear weights,
-    not the routers (`mlp.gate`, `mlp.router`) nor norms, embeddings or the output head."""
+    """Whether a saved tensor is one the FP8 checkpoints store in FP8: the layers' linear weights
+    (stacked experts too), not the routers (`mlp.gate`, `mlp.router`) nor norms, embeddings or the
+    output head."""
+    if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+        return w.ndim == 3
     return (name.startswith("model.layers.") and name.endswith(".weight") and w.ndim == 2
             and not name.endswith(("mlp.gate.weight", "mlp.router.weight")))
 
 
+def fp8_scale_name(name: str) -> str:
+    """transformers' name of a weight's scale grid."""
+    return name[:-len("weight")] + "weight_scale_inv" if name.endswith(".weight") else name + "_scale_inv"
+
+
 def fp8_quantize(w: torch.Tensor, block: list, scale_dtype: torch.dtype):
     """[R, C] float -> (E4M3 codes [R, C], weight_scale_inv [ceil(R/br), ceil(C/bc)]) with the published
-    recipe: per tile scale = amax / 448 (1 for an all-zero tile) in the scale type, codes = the value
-    over its scale, clamped to +-448 and cast (round to nearest even)."""
+    recipe: per tile scale = amax / 448 (1 for an all-zero tile) in the scale type (E8M0: the next
+    power of two up, as transformers' ue8m0 does), codes = the value over its scale, clamped to +-448
+    and cast (round to nearest even). A stack [E, R, C] is quantized matrix by matrix."""
+    if w.ndim == 3:
+        parts = [fp8_quantize(m, block, scale_dtype) for m in w]
+        return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
     br, bc = block
     r, c = w.shape
     gr, gc = -(-r // br), -(-c // bc)
@@ -688,7 +704,10 @@ def fp8_quantize(w: torch.Tensor, block: list, scale_dtype: torch.dtype):
     padded[:r, :c] = w.float()
     tiles = padded.reshape(gr, br, gc, bc)
     amax = tiles.abs().amax(dim=(1, 3))
-    s = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax)).to(scale_dtype)
+    s = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
+    if scale_dtype == torch.float8_e8m0fnu:
+        s = torch.exp2(torch.ceil(torch.log2(s)))
+    s = s.to(scale_dtype)
     full = s.float().repeat_interleave(br, 0).repeat_interleave(bc, 1)[:r, :c]
     codes = (w.float() / full).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
     return codes, s
@@ -702,15 +721,19 @@ def make_fp8_fixture(name: str, spec: dict, out_dir: Path, tok: Tokenizer, ids, 
     block, scale_dtype = spec["fp8"]["block"], getattr(torch, spec["fp8"]["scales"])
     model_cls = model_class(spec)
 
+    save_kw = dict(safe_serialization=True)
+    if spec.get("layout") == "fused":
+        save_kw["save_original_format"] = False
+
     def quantized(model, seed):
         with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, **save_kw)
             tensors = load_file(str(Path(tmp) / "model.safetensors"))
             stored, deq = {}, {}
             for k, v in tensors.items():
                 if fp8_quantized(k, v):
                     codes, s = fp8_quantize(v, block, scale_dtype)
-                    stored[k], stored[k[:-len("weight")] + "weight_scale_inv"] = codes, s
+                    stored[k], stored[fp8_scale_name(k)] = codes, s
                     deq[k] = _dequantize_fp8_weight(codes, s, block, torch.float32)
                 else:
                     stored[k] = deq[k] = v

@@ -83,6 +83,7 @@ fn fixture_set_covers_every_architecture_and_layout() {
         "gpt_oss_mxfp4",
         "deepseek_v3_fp8",
         "glm4_moe_fp8",
+        "qwen3_moe_fp8",
     ]
     .into_iter()
     .map(String::from)

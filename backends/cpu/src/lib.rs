@@ -391,7 +391,7 @@ fn reference_matmul(w: WeightView<'_>, x: &[f32], n: usize) -> Result<Vec<f32>> 
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use sluice_core::{fp8, Fp8Block, HalfType, MlxQuant};
+    use sluice_core::{fp8, Fp8Block, Fp8Scale, HalfType, MlxQuant};
 
     /// Every quantized type sluice reads, MLX widths and groups included.
     fn all_types() -> Vec<DType> {
@@ -407,9 +407,9 @@ mod tests {
         }
         // FP8 tiles whole, partial (48 columns) and of single rows.
         for (br, bc, s) in [
-            (4, 32, HalfType::F32),
-            (3, 48, HalfType::F16),
-            (1, 128, HalfType::Bf16),
+            (4, 32, Fp8Scale::F32),
+            (3, 48, Fp8Scale::F16),
+            (1, 128, Fp8Scale::E8M0),
         ] {
             v.push(DType::FP8(Fp8Block::new(br, bc, s).unwrap()));
         }
@@ -605,7 +605,7 @@ mod tests {
     /// scales of its own rows (MLA's per-head slices of `kv_b_proj`).
     #[test]
     fn fp8_row_views_keep_their_scales() {
-        let dt = DType::FP8(Fp8Block::new(4, 32, HalfType::Bf16).unwrap());
+        let dt = DType::FP8(Fp8Block::new(4, 32, Fp8Scale::Bf16).unwrap());
         let (rows, cols) = (19, 96);
         let (d, s, _) = random_matrix(dt, rows, cols, 11);
         let w = WeightView::with_aux(dt, rows, cols, &d, &s, &[]).unwrap();
@@ -640,7 +640,7 @@ mod tests {
     /// 256-fold overflows give every instruction set the same products.
     #[test]
     fn fp8_edge_codes_agree_across_isas() {
-        let q = Fp8Block::new(2, 32, HalfType::F32).unwrap();
+        let q = Fp8Block::new(2, 32, Fp8Scale::F32).unwrap();
         let (rows, cols) = (6, 80);
         let mut d: Vec<u8> = (0..rows * cols).map(|i| (i * 37 % 251) as u8).collect();
         for (i, c) in d.iter_mut().enumerate() {

@@ -6,7 +6,7 @@ use sluice_backend_cpu::{Activations, CpuBackend, CpuOptions};
 use sluice_backend_wgpu::{WgpuBackend, WgpuOptions, REQUIRE_ENV};
 use sluice_core::ops::{Rope, RopeStyle};
 use sluice_core::{
-    fp8, quant, AttnParams, Backend, DType, Fp8Block, HalfType, MlxQuant, WeightView,
+    fp8, quant, AttnParams, Backend, DType, Fp8Block, Fp8Scale, HalfType, MlxQuant, WeightView,
 };
 
 fn gpu(opts: WgpuOptions) -> Option<WgpuBackend> {
@@ -115,8 +115,9 @@ fn all_types() -> Vec<DType> {
         v.push(DType::Mlx(MlxQuant::new(bits, group, sc).unwrap()));
     }
     // FP8 tiles that split rows and columns unevenly, and DeepSeek's.
-    v.push(DType::FP8(Fp8Block::new(5, 48, HalfType::Bf16).unwrap()));
-    v.push(DType::FP8(Fp8Block::new(128, 128, HalfType::F32).unwrap()));
+    v.push(DType::FP8(Fp8Block::new(5, 48, Fp8Scale::Bf16).unwrap()));
+    v.push(DType::FP8(Fp8Block::new(32, 32, Fp8Scale::E8M0).unwrap()));
+    v.push(DType::FP8(Fp8Block::new(128, 128, Fp8Scale::F32).unwrap()));
     v
 }
 
@@ -182,7 +183,7 @@ fn split_bindings_give_the_same_products() {
         DType::Q8_0,
         DType::Q4_K,
         DType::Mlx(MlxQuant::new(4, 64, HalfType::Bf16).unwrap()),
-        DType::FP8(Fp8Block::new(7, 64, HalfType::F16).unwrap()),
+        DType::FP8(Fp8Block::new(7, 64, Fp8Scale::F16).unwrap()),
     ] {
         let (rows, cols, n) = (45, 256, 5);
         let w = Owned::random(dt, rows, cols, 3);

@@ -59,6 +59,31 @@ impl MlxQuant {
     }
 }
 
+/// Element type of block-scaled FP8's scales.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Fp8Scale {
+    /// f32 (DeepSeek-V3's, Kimi K2's, GLM-4.5's checkpoints).
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// IEEE half.
+    F16,
+    /// OCP E8M0, a power of two `2^(b - 127)` (transformers' `ue8m0`
+    /// scale format; 255 is NaN).
+    E8M0,
+}
+
+impl Fp8Scale {
+    /// Bytes per value.
+    pub const fn bytes(self) -> usize {
+        match self {
+            Fp8Scale::F32 => 4,
+            Fp8Scale::Bf16 | Fp8Scale::F16 => 2,
+            Fp8Scale::E8M0 => 1,
+        }
+    }
+}
+
 /// Block-scaled FP8, as DeepSeek-V3, Kimi K2, GLM-4.5 and Qwen3 publish
 /// their FP8 checkpoints: one OCP E4M3 byte per weight (`float8_e4m3fn`:
 /// exponent bias 7, no infinities), times one scale per
@@ -73,12 +98,12 @@ pub struct Fp8Block {
     /// Columns per scale (128 in the published checkpoints).
     pub block_cols: u32,
     /// Type of the scales.
-    pub scales: HalfType,
+    pub scales: Fp8Scale,
 }
 
 impl Fp8Block {
     /// A checked block geometry (each side 1 to 65536).
-    pub fn new(block_rows: u32, block_cols: u32, scales: HalfType) -> Result<Fp8Block> {
+    pub fn new(block_rows: u32, block_cols: u32, scales: Fp8Scale) -> Result<Fp8Block> {
         if !(1..=1 << 16).contains(&block_rows) || !(1..=1 << 16).contains(&block_cols) {
             return Err(Error::Unsupported(format!(
                 "FP8 scale blocks of {block_rows}x{block_cols} weights (each side must be 1 to 65536)"

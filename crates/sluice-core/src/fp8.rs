@@ -7,7 +7,7 @@
 //! with the same bits (E4M3 is a half with a 4-bit exponent: its value
 //! times 2⁻⁸) and converts in hardware, bit-identical to the table.
 
-use crate::{DType, Error, Fp8Block, HalfType, Result};
+use crate::{DType, Error, Fp8Block, Fp8Scale, Result};
 use half::{bf16, f16};
 
 /// The value of every E4M3 code (`float8_e4m3fn`: bias 7, subnormals,
@@ -46,11 +46,21 @@ const fn e4m3_table() -> [f32; 256] {
 
 /// The scale at index `i` of a grid row stored as `t`.
 #[inline]
-fn scale_at(t: HalfType, s: &[u8], i: usize) -> f32 {
+fn scale_at(t: Fp8Scale, s: &[u8], i: usize) -> f32 {
     match t {
-        HalfType::F32 => f32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]]),
-        HalfType::Bf16 => bf16::from_le_bytes([s[2 * i], s[2 * i + 1]]).to_f32(),
-        HalfType::F16 => f16::from_le_bytes([s[2 * i], s[2 * i + 1]]).to_f32(),
+        Fp8Scale::F32 => f32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]]),
+        Fp8Scale::Bf16 => bf16::from_le_bytes([s[2 * i], s[2 * i + 1]]).to_f32(),
+        Fp8Scale::F16 => f16::from_le_bytes([s[2 * i], s[2 * i + 1]]).to_f32(),
+        Fp8Scale::E8M0 => e8m0(s[i]),
+    }
+}
+
+/// `2^(b - 127)`, NaN for 255 (subnormal for `b = 0`).
+fn e8m0(b: u8) -> f32 {
+    match b {
+        255 => f32::NAN,
+        0 => f32::from_bits(0x0040_0000),
+        _ => f32::from_bits((b as u32) << 23),
     }
 }
 
@@ -175,7 +185,8 @@ pub fn encode(x: f32) -> u8 {
 
 /// Quantizes a `rows × cols` matrix to FP8 tiles as the published
 /// checkpoints are made: per tile, scale = max|x| / 448 (1 for an all-zero
-/// tile), rounded to the scale type, codes the nearest E4M3 of `x / scale`.
+/// tile), rounded to the scale type (E8M0: up to the next power of two,
+/// as transformers' `ue8m0` does), codes the nearest E4M3 of `x / scale`.
 /// Returns the codes and the scale grid.
 pub fn quantize(q: Fp8Block, w: &[f32], rows: usize, cols: usize) -> Result<(Vec<u8>, Vec<u8>)> {
     if w.len() != rows * cols {
@@ -201,19 +212,24 @@ pub fn quantize(q: Fp8Block, w: &[f32], rows: usize, cols: usize) -> Result<(Vec
                 .fold(0f32, |m, v| m.max(v.abs()));
             let s = if amax > 0.0 { amax / 448.0 } else { 1.0 };
             let s = match q.scales {
-                HalfType::F32 => {
+                Fp8Scale::F32 => {
                     scales.extend(s.to_le_bytes());
                     s
                 }
-                HalfType::Bf16 => {
+                Fp8Scale::Bf16 => {
                     let h = bf16::from_f32(s);
                     scales.extend(h.to_le_bytes());
                     h.to_f32()
                 }
-                HalfType::F16 => {
+                Fp8Scale::F16 => {
                     let h = f16::from_f32(s);
                     scales.extend(h.to_le_bytes());
                     h.to_f32()
+                }
+                Fp8Scale::E8M0 => {
+                    let b = (s.log2().ceil() as i32 + 127).clamp(1, 254) as u8;
+                    scales.push(b);
+                    e8m0(b)
                 }
             };
             for r in r0..r1 {
@@ -250,6 +266,11 @@ mod tests {
             }
         }
         assert_eq!(encode(1e9), 0x7e);
+        assert_eq!(e8m0(127), 1.0);
+        assert_eq!(e8m0(120), 2f32.powi(-7));
+        assert_eq!(e8m0(1), 2f32.powi(-126));
+        assert_eq!(e8m0(0), 2f32.powi(-127));
+        assert!(e8m0(255).is_nan());
         assert_eq!(encode(-1e9), 0xfe);
     }
 
@@ -271,7 +292,7 @@ mod tests {
 
     #[test]
     fn tiles_apply_their_scales_with_partial_edges() {
-        let q = Fp8Block::new(2, 3, HalfType::Bf16).unwrap();
+        let q = Fp8Block::new(2, 3, Fp8Scale::Bf16).unwrap();
         let (rows, cols) = (5, 7);
         let w: Vec<f32> = (0..rows * cols)
             .map(|i| ((i * 37 % 23) as f32 - 11.0) * (1.0 + (i / 9) as f32))

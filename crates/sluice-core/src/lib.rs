@@ -19,7 +19,7 @@ pub mod record;
 pub mod size;
 
 pub use backend::{fresh_weight_id, AttnParams, Backend, WeightView};
-pub use dtype::{DType, Fp8Block, HalfType, MlxQuant};
+pub use dtype::{DType, Fp8Block, Fp8Scale, HalfType, MlxQuant};
 pub use error::{Error, Result};
 pub use ops::Yarn;
 pub use size::{fmt_size, parse_size};

@@ -9,7 +9,9 @@
 
 use crate::config::{Arch, Config, Mixer};
 use crate::{ModelFiles, TensorBytes, TensorInfo};
-use sluice_core::{quant, DType, Error, Fp8Block, HalfType, MlxQuant, Result, WeightView};
+use sluice_core::{
+    quant, DType, Error, Fp8Block, Fp8Scale, HalfType, MlxQuant, Result, WeightView,
+};
 
 /// A 2-D weight matrix stored in a model file.
 #[derive(Clone, Debug)]
@@ -432,12 +434,18 @@ impl Loader<'_> {
     fn resolve(&self, name: &str) -> Result<(DType, Vec<usize>, Vec<&TensorInfo>)> {
         let t = self.info(name)?;
         let base = name.strip_suffix(".weight").unwrap_or(name);
-        if let Some(ts) = self.files.tensor(&format!("{base}.weight_scale_inv")) {
+        // FP8 scales: `x.weight_scale_inv` beside `x.weight`, and
+        // `x_scale_inv` beside a stacked `x` (transformers' spelling).
+        let scale_name = match name.strip_suffix(".weight") {
+            Some(b) => format!("{b}.weight_scale_inv"),
+            None => format!("{name}_scale_inv"),
+        };
+        if let Some(ts) = self.files.tensor(&scale_name) {
             return self.resolve_fp8(name, t, ts);
         }
         if t.dtype_name.starts_with("F8_") {
             return Err(Error::Unsupported(format!(
-                "tensor {name} is {} without a {base}.weight_scale_inv beside it (sluice reads block-scaled FP8 checkpoints)",
+                "tensor {name} is {} without a {scale_name} beside it (sluice reads block-scaled FP8 checkpoints)",
                 t.dtype_name
             )));
         }
@@ -500,13 +508,14 @@ impl Loader<'_> {
                 t.dtype_name, ts.name
             )));
         }
-        let scales = match ts.dtype {
-            Some(DType::BF16) => HalfType::Bf16,
-            Some(DType::F16) => HalfType::F16,
-            Some(DType::F32) => HalfType::F32,
+        let scales = match (ts.dtype, ts.dtype_name.as_str()) {
+            (Some(DType::BF16), _) => Fp8Scale::Bf16,
+            (Some(DType::F16), _) => Fp8Scale::F16,
+            (Some(DType::F32), _) => Fp8Scale::F32,
+            (_, "F8_E8M0") => Fp8Scale::E8M0,
             _ => {
                 return Err(Error::Unsupported(format!(
-                    "FP8 weight {name}: scales {} of type {} (supported: F32, BF16, F16)",
+                    "FP8 weight {name}: scales {} of type {} (supported: F32, BF16, F16, F8_E8M0)",
                     ts.name, ts.dtype_name
                 )))
             }
