@@ -1197,6 +1197,15 @@ MLX_FIXTURES = {
         [(r"layers\.[012]\.mlp\.switch_mlp\.", 3, 32), (r"layers\.3\.mlp\.switch_mlp\.", 2, 32),
          (r"mlp\.gate$", 8, 64), (r"mlp\.shared_expert_gate$", 8, 64)],
     ),
+    # Qwen3-Next as mlx-community converts it (mlx-lm's qwen3_next sanitize): text-only model.*
+    # names, switch_mlp experts, conv1d [C, K, 1], norms stored as 1 + w, the fused in_proj_qkvz /
+    # in_proj_ba quantized like any linear; routers and the shared-expert gate 8-bit (its
+    # quant_predicate), experts 4-bit groups of 64, everything else 4-bit groups of 32; another seed
+    "qwen3_next_mlx": (
+        dict(BASE["qwen3_next"], seed=9300),
+        (4, 32),
+        [(r"mlp\.switch_mlp\.", 4, 64), (r"mlp\.gate$", 8, 64), (r"mlp\.shared_expert_gate$", 8, 64)],
+    ),
 }
 
 
@@ -1231,10 +1240,19 @@ def mlx_quantize(w: np.ndarray, bits: int, group: int):
     return (packed, scale_t.reshape(*shape[:-1], g), bias_t.reshape(*shape[:-1], g), deq)
 
 
+def mlx_prefixes(sd) -> tuple:
+    """(transformers' prefix, mlx-lm's prefix, mlx-lm's head name): the multimodal Qwen3.5
+    checkpoints nest the text model (language_model.model.*); text-only ones (Qwen3-Next) keep model.*"""
+    if any(k.startswith("model.language_model.") for k in sd):
+        return "model.language_model.", "language_model.model.", "language_model.lm_head.weight"
+    return "model.", "model.", "lm_head.weight"
+
+
 def hf_to_mlx_names(sd: dict) -> dict:
     """transformers' state dict -> mlx-community names and layouts (float32 torch),
-    before quantization: language_model.model.* prefix, switch_mlp experts, conv1d
+    before quantization: language_model.model.* prefix (multimodal), switch_mlp experts, conv1d
     [C, K, 1], zero-centred norms stored as 1 + w (what mlx-lm's sanitize writes)."""
+    hf_p, mlx_p, head = mlx_prefixes(sd)
     out = {}
     for k, v in sd.items():
         v = v.detach().float().clone()
@@ -1242,10 +1260,10 @@ def hf_to_mlx_names(sd: dict) -> dict:
             out["vision_tower." + k[len("model.visual."):]] = v
             continue
         if k == "lm_head.weight":
-            out["language_model.lm_head.weight"] = v
+            out[head] = v
             continue
-        assert k.startswith("model.language_model."), k
-        n = "language_model.model." + k[len("model.language_model."):]
+        assert k.startswith(hf_p), k
+        n = mlx_p + k[len(hf_p):]
         if n.endswith("mlp.experts.gate_up_proj"):
             i = v.shape[1] // 2
             base = n[: -len("experts.gate_up_proj")] + "switch_mlp."
@@ -1303,14 +1321,15 @@ def make_mlx_fixture(name: str, spec: dict, base_q, overrides, out_dir: Path, to
         # the MLX file dequantizes to
         ref = copy.deepcopy(model)
         hf_sd = ref.state_dict()
+        hf_p, mlx_p, head = mlx_prefixes(hf_sd)
         new = {}
         for k in hf_sd:
             if k.startswith("model.visual."):
                 new[k] = deq_sd["vision_tower." + k[len("model.visual."):]]
             elif k == "lm_head.weight":
-                new[k] = deq_sd["language_model.lm_head.weight"]
+                new[k] = deq_sd[head]
             else:
-                n = "language_model.model." + k[len("model.language_model."):]
+                n = mlx_p + k[len(hf_p):]
                 if n.endswith("mlp.experts.gate_up_proj"):
                     b = n[: -len("experts.gate_up_proj")] + "switch_mlp."
                     new[k] = torch.cat([deq_sd[b + "gate_proj.weight"], deq_sd[b + "up_proj.weight"]], dim=1)

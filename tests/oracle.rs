@@ -84,6 +84,7 @@ fn fixture_set_covers_every_architecture_and_layout() {
         "deepseek_v3_fp8",
         "glm4_moe_fp8",
         "qwen3_moe_fp8",
+        "qwen3_next_mlx",
     ]
     .into_iter()
     .map(String::from)

@@ -49,6 +49,8 @@ fn streamed_logits_are_bit_identical_to_resident() {
         // Qwen3-Next's fused DeltaNet inputs, and llama.cpp's split of them
         "qwen3_next",
         "llamacpp/qwen3_next.q8_0.gguf",
+        // mlx-community's Qwen3-Next layout: stacked switch_mlp experts, 4-bit
+        "qwen3_next_mlx",
         "llamacpp/llama4.q8_0.gguf",
         // gpt-oss's resident expert biases beside streamed experts
         "llamacpp/gpt_oss.q8_0.gguf",
