@@ -386,3 +386,52 @@ fn chat_through_a_pipe_reuses_the_conversation() {
     assert_eq!(reused(status[2]), 0, "after /reset nothing is reused");
     assert!(err.contains("(conversation reset)"));
 }
+
+/// A generator on fixture `name` (CPU, one thread, 128 tokens of context).
+fn generator(name: &str) -> sluice_serve::chat::Generator {
+    use std::sync::Arc;
+    let path = fixtures().join("models").join(name);
+    let files = sluice_format::ModelFiles::open(&path).unwrap();
+    let tok = sluice_engine::Tokenizer::for_model(&files)
+        .unwrap()
+        .unwrap();
+    let model = Arc::new(sluice_engine::Model::open(&path).unwrap());
+    let be = Arc::new(sluice_backend_cpu::CpuBackend::new(Some(1)).unwrap());
+    let eos = model.config.eos.clone();
+    let s = sluice_engine::Session::new(model, be);
+    sluice_serve::chat::Generator::new(s, tok, &eos, 128, 8)
+}
+
+/// Models with linear-attention layers cannot cut their state back, so a
+/// prompt that leaves the previous sequence goes back to the snapshot
+/// where the last prompt ended: only the new tokens run, and the answer
+/// is the one a fresh session gives.
+#[test]
+fn linear_layers_go_back_to_a_snapshot() {
+    use sluice_serve::chat::GenParams;
+    let p = GenParams {
+        max_tokens: 6,
+        ..GenParams::default()
+    };
+    for name in ["qwen3_next", "qwen3_5_moe", "qwen3_moe"] {
+        let mut g = generator(name);
+        let p1: Vec<u32> = (3..15).collect();
+        let a = g.generate(&p1, &p, &mut |_| true).unwrap();
+        assert_eq!(a.reused_tokens, 0);
+        // Leaves the answer at its first token: back to the end of p1.
+        let mut p2 = p1.clone();
+        p2.extend([40, 41, 42, 43]);
+        let b = g.generate(&p2, &p, &mut |_| true).unwrap();
+        assert_eq!(b.reused_tokens, p1.len(), "{name}");
+        let fresh = generator(name).generate(&p2, &p, &mut |_| true).unwrap();
+        assert_eq!(b.text, fresh.text, "{name}");
+        assert_eq!(b.completion_tokens, fresh.completion_tokens, "{name}");
+        // Extends p2 and what was generated after it: nothing to go back to.
+        let mut p3 = p2.clone();
+        p3.extend([50, 51]);
+        let c = g.generate(&p3, &p, &mut |_| true).unwrap();
+        assert!(c.reused_tokens >= p2.len(), "{name}: {}", c.reused_tokens);
+        let fresh = generator(name).generate(&p3, &p, &mut |_| true).unwrap();
+        assert_eq!(c.text, fresh.text, "{name}");
+    }
+}

@@ -110,7 +110,7 @@ fn open(a: &ChatModelArgs) -> Result<(Generator, ChatTemplate, usize)> {
         .with_context(|| format!("{} has no tokenizer to chat with", m.model.display()))?;
     let t = template(&files, a.chat_template.as_deref(), &tok)?;
     drop(files);
-    let mut o = stream_args::open(m, ctx, batch.max(1))?;
+    let mut o = stream_args::open_with(m, ctx, batch.max(1), sluice_serve::chat::SNAPSHOTS)?;
     for n in &o.notes {
         eprintln!("note: {n}");
     }

@@ -171,6 +171,38 @@ impl Session {
         Ok(())
     }
 
+    /// The sequence's state at this position, for going back to it later
+    /// ([`restore`](Self::restore)): the linear layers' states (copied;
+    /// [`Snapshot::bytes`] of them) and the position. The KV cache is not
+    /// copied: attention keeps one entry per position, cut back on restore.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            pos: self.pos,
+            lin: self.lin.clone(),
+        }
+    }
+
+    /// Goes back to `s`, taken from this session at or before the current
+    /// position with the same tokens since: the KV cache is cut back to
+    /// `s.pos()` and the linear layers' states are `s`'s again, so the
+    /// next tokens compute exactly as they did from there.
+    pub fn restore(&mut self, s: &Snapshot) -> Result<()> {
+        if s.pos > self.pos || s.lin.len() != self.lin.len() {
+            return Err(Error::Invalid(format!(
+                "a snapshot at position {} does not precede this session's position {}",
+                s.pos, self.pos
+            )));
+        }
+        let (kd, vd) = self.model.config.kv_widths();
+        for (k, v) in &mut self.kv {
+            k.truncate(s.pos * kd);
+            v.truncate(s.pos * vd);
+        }
+        self.lin.clone_from(&s.lin);
+        self.pos = s.pos;
+        Ok(())
+    }
+
     /// Installs a routing observer.
     pub fn set_observer(&mut self, o: Option<RouteObserver>) {
         self.observer = o;
@@ -774,6 +806,29 @@ fn rope_of(c: &crate::config::Config) -> Rope {
         style: c.rope_style,
         yarn: c.yarn,
         factors: c.rope_factors.clone(),
+    }
+}
+
+/// A session's state at one position ([`Session::snapshot`]).
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pos: usize,
+    lin: Vec<LinState>,
+}
+
+impl Snapshot {
+    /// The position it was taken at.
+    pub fn pos(&self) -> usize {
+        self.pos
+    }
+
+    /// Bytes it holds (the linear layers' states; 0 for attention-only
+    /// models).
+    pub fn bytes(&self) -> usize {
+        self.lin
+            .iter()
+            .map(|s| (s.conv.len() + s.state.len()) * 4)
+            .sum()
     }
 }
 

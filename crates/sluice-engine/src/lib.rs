@@ -26,7 +26,7 @@ pub mod tokenizer;
 
 pub use config::{Arch, Config};
 pub use experts::{ExpertSource, Resident, Streamed};
-pub use forward::{Route, RouteObserver, Session};
+pub use forward::{Route, RouteObserver, Session, Snapshot};
 pub use model::Model;
 pub use sampler::Sampler;
 /// The streaming core, re-exported for the engine's users.

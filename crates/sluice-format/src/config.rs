@@ -1619,6 +1619,13 @@ impl Config {
             * 4
     }
 
+    /// Bytes of the linear-attention layers' fixed state (what a snapshot
+    /// of a sequence copies; 0 without such layers).
+    pub fn linear_state_bytes(&self) -> u64 {
+        let lin = self.linear.map_or(0, |l| l.state_len()) as u64;
+        self.mixers.iter().filter(|m| **m == Mixer::Linear).count() as u64 * lin * 4
+    }
+
     /// f32 values an attention layer caches per position, for keys and for
     /// values: with latent attention, one compressed vector and the rotary
     /// key, serving as both.

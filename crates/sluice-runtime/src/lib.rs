@@ -89,6 +89,9 @@ pub struct RunOptions {
     /// Time the CPU backend's products and attention into
     /// [`Opened::kernels`] (for a device profile fitted to the run).
     pub record_kernels: bool,
+    /// Extra copies of the linear layers' state the caller keeps (chat
+    /// snapshots), budgeted with the KV cache.
+    pub state_copies: usize,
 }
 
 impl Default for RunOptions {
@@ -118,6 +121,7 @@ impl Default for RunOptions {
             verify: false,
             cgroup: false,
             record_kernels: false,
+            state_copies: 0,
         }
     }
 }
@@ -422,6 +426,7 @@ pub fn open(o: &RunOptions, ctx: usize, batch: usize) -> Result<Opened> {
         prefetch_depth: prefetch_depth(prefetch, o.prefetch_depth),
         dense: true,
         device_copies,
+        state_copies: o.state_copies,
         engine_wrap: clock.clone().map(|c| {
             EngineWrap(Arc::new(move |e| {
                 Box::new(PacedEngine::new(e, c.clone())) as Box<dyn sluice_io::ReadEngine>

@@ -1,12 +1,15 @@
 //! Generation on one session, reusing what it has already processed: a
 //! new prompt that extends the previous sequence (the next turn of a
 //! chat) runs only its new tokens; one that diverges cuts the KV cache back
-//! to the shared prefix (attention-only models) or starts over (models with
-//! linear-attention layers, whose state cannot be rewound).
+//! to the shared prefix (attention-only models). A linear-attention layer's
+//! state folds every token in and cannot be cut back, so for models with
+//! such layers the generator keeps [`SNAPSHOTS`] copies of it, taken where
+//! a turn's prompt ends and where its answer ends, and goes back to the
+//! latest one inside the shared prefix (or starts over when none is).
 
 use crate::template::END_OF_TURN;
 use sluice_core::{Error, Result};
-use sluice_engine::{Sampler, Session, TextStream, Tokenizer};
+use sluice_engine::{Sampler, Session, Snapshot, TextStream, Tokenizer};
 use std::time::Instant;
 
 /// How to sample and when to stop.
@@ -84,6 +87,11 @@ impl Outcome {
     }
 }
 
+/// Snapshots of the linear layers' state a generator keeps (models with
+/// such layers): the end of the last prompt and of the last answer. Their
+/// bytes belong in the RAM budget (`StreamOptions::state_copies`).
+pub const SNAPSHOTS: usize = 2;
+
 /// A session, its tokenizer and what it has processed.
 pub struct Generator {
     session: Session,
@@ -91,6 +99,9 @@ pub struct Generator {
     stops: Vec<u32>,
     /// Tokens whose KV cache the session holds, in order.
     seen: Vec<u32>,
+    /// Models with linear layers: states at earlier positions of `seen`,
+    /// oldest first, at most [`SNAPSHOTS`].
+    snaps: Vec<Snapshot>,
     ctx: usize,
     batch: usize,
 }
@@ -121,6 +132,7 @@ impl Generator {
             tok,
             stops,
             seen: Vec::new(),
+            snaps: Vec::new(),
             ctx,
             batch: batch.max(1),
         }
@@ -145,6 +157,24 @@ impl Generator {
     pub fn reset(&mut self) {
         self.session.reset();
         self.seen.clear();
+        self.snaps.clear();
+    }
+
+    /// Keeps the state at the current position (models with linear
+    /// layers; attention alone is cut back without one).
+    fn keep_snapshot(&mut self) {
+        if self.session.can_truncate()
+            || self
+                .snaps
+                .last()
+                .is_some_and(|s| s.pos() == self.seen.len())
+        {
+            return;
+        }
+        if self.snaps.len() == SNAPSHOTS {
+            self.snaps.remove(0);
+        }
+        self.snaps.push(self.session.snapshot());
     }
 
     /// Brings the session to `prompt` minus its last token, reusing what
@@ -159,6 +189,19 @@ impl Generator {
             self.session.truncate(keep)?;
             self.seen.truncate(keep);
             return Ok(keep);
+        }
+        // The latest state inside the shared prefix: what was computed up
+        // to it is what the prompt needs.
+        if let Some(i) = self
+            .snaps
+            .iter()
+            .rposition(|s| s.pos() <= keep && s.pos() > 0)
+        {
+            self.snaps.truncate(i + 1);
+            let s = &self.snaps[i];
+            self.session.restore(s)?;
+            self.seen.truncate(s.pos());
+            return Ok(s.pos());
         }
         self.reset();
         Ok(0)
@@ -211,6 +254,7 @@ impl Generator {
             }
             self.seen.extend_from_slice(chunk);
         }
+        self.keep_snapshot();
         let mut sampler = Sampler::new(p.temperature, p.top_p, p.seed);
         let mut stream = TextStream::new();
         let mut text = String::new();
@@ -281,6 +325,7 @@ impl Generator {
             // Held back for a stop text that never came.
             on_text(&text[sent..]);
         }
+        self.keep_snapshot();
         Ok(Outcome {
             text,
             prompt_tokens: prompt.len(),

@@ -81,6 +81,10 @@ pub struct StreamOptions {
     /// resident weights on the device). Planned under the cap, up to the
     /// dense weights' size, with one expert's upload buffer beside them.
     pub device_copies: u64,
+    /// Extra copies of the linear-attention layers' state the caller
+    /// keeps (a chat's snapshots for going back in the conversation),
+    /// counted with the KV cache.
+    pub state_copies: usize,
 }
 
 /// A function that wraps a read engine in another.
@@ -114,6 +118,7 @@ impl Default for StreamOptions {
             dense: true,
             engine_wrap: None,
             device_copies: 0,
+            state_copies: 0,
         }
     }
 }

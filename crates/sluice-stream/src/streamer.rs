@@ -189,7 +189,7 @@ impl Streamer {
             baseline,
             margin: Budget::margin_for(cap),
             dense,
-            kv: c.state_bytes(opts.ctx),
+            kv: c.state_bytes(opts.ctx) + opts.state_copies as u64 * c.linear_state_bytes(),
             scratch: budget::scratch_bytes(
                 c,
                 plans.inter,
