@@ -294,6 +294,15 @@ MODEL_FIXTURES = {
     # with `gate_up_proj_scale_inv` [E, 2, 3]: the up half starts mid-tile) and E8M0 scales (`ue8m0`)
     "qwen3_moe_fp8": dict(BASE["qwen3_moe"], seed=1300, layout="fused",
                           fp8=dict(block=[16, 32], scales="float8_e8m0fnu")),
+    # compressed-tensors' FP8 (GLM-4.5-FP8's format): a bf16 `weight_scale` per output channel
+    # ([rows, 1]), `quant_method` compressed-tensors with a channel strategy, no tile size given;
+    # GLM-4.5-Air's switches
+    "glm4_moe_fp8_channel": dict(
+        BASE["glm4_moe"], seed=8300, vocab=301, hidden=48, heads=6, kv_heads=2, head_dim=16,
+        experts=6, top_k=2, moe_inter=16, inter=40, n_group=1, topk_group=1, routed_scaling=1.0,
+        norm_topk_prob=False, qk_norm=False, attention_bias=False, layers=4, first_dense=2,
+        fp8=dict(block="channel", scales="bfloat16"),
+    ),
     # gpt-oss-20b's published switches: limit 7, alpha 1.702 (defaults, not written), truncated
     # YaRN off (no rope scaling), explicit layer_types with full attention first; other seed and widths
     "gpt_oss_plain": dict(
@@ -719,6 +728,7 @@ def make_fp8_fixture(name: str, spec: dict, out_dir: Path, tok: Tokenizer, ids, 
     from safetensors.torch import save_file
     print(f"[model] {name}", flush=True)
     block, scale_dtype = spec["fp8"]["block"], getattr(torch, spec["fp8"]["scales"])
+    channel = block == "channel"
     model_cls = model_class(spec)
 
     save_kw = dict(safe_serialization=True)
@@ -732,9 +742,11 @@ def make_fp8_fixture(name: str, spec: dict, out_dir: Path, tok: Tokenizer, ids, 
             stored, deq = {}, {}
             for k, v in tensors.items():
                 if fp8_quantized(k, v):
-                    codes, s = fp8_quantize(v, block, scale_dtype)
-                    stored[k], stored[fp8_scale_name(k)] = codes, s
-                    deq[k] = _dequantize_fp8_weight(codes, s, block, torch.float32)
+                    b = [1, v.shape[-1]] if channel else block
+                    codes, s = fp8_quantize(v, b, scale_dtype)
+                    sn = k[:-len("weight")] + "weight_scale" if channel else fp8_scale_name(k)
+                    stored[k], stored[sn] = codes, s
+                    deq[k] = _dequantize_fp8_weight(codes, s, b, torch.float32)
                 else:
                     stored[k] = deq[k] = v
             save_file({k: v.contiguous() for k, v in deq.items()}, str(Path(tmp) / "model.safetensors"),
@@ -755,16 +767,27 @@ def make_fp8_fixture(name: str, spec: dict, out_dir: Path, tok: Tokenizer, ids, 
     if d.exists():
         shutil.rmtree(d)
     d.mkdir(parents=True)
-    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
-                                  "weight_block_size": block}
+    if channel:
+        cfg["quantization_config"] = {
+            "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True,
+                            "dynamic": False},
+                "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True,
+                                      "dynamic": True}}},
+            "ignore": ["lm_head", "re:.*mlp.gate$"]}
+    else:
+        cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                                      "weight_block_size": block}
     (d / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     save_file({k: v.contiguous() for k, v in sorted(stored.items())}, str(d / "model.safetensors"),
               metadata={"format": "pt"})
     tok.save(str(d / "tokenizer.json"))
     n_fp8 = sum(1 for v in stored.values() if v.dtype == torch.float8_e4m3fn)
     meta = dict(versions(), seed=seed, dtype="float32", arch=spec["arch"], prompt=PROMPT, min_router_gap=gap,
-                weights=f"FP8 E4M3, {block[0]}x{block[1]} tiles, {spec['fp8']['scales']} scales ({n_fp8} "
-                        "tensors); oracle on transformers' dequantization")
+                weights=f"FP8 E4M3, {'per-channel' if channel else f'{block[0]}x{block[1]} tiles'}, "
+                        f"{spec['fp8']['scales']} scales ({n_fp8} tensors); oracle on transformers' dequantization")
     write_expected(d / "expected.json", ids, logits, meta)
     files = sorted(p.name for p in d.iterdir())
     info = dict(name=name, seed=seed, min_gap=gap, files=files, logit_absmax=float(np.abs(logits).max()),
@@ -1676,7 +1699,11 @@ def write_readme(out: Path, model_infos: list, gguf_infos: list, argv: list[str]
                          "tower under `vision_tower.`), affine-quantized with MLX's formula in numpy: "
                          f"`quantization` = `{json.dumps(mi['quantization'])}`, scales/biases bf16, other tensors "
                          "bf16 (A_log f32); oracle = transformers on the dequantized weights")
-        if spec.get("fp8"):
+        if spec.get("fp8") and spec["fp8"]["block"] == "channel":
+            extra.append("**FP8** as compressed-tensors writes it (GLM-4.5-FP8's format): F8_E4M3 weights with a "
+                         "bf16 `weight_scale` per output channel, `quant_method` compressed-tensors; oracle = "
+                         "transformers on `_dequantize_fp8_weight` of the codes")
+        elif spec.get("fp8"):
             b = spec["fp8"]["block"]
             extra.append(f"**FP8** block-scaled as DeepSeek-V3/GLM-4.5 publish it: the layers' linear weights "
                          f"F8_E4M3 with `weight_scale_inv` per {b[0]}x{b[1]} tile ({spec['fp8']['scales']}, "

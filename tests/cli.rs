@@ -379,12 +379,12 @@ fn fp8_that_contradicts_itself_is_refused() {
         (
             "fp8-zero",
             "\"weight_block_size\": [0, 32]",
-            &["weight_block_size is [0,32]", "positive integers"][..],
+            &["block_structure) is [0,32]", "positive integers"][..],
         ),
         (
             "fp8-one",
             "\"weight_block_size\": [16]",
-            &["weight_block_size is [16]"][..],
+            &["block_structure) is [16]"][..],
         ),
     ] {
         let d = fixture_edit(tag, "deepseek_v3_fp8", block, to);

@@ -85,6 +85,7 @@ fn fixture_set_covers_every_architecture_and_layout() {
         "glm4_moe_fp8",
         "qwen3_moe_fp8",
         "qwen3_next_mlx",
+        "glm4_moe_fp8_channel",
     ]
     .into_iter()
     .map(String::from)

@@ -42,6 +42,8 @@ fn streamed_logits_are_bit_identical_to_resident() {
         "glm4_moe_fp8",
         // stacked FP8 experts whose up half starts mid-tile, E8M0 scales
         "qwen3_moe_fp8",
+        // compressed-tensors' per-channel FP8 scales
+        "glm4_moe_fp8_channel",
         // stacked experts and quantized absorbed-MLA tensors as llama.cpp converts them
         "llamacpp/deepseek_v3.q8_0.gguf",
         "glm4_moe",

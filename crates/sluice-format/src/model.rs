@@ -434,13 +434,23 @@ impl Loader<'_> {
     fn resolve(&self, name: &str) -> Result<(DType, Vec<usize>, Vec<&TensorInfo>)> {
         let t = self.info(name)?;
         let base = name.strip_suffix(".weight").unwrap_or(name);
-        // FP8 scales: `x.weight_scale_inv` beside `x.weight`, and
-        // `x_scale_inv` beside a stacked `x` (transformers' spelling).
+        // FP8 scales: `x.weight_scale_inv` beside `x.weight` (DeepSeek's
+        // block-scaled checkpoints), `x_scale_inv` beside a stacked `x`
+        // (transformers' spelling), `x.weight_scale` (compressed-tensors'
+        // and fbgemm's FP8: per row, per matrix or per block). Each
+        // multiplies the codes.
         let scale_name = match name.strip_suffix(".weight") {
             Some(b) => format!("{b}.weight_scale_inv"),
             None => format!("{name}_scale_inv"),
         };
-        if let Some(ts) = self.files.tensor(&scale_name) {
+        let plain = name
+            .strip_suffix(".weight")
+            .map(|b| format!("{b}.weight_scale"));
+        if let Some(ts) = self
+            .files
+            .tensor(&scale_name)
+            .or_else(|| plain.as_ref().and_then(|p| self.files.tensor(p)))
+        {
             return self.resolve_fp8(name, t, ts);
         }
         if t.dtype_name.starts_with("F8_") {
@@ -523,10 +533,26 @@ impl Loader<'_> {
         let [outer @ .., r, c] = t.shape.as_slice() else {
             return Err(bad(format!("shape {:?} is not a matrix", t.shape)));
         };
-        let (br, bc) = self.fp8_block.unwrap_or((
-            u32::try_from(*r).unwrap_or(u32::MAX),
-            u32::try_from(*c).unwrap_or(u32::MAX),
-        ));
+        let side = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        let matrices: usize = outer.iter().product();
+        let (br, bc) = match self.fp8_block {
+            Some(b) => b,
+            // Without a configured tile, the grid says: a scale per row
+            // (`[.., rows, 1]`, per-channel FP8) or per matrix.
+            None if ts.shape.len() == t.shape.len()
+                && ts.shape[..outer.len()] == *outer
+                && ts.shape[outer.len()..] == [*r, 1] =>
+            {
+                (1, side(*c))
+            }
+            None if ts.shape.iter().product::<usize>() == matrices => (side(*r), side(*c)),
+            None => {
+                return Err(bad(format!(
+                    "scales {} have shape {:?} for {:?}, and config.json gives no tile size (quantization_config.weight_block_size); without one a scale per row or per matrix is read",
+                    ts.name, ts.shape, t.shape
+                )))
+            }
+        };
         let q = Fp8Block::new(br, bc, scales).map_err(|e| bad(e.to_string()))?;
         let mut want = outer.to_vec();
         want.extend([q.scale_rows(0, *r), q.scale_cols(*c)]);
@@ -972,13 +998,25 @@ impl Loader<'_> {
     }
 }
 
-/// The FP8 tile of `config.json`'s `quantization_config` (`quant_method`
-/// "fp8", `weight_block_size` [rows, columns]); `None` when it gives none.
+/// The FP8 tile of `config.json`'s `quantization_config`: `weight_block_size`
+/// [rows, columns] (`quant_method` "fp8"), or compressed-tensors' weights
+/// `block_structure`; `None` when it gives none (the scale grid then says).
 fn fp8_block(c: Option<&serde_json::Value>) -> Result<Option<(u32, u32)>> {
     let Some(q) = c.and_then(|c| c.get("quantization_config")) else {
         return Ok(None);
     };
-    let Some(b) = q.get("weight_block_size").filter(|b| !b.is_null()) else {
+    let ct = q
+        .get("config_groups")
+        .and_then(|g| g.as_object())
+        .and_then(|g| {
+            g.values()
+                .find_map(|v| v.get("weights")?.get("block_structure"))
+        });
+    let Some(b) = q
+        .get("weight_block_size")
+        .filter(|b| !b.is_null())
+        .or(ct.filter(|b| !b.is_null()))
+    else {
         return Ok(None);
     };
     let side = |i: usize| {
@@ -989,7 +1027,7 @@ fn fp8_block(c: Option<&serde_json::Value>) -> Result<Option<(u32, u32)>> {
     match (b.as_array().map(|a| a.len()), side(0), side(1)) {
         (Some(2), Some(r), Some(c)) if r > 0 && c > 0 => Ok(Some((r, c))),
         _ => Err(Error::Model(format!(
-            "config.json: quantization_config.weight_block_size is {b}, expected [rows, columns] of positive integers"
+            "config.json: quantization_config's FP8 tile (weight_block_size or block_structure) is {b}, expected [rows, columns] of positive integers"
         ))),
     }
 }
