@@ -15,10 +15,10 @@ use sluice_engine::{Model, Session};
 use std::path::Path;
 use std::sync::Arc;
 
-/// Whether a fixture's matrices are quantized (GGUF Q8_0/Q4_0, MLX).
+/// Whether a fixture's matrices are quantized (GGUF Q8_0/Q4_0, MLX, MXFP4).
 fn quantized(path: &Path) -> bool {
     let n = path.file_name().unwrap().to_string_lossy();
-    n.contains("q8_0") || n.contains("q4_0") || n.contains("mlx")
+    n.contains("q8_0") || n.contains("q4_0") || n.contains("mlx") || n.contains("mxfp4")
 }
 
 /// The bound of the default kernels for a fixture.

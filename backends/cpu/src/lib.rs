@@ -636,6 +636,44 @@ mod tests {
         assert!(short.is_err());
     }
 
+    /// MXFP4's integer kernels on every instruction set, with subnormal and
+    /// large block exponents, stay within the activations' bound of the
+    /// exact products.
+    #[test]
+    fn mxfp4_integer_kernels_match_exact() {
+        let (rows, cols, n) = (37, 256, 3);
+        let mut d = quant::random_tensor_bytes(DType::MXFP4, rows * cols, 5, 1.0);
+        for (i, e) in [0u8, 1, 2, 3, 200, 127].into_iter().enumerate() {
+            d[i * 17 * 9] = e;
+        }
+        let w = WeightView::new(DType::MXFP4, rows, cols, &d).unwrap();
+        let x = floats(n * cols, 9);
+        let r = reference_matmul(w, &x, n).unwrap();
+        let (mag, q8) = bounds(&dequantized(&w), &x, rows, cols, n);
+        for isa in Isa::available() {
+            for act in [Activations::Q16, Activations::Q8] {
+                let mut y = vec![0f32; n * rows];
+                backend(isa, act, 2).matmul(w, &x, n, &mut y).unwrap();
+                for i in 0..y.len() {
+                    let bound = if act == Activations::Q8 {
+                        q8[i]
+                    } else {
+                        q8[i] / 256.0
+                    };
+                    let tol = bound * 1.01 + 2e-6 * mag[i] * (cols as f32).sqrt() + 1e-30;
+                    assert!(
+                        (y[i] - r[i]).abs() <= tol,
+                        "{} {}: {} vs {} (bound {tol})",
+                        isa.name(),
+                        act.name(),
+                        y[i],
+                        r[i]
+                    );
+                }
+            }
+        }
+    }
+
     /// Subnormal and NaN codes, a partial last tile and scales whose
     /// 256-fold overflows give every instruction set the same products.
     #[test]

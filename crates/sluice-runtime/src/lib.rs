@@ -232,16 +232,12 @@ fn announce_kernels(
         }
         _ => "f32 weights, exact products".to_string(),
     };
-    let mxfp4 = if activations != Activations::F32 && any_weight(model, |d| d == DType::MXFP4) {
-        "; MXFP4 weights take exact products (f32 activations): there is no integer MXFP4 kernel yet"
-    } else if has_quantized(model) && any_weight(model, |d| matches!(d, DType::FP8(_))) {
+    let fp8 = if has_quantized(model) && any_weight(model, |d| matches!(d, DType::FP8(_))) {
         "; FP8 weights take exact products (f32 activations)"
     } else {
         ""
     };
-    notes.push(format!(
-        "CPU kernels: {isa}, {threads} threads; {how}{mxfp4}"
-    ));
+    notes.push(format!("CPU kernels: {isa}, {threads} threads; {how}{fp8}"));
 }
 
 /// Applies the experts-per-token override to a loaded model and says so,

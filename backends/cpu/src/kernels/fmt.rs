@@ -94,9 +94,22 @@ pub const fn block_unit_bytes(dt: DType) -> usize {
         DType::Q5_0 => 22,
         DType::Q5_1 => 24,
         DType::Q8_0 => 34,
+        DType::MXFP4 => 17,
         _ => 0,
     }
 }
+
+/// MXFP4's codes: the doubled E2M1 value of each nibble plus 12 (0..24),
+/// so that a weight is `W·c + M` with `W` the block's scale and `M = -12·W`.
+pub const MXFP4_CODES: [u8; 16] = {
+    let mut t = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        t[i] = (sluice_core::quant::MXFP4_VALUES[i] + 12) as u8;
+        i += 1;
+    }
+    t
+};
 
 /// The 16 6-bit scales of a Q3_K super-block, as ggml unpacks them.
 #[inline(always)]
@@ -159,6 +172,15 @@ pub fn header(
                 w[2 * i + 1] = d;
                 m[2 * i] = zero * d;
                 m[2 * i + 1] = zero * d;
+            }
+        }
+        DType::MXFP4 => {
+            for i in 0..n {
+                let d = sluice_core::quant::e8m0_half(b[(u0 + i) * 17]);
+                w[2 * i] = d;
+                w[2 * i + 1] = d;
+                m[2 * i] = -12.0 * d;
+                m[2 * i + 1] = -12.0 * d;
             }
         }
         DType::Q4_1 | DType::Q5_1 => {
@@ -240,8 +262,8 @@ pub fn header(
                 m[2 * i + 1] = bi + off * sc;
             }
         }
-        DType::F32 | DType::F16 | DType::BF16 | DType::MXFP4 | DType::FP8(_) => {
-            unreachable!("float, MXFP4 and FP8 weights take the f32 path")
+        DType::F32 | DType::F16 | DType::BF16 | DType::FP8(_) => {
+            unreachable!("float and FP8 weights take the f32 path")
         }
     }
 }
@@ -317,8 +339,15 @@ pub fn codes(dt: DType, row: Row<'_>, u: usize, c: &mut [u8; 32]) {
             }
         }
         DType::Mlx(q) => mlx_codes(q, b, u, c),
-        DType::F32 | DType::F16 | DType::BF16 | DType::MXFP4 | DType::FP8(_) => {
-            unreachable!("float, MXFP4 and FP8 weights take the f32 path")
+        DType::MXFP4 => {
+            let qs = &b[u * 17 + 1..][..16];
+            for j in 0..16 {
+                c[j] = MXFP4_CODES[(qs[j] & 15) as usize];
+                c[j + 16] = MXFP4_CODES[(qs[j] >> 4) as usize];
+            }
+        }
+        DType::F32 | DType::F16 | DType::BF16 | DType::FP8(_) => {
+            unreachable!("float and FP8 weights take the f32 path")
         }
     }
 }

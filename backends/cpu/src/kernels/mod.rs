@@ -267,10 +267,10 @@ pub fn q8_layout(isa: Isa, dt: DType, residual: bool) -> Layout {
     }
 }
 
-/// Whether `dt` has 8-bit-activation kernels. MXFP4 has none yet: its
-/// products run on the f32 path (weights dequantized exactly).
+/// Whether `dt` has 8-bit-activation kernels (every block-quantized type;
+/// floats and FP8 take the f32 path).
 pub const fn integer(dt: DType) -> bool {
-    dt.is_quantized() && !matches!(dt, DType::MXFP4)
+    dt.is_quantized()
 }
 
 /// Rows `r0..r1` of `w` against the quantized activations `act` (made with

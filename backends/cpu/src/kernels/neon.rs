@@ -108,6 +108,25 @@ impl<const BB: usize, const AT: usize> UnpackNeon for Q4<BB, AT> {
     }
 }
 
+/// MXFP4: Q4_0's nibbles in 17-byte blocks, each looked up to its code
+/// (`fmt::MXFP4_CODES`).
+struct Mxfp4;
+impl UnpackNeon for Mxfp4 {
+    #[inline(always)]
+    unsafe fn codes(row: &[u8], u: usize, _: Option<MlxQuant>) -> (int8x16_t, int8x16_t) {
+        let b = &row[u * 17..][..17];
+        // SAFETY: 16 bytes at 1 lie in the block; the table has 16.
+        unsafe {
+            let q = ld(&b[1..]);
+            let lut = ld(&fmt::MXFP4_CODES);
+            (
+                s8(vqtbl1q_u8(lut, vandq_u8(q, vdupq_n_u8(15)))),
+                s8(vqtbl1q_u8(lut, vshrq_n_u8(q, 4))),
+            )
+        }
+    }
+}
+
 struct Q5<const BB: usize, const QH: usize, const AT: usize>;
 impl<const BB: usize, const QH: usize, const AT: usize> UnpackNeon for Q5<BB, QH, AT> {
     #[inline(always)]
@@ -327,8 +346,9 @@ unsafe fn dispatch<const DOT: bool, const RES: bool>(
                 6 => tile::<Mlx<6>, DOT, RES>(w, r0, r1, act, out),
                 _ => tile::<Mlx<8>, DOT, RES>(w, r0, r1, act, out),
             },
-            DType::F32 | DType::F16 | DType::BF16 | DType::MXFP4 | DType::FP8(_) => {
-                unreachable!("float, MXFP4 and FP8 weights take the f32 path")
+            DType::MXFP4 => tile::<Mxfp4, DOT, RES>(w, r0, r1, act, out),
+            DType::F32 | DType::F16 | DType::BF16 | DType::FP8(_) => {
+                unreachable!("float and FP8 weights take the f32 path")
             }
         }
     }

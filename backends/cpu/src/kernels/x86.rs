@@ -111,8 +111,12 @@ pub fn avx512_layout(dt: DType, residual: bool) -> Layout {
         || matches!(dt, DType::Mlx(q) if q.bits == 2);
     let residual_wide = residual && !planes;
     let perm: Option<&'static [u8]> = match (dt, residual_wide) {
-        (DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1, false) => Some(&PAIRED),
-        (DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1, true) => Some(&WIDE_PAIRED),
+        (DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::MXFP4, false) => {
+            Some(&PAIRED)
+        }
+        (DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::MXFP4, true) => {
+            Some(&WIDE_PAIRED)
+        }
         (DType::Mlx(q), false) if q.bits == 4 => Some(&PAIRED_EVEN_ODD),
         (DType::Mlx(q), true) if q.bits == 4 => Some(&WIDE_EVEN_ODD),
         (DType::Mlx(q), false) if q.bits == 2 => Some(&PAIRED_FIELDS2),
@@ -282,6 +286,60 @@ impl<const BB: usize, const AT: usize> Unpack512 for Q4<BB, AT> {
                 _mm256_inserti128_si256(_mm256_castsi128_si256(load16(p)), load16(p.add(BB)), 1);
             let z = _mm512_inserti64x4(_mm512_castsi256_si512(y), _mm256_srli_epi16(y, 4), 1);
             _mm512_and_si512(z, _mm512_set1_epi8(15))
+        }
+    }
+}
+
+/// MXFP4: Q4_0's nibble layout (17-byte blocks, codes at 1), each nibble
+/// looked up to its code (`fmt::MXFP4_CODES`), and an E8M0 exponent byte as
+/// the scale.
+struct Mxfp4;
+impl Unpack512 for Mxfp4 {
+    const LANES: [i32; 16] = PAIRED_LANES;
+    #[inline(always)]
+    unsafe fn head(row: Row<'_>, c0: usize, n: usize, _: Option<MlxQuant>) -> Head {
+        let b = row.data;
+        assert!((c0 + n) * 17 <= b.len() && n <= 16);
+        // SAFETY: the masked gather reads the first 4 bytes of each of the
+        // `n` 17-byte blocks, which lie in `b` (checked); AVX-512F per
+        // contract.
+        unsafe {
+            let k = ((1u32 << n) - 1) as u16;
+            let off = _mm512_mullo_epi32(
+                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                _mm512_set1_epi32(17),
+            );
+            let base = b.as_ptr().add(c0 * 17);
+            let g = _mm512_mask_i32gather_epi32::<1>(
+                _mm512_setzero_si512(),
+                k,
+                off,
+                base as *const i32,
+            );
+            let e = _mm512_and_si512(g, _mm512_set1_epi32(255));
+            // 2^(e - 128) (`quant::e8m0_half`): an exponent field of e - 1,
+            // or, below e = 2, the subnormal 0x200000 << e.
+            let normal = _mm512_slli_epi32(_mm512_sub_epi32(e, _mm512_set1_epi32(1)), 23);
+            let small = _mm512_sllv_epi32(_mm512_set1_epi32(0x0020_0000), e);
+            let lt2 = _mm512_cmplt_epi32_mask(e, _mm512_set1_epi32(2));
+            let w = _mm512_castsi512_ps(_mm512_mask_blend_epi32(lt2, normal, small));
+            let w = _mm512_maskz_mov_ps(k, w);
+            let z = _mm512_setzero_ps();
+            Head {
+                w: [w, z],
+                m: [_mm512_mul_ps(w, _mm512_set1_ps(-12.0)), z],
+            }
+        }
+    }
+    #[inline(always)]
+    unsafe fn codes(row: &[u8], u: usize, q: Option<MlxQuant>) -> __m512i {
+        // SAFETY: per contract; `Q4::codes` checks the bounds.
+        unsafe {
+            let nib = <Q4<17, 1> as Unpack512>::codes(row, u, q);
+            let lut = _mm512_broadcast_i32x4(_mm_loadu_si128(
+                fmt::MXFP4_CODES.as_ptr() as *const __m128i
+            ));
+            _mm512_shuffle_epi8(lut, nib)
         }
     }
 }
@@ -788,8 +846,9 @@ unsafe fn avx512_dispatch<const RES: bool>(
             DType::Mlx(q) if q.bits == 4 => tile512::<Mlx4, RES>(w, r0, r1, act, out),
             DType::Mlx(q) if q.bits == 2 => tile512::<Mlx2, RES>(w, r0, r1, act, out),
             DType::Mlx(_) => tile512::<Mlx, RES>(w, r0, r1, act, out),
-            DType::F32 | DType::F16 | DType::BF16 | DType::MXFP4 | DType::FP8(_) => {
-                unreachable!("float, MXFP4 and FP8 weights take the f32 path")
+            DType::MXFP4 => tile512::<Mxfp4, RES>(w, r0, r1, act, out),
+            DType::F32 | DType::F16 | DType::BF16 | DType::FP8(_) => {
+                unreachable!("float and FP8 weights take the f32 path")
             }
         }
     }
@@ -1283,6 +1342,20 @@ impl<const BB: usize, const AT: usize> Unpack256 for Q4<BB, AT> {
     }
 }
 
+impl Unpack256 for Mxfp4 {
+    #[inline(always)]
+    unsafe fn codes(row: &[u8], u: usize, _: Option<MlxQuant>) -> __m256i {
+        let b = &row[u * 17..][..17];
+        // SAFETY: 16 bytes at 1 lie in the block; AVX2 per contract.
+        unsafe {
+            let lut = _mm256_broadcastsi128_si256(_mm_loadu_si128(
+                fmt::MXFP4_CODES.as_ptr() as *const __m128i
+            ));
+            _mm256_shuffle_epi8(lut, nibbles(b[1..].as_ptr()))
+        }
+    }
+}
+
 impl<const BB: usize, const QH: usize, const AT: usize> Unpack256 for Q5<BB, QH, AT> {
     #[inline(always)]
     unsafe fn codes(row: &[u8], u: usize, q: Option<MlxQuant>) -> __m256i {
@@ -1456,8 +1529,9 @@ unsafe fn avx2_dispatch<const RES: bool>(
                 6 => tile256::<Mlx256<6>, RES>(w, r0, r1, act, out),
                 _ => tile256::<Mlx256<8>, RES>(w, r0, r1, act, out),
             },
-            DType::F32 | DType::F16 | DType::BF16 | DType::MXFP4 | DType::FP8(_) => {
-                unreachable!("float, MXFP4 and FP8 weights take the f32 path")
+            DType::MXFP4 => tile256::<Mxfp4, RES>(w, r0, r1, act, out),
+            DType::F32 | DType::F16 | DType::BF16 | DType::FP8(_) => {
+                unreachable!("float and FP8 weights take the f32 path")
             }
         }
     }
