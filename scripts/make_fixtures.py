@@ -611,6 +611,24 @@ def mxfp4_quantize(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return blocks.reshape(*pre, r, c // 32, 16), e.reshape(*pre, r, c // 32)
 
 
+def gap_checked(model, ids, spec: dict, seed: int, min_gap: float):
+    """(logits, router gap) of `model` on `ids`, or None (and a line saying so) when the gap is too
+    small to be sure of the oracle's routing."""
+    logits, gap, _ = forward_with_gaps(model, ids, spec["top_k"])
+    if gap <= min_gap:
+        print(f"    seed {seed}: dequantized router gap {gap:.2e} too small", flush=True)
+        return None
+    return logits, gap
+
+
+def fresh_dir(d: Path) -> Path:
+    """`d`, emptied."""
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    return d
+
+
 def make_mxfp4_fixture(name: str, spec: dict, out_dir: Path, tok: Tokenizer, ids, min_gap: float) -> dict:
     """gpt-oss with MXFP4 experts as the hub ships them; oracle on the dequantized weights."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
@@ -630,18 +648,12 @@ def make_mxfp4_fixture(name: str, spec: dict, out_dir: Path, tok: Tokenizer, ids
                                                  dtype=torch.float32)
                 assert deq.shape == p.shape, (pname, deq.shape, p.shape)
                 p.copy_(deq)
-        logits, gap, _ = forward_with_gaps(ref, ids, spec["top_k"])
-        if gap <= min_gap:
-            print(f"    seed {seed}: dequantized router gap {gap:.2e} too small", flush=True)
-            return None
-        return ref, packed, logits, gap
+        got = gap_checked(ref, ids, spec, seed, min_gap)
+        return got and (ref, packed, *got)
 
     seed, _, _, _, extra = find_seed(spec, ids, min_gap, extra_check=quantized)
     ref, packed, logits, gap = extra
-    d = out_dir
-    if d.exists():
-        shutil.rmtree(d)
-    d.mkdir(parents=True)
+    d = fresh_dir(out_dir)
     tmp = d / "_hf"
     ref.save_pretrained(tmp, safe_serialization=True)
     cfg = json.loads((tmp / "config.json").read_text())
@@ -755,18 +767,12 @@ def make_fp8_fixture(name: str, spec: dict, out_dir: Path, tok: Tokenizer, ids, 
                                             experts_implementation="eager")
             ref.eval()
             cfg = json.loads((Path(tmp) / "config.json").read_text())
-        logits, gap, _ = forward_with_gaps(ref, ids, spec["top_k"])
-        if gap <= min_gap:
-            print(f"    seed {seed}: dequantized router gap {gap:.2e} too small", flush=True)
-            return None
-        return stored, cfg, logits, gap
+        got = gap_checked(ref, ids, spec, seed, min_gap)
+        return got and (stored, cfg, *got)
 
     seed, _, _, _, extra = find_seed(spec, ids, min_gap, extra_check=quantized)
     stored, cfg, logits, gap = extra
-    d = out_dir
-    if d.exists():
-        shutil.rmtree(d)
-    d.mkdir(parents=True)
+    d = fresh_dir(out_dir)
     if channel:
         cfg["quantization_config"] = {
             "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
@@ -804,10 +810,7 @@ def make_model_fixture(name: str, spec: dict, out_dir: Path, tok: Tokenizer, ids
         return make_fp8_fixture(name, spec, out_dir, tok, ids, min_gap)
     print(f"[model] {name}", flush=True)
     seed, model, logits, gap, _ = find_seed(spec, ids, min_gap)
-    d = out_dir
-    if d.exists():
-        shutil.rmtree(d)
-    d.mkdir(parents=True)
+    d = fresh_dir(out_dir)
     save_kw = dict(safe_serialization=True)
     if spec.get("layout") == "fused":
         save_kw["save_original_format"] = False
@@ -1367,18 +1370,12 @@ def make_mlx_fixture(name: str, spec: dict, base_q, overrides, out_dir: Path, to
         ref.load_state_dict({k: v.float() for k, v in new.items()})
         set_eager(ref)
         ref.eval()
-        logits, gap, _ = forward_with_gaps(ref, ids, spec["top_k"])
-        if gap <= min_gap:
-            print(f"    seed {seed}: dequantized router gap {gap:.2e} too small", flush=True)
-            return None
-        return tensors, quant_cfg, logits, gap
+        got = gap_checked(ref, ids, spec, seed, min_gap)
+        return got and (tensors, quant_cfg, *got)
 
     seed, model, _, _, extra = find_seed(spec, ids, min_gap, extra_check=quantized)
     tensors, quant_cfg, logits, gap = extra
-    d = out_dir
-    if d.exists():
-        shutil.rmtree(d)
-    d.mkdir(parents=True)
+    d = fresh_dir(out_dir)
     tmp = d / "_hf"
     model.save_pretrained(tmp, safe_serialization=True)
     cfg = json.loads((tmp / "config.json").read_text())

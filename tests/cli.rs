@@ -407,6 +407,12 @@ fn fp8_that_contradicts_itself_is_refused() {
             "\"I32\",\"shape\":[4,2]",
             "of type I32",
         ),
+        (
+            "fp8-noscale",
+            "gate_proj.weight_scale_inv",
+            "gate_proj.weight_scale_ivn",
+            "is F8_E4M3 without a",
+        ),
     ] {
         let d = fixture_edit(tag, "deepseek_v3_fp8", block, block);
         let p = d.join("model.safetensors");

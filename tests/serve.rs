@@ -32,6 +32,10 @@ impl Drop for Server {
 }
 
 fn start(queue: &str, ctx: &str) -> Server {
+    start_with(queue, ctx, &[])
+}
+
+fn start_with(queue: &str, ctx: &str, extra: &[&str]) -> Server {
     let model = fixtures().join("models/qwen3_moe");
     let mut child = sluice()
         .args([
@@ -47,6 +51,7 @@ fn start(queue: &str, ctx: &str) -> Server {
             "--chat-template",
             &template(),
         ])
+        .args(extra)
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -404,8 +409,8 @@ fn generator(name: &str) -> sluice_serve::chat::Generator {
 
 /// Models with linear-attention layers cannot cut their state back, so a
 /// prompt that leaves the previous sequence goes back to the snapshot
-/// where the last prompt ended: only the new tokens run, and the answer
-/// is the one a fresh session gives.
+/// taken before the last prompt's last token: only that token and the new
+/// ones run, and the answer is the one a fresh session gives.
 #[test]
 fn linear_layers_go_back_to_a_snapshot() {
     use sluice_serve::chat::GenParams;
@@ -413,7 +418,9 @@ fn linear_layers_go_back_to_a_snapshot() {
         max_tokens: 6,
         ..GenParams::default()
     };
-    for name in ["qwen3_next", "qwen3_5_moe", "qwen3_moe"] {
+    // (fixture, tokens a snapshot leaves to run again: none when the KV
+    // cache alone is cut back)
+    for (name, again) in [("qwen3_next", 1), ("qwen3_5_moe", 1), ("qwen3_moe", 0)] {
         let mut g = generator(name);
         let p1: Vec<u32> = (3..15).collect();
         let a = g.generate(&p1, &p, &mut |_| true).unwrap();
@@ -422,7 +429,7 @@ fn linear_layers_go_back_to_a_snapshot() {
         let mut p2 = p1.clone();
         p2.extend([40, 41, 42, 43]);
         let b = g.generate(&p2, &p, &mut |_| true).unwrap();
-        assert_eq!(b.reused_tokens, p1.len(), "{name}");
+        assert_eq!(b.reused_tokens, p1.len() - again, "{name}");
         let fresh = generator(name).generate(&p2, &p, &mut |_| true).unwrap();
         assert_eq!(b.text, fresh.text, "{name}");
         assert_eq!(b.completion_tokens, fresh.completion_tokens, "{name}");
@@ -430,8 +437,72 @@ fn linear_layers_go_back_to_a_snapshot() {
         let mut p3 = p2.clone();
         p3.extend([50, 51]);
         let c = g.generate(&p3, &p, &mut |_| true).unwrap();
-        assert!(c.reused_tokens >= p2.len(), "{name}: {}", c.reused_tokens);
+        assert!(
+            c.reused_tokens >= p2.len() - again,
+            "{name}: {}",
+            c.reused_tokens
+        );
         let fresh = generator(name).generate(&p3, &p, &mut |_| true).unwrap();
         assert_eq!(c.text, fresh.text, "{name}");
+    }
+}
+
+/// With `--sessions 2` a client's conversation survives another client's
+/// request in between (its whole prompt but the last token is reused);
+/// with one session it does not.
+#[test]
+fn kept_sessions_reuse_each_conversation() {
+    let a = json!({"messages": user("Tell me about cats."), "max_tokens": 3, "temperature": 0});
+    let b = json!({"messages": user("Something entirely different: a long history of ships and of the sea."),
+                   "max_tokens": 3, "temperature": 0});
+    for sessions in ["2", "1"] {
+        let s = start_with("4", "512", &["--sessions", sessions]);
+        let first = post(&s.addr, "/v1/chat/completions", &a).1;
+        post(&s.addr, "/v1/chat/completions", &b);
+        let again = post(&s.addr, "/v1/chat/completions", &a).1;
+        let n = again["usage"]["prompt_tokens"].as_u64().unwrap();
+        let cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
+        if sessions == "2" {
+            assert_eq!(cached, n - 1, "{again}");
+        } else {
+            assert!(cached < n / 2, "{again}");
+        }
+        // The same answer either way.
+        assert_eq!(
+            again["choices"][0]["message"]["content"],
+            first["choices"][0]["message"]["content"]
+        );
+    }
+    let e = sluice()
+        .args(["serve", "--model", "x", "--sessions", "0"])
+        .output()
+        .unwrap();
+    assert!(!e.status.success());
+    assert!(String::from_utf8_lossy(&e.stderr).contains("--sessions must be at least 1"));
+}
+
+/// A parked conversation of a model with linear-attention layers comes
+/// back whole: its DeltaNet states with its KV cache.
+#[test]
+fn parked_conversations_come_back_whole() {
+    use sluice_serve::chat::GenParams;
+    let p = GenParams {
+        max_tokens: 5,
+        ..GenParams::default()
+    };
+    for name in ["qwen3_next", "qwen3_moe"] {
+        let mut g = generator(name).with_parked(1);
+        let a: Vec<u32> = (3..17).collect();
+        let b: Vec<u32> = (40..52).collect();
+        let first = g.generate(&a, &p, &mut |_| true).unwrap();
+        g.generate(&b, &p, &mut |_| true).unwrap();
+        let again = g.generate(&a, &p, &mut |_| true).unwrap();
+        assert_eq!(again.reused_tokens, a.len() - 1, "{name}");
+        assert_eq!(again.text, first.text, "{name}");
+        assert_eq!(g.parked().0, 1, "{name}: b is parked now");
+        let back = g.generate(&b, &p, &mut |_| true).unwrap();
+        assert_eq!(back.reused_tokens, b.len() - 1, "{name}");
     }
 }

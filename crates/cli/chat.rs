@@ -70,6 +70,12 @@ pub struct ServeArgs {
     /// The model's name in the API (default: the file's name).
     #[arg(long)]
     model_name: Option<String>,
+    /// Conversations whose state (KV cache and all) is kept: requests
+    /// take turns on the one streamed model, and one that continues a
+    /// kept conversation runs only its new tokens. Each costs a context's
+    /// KV cache under the cap.
+    #[arg(long, default_value_t = 1)]
+    sessions: usize,
 }
 
 /// The model's template, a file given instead, or ChatML for a model that
@@ -99,7 +105,8 @@ fn template(
 }
 
 /// The model opened for chat: generator and template.
-fn open(a: &ChatModelArgs) -> Result<(Generator, ChatTemplate, usize)> {
+/// Opens the model for `sessions` conversations kept at once.
+fn open(a: &ChatModelArgs, sessions: usize) -> Result<(Generator, ChatTemplate, usize)> {
     let (m, ctx, batch) = (&a.m, a.ctx, a.batch);
     if ctx < 16 {
         bail!("--ctx {ctx} is too small for a conversation");
@@ -110,14 +117,21 @@ fn open(a: &ChatModelArgs) -> Result<(Generator, ChatTemplate, usize)> {
         .with_context(|| format!("{} has no tokenizer to chat with", m.model.display()))?;
     let t = template(&files, a.chat_template.as_deref(), &tok)?;
     drop(files);
-    let mut o = stream_args::open_with(m, ctx, batch.max(1), sluice_serve::chat::SNAPSHOTS)?;
+    let mut o = stream_args::open_with(
+        m,
+        ctx,
+        batch.max(1),
+        sluice_serve::chat::SNAPSHOTS * sessions,
+        sessions - 1,
+    )?;
     for n in &o.notes {
         eprintln!("note: {n}");
     }
     let eos = o.model.config.eos.clone();
     let top_k = o.model.config.top_k;
     let s = o.session();
-    Ok((Generator::new(s, tok, &eos, ctx, batch), t, top_k))
+    let g = Generator::new(s, tok, &eos, ctx, batch).with_parked(sessions - 1);
+    Ok((g, t, top_k))
 }
 
 fn figures(g: &Generator) -> EngineFigures {
@@ -133,7 +147,7 @@ fn figures(g: &Generator) -> EngineFigures {
 }
 
 pub fn chat(a: ChatArgs) -> Result<()> {
-    let (mut gen, t, _) = open(&a.c)?;
+    let (mut gen, t, _) = open(&a.c, 1)?;
     let cap = a.c.m.stream.ram_cap;
     let mut history: Vec<Json> = Vec::new();
     let start = |h: &mut Vec<Json>| {
@@ -225,19 +239,23 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     if a.queue == 0 {
         bail!("--queue must be at least 1");
     }
-    let (gen, t, top_k) = open(&a.c)?;
+    if a.sessions == 0 {
+        bail!("--sessions must be at least 1");
+    }
+    let sessions = a.sessions;
+    let (gen, t, top_k) = open(&a.c, sessions)?;
     let name = a.model_name.clone().unwrap_or_else(|| {
         a.c.m
             .model
             .file_name()
             .map_or("model".into(), |n| n.to_string_lossy().into_owned())
     });
-    // One session's KV is kept; the expert slots beyond the least a
-    // layer needs could hold this many more sessions' KV instead.
+    // `sessions` conversations' state is kept; the expert slots beyond
+    // the least a layer needs could hold this many more instead.
     let kv = gen.session().streamer().map(|s| {
         let b = s.budget();
         let spare = b.slots.saturating_sub(top_k) as u64 * b.slot;
-        (b.kv, spare / b.kv.max(1))
+        (b.kv, spare / (b.kv / sessions as u64).max(1))
     });
     let cfg = ServeConfig {
         model_name: name.clone(),
@@ -249,7 +267,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let (ctx, queue) = (a.c.ctx, a.queue);
     sluice_serve::server::serve_blocking(&addr, gen, t, cfg, move |at| {
         eprintln!(
-            "sluice serve: {name} on http://{at}/v1 (chat/completions, completions, models; /health, /metrics); one session of {ctx} tokens{}: requests take turns, {queue} may wait, more get 503",
+            "sluice serve: {name} on http://{at}/v1 (chat/completions, completions, models; /health, /metrics); {sessions} session{} of {ctx} tokens{}: requests take turns, {queue} may wait, more get 503",
+            if sessions == 1 { "" } else { "s" },
             kv.map_or(String::new(), |(b, more)| format!(
                 " ({} of KV cache under the cap; trading expert slots down to the minimum would make room for {more} more sessions' KV)",
                 sluice_core::fmt_size(b)

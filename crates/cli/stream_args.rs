@@ -252,19 +252,28 @@ pub fn run_options(m: &ModelArgs) -> Result<RunOptions> {
         cgroup: s.cgroup,
         record_kernels: false,
         state_copies: 0,
+        kv_copies: 0,
     })
 }
 
 /// Opens `m.model` for `ctx` tokens processed in batches of up to `batch`.
 pub fn open(m: &ModelArgs, ctx: usize, batch: usize) -> Result<Opened> {
-    open_with(m, ctx, batch, 0)
+    open_with(m, ctx, batch, 0, 0)
 }
 
 /// [`open`], budgeting `state_copies` extra copies of the linear layers'
-/// state (a chat's snapshots).
-pub fn open_with(m: &ModelArgs, ctx: usize, batch: usize, state_copies: usize) -> Result<Opened> {
+/// state (a chat's snapshots) and `kv_copies` extra whole sequence states
+/// (a server's parked conversations).
+pub fn open_with(
+    m: &ModelArgs,
+    ctx: usize,
+    batch: usize,
+    state_copies: usize,
+    kv_copies: usize,
+) -> Result<Opened> {
     let o = RunOptions {
         state_copies,
+        kv_copies,
         ..run_options(m)?
     };
     sluice_runtime::open(&o, ctx, batch).with_context(|| format!("opening {}", m.model.display()))

@@ -179,6 +179,18 @@ impl Session {
         Snapshot {
             pos: self.pos,
             lin: self.lin.clone(),
+            kv: None,
+        }
+    }
+
+    /// The whole sequence state, KV cache included: a conversation put
+    /// aside, to be taken up again by [`restore`](Self::restore) whatever
+    /// this session runs in between.
+    pub fn park(&self) -> Snapshot {
+        Snapshot {
+            pos: self.pos,
+            lin: self.lin.clone(),
+            kv: Some(self.kv.clone()),
         }
     }
 
@@ -186,7 +198,17 @@ impl Session {
     /// position with the same tokens since: the KV cache is cut back to
     /// `s.pos()` and the linear layers' states are `s`'s again, so the
     /// next tokens compute exactly as they did from there.
+    /// A [`park`](Self::park)ed state replaces the whole sequence.
     pub fn restore(&mut self, s: &Snapshot) -> Result<()> {
+        if let Some(kv) = &s.kv {
+            if kv.len() != self.kv.len() || s.lin.len() != self.lin.len() {
+                return Err(Error::Invalid("a parked state of another model".into()));
+            }
+            self.kv.clone_from(kv);
+            self.lin.clone_from(&s.lin);
+            self.pos = s.pos;
+            return Ok(());
+        }
         if s.pos > self.pos || s.lin.len() != self.lin.len() {
             return Err(Error::Invalid(format!(
                 "a snapshot at position {} does not precede this session's position {}",
@@ -814,6 +836,8 @@ fn rope_of(c: &crate::config::Config) -> Rope {
 pub struct Snapshot {
     pos: usize,
     lin: Vec<LinState>,
+    /// [`Session::park`]: the KV cache too.
+    kv: Option<Vec<(Vec<f32>, Vec<f32>)>>,
 }
 
 impl Snapshot {
@@ -822,13 +846,21 @@ impl Snapshot {
         self.pos
     }
 
-    /// Bytes it holds (the linear layers' states; 0 for attention-only
-    /// models).
+    /// Bytes it holds (the linear layers' states, and a parked state's
+    /// KV cache).
     pub fn bytes(&self) -> usize {
-        self.lin
+        let lin: usize = self
+            .lin
             .iter()
             .map(|s| (s.conv.len() + s.state.len()) * 4)
-            .sum()
+            .sum();
+        let kv: usize = self
+            .kv
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.len() + v.len()) * 4)
+            .sum();
+        lin + kv
     }
 }
 

@@ -92,6 +92,9 @@ pub struct RunOptions {
     /// Extra copies of the linear layers' state the caller keeps (chat
     /// snapshots), budgeted with the KV cache.
     pub state_copies: usize,
+    /// Extra whole sequence states the caller keeps (a server's parked
+    /// conversations), budgeted with the KV cache.
+    pub kv_copies: usize,
 }
 
 impl Default for RunOptions {
@@ -122,6 +125,7 @@ impl Default for RunOptions {
             cgroup: false,
             record_kernels: false,
             state_copies: 0,
+            kv_copies: 0,
         }
     }
 }
@@ -423,6 +427,7 @@ pub fn open(o: &RunOptions, ctx: usize, batch: usize) -> Result<Opened> {
         dense: true,
         device_copies,
         state_copies: o.state_copies,
+        kv_copies: o.kv_copies,
         engine_wrap: clock.clone().map(|c| {
             EngineWrap(Arc::new(move |e| {
                 Box::new(PacedEngine::new(e, c.clone())) as Box<dyn sluice_io::ReadEngine>

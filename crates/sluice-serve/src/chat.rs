@@ -3,9 +3,9 @@
 //! chat) runs only its new tokens; one that diverges cuts the KV cache back
 //! to the shared prefix (attention-only models). A linear-attention layer's
 //! state folds every token in and cannot be cut back, so for models with
-//! such layers the generator keeps [`SNAPSHOTS`] copies of it, taken where
-//! a turn's prompt ends and where its answer ends, and goes back to the
-//! latest one inside the shared prefix (or starts over when none is).
+//! such layers the generator keeps [`SNAPSHOTS`] copies of it, taken just
+//! before a turn's prompt ends and where its answer ends, and goes back to
+//! the latest one inside the shared prefix (or starts over when none is).
 
 use crate::template::END_OF_TURN;
 use sluice_core::{Error, Result};
@@ -88,7 +88,8 @@ impl Outcome {
 }
 
 /// Snapshots of the linear layers' state a generator keeps (models with
-/// such layers): the end of the last prompt and of the last answer. Their
+/// such layers): before the last prompt's last token, and at the end of
+/// the last answer. Their
 /// bytes belong in the RAM budget (`StreamOptions::state_copies`).
 pub const SNAPSHOTS: usize = 2;
 
@@ -102,8 +103,20 @@ pub struct Generator {
     /// Models with linear layers: states at earlier positions of `seen`,
     /// oldest first, at most [`SNAPSHOTS`].
     snaps: Vec<Snapshot>,
+    /// Other conversations put aside whole, least recently used first.
+    parked: Vec<Parked>,
+    /// How many may be.
+    max_parked: usize,
     ctx: usize,
     batch: usize,
+}
+
+/// A conversation put aside: its tokens, its whole state and its
+/// snapshots.
+struct Parked {
+    seen: Vec<u32>,
+    state: Snapshot,
+    snaps: Vec<Snapshot>,
 }
 
 /// Length of the common prefix.
@@ -133,9 +146,74 @@ impl Generator {
             stops,
             seen: Vec::new(),
             snaps: Vec::new(),
+            parked: Vec::new(),
+            max_parked: 0,
             ctx,
             batch: batch.max(1),
         }
+    }
+
+    /// Keeps up to `n` other conversations whole (KV cache and all), so
+    /// that requests of several clients taking turns each reuse their own
+    /// prefix; their bytes belong in the RAM budget.
+    pub fn with_parked(mut self, n: usize) -> Generator {
+        self.max_parked = n;
+        self
+    }
+
+    /// Conversations put aside, and their bytes.
+    pub fn parked(&self) -> (usize, usize) {
+        let b = self
+            .parked
+            .iter()
+            .map(|p| p.state.bytes() + p.snaps.iter().map(Snapshot::bytes).sum::<usize>())
+            .sum();
+        (self.parked.len(), b)
+    }
+
+    /// Before `prompt` runs: the parked conversation that shares more of
+    /// it than the current one is taken up, the current one put aside;
+    /// a current one that `prompt` mostly leaves is put aside too.
+    fn switch_for(&mut self, prompt: &[u32]) -> Result<()> {
+        if self.max_parked == 0 {
+            return Ok(());
+        }
+        let cur = common(&self.seen, prompt);
+        let best = self
+            .parked
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (i, common(&p.seen, prompt)))
+            .filter(|&(_, n)| n > cur)
+            .max_by_key(|&(_, n)| n);
+        if let Some((i, _)) = best {
+            let p = self.parked.remove(i);
+            self.park_current();
+            self.session.restore(&p.state)?;
+            self.seen = p.seen;
+            self.snaps = p.snaps;
+        } else if cur * 2 < self.seen.len() {
+            self.park_current();
+        }
+        Ok(())
+    }
+
+    /// Puts the current conversation aside (forgetting older copies of
+    /// it, and the least recently used one when all places are taken).
+    fn park_current(&mut self) {
+        if self.seen.is_empty() {
+            return;
+        }
+        let seen = &self.seen;
+        self.parked.retain(|p| !seen.starts_with(&p.seen));
+        if self.parked.len() == self.max_parked {
+            self.parked.remove(0);
+        }
+        self.parked.push(Parked {
+            seen: self.seen.clone(),
+            state: self.session.park(),
+            snaps: self.snaps.clone(),
+        });
     }
 
     /// The tokenizer.
@@ -226,10 +304,28 @@ impl Generator {
             )));
         }
         let t0 = Instant::now();
+        self.switch_for(prompt)?;
         let reused = self.rewind_to(prompt)?;
         let fresh = &prompt[reused..];
+        // Models with linear layers keep a snapshot just before the
+        // prompt's last token: a later prompt that repeats this one goes
+        // back there and runs that token again for its logits.
+        let split = if self.session.can_truncate() {
+            fresh.len()
+        } else {
+            fresh.len() - 1
+        };
+        let (head, tail) = fresh.split_at(split);
+        let head_chunks = head.len().div_ceil(self.batch);
         let mut logits = Vec::new();
-        for chunk in fresh.chunks(self.batch) {
+        for (i, chunk) in head
+            .chunks(self.batch)
+            .chain(tail.chunks(self.batch))
+            .enumerate()
+        {
+            if i == head_chunks {
+                self.keep_snapshot();
+            }
             // A caller that went away during a long prompt stops it here
             // (an empty piece asks whether to go on).
             if !logits.is_empty() && !on_text("") {
@@ -254,7 +350,6 @@ impl Generator {
             }
             self.seen.extend_from_slice(chunk);
         }
-        self.keep_snapshot();
         let mut sampler = Sampler::new(p.temperature, p.top_p, p.seed);
         let mut stream = TextStream::new();
         let mut text = String::new();

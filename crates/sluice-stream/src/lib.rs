@@ -85,6 +85,10 @@ pub struct StreamOptions {
     /// keeps (a chat's snapshots for going back in the conversation),
     /// counted with the KV cache.
     pub state_copies: usize,
+    /// Extra whole sequence states (a `ctx`-token KV cache and the linear
+    /// layers' state each) the caller keeps: conversations a server puts
+    /// aside between requests.
+    pub kv_copies: usize,
 }
 
 /// A function that wraps a read engine in another.
@@ -119,6 +123,7 @@ impl Default for StreamOptions {
             engine_wrap: None,
             device_copies: 0,
             state_copies: 0,
+            kv_copies: 0,
         }
     }
 }

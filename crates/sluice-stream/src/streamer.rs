@@ -189,7 +189,8 @@ impl Streamer {
             baseline,
             margin: Budget::margin_for(cap),
             dense,
-            kv: c.state_bytes(opts.ctx) + opts.state_copies as u64 * c.linear_state_bytes(),
+            kv: c.state_bytes(opts.ctx) * (1 + opts.kv_copies as u64)
+                + opts.state_copies as u64 * c.linear_state_bytes(),
             scratch: budget::scratch_bytes(
                 c,
                 plans.inter,

@@ -1808,43 +1808,67 @@ unsafe fn float512<const K: u8>(
     assert!(x.len() >= n * cols);
     let rows = Rows::new(w);
     let eb = if K == 0 { 4 } else { 2 };
-    let rb = (ROW_BLOCK_BYTES / rows.row_bytes().max(1)).max(1);
+    let sums = |r: usize, t0: usize, nt: usize| {
+        let row = rows.row(r).data;
+        assert!(row.len() >= cols * eb);
+        let mut acc = [[_mm512_setzero_ps(); TOK]; 2];
+        let mut c = 0;
+        while c < cols {
+            let len = (cols - c).min(16);
+            // SAFETY: loads stay in the row (`floats16` masks the
+            // tail) and in the activation rows `t0..t0 + nt`.
+            unsafe {
+                let p = row.as_ptr().add(c * eb);
+                _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(AHEAD) as *const i8);
+                let wv = floats16::<K>(p, len);
+                let m = if len >= 16 {
+                    u16::MAX
+                } else {
+                    ((1u32 << len) - 1) as u16
+                };
+                let a = &mut acc[(c / 16) % 2];
+                for t in 0..nt {
+                    let xv = _mm512_maskz_loadu_ps(m, x.as_ptr().add((t0 + t) * cols + c));
+                    a[t] = _mm512_fmadd_ps(wv, xv, a[t]);
+                }
+            }
+            c += 16;
+        }
+        acc
+    };
+    // SAFETY: the caller owns rows r0..r1 of `out`.
+    unsafe { float_rows(rows.row_bytes(), r0, r1, n, out, sums) }
+}
+
+/// The loops of the f32-path kernels: rows `r0..r1` in blocks that stay
+/// in L2 (rows of `row_bytes`), tokens in tiles of [`TOK`]; `row(r, t0,
+/// nt)` returns row `r`'s two partial sums for tokens `t0..t0 + nt`,
+/// whose totals go to `out`.
+///
+/// # Safety
+/// AVX-512F must be enabled; `out` rows `r0..r1` belong to the caller.
+#[inline(always)]
+unsafe fn float_rows(
+    row_bytes: usize,
+    r0: usize,
+    r1: usize,
+    n: usize,
+    out: Out,
+    mut row: impl FnMut(usize, usize, usize) -> [[__m512; TOK]; 2],
+) {
+    let rb = (ROW_BLOCK_BYTES / row_bytes.max(1)).max(1);
     for b0 in (r0..r1).step_by(rb) {
         let b1 = (b0 + rb).min(r1);
         let mut t0 = 0;
         while t0 < n {
             let nt = (n - t0).min(TOK);
             for r in b0..b1 {
-                let row = rows.row(r).data;
-                assert!(row.len() >= cols * eb);
-                // SAFETY: loads stay in the row (`floats16` masks the tail)
-                // and in the activation rows `t0..t0 + nt`.
-                unsafe {
-                    let mut acc = [[_mm512_setzero_ps(); TOK]; 2];
-                    let mut c = 0;
-                    while c < cols {
-                        let len = (cols - c).min(16);
-                        let p = row.as_ptr().add(c * eb);
-                        _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(AHEAD) as *const i8);
-                        let wv = floats16::<K>(p, len);
-                        let m = if len >= 16 {
-                            u16::MAX
-                        } else {
-                            ((1u32 << len) - 1) as u16
-                        };
-                        let a = &mut acc[(c / 16) % 2];
-                        for t in 0..nt {
-                            let xv = _mm512_maskz_loadu_ps(m, x.as_ptr().add((t0 + t) * cols + c));
-                            a[t] = _mm512_fmadd_ps(wv, xv, a[t]);
-                        }
-                        c += 16;
-                    }
-                    for t in 0..nt {
-                        out.put(
-                            t0 + t,
-                            r,
-                            _mm512_reduce_add_ps(_mm512_add_ps(acc[0][t], acc[1][t])),
-                        );
+                let acc = row(r, t0, nt);
+                for t in 0..nt {
+                    // SAFETY: the caller owns row r; AVX-512F per contract.
+                    unsafe {
+                        let s = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][t], acc[1][t]));
+                        out.put(t0 + t, r, s);
                     }
                 }
             }
@@ -1906,78 +1930,65 @@ pub unsafe fn avx512_fp8_tile(
     let bc = q.block_cols as usize;
     assert!(x.len() >= n * cols && bc.is_multiple_of(16));
     let rows = Rows::new(w);
-    let rb = (ROW_BLOCK_BYTES / rows.row_bytes().max(1)).max(1);
     let mut sc = Vec::with_capacity(q.scale_cols(cols));
-    for b0 in (r0..r1).step_by(rb) {
-        let b1 = (b0 + rb).min(r1);
-        let mut t0 = 0;
-        while t0 < n {
-            let nt = (n - t0).min(TOK);
-            for r in b0..b1 {
-                let row = rows.row(r);
-                assert!(row.data.len() >= cols);
-                sc.clear();
-                sluice_core::fp8::line_f32(q, row.scales, &mut sc);
-                assert!(sc.len() >= cols.div_ceil(bc));
+    let sums = |r: usize, t0: usize, nt: usize| {
+        let row = rows.row(r);
+        assert!(row.data.len() >= cols);
+        sc.clear();
+        sluice_core::fp8::line_f32(q, row.scales, &mut sc);
+        assert!(sc.len() >= cols.div_ceil(bc));
+        let mut acc = [[_mm512_setzero_ps(); TOK]; 2];
+        // Tile by tile, its scale broadcast once.
+        for (j, &s) in sc.iter().enumerate().take(cols.div_ceil(bc)) {
+            // 256 · s is exact unless it overflows: then the two
+            // factors go one at a time.
+            let s256 = s * 256.0;
+            let finite = s256.is_finite();
+            let (s, two8) = if finite {
+                (_mm512_set1_ps(s256), _mm512_set1_ps(1.0))
+            } else {
+                (_mm512_set1_ps(s), _mm512_set1_ps(256.0))
+            };
+            let end = ((j + 1) * bc).min(cols);
+            let mut c = j * bc;
+            while c < end {
+                let len = (end - c).min(32);
                 // SAFETY: loads stay in the row (`fp8x32` and the
-                // activation loads mask the tail) and in the activation
-                // rows `t0..t0 + nt`.
+                // activation loads mask the tail) and in the
+                // activation rows `t0..t0 + nt`.
                 unsafe {
-                    let mut acc = [[_mm512_setzero_ps(); TOK]; 2];
-                    // Tile by tile, its scale broadcast once.
-                    for (j, &s) in sc.iter().enumerate().take(cols.div_ceil(bc)) {
-                        // 256 · s is exact unless it overflows: then the
-                        // two factors go one at a time.
-                        let s256 = s * 256.0;
-                        let (s, t) = if s256.is_finite() {
-                            (_mm512_set1_ps(s256), _mm512_set1_ps(1.0))
-                        } else {
-                            (_mm512_set1_ps(s), _mm512_set1_ps(256.0))
-                        };
-                        let finite = s256.is_finite();
-                        let scale = |v: __m512| {
-                            if finite {
-                                _mm512_mul_ps(v, s)
-                            } else {
-                                _mm512_mul_ps(_mm512_mul_ps(v, t), s)
-                            }
-                        };
-                        let end = ((j + 1) * bc).min(cols);
-                        let mut c = j * bc;
-                        while c < end {
-                            let len = (end - c).min(32);
-                            let p = row.data.as_ptr().add(c);
-                            _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(AHEAD) as *const i8);
-                            let (lo, hi) = fp8x32(p, len);
-                            let (lo, hi) = (scale(lo), scale(hi));
-                            let m = if len >= 32 {
-                                u32::MAX
-                            } else {
-                                ((1u64 << len) - 1) as u32
-                            };
-                            let (ml, mh) = (m as u16, (m >> 16) as u16);
-                            for t in 0..nt {
-                                let xp = x.as_ptr().add((t0 + t) * cols + c);
-                                let xl = _mm512_maskz_loadu_ps(ml, xp);
-                                let xh = _mm512_maskz_loadu_ps(mh, xp.wrapping_add(16));
-                                acc[0][t] = _mm512_fmadd_ps(lo, xl, acc[0][t]);
-                                acc[1][t] = _mm512_fmadd_ps(hi, xh, acc[1][t]);
-                            }
-                            c += 32;
-                        }
-                    }
+                    let p = row.data.as_ptr().add(c);
+                    _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(AHEAD) as *const i8);
+                    let (lo, hi) = fp8x32(p, len);
+                    let (lo, hi) = if finite {
+                        (_mm512_mul_ps(lo, s), _mm512_mul_ps(hi, s))
+                    } else {
+                        (
+                            _mm512_mul_ps(_mm512_mul_ps(lo, two8), s),
+                            _mm512_mul_ps(_mm512_mul_ps(hi, two8), s),
+                        )
+                    };
+                    let m = if len >= 32 {
+                        u32::MAX
+                    } else {
+                        ((1u64 << len) - 1) as u32
+                    };
+                    let (ml, mh) = (m as u16, (m >> 16) as u16);
                     for t in 0..nt {
-                        out.put(
-                            t0 + t,
-                            r,
-                            _mm512_reduce_add_ps(_mm512_add_ps(acc[0][t], acc[1][t])),
-                        );
+                        let xp = x.as_ptr().add((t0 + t) * cols + c);
+                        let xl = _mm512_maskz_loadu_ps(ml, xp);
+                        let xh = _mm512_maskz_loadu_ps(mh, xp.wrapping_add(16));
+                        acc[0][t] = _mm512_fmadd_ps(lo, xl, acc[0][t]);
+                        acc[1][t] = _mm512_fmadd_ps(hi, xh, acc[1][t]);
                     }
                 }
+                c += 32;
             }
-            t0 += nt;
         }
-    }
+        acc
+    };
+    // SAFETY: the caller owns rows r0..r1 of `out`.
+    unsafe { float_rows(rows.row_bytes(), r0, r1, n, out, sums) }
 }
 
 // ---------------------------------------------------------------- f32
