@@ -436,6 +436,16 @@ fn fp8_that_contradicts_itself_is_refused() {
         "--quiet",
     ]);
     assert!(e.contains("no block-scaled FP8 type"), "{e}");
+    // MLX's scales and biases have no GGUF type either.
+    let m = fixtures().join("models/qwen3_5_moe_mlx");
+    let e = fails(&[
+        "pack",
+        m.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(e.contains("GGUF has no MLX types"), "{e}");
 }
 
 /// Llama 4's and gpt-oss's safetensors store experts transposed: they are

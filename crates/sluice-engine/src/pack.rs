@@ -164,39 +164,6 @@ pub fn pack(
         }
     }
     let c = &model.config;
-    // Types whose scales are separate tensors have no GGUF type.
-    let aux = |w: &Weight| w.dtype.has_aux().then_some(w.dtype);
-    let found = model
-        .layers
-        .iter()
-        .find_map(|l| {
-            l.mixer_weights()
-                .into_iter()
-                .find_map(aux)
-                .or(match &l.ffn {
-                    Ffn::Moe(m) => aux(&m.router).or(m
-                        .experts
-                        .iter()
-                        .find_map(|e| aux(&e.gate).or(aux(&e.up)).or(aux(&e.down)))),
-                    Ffn::Dense(d) => aux(&d.gate).or(aux(&d.up)).or(aux(&d.down)),
-                })
-        })
-        .or(aux(&model.embed))
-        .or(aux(&model.lm_head));
-    match found {
-        Some(DType::Mlx(_)) => {
-            return Err(Error::Unsupported(
-                "packing MLX-quantized weights: GGUF has no MLX types (sluice streams MLX files in place)"
-                    .into(),
-            ))
-        }
-        Some(t) => {
-            return Err(Error::Unsupported(format!(
-                "packing {t} weights: GGUF has no block-scaled FP8 type (sluice streams FP8 safetensors in place; llama.cpp's convert_hf_to_gguf.py dequantizes them to a GGUF type)"
-            )))
-        }
-        None => {}
-    }
     fn w<'a>(name: String, w: &'a Weight) -> Item<'a> {
         Item {
             spec: spec(name, w.dtype, vec![w.rows, w.cols], 0),
@@ -370,6 +337,31 @@ pub fn pack(
     }
     if let Some(f) = &c.rope_factors {
         dense.push(rope_freqs(f));
+    }
+    // Types whose scales are separate tensors have no GGUF type: any
+    // weight the file would hold.
+    let found = dense
+        .iter()
+        .chain(experts.iter().flatten().flatten())
+        .flat_map(|it| match &it.src {
+            Src::Weight(w) => vec![w.dtype],
+            Src::Stack(ws) => ws.iter().map(|w| w.dtype).collect(),
+            _ => Vec::new(),
+        })
+        .find(|d| d.has_aux());
+    match found {
+        Some(DType::Mlx(_)) => {
+            return Err(Error::Unsupported(
+                "packing MLX-quantized weights: GGUF has no MLX types (sluice streams MLX files in place)"
+                    .into(),
+            ))
+        }
+        Some(t) => {
+            return Err(Error::Unsupported(format!(
+                "packing {t} weights: GGUF has no block-scaled FP8 type (sluice streams FP8 safetensors in place; llama.cpp's convert_hf_to_gguf.py dequantizes them to a GGUF type)"
+            )))
+        }
+        None => {}
     }
     let source = model.files.path.display().to_string();
     let mut meta = gguf_meta::hparams(c, ffn_sizes(model), &source);

@@ -407,8 +407,8 @@ pub struct Model {
 struct Loader<'a> {
     files: &'a ModelFiles,
     mlx: MlxConfig,
-    /// FP8 checkpoints: `quantization_config.weight_block_size` (rows,
-    /// columns); `None` means one scale per matrix.
+    /// FP8 checkpoints: the configured tile (rows, columns); `None`: the
+    /// scale grid's shape says (a scale per row or per matrix).
     fp8_block: Option<(u32, u32)>,
 }
 
@@ -439,17 +439,18 @@ impl Loader<'_> {
         // (transformers' spelling), `x.weight_scale` (compressed-tensors'
         // and fbgemm's FP8: per row, per matrix or per block). Each
         // multiplies the codes.
-        let scale_name = match name.strip_suffix(".weight") {
-            Some(b) => format!("{b}.weight_scale_inv"),
-            None => format!("{name}_scale_inv"),
+        let (scale_name, plain) = if base.len() < name.len() {
+            (
+                format!("{base}.weight_scale_inv"),
+                format!("{base}.weight_scale"),
+            )
+        } else {
+            (format!("{name}_scale_inv"), String::new())
         };
-        let plain = name
-            .strip_suffix(".weight")
-            .map(|b| format!("{b}.weight_scale"));
         if let Some(ts) = self
             .files
             .tensor(&scale_name)
-            .or_else(|| plain.as_ref().and_then(|p| self.files.tensor(p)))
+            .or_else(|| self.files.tensor(&plain))
         {
             return self.resolve_fp8(name, t, ts);
         }
@@ -602,7 +603,8 @@ impl Loader<'_> {
             }
             DType::FP8(q) => {
                 // The scale grid is per matrix of a stack: rows r0.. lie in
-                // matrix r0 / per, whose grid has `lines` lines.
+                // matrix r0 / per, whose grid lines start at m · ceil(per /
+                // block_rows).
                 let per = match parts[0].shape.as_slice() {
                     [.., r, _] => *r,
                     _ => rows,

@@ -300,9 +300,8 @@ impl Unpack512 for Mxfp4 {
     unsafe fn head(row: Row<'_>, c0: usize, n: usize, _: Option<MlxQuant>) -> Head {
         let b = row.data;
         assert!((c0 + n) * 17 <= b.len() && n <= 16);
-        // SAFETY: the masked gather reads the first 4 bytes of each of the
-        // `n` 17-byte blocks, which lie in `b` (checked); AVX-512F per
-        // contract.
+        // The masked gather reads the first 4 bytes of the `n` blocks.
+        // SAFETY: those blocks lie in `b` (checked); AVX-512F per contract.
         unsafe {
             let k = ((1u32 << n) - 1) as u16;
             let off = _mm512_mullo_epi32(
@@ -1815,8 +1814,8 @@ unsafe fn float512<const K: u8>(
         let mut c = 0;
         while c < cols {
             let len = (cols - c).min(16);
-            // SAFETY: loads stay in the row (`floats16` masks the
-            // tail) and in the activation rows `t0..t0 + nt`.
+            // `floats16` masks the tail.
+            // SAFETY: loads stay in the row and in activation rows t0..t0 + nt.
             unsafe {
                 let p = row.as_ptr().add(c * eb);
                 _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(AHEAD) as *const i8);
@@ -1890,8 +1889,7 @@ unsafe fn fp8x32(p: *const u8, len: usize) -> (__m512, __m512) {
     } else {
         ((1u64 << len) - 1) as u32
     };
-    // SAFETY: the masked load reads `len` bytes at `p`; AVX-512BW/VL and
-    // F16C per contract.
+    // SAFETY: the masked load reads `len` bytes at `p`; features per contract.
     unsafe {
         let w = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(m, p as *const i8));
         let mag = _mm512_slli_epi16(_mm512_and_si512(w, _mm512_set1_epi16(0x7f)), 7);
@@ -1953,9 +1951,8 @@ pub unsafe fn avx512_fp8_tile(
             let mut c = j * bc;
             while c < end {
                 let len = (end - c).min(32);
-                // SAFETY: loads stay in the row (`fp8x32` and the
-                // activation loads mask the tail) and in the
-                // activation rows `t0..t0 + nt`.
+                // `fp8x32` and the activation loads mask the tail.
+                // SAFETY: loads stay in the row and in activation rows t0..t0 + nt.
                 unsafe {
                     let p = row.data.as_ptr().add(c);
                     _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(AHEAD) as *const i8);
