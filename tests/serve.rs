@@ -208,6 +208,76 @@ fn serves_the_openai_api() {
         &json!({"messages": user("Weather in Paris?"), "tools": tools, "max_tokens": 4, "stream": false}),
     );
     assert_eq!(st, 200, "{r}");
+    // A demanded call is made, even by a model of random weights: its
+    // arguments are JSON that the tool's schema admits.
+    let two = json!([tools[0], {"type": "function", "function": {"name": "get_time",
+        "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}, "offset": {"type": "integer"}},
+                       "required": ["zone", "offset"]}}}]);
+    for (choice, stream, temperature) in [
+        (
+            json!({"type": "function", "function": {"name": "get_time"}}),
+            false,
+            0.0,
+        ),
+        (json!("required"), false, 1.0),
+        (
+            json!({"type": "function", "function": {"name": "get_weather"}}),
+            true,
+            0.7,
+        ),
+    ] {
+        let req = json!({"messages": user("Weather in Paris?"), "tools": two, "tool_choice": choice,
+                         "max_tokens": 400, "stream": stream, "temperature": temperature, "seed": 7});
+        let (st, body) = http(a, "POST", "/v1/chat/completions", &req.to_string());
+        assert_eq!(st, 200, "{body}");
+        let (calls, finish) = if stream {
+            let ev = events(&body);
+            let chunks: Vec<Value> = ev[..ev.len() - 1]
+                .iter()
+                .map(|e| serde_json::from_str(e).unwrap())
+                .collect();
+            // No call syntax leaks out as content.
+            assert!(chunks.iter().all(|c| c["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_none_or(str::is_empty)));
+            let d = chunks
+                .iter()
+                .find(|c| c["choices"][0]["delta"]["tool_calls"].is_array());
+            let calls = d.expect("a tool_calls delta")["choices"][0]["delta"]["tool_calls"].clone();
+            let finish = chunks.iter().find_map(|c| {
+                c["choices"][0]["finish_reason"]
+                    .as_str()
+                    .map(str::to_string)
+            });
+            (calls, finish.unwrap())
+        } else {
+            let r: Value = serde_json::from_str(&body).unwrap();
+            (
+                r["choices"][0]["message"]["tool_calls"].clone(),
+                r["choices"][0]["finish_reason"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            )
+        };
+        assert_eq!(finish, "tool_calls", "{body}");
+        let calls = calls.as_array().unwrap();
+        assert_eq!(calls.len(), 1, "{body}");
+        let name = calls[0]["function"]["name"].as_str().unwrap();
+        if let Some(want) = choice.pointer("/function/name") {
+            assert_eq!(name, want, "{body}");
+        }
+        let args: Value =
+            serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
+        match name {
+            "get_weather" => assert!(args["city"].is_string(), "{args}"),
+            "get_time" => {
+                assert!(args["zone"] == "UTC" || args["zone"] == "CET", "{args}");
+                assert!(args["offset"].is_i64(), "{args}");
+            }
+            other => panic!("{other}"),
+        }
+    }
     // Raw completions.
     let (st, r) = post(
         a,

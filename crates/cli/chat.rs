@@ -194,7 +194,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             temperature: a.temperature,
             top_p: a.top_p,
             seed: a.seed.wrapping_add(turn),
-            stop: Vec::new(),
+            ..GenParams::default()
         };
         turn += 1;
         let mut out = std::io::stdout().lock();

@@ -173,6 +173,73 @@ impl Tokenizer {
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+
+    /// Each token id's bytes as they appear in decoded text, and whether
+    /// it is an added token (matched whole by [`Tokenizer::encode`], such
+    /// as `<|im_end|>`); for constrained decoding, which must know what a
+    /// token writes before choosing it. A token whose bytes cannot be
+    /// told (a hole in the ids) has none.
+    pub fn token_bytes(&self) -> Vec<(Vec<u8>, bool)> {
+        let added = self.inner.get_added_tokens_decoder();
+        let decoder = serde_json::from_str::<Json>(&self.to_json())
+            .ok()
+            .and_then(|j| j.get("decoder").map(Json::to_string))
+            .unwrap_or_default();
+        let byte_level = decoder.contains("\"ByteLevel\"");
+        let spm = decoder.contains("ByteFallback") || decoder.contains("Metaspace");
+        let unbyte = byte_level_chars();
+        (0..self.vocab_size() as u32)
+            .map(|id| {
+                if let Some(t) = added.get(&id) {
+                    return (t.content.as_bytes().to_vec(), true);
+                }
+                let Some(piece) = self.inner.id_to_token(id) else {
+                    return (Vec::new(), false);
+                };
+                let bytes = if byte_level {
+                    piece.chars().map(|c| unbyte.get(&c).copied()).collect()
+                } else if spm {
+                    spm_bytes(&piece)
+                } else {
+                    None
+                };
+                let bytes =
+                    bytes.unwrap_or_else(|| self.decode(&[id]).unwrap_or_default().into_bytes());
+                (bytes, false)
+            })
+            .collect()
+    }
+}
+
+/// Byte-level BPE's alphabet, character to byte: printable bytes stand
+/// for themselves, the others for the characters from U+0100 on, in
+/// byte order.
+fn byte_level_chars() -> std::collections::HashMap<char, u8> {
+    let printable = |b: u32| {
+        (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b)
+    };
+    let mut next = 0x100u32;
+    (0u32..256)
+        .map(|b| {
+            let c = if printable(b) {
+                b
+            } else {
+                next += 1;
+                next - 1
+            };
+            (char::from_u32(c).unwrap_or('\0'), b as u8)
+        })
+        .collect()
+}
+
+/// A SentencePiece piece's bytes: `<0xAB>` is the byte, `▁` a space.
+fn spm_bytes(piece: &str) -> Option<Vec<u8>> {
+    if let Some(h) = piece.strip_prefix("<0x").and_then(|p| p.strip_suffix('>')) {
+        if h.len() == 2 {
+            return u8::from_str_radix(h, 16).ok().map(|b| vec![b]);
+        }
+    }
+    Some(piece.replace('\u{2581}', " ").into_bytes())
 }
 
 /// Turns a growing token sequence into text increments, holding back bytes

@@ -7,9 +7,11 @@
 //! before a turn's prompt ends and where its answer ends, and goes back to
 //! the latest one inside the shared prefix (or starts over when none is).
 
+use crate::grammar::{Matcher, Node};
 use crate::template::END_OF_TURN;
 use sluice_core::{Error, Result};
 use sluice_engine::{Sampler, Session, Snapshot, TextStream, Tokenizer};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 /// How to sample and when to stop.
@@ -25,6 +27,9 @@ pub struct GenParams {
     pub seed: u64,
     /// Texts that end the answer (not included in it).
     pub stop: Vec<String>,
+    /// What the answer must be: only tokens that continue it are chosen,
+    /// and the answer ends where it is complete.
+    pub grammar: Option<Arc<Node>>,
 }
 
 impl Default for GenParams {
@@ -35,6 +40,7 @@ impl Default for GenParams {
             top_p: 1.0,
             seed: 0,
             stop: Vec::new(),
+            grammar: None,
         }
     }
 }
@@ -109,6 +115,9 @@ pub struct Generator {
     max_parked: usize,
     ctx: usize,
     batch: usize,
+    /// Each token's bytes, for constrained decoding (made when first
+    /// needed).
+    vocab: OnceLock<Vec<(Vec<u8>, bool)>>,
 }
 
 /// A conversation put aside: its tokens, its whole state and its
@@ -150,6 +159,7 @@ impl Generator {
             max_parked: 0,
             ctx,
             batch: batch.max(1),
+            vocab: OnceLock::new(),
         }
     }
 
@@ -285,6 +295,61 @@ impl Generator {
         Ok(0)
     }
 
+    /// The token to take under a grammar, and the matcher after it: the
+    /// sampler's choice among the tokens that continue `m` (the model's
+    /// own first choices are tried first; when they all fail, every token
+    /// that cannot continue is masked out and the choice made again).
+    fn pick_constrained(
+        &self,
+        logits: &[f32],
+        m: &Matcher,
+        sampler: &mut Sampler,
+        greedy: bool,
+    ) -> Result<(u32, Matcher)> {
+        let vocab = self.vocab.get_or_init(|| self.tok.token_bytes());
+        let fits = |id: u32| -> Option<Matcher> {
+            if self.stops.contains(&id) {
+                return None;
+            }
+            let (bytes, special) = vocab.get(id as usize)?;
+            m.feed(bytes, *special)
+        };
+        let choose = |l: &[f32], s: &mut Sampler| {
+            if greedy {
+                Sampler::argmax(l)
+            } else {
+                s.sample(l)
+            }
+        };
+        let mut l = logits.to_vec();
+        for _ in 0..8 {
+            let id = choose(&l, sampler);
+            if !l[id as usize].is_finite() {
+                break;
+            }
+            if let Some(next) = fits(id) {
+                return Ok((id, next));
+            }
+            l[id as usize] = f32::NEG_INFINITY;
+        }
+        let mut any = false;
+        for (id, x) in l.iter_mut().enumerate() {
+            if x.is_finite() && fits(id as u32).is_some() {
+                any = true;
+            } else {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+        if !any {
+            return Err(Error::Invalid(
+                "no token of the vocabulary can continue the required output".into(),
+            ));
+        }
+        let id = choose(&l, sampler);
+        let next = fits(id).ok_or_else(|| Error::Invalid("constrained choice failed".into()))?;
+        Ok((id, next))
+    }
+
     /// Generates after `prompt`, calling `on_text` with each new piece of
     /// text; `on_text` returning false cancels.
     pub fn generate(
@@ -358,14 +423,20 @@ impl Generator {
         let mut sent = 0usize;
         let (mut n, mut ttft, mut t1) = (0usize, 0.0, t0);
         let room = self.ctx - prompt.len();
+        let mut matcher = p.grammar.as_ref().map(Matcher::new);
         let finish = loop {
             if n >= p.max_tokens.min(room) {
                 break Finish::Length;
             }
-            let id = if p.temperature <= 0.0 {
-                Sampler::argmax(&logits)
-            } else {
-                sampler.sample(&logits)
+            let id = match &matcher {
+                Some(m) => {
+                    let (id, next) =
+                        self.pick_constrained(&logits, m, &mut sampler, p.temperature <= 0.0)?;
+                    matcher = Some(next);
+                    id
+                }
+                None if p.temperature <= 0.0 => Sampler::argmax(&logits),
+                None => sampler.sample(&logits),
             };
             n += 1;
             if n == 1 {
@@ -403,6 +474,9 @@ impl Generator {
                     break Finish::Cancelled;
                 }
                 sent = upto;
+            }
+            if matcher.as_ref().is_some_and(Matcher::is_complete) {
+                break Finish::Stop;
             }
             if n >= p.max_tokens.min(room) {
                 break Finish::Length;

@@ -5,6 +5,7 @@
 //! server ([`server`]) for `sluice serve`.
 
 pub mod chat;
+pub mod grammar;
 pub mod server;
 pub mod template;
 pub mod tools;

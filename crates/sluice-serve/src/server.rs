@@ -4,6 +4,7 @@
 //! when their client goes away.
 
 use crate::chat::{Finish, GenParams, Generator, Outcome};
+use crate::grammar::{self, Forced};
 use crate::template::{ChatTemplate, Family};
 use crate::tools;
 use axum::body::Bytes;
@@ -57,6 +58,8 @@ enum Input {
         messages: Vec<Json>,
         tools: Vec<Json>,
         extra: Map<String, Json>,
+        /// The tool call `tool_choice` demands.
+        forced: Option<Forced>,
     },
     /// A raw prompt.
     Text(String),
@@ -141,12 +144,33 @@ fn worker(
 ) {
     for job in rx {
         state.waiting.fetch_sub(1, Ordering::Relaxed);
+        let mut forced_text = None;
         let prompt = match &job.input {
             Input::Chat {
                 messages,
                 tools,
                 extra,
-            } => template.render(messages, Some(tools), true, extra),
+                forced,
+            } => template
+                .render(messages, Some(tools), true, extra)
+                .map(|p| {
+                    let Some(f) = forced else {
+                        return p;
+                    };
+                    // A generation prompt that opened a think block gets it
+                    // closed: the call comes first.
+                    let close = if p.trim_end().ends_with("<think>") {
+                        match template.family() {
+                            Family::Hermes | Family::XmlFunction => "\n</think>\n\n",
+                            _ => "</think>",
+                        }
+                    } else {
+                        ""
+                    };
+                    let prefix = format!("{close}{}", f.prefix);
+                    forced_text = Some((prefix.clone(), f.suffix.clone()));
+                    p + &prefix
+                }),
             Input::Text(t) => Ok(t.clone()),
         };
         let mut tail = String::new();
@@ -194,7 +218,14 @@ fn worker(
             ))
         });
         match r {
-            Ok(o) => {
+            Ok(mut o) => {
+                // The forced call's text around what the model wrote.
+                if let Some((prefix, suffix)) = forced_text {
+                    o.text = format!("{prefix}{}", o.text);
+                    if o.finish == Finish::Stop {
+                        o.text.push_str(&suffix);
+                    }
+                }
                 let c = &state.counters;
                 c.prompt_tokens
                     .fetch_add(o.prompt_tokens as u64, Ordering::Relaxed);
@@ -231,6 +262,8 @@ struct Request {
     params: GenParams,
     input: Input,
     has_tools: bool,
+    /// The answer is a forced tool call.
+    forced: bool,
 }
 
 const CHAT_FIELDS: &[&str] = &[
@@ -334,7 +367,9 @@ fn parse_request(body: &[u8], chat: bool, family: Family) -> Result<Request, Str
         top_p: top_p as f32,
         seed: num("seed")?.map_or_else(now, |s| s as u64),
         stop,
+        grammar: None,
     };
+    let mut params = params;
     let (input, has_tools) = if chat {
         let Some(Json::Array(msgs)) = o.get("messages") else {
             return Err("messages must be an array of messages".into());
@@ -358,24 +393,32 @@ fn parse_request(body: &[u8], chat: bool, family: Family) -> Result<Request, Str
             }
             Some(_) => return Err("tools must be an array".into()),
         };
-        // Nothing constrains decoding to a call, so only the choices that
-        // leave it to the model (or take the tools away) are honoured.
+        // "required" and a named function make the call: its syntax is
+        // written, the model's tokens kept to a tool's name and arguments
+        // its schema admits (see `grammar`).
+        let mut forced = None;
         let tools = match o.get("tool_choice") {
             None | Some(Json::Null) => tools,
             Some(Json::String(s)) if s == "auto" => tools,
             Some(Json::String(s)) if s == "none" => Vec::new(),
             Some(Json::String(s)) if s == "required" => {
-                return Err("tool_choice \"required\" is not supported: sluice does not constrain decoding to a tool call; use \"auto\" (the model decides) or \"none\"".into())
+                forced = Some(grammar::tool_call(family, &tools, None)?);
+                tools
             }
-            Some(Json::Object(_)) => {
-                return Err("tool_choice naming a function is not supported: sluice does not constrain decoding to a tool call; use \"auto\" (the model decides) or \"none\"".into())
+            Some(c @ Json::Object(_)) => {
+                let Some(name) = c.pointer("/function/name").and_then(Json::as_str) else {
+                    return Err("tool_choice naming a function must be {\"type\": \"function\", \"function\": {\"name\": ...}}".into());
+                };
+                forced = Some(grammar::tool_call(family, &tools, Some(name))?);
+                tools
             }
             Some(other) => {
                 return Err(format!(
-                    "tool_choice must be \"auto\", \"none\", \"required\" or a function, not {other}"
-                ))
+                "tool_choice must be \"auto\", \"none\", \"required\" or a function, not {other}"
+            ))
             }
         };
+        params.grammar = forced.as_ref().map(|f| f.grammar.clone());
         let mut extra = match o.get("chat_template_kwargs") {
             None | Some(Json::Null) => Map::new(),
             Some(Json::Object(m)) => m.clone(),
@@ -390,6 +433,7 @@ fn parse_request(body: &[u8], chat: bool, family: Family) -> Result<Request, Str
                 messages,
                 tools,
                 extra,
+                forced,
             },
             has,
         )
@@ -402,6 +446,7 @@ fn parse_request(body: &[u8], chat: bool, family: Family) -> Result<Request, Str
     Ok(Request {
         stream,
         include_usage,
+        forced: params.grammar.is_some(),
         params,
         input,
         has_tools,
@@ -587,6 +632,7 @@ async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
     // first, so that call syntax never reaches the client as text.
     let family = s.family;
     let has_tools = req.has_tools;
+    let forced = req.forced;
     let include_usage = req.include_usage;
     let chunk = move |delta: Json, finish: Option<&str>| {
         json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -616,6 +662,8 @@ async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
         while let Some(m) = rx.recv().await {
             let events: Vec<Json> = match m {
                 Msg::Text(_) if etx.is_closed() => return,
+                // A forced call is sent whole, parsed, at the end.
+                Msg::Text(_) if forced => Vec::new(),
                 Msg::Text(t) => split
                     .push(&t)
                     .into_iter()
@@ -627,7 +675,7 @@ async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
                     if let Some((p, t)) = split.finish() {
                         v.push(chunk(delta(p, t), None));
                     }
-                    if split.has_held() {
+                    if split.has_held() || forced {
                         // Everything from the first call on was held: the
                         // calls (and, for harmony, the whole turn) now.
                         let mut d = json!({});
@@ -950,11 +998,29 @@ mod tests {
                 r#"{{"messages": [{{"role": "user", "content": "x"}}], "tools": {tool}, "tool_choice": {c}}}"#
             )
         };
-        assert!(bad(&with_choice(r#""required""#)).contains("not supported"));
+        // A demanded call is made under a grammar; one that cannot be is a 400.
+        for c in [
+            r#""required""#,
+            r#"{"type": "function", "function": {"name": "f"}}"#,
+        ] {
+            let r = parse_request(with_choice(c).as_bytes(), true, Family::Hermes).unwrap();
+            assert!(r.forced && r.params.grammar.is_some(), "{c}");
+            assert!(
+                parse_request(with_choice(c).as_bytes(), true, Family::Plain)
+                    .err()
+                    .unwrap()
+                    .contains("no tool-call syntax")
+            );
+        }
         assert!(bad(&with_choice(
-            r#"{"type": "function", "function": {"name": "f"}}"#
+            r#"{"type": "function", "function": {"name": "g"}}"#
         ))
-        .contains("naming a function is not supported"));
+        .contains("not among the tools"));
+        assert!(bad(&with_choice(r#"{"type": "function"}"#)).contains("naming a function must be"));
+        assert!(bad(
+            r#"{"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}"#
+        )
+        .contains("needs tools"));
         assert!(bad(&with_choice("3")).contains("tool_choice must be"));
         for (c, offered) in [(r#""auto""#, true), (r#""none""#, false), ("null", true)] {
             let r = parse_request(with_choice(c).as_bytes(), true, Family::Hermes).unwrap();
