@@ -126,6 +126,17 @@ fn bench_reports_gpu_time() {
         "{v}"
     );
     assert!(v["gpu_s_per_token"].as_f64().unwrap() > 0.0);
+    // Its traffic: each submission waited for, and once the pools are warm
+    // (the second pass) no buffer is created.
+    let subs = v["gpu_submissions_per_token"].as_f64().unwrap();
+    assert!(subs >= 3.0, "{v}");
+    assert_eq!(v["gpu_waits_per_token"].as_f64(), Some(subs), "{v}");
+    assert!(v["gpu_bytes_down_per_token"].as_f64().unwrap() > 0.0, "{v}");
+    assert_eq!(
+        v["warm"]["gpu_buffers_created_per_token"].as_f64(),
+        Some(0.0),
+        "{v}"
+    );
     // Under a RAM cap, the GPU's resident copies (lavapipe shares the
     // host's RAM) are planned beside the dense weights.
     let (out, _) = run_ok(&[

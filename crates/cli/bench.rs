@@ -61,6 +61,10 @@ struct Pass {
     /// On a GPU: seconds from submission to completion of its work during
     /// decode (upload, kernels, read-back).
     gpu_decode_s: Option<f64>,
+    /// On a GPU: submissions, waits, buffers and copies during decode.
+    gpu_traffic: Option<sluice_core::DeviceTraffic>,
+    /// Layers of the model, to put the GPU's traffic per layer.
+    layers: usize,
     /// With a kernel log: the backend's calls during prefill and decode.
     kernels: Option<(KernelTimes, KernelTimes)>,
 }
@@ -126,6 +130,13 @@ impl Pass {
             "device_stall_s": self.device.map(|d| d.2),
             "gpu_decode_s": self.gpu_decode_s,
             "gpu_s_per_token": self.gpu_decode_s.map(|g| g / self.tokens.max(1) as f64),
+            "gpu_submissions_per_token": self.gpu_traffic.map(|t| per(t.submissions)),
+            "gpu_submissions_per_layer": self.gpu_traffic.map(|t| per(t.submissions) / self.layers.max(1) as f64),
+            "gpu_waits_per_token": self.gpu_traffic.map(|t| per(t.waits)),
+            "gpu_buffers_created_per_token": self.gpu_traffic.map(|t| per(t.buffers_created)),
+            "gpu_activation_bytes_up_per_token": self.gpu_traffic.map(|t| per(t.activation_bytes_up)),
+            "gpu_weight_bytes_up_per_token": self.gpu_traffic.map(|t| per(t.weight_bytes_up)),
+            "gpu_bytes_down_per_token": self.gpu_traffic.map(|t| per(t.bytes_down)),
         })
     }
 }
@@ -171,6 +182,7 @@ fn run_pass(
     let read0 = storage_read_bytes();
     obs.used.store(0, Ordering::Relaxed);
     let g0 = s.backend().device_seconds();
+    let traffic0 = s.backend().device_traffic();
     let t1 = Instant::now();
     for _ in 0..n {
         // Under routing replay the inputs are the trace's own tokens
@@ -186,6 +198,10 @@ fn run_pass(
     let kernels = prefill_kernels.zip(log.map(KernelLog::take));
     let gpu_decode_s = match (g0, s.backend().device_seconds()) {
         (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    let gpu_traffic = match (traffic0, s.backend().device_traffic()) {
+        (Some(a), Some(b)) => Some(b.since(&a)),
         _ => None,
     };
     let device = match (d0, d1, clock.map(|c| c.time())) {
@@ -219,6 +235,8 @@ fn run_pass(
         prefill_distinct,
         device,
         gpu_decode_s,
+        gpu_traffic,
+        layers: obs.per_layer.len(),
         kernels,
     })
 }
@@ -504,6 +522,17 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 f(&p["gpu_decode_s"]),
                 f(&p["decode_s"]),
                 f(&p["gpu_s_per_token"]),
+            );
+            let kb = |k: &str| p[k].as_f64().unwrap_or(0.0) / 1e3;
+            println!(
+                "  {name:<5} gpu        per token: {} submissions ({} per layer), {} waits, {} buffers created, {:.1} kB of activations and {:.1} kB of weights up, {:.1} kB back",
+                f(&p["gpu_submissions_per_token"]),
+                f(&p["gpu_submissions_per_layer"]),
+                f(&p["gpu_waits_per_token"]),
+                f(&p["gpu_buffers_created_per_token"]),
+                kb("gpu_activation_bytes_up_per_token"),
+                kb("gpu_weight_bytes_up_per_token"),
+                kb("gpu_bytes_down_per_token"),
             );
         }
         if !p["device_tok_per_s"].is_null() {

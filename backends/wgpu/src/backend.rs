@@ -4,12 +4,11 @@ use crate::wgsl;
 
 use parking_lot::Mutex;
 use sluice_core::ops::{Rope, RopeStyle};
-use sluice_core::{AttnParams, Backend, DType, Error, Result, WeightView};
+use sluice_core::{AttnParams, Backend, DType, DeviceTraffic, Error, Result, WeightView};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-use wgpu::util::DeviceExt;
 
 /// Environment variable that turns a missing adapter into a test failure
 /// (set in CI, where lavapipe must be present).
@@ -37,6 +36,10 @@ pub struct WgpuOptions {
     /// Caps the storage binding size below the adapter's (tests use it to
     /// exercise the splitting on small matrices).
     pub max_binding: Option<u64>,
+    /// On unified-memory adapters, write inputs straight into buffers the
+    /// kernels read (one copy); `false` stages them through the queue as
+    /// on a discrete GPU (tests use it to cover that path).
+    pub mapped: bool,
 }
 
 impl Default for WgpuOptions {
@@ -48,6 +51,7 @@ impl Default for WgpuOptions {
             f16: true,
             max_binding: None,
             rows_per_invocation: None,
+            mapped: true,
         }
     }
 }
@@ -73,8 +77,70 @@ struct GpuWeight {
 struct Chunk {
     r0: usize,
     rows: usize,
-    w: wgpu::Buffer,
-    aux: Option<[wgpu::Buffer; 2]>,
+    w: Buf,
+    aux: Option<[Buf; 2]>,
+}
+
+/// A device buffer and the bytes of it that a call binds.
+#[derive(Clone)]
+struct Buf {
+    b: wgpu::Buffer,
+    len: u64,
+}
+
+/// What a pooled buffer is for; each use has its own free lists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Use {
+    /// Host-written inputs: activations and streamed weights. On
+    /// unified-memory adapters they are mapped for writing while free, so
+    /// that the host writes straight into the memory the kernels read.
+    Upload,
+    /// Kernel outputs and intermediates.
+    Scratch,
+    /// Read-back staging.
+    Readback,
+    /// Kernel parameters.
+    Uniform,
+}
+
+/// Map states of a pooled upload buffer (wgpu does not report them).
+const UNMAPPED: u8 = 0;
+const PENDING: u8 = 1;
+const MAPPED: u8 = 2;
+const FAILED: u8 = 3;
+
+struct Pooled {
+    b: wgpu::Buffer,
+    map: Arc<AtomicU8>,
+}
+
+impl Pooled {
+    /// Asks for the whole buffer mapped for writing; `map` follows.
+    fn map_for_writing(&self) {
+        self.map.store(PENDING, Ordering::Relaxed);
+        let f = self.map.clone();
+        self.b.slice(..).map_async(wgpu::MapMode::Write, move |r| {
+            f.store(if r.is_ok() { MAPPED } else { FAILED }, Ordering::Relaxed);
+        });
+    }
+}
+
+/// The pooled buffers one call holds. They go back to the pools when the
+/// call has waited for its submission ([`WgpuBackend::finish`] marks it
+/// done); a call that failed midway drops them instead, since the device
+/// may still be using them.
+struct Lease<'a> {
+    be: &'a WgpuBackend,
+    held: Vec<(Use, u64, Pooled)>,
+    done: bool,
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            self.be.give_back(std::mem::take(&mut self.held));
+        }
+    }
 }
 
 #[derive(Default)]
@@ -101,10 +167,13 @@ pub struct WgpuBackend {
     rows_per_lane: u32,
     mm_layout: wgpu::BindGroupLayout,
     ops_layout: wgpu::BindGroupLayout,
-    dummy: wgpu::Buffer,
+    dummy: Buf,
     /// Bound to the writable slots a kernel does not use.
-    dummy_rw: wgpu::Buffer,
+    dummy_rw: Buf,
     state: Mutex<State>,
+    /// Free buffers by use and size class.
+    pool: Mutex<HashMap<(Use, u64), Vec<Pooled>>>,
+    traffic: Mutex<DeviceTraffic>,
     gpu_ns: AtomicU64,
     uploaded: AtomicU64,
     errors: Arc<Mutex<Option<String>>>,
@@ -150,7 +219,8 @@ impl WgpuBackend {
             info.device_type,
             wgpu::DeviceType::IntegratedGpu | wgpu::DeviceType::Cpu
         ) || info.backend == wgpu::Backend::Metal;
-        let mappable = unified && have.contains(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS);
+        let mappable =
+            unified && opts.mapped && have.contains(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS);
         if mappable {
             want |= wgpu::Features::MAPPABLE_PRIMARY_BUFFERS;
         }
@@ -229,18 +299,24 @@ impl WgpuBackend {
                 entry(5, rw),
             ],
         });
-        let dummy = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("dummy"),
-            size: 16,
-            usage: wgpu::BufferUsages::STORAGE,
-            mapped_at_creation: false,
-        });
-        let dummy_rw = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("dummy_rw"),
-            size: 16,
-            usage: wgpu::BufferUsages::STORAGE,
-            mapped_at_creation: false,
-        });
+        let dummy = Buf {
+            b: device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("dummy"),
+                size: 16,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            }),
+            len: 16,
+        };
+        let dummy_rw = Buf {
+            b: device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("dummy_rw"),
+                size: 16,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            }),
+            len: 16,
+        };
         let rows_per_lane =
             opts.rows_per_invocation
                 .unwrap_or(if info.device_type == wgpu::DeviceType::Cpu {
@@ -266,6 +342,8 @@ impl WgpuBackend {
             dummy,
             dummy_rw,
             state: Mutex::new(State::default()),
+            pool: Mutex::default(),
+            traffic: Mutex::default(),
             gpu_ns: AtomicU64::new(0),
             uploaded: AtomicU64::new(0),
             errors,
@@ -389,30 +467,163 @@ impl WgpuBackend {
         Ok(p)
     }
 
-    /// A storage buffer holding `bytes` (padded to whole words), written
-    /// with one copy: into memory mapped at creation.
-    fn upload(&self, bytes: &[u8], extra: wgpu::BufferUsages) -> Result<wgpu::Buffer> {
-        let size = (bytes.len().max(4) as u64).next_multiple_of(4);
-        let mut usage = wgpu::BufferUsages::STORAGE | extra;
-        if self.mappable && extra.is_empty() {
+    fn count(&self, f: impl FnOnce(&mut DeviceTraffic)) {
+        f(&mut self.traffic.lock());
+    }
+
+    fn usage(&self, u: Use) -> wgpu::BufferUsages {
+        use wgpu::BufferUsages as B;
+        match u {
+            Use::Upload if self.mappable => B::STORAGE | B::COPY_SRC | B::MAP_WRITE,
+            Use::Upload | Use::Scratch => B::STORAGE | B::COPY_SRC | B::COPY_DST,
+            Use::Readback => B::MAP_READ | B::COPY_DST,
+            Use::Uniform => B::UNIFORM | B::COPY_DST,
+        }
+    }
+
+    /// A pooled buffer of at least `len` bytes (bound as `len` rounded up
+    /// to whole words), held by `lease` until its call ends.
+    fn take(&self, lease: &mut Lease<'_>, u: Use, len: u64) -> Buf {
+        let len = len.max(4).next_multiple_of(4);
+        let class = size_class(len);
+        let got = self.pool.lock().get_mut(&(u, class)).and_then(Vec::pop);
+        let p = got.unwrap_or_else(|| {
+            let mapped = u == Use::Upload && self.mappable;
+            self.count(|t| t.buffers_created += 1);
+            Pooled {
+                b: self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: None,
+                    size: class,
+                    usage: self.usage(u),
+                    mapped_at_creation: mapped,
+                }),
+                map: Arc::new(AtomicU8::new(if mapped { MAPPED } else { UNMAPPED })),
+            }
+        });
+        let b = Buf {
+            b: p.b.clone(),
+            len,
+        };
+        lease.held.push((u, class, p));
+        b
+    }
+
+    /// Returns a finished call's buffers to the pools; upload buffers of a
+    /// unified-memory adapter are mapped again for the next call's writes.
+    fn give_back(&self, held: Vec<(Use, u64, Pooled)>) {
+        let mut remapped = false;
+        for (u, _, p) in &held {
+            if *u == Use::Upload && self.mappable {
+                p.map_for_writing();
+                remapped = true;
+            }
+        }
+        {
+            let mut pool = self.pool.lock();
+            for (u, class, p) in held {
+                pool.entry((u, class)).or_default().push(p);
+            }
+        }
+        if remapped {
+            // The device is idle: the maps complete without blocking.
+            let _ = self.device.poll(wgpu::PollType::Poll);
+        }
+    }
+
+    /// Waits until the pooled upload buffer `p` is mapped for writing (at
+    /// once when the device is idle, as it is between calls).
+    fn until_mapped(&self, p: &Pooled) -> Result<()> {
+        if p.map.load(Ordering::Relaxed) == UNMAPPED {
+            p.map_for_writing();
+        }
+        if p.map.load(Ordering::Relaxed) == PENDING {
+            let _ = self.device.poll(wgpu::PollType::Poll);
+        }
+        if p.map.load(Ordering::Relaxed) == PENDING {
+            self.count(|t| t.waits += 1);
+            self.device
+                .poll(wgpu::PollType::wait_indefinitely())
+                .map_err(|e| gpu_err("mapping an upload buffer", e))?;
+        }
+        match p.map.load(Ordering::Relaxed) {
+            MAPPED => Ok(()),
+            _ => Err(gpu_err("mapping an upload buffer", "the map failed")),
+        }
+    }
+
+    /// A pooled storage buffer holding `bytes` (padded with zeros to whole
+    /// words). On unified-memory adapters the host writes it in place,
+    /// the one copy the data makes; elsewhere the queue stages it.
+    fn put(&self, lease: &mut Lease<'_>, bytes: &[u8], weight: bool) -> Result<Buf> {
+        let b = self.take(lease, Use::Upload, bytes.len() as u64);
+        if self.mappable {
+            let p = &lease.held.last().expect("just taken").2;
+            self.until_mapped(p)?;
+            {
+                let mut m =
+                    p.b.get_mapped_range_mut(..b.len)
+                        .map_err(|e| gpu_err("mapping an upload buffer", e))?;
+                m.slice(..bytes.len()).copy_from_slice(bytes);
+                m.slice(bytes.len()..).fill(0);
+            }
+            p.b.unmap();
+            p.map.store(UNMAPPED, Ordering::Relaxed);
+        } else {
+            let whole = bytes.len() / 4 * 4;
+            if whole > 0 {
+                self.queue.write_buffer(&b.b, 0, &bytes[..whole]);
+            }
+            let mut tail = [0u8; 4];
+            tail[..bytes.len() - whole].copy_from_slice(&bytes[whole..]);
+            if whole < b.len as usize {
+                self.queue.write_buffer(&b.b, whole as u64, &tail);
+            }
+        }
+        let n = bytes.len() as u64;
+        self.count(|t| {
+            if weight {
+                t.weight_bytes_up += n
+            } else {
+                t.activation_bytes_up += n
+            }
+        });
+        self.check()?;
+        Ok(b)
+    }
+
+    fn put_f32(&self, lease: &mut Lease<'_>, v: &[f32]) -> Result<Buf> {
+        self.put(lease, bytemuck::cast_slice(v), false)
+    }
+
+    /// A storage buffer of `bytes` that lives as long as the model: a
+    /// resident weight's, written once at creation.
+    fn upload_kept(&self, bytes: &[u8]) -> Result<Buf> {
+        let len = (bytes.len().max(4) as u64).next_multiple_of(4);
+        let mut usage = wgpu::BufferUsages::STORAGE;
+        if self.mappable {
             usage |= wgpu::BufferUsages::MAP_WRITE;
         }
-        let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
+        let b = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: None,
-            size,
+            size: len,
             usage,
             mapped_at_creation: true,
         });
         {
-            let mut m = buf
+            let mut m = b
                 .get_mapped_range_mut(..)
                 .map_err(|e| gpu_err("mapping an upload buffer", e))?;
             m.slice(..bytes.len()).copy_from_slice(bytes);
             m.slice(bytes.len()..).fill(0);
         }
-        buf.unmap();
+        b.unmap();
+        let n = bytes.len() as u64;
+        self.count(|t| {
+            t.buffers_created += 1;
+            t.weight_bytes_up += n;
+        });
         self.check()?;
-        Ok(buf)
+        Ok(Buf { b, len })
     }
 
     /// The first device error since the last check (wgpu reports them
@@ -424,22 +635,22 @@ impl WgpuBackend {
         }
     }
 
-    fn upload_f32(&self, v: &[f32], extra: wgpu::BufferUsages) -> Result<wgpu::Buffer> {
-        self.upload(bytemuck::cast_slice(v), extra)
-    }
-
-    fn scratch(&self, bytes: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
-        self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: None,
-            size: bytes.max(4).next_multiple_of(4),
-            usage,
-            mapped_at_creation: false,
-        })
+    /// Kernel parameters in a pooled uniform buffer.
+    fn params(&self, lease: &mut Lease<'_>, q: &[u32; 8]) -> Buf {
+        let b = self.take(lease, Use::Uniform, 32);
+        self.queue.write_buffer(&b.b, 0, bytemuck::cast_slice(q));
+        self.count(|t| t.activation_bytes_up += 32);
+        b
     }
 
     /// Splits `w` into row ranges of at most one binding each and uploads
-    /// them.
-    fn to_device(&self, w: &WeightView<'_>) -> Result<GpuWeight> {
+    /// them: into buffers kept with the model when `lease` is `None`, else
+    /// into pooled ones the call holds.
+    fn to_device(
+        &self,
+        w: &WeightView<'_>,
+        mut lease: Option<&mut Lease<'_>>,
+    ) -> Result<GpuWeight> {
         // Every slice below stays in bounds.
         w.check()?;
         let rb = w.row_bytes();
@@ -455,15 +666,16 @@ impl WgpuBackend {
                 max >> 20
             )));
         }
+        let mut up = |bytes: &[u8]| match lease.as_deref_mut() {
+            Some(l) => self.put(l, bytes, true),
+            None => self.upload_kept(bytes),
+        };
         let per = (max / rb.max(1)).clamp(1, w.rows.max(1));
         let mut chunks = Vec::new();
         let mut r0 = 0;
         while r0 < w.rows {
             let rows = per.min(w.rows - r0);
-            let buf = self.upload(
-                &w.data[r0 * rb..(r0 + rows) * rb],
-                wgpu::BufferUsages::empty(),
-            )?;
+            let buf = up(&w.data[r0 * rb..(r0 + rows) * rb])?;
             let aux = if let DType::FP8(q) = w.dtype {
                 // One f32 scale line per row: the shader then indexes
                 // scales as it does MLX's.
@@ -471,20 +683,11 @@ impl WgpuBackend {
                 for r in r0..r0 + rows {
                     sluice_core::fp8::line_f32(q, w.fp8_scale_line(q, r), &mut s);
                 }
-                Some([
-                    self.upload_f32(&s, wgpu::BufferUsages::empty())?,
-                    self.upload(&[], wgpu::BufferUsages::empty())?,
-                ])
+                Some([up(bytemuck::cast_slice(&s))?, up(&[])?])
             } else if ab > 0 {
                 Some([
-                    self.upload(
-                        &w.scales[r0 * ab..(r0 + rows) * ab],
-                        wgpu::BufferUsages::empty(),
-                    )?,
-                    self.upload(
-                        &w.biases[r0 * ab..(r0 + rows) * ab],
-                        wgpu::BufferUsages::empty(),
-                    )?,
+                    up(&w.scales[r0 * ab..(r0 + rows) * ab])?,
+                    up(&w.biases[r0 * ab..(r0 + rows) * ab])?,
                 ])
             } else {
                 None
@@ -502,34 +705,37 @@ impl WgpuBackend {
         Ok(GpuWeight { chunks, bytes })
     }
 
-    /// The device copy of `w`: the kept one for a resident weight, else a
-    /// fresh upload (kept when it has an id and the budget allows).
-    fn weight(&self, w: &WeightView<'_>) -> Result<Arc<GpuWeight>> {
+    /// The device copy of `w`: the kept one for a resident weight (made on
+    /// first use while the budget allows), else one in buffers the call
+    /// holds.
+    fn weight(&self, w: &WeightView<'_>, lease: &mut Lease<'_>) -> Result<Arc<GpuWeight>> {
         if let Some(id) = w.id {
             if let Some(g) = self.state.lock().resident.get(&id) {
                 return Ok(g.clone());
             }
-        }
-        let g = Arc::new(self.to_device(w)?);
-        if let Some(id) = w.id {
-            let mut st = self.state.lock();
-            if st.resident_bytes + g.bytes <= self.budget {
+            let bytes = (w.data.len() + w.scales.len() + w.biases.len()) as u64;
+            if self.state.lock().resident_bytes + bytes <= self.budget {
+                let g = Arc::new(self.to_device(w, None)?);
+                let mut st = self.state.lock();
                 st.resident_bytes += g.bytes;
                 st.resident.insert(id, g.clone());
+                return Ok(g);
             }
         }
-        Ok(g)
+        Ok(Arc::new(self.to_device(w, Some(lease))?))
     }
 
     /// Records `w · x` into `enc` for the `n` rows of `x` in `xb`, writing
     /// `yb` (`n × w.rows`).
+    #[allow(clippy::too_many_arguments)]
     fn encode_matmul(
         &self,
+        lease: &mut Lease<'_>,
         enc: &mut wgpu::CommandEncoder,
         w: &WeightView<'_>,
         g: &GpuWeight,
-        xb: &wgpu::Buffer,
-        yb: &wgpu::Buffer,
+        xb: &Buf,
+        yb: &Buf,
         n: usize,
     ) -> Result<()> {
         // One token of a quantized type (decode): the fused kernel, whose
@@ -558,13 +764,7 @@ impl WgpuBackend {
                 w.cols.div_ceil(32) as u32,
                 ab,
             ];
-            let pb = self
-                .device
-                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: None,
-                    contents: bytemuck::cast_slice(&params),
-                    usage: wgpu::BufferUsages::UNIFORM,
-                });
+            let pb = self.params(lease, &params);
             let (sc, bi) = match &c.aux {
                 Some([s, b]) => (s, b),
                 None => (&self.dummy, &self.dummy),
@@ -606,26 +806,39 @@ impl WgpuBackend {
         Ok(())
     }
 
-    /// Submits `enc` after copying `src` into a read-back buffer, waits,
-    /// and copies the result into `out`.
-    fn finish<T: bytemuck::Pod>(
+    /// Submits `enc` after copying each source into one read-back buffer,
+    /// waits once, and copies the results into their outputs; the call's
+    /// buffers then go back to the pools.
+    fn finish(
         &self,
+        mut lease: Lease<'_>,
         mut enc: wgpu::CommandEncoder,
-        src: &wgpu::Buffer,
-        out: &mut [T],
+        reads: &mut [(&Buf, &mut [u8])],
     ) -> Result<()> {
-        let bytes = std::mem::size_of_val(out) as u64;
-        let rb = self.scratch(
-            bytes,
-            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        );
-        enc.copy_buffer_to_buffer(src, 0, &rb, 0, bytes.next_multiple_of(4).max(4));
+        let total: u64 = reads.iter().map(|(_, o)| o.len() as u64).sum();
+        let rb = self.take(&mut lease, Use::Readback, total);
+        let mut off = 0;
+        for (src, out) in reads.iter() {
+            let n = out.len() as u64;
+            if !n.is_multiple_of(4) || n > src.len {
+                return Err(gpu_err("read-back", format!("{n} bytes of {}", src.len)));
+            }
+            if n > 0 {
+                enc.copy_buffer_to_buffer(&src.b, 0, &rb.b, off, n);
+            }
+            off += n;
+        }
         let t = Instant::now();
         self.queue.submit([enc.finish()]);
-        let slice = rb.slice(..);
+        let slice = rb.b.slice(..rb.len);
         let (tx, rx) = std::sync::mpsc::channel();
         slice.map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
+        });
+        self.count(|t| {
+            t.submissions += 1;
+            t.waits += 1;
+            t.bytes_down += total;
         });
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
@@ -636,14 +849,19 @@ impl WgpuBackend {
             .map_err(|e| gpu_err("read-back", e))?
             .map_err(|e| gpu_err("read-back", e))?;
         {
-            let m = rb
-                .get_mapped_range(..)
+            let m = slice
+                .get_mapped_range()
                 .map_err(|e| gpu_err("reading back", e))?;
-            let bytes = std::mem::size_of_val(out);
-            bytemuck::cast_slice_mut::<T, u8>(out).copy_from_slice(&m[..bytes]);
+            let mut off = 0;
+            for (_, out) in reads.iter_mut() {
+                out.copy_from_slice(&m[off..off + out.len()]);
+                off += out.len();
+            }
         }
-        rb.unmap();
-        self.check()
+        rb.b.unmap();
+        self.check()?;
+        lease.done = true;
+        Ok(())
     }
 
     /// Largest token count per pass so that no activation binding exceeds
@@ -664,20 +882,15 @@ impl WgpuBackend {
 
     fn ops_pass(
         &self,
+        lease: &mut Lease<'_>,
         enc: &mut wgpu::CommandEncoder,
         k: Kernel,
-        bufs: [&wgpu::Buffer; 5],
+        bufs: [&Buf; 5],
         q: [u32; 8],
         grid: [u32; 3],
     ) -> Result<()> {
         let pipe = self.pipeline(k)?;
-        let qb = self
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: None,
-                contents: bytemuck::cast_slice(&q),
-                usage: wgpu::BufferUsages::UNIFORM,
-            });
+        let qb = self.params(lease, &q);
         let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: None,
             layout: &self.ops_layout,
@@ -702,8 +915,12 @@ impl WgpuBackend {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor::default())
     }
 
-    fn rw(&self) -> wgpu::BufferUsages {
-        wgpu::BufferUsages::COPY_SRC
+    fn lease(&self) -> Lease<'_> {
+        Lease {
+            be: self,
+            held: Vec::new(),
+            done: false,
+        }
     }
 
     fn fits(&self, bytes: usize) -> bool {
@@ -721,8 +938,9 @@ impl WgpuBackend {
     fn try_rms_norm(&self, x: &mut [f32], w: &[f32], eps: f32) -> Result<()> {
         let d = w.len();
         let rows = x.len() / d.max(1);
-        let xa = self.upload_f32(x, self.rw())?;
-        let wb = self.upload_f32(w, wgpu::BufferUsages::empty())?;
+        let mut l = self.lease();
+        let xa = self.put_f32(&mut l, x)?;
+        let wb = self.put_f32(&mut l, w)?;
         let mut enc = self.encoder();
         let q = [0, d as u32, 0, 0, 0, 0, eps.to_bits(), 0];
         let maxg = self.limits.max_compute_workgroups_per_dimension as usize;
@@ -730,41 +948,51 @@ impl WgpuBackend {
             return Err(gpu_err("rms_norm", format!("{rows} rows")));
         }
         self.ops_pass(
+            &mut l,
             &mut enc,
             Kernel::RmsNorm,
             [&xa, &wb, &self.dummy, &self.dummy_rw, &self.dummy_rw],
             q,
             [rows as u32, 1, 1],
         )?;
-        self.finish(enc, &xa, x)
+        self.finish(l, enc, &mut [(&xa, bytemuck::cast_slice_mut(x))])
     }
 
     fn try_mlp(&self, w: [WeightView<'_>; 3], x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
         let [gate, up, down] = w;
         let (h, i, o) = (gate.cols, gate.rows, down.rows);
         let step = self.token_chunk(h.max(i).max(o))?;
-        let (gg, ug, dg) = (self.weight(&gate)?, self.weight(&up)?, self.weight(&down)?);
+        // Streamed weights' buffers are held until every chunk is done.
+        let mut wl = self.lease();
+        let (gg, ug, dg) = (
+            self.weight(&gate, &mut wl)?,
+            self.weight(&up, &mut wl)?,
+            self.weight(&down, &mut wl)?,
+        );
         for t0 in (0..n).step_by(step.max(1)) {
             let nt = step.min(n - t0);
-            let xb = self.upload_f32(&x[t0 * h..(t0 + nt) * h], wgpu::BufferUsages::empty())?;
-            let st = wgpu::BufferUsages::STORAGE;
-            let gb = self.scratch((nt * i * 4) as u64, st);
-            let ub = self.scratch((nt * i * 4) as u64, st);
-            let yb = self.scratch((nt * o * 4) as u64, st | wgpu::BufferUsages::COPY_SRC);
+            let mut l = self.lease();
+            let xb = self.put_f32(&mut l, &x[t0 * h..(t0 + nt) * h])?;
+            let gb = self.take(&mut l, Use::Scratch, (nt * i * 4) as u64);
+            let ub = self.take(&mut l, Use::Scratch, (nt * i * 4) as u64);
+            let yb = self.take(&mut l, Use::Scratch, (nt * o * 4) as u64);
             let mut enc = self.encoder();
-            self.encode_matmul(&mut enc, &gate, &gg, &xb, &gb, nt)?;
-            self.encode_matmul(&mut enc, &up, &ug, &xb, &ub, nt)?;
+            self.encode_matmul(&mut l, &mut enc, &gate, &gg, &xb, &gb, nt)?;
+            self.encode_matmul(&mut l, &mut enc, &up, &ug, &xb, &ub, nt)?;
             let q = [(nt * i) as u32, 0, 0, 0, 0, 0, 0, 0];
             self.ops_pass(
+                &mut l,
                 &mut enc,
                 Kernel::Swiglu,
                 [&gb, &ub, &self.dummy, &self.dummy_rw, &self.dummy_rw],
                 q,
                 self.flat_grid(nt * i),
             )?;
-            self.encode_matmul(&mut enc, &down, &dg, &gb, &yb, nt)?;
-            self.finish(enc, &yb, &mut y[t0 * o..(t0 + nt) * o])?;
+            self.encode_matmul(&mut l, &mut enc, &down, &dg, &gb, &yb, nt)?;
+            let out = bytemuck::cast_slice_mut(&mut y[t0 * o..(t0 + nt) * o]);
+            self.finish(l, enc, &mut [(&yb, out)])?;
         }
+        wl.done = true;
         Ok(())
     }
 
@@ -781,22 +1009,20 @@ impl WgpuBackend {
         if n == 0 || w.rows == 0 {
             return Ok(());
         }
-        let g = self.weight(&w)?;
+        let mut wl = self.lease();
+        let g = self.weight(&w, &mut wl)?;
         let step = self.token_chunk(w.cols.max(w.rows))?;
         for t0 in (0..n).step_by(step) {
             let nt = step.min(n - t0);
-            let xb = self.upload_f32(
-                &x[t0 * w.cols..(t0 + nt) * w.cols],
-                wgpu::BufferUsages::empty(),
-            )?;
-            let yb = self.scratch(
-                (nt * w.rows * 4) as u64,
-                wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-            );
+            let mut l = self.lease();
+            let xb = self.put_f32(&mut l, &x[t0 * w.cols..(t0 + nt) * w.cols])?;
+            let yb = self.take(&mut l, Use::Scratch, (nt * w.rows * 4) as u64);
             let mut enc = self.encoder();
-            self.encode_matmul(&mut enc, &w, &g, &xb, &yb, nt)?;
-            self.finish(enc, &yb, &mut y[t0 * w.rows..(t0 + nt) * w.rows])?;
+            self.encode_matmul(&mut l, &mut enc, &w, &g, &xb, &yb, nt)?;
+            let out = bytemuck::cast_slice_mut(&mut y[t0 * w.rows..(t0 + nt) * w.rows]);
+            self.finish(l, enc, &mut [(&yb, out)])?;
         }
+        wl.done = true;
         Ok(())
     }
 
@@ -819,9 +1045,10 @@ impl WgpuBackend {
             cos.extend_from_slice(&c1);
             sin.extend_from_slice(&s1);
         }
-        let xa = self.upload_f32(x, self.rw())?;
-        let cb = self.upload_f32(&cos, wgpu::BufferUsages::empty())?;
-        let sb = self.upload_f32(&sin, wgpu::BufferUsages::empty())?;
+        let mut l = self.lease();
+        let xa = self.put_f32(&mut l, x)?;
+        let cb = self.put_f32(&mut l, &cos)?;
+        let sb = self.put_f32(&mut l, &sin)?;
         let style = match rope.style {
             RopeStyle::Neox => 0,
             RopeStyle::Interleaved => 1,
@@ -838,13 +1065,14 @@ impl WgpuBackend {
         ];
         let mut enc = self.encoder();
         self.ops_pass(
+            &mut l,
             &mut enc,
             Kernel::Rope,
             [&xa, &cb, &sb, &self.dummy_rw, &self.dummy_rw],
             q,
             [1, n as u32, 1],
         )?;
-        self.finish(enc, &xa, x)
+        self.finish(l, enc, &mut [(&xa, bytemuck::cast_slice_mut(x))])
     }
 
     fn try_route(
@@ -855,14 +1083,13 @@ impl WgpuBackend {
         chosen: &mut [usize],
     ) -> Result<()> {
         let ne = logits.len() / n.max(1);
-        let xa = self.upload_f32(logits, self.rw())?;
-        let ib = self.scratch(
-            ((n * k + n * ne) * 4) as u64,
-            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-        );
+        let mut l = self.lease();
+        let xa = self.put_f32(&mut l, logits)?;
+        let ib = self.take(&mut l, Use::Scratch, ((n * k + n * ne) * 4) as u64);
         let q = [n as u32, ne as u32, k as u32, 0, 0, 0, 0, 0];
         let mut enc = self.encoder();
         self.ops_pass(
+            &mut l,
             &mut enc,
             Kernel::Route,
             [&xa, &self.dummy, &self.dummy, &self.dummy_rw, &ib],
@@ -870,14 +1097,15 @@ impl WgpuBackend {
             [n as u32, 1, 1],
         )?;
         // Probabilities and choices come back in one submission.
-        let rb = self.scratch(
-            ((n * k) * 4) as u64,
-            wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
-        );
-        enc.copy_buffer_to_buffer(&ib, 0, &rb, 0, ((n * k) * 4) as u64);
-        self.finish(enc, &xa, logits)?;
         let mut idx = vec![0u32; n * k];
-        self.finish(self.encoder(), &rb, &mut idx)?;
+        self.finish(
+            l,
+            enc,
+            &mut [
+                (&xa, bytemuck::cast_slice_mut(logits)),
+                (&ib, bytemuck::cast_slice_mut(&mut idx)),
+            ],
+        )?;
         for (c, &v) in chosen.iter_mut().zip(&idx) {
             *c = v as usize;
             if *c >= ne {
@@ -914,24 +1142,16 @@ impl WgpuBackend {
             }
             None => qs.resize(q.len() + p.n_heads, f32::MIN),
         }
-        let qa = self.upload_f32(&qs, wgpu::BufferUsages::empty())?;
-        let kb = self.upload_f32(
-            &k[..keys * p.n_kv_heads * p.head_dim],
-            wgpu::BufferUsages::empty(),
-        )?;
-        let vb = self.upload_f32(
-            &v[..keys * p.n_kv_heads * p.head_dim],
-            wgpu::BufferUsages::empty(),
-        )?;
-        let ob = self.scratch(
-            std::mem::size_of_val(out) as u64,
-            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-        );
         let scores = n * p.n_heads * keys * 4;
         if !self.fits(scores) {
             return Err(gpu_err("attention", format!("{scores} bytes of scores")));
         }
-        let sb = self.scratch(scores as u64, wgpu::BufferUsages::STORAGE);
+        let mut l = self.lease();
+        let qa = self.put_f32(&mut l, &qs)?;
+        let kb = self.put_f32(&mut l, &k[..keys * p.n_kv_heads * p.head_dim])?;
+        let vb = self.put_f32(&mut l, &v[..keys * p.n_kv_heads * p.head_dim])?;
+        let ob = self.take(&mut l, Use::Scratch, std::mem::size_of_val(out) as u64);
+        let sb = self.take(&mut l, Use::Scratch, scores as u64);
         let qp = [
             pos0 as u32,
             keys as u32,
@@ -944,20 +1164,35 @@ impl WgpuBackend {
         ];
         let mut enc = self.encoder();
         self.ops_pass(
+            &mut l,
             &mut enc,
             Kernel::Attention,
             [&qa, &kb, &vb, &ob, &sb],
             qp,
             [p.n_heads as u32, n as u32, 1],
         )?;
-        self.finish(enc, &ob, out)
+        self.finish(l, enc, &mut [(&ob, bytemuck::cast_slice_mut(out))])
     }
 }
 
-fn bind(binding: u32, b: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {
+/// Pooled buffer sizes: powers of two up to 4 KiB, then eighths of the
+/// next power of two (at most 1/8 unused), so that a call's buffers are
+/// found again by the next call of similar shape.
+fn size_class(len: u64) -> u64 {
+    if len <= 4096 {
+        return len.max(256).next_power_of_two();
+    }
+    len.next_multiple_of(len.next_power_of_two() / 8)
+}
+
+fn bind(binding: u32, b: &Buf) -> wgpu::BindGroupEntry<'_> {
     wgpu::BindGroupEntry {
         binding,
-        resource: b.as_entire_binding(),
+        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer: &b.b,
+            offset: 0,
+            size: std::num::NonZeroU64::new(b.len),
+        }),
     }
 }
 
@@ -1008,5 +1243,9 @@ impl Backend for WgpuBackend {
 
     fn device_seconds(&self) -> Option<f64> {
         Some(self.gpu_ns.load(Ordering::Relaxed) as f64 * 1e-9)
+    }
+
+    fn device_traffic(&self) -> Option<DeviceTraffic> {
+        Some(*self.traffic.lock())
     }
 }

@@ -3,12 +3,14 @@
 //!
 //! Activations stay in host memory between operations, as the
 //! [`Backend`] trait hands them over; each operation uploads its inputs,
-//! runs one or more kernels in one submission and reads the result back.
-//! Weights reach the GPU with at most one copy: resident weights (a
+//! runs one or more kernels in one submission and reads the result back,
+//! in buffers taken from pools that a warm backend no longer grows
+//! ([`Backend::device_traffic`] counts submissions, waits, buffers and
+//! bytes). Weights reach the GPU with at most one copy: resident weights (a
 //! [`WeightView::id`]) are uploaded once and kept, up to a budget; streamed
-//! experts are copied once, straight from their slot into a buffer mapped
-//! at creation, which on unified-memory adapters (Apple GPUs, lavapipe) is
-//! the memory the kernel reads. A matrix larger than the adapter's largest
+//! experts are copied once, straight from their slot into an upload buffer
+//! that on unified-memory adapters (Apple GPUs, lavapipe) is kept mapped
+//! and is the memory the kernel reads. A matrix larger than the adapter's largest
 //! storage binding is split by rows, and a batch whose activations would
 //! be is split by tokens.
 //!

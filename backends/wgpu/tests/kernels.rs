@@ -325,3 +325,97 @@ fn fused_mlp_matches_cpu() {
     cpu.mlp(w, &x, n, &mut b).unwrap();
     assert!(rel_err(&a, &b) < 1e-4, "{}", rel_err(&a, &b));
 }
+
+/// Calls of the same shapes reuse the buffers of the first (none is
+/// created once the pools are warm), each waits once (the router's
+/// probabilities and choices come back together), and fresh contents in
+/// reused buffers give fresh results: with inputs mapped in place and
+/// staged through the queue.
+#[test]
+fn pooled_buffers_are_reused_with_one_wait_per_call() {
+    for mapped in [true, false] {
+        let Some(g) = gpu(WgpuOptions {
+            mapped,
+            ..WgpuOptions::default()
+        }) else {
+            return;
+        };
+        let cpu = exact_cpu();
+        let p = AttnParams {
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 16,
+            scale: 0.25,
+            window: None,
+            chunk: None,
+            sinks: None,
+        };
+        let rope = Rope {
+            theta: 10000.0,
+            rot_dim: 16,
+            style: RopeStyle::Neox,
+            yarn: None,
+            factors: None,
+        };
+        let mut before = None;
+        for round in 0..4u64 {
+            if round == 1 {
+                before = g.device_traffic();
+            }
+            let s = 10 * round;
+            // A streamed expert (no id): its bytes differ every round.
+            let w = Owned::random(DType::Q4_K, 64, 256, s + 1);
+            let m = [
+                Owned::random(DType::Q8_0, 64, 256, s + 2),
+                Owned::random(DType::Q8_0, 64, 256, s + 3),
+                Owned::random(DType::Q8_0, 256, 64, s + 4),
+            ];
+            let x = floats(256, s + 5);
+            let (mut a, mut b) = (vec![0f32; 64], vec![0f32; 64]);
+            g.matmul(w.view(), &x, 1, &mut a).unwrap();
+            cpu.matmul(w.view(), &x, 1, &mut b).unwrap();
+            assert!(rel_err(&a, &b) < 1e-4, "mapped {mapped}, round {round}");
+            let mv = [m[0].view(), m[1].view(), m[2].view()];
+            let (mut a, mut b) = (vec![0f32; 256], vec![0f32; 256]);
+            g.mlp(mv, &x, 1, &mut a).unwrap();
+            cpu.mlp(mv, &x, 1, &mut b).unwrap();
+            assert!(rel_err(&a, &b) < 1e-4, "mapped {mapped}, round {round}");
+            let (mut a, mut b) = (x.clone(), x.clone());
+            let nw = floats(256, s + 6);
+            g.rms_norm(&mut a, &nw, 1e-6).unwrap();
+            cpu.rms_norm(&mut b, &nw, 1e-6).unwrap();
+            assert!(rel_err(&a, &b) < 1e-5);
+            let (mut a, mut b) = (x[..64].to_vec(), x[..64].to_vec());
+            g.rope(&rope, 7 + round as usize, &mut a, 1, 16).unwrap();
+            cpu.rope(&rope, 7 + round as usize, &mut b, 1, 16).unwrap();
+            assert!(rel_err(&a, &b) < 1e-5);
+            let l = floats(60, s + 7);
+            let (mut a, mut b) = (l.clone(), l.clone());
+            let (mut ca, mut cb) = (vec![0usize; 4], vec![0usize; 4]);
+            g.route(&mut a, 1, 4, &mut ca).unwrap();
+            cpu.route(&mut b, 1, 4, &mut cb).unwrap();
+            assert_eq!(ca, cb, "mapped {mapped}, round {round}");
+            let (q, k, v) = (
+                floats(64, s + 8),
+                floats(6 * 32, s + 9),
+                floats(6 * 32, s + 10),
+            );
+            let (mut a, mut b) = (vec![0f32; 64], vec![0f32; 64]);
+            g.attention(&q, &k, &v, 1, 5, &p, &mut a).unwrap();
+            cpu.attention(&q, &k, &v, 1, 5, &p, &mut b).unwrap();
+            assert!(rel_err(&a, &b) < 1e-5);
+        }
+        let t = g.device_traffic().unwrap().since(&before.unwrap());
+        assert_eq!(t.buffers_created, 0, "mapped {mapped}: {t:?}");
+        assert_eq!((t.submissions, t.waits), (3 * 6, 3 * 6), "{t:?}");
+        let weights = 3 * (w_bytes(DType::Q4_K, 64, 256) + 3 * w_bytes(DType::Q8_0, 64, 256));
+        assert_eq!(t.weight_bytes_up, weights, "{t:?}");
+        // Outputs, and the router's probabilities with its choices.
+        let down = 64 + 256 + 256 + 64 + (60 + 4) + 64;
+        assert_eq!(t.bytes_down, 3 * 4 * down, "{t:?}");
+    }
+}
+
+fn w_bytes(dtype: DType, rows: usize, cols: usize) -> u64 {
+    dtype.tensor_bytes(&[rows, cols]).unwrap() as u64
+}

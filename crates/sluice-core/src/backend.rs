@@ -222,6 +222,41 @@ impl AttnParams<'_> {
     }
 }
 
+/// What an accelerator backend has exchanged with its device so far: the
+/// synchronisation and copies that a device-resident forward pass avoids.
+/// Counters only grow; [`since`](Self::since) gives one stretch of work.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceTraffic {
+    /// Command submissions to the device queue.
+    pub submissions: u64,
+    /// Times the host blocked until the device finished.
+    pub waits: u64,
+    /// Device buffers created (a backend that pools them stops creating
+    /// any once its pools are warm).
+    pub buffers_created: u64,
+    /// Activation bytes copied from the host to the device.
+    pub activation_bytes_up: u64,
+    /// Weight bytes copied from the host to the device (resident weights
+    /// once; streamed experts per use).
+    pub weight_bytes_up: u64,
+    /// Bytes read back from the device to the host.
+    pub bytes_down: u64,
+}
+
+impl DeviceTraffic {
+    /// The traffic since `earlier` (a reading from the same backend).
+    pub fn since(&self, earlier: &DeviceTraffic) -> DeviceTraffic {
+        DeviceTraffic {
+            submissions: self.submissions - earlier.submissions,
+            waits: self.waits - earlier.waits,
+            buffers_created: self.buffers_created - earlier.buffers_created,
+            activation_bytes_up: self.activation_bytes_up - earlier.activation_bytes_up,
+            weight_bytes_up: self.weight_bytes_up - earlier.weight_bytes_up,
+            bytes_down: self.bytes_down - earlier.bytes_down,
+        }
+    }
+}
+
 /// A compute backend.
 pub trait Backend: Send + Sync {
     /// Short name for logs and benchmark output.
@@ -298,6 +333,12 @@ pub trait Backend: Send + Sync {
     /// accelerators that run asynchronously from the host (`None` for the
     /// CPU).
     fn device_seconds(&self) -> Option<f64> {
+        None
+    }
+
+    /// Submissions, waits, buffer creations and copies so far, for
+    /// backends that drive a separate device (`None` for the CPU).
+    fn device_traffic(&self) -> Option<DeviceTraffic> {
         None
     }
 }

@@ -18,7 +18,7 @@ pub mod quant;
 pub mod record;
 pub mod size;
 
-pub use backend::{fresh_weight_id, AttnParams, Backend, WeightView};
+pub use backend::{fresh_weight_id, AttnParams, Backend, DeviceTraffic, WeightView};
 pub use dtype::{DType, Fp8Block, Fp8Scale, HalfType, MlxQuant};
 pub use error::{Error, Result};
 pub use ops::Yarn;

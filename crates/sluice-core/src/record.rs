@@ -190,6 +190,10 @@ impl Backend for Recording {
     fn device_seconds(&self) -> Option<f64> {
         self.inner.device_seconds()
     }
+
+    fn device_traffic(&self) -> Option<crate::DeviceTraffic> {
+        self.inner.device_traffic()
+    }
 }
 
 #[cfg(test)]
