@@ -296,6 +296,55 @@ fn sim_answers_with_the_bench_keys() {
     assert!((h - 0.71).abs() < 0.05, "{h}");
 }
 
+/// A GPU profile charges the engine's host-device round trips: by default
+/// the two its per-layer cost holds; `--syncs-per-layer` charges another
+/// engine's count, and the decode time moves by their difference.
+#[test]
+fn sim_charges_round_trips_per_layer() {
+    let run = |syncs: Option<&str>| {
+        let mut a = vec![
+            "sim",
+            "--device",
+            "macbook-pro-m3-max-48gb",
+            "--model",
+            "qwen3-30b-a3b",
+            "--ram-cap",
+            "64G",
+            "--tokens",
+            "4",
+            "--prompt-tokens",
+            "1",
+            "--json",
+        ];
+        if let Some(s) = syncs {
+            a.extend(["--syncs-per-layer", s]);
+        }
+        json(&a)
+    };
+    let (base, one, many) = (run(None), run(Some("1")), run(Some("16")));
+    // 48 layers at the profile's 100 µs a round trip.
+    let per = |j: &serde_json::Value| j["sync_s_per_token"].as_f64().unwrap();
+    assert!((per(&base) - 2.0 * 48.0 * 100e-6).abs() < 1e-9, "{base}");
+    assert!((per(&one) - 48.0 * 100e-6).abs() < 1e-9, "{one}");
+    assert_eq!(many["syncs_per_layer"].as_f64(), Some(16.0));
+    // Everything resident, no reads: decode time is compute alone.
+    let token = |j: &serde_json::Value| j["warm"]["decode_s"].as_f64().unwrap() / 4.0;
+    let d = token(&many) - token(&base);
+    assert!((d - 14.0 * 48.0 * 100e-6).abs() < 1e-6, "{d}");
+    assert!(token(&one) < token(&base));
+    // A profile without a round-trip cost cannot charge one.
+    let err = fails(&[
+        "sim",
+        "--device",
+        "dev-vm",
+        "--model",
+        "qwen3-30b-a3b",
+        "--syncs-per-layer",
+        "2",
+    ]);
+    assert!(err.contains("sync_us") && err.contains("dev-vm"), "{err}");
+}
+
 /// A flash sweep writes one CSV row per point, tok/s never falls as the
 /// drive gets faster, and the SVG is drawn.
 #[test]

@@ -303,6 +303,8 @@ pub fn measure(flash: (f64, f64, usize), how: &str) -> Result<Profile> {
                 layer_s * 1e6,
                 "norms, softmax and SwiGLU of one layer at hidden 2048, this run",
             ),
+            sync_us: None,
+            layer_syncs: None,
         },
         origin: String::new(),
     })
@@ -516,6 +518,8 @@ pub fn from_run(r: &RunObserved<'_>) -> Result<Profile> {
                 layer_s * 1e6,
                 &src("decode time not waiting on reads, less the timed products and attention, per layer"),
             ),
+            sync_us: None,
+            layer_syncs: None,
         },
         origin: String::new(),
     })

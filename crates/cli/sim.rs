@@ -70,11 +70,26 @@ pub struct SimArgs {
     /// Compute threads the engine would use (scratch sizing).
     #[arg(long)]
     threads: Option<usize>,
+    /// GPU devices: host-device round trips (submit and wait) the engine
+    /// makes per layer, charged at the profile's compute.sync_us (default:
+    /// as many as the profile's per-layer cost holds). `sluice bench
+    /// --backend metal` reports the count of sluice's GPU path.
+    #[arg(long)]
+    syncs_per_layer: Option<f64>,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
     #[command(flatten)]
     stream: StreamArgs,
+}
+
+/// Round trips per layer the run charges and their seconds per token
+/// (`None` when the profile has no round-trip cost).
+fn sync_cost(a: &SimArgs, p: &Profile, m: &SimModel) -> Option<(f64, f64)> {
+    let c = &p.compute;
+    let (s, held) = (c.sync_us.as_ref()?, c.layer_syncs.as_ref()?);
+    let n = a.syncs_per_layer.unwrap_or(held.value);
+    Some((n, n * s.value * 1e-6 * m.layers.len() as f64))
 }
 
 fn model_of(a: &SimArgs) -> Result<SimModel> {
@@ -179,6 +194,7 @@ fn options_of(a: &SimArgs) -> Result<SimOptions> {
         threads: a
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        syncs_per_layer: a.syncs_per_layer,
     })
 }
 
@@ -252,6 +268,18 @@ pub fn sim(a: SimArgs) -> Result<()> {
             flash_bound(&profile, bpt).map_or("none (no reads)".into(), |b| format!("{b:.2} tok/s")),
         );
     }
+    if let Some((n, s)) = sync_cost(&a, &profile, &m) {
+        let per = r.warm.as_ref().unwrap_or(&r.cold);
+        let token = per.decode_s / per.tokens.max(1) as f64;
+        println!(
+            "  sync             {n} round trips per layer × {} µs = {:.1} ms per token ({:.1}% of a {} decode token){}",
+            profile.compute.sync_us.as_ref().map_or(0.0, |f| f.value),
+            s * 1e3,
+            100.0 * s / token.max(1e-12),
+            if r.warm.is_some() { "warm" } else { "cold" },
+            if a.syncs_per_layer.is_none() { "; --syncs-per-layer N models another engine" } else { "" },
+        );
+    }
     let worst = r
         .cold
         .layers
@@ -295,6 +323,8 @@ fn report_json(
         "expert_record_bytes": m.record_bytes,
         "dense_bytes": m.dense_bytes,
         "flash_bound_tok_per_s": flash_bound(p, bpt),
+        "syncs_per_layer": sync_cost(a, p, m).map(|c| c.0),
+        "sync_s_per_token": sync_cost(a, p, m).map(|c| c.1),
         "budget": {"baseline": b.baseline, "margin": b.margin, "dense": b.dense, "kv": b.kv,
             "scratch": b.scratch, "device": b.device, "slot": b.slot, "slots": b.slots, "experts": b.experts_total},
         "warm": r.warm.as_ref().map(|w| w.json(prefetch)),

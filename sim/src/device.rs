@@ -99,14 +99,49 @@ pub struct Costs {
     mem_bps: f64,
     copy_bps: f64,
     op_s: f64,
-    /// Fixed cost of each layer.
+    /// Fixed cost of each layer, with the round trips the engine makes.
     pub layer_s: f64,
+    /// Of `layer_s`, the host-device round trips (0 without the
+    /// profile's `sync_us`).
+    pub sync_layer_s: f64,
 }
 
 impl Costs {
     /// The profile's compute figures.
     pub fn new(p: &Profile) -> Costs {
+        let held = p.compute.layer_syncs.as_ref().map_or(0.0, |f| f.value);
+        Self::charging(p, held)
+    }
+
+    /// The profile's compute figures for an engine making `syncs`
+    /// host-device round trips per layer (`None`: as many as the
+    /// profile's own per-layer cost holds). Fails when `syncs` is given
+    /// and the profile has no round-trip cost.
+    pub fn with_syncs(p: &Profile, syncs: Option<f64>) -> sluice_core::Result<Costs> {
         let c = &p.compute;
+        let syncs = match syncs {
+            Some(n) if c.sync_us.is_none() => return Err(sluice_core::Error::Invalid(format!(
+                "{n} round trips per layer: profile {} has no compute.sync_us (the cost of one)",
+                p.name
+            ))),
+            Some(n) if !(n.is_finite() && n >= 0.0) => {
+                return Err(sluice_core::Error::Invalid(format!(
+                    "{n} round trips per layer is not a count"
+                )))
+            }
+            Some(n) => n,
+            None => return Ok(Self::new(p)),
+        };
+        Ok(Self::charging(p, syncs))
+    }
+
+    fn charging(p: &Profile, syncs: f64) -> Costs {
+        let c = &p.compute;
+        let (sync_s, held) = match (&c.sync_us, &c.layer_syncs) {
+            (Some(s), Some(h)) => (s.value * 1e-6, h.value),
+            _ => (0.0, 0.0),
+        };
+        let layer_s = c.layer_overhead_us.value * 1e-6;
         let mem = p.memory.bandwidth_gbps.value * 1e9;
         Costs {
             matvec: c
@@ -123,7 +158,10 @@ impl Costs {
                 .as_ref()
                 .map_or(mem / 2.0, |f| f.value * 1e9),
             op_s: c.op_overhead_us.as_ref().map_or(0.0, |f| f.value * 1e-6),
-            layer_s: c.layer_overhead_us.value * 1e-6,
+            // The profile's figure holds `held` round trips: the rest of it
+            // stays, and the engine's own are charged.
+            layer_s: (layer_s - held * sync_s).max(0.0) + syncs * sync_s,
+            sync_layer_s: syncs * sync_s,
         }
     }
 

@@ -84,6 +84,14 @@ pub struct Compute {
     pub op_overhead_us: Option<Figure>,
     /// Fixed cost of each layer (norms, rotary, routing, sync), µs.
     pub layer_overhead_us: Figure,
+    /// GPUs: one host-device round trip, µs: submitting a command buffer
+    /// and waiting until it completes, with no work in it.
+    #[serde(default)]
+    pub sync_us: Option<Figure>,
+    /// GPUs: how many such round trips per layer `layer_overhead_us`
+    /// already holds (the engine its figure was derived from).
+    #[serde(default)]
+    pub layer_syncs: Option<Figure>,
 }
 
 /// A device: memory, flash and compute.
@@ -233,6 +241,12 @@ impl Profile {
         if let Some(x) = &c.op_overhead_us {
             v.push(("compute.op_overhead_us".into(), x));
         }
+        if let Some(x) = &c.sync_us {
+            v.push(("compute.sync_us".into(), x));
+        }
+        if let Some(x) = &c.layer_syncs {
+            v.push(("compute.layer_syncs".into(), x));
+        }
         for (q, x) in &c.matvec_gbps_by_quant {
             v.push((format!("compute.matvec_gbps_by_quant.{q}"), x));
         }
@@ -245,6 +259,8 @@ impl Profile {
             "flash.latency_us",
             "compute.layer_overhead_us",
             "compute.op_overhead_us",
+            "compute.layer_syncs",
+            "compute.sync_us",
         ];
         for (k, f) in self.figures() {
             let min_ok = if zero_ok.contains(&k.as_str()) {
@@ -263,6 +279,12 @@ impl Profile {
                     ));
                 }
             }
+        }
+        if self.compute.sync_us.is_some() != self.compute.layer_syncs.is_some() {
+            return Err(
+                "compute.sync_us and compute.layer_syncs go together (a round trip's cost and how many of them compute.layer_overhead_us holds)"
+                    .into(),
+            );
         }
         if self.memory.app_gb.value > self.memory.total_gb.value {
             return Err("memory.app_gb exceeds memory.total_gb".into());
@@ -344,6 +366,12 @@ impl Profile {
             fig(&mut s, "op_overhead_us", o);
         }
         fig(&mut s, "layer_overhead_us", &c.layer_overhead_us);
+        if let Some(o) = &c.sync_us {
+            fig(&mut s, "sync_us", o);
+        }
+        if let Some(o) = &c.layer_syncs {
+            fig(&mut s, "layer_syncs", o);
+        }
         if !c.matvec_gbps_by_quant.is_empty() {
             s.push_str("\n[compute.matvec_gbps_by_quant]\n");
             for (q, f) in &c.matvec_gbps_by_quant {
@@ -364,6 +392,7 @@ impl Profile {
             "compute.matvec_gbps" => &mut self.compute.matvec_gbps,
             "compute.tflops" => &mut self.compute.tflops,
             "compute.layer_overhead_us" => &mut self.compute.layer_overhead_us,
+            "compute.sync_us" => self.compute.sync_us.get_or_insert(Figure::new(0.0, "")),
             _ => return Err(Error::Invalid(format!("no settable figure {key:?}"))),
         };
         f.value = value;

@@ -62,6 +62,9 @@ pub struct SimOptions {
     pub warm: bool,
     /// Compute threads (scratch sizing, as the engine does).
     pub threads: usize,
+    /// GPUs: host-device round trips the engine makes per layer (`None`:
+    /// as many as the profile's per-layer cost holds).
+    pub syncs_per_layer: Option<f64>,
 }
 
 impl Default for SimOptions {
@@ -82,6 +85,7 @@ impl Default for SimOptions {
             prompt_tokens: 8,
             warm: true,
             threads: 1,
+            syncs_per_layer: None,
         }
     }
 }
@@ -413,7 +417,7 @@ pub fn simulate(
     let mut sim = Sim {
         m,
         o,
-        costs: Costs::new(p),
+        costs: Costs::with_syncs(p, o.syncs_per_layer)?,
         io: SimDrive {
             flash,
             ready_at: vec![0.0; budget.slots.max(1)],
