@@ -120,10 +120,12 @@ impl Costs {
     pub fn with_syncs(p: &Profile, syncs: Option<f64>) -> sluice_core::Result<Costs> {
         let c = &p.compute;
         let syncs = match syncs {
-            Some(n) if c.sync_us.is_none() => return Err(sluice_core::Error::Invalid(format!(
+            Some(n) if c.sync_us.is_none() => {
+                return Err(sluice_core::Error::Invalid(format!(
                 "{n} round trips per layer: profile {} has no compute.sync_us (the cost of one)",
                 p.name
-            ))),
+            )))
+            }
             Some(n) if !(n.is_finite() && n >= 0.0) => {
                 return Err(sluice_core::Error::Invalid(format!(
                     "{n} round trips per layer is not a count"
