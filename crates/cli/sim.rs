@@ -83,15 +83,6 @@ pub struct SimArgs {
     stream: StreamArgs,
 }
 
-/// Round trips per layer the run charges and their seconds per token
-/// (`None` when the profile has no round-trip cost).
-fn sync_cost(a: &SimArgs, p: &Profile, m: &SimModel) -> Option<(f64, f64)> {
-    let c = &p.compute;
-    let (s, held) = (c.sync_us.as_ref()?, c.layer_syncs.as_ref()?);
-    let n = a.syncs_per_layer.unwrap_or(held.value);
-    Some((n, n * s.value * 1e-6 * m.layers.len() as f64))
-}
-
 fn model_of(a: &SimArgs) -> Result<SimModel> {
     let path = PathBuf::from(&a.model);
     let mut m = if path.exists() {
@@ -268,7 +259,7 @@ pub fn sim(a: SimArgs) -> Result<()> {
             flash_bound(&profile, bpt).map_or("none (no reads)".into(), |b| format!("{b:.2} tok/s")),
         );
     }
-    if let Some((n, s)) = sync_cost(&a, &profile, &m) {
+    if let Some((n, s)) = r.sync {
         let per = r.warm.as_ref().unwrap_or(&r.cold);
         let token = per.decode_s / per.tokens.max(1) as f64;
         println!(
@@ -323,8 +314,8 @@ fn report_json(
         "expert_record_bytes": m.record_bytes,
         "dense_bytes": m.dense_bytes,
         "flash_bound_tok_per_s": flash_bound(p, bpt),
-        "syncs_per_layer": sync_cost(a, p, m).map(|c| c.0),
-        "sync_s_per_token": sync_cost(a, p, m).map(|c| c.1),
+        "syncs_per_layer": r.sync.map(|c| c.0),
+        "sync_s_per_token": r.sync.map(|c| c.1),
         "budget": {"baseline": b.baseline, "margin": b.margin, "dense": b.dense, "kv": b.kv,
             "scratch": b.scratch, "device": b.device, "slot": b.slot, "slots": b.slots, "experts": b.experts_total},
         "warm": r.warm.as_ref().map(|w| w.json(prefetch)),

@@ -101,9 +101,9 @@ pub struct Costs {
     op_s: f64,
     /// Fixed cost of each layer, with the round trips the engine makes.
     pub layer_s: f64,
-    /// Of `layer_s`, the host-device round trips (0 without the
-    /// profile's `sync_us`).
-    pub sync_layer_s: f64,
+    /// Host-device round trips per layer the engine makes and the
+    /// seconds of one (`None` without the profile's `sync_us`).
+    pub sync: Option<(f64, f64)>,
 }
 
 impl Costs {
@@ -143,6 +143,7 @@ impl Costs {
             (Some(s), Some(h)) => (s.value * 1e-6, h.value),
             _ => (0.0, 0.0),
         };
+        let sync = c.sync_us.as_ref().map(|_| (syncs, sync_s));
         let layer_s = c.layer_overhead_us.value * 1e-6;
         let mem = p.memory.bandwidth_gbps.value * 1e9;
         Costs {
@@ -163,7 +164,7 @@ impl Costs {
             // The profile's figure holds `held` round trips: the rest of it
             // stays, and the engine's own are charged.
             layer_s: (layer_s - held * sync_s).max(0.0) + syncs * sync_s,
-            sync_layer_s: syncs * sync_s,
+            sync,
         }
     }
 

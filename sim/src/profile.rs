@@ -392,7 +392,6 @@ impl Profile {
             "compute.matvec_gbps" => &mut self.compute.matvec_gbps,
             "compute.tflops" => &mut self.compute.tflops,
             "compute.layer_overhead_us" => &mut self.compute.layer_overhead_us,
-            "compute.sync_us" => self.compute.sync_us.get_or_insert(Figure::new(0.0, "")),
             _ => return Err(Error::Invalid(format!("no settable figure {key:?}"))),
         };
         f.value = value;

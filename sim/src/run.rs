@@ -195,6 +195,9 @@ pub struct SimReport {
     pub warm: Option<PassReport>,
     /// What was simulated, and every approximation, in words.
     pub notes: Vec<String>,
+    /// GPUs: host-device round trips charged per layer, and their seconds
+    /// per token (`None` when the profile has no round-trip cost).
+    pub sync: Option<(f64, f64)>,
 }
 
 /// The simulator's drive: the device's flash queue on its clock. Reads
@@ -446,11 +449,13 @@ pub fn simulate(
     notes.push(
         "compute from the profile's matvec rates and arithmetic peak; the predictor's own time is not charged (measured < 1% of token time)".into(),
     );
+    let layers = m.layers.len() as f64;
     Ok(SimReport {
         budget,
         cold,
         warm,
         notes,
+        sync: sim.costs.sync.map(|(n, s)| (n, n * s * layers)),
     })
 }
 

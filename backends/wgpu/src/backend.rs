@@ -175,7 +175,6 @@ pub struct WgpuBackend {
     pool: Mutex<HashMap<(Use, u64), Vec<Pooled>>>,
     traffic: Mutex<DeviceTraffic>,
     gpu_ns: AtomicU64,
-    uploaded: AtomicU64,
     errors: Arc<Mutex<Option<String>>>,
 }
 
@@ -299,24 +298,16 @@ impl WgpuBackend {
                 entry(5, rw),
             ],
         });
-        let dummy = Buf {
+        let filler = |label| Buf {
             b: device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("dummy"),
+                label: Some(label),
                 size: 16,
                 usage: wgpu::BufferUsages::STORAGE,
                 mapped_at_creation: false,
             }),
             len: 16,
         };
-        let dummy_rw = Buf {
-            b: device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("dummy_rw"),
-                size: 16,
-                usage: wgpu::BufferUsages::STORAGE,
-                mapped_at_creation: false,
-            }),
-            len: 16,
-        };
+        let (dummy, dummy_rw) = (filler("dummy"), filler("dummy_rw"));
         let rows_per_lane =
             opts.rows_per_invocation
                 .unwrap_or(if info.device_type == wgpu::DeviceType::Cpu {
@@ -345,7 +336,6 @@ impl WgpuBackend {
             pool: Mutex::default(),
             traffic: Mutex::default(),
             gpu_ns: AtomicU64::new(0),
-            uploaded: AtomicU64::new(0),
             errors,
         })
     }
@@ -396,7 +386,7 @@ impl WgpuBackend {
 
     /// Bytes of weights copied to the device so far.
     pub fn uploaded_bytes(&self) -> u64 {
-        self.uploaded.load(Ordering::Relaxed)
+        self.traffic.lock().weight_bytes_up
     }
 
     /// Bytes of resident weights held on the device.
@@ -701,7 +691,6 @@ impl WgpuBackend {
             r0 += rows;
         }
         let bytes = (w.data.len() + w.scales.len() + w.biases.len()) as u64;
-        self.uploaded.fetch_add(bytes, Ordering::Relaxed);
         Ok(GpuWeight { chunks, bytes })
     }
 
