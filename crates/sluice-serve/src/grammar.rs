@@ -541,6 +541,9 @@ fn step(mut st: Vec<Frame>, b: u8, special: bool, out: &mut Vec<Vec<Frame>>) {
                 let digit = b.is_ascii_digit();
                 let next = match (*s, b) {
                     (NumSt::Start, b'-') => Some(NumSt::Minus),
+                    // "-0" reads as the float -0.0 in serde_json and
+                    // JavaScript: an integer is written without it.
+                    (NumSt::Minus, b'0') if *integer => None,
                     (NumSt::Start | NumSt::Minus, b'0') => Some(NumSt::Zero),
                     (NumSt::Start | NumSt::Minus, _) if digit => Some(NumSt::Int),
                     (NumSt::Int, _) if digit => Some(NumSt::Int),
@@ -952,6 +955,10 @@ mod tests {
         let n = from_schema(&json!({"type": "object", "properties": {"x": {"type": "number"}}}));
         assert!(accepts(&n, r#"{"x": -0.5e+3}"#) && accepts(&n, r#"{"x":12}"#));
         assert!(!accepts(&n, r#"{"x": 01}"#) && !accepts(&n, r#"{"x": 1.}"#));
+        assert!(accepts(&n, r#"{"x": -0}"#));
+        // An integer is never "-0" (a float to serde_json and JavaScript).
+        assert!(accepts(&g, r#"{"city": "a", "days": -10}"#));
+        assert!(!accepts(&g, r#"{"city": "a", "days": -0}"#));
         // Invalid UTF-8 is refused inside strings.
         assert!(Matcher::new(&g).feed(b"{\"city\": \"\xff", false).is_none());
         // A special token may only spell a literal.
