@@ -165,3 +165,73 @@ fn bench_reports_gpu_time() {
     );
     assert!(v.to_string().contains("GPU copies"), "{v}");
 }
+
+/// Every fixture model (folders and GGUF files).
+fn fixture_models() -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(fixtures().join("models"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir() || p.extension().is_some_and(|e| e == "gguf"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn the_device_path_submits_once_per_moe_layer_and_matches_the_per_call_path() {
+    use sluice_engine::model::{Ffn, MixerWeights};
+    let Some(g) = gpu() else { return };
+    let tokens = [1u32, 5, 9, 2, 7, 3, 4];
+    let mut resident = 0;
+    for path in fixture_models() {
+        let name = path.display().to_string();
+        let model = Arc::new(Model::open(&path).unwrap_or_else(|e| panic!("{name}: {e}")));
+        let c = &model.config;
+        let moe = model
+            .layers
+            .iter()
+            .filter(|l| matches!(l.ffn, Ffn::Moe(_)))
+            .count() as u64;
+        let mut dev = Session::new(model.clone(), g.clone());
+        let mut per_call = Session::new(model.clone(), g.clone());
+        per_call.set_device_forward(false);
+        assert!(!per_call.is_device_resident());
+        let softmax_only = model
+            .layers
+            .iter()
+            .all(|l| matches!(l.mixer, MixerWeights::Attention(_)));
+        assert_eq!(dev.is_device_resident(), softmax_only, "{name}");
+        if !softmax_only {
+            continue;
+        }
+        resident += 1;
+        // A first run uploads the weights it meets and fills the pools.
+        let mut warm = Session::new(model.clone(), g.clone());
+        warm.forward(&tokens[..3], false).unwrap();
+        for &t in &tokens[3..] {
+            warm.forward(&[t], false).unwrap();
+        }
+        drop(warm);
+        let mut a = dev.forward(&tokens[..3], true).unwrap();
+        let mut b = per_call.forward(&tokens[..3], true).unwrap();
+        for &t in &tokens[3..] {
+            let before = g.device_traffic().unwrap();
+            a.extend(dev.forward(&[t], true).unwrap());
+            let d = g.device_traffic().unwrap().since(&before);
+            // One submission and one wait per MoE layer (to read its
+            // router's logits) and one for the output; nothing read back
+            // but those; no buffer created in a warm backend.
+            assert_eq!(d.submissions, moe + 1, "{name}: {d:?}");
+            assert_eq!(d.waits, d.submissions, "{name}: {d:?}");
+            let down = (moe * c.n_experts as u64 + c.vocab as u64) * 4;
+            assert_eq!(d.bytes_down, down, "{name}: {d:?}");
+            assert_eq!(d.buffers_created, 0, "{name}: {d:?}");
+            b.extend(per_call.forward(&[t], true).unwrap());
+        }
+        let rows = |l: Vec<f32>| -> Vec<Vec<f32>> {
+            l.chunks_exact(c.vocab).map(<[f32]>::to_vec).collect()
+        };
+        assert_close(&name, &rows(a), &rows(b), 1e-4);
+    }
+    assert!(resident >= 15, "{resident} fixtures on the device path");
+}

@@ -39,6 +39,11 @@ pub struct ModelArgs {
     /// RAM (Apple GPUs, lavapipe) these copies are planned under --ram-cap.
     #[arg(long, default_value = "1G")]
     pub gpu_resident: String,
+    /// With --backend wgpu: one host-device round trip per operation
+    /// instead of the device-resident forward pass (one submission per
+    /// MoE layer), to compare the two.
+    #[arg(long)]
+    pub gpu_per_call: bool,
     /// How the CPU multiplies quantized weights: q16 (activations as 8-bit
     /// codes plus an 8-bit residual per 32 values, integer kernels; within
     /// 1e-3 × max|logit| of exact on the oracle fixtures but one, 2.6e-3 on
@@ -233,6 +238,7 @@ pub fn run_options(m: &ModelArgs) -> Result<RunOptions> {
         device: m.device.clone(),
         flash_gbps: m.flash_gbps,
         gpu_resident: parse_size(&m.gpu_resident).context("--gpu-resident")?,
+        gpu_per_call: m.gpu_per_call,
         activations: m.activations,
         experts_k: m.experts_k,
         ram_cap: s.ram_cap,

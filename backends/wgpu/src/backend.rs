@@ -2,6 +2,8 @@
 
 use crate::wgsl;
 
+mod exec;
+
 use parking_lot::Mutex;
 use sluice_core::ops::{Rope, RopeStyle};
 use sluice_core::{AttnParams, Backend, DType, DeviceTraffic, Error, Result, WeightView};
@@ -40,6 +42,11 @@ pub struct WgpuOptions {
     /// kernels read (one copy); `false` stages them through the queue as
     /// on a discrete GPU (tests use it to cover that path).
     pub mapped: bool,
+    /// Offer the device-resident executor
+    /// ([`Backend::device_exec`]): the forward pass keeps activations on
+    /// the device and submits once per layer. `false` keeps one round
+    /// trip per operation (the path to compare against).
+    pub device_forward: bool,
 }
 
 impl Default for WgpuOptions {
@@ -52,6 +59,7 @@ impl Default for WgpuOptions {
             max_binding: None,
             rows_per_invocation: None,
             mapped: true,
+            device_forward: true,
         }
     }
 }
@@ -65,6 +73,13 @@ enum Kernel {
     Rope,
     Route,
     Attention,
+    ClampedSwiglu,
+    Axpy,
+    Gather,
+    AddRows,
+    Clamp,
+    SigmoidMul,
+    ScaleRows,
 }
 
 /// A weight matrix on the device, split into row ranges that each fit one
@@ -148,6 +163,8 @@ struct State {
     pipelines: HashMap<Kernel, Arc<wgpu::ComputePipeline>>,
     resident: HashMap<u64, Arc<GpuWeight>>,
     resident_bytes: u64,
+    /// Session buffers of the device-resident executor.
+    dev: HashMap<u64, Buf>,
 }
 
 /// The wgpu backend.
@@ -175,6 +192,9 @@ pub struct WgpuBackend {
     pool: Mutex<HashMap<(Use, u64), Vec<Pooled>>>,
     traffic: Mutex<DeviceTraffic>,
     gpu_ns: AtomicU64,
+    /// Names of device-resident buffers (session and batch).
+    dev_ids: AtomicU64,
+    device_forward: bool,
     errors: Arc<Mutex<Option<String>>>,
 }
 
@@ -336,6 +356,8 @@ impl WgpuBackend {
             pool: Mutex::default(),
             traffic: Mutex::default(),
             gpu_ns: AtomicU64::new(0),
+            dev_ids: AtomicU64::new(1),
+            device_forward: opts.device_forward,
             errors,
         })
     }
@@ -421,6 +443,13 @@ impl WgpuBackend {
             Kernel::Rope => (wgsl::OPS.to_string(), "rope", &self.ops_layout),
             Kernel::Route => (wgsl::OPS.to_string(), "route", &self.ops_layout),
             Kernel::Attention => (wgsl::OPS.to_string(), "attention", &self.ops_layout),
+            Kernel::ClampedSwiglu => (wgsl::OPS.to_string(), "clamped_swiglu", &self.ops_layout),
+            Kernel::Axpy => (wgsl::OPS.to_string(), "axpy", &self.ops_layout),
+            Kernel::Gather => (wgsl::OPS.to_string(), "gather", &self.ops_layout),
+            Kernel::AddRows => (wgsl::OPS.to_string(), "add_rows", &self.ops_layout),
+            Kernel::Clamp => (wgsl::OPS.to_string(), "clamp_values", &self.ops_layout),
+            Kernel::SigmoidMul => (wgsl::OPS.to_string(), "sigmoid_mul", &self.ops_layout),
+            Kernel::ScaleRows => (wgsl::OPS.to_string(), "scale_rows", &self.ops_layout),
         };
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = self
@@ -802,18 +831,21 @@ impl WgpuBackend {
         &self,
         mut lease: Lease<'_>,
         mut enc: wgpu::CommandEncoder,
-        reads: &mut [(&Buf, &mut [u8])],
+        reads: &mut [(&Buf, u64, &mut [u8])],
     ) -> Result<()> {
-        let total: u64 = reads.iter().map(|(_, o)| o.len() as u64).sum();
+        let total: u64 = reads.iter().map(|(_, _, o)| o.len() as u64).sum();
         let rb = self.take(&mut lease, Use::Readback, total);
         let mut off = 0;
-        for (src, out) in reads.iter() {
+        for (src, from, out) in reads.iter() {
             let n = out.len() as u64;
-            if !n.is_multiple_of(4) || n > src.len {
-                return Err(gpu_err("read-back", format!("{n} bytes of {}", src.len)));
+            if !n.is_multiple_of(4) || !from.is_multiple_of(4) || from + n > src.len {
+                return Err(gpu_err(
+                    "read-back",
+                    format!("{n} bytes at {from} of {}", src.len),
+                ));
             }
             if n > 0 {
-                enc.copy_buffer_to_buffer(&src.b, 0, &rb.b, off, n);
+                enc.copy_buffer_to_buffer(&src.b, *from, &rb.b, off, n);
             }
             off += n;
         }
@@ -842,7 +874,7 @@ impl WgpuBackend {
                 .get_mapped_range()
                 .map_err(|e| gpu_err("reading back", e))?;
             let mut off = 0;
-            for (_, out) in reads.iter_mut() {
+            for (_, _, out) in reads.iter_mut() {
                 out.copy_from_slice(&m[off..off + out.len()]);
                 off += out.len();
             }
@@ -944,7 +976,7 @@ impl WgpuBackend {
             q,
             [rows as u32, 1, 1],
         )?;
-        self.finish(l, enc, &mut [(&xa, bytemuck::cast_slice_mut(x))])
+        self.finish(l, enc, &mut [(&xa, 0, bytemuck::cast_slice_mut(x))])
     }
 
     fn try_mlp(&self, w: [WeightView<'_>; 3], x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
@@ -979,7 +1011,7 @@ impl WgpuBackend {
             )?;
             self.encode_matmul(&mut l, &mut enc, &down, &dg, &gb, &yb, nt)?;
             let out = bytemuck::cast_slice_mut(&mut y[t0 * o..(t0 + nt) * o]);
-            self.finish(l, enc, &mut [(&yb, out)])?;
+            self.finish(l, enc, &mut [(&yb, 0, out)])?;
         }
         wl.done = true;
         Ok(())
@@ -1009,7 +1041,7 @@ impl WgpuBackend {
             let mut enc = self.encoder();
             self.encode_matmul(&mut l, &mut enc, &w, &g, &xb, &yb, nt)?;
             let out = bytemuck::cast_slice_mut(&mut y[t0 * w.rows..(t0 + nt) * w.rows]);
-            self.finish(l, enc, &mut [(&yb, out)])?;
+            self.finish(l, enc, &mut [(&yb, 0, out)])?;
         }
         wl.done = true;
         Ok(())
@@ -1061,7 +1093,7 @@ impl WgpuBackend {
             q,
             [1, n as u32, 1],
         )?;
-        self.finish(l, enc, &mut [(&xa, bytemuck::cast_slice_mut(x))])
+        self.finish(l, enc, &mut [(&xa, 0, bytemuck::cast_slice_mut(x))])
     }
 
     fn try_route(
@@ -1091,8 +1123,8 @@ impl WgpuBackend {
             l,
             enc,
             &mut [
-                (&xa, bytemuck::cast_slice_mut(logits)),
-                (&ib, bytemuck::cast_slice_mut(&mut idx)),
+                (&xa, 0, bytemuck::cast_slice_mut(logits)),
+                (&ib, 0, bytemuck::cast_slice_mut(&mut idx)),
             ],
         )?;
         for (c, &v) in chosen.iter_mut().zip(&idx) {
@@ -1160,7 +1192,7 @@ impl WgpuBackend {
             qp,
             [p.n_heads as u32, n as u32, 1],
         )?;
-        self.finish(l, enc, &mut [(&ob, bytemuck::cast_slice_mut(out))])
+        self.finish(l, enc, &mut [(&ob, 0, bytemuck::cast_slice_mut(out))])
     }
 }
 
@@ -1236,5 +1268,13 @@ impl Backend for WgpuBackend {
 
     fn device_traffic(&self) -> Option<DeviceTraffic> {
         Some(*self.traffic.lock())
+    }
+
+    fn device_exec(&self) -> Option<&dyn sluice_core::DeviceExec> {
+        if self.device_forward {
+            Some(self)
+        } else {
+            None
+        }
     }
 }

@@ -661,6 +661,84 @@ fn swiglu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     xa[i] = (g / (1.0 + exp(-g))) * xb[i];
 }
 
+// The element index of a flat dispatch.
+fn flat(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return gid.x + gid.y * nwg.x * WG;
+}
+
+// gpt-oss's clamped SwiGLU over q.n values: with g = min(xa, q.f1),
+// xa = (clamp(xb, -q.f1, q.f1) + 1) * g / (1 + exp(-q.f0 * g)).
+@compute @workgroup_size(WG)
+fn clamped_swiglu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= q.n) { return; }
+    let g = min(xa[i], q.f1);
+    let u = clamp(xb[i], -q.f1, q.f1);
+    xa[i] = (u + 1.0) * g / (1.0 + exp(-q.f0 * g));
+}
+
+// xa[row(j)] += c(j) * xb[j] over q.n values in rows of q.d: row(j) is
+// idx[j] when q.a & 1 (rows distinct), else j; c(j) is xc[j] when q.a & 2,
+// through a sigmoid when q.a & 4, else 1.
+@compute @workgroup_size(WG)
+fn axpy(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= q.n) { return; }
+    let j = i / q.d;
+    var r = j;
+    if ((q.a & 1u) != 0u) { r = idx[j]; }
+    var c = 1.0;
+    if ((q.a & 2u) != 0u) {
+        c = xc[j];
+        if ((q.a & 4u) != 0u) { c = 1.0 / (1.0 + exp(-c)); }
+    }
+    let o = r * q.d + i % q.d;
+    xa[o] = xa[o] + c * xb[i];
+}
+
+// xa[j] = xb[idx[j]] * (xc[j] when q.a & 2, else 1) over q.n values in
+// rows of q.d.
+@compute @workgroup_size(WG)
+fn gather(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= q.n) { return; }
+    let j = i / q.d;
+    let v = xb[idx[j] * q.d + i % q.d];
+    if ((q.a & 2u) != 0u) { xa[i] = v * xc[j]; } else { xa[i] = v; }
+}
+
+// xa[i] += xb[i % q.d] over q.n values (a bias on every row).
+@compute @workgroup_size(WG)
+fn add_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= q.n) { return; }
+    xa[i] = xa[i] + xb[i % q.d];
+}
+
+// xa = clamp(xa, -q.f0, q.f0) over q.n values.
+@compute @workgroup_size(WG)
+fn clamp_values(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= q.n) { return; }
+    xa[i] = clamp(xa[i], -q.f0, q.f0);
+}
+
+// xa *= sigmoid(xb) over q.n values.
+@compute @workgroup_size(WG)
+fn sigmoid_mul(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= q.n) { return; }
+    xa[i] = xa[i] * (1.0 / (1.0 + exp(-xb[i])));
+}
+
+// xa[i] *= xb[i / q.d] over q.n values (a scale per row).
+@compute @workgroup_size(WG)
+fn scale_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= q.n) { return; }
+    xa[i] = xa[i] * xb[i / q.d];
+}
+
 // Rotary embedding of token wid.y's heads in xa (q.a heads per row of q.d,
 // head_dim q.b, rot_dim q.c, style q.e: 0 neox, 1 interleaved); xb and xc
 // hold the token's cos and sin tables (q.c / 2 each), made on the host.

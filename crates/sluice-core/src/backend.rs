@@ -341,4 +341,11 @@ pub trait Backend: Send + Sync {
     fn device_traffic(&self) -> Option<DeviceTraffic> {
         None
     }
+
+    /// The device-resident executor, for accelerators that offer one: the
+    /// forward pass then keeps activations on the device and submits once
+    /// per layer (`None`: every call goes through this trait).
+    fn device_exec(&self) -> Option<&dyn crate::DeviceExec> {
+        None
+    }
 }

@@ -18,6 +18,8 @@ use sluice_core::{AttnParams, Backend, Error, Result, WeightView};
 use sluice_stream::Streamer;
 use std::sync::Arc;
 
+mod device;
+
 /// One routing decision, reported to a [`RouteObserver`].
 #[derive(Clone, Debug)]
 pub struct Route<'a> {
@@ -47,6 +49,20 @@ pub struct Session {
     /// Where the routed experts come from.
     experts: Box<dyn ExpertSource>,
     replay: Option<Arc<Replay>>,
+    /// Whether to take the backend's device-resident path when it has one.
+    device_forward: bool,
+    /// What the session keeps on the device, once on that path.
+    dev: Option<device::DevState>,
+    /// Positions the caller reserved room for (0: unknown).
+    ctx_hint: usize,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let (Some(d), Some(x)) = (&self.dev, self.backend.device_exec()) {
+            d.release(x);
+        }
+    }
 }
 
 impl Session {
@@ -70,7 +86,23 @@ impl Session {
             experts: Box::new(Resident::new(model.clone())),
             model,
             replay: None,
+            device_forward: true,
+            dev: None,
+            ctx_hint: 0,
         }
+    }
+
+    /// Whether the session may run on the backend's device-resident path
+    /// ([`Backend::device_exec`]; on by default). Takes effect for a
+    /// session that has not run a token yet.
+    pub fn set_device_forward(&mut self, on: bool) {
+        self.device_forward = on;
+    }
+
+    /// Whether the session runs on the device-resident path (or will, at
+    /// its first token).
+    pub fn is_device_resident(&self) -> bool {
+        self.on_device()
     }
 
     /// Makes MoE layers use `replay`'s recorded choices instead of the
@@ -99,6 +131,7 @@ impl Session {
         ctx: usize,
     ) -> Self {
         let mut s = Session::new(model, backend);
+        s.ctx_hint = ctx;
         let (kd, vd) = s.model.config.kv_widths();
         for (li, (k, v)) in s.kv.iter_mut().enumerate() {
             if s.model.config.mixers[li] == crate::config::Mixer::Attention {
@@ -186,12 +219,16 @@ impl Session {
     /// The whole sequence state, KV cache included: a conversation put
     /// aside, to be taken up again by [`restore`](Self::restore) whatever
     /// this session runs in between.
-    pub fn park(&self) -> Snapshot {
-        Snapshot {
+    pub fn park(&self) -> Result<Snapshot> {
+        let kv = match (&self.dev, self.backend.device_exec()) {
+            (Some(d), Some(x)) => d.read_kv(x, &self.model, self.pos)?,
+            _ => self.kv.clone(),
+        };
+        Ok(Snapshot {
             pos: self.pos,
             lin: self.lin.clone(),
-            kv: Some(self.kv.clone()),
-        }
+            kv: Some(kv),
+        })
     }
 
     /// Goes back to `s`, taken from this session at or before the current
@@ -203,6 +240,14 @@ impl Session {
         if let Some(kv) = &s.kv {
             if kv.len() != self.kv.len() || s.lin.len() != self.lin.len() {
                 return Err(Error::Invalid("a parked state of another model".into()));
+            }
+            if let Some(d) = &mut self.dev {
+                let x = self.backend.device_exec().ok_or_else(|| {
+                    Error::Unsupported("the backend has no device executor".into())
+                })?;
+                d.write_kv(x, &self.model, kv, s.pos)?;
+                self.pos = s.pos;
+                return Ok(());
             }
             self.kv.clone_from(kv);
             self.lin.clone_from(&s.lin);
@@ -232,6 +277,10 @@ impl Session {
 
     /// Bytes held by the KV cache and the linear layers' states.
     pub fn kv_bytes(&self) -> usize {
+        if self.dev.is_some() {
+            let (kd, vd) = self.model.config.kv_widths();
+            return self.kv.len() * self.pos * (kd + vd) * 4;
+        }
         let kv: usize = self.kv.iter().map(|(k, v)| (k.len() + v.len()) * 4).sum();
         let lin: usize = self
             .lin
@@ -256,6 +305,9 @@ impl Session {
                 id: bad,
                 vocab: c.vocab,
             });
+        }
+        if self.on_device() {
+            return self.forward_device(tokens, all_logits);
         }
         self.experts.begin(tokens);
         let h = c.hidden;
@@ -671,17 +723,41 @@ impl Session {
 
     fn moe(&mut self, li: usize, m: &Moe, x: &[f32], n: usize) -> Result<Vec<f32>> {
         let c = &self.model.config;
-        let (h, ne, k) = (c.hidden, c.n_experts, c.top_k);
+        let (ne, k) = (c.n_experts, c.top_k);
         let mut logits = vec![0f32; n * ne];
         self.backend.matmul(m.router.view(), x, n, &mut logits)?;
         if let Some(b) = &m.router_bias {
             add_rows(&mut logits, b);
         }
-        // Per expert: (token, weight) pairs.
-        let mut assigned: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ne];
-        let mut idx: Vec<usize> = Vec::with_capacity(ne);
         let mut chosen_all: Vec<usize> = vec![0; n * k];
-        let routing = c.routing;
+        self.choose(m, &mut logits, n, &mut chosen_all, true)?;
+        let assigned = self.assign(li, &logits, &mut chosen_all, n);
+        self.moe_experts(li, m, x, n, &chosen_all, &assigned)
+    }
+
+    /// The router's choices for the `n` rows of `logits` (router bias
+    /// added): probabilities, or sigmoid scores, replace the logits and
+    /// `chosen_all` receives each row's `top_k` experts. With
+    /// `on_backend` the backend's route kernel picks softmax's choices
+    /// (the per-call path), else the host does.
+    fn choose(
+        &self,
+        m: &Moe,
+        logits: &mut [f32],
+        n: usize,
+        chosen_all: &mut [usize],
+        on_backend: bool,
+    ) -> Result<()> {
+        let c = &self.model.config;
+        let (ne, k, routing) = (c.n_experts, c.top_k, c.routing);
+        let route = |l: &mut [f32], ch: &mut [usize]| {
+            if on_backend {
+                self.backend.route(l, n, k, ch)
+            } else {
+                ops::route(l, n, k, ch);
+                Ok(())
+            }
+        };
         if routing.sigmoid {
             // The scores replace the logits, as softmax's probabilities do.
             let mut scores = vec![0f32; ne];
@@ -701,16 +777,33 @@ impl Session {
         } else if routing.gate_input {
             // Llama 4: the best logits, each through a sigmoid (the order
             // is softmax's).
-            let raw = logits.clone();
-            self.backend.route(&mut logits, n, k, &mut chosen_all)?;
+            let raw = logits.to_vec();
+            route(logits, chosen_all)?;
             for (p, r) in logits.iter_mut().zip(&raw) {
                 *p = ops::sigmoid(*r);
             }
         } else {
-            self.backend.route(&mut logits, n, k, &mut chosen_all)?;
+            route(logits, chosen_all)?;
         }
+        Ok(())
+    }
+
+    /// Per expert, the `(token, weight)` pairs of the batch routed by
+    /// `probs` and `chosen_all` (which a routing replay rewrites); every
+    /// decision goes to the observer.
+    fn assign(
+        &mut self,
+        li: usize,
+        probs: &[f32],
+        chosen_all: &mut [usize],
+        n: usize,
+    ) -> Vec<Vec<(usize, f32)>> {
+        let c = &self.model.config;
+        let (ne, k, routing) = (c.n_experts, c.top_k, c.routing);
+        let mut assigned: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ne];
+        let mut idx: Vec<usize> = Vec::with_capacity(ne);
         for t in 0..n {
-            let probs = &logits[t * ne..(t + 1) * ne];
+            let probs = &probs[t * ne..(t + 1) * ne];
             idx.clear();
             idx.extend_from_slice(&chosen_all[t * k..(t + 1) * k]);
             if let Some(r) = &self.replay {
@@ -744,6 +837,22 @@ impl Session {
                 assigned[e].push((t, wt));
             }
         }
+        assigned
+    }
+}
+
+impl Session {
+    fn moe_experts(
+        &mut self,
+        li: usize,
+        m: &Moe,
+        x: &[f32],
+        n: usize,
+        chosen_all: &[usize],
+        assigned: &[Vec<(usize, f32)>],
+    ) -> Result<Vec<f32>> {
+        let c = &self.model.config;
+        let (h, k, routing) = (c.hidden, c.top_k, c.routing);
         let per_token: Vec<&[usize]> = chosen_all.chunks_exact(k).collect();
         self.experts.routed(li, &per_token, x);
         // Fetch → compute → combine, in ascending expert order whatever

@@ -52,6 +52,9 @@ pub struct RunOptions {
     /// With [`BackendKind::Gpu`]: bytes of resident weights kept on the
     /// device (planned under the cap where the GPU shares host memory).
     pub gpu_resident: u64,
+    /// With [`BackendKind::Gpu`]: one round trip per operation instead of
+    /// the device-resident forward pass.
+    pub gpu_per_call: bool,
     /// How the CPU multiplies quantized weights.
     pub activations: Activations,
     /// Routed experts per token instead of the model's own (announced).
@@ -106,6 +109,7 @@ impl Default for RunOptions {
             device: "iphone-17-pro".into(),
             flash_gbps: None,
             gpu_resident: 1 << 30,
+            gpu_per_call: false,
             activations: Activations::Q16,
             experts_k: None,
             ram_cap: None,
@@ -502,6 +506,7 @@ fn open_gpu(
     use sluice_backend_wgpu::{WgpuBackend, WgpuOptions};
     let g = WgpuBackend::new(&WgpuOptions {
         resident_budget: o.gpu_resident,
+        device_forward: !o.gpu_per_call,
         ..WgpuOptions::default()
     })?;
     notes.push(format!("GPU backend: {}", g.describe()));

@@ -214,6 +214,10 @@ impl Generator {
         if self.seen.is_empty() {
             return;
         }
+        // A state that cannot be read back is recomputed when it returns.
+        let Ok(state) = self.session.park() else {
+            return;
+        };
         let seen = &self.seen;
         self.parked.retain(|p| !seen.starts_with(&p.seen));
         if self.parked.len() == self.max_parked {
@@ -221,7 +225,7 @@ impl Generator {
         }
         self.parked.push(Parked {
             seen: self.seen.clone(),
-            state: self.session.park(),
+            state,
             snaps: self.snaps.clone(),
         });
     }

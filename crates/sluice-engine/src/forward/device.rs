@@ -1,0 +1,755 @@
+//! The device-resident forward pass, for backends with a
+//! [`DeviceExec`] (the GPU backend).
+//!
+//! The residual stream, the MoE block's input and the KV cache live in
+//! buffers the session allocates once; everything else a layer computes
+//! lives in the batch that records it. A token's work goes to the device
+//! in one submission per MoE layer: the experts of layer `l - 1`, the
+//! attention of layer `l` and its router are recorded together, and the
+//! host waits once, to read the router's logits and choose the experts
+//! (the reads it must issue); the last submission adds the final norm and
+//! the output projection and reads back the logits. Dense layers add no
+//! submission. Routing, replay and the observer run on the host exactly
+//! as on the per-call path ([`Session::choose`], [`Session::assign`]);
+//! experts come from the same [`ExpertSource`](crate::ExpertSource), and a
+//! streamed expert's slot is released as soon as its bytes are recorded
+//! (the batch copied them).
+
+use super::{rope_of, Session};
+use crate::config::ClampedSwiglu;
+use crate::model::{Attention, Ffn, MixerWeights, Model, Moe};
+use sluice_core::{DevBuf, DevOp, DeviceBatch, DeviceExec, Error, Result, WeightView};
+
+/// Tokens per device pass: a longer batch runs in passes of this many.
+const CHUNK: usize = 64;
+
+/// Positions the KV cache holds at first when the session was not told
+/// its context; it doubles when full.
+const FIRST_CAP: usize = 256;
+
+/// Whether every layer of `model` runs on the device path (softmax
+/// attention mixers; DeltaNet and latent attention stay on the per-call
+/// path for now).
+pub(super) fn supported(model: &Model) -> bool {
+    let c = &model.config;
+    c.n_kv_heads > 0
+        && c.n_heads.is_multiple_of(c.n_kv_heads)
+        && c.rot_dim <= c.head_dim
+        && c.mla.is_none()
+        && model
+            .layers
+            .iter()
+            .all(|l| matches!(l.mixer, MixerWeights::Attention(_)))
+}
+
+/// A layer's small resident vectors, on the device.
+#[derive(Clone)]
+struct LayerBufs {
+    attn_norm: DevBuf,
+    ffn_norm: DevBuf,
+    q_norm: Option<DevBuf>,
+    k_norm: Option<DevBuf>,
+    /// Biases of q, k, v and o.
+    bias: [Option<DevBuf>; 4],
+    sinks: Option<DevBuf>,
+    router_bias: Option<DevBuf>,
+    /// Every expert's biases of gate, up and down, expert-major.
+    expert_bias: Option<[DevBuf; 3]>,
+}
+
+/// What a session keeps on the device.
+pub(super) struct DevState {
+    /// Positions the KV cache holds.
+    cap: usize,
+    /// Per layer: key and value caches, `cap × kv_dim`.
+    kv: Vec<(DevBuf, DevBuf)>,
+    layers: Vec<LayerBufs>,
+    norm: DevBuf,
+    /// The residual stream, `CHUNK × hidden`.
+    x: DevBuf,
+    /// The MoE block's normalized input, `CHUNK × hidden`.
+    hn: DevBuf,
+    /// A decode token's attention scores, `heads × cap`.
+    scores: DevBuf,
+    /// `head_dim` ones (Llama 4's weightless q/k norm).
+    ones: DevBuf,
+    /// One `f32::MIN` per head: no sink takes a share.
+    no_sinks: DevBuf,
+}
+
+fn put(x: &dyn DeviceExec, v: &[f32]) -> Result<DevBuf> {
+    let b = x.alloc(v.len())?;
+    x.write(b, 0, v)?;
+    Ok(b)
+}
+
+fn put_opt(x: &dyn DeviceExec, v: Option<&Vec<f32>>) -> Result<Option<DevBuf>> {
+    v.map(|v| put(x, v)).transpose()
+}
+
+impl DevState {
+    fn new(x: &dyn DeviceExec, model: &Model, cap: usize) -> Result<DevState> {
+        let c = &model.config;
+        let (kd, vd) = c.kv_widths();
+        let cap = cap.max(1);
+        let mut kv = Vec::with_capacity(model.layers.len());
+        let mut layers = Vec::with_capacity(model.layers.len());
+        for l in &model.layers {
+            let MixerWeights::Attention(a) = &l.mixer else {
+                return Err(Error::Unsupported(
+                    "the device path runs softmax attention layers only".into(),
+                ));
+            };
+            kv.push((x.alloc(cap * kd)?, x.alloc(cap * vd)?));
+            let (router_bias, expert_bias) = match &l.ffn {
+                Ffn::Moe(m) => (
+                    put_opt(x, m.router_bias.as_ref())?,
+                    match &m.biases {
+                        Some(b) => Some([put(x, &b.gate)?, put(x, &b.up)?, put(x, &b.down)?]),
+                        None => None,
+                    },
+                ),
+                Ffn::Dense(_) => (None, None),
+            };
+            layers.push(LayerBufs {
+                attn_norm: put(x, &l.attn_norm)?,
+                ffn_norm: put(x, &l.ffn_norm)?,
+                q_norm: put_opt(x, a.q_norm.as_ref())?,
+                k_norm: put_opt(x, a.k_norm.as_ref())?,
+                bias: [
+                    put_opt(x, a.q.bias.as_ref())?,
+                    put_opt(x, a.k.bias.as_ref())?,
+                    put_opt(x, a.v.bias.as_ref())?,
+                    put_opt(x, a.o.bias.as_ref())?,
+                ],
+                sinks: put_opt(x, a.sinks.as_ref())?,
+                router_bias,
+                expert_bias,
+            });
+        }
+        Ok(DevState {
+            cap,
+            kv,
+            layers,
+            norm: put(x, &model.norm)?,
+            x: x.alloc(CHUNK * c.hidden)?,
+            hn: x.alloc(CHUNK * c.hidden)?,
+            scores: x.alloc(c.n_heads * cap)?,
+            ones: put(x, &vec![1f32; c.head_dim])?,
+            no_sinks: put(x, &vec![f32::MIN; c.n_heads])?,
+        })
+    }
+
+    /// Every buffer, for release.
+    fn buffers(&self) -> Vec<DevBuf> {
+        let mut v = vec![
+            self.norm,
+            self.x,
+            self.hn,
+            self.scores,
+            self.ones,
+            self.no_sinks,
+        ];
+        for (k, vv) in &self.kv {
+            v.extend([*k, *vv]);
+        }
+        for l in &self.layers {
+            v.extend([l.attn_norm, l.ffn_norm]);
+            v.extend(
+                l.q_norm
+                    .iter()
+                    .chain(&l.k_norm)
+                    .chain(l.bias.iter().flatten()),
+            );
+            v.extend(l.sinks.iter().chain(&l.router_bias));
+            v.extend(l.expert_bias.iter().flatten());
+        }
+        v
+    }
+
+    pub(super) fn release(&self, x: &dyn DeviceExec) {
+        for b in self.buffers() {
+            x.release(b);
+        }
+    }
+
+    /// The first `pos` positions of every layer's cache, read back (a
+    /// conversation being parked).
+    pub(super) fn read_kv(
+        &self,
+        x: &dyn DeviceExec,
+        model: &Model,
+        pos: usize,
+    ) -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
+        let (kd, vd) = model.config.kv_widths();
+        let mut out = Vec::with_capacity(self.kv.len());
+        for (k, v) in &self.kv {
+            let (mut hk, mut hv) = (vec![0f32; pos * kd], vec![0f32; pos * vd]);
+            x.read(*k, 0, &mut hk)?;
+            x.read(*v, 0, &mut hv)?;
+            out.push((hk, hv));
+        }
+        Ok(out)
+    }
+
+    /// Writes a parked cache of `pos` positions back.
+    pub(super) fn write_kv(
+        &mut self,
+        x: &dyn DeviceExec,
+        model: &Model,
+        kv: &[(Vec<f32>, Vec<f32>)],
+        pos: usize,
+    ) -> Result<()> {
+        let (kd, vd) = model.config.kv_widths();
+        self.reserve(x, model, pos, 0)?;
+        for ((k, v), (hk, hv)) in self.kv.iter().zip(kv) {
+            if hk.len() != pos * kd || hv.len() != pos * vd {
+                return Err(Error::Invalid("a parked state of another model".into()));
+            }
+            x.write(*k, 0, hk)?;
+            x.write(*v, 0, hv)?;
+        }
+        Ok(())
+    }
+
+    /// Grows the KV cache to hold `need` positions, keeping the first
+    /// `keep` (one submission; only when a sequence outgrows it).
+    fn reserve(
+        &mut self,
+        x: &dyn DeviceExec,
+        model: &Model,
+        need: usize,
+        keep: usize,
+    ) -> Result<()> {
+        if need <= self.cap {
+            return Ok(());
+        }
+        let c = &model.config;
+        let (kd, vd) = c.kv_widths();
+        let cap = need.max(2 * self.cap).next_power_of_two();
+        let mut kv = Vec::with_capacity(self.kv.len());
+        for _ in &self.kv {
+            kv.push((x.alloc(cap * kd)?, x.alloc(cap * vd)?));
+        }
+        let scores = x.alloc(c.n_heads * cap)?;
+        let mut b = x.batch();
+        for ((ok, ov), (nk, nv)) in self.kv.iter().zip(&kv) {
+            b.copy(*ok, 0, *nk, 0, keep * kd)?;
+            b.copy(*ov, 0, *nv, 0, keep * vd)?;
+        }
+        b.submit(&mut [])?;
+        for (k, v) in std::mem::replace(&mut self.kv, kv) {
+            x.release(k);
+            x.release(v);
+        }
+        x.release(std::mem::replace(&mut self.scores, scores));
+        self.cap = cap;
+        Ok(())
+    }
+}
+
+impl Session {
+    /// Whether this call runs on the device path: a backend that offers
+    /// it, a model whose layers it covers, and a session that started on
+    /// it (a session is on one path for its whole life).
+    pub(super) fn on_device(&self) -> bool {
+        self.dev.is_some()
+            || (self.device_forward
+                && self.pos == 0
+                && self.backend.device_exec().is_some()
+                && supported(&self.model))
+    }
+
+    /// [`Session::forward`] on the device path.
+    pub(super) fn forward_device(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
+        let be = self.backend.clone();
+        let exec = be
+            .device_exec()
+            .ok_or_else(|| Error::Unsupported("the backend has no device executor".into()))?;
+        let model = self.model.clone();
+        if self.dev.is_none() {
+            let cap = if self.ctx_hint > 0 {
+                self.ctx_hint
+            } else {
+                FIRST_CAP
+            };
+            self.dev = Some(DevState::new(exec, &model, cap)?);
+            // The cache lives on the device; give back the host's.
+            for (k, v) in &mut self.kv {
+                *k = Vec::new();
+                *v = Vec::new();
+            }
+        }
+        let (pos, n) = (self.pos, tokens.len());
+        self.dev
+            .as_mut()
+            .expect("made above")
+            .reserve(exec, &model, pos + n, pos)?;
+        let mut out = Vec::new();
+        let passes = n.div_ceil(CHUNK);
+        for (i, chunk) in tokens.chunks(CHUNK).enumerate() {
+            let last = i + 1 == passes;
+            if !all_logits && !last {
+                self.pass(exec, chunk, None)?;
+            } else {
+                out.extend(self.pass(exec, chunk, Some(all_logits))?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One pass of at most [`CHUNK`] tokens; returns the logits of every
+    /// row (`Some(true)`), of the last (`Some(false)`) or none.
+    fn pass(
+        &mut self,
+        exec: &dyn DeviceExec,
+        tokens: &[u32],
+        logits_of: Option<bool>,
+    ) -> Result<Vec<f32>> {
+        let model = self.model.clone();
+        let c = &model.config;
+        let (n, h) = (tokens.len(), c.hidden);
+        self.experts.begin(tokens);
+        let mut emb = vec![0f32; n * h];
+        for (t, row) in tokens.iter().zip(emb.chunks_exact_mut(h)) {
+            model.embed.row_f32(*t as usize, row)?;
+        }
+        let (x, hn) = {
+            let d = self.dev.as_ref().expect("device state");
+            (d.x, d.hn)
+        };
+        exec.write(x, 0, &emb)?;
+        let mut b = exec.batch();
+        for (li, layer) in model.layers.iter().enumerate() {
+            let lb = self.dev.as_ref().expect("device state").layers[li].clone();
+            let MixerWeights::Attention(a) = &layer.mixer else {
+                return Err(Error::Unsupported(
+                    "the device path runs softmax attention layers only".into(),
+                ));
+            };
+            let hs = b.scratch(n * h)?;
+            b.copy(x, 0, hs, 0, n * h)?;
+            b.op(DevOp::RmsNorm {
+                x: hs,
+                w: lb.attn_norm,
+                rows: n,
+                eps: c.rms_eps,
+            })?;
+            let o = self.dev_attention(&mut *b, li, a, &lb, hs, n)?;
+            add(&mut *b, x, o, n, h)?;
+            b.copy(x, 0, hn, 0, n * h)?;
+            b.op(DevOp::RmsNorm {
+                x: hn,
+                w: lb.ffn_norm,
+                rows: n,
+                eps: c.rms_eps,
+            })?;
+            match &layer.ffn {
+                Ffn::Dense(m) => {
+                    let w = [m.gate.view(), m.up.view(), m.down.view()];
+                    let y = dev_mlp(&mut *b, w, None, None, hn, n)?;
+                    add(&mut *b, x, y, n, h)?;
+                }
+                Ffn::Moe(m) => {
+                    let ne = c.n_experts;
+                    let lg = b.scratch(n * ne)?;
+                    b.matmul(&m.router.view(), hn, n, lg)?;
+                    if let Some(rb) = lb.router_bias {
+                        b.op(DevOp::AddRows {
+                            x: lg,
+                            b: rb,
+                            rows: n,
+                        })?;
+                    }
+                    let mut logits = vec![0f32; n * ne];
+                    b.submit(&mut [(lg, 0, &mut logits)])?;
+                    self.tick()?;
+                    b = exec.batch();
+                    let mut chosen = vec![0usize; n * c.top_k];
+                    self.choose(m, &mut logits, n, &mut chosen, false)?;
+                    let assigned = self.assign(li, &logits, &mut chosen, n);
+                    self.dev_experts(&mut *b, li, m, &lb, x, hn, n, &chosen, &assigned)?;
+                }
+            }
+        }
+        self.pos += n;
+        let Some(all) = logits_of else {
+            return b.submit(&mut []).map(|_| Vec::new());
+        };
+        let m = if all { n } else { 1 };
+        let d = self.dev.as_ref().expect("device state");
+        let xn = b.scratch(m * h)?;
+        b.copy(x, (n - m) * h, xn, 0, m * h)?;
+        b.op(DevOp::RmsNorm {
+            x: xn,
+            w: d.norm,
+            rows: m,
+            eps: c.rms_eps,
+        })?;
+        let lg = b.scratch(m * c.vocab)?;
+        b.matmul(&model.lm_head.view(), xn, m, lg)?;
+        let mut logits = vec![0f32; m * c.vocab];
+        b.submit(&mut [(lg, 0, &mut logits)])?;
+        Ok(logits)
+    }
+
+    /// Records softmax attention of the normalized rows `hn`; returns the
+    /// layer's contribution to the residual stream.
+    fn dev_attention(
+        &mut self,
+        b: &mut dyn DeviceBatch,
+        li: usize,
+        a: &Attention,
+        lb: &LayerBufs,
+        hn: DevBuf,
+        n: usize,
+    ) -> Result<DevBuf> {
+        let c = &self.model.config;
+        let d = self.dev.as_ref().expect("device state");
+        let (heads, kvh, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
+        let qd = heads * hd;
+        let (kd, vd) = c.kv_widths();
+        let pos = self.pos;
+        let linear = |b: &mut dyn DeviceBatch, l: &crate::model::Linear, bias, y| {
+            b.matmul(&l.w.view(), hn, n, y)?;
+            match bias {
+                Some(bb) => b.op(DevOp::AddRows {
+                    x: y,
+                    b: bb,
+                    rows: n,
+                }),
+                None => Ok(()),
+            }
+        };
+        // The queries, then one sink logit per head.
+        let q = b.scratch(n * qd + heads)?;
+        let gate = if c.attn_gate {
+            // Qwen3.5: each head's rows are `[q | gate]`; split them.
+            let raw = b.scratch(n * 2 * qd)?;
+            linear(b, &a.q, lb.bias[0], raw)?;
+            let g = b.scratch(n * qd)?;
+            for t in 0..n {
+                for hh in 0..heads {
+                    let src = t * 2 * qd + hh * 2 * hd;
+                    b.copy(raw, src, q, t * qd + hh * hd, hd)?;
+                    b.copy(raw, src + hd, g, t * qd + hh * hd, hd)?;
+                }
+            }
+            Some(g)
+        } else {
+            linear(b, &a.q, lb.bias[0], q)?;
+            None
+        };
+        let k = b.scratch(n * kd)?;
+        let v = b.scratch(n * vd)?;
+        linear(b, &a.k, lb.bias[1], k)?;
+        linear(b, &a.v, lb.bias[2], v)?;
+        for (x, w, width) in [(q, lb.q_norm, qd), (k, lb.k_norm, kd)] {
+            if let Some(w) = w {
+                b.op(DevOp::RmsNorm {
+                    x,
+                    w,
+                    rows: n * width / w.len.max(1),
+                    eps: c.rms_eps,
+                })?;
+            }
+        }
+        if let Some(clip) = c.clip_qkv {
+            for (x, len) in [(q, n * qd), (k, n * kd), (v, n * vd)] {
+                b.op(DevOp::Clamp {
+                    x,
+                    len,
+                    limit: clip,
+                })?;
+            }
+        }
+        // Llama 4: no-rope layers, q/k norm and chunks on the rope layers,
+        // temperature-tuned queries on the others.
+        let l4 = c.llama4.as_ref();
+        let roped = l4.is_none_or(|l| l.rope_layers[li]);
+        if roped {
+            let rope = rope_of(c);
+            let half = rope.rot_dim / 2;
+            let (mut cos, mut sin) = (Vec::with_capacity(n * half), Vec::with_capacity(n * half));
+            let (mut c1, mut s1) = (Vec::new(), Vec::new());
+            for t in 0..n {
+                rope.tables(pos + t, &mut c1, &mut s1);
+                cos.extend_from_slice(&c1);
+                sin.extend_from_slice(&s1);
+            }
+            let (cb, sb) = (b.upload(&cos)?, b.upload(&sin)?);
+            let interleaved = rope.style == sluice_core::ops::RopeStyle::Interleaved;
+            for (x, hs) in [(q, heads), (k, kvh)] {
+                b.op(DevOp::Rope {
+                    x,
+                    cos: cb,
+                    sin: sb,
+                    n,
+                    heads: hs,
+                    head_dim: hd,
+                    rot_dim: rope.rot_dim,
+                    interleaved,
+                })?;
+            }
+        }
+        let mut chunk = None;
+        if let Some(l) = l4 {
+            if roped {
+                chunk = l.chunk;
+                if l.qk_norm {
+                    for (x, rows) in [(q, n * heads), (k, n * kvh)] {
+                        b.op(DevOp::RmsNorm {
+                            x,
+                            w: d.ones,
+                            rows,
+                            eps: c.rms_eps,
+                        })?;
+                    }
+                }
+            } else if let Some((floor, scale)) = l.temperature {
+                let s: Vec<f32> = (0..n)
+                    .map(|t| {
+                        let p = (pos + t) as f32;
+                        ((p + 1.0) / floor).floor().ln_1p() * scale + 1.0
+                    })
+                    .collect();
+                let s = b.upload(&s)?;
+                b.op(DevOp::ScaleRows {
+                    x: q,
+                    s,
+                    rows: n,
+                    d: qd,
+                })?;
+            }
+        }
+        b.copy(lb.sinks.unwrap_or(d.no_sinks), 0, q, n * qd, heads)?;
+        let (kc, vc) = d.kv[li];
+        b.copy(k, 0, kc, pos * kd, n * kd)?;
+        b.copy(v, 0, vc, pos * vd, n * vd)?;
+        let att = b.scratch(n * qd)?;
+        let scores = if n == 1 {
+            d.scores
+        } else {
+            b.scratch(n * heads * (pos + n))?
+        };
+        b.op(DevOp::Attention {
+            q,
+            k: kc,
+            v: vc,
+            out: att,
+            scores,
+            n,
+            pos0: pos,
+            heads,
+            kv_heads: kvh,
+            head_dim: hd,
+            scale: c.attn_scale.unwrap_or_else(|| 1.0 / (hd as f32).sqrt()),
+            window: c.windows[li].unwrap_or(0),
+            chunk: chunk.unwrap_or(0),
+        })?;
+        if let Some(g) = gate {
+            b.op(DevOp::SigmoidMul {
+                x: att,
+                g,
+                len: n * qd,
+            })?;
+        }
+        let o = b.scratch(n * c.hidden)?;
+        b.matmul(&a.o.w.view(), att, n, o)?;
+        if let Some(bb) = lb.bias[3] {
+            b.op(DevOp::AddRows {
+                x: o,
+                b: bb,
+                rows: n,
+            })?;
+        }
+        Ok(o)
+    }
+
+    /// Records the routed experts (fetched from the expert source in
+    /// ascending order, as on the per-call path) and the shared expert,
+    /// and adds their sum to the residual stream `x`.
+    #[allow(clippy::too_many_arguments)]
+    fn dev_experts(
+        &mut self,
+        b: &mut dyn DeviceBatch,
+        li: usize,
+        m: &Moe,
+        lb: &LayerBufs,
+        x: DevBuf,
+        hn: DevBuf,
+        n: usize,
+        chosen_all: &[usize],
+        assigned: &[Vec<(usize, f32)>],
+    ) -> Result<()> {
+        let c = &self.model.config;
+        let (h, k, routing, act) = (c.hidden, c.top_k, c.routing, c.swiglu);
+        let per_token: Vec<&[usize]> = chosen_all.chunks_exact(k).collect();
+        // The block's input stays on the device: predictors that read it
+        // get none.
+        self.experts.routed(li, &per_token, &[]);
+        let wanted: Vec<(usize, f32)> = assigned
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| !t.is_empty())
+            .map(|(e, t)| (e, t.iter().fold(0f32, |a, &(_, w)| a.max(w))))
+            .collect();
+        let step = (self.pos + n - 1) as u64;
+        let out = b.scratch(n * h)?;
+        b.zero(out, n * h)?;
+        let mut wave = Vec::new();
+        let mut i = 0;
+        while i < wanted.len() {
+            i += self.experts.fetch(li, &wanted, i, step, &mut wave)?;
+            for w in 0..wave.len() {
+                let (e, handle) = wave[w];
+                let toks = &assigned[e];
+                let nt = toks.len();
+                let rows: Vec<u32> = toks.iter().map(|&(t, _)| t as u32).collect();
+                let wts: Vec<f32> = toks.iter().map(|&(_, wt)| wt).collect();
+                let ran = (|| -> Result<DevBuf> {
+                    // Llama 4 weights the expert's input, the others its
+                    // output.
+                    let xe = if n == 1 && !routing.gate_input {
+                        hn
+                    } else {
+                        let xe = b.scratch(nt * h)?;
+                        let idx = b.upload_u32(&rows)?;
+                        let scale = match routing.gate_input {
+                            true => Some(b.upload(&wts)?),
+                            false => None,
+                        };
+                        b.op(DevOp::Gather {
+                            x: hn,
+                            idx,
+                            scale,
+                            out: xe,
+                            rows: nt,
+                            d: h,
+                        })?;
+                        xe
+                    };
+                    let w3 = self.experts.expert(li, e, handle);
+                    let bias = lb.expert_bias.map(|bs| {
+                        let i = w3[0].rows;
+                        [(bs[0], e * i), (bs[1], e * i), (bs[2], e * h)]
+                    });
+                    let y = dev_mlp(b, w3, bias, act, xe, nt)?;
+                    let idx = match n {
+                        1 => None,
+                        _ => Some(b.upload_u32(&rows)?),
+                    };
+                    let coef = match routing.gate_input {
+                        true => None,
+                        false => Some(b.upload(&wts)?),
+                    };
+                    b.op(DevOp::Axpy {
+                        y: out,
+                        x: y,
+                        rows: nt,
+                        d: h,
+                        idx,
+                        coef,
+                        sigmoid: false,
+                    })?;
+                    Ok(y)
+                })();
+                if let Err(err) = ran {
+                    return self.experts.abort(&wave[w..], err);
+                }
+                self.experts.done(handle, &wave[w + 1..])?;
+            }
+        }
+        if let Some(s) = &m.shared {
+            let y = dev_mlp(
+                b,
+                [s.gate.view(), s.up.view(), s.down.view()],
+                None,
+                None,
+                hn,
+                n,
+            )?;
+            let coef = match &m.shared_gate {
+                Some(g) => {
+                    let gl = b.scratch(n)?;
+                    b.matmul(&g.view(), hn, n, gl)?;
+                    Some(gl)
+                }
+                None => None,
+            };
+            b.op(DevOp::Axpy {
+                y: out,
+                x: y,
+                rows: n,
+                d: h,
+                idx: None,
+                coef,
+                sigmoid: true,
+            })?;
+        }
+        add(b, x, out, n, h)
+    }
+}
+
+/// `y += x` over `n` rows of `h`.
+fn add(b: &mut dyn DeviceBatch, y: DevBuf, x: DevBuf, n: usize, h: usize) -> Result<()> {
+    b.op(DevOp::Axpy {
+        y,
+        x,
+        rows: n,
+        d: h,
+        idx: None,
+        coef: None,
+        sigmoid: false,
+    })
+}
+
+/// Records a (biased, possibly clamped) SwiGLU MLP of the `n` rows of
+/// `x`: `down(act(gate x + bg, up x + bu)) + bd`, each bias given as
+/// (buffer, offset of its row).
+fn dev_mlp(
+    b: &mut dyn DeviceBatch,
+    w: [WeightView<'_>; 3],
+    bias: Option<[(DevBuf, usize); 3]>,
+    act: Option<ClampedSwiglu>,
+    x: DevBuf,
+    n: usize,
+) -> Result<DevBuf> {
+    let (inter, out) = (w[0].rows, w[2].rows);
+    let (g, u) = (b.scratch(n * inter)?, b.scratch(n * inter)?);
+    b.matmul(&w[0], x, n, g)?;
+    b.matmul(&w[1], x, n, u)?;
+    let biased = |b: &mut dyn DeviceBatch, y: DevBuf, (src, off): (DevBuf, usize), len| {
+        let row = b.scratch(len)?;
+        b.copy(src, off, row, 0, len)?;
+        b.op(DevOp::AddRows {
+            x: y,
+            b: row,
+            rows: n,
+        })
+    };
+    if let Some([bg, bu, _]) = bias {
+        biased(b, g, bg, inter)?;
+        biased(b, u, bu, inter)?;
+    }
+    b.op(match act {
+        Some(a) => DevOp::ClampedSwiglu {
+            g,
+            u,
+            len: n * inter,
+            alpha: a.alpha,
+            limit: a.limit,
+        },
+        None => DevOp::Swiglu {
+            g,
+            u,
+            len: n * inter,
+        },
+    })?;
+    let y = b.scratch(n * out)?;
+    b.matmul(&w[2], g, n, y)?;
+    if let Some([_, _, bd]) = bias {
+        biased(b, y, bd, out)?;
+    }
+    Ok(y)
+}
