@@ -80,6 +80,8 @@ enum Kernel {
     Clamp,
     SigmoidMul,
     ScaleRows,
+    ConvStep,
+    DeltaRule,
 }
 
 /// A weight matrix on the device, split into row ranges that each fit one
@@ -450,6 +452,8 @@ impl WgpuBackend {
             Kernel::Clamp => (wgsl::OPS.to_string(), "clamp_values", &self.ops_layout),
             Kernel::SigmoidMul => (wgsl::OPS.to_string(), "sigmoid_mul", &self.ops_layout),
             Kernel::ScaleRows => (wgsl::OPS.to_string(), "scale_rows", &self.ops_layout),
+            Kernel::ConvStep => (wgsl::OPS.to_string(), "conv_step", &self.ops_layout),
+            Kernel::DeltaRule => (wgsl::OPS.to_string(), "delta_rule", &self.ops_layout),
         };
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = self

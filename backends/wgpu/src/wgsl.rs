@@ -739,6 +739,74 @@ fn scale_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
     xa[i] = xa[i] * xb[i / q.d];
 }
 
+// Gated DeltaNet's causal depthwise conv, then SiLU, for q.n tokens of
+// q.d channels (one invocation per channel, tokens in order): xa holds
+// each channel's previous q.a - 1 inputs (updated), xb the inputs, xc the
+// q.a weights per channel, xo the output.
+@compute @workgroup_size(WG)
+fn conv_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let ch = flat(gid, nwg);
+    if (ch >= q.d) { return; }
+    let kw = q.a;
+    let hb = ch * (kw - 1u);
+    for (var t = 0u; t < q.n; t++) {
+        let xv = xb[t * q.d + ch];
+        var acc = 0.0;
+        for (var j = 0u; j + 1u < kw; j++) { acc += xc[ch * kw + j] * xa[hb + j]; }
+        acc += xc[ch * kw + kw - 1u] * xv;
+        for (var j = 0u; j + 2u < kw; j++) { xa[hb + j] = xa[hb + j + 1u]; }
+        xa[hb + kw - 2u] = xv;
+        xo[t * q.d + ch] = acc / (1.0 + exp(-acc));
+    }
+}
+
+// Gated DeltaNet's recurrence, one workgroup per value head wid.x, tokens
+// in order, each lane owning columns of the head's k_dim x v_dim state in
+// xa. xb: the conv's output per token, [q (q.a heads of q.b) | k (same) |
+// v (q.d heads of q.c)]; xc: [beta inputs (q.n x q.d) | decay inputs
+// (same) | a_neg (q.d) | dt_bias (q.d)]; xo: q.n x (q.d x q.c) outputs.
+// q.e: value head j reads key head j % q.a (else j / (q.d / q.a));
+// q.f0: the query scale.
+@compute @workgroup_size(WG)
+fn delta_rule(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let hv = wid.x;
+    let nv = q.d; let nk = q.a; let dk = q.b; let dv = q.c;
+    var hk = hv / (nv / nk);
+    if (q.e != 0u) { hk = hv % nk; }
+    let cd = 2u * nk * dk + nv * dv;
+    let so = hv * dk * dv;
+    for (var t = 0u; t < q.n; t++) {
+        let qo = t * cd + hk * dk;
+        let ko = t * cd + nk * dk + hk * dk;
+        let vo = t * cd + 2u * nk * dk + hv * dv;
+        var sq = 0.0; var sk = 0.0;
+        for (var i = li; i < dk; i += WG) { sq += xb[qo + i] * xb[qo + i]; sk += xb[ko + i] * xb[ko + i]; }
+        let rq = 1.0 / sqrt(wsum(li, sq) + 1e-6);
+        let rk = 1.0 / sqrt(wsum(li, sk) + 1e-6);
+        let beta = 1.0 / (1.0 + exp(-xc[t * nv + hv]));
+        let av = xc[q.n * nv + t * nv + hv] + xc[2u * q.n * nv + nv + hv];
+        var sp = av;
+        if (av <= 20.0) { sp = log(1.0 + exp(av)); }
+        let decay = exp(xc[2u * q.n * nv + hv] * sp);
+        for (var j = li; j < dv; j += WG) {
+            var kv = 0.0;
+            for (var i = 0u; i < dk; i++) {
+                let s = xa[so + i * dv + j] * decay;
+                xa[so + i * dv + j] = s;
+                kv += s * (xb[ko + i] * rk);
+            }
+            let delta = (xb[vo + j] - kv) * beta;
+            var o = 0.0;
+            for (var i = 0u; i < dk; i++) {
+                let s = xa[so + i * dv + j] + (xb[ko + i] * rk) * delta;
+                xa[so + i * dv + j] = s;
+                o += s * ((xb[qo + i] * rq) * q.f0);
+            }
+            xo[t * nv * dv + hv * dv + j] = o;
+        }
+    }
+}
+
 // Rotary embedding of token wid.y's heads in xa (q.a heads per row of q.d,
 // head_dim q.b, rot_dim q.c, style q.e: 0 neox, 1 interleaved); xb and xc
 // hold the token's cos and sin tables (q.c / 2 each), made on the host.

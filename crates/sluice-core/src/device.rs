@@ -176,6 +176,55 @@ pub enum DevOp {
         /// Values.
         len: usize,
     },
+    /// Gated DeltaNet's causal depthwise conv and SiLU over `n` tokens of
+    /// `channels`, in order: `out[t][c] = silu(Σ_j w[c][j]·in[t-kernel+1+j][c])`,
+    /// the previous inputs coming from `hist` (`kernel - 1` per channel,
+    /// oldest first), which is updated.
+    ConvStep {
+        /// History, in place.
+        hist: DevBuf,
+        /// `n × channels` inputs.
+        x: DevBuf,
+        /// `channels × kernel` weights.
+        w: DevBuf,
+        /// `n × channels` outputs.
+        out: DevBuf,
+        /// Tokens.
+        n: usize,
+        /// Channels.
+        channels: usize,
+        /// Width of the convolution (at least 2).
+        kernel: usize,
+    },
+    /// Gated DeltaNet's recurrence over `n` tokens, per value head: with
+    /// q and k l2-normalized (q scaled by `scale`), `β = σ(b)` and
+    /// `decay = exp(a_neg · softplus(a + dt_bias))`: `S ← decay·S`,
+    /// `S += k ⊗ (v - Sᵀk)·β`, `out = Sᵀq`.
+    DeltaRule {
+        /// `v_heads × k_dim × v_dim` state, in place.
+        state: DevBuf,
+        /// `n × (2·k_heads·k_dim + v_heads·v_dim)`: q, k, v per token.
+        qkv: DevBuf,
+        /// `[b (n × v_heads) | a (n × v_heads) | a_neg (v_heads) | dt_bias (v_heads)]`.
+        params: DevBuf,
+        /// `n × v_heads·v_dim` outputs.
+        out: DevBuf,
+        /// Tokens.
+        n: usize,
+        /// Query/key heads.
+        k_heads: usize,
+        /// Value heads (a multiple of `k_heads`).
+        v_heads: usize,
+        /// Dimension of a query/key head.
+        k_dim: usize,
+        /// Dimension of a value head.
+        v_dim: usize,
+        /// Value head `j` reads key head `j % k_heads` (else
+        /// `j / (v_heads / k_heads)`).
+        tiled: bool,
+        /// Query scale.
+        scale: f32,
+    },
     /// `x[r] *= s[r]` for `rows` rows of `d`.
     ScaleRows {
         /// Rows, in place.

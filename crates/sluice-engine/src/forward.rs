@@ -161,6 +161,10 @@ impl Session {
     /// Forgets the sequence.
     pub fn reset(&mut self) {
         self.pos = 0;
+        if let Some(d) = &mut self.dev {
+            // Zeroed on the device at the next token.
+            d.lin_stale = true;
+        }
         for (k, v) in &mut self.kv {
             k.clear();
             v.clear();
@@ -208,27 +212,28 @@ impl Session {
     /// ([`restore`](Self::restore)): the linear layers' states (copied;
     /// [`Snapshot::bytes`] of them) and the position. The KV cache is not
     /// copied: attention keeps one entry per position, cut back on restore.
-    pub fn snapshot(&self) -> Snapshot {
-        Snapshot {
-            pos: self.pos,
-            lin: self.lin.clone(),
-            kv: None,
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        let mut lin = self.lin.clone();
+        if let (Some(d), Some(x)) = (&self.dev, self.backend.device_exec()) {
+            d.read_lin(x, &mut lin)?;
         }
+        Ok(Snapshot {
+            pos: self.pos,
+            lin,
+            kv: None,
+        })
     }
 
     /// The whole sequence state, KV cache included: a conversation put
     /// aside, to be taken up again by [`restore`](Self::restore) whatever
     /// this session runs in between.
     pub fn park(&self) -> Result<Snapshot> {
-        let kv = match (&self.dev, self.backend.device_exec()) {
+        let mut s = self.snapshot()?;
+        s.kv = Some(match (&self.dev, self.backend.device_exec()) {
             (Some(d), Some(x)) => d.read_kv(x, &self.model, self.pos)?,
             _ => self.kv.clone(),
-        };
-        Ok(Snapshot {
-            pos: self.pos,
-            lin: self.lin.clone(),
-            kv: Some(kv),
-        })
+        });
+        Ok(s)
     }
 
     /// Goes back to `s`, taken from this session at or before the current
@@ -246,6 +251,8 @@ impl Session {
                     Error::Unsupported("the backend has no device executor".into())
                 })?;
                 d.write_kv(x, &self.model, kv, s.pos)?;
+                d.write_lin(x, &s.lin)?;
+                d.lin_stale = false;
                 self.pos = s.pos;
                 return Ok(());
             }
@@ -259,6 +266,10 @@ impl Session {
                 "a snapshot at position {} does not precede this session's position {}",
                 s.pos, self.pos
             )));
+        }
+        if let (Some(d), Some(x)) = (&mut self.dev, self.backend.device_exec()) {
+            d.write_lin(x, &s.lin)?;
+            d.lin_stale = false;
         }
         let (kd, vd) = self.model.config.kv_widths();
         for (k, v) in &mut self.kv {

@@ -263,10 +263,14 @@ impl Generator {
         {
             return;
         }
+        // A state that cannot be read back is recomputed when needed.
+        let Ok(snap) = self.session.snapshot() else {
+            return;
+        };
         if self.snaps.len() == SNAPSHOTS {
             self.snaps.remove(0);
         }
-        self.snaps.push(self.session.snapshot());
+        self.snaps.push(snap);
     }
 
     /// Brings the session to `prompt` minus its last token, reusing what

@@ -422,6 +422,84 @@ impl DeviceBatch for Batch<'_> {
                 need(g, len, "the gates")?;
                 self.simple(Kernel::SigmoidMul, x, Some(g), len, 0, 0.0)
             }
+            DevOp::ConvStep {
+                hist,
+                x,
+                w,
+                out,
+                n,
+                channels,
+                kernel,
+            } => {
+                if kernel < 2 {
+                    return Err(Error::Invalid(format!("a conv of width {kernel}")));
+                }
+                need(hist, channels * (kernel - 1), "the conv history")?;
+                need(x, n * channels, "the conv's input")?;
+                need(w, channels * kernel, "the conv's weights")?;
+                need(out, n * channels, "the conv's output")?;
+                let bufs = [
+                    self.buf(hist)?,
+                    self.buf(x)?,
+                    self.buf(w)?,
+                    self.buf(out)?,
+                    self.be.dummy_rw.clone(),
+                ];
+                let q = [n as u32, channels as u32, kernel as u32, 0, 0, 0, 0, 0];
+                self.flat(Kernel::ConvStep, bufs, q, channels)
+            }
+            DevOp::DeltaRule {
+                state,
+                qkv,
+                params,
+                out,
+                n,
+                k_heads,
+                v_heads,
+                k_dim,
+                v_dim,
+                tiled,
+                scale,
+            } => {
+                if k_heads == 0 || !v_heads.is_multiple_of(k_heads) {
+                    return Err(Error::Invalid(format!(
+                        "{v_heads} value heads over {k_heads} key heads"
+                    )));
+                }
+                need(state, v_heads * k_dim * v_dim, "the recurrent state")?;
+                need(
+                    qkv,
+                    n * (2 * k_heads * k_dim + v_heads * v_dim),
+                    "q, k and v",
+                )?;
+                need(
+                    params,
+                    2 * n * v_heads + 2 * v_heads,
+                    "β, the decay and biases",
+                )?;
+                need(out, n * v_heads * v_dim, "the recurrence's output")?;
+                if n == 0 || v_heads == 0 {
+                    return Ok(());
+                }
+                let bufs = [
+                    self.buf(state)?,
+                    self.buf(qkv)?,
+                    self.buf(params)?,
+                    self.buf(out)?,
+                    self.be.dummy_rw.clone(),
+                ];
+                let q = [
+                    n as u32,
+                    v_heads as u32,
+                    k_heads as u32,
+                    k_dim as u32,
+                    v_dim as u32,
+                    tiled as u32,
+                    f(scale),
+                    0,
+                ];
+                self.pass(Kernel::DeltaRule, bufs, q, [v_heads as u32, 1, 1])
+            }
             DevOp::ScaleRows { x, s, rows, d } => {
                 need(x, rows * d, "scaled rows")?;
                 need(s, rows, "the rows' scales")?;

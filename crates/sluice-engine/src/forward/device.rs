@@ -17,7 +17,7 @@
 
 use super::{rope_of, Session};
 use crate::config::ClampedSwiglu;
-use crate::model::{Attention, Ffn, MixerWeights, Model, Moe};
+use crate::model::{Attention, DeltaNet, Ffn, MixerWeights, Model, Moe, PairProj};
 use sluice_core::{DevBuf, DevOp, DeviceBatch, DeviceExec, Error, Result, WeightView};
 
 /// Tokens per device pass: a longer batch runs in passes of this many.
@@ -28,18 +28,30 @@ const CHUNK: usize = 64;
 const FIRST_CAP: usize = 256;
 
 /// Whether every layer of `model` runs on the device path (softmax
-/// attention mixers; DeltaNet and latent attention stay on the per-call
-/// path for now).
+/// attention and Gated DeltaNet mixers; latent attention stays on the
+/// per-call path for now).
 pub(super) fn supported(model: &Model) -> bool {
     let c = &model.config;
     c.n_kv_heads > 0
         && c.n_heads.is_multiple_of(c.n_kv_heads)
         && c.rot_dim <= c.head_dim
         && c.mla.is_none()
-        && model
-            .layers
-            .iter()
-            .all(|l| matches!(l.mixer, MixerWeights::Attention(_)))
+        && model.layers.iter().all(|l| match &l.mixer {
+            MixerWeights::Attention(_) => true,
+            MixerWeights::DeltaNet(_) => c.linear.is_some_and(|l| {
+                l.conv_kernel >= 2 && l.k_heads > 0 && l.v_heads.is_multiple_of(l.k_heads)
+            }),
+            MixerWeights::Latent(_) => false,
+        })
+}
+
+/// A Gated DeltaNet layer's resident vectors, on the device.
+#[derive(Clone, Copy)]
+struct DeltaBufs {
+    conv: DevBuf,
+    a_neg: DevBuf,
+    dt_bias: DevBuf,
+    norm: DevBuf,
 }
 
 /// A layer's small resident vectors, on the device.
@@ -55,14 +67,19 @@ struct LayerBufs {
     router_bias: Option<DevBuf>,
     /// Every expert's biases of gate, up and down, expert-major.
     expert_bias: Option<[DevBuf; 3]>,
+    delta: Option<DeltaBufs>,
 }
 
 /// What a session keeps on the device.
 pub(super) struct DevState {
     /// Positions the KV cache holds.
     cap: usize,
-    /// Per layer: key and value caches, `cap × kv_dim`.
-    kv: Vec<(DevBuf, DevBuf)>,
+    /// Per attention layer: key and value caches, `cap × kv_dim`.
+    kv: Vec<Option<(DevBuf, DevBuf)>>,
+    /// Per DeltaNet layer: conv history and recurrent state.
+    lin: Vec<Option<(DevBuf, DevBuf)>>,
+    /// The sequence was reset: `lin` is zeroed before the next token.
+    pub(super) lin_stale: bool,
     layers: Vec<LayerBufs>,
     norm: DevBuf,
     /// The residual stream, `CHUNK × hidden`.
@@ -93,14 +110,36 @@ impl DevState {
         let (kd, vd) = c.kv_widths();
         let cap = cap.max(1);
         let mut kv = Vec::with_capacity(model.layers.len());
+        let mut lin = Vec::with_capacity(model.layers.len());
         let mut layers = Vec::with_capacity(model.layers.len());
         for l in &model.layers {
-            let MixerWeights::Attention(a) = &l.mixer else {
-                return Err(Error::Unsupported(
-                    "the device path runs softmax attention layers only".into(),
-                ));
+            let (a, delta) = match &l.mixer {
+                MixerWeights::Attention(a) => {
+                    kv.push(Some((x.alloc(cap * kd)?, x.alloc(cap * vd)?)));
+                    lin.push(None);
+                    (Some(a), None)
+                }
+                MixerWeights::DeltaNet(d) => {
+                    let la = c.linear.expect("linear layers have dimensions");
+                    kv.push(None);
+                    lin.push(Some((
+                        x.alloc(la.conv_dim() * (la.conv_kernel - 1))?,
+                        x.alloc(la.v_heads * la.k_dim * la.v_dim)?,
+                    )));
+                    let bufs = DeltaBufs {
+                        conv: put(x, &d.conv)?,
+                        a_neg: put(x, &d.a_neg)?,
+                        dt_bias: put(x, &d.dt_bias)?,
+                        norm: put(x, &d.norm)?,
+                    };
+                    (None, Some(bufs))
+                }
+                MixerWeights::Latent(_) => {
+                    return Err(Error::Unsupported(
+                        "the device path does not run latent attention".into(),
+                    ))
+                }
             };
-            kv.push((x.alloc(cap * kd)?, x.alloc(cap * vd)?));
             let (router_bias, expert_bias) = match &l.ffn {
                 Ffn::Moe(m) => (
                     put_opt(x, m.router_bias.as_ref())?,
@@ -114,22 +153,25 @@ impl DevState {
             layers.push(LayerBufs {
                 attn_norm: put(x, &l.attn_norm)?,
                 ffn_norm: put(x, &l.ffn_norm)?,
-                q_norm: put_opt(x, a.q_norm.as_ref())?,
-                k_norm: put_opt(x, a.k_norm.as_ref())?,
+                q_norm: put_opt(x, a.and_then(|a| a.q_norm.as_ref()))?,
+                k_norm: put_opt(x, a.and_then(|a| a.k_norm.as_ref()))?,
                 bias: [
-                    put_opt(x, a.q.bias.as_ref())?,
-                    put_opt(x, a.k.bias.as_ref())?,
-                    put_opt(x, a.v.bias.as_ref())?,
-                    put_opt(x, a.o.bias.as_ref())?,
+                    put_opt(x, a.and_then(|a| a.q.bias.as_ref()))?,
+                    put_opt(x, a.and_then(|a| a.k.bias.as_ref()))?,
+                    put_opt(x, a.and_then(|a| a.v.bias.as_ref()))?,
+                    put_opt(x, a.and_then(|a| a.o.bias.as_ref()))?,
                 ],
-                sinks: put_opt(x, a.sinks.as_ref())?,
+                sinks: put_opt(x, a.and_then(|a| a.sinks.as_ref()))?,
                 router_bias,
                 expert_bias,
+                delta,
             });
         }
         Ok(DevState {
             cap,
             kv,
+            lin,
+            lin_stale: false,
             layers,
             norm: put(x, &model.norm)?,
             x: x.alloc(CHUNK * c.hidden)?,
@@ -150,7 +192,7 @@ impl DevState {
             self.ones,
             self.no_sinks,
         ];
-        for (k, vv) in &self.kv {
+        for (k, vv) in self.kv.iter().chain(&self.lin).flatten() {
             v.extend([*k, *vv]);
         }
         for l in &self.layers {
@@ -163,6 +205,9 @@ impl DevState {
             );
             v.extend(l.sinks.iter().chain(&l.router_bias));
             v.extend(l.expert_bias.iter().flatten());
+            if let Some(d) = l.delta {
+                v.extend([d.conv, d.a_neg, d.dt_bias, d.norm]);
+            }
         }
         v
     }
@@ -183,7 +228,11 @@ impl DevState {
     ) -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
         let (kd, vd) = model.config.kv_widths();
         let mut out = Vec::with_capacity(self.kv.len());
-        for (k, v) in &self.kv {
+        for kv in &self.kv {
+            let Some((k, v)) = kv else {
+                out.push((Vec::new(), Vec::new()));
+                continue;
+            };
             let (mut hk, mut hv) = (vec![0f32; pos * kd], vec![0f32; pos * vd]);
             x.read(*k, 0, &mut hk)?;
             x.read(*v, 0, &mut hv)?;
@@ -202,12 +251,55 @@ impl DevState {
     ) -> Result<()> {
         let (kd, vd) = model.config.kv_widths();
         self.reserve(x, model, pos, 0)?;
-        for ((k, v), (hk, hv)) in self.kv.iter().zip(kv) {
+        if kv.len() != self.kv.len() {
+            return Err(Error::Invalid("a parked state of another model".into()));
+        }
+        for (dkv, (hk, hv)) in self.kv.iter().zip(kv) {
+            let Some((k, v)) = dkv else {
+                continue;
+            };
             if hk.len() != pos * kd || hv.len() != pos * vd {
                 return Err(Error::Invalid("a parked state of another model".into()));
             }
             x.write(*k, 0, hk)?;
             x.write(*v, 0, hv)?;
+        }
+        Ok(())
+    }
+
+    /// The linear layers' states, read back into `lin` (a snapshot).
+    pub(super) fn read_lin(&self, x: &dyn DeviceExec, lin: &mut [super::LinState]) -> Result<()> {
+        for (d, h) in self.lin.iter().zip(lin) {
+            if let Some((conv, state)) = d {
+                x.read(*conv, 0, &mut h.conv)?;
+                x.read(*state, 0, &mut h.state)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the linear layers' states (a restored snapshot).
+    pub(super) fn write_lin(&self, x: &dyn DeviceExec, lin: &[super::LinState]) -> Result<()> {
+        for (d, h) in self.lin.iter().zip(lin) {
+            if let Some((conv, state)) = d {
+                if h.conv.len() != conv.len || h.state.len() != state.len {
+                    return Err(Error::Invalid("a snapshot of another model".into()));
+                }
+                x.write(*conv, 0, &h.conv)?;
+                x.write(*state, 0, &h.state)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records the zeroing of the linear layers' states if the sequence
+    /// was reset.
+    fn clear_lin(&mut self, b: &mut dyn DeviceBatch) -> Result<()> {
+        if std::mem::take(&mut self.lin_stale) {
+            for (conv, state) in self.lin.iter().flatten() {
+                b.zero(*conv, conv.len)?;
+                b.zero(*state, state.len)?;
+            }
         }
         Ok(())
     }
@@ -228,17 +320,22 @@ impl DevState {
         let (kd, vd) = c.kv_widths();
         let cap = need.max(2 * self.cap).next_power_of_two();
         let mut kv = Vec::with_capacity(self.kv.len());
-        for _ in &self.kv {
-            kv.push((x.alloc(cap * kd)?, x.alloc(cap * vd)?));
+        for old in &self.kv {
+            kv.push(match old {
+                Some(_) => Some((x.alloc(cap * kd)?, x.alloc(cap * vd)?)),
+                None => None,
+            });
         }
         let scores = x.alloc(c.n_heads * cap)?;
         let mut b = x.batch();
-        for ((ok, ov), (nk, nv)) in self.kv.iter().zip(&kv) {
-            b.copy(*ok, 0, *nk, 0, keep * kd)?;
-            b.copy(*ov, 0, *nv, 0, keep * vd)?;
+        for (old, new) in self.kv.iter().zip(&kv) {
+            if let (Some((ok, ov)), Some((nk, nv))) = (old, new) {
+                b.copy(*ok, 0, *nk, 0, keep * kd)?;
+                b.copy(*ov, 0, *nv, 0, keep * vd)?;
+            }
         }
         b.submit(&mut [])?;
-        for (k, v) in std::mem::replace(&mut self.kv, kv) {
+        for (k, v) in std::mem::replace(&mut self.kv, kv).into_iter().flatten() {
             x.release(k);
             x.release(v);
         }
@@ -320,13 +417,12 @@ impl Session {
         };
         exec.write(x, 0, &emb)?;
         let mut b = exec.batch();
+        self.dev
+            .as_mut()
+            .expect("device state")
+            .clear_lin(&mut *b)?;
         for (li, layer) in model.layers.iter().enumerate() {
             let lb = self.dev.as_ref().expect("device state").layers[li].clone();
-            let MixerWeights::Attention(a) = &layer.mixer else {
-                return Err(Error::Unsupported(
-                    "the device path runs softmax attention layers only".into(),
-                ));
-            };
             let hs = b.scratch(n * h)?;
             b.copy(x, 0, hs, 0, n * h)?;
             b.op(DevOp::RmsNorm {
@@ -335,7 +431,15 @@ impl Session {
                 rows: n,
                 eps: c.rms_eps,
             })?;
-            let o = self.dev_attention(&mut *b, li, a, &lb, hs, n)?;
+            let o = match &layer.mixer {
+                MixerWeights::Attention(a) => self.dev_attention(&mut *b, li, a, &lb, hs, n)?,
+                MixerWeights::DeltaNet(d) => self.dev_delta_net(&mut *b, li, d, &lb, hs, n)?,
+                MixerWeights::Latent(_) => {
+                    return Err(Error::Unsupported(
+                        "the device path does not run latent attention".into(),
+                    ))
+                }
+            };
             add(&mut *b, x, o, n, h)?;
             b.copy(x, 0, hn, 0, n * h)?;
             b.op(DevOp::RmsNorm {
@@ -523,7 +627,7 @@ impl Session {
             }
         }
         b.copy(lb.sinks.unwrap_or(d.no_sinks), 0, q, n * qd, heads)?;
-        let (kc, vc) = d.kv[li];
+        let (kc, vc) = d.kv[li].expect("an attention layer's cache");
         b.copy(k, 0, kc, pos * kd, n * kd)?;
         b.copy(v, 0, vc, pos * vd, n * vd)?;
         let att = b.scratch(n * qd)?;
@@ -564,6 +668,104 @@ impl Session {
             })?;
         }
         Ok(o)
+    }
+
+    /// Records a Gated DeltaNet step over the normalized rows `hn`;
+    /// returns the layer's contribution to the residual stream.
+    fn dev_delta_net(
+        &mut self,
+        b: &mut dyn DeviceBatch,
+        li: usize,
+        d: &DeltaNet,
+        lb: &LayerBufs,
+        hn: DevBuf,
+        n: usize,
+    ) -> Result<DevBuf> {
+        let c = &self.model.config;
+        let l = c.linear.expect("linear layers have dimensions");
+        let (nk, nv, dk, dv, kw) = (l.k_heads, l.v_heads, l.k_dim, l.v_dim, l.conv_kernel);
+        let (cd, vd) = (l.conv_dim(), nv * dv);
+        let db = lb.delta.expect("a DeltaNet layer's vectors");
+        let (conv, state) =
+            self.dev.as_ref().expect("device state").lin[li].expect("a DeltaNet layer's state");
+        let mm = |b: &mut dyn DeviceBatch, w: &crate::model::Weight, rows: usize| {
+            let y = b.scratch(n * rows)?;
+            b.matmul(&w.view(), hn, n, y)?;
+            Ok::<_, Error>(y)
+        };
+        // Per key head, a grouped matrix's rows are `segs` (as on the
+        // per-call path's `ungroup`).
+        let r = nv / nk;
+        let (qkv, z) = match &d.qkvz {
+            PairProj::Split(qkv, z) => (mm(b, qkv, cd)?, mm(b, z, vd)?),
+            PairProj::Grouped(w) => {
+                let y = mm(b, w, cd + vd)?;
+                let segs = [
+                    (dk, 0, 0),
+                    (dk, 0, nk * dk),
+                    (r * dv, 0, 2 * nk * dk),
+                    (r * dv, 1, 0),
+                ];
+                ungroup(b, y, n, nk, &segs, [cd, vd])?
+            }
+        };
+        // β and decay inputs, then a_neg and dt_bias: the recurrence's
+        // parameters in one buffer.
+        let p = b.scratch(2 * n * nv + 2 * nv)?;
+        match &d.ba {
+            PairProj::Split(bw, aw) => {
+                let (bb, aa) = (mm(b, bw, nv)?, mm(b, aw, nv)?);
+                b.copy(bb, 0, p, 0, n * nv)?;
+                b.copy(aa, 0, p, n * nv, n * nv)?;
+            }
+            PairProj::Grouped(w) => {
+                let y = mm(b, w, 2 * nv)?;
+                let [bb, aa] = ungroup(b, y, n, nk, &[(r, 0, 0), (r, 1, 0)], [nv, nv])?.into();
+                b.copy(bb, 0, p, 0, n * nv)?;
+                b.copy(aa, 0, p, n * nv, n * nv)?;
+            }
+        }
+        b.copy(db.a_neg, 0, p, 2 * n * nv, nv)?;
+        b.copy(db.dt_bias, 0, p, 2 * n * nv + nv, nv)?;
+        let mixed = b.scratch(n * cd)?;
+        b.op(DevOp::ConvStep {
+            hist: conv,
+            x: qkv,
+            w: db.conv,
+            out: mixed,
+            n,
+            channels: cd,
+            kernel: kw,
+        })?;
+        let out = b.scratch(n * vd)?;
+        b.op(DevOp::DeltaRule {
+            state,
+            qkv: mixed,
+            params: p,
+            out,
+            n,
+            k_heads: nk,
+            v_heads: nv,
+            k_dim: dk,
+            v_dim: dv,
+            tiled: l.tiled,
+            scale: 1.0 / (dk as f32).sqrt(),
+        })?;
+        // Gated RMSNorm per value head: norm(o)·w·silu(z), into z.
+        b.op(DevOp::RmsNorm {
+            x: out,
+            w: db.norm,
+            rows: n * nv,
+            eps: c.rms_eps,
+        })?;
+        b.op(DevOp::Swiglu {
+            g: z,
+            u: out,
+            len: n * vd,
+        })?;
+        let y = b.scratch(n * c.hidden)?;
+        b.matmul(&d.out.view(), z, n, y)?;
+        Ok(y)
     }
 
     /// Records the routed experts (fetched from the expert source in
@@ -689,6 +891,31 @@ impl Session {
         }
         add(b, x, out, n, h)
     }
+}
+
+/// Splits the `n` rows of a grouped projection's output `y` into two
+/// outputs of `widths` per row by copies (see the per-call path's
+/// `ungroup` for `segs`).
+fn ungroup(
+    b: &mut dyn DeviceBatch,
+    y: DevBuf,
+    n: usize,
+    groups: usize,
+    segs: &[(usize, usize, usize)],
+    widths: [usize; 2],
+) -> Result<(DevBuf, DevBuf)> {
+    let out = [b.scratch(n * widths[0])?, b.scratch(n * widths[1])?];
+    let per_group: usize = segs.iter().map(|s| s.0).sum();
+    for t in 0..n {
+        for g in 0..groups {
+            let mut at = t * groups * per_group + g * per_group;
+            for &(len, which, base) in segs {
+                b.copy(y, at, out[which], t * widths[which] + base + g * len, len)?;
+                at += len;
+            }
+        }
+    }
+    Ok((out[0], out[1]))
 }
 
 /// `y += x` over `n` rows of `h`.
