@@ -179,7 +179,7 @@ fn fixture_models() -> Vec<std::path::PathBuf> {
 
 #[test]
 fn the_device_path_submits_once_per_moe_layer_and_matches_the_per_call_path() {
-    use sluice_engine::model::{Ffn, MixerWeights};
+    use sluice_engine::model::Ffn;
     let Some(g) = gpu() else { return };
     let tokens = [1u32, 5, 9, 2, 7, 3, 4];
     let mut resident = 0;
@@ -196,15 +196,7 @@ fn the_device_path_submits_once_per_moe_layer_and_matches_the_per_call_path() {
         let mut per_call = Session::new(model.clone(), g.clone());
         per_call.set_device_forward(false);
         assert!(!per_call.is_device_resident());
-        // Latent attention (DeepSeek-V3) still takes the per-call path.
-        let covered = model
-            .layers
-            .iter()
-            .all(|l| !matches!(l.mixer, MixerWeights::Latent(_)));
-        assert_eq!(dev.is_device_resident(), covered, "{name}");
-        if !covered {
-            continue;
-        }
+        assert!(dev.is_device_resident(), "{name}");
         resident += 1;
         // A first run uploads the weights it meets and fills the pools.
         let mut warm = Session::new(model.clone(), g.clone());
@@ -234,7 +226,7 @@ fn the_device_path_submits_once_per_moe_layer_and_matches_the_per_call_path() {
         };
         assert_close(&name, &rows(a), &rows(b), 1e-4);
     }
-    assert!(resident >= 28, "{resident} fixtures on the device path");
+    assert!(resident >= 31, "{resident} fixtures on the device path");
 }
 
 #[test]

@@ -160,10 +160,14 @@ impl Drop for Lease<'_> {
     }
 }
 
+/// A resident weight's id and the part of its matrix it is.
+type WeightKey = (u64, Option<(usize, usize)>);
+
 #[derive(Default)]
 struct State {
     pipelines: HashMap<Kernel, Arc<wgpu::ComputePipeline>>,
-    resident: HashMap<u64, Arc<GpuWeight>>,
+    /// Resident weights by id and part.
+    resident: HashMap<WeightKey, Arc<GpuWeight>>,
     resident_bytes: u64,
     /// Session buffers of the device-resident executor.
     dev: HashMap<u64, Buf>,
@@ -731,7 +735,7 @@ impl WgpuBackend {
     /// first use while the budget allows), else one in buffers the call
     /// holds.
     fn weight(&self, w: &WeightView<'_>, lease: &mut Lease<'_>) -> Result<Arc<GpuWeight>> {
-        if let Some(id) = w.id {
+        if let Some(id) = w.id.map(|i| (i, w.part)) {
             if let Some(g) = self.state.lock().resident.get(&id) {
                 return Ok(g.clone());
             }

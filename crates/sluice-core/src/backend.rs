@@ -39,6 +39,10 @@ pub struct WeightView<'a> {
     /// may keep a device copy under it. `None` for memory that is reused,
     /// such as the streaming slots an expert is read into.
     pub id: Option<u64>,
+    /// With an id: the rows of the id's matrix this view covers
+    /// (first, count), `None` for the whole ([`rows`](Self::rows) keeps
+    /// the identity of a part).
+    pub part: Option<(usize, usize)>,
 }
 
 /// A process-unique weight id for [`WeightView::id`]; ids are never reused,
@@ -73,6 +77,7 @@ impl<'a> WeightView<'a> {
             biases,
             block_row0: 0,
             id: None,
+            part: None,
         };
         v.check()?;
         Ok(v)
@@ -111,11 +116,12 @@ impl<'a> WeightView<'a> {
     /// The same view, marked as the unchanging bytes `id` names.
     pub fn with_id(mut self, id: u64) -> Self {
         self.id = Some(id);
+        self.part = None;
         self
     }
 
-    /// Rows `r0..r0 + n` as a view of their own (without an id: it names
-    /// the whole matrix). Panics if they are out of range.
+    /// Rows `r0..r0 + n` as a view of their own, the same id naming a
+    /// part of its matrix. Panics if they are out of range.
     pub fn rows(&self, r0: usize, n: usize) -> WeightView<'a> {
         assert!(
             r0 + n <= self.rows,
@@ -132,7 +138,7 @@ impl<'a> WeightView<'a> {
                 data: &self.data[r0 * rb..(r0 + n) * rb],
                 scales: &self.scales[first / br * ab..][..q.scale_rows(first % br, n) * ab],
                 block_row0: first % br,
-                id: None,
+                part: self.sub(r0, n),
                 ..*self
             };
         }
@@ -142,9 +148,15 @@ impl<'a> WeightView<'a> {
             data: &self.data[r0 * rb..(r0 + n) * rb],
             scales: &self.scales[r0 * ab..(r0 + n) * ab],
             biases: &self.biases[r0 * ab..(r0 + n) * ab],
-            id: None,
+            part: self.sub(r0, n),
             ..*self
         }
+    }
+
+    /// The part of the id's matrix that rows `r0..r0 + n` of this view are.
+    fn sub(&self, r0: usize, n: usize) -> Option<(usize, usize)> {
+        self.id?;
+        Some((self.part.map_or(0, |p| p.0) + r0, n))
     }
 
     /// FP8: the line of the scale grid that row `r` takes.

@@ -59,6 +59,7 @@ impl Weight {
             biases: aux(1),
             block_row0: self.block_row0,
             id: Some(self.id),
+            part: None,
         }
     }
 

@@ -726,6 +726,7 @@ impl Streamer {
                 biases: aux(m.aux[1]),
                 block_row0: m.block_row0,
                 id: None,
+                part: None,
             }
         })
     }

@@ -17,7 +17,9 @@
 
 use super::{rope_of, Session};
 use crate::config::ClampedSwiglu;
-use crate::model::{Attention, DeltaNet, Ffn, MixerWeights, Model, Moe, PairProj};
+use crate::model::{
+    Attention, DeltaNet, Ffn, LatentAttn, LatentKv, MixerWeights, Model, Moe, PairProj,
+};
 use sluice_core::{DevBuf, DevOp, DeviceBatch, DeviceExec, Error, Result, WeightView};
 
 /// Tokens per device pass: a longer batch runs in passes of this many.
@@ -28,20 +30,21 @@ const CHUNK: usize = 64;
 const FIRST_CAP: usize = 256;
 
 /// Whether every layer of `model` runs on the device path (softmax
-/// attention and Gated DeltaNet mixers; latent attention stays on the
-/// per-call path for now).
+/// attention, latent attention and Gated DeltaNet mixers).
 pub(super) fn supported(model: &Model) -> bool {
     let c = &model.config;
-    c.n_kv_heads > 0
-        && c.n_heads.is_multiple_of(c.n_kv_heads)
-        && c.rot_dim <= c.head_dim
-        && c.mla.is_none()
+    let attention = match c.mla {
+        Some(m) => c.rot_dim <= m.rope,
+        None => {
+            c.n_kv_heads > 0 && c.n_heads.is_multiple_of(c.n_kv_heads) && c.rot_dim <= c.head_dim
+        }
+    };
+    attention
         && model.layers.iter().all(|l| match &l.mixer {
-            MixerWeights::Attention(_) => true,
+            MixerWeights::Attention(_) | MixerWeights::Latent(_) => true,
             MixerWeights::DeltaNet(_) => c.linear.is_some_and(|l| {
                 l.conv_kernel >= 2 && l.k_heads > 0 && l.v_heads.is_multiple_of(l.k_heads)
             }),
-            MixerWeights::Latent(_) => false,
         })
 }
 
@@ -52,6 +55,43 @@ struct DeltaBufs {
     a_neg: DevBuf,
     dt_bias: DevBuf,
     norm: DevBuf,
+}
+
+/// One head's transposed key expansion: f32 bytes and their weight id.
+type HeadKeys = (Vec<u8>, u64);
+
+/// A latent attention layer's norms, on the device.
+#[derive(Clone, Copy)]
+struct LatentBufs {
+    q_a_norm: Option<DevBuf>,
+    kv_a_norm: DevBuf,
+}
+
+/// For a latent layer stored jointly, each head's key rows transposed
+/// (see [`DevState::key_t`]); `None` for llama.cpp's split layout, whose
+/// `attn_k_b` is already transposed.
+fn transposed_keys(model: &Model, a: &LatentAttn) -> Result<Option<Vec<HeadKeys>>> {
+    let LatentKv::Joint(kv_b) = &a.kv_b else {
+        return Ok(None);
+    };
+    let c = &model.config;
+    let m = c.mla.expect("a latent layer has its shape");
+    let (l, nope, vd) = (m.kv_lora, m.nope, m.v);
+    let view = kv_b.view();
+    let mut row = vec![0f32; l];
+    let mut heads = Vec::with_capacity(c.n_heads);
+    for h in 0..c.n_heads {
+        let mut t = vec![0f32; l * nope];
+        for i in 0..nope {
+            view.row_into(h * (nope + vd) + i, &mut row);
+            for (j, &v) in row.iter().enumerate() {
+                t[j * nope + i] = v;
+            }
+        }
+        let bytes: Vec<u8> = t.iter().flat_map(|v| v.to_le_bytes()).collect();
+        heads.push((bytes, sluice_core::fresh_weight_id()));
+    }
+    Ok(Some(heads))
 }
 
 /// A layer's small resident vectors, on the device.
@@ -76,6 +116,12 @@ pub(super) struct DevState {
     cap: usize,
     /// Per attention layer: key and value caches, `cap × kv_dim`.
     kv: Vec<Option<(DevBuf, DevBuf)>>,
+    /// Per latent attention layer: its norms.
+    latent: Vec<Option<LatentBufs>>,
+    /// Per latent attention layer stored jointly (`kv_b_proj`): each
+    /// head's key expansion transposed, in f32 (`kv_lora × nope`, bytes
+    /// and a weight id), so that absorbing it into the query is a product.
+    key_t: Vec<Option<Vec<HeadKeys>>>,
     /// Per DeltaNet layer: conv history and recurrent state.
     lin: Vec<Option<(DevBuf, DevBuf)>>,
     /// The sequence was reset: `lin` is zeroed before the next token.
@@ -112,6 +158,7 @@ impl DevState {
         let mut kv = Vec::with_capacity(model.layers.len());
         let mut lin = Vec::with_capacity(model.layers.len());
         let mut layers = Vec::with_capacity(model.layers.len());
+        let (mut latent, mut key_t) = (Vec::new(), Vec::new());
         for l in &model.layers {
             let (a, delta) = match &l.mixer {
                 MixerWeights::Attention(a) => {
@@ -134,12 +181,21 @@ impl DevState {
                     };
                     (None, Some(bufs))
                 }
-                MixerWeights::Latent(_) => {
-                    return Err(Error::Unsupported(
-                        "the device path does not run latent attention".into(),
-                    ))
+                MixerWeights::Latent(a) => {
+                    kv.push(Some((x.alloc(cap * kd)?, x.alloc(cap * vd)?)));
+                    lin.push(None);
+                    latent.push(Some(LatentBufs {
+                        q_a_norm: put_opt(x, a.q_a.as_ref().map(|q| &q.1))?,
+                        kv_a_norm: put(x, &a.kv_a_norm)?,
+                    }));
+                    key_t.push(transposed_keys(model, a)?);
+                    (None, None)
                 }
             };
+            if !matches!(l.mixer, MixerWeights::Latent(_)) {
+                latent.push(None);
+                key_t.push(None);
+            }
             let (router_bias, expert_bias) = match &l.ffn {
                 Ffn::Moe(m) => (
                     put_opt(x, m.router_bias.as_ref())?,
@@ -170,6 +226,8 @@ impl DevState {
         Ok(DevState {
             cap,
             kv,
+            latent,
+            key_t,
             lin,
             lin_stale: false,
             layers,
@@ -208,6 +266,9 @@ impl DevState {
             if let Some(d) = l.delta {
                 v.extend([d.conv, d.a_neg, d.dt_bias, d.norm]);
             }
+        }
+        for l in self.latent.iter().flatten() {
+            v.extend(l.q_a_norm.iter().chain([&l.kv_a_norm]));
         }
         v
     }
@@ -434,11 +495,7 @@ impl Session {
             let o = match &layer.mixer {
                 MixerWeights::Attention(a) => self.dev_attention(&mut *b, li, a, &lb, hs, n)?,
                 MixerWeights::DeltaNet(d) => self.dev_delta_net(&mut *b, li, d, &lb, hs, n)?,
-                MixerWeights::Latent(_) => {
-                    return Err(Error::Unsupported(
-                        "the device path does not run latent attention".into(),
-                    ))
-                }
+                MixerWeights::Latent(a) => self.dev_latent(&mut *b, li, a, hs, n)?,
             };
             add(&mut *b, x, o, n, h)?;
             b.copy(x, 0, hn, 0, n * h)?;
@@ -668,6 +725,153 @@ impl Session {
             })?;
         }
         Ok(o)
+    }
+
+    /// Records multi-head latent attention of the normalized rows `hn` in
+    /// the absorbed form, as the per-call path computes it: the cache
+    /// keeps per position the normalized latent and the rotary key; each
+    /// head's key expansion is folded into its query and its value
+    /// expansion applied to its output. Returns the layer's contribution.
+    fn dev_latent(
+        &self,
+        b: &mut dyn DeviceBatch,
+        li: usize,
+        a: &LatentAttn,
+        hn: DevBuf,
+        n: usize,
+    ) -> Result<DevBuf> {
+        let c = &self.model.config;
+        let d = self.dev.as_ref().expect("device state");
+        let lb = d.latent[li].expect("a latent layer's norms");
+        let m = c.mla.expect("a latent layer has its shape");
+        let (heads, l, r, nope, vd) = (c.n_heads, m.kv_lora, m.rope, m.nope, m.v);
+        let (qk, w, pos) = (nope + r, l + r, self.pos);
+        let q = b.scratch(n * a.q.rows)?;
+        match &a.q_a {
+            Some((wa, _)) => {
+                let qa = b.scratch(n * wa.rows)?;
+                b.matmul(&wa.view(), hn, n, qa)?;
+                if let Some(norm) = lb.q_a_norm {
+                    b.op(DevOp::RmsNorm {
+                        x: qa,
+                        w: norm,
+                        rows: n,
+                        eps: c.rms_eps,
+                    })?;
+                }
+                b.matmul(&a.q.view(), qa, n, q)?;
+            }
+            None => b.matmul(&a.q.view(), hn, n, q)?,
+        }
+        let kv = b.scratch(n * w)?;
+        b.matmul(&a.kv_a.view(), hn, n, kv)?;
+        let (lat, kpe) = (b.scratch(n * l)?, b.scratch(n * r)?);
+        let qpe = b.scratch(n * heads * r)?;
+        for t in 0..n {
+            b.copy(kv, t * w, lat, t * l, l)?;
+            b.copy(kv, t * w + l, kpe, t * r, r)?;
+            for h in 0..heads {
+                b.copy(q, (t * heads + h) * qk + nope, qpe, (t * heads + h) * r, r)?;
+            }
+        }
+        b.op(DevOp::RmsNorm {
+            x: lat,
+            w: lb.kv_a_norm,
+            rows: n,
+            eps: c.rms_eps,
+        })?;
+        let rope = rope_of(c);
+        let half = rope.rot_dim / 2;
+        let (mut cos, mut sin) = (Vec::with_capacity(n * half), Vec::with_capacity(n * half));
+        let (mut c1, mut s1) = (Vec::new(), Vec::new());
+        for t in 0..n {
+            rope.tables(pos + t, &mut c1, &mut s1);
+            cos.extend_from_slice(&c1);
+            sin.extend_from_slice(&s1);
+        }
+        let (cb, sb) = (b.upload(&cos)?, b.upload(&sin)?);
+        let interleaved = rope.style == sluice_core::ops::RopeStyle::Interleaved;
+        for (x, hs) in [(qpe, heads), (kpe, 1)] {
+            b.op(DevOp::Rope {
+                x,
+                cos: cb,
+                sin: sb,
+                n,
+                heads: hs,
+                head_dim: r,
+                rot_dim: rope.rot_dim,
+                interleaved,
+            })?;
+        }
+        // Per token and head: [absorbed query | rotary query]; then one
+        // sink slot per head (none).
+        let qf = b.scratch(n * heads * w + heads)?;
+        let xh = b.scratch(n * nope.max(l))?;
+        let yh = b.scratch(n * l.max(vd))?;
+        for h in 0..heads {
+            for t in 0..n {
+                b.copy(q, (t * heads + h) * qk, xh, t * nope, nope)?;
+                b.copy(qpe, (t * heads + h) * r, qf, (t * heads + h) * w + l, r)?;
+            }
+            let kt = match (&a.kv_b, &d.key_t[li]) {
+                (LatentKv::Split { k_t, .. }, _) => k_t.view().rows(h * l, l),
+                (LatentKv::Joint(_), Some(t)) => {
+                    let (bytes, id) = &t[h];
+                    WeightView::new(sluice_core::DType::F32, l, nope, bytes)?.with_id(*id)
+                }
+                (LatentKv::Joint(_), None) => {
+                    return Err(Error::Model("a joint latent layer without its keys".into()))
+                }
+            };
+            b.matmul(&kt, xh, n, yh)?;
+            for t in 0..n {
+                b.copy(yh, t * l, qf, (t * heads + h) * w, l)?;
+            }
+        }
+        b.copy(d.no_sinks, 0, qf, n * heads * w, heads)?;
+        let (kc, _) = d.kv[li].expect("a latent layer's cache");
+        for t in 0..n {
+            b.copy(lat, t * l, kc, (pos + t) * w, l)?;
+            b.copy(kpe, t * r, kc, (pos + t) * w + l, r)?;
+        }
+        let att = b.scratch(n * heads * w)?;
+        let scores = if n == 1 && d.scores.len >= heads * (pos + 1) {
+            d.scores
+        } else {
+            b.scratch(n * heads * (pos + n))?
+        };
+        b.op(DevOp::Attention {
+            q: qf,
+            k: kc,
+            v: kc,
+            out: att,
+            scores,
+            n,
+            pos0: pos,
+            heads,
+            kv_heads: 1,
+            head_dim: w,
+            scale: c.attn_scale.unwrap_or_else(|| 1.0 / (qk as f32).sqrt()),
+            window: c.windows[li].unwrap_or(0),
+            chunk: 0,
+        })?;
+        let (vw, v0, stride) = match &a.kv_b {
+            LatentKv::Joint(w) => (w.view(), nope, nope + vd),
+            LatentKv::Split { v, .. } => (v.view(), 0, vd),
+        };
+        let o = b.scratch(n * heads * vd)?;
+        for h in 0..heads {
+            for t in 0..n {
+                b.copy(att, (t * heads + h) * w, xh, t * l, l)?;
+            }
+            b.matmul(&vw.rows(h * stride + v0, vd), xh, n, yh)?;
+            for t in 0..n {
+                b.copy(yh, t * vd, o, (t * heads + h) * vd, vd)?;
+            }
+        }
+        let y = b.scratch(n * c.hidden)?;
+        b.matmul(&a.o.view(), o, n, y)?;
+        Ok(y)
     }
 
     /// Records a Gated DeltaNet step over the normalized rows `hn`;
