@@ -7,7 +7,9 @@
 //! appends to the KV cache and attends; the MoE block routes each token to
 //! its top-k experts and runs them expert-major; the final norm and output
 //! projection give logits. Weights are never copied out of the model file
-//! (see [`model`]).
+//! (see [`model`]). A backend with a [`sluice_core::DeviceExec`] (the GPU)
+//! runs the same steps on device-resident buffers instead, one submission
+//! per MoE layer.
 
 // Every unsafe block and impl must say why it is sound.
 #![warn(clippy::undocumented_unsafe_blocks)]

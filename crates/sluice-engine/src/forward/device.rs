@@ -25,6 +25,10 @@ use sluice_core::{DevBuf, DevOp, DeviceBatch, DeviceExec, Error, Result, WeightV
 /// Tokens per device pass: a longer batch runs in passes of this many.
 const CHUNK: usize = 64;
 
+/// Bytes of transposed latent keys (see [`DevState::key_t`]) the device
+/// path makes at most; a model that needs more keeps the per-call path.
+const MAX_KEY_T: usize = 64 << 20;
+
 /// Positions the KV cache holds at first when the session was not told
 /// its context; it doubles when full.
 const FIRST_CAP: usize = 256;
@@ -34,7 +38,17 @@ const FIRST_CAP: usize = 256;
 pub(super) fn supported(model: &Model) -> bool {
     let c = &model.config;
     let attention = match c.mla {
-        Some(m) => c.rot_dim <= m.rope,
+        // A joint kv_b's transposed keys are host and device memory
+        // outside the plan: only small ones (GGUF's split layout needs
+        // none).
+        Some(m) => {
+            let joint = model
+                .layers
+                .iter()
+                .filter(|l| matches!(&l.mixer, MixerWeights::Latent(a) if matches!(a.kv_b, LatentKv::Joint(_))))
+                .count();
+            c.rot_dim <= m.rope && joint * c.n_heads * m.kv_lora * m.nope * 4 <= MAX_KEY_T
+        }
         None => {
             c.n_kv_heads > 0 && c.n_heads.is_multiple_of(c.n_kv_heads) && c.rot_dim <= c.head_dim
         }
