@@ -254,3 +254,31 @@ fn device_sessions_reset_snapshot_and_park_exactly() {
         assert_eq!(s.forward(&[4], false).unwrap(), next, "{name}: parked");
     }
 }
+
+#[test]
+fn the_device_path_runs_long_batches_and_grows_its_cache() {
+    let Some(g) = gpu() else { return };
+    let model = Arc::new(Model::open(fixtures().join("models/qwen3_moe")).unwrap());
+    let tokens: Vec<u32> = (0..300u32)
+        .map(|i| (i * 7 + 3) % model.config.vocab as u32)
+        .collect();
+    let mut dev = Session::new(model.clone(), g.clone());
+    let mut per_call = Session::new(model.clone(), g.clone());
+    per_call.set_device_forward(false);
+    // 200 tokens: four passes of 64 rows and a 256-position cache; then
+    // 100 more, which double it (keeping the first 200 positions).
+    let mut got = Vec::new();
+    let mut want = Vec::new();
+    for part in [&tokens[..200], &tokens[200..]] {
+        got.extend(dev.forward(part, true).unwrap());
+        want.extend(per_call.forward(part, true).unwrap());
+    }
+    got.extend(dev.forward(&[5], true).unwrap());
+    want.extend(per_call.forward(&[5], true).unwrap());
+    let rows = |l: Vec<f32>| -> Vec<Vec<f32>> {
+        l.chunks_exact(model.config.vocab)
+            .map(<[f32]>::to_vec)
+            .collect()
+    };
+    assert_close("qwen3_moe, 301 positions", &rows(got), &rows(want), 1e-3);
+}
