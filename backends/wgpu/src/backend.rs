@@ -1064,16 +1064,8 @@ impl WgpuBackend {
         head_dim: usize,
     ) -> Result<()> {
         let d = x.len() / n.max(1);
-        let half = rope.rot_dim / 2;
-        // The angle tables come from the host, as on the CPU: a GPU's sin
-        // and cos are not accurate far from zero.
-        let (mut cos, mut sin) = (Vec::with_capacity(n * half), Vec::with_capacity(n * half));
-        let (mut c1, mut s1) = (Vec::new(), Vec::new());
-        for t in 0..n {
-            rope.tables(pos0 + t, &mut c1, &mut s1);
-            cos.extend_from_slice(&c1);
-            sin.extend_from_slice(&s1);
-        }
+        // The angle tables come from the host, as on the CPU.
+        let (cos, sin) = rope.tables_for(pos0, n);
         let mut l = self.lease();
         let xa = self.put_f32(&mut l, x)?;
         let cb = self.put_f32(&mut l, &cos)?;

@@ -112,6 +112,21 @@ pub struct Rope {
 }
 
 impl Rope {
+    /// `(cos, sin)` tables of positions `pos0..pos0 + n`, one after the
+    /// other (for a device, whose own sin and cos lose accuracy far from
+    /// zero).
+    pub fn tables_for(&self, pos0: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
+        let half = self.rot_dim / 2;
+        let (mut cos, mut sin) = (Vec::with_capacity(n * half), Vec::with_capacity(n * half));
+        let (mut c1, mut s1) = (Vec::new(), Vec::new());
+        for t in 0..n {
+            self.tables(pos0 + t, &mut c1, &mut s1);
+            cos.extend_from_slice(&c1);
+            sin.extend_from_slice(&s1);
+        }
+        (cos, sin)
+    }
+
     /// `(cos, sin)` tables for one position, `rot_dim / 2` entries each.
     pub fn tables(&self, pos: usize, cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
         let half = self.rot_dim / 2;

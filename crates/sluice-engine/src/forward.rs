@@ -869,12 +869,7 @@ impl Session {
         // Fetch → compute → combine, in ascending expert order whatever
         // the source, so the sums are the same floating-point operations
         // resident or streamed.
-        let wanted: Vec<(usize, f32)> = assigned
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| !t.is_empty())
-            .map(|(e, t)| (e, t.iter().fold(0f32, |a, &(_, w)| a.max(w))))
-            .collect();
+        let wanted = wanted(assigned);
         let step = (self.pos + n - 1) as u64;
         let mut out = vec![0f32; n * h];
         let mut xe = Vec::new();
@@ -938,6 +933,17 @@ impl Session {
         }
         Ok(out)
     }
+}
+
+/// The experts a batch uses, ascending, each with its largest weight
+/// (the expert source's priority).
+fn wanted(assigned: &[Vec<(usize, f32)>]) -> Vec<(usize, f32)> {
+    assigned
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| !t.is_empty())
+        .map(|(e, t)| (e, t.iter().fold(0f32, |a, &(_, w)| a.max(w))))
+        .collect()
 }
 
 /// The model's rotary embedding.

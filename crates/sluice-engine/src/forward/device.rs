@@ -367,6 +367,23 @@ impl DevState {
         Ok(())
     }
 
+    /// Scratch for the attention scores of `n` queries from `pos`: the
+    /// session's for a decode token, else the batch's.
+    fn scores_for(
+        &self,
+        b: &mut dyn DeviceBatch,
+        heads: usize,
+        pos: usize,
+        n: usize,
+    ) -> Result<DevBuf> {
+        let need = n * heads * (pos + n);
+        if n == 1 && self.scores.len >= need {
+            Ok(self.scores)
+        } else {
+            b.scratch(need)
+        }
+    }
+
     /// Records the zeroing of the linear layers' states if the sequence
     /// was reset.
     fn clear_lin(&mut self, b: &mut dyn DeviceBatch) -> Result<()> {
@@ -643,29 +660,7 @@ impl Session {
         let l4 = c.llama4.as_ref();
         let roped = l4.is_none_or(|l| l.rope_layers[li]);
         if roped {
-            let rope = rope_of(c);
-            let half = rope.rot_dim / 2;
-            let (mut cos, mut sin) = (Vec::with_capacity(n * half), Vec::with_capacity(n * half));
-            let (mut c1, mut s1) = (Vec::new(), Vec::new());
-            for t in 0..n {
-                rope.tables(pos + t, &mut c1, &mut s1);
-                cos.extend_from_slice(&c1);
-                sin.extend_from_slice(&s1);
-            }
-            let (cb, sb) = (b.upload(&cos)?, b.upload(&sin)?);
-            let interleaved = rope.style == sluice_core::ops::RopeStyle::Interleaved;
-            for (x, hs) in [(q, heads), (k, kvh)] {
-                b.op(DevOp::Rope {
-                    x,
-                    cos: cb,
-                    sin: sb,
-                    n,
-                    heads: hs,
-                    head_dim: hd,
-                    rot_dim: rope.rot_dim,
-                    interleaved,
-                })?;
-            }
+            rope_rows(b, c, pos, n, [(q, heads), (k, kvh)], hd)?;
         }
         let mut chunk = None;
         if let Some(l) = l4 {
@@ -702,11 +697,7 @@ impl Session {
         b.copy(k, 0, kc, pos * kd, n * kd)?;
         b.copy(v, 0, vc, pos * vd, n * vd)?;
         let att = b.scratch(n * qd)?;
-        let scores = if n == 1 {
-            d.scores
-        } else {
-            b.scratch(n * heads * (pos + n))?
-        };
+        let scores = d.scores_for(b, heads, pos, n)?;
         b.op(DevOp::Attention {
             q,
             k: kc,
@@ -794,29 +785,7 @@ impl Session {
             rows: n,
             eps: c.rms_eps,
         })?;
-        let rope = rope_of(c);
-        let half = rope.rot_dim / 2;
-        let (mut cos, mut sin) = (Vec::with_capacity(n * half), Vec::with_capacity(n * half));
-        let (mut c1, mut s1) = (Vec::new(), Vec::new());
-        for t in 0..n {
-            rope.tables(pos + t, &mut c1, &mut s1);
-            cos.extend_from_slice(&c1);
-            sin.extend_from_slice(&s1);
-        }
-        let (cb, sb) = (b.upload(&cos)?, b.upload(&sin)?);
-        let interleaved = rope.style == sluice_core::ops::RopeStyle::Interleaved;
-        for (x, hs) in [(qpe, heads), (kpe, 1)] {
-            b.op(DevOp::Rope {
-                x,
-                cos: cb,
-                sin: sb,
-                n,
-                heads: hs,
-                head_dim: r,
-                rot_dim: rope.rot_dim,
-                interleaved,
-            })?;
-        }
+        rope_rows(b, c, pos, n, [(qpe, heads), (kpe, 1)], r)?;
         // Per token and head: [absorbed query | rotary query]; then one
         // sink slot per head (none).
         let qf = b.scratch(n * heads * w + heads)?;
@@ -849,11 +818,7 @@ impl Session {
             b.copy(kpe, t * r, kc, (pos + t) * w + l, r)?;
         }
         let att = b.scratch(n * heads * w)?;
-        let scores = if n == 1 && d.scores.len >= heads * (pos + 1) {
-            d.scores
-        } else {
-            b.scratch(n * heads * (pos + n))?
-        };
+        let scores = d.scores_for(b, heads, pos, n)?;
         b.op(DevOp::Attention {
             q: qf,
             k: kc,
@@ -1008,12 +973,7 @@ impl Session {
         // The block's input stays on the device: predictors that read it
         // get none.
         self.experts.routed(li, &per_token, &[]);
-        let wanted: Vec<(usize, f32)> = assigned
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| !t.is_empty())
-            .map(|(e, t)| (e, t.iter().fold(0f32, |a, &(_, w)| a.max(w))))
-            .collect();
+        let wanted = super::wanted(assigned);
         let step = (self.pos + n - 1) as u64;
         let out = b.scratch(n * h)?;
         b.zero(out, n * h)?;
@@ -1109,6 +1069,36 @@ impl Session {
         }
         add(b, x, out, n, h)
     }
+}
+
+/// Records the model's rotary embedding of `n` rows at positions
+/// `pos..pos + n` in each `(buffer, heads)` of `xs`, from angle tables
+/// made on the host.
+fn rope_rows(
+    b: &mut dyn DeviceBatch,
+    c: &crate::Config,
+    pos: usize,
+    n: usize,
+    xs: [(DevBuf, usize); 2],
+    head_dim: usize,
+) -> Result<()> {
+    let rope = rope_of(c);
+    let (cos, sin) = rope.tables_for(pos, n);
+    let (cos, sin) = (b.upload(&cos)?, b.upload(&sin)?);
+    let interleaved = rope.style == sluice_core::ops::RopeStyle::Interleaved;
+    for (x, heads) in xs {
+        b.op(DevOp::Rope {
+            x,
+            cos,
+            sin,
+            n,
+            heads,
+            head_dim,
+            rot_dim: rope.rot_dim,
+            interleaved,
+        })?;
+    }
+    Ok(())
 }
 
 /// Splits the `n` rows of a grouped projection's output `y` into two
