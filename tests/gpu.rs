@@ -282,3 +282,27 @@ fn the_device_path_runs_long_batches_and_grows_its_cache() {
     };
     assert_close("qwen3_moe, 301 positions", &rows(got), &rows(want), 1e-3);
 }
+
+#[test]
+fn a_cache_beyond_one_binding_is_refused_clearly() {
+    if gpu().is_none() {
+        return;
+    }
+    let g = Arc::new(
+        WgpuBackend::new(&WgpuOptions {
+            max_binding: Some(64 << 10),
+            ..WgpuOptions::default()
+        })
+        .unwrap(),
+    );
+    let model = Arc::new(Model::open(fixtures().join("models/qwen3_moe")).unwrap());
+    let mut s = Session::new(model.clone(), g);
+    let tokens: Vec<u32> = (0..4000u32)
+        .map(|i| i % model.config.vocab as u32)
+        .collect();
+    // Short sequences fit; the cache's growth past one binding is an
+    // error that says so, not a panic or a device fault.
+    s.forward(&tokens[..8], false).unwrap();
+    let err = s.forward(&tokens[8..], false).unwrap_err().to_string();
+    assert!(err.contains("binding limit"), "{err}");
+}

@@ -28,10 +28,15 @@ impl WgpuBackend {
 impl DeviceExec for WgpuBackend {
     fn alloc(&self, len: usize) -> Result<DevBuf> {
         let bytes = (len.max(1) as u64) * 4;
-        if bytes > self.limits.max_buffer_size {
+        // Kernels bind a session buffer whole (a KV cache, for one).
+        if bytes > self.max_binding() {
             return Err(gpu_err(
                 "allocating a session buffer",
-                format!("{bytes} bytes exceed the adapter's buffer limit"),
+                format!(
+                    "{} exceed the adapter's {} binding limit (a KV cache this long does not fit one binding)",
+                    sluice_core::fmt_size(bytes),
+                    sluice_core::fmt_size(self.max_binding())
+                ),
             ));
         }
         // Created zeroed (wgpu clears new buffers).

@@ -325,7 +325,7 @@ impl DevState {
         pos: usize,
     ) -> Result<()> {
         let (kd, vd) = model.config.kv_widths();
-        self.reserve(x, model, pos, 0)?;
+        self.reserve(x, model, pos, 0, 0)?;
         if kv.len() != self.kv.len() {
             return Err(Error::Invalid("a parked state of another model".into()));
         }
@@ -397,20 +397,25 @@ impl DevState {
     }
 
     /// Grows the KV cache to hold `need` positions, keeping the first
-    /// `keep` (one submission; only when a sequence outgrows it).
+    /// `keep` (one submission, when a sequence outgrows it): doubling, up
+    /// to the session's context `ctx` where it is known.
     fn reserve(
         &mut self,
         x: &dyn DeviceExec,
         model: &Model,
         need: usize,
         keep: usize,
+        ctx: usize,
     ) -> Result<()> {
         if need <= self.cap {
             return Ok(());
         }
         let c = &model.config;
         let (kd, vd) = c.kv_widths();
-        let cap = need.max(2 * self.cap).next_power_of_two();
+        let mut cap = need.max(2 * self.cap).next_power_of_two();
+        if ctx >= need {
+            cap = cap.min(ctx);
+        }
         let mut kv = Vec::with_capacity(self.kv.len());
         for old in &self.kv {
             kv.push(match old {
@@ -457,10 +462,9 @@ impl Session {
             .ok_or_else(|| Error::Unsupported("the backend has no device executor".into()))?;
         let model = self.model.clone();
         if self.dev.is_none() {
-            let cap = if self.ctx_hint > 0 {
-                self.ctx_hint
-            } else {
-                FIRST_CAP
+            let cap = match self.ctx_hint {
+                0 => FIRST_CAP,
+                ctx => ctx.min(FIRST_CAP),
             };
             self.dev = Some(DevState::new(exec, &model, cap)?);
             // The cache lives on the device; give back the host's.
@@ -470,10 +474,11 @@ impl Session {
             }
         }
         let (pos, n) = (self.pos, tokens.len());
+        let ctx = self.ctx_hint;
         self.dev
             .as_mut()
             .expect("made above")
-            .reserve(exec, &model, pos + n, pos)?;
+            .reserve(exec, &model, pos + n, pos, ctx)?;
         let mut out = Vec::new();
         let passes = n.div_ceil(CHUNK);
         for (i, chunk) in tokens.chunks(CHUNK).enumerate() {
