@@ -205,6 +205,7 @@ fn the_device_path_submits_once_per_moe_layer_and_matches_the_per_call_path() {
             warm.forward(&[t], false).unwrap();
         }
         drop(warm);
+        let start = g.device_traffic().unwrap();
         let mut a = dev.forward(&tokens[..3], true).unwrap();
         let mut b = per_call.forward(&tokens[..3], true).unwrap();
         for &t in &tokens[3..] {
@@ -221,6 +222,11 @@ fn the_device_path_submits_once_per_moe_layer_and_matches_the_per_call_path() {
             assert_eq!(d.buffers_created, 0, "{name}: {d:?}");
             b.extend(per_call.forward(&[t], true).unwrap());
         }
+        // The same tokens meet the same weights: a second session
+        // uploads none (the per-head slices and transposed keys of latent
+        // attention included).
+        let d = g.device_traffic().unwrap().since(&start);
+        assert_eq!(d.weight_bytes_up, 0, "{name}: {d:?}");
         let rows = |l: Vec<f32>| -> Vec<Vec<f32>> {
             l.chunks_exact(c.vocab).map(<[f32]>::to_vec).collect()
         };

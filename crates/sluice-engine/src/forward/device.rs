@@ -21,6 +21,7 @@ use crate::model::{
     Attention, DeltaNet, Ffn, LatentAttn, LatentKv, MixerWeights, Model, Moe, PairProj,
 };
 use sluice_core::{DevBuf, DevOp, DeviceBatch, DeviceExec, Error, Result, WeightView};
+use std::sync::Mutex;
 
 /// Tokens per device pass: a longer batch runs in passes of this many.
 const CHUNK: usize = 64;
@@ -83,10 +84,27 @@ struct LatentBufs {
 
 /// For a latent layer stored jointly, each head's key rows transposed
 /// (see [`DevState::key_t`]); `None` for llama.cpp's split layout, whose
-/// `attn_k_b` is already transposed.
+/// `attn_k_b` is already transposed. Every session of one loaded model
+/// gives them the same weight ids (kept by the `kv_b` weight's id, which
+/// is never reused), so a backend keeps one device copy, not one per
+/// session.
 fn transposed_keys(model: &Model, a: &LatentAttn) -> Result<Option<Vec<HeadKeys>>> {
+    static IDS: Mutex<Vec<(u64, Vec<u64>)>> = Mutex::new(Vec::new());
     let LatentKv::Joint(kv_b) = &a.kv_b else {
         return Ok(None);
+    };
+    let ids = {
+        let mut all = IDS.lock().unwrap_or_else(|p| p.into_inner());
+        match all.iter().find(|(id, _)| *id == kv_b.id) {
+            Some((_, ids)) => ids.clone(),
+            None => {
+                let ids: Vec<u64> = (0..model.config.n_heads)
+                    .map(|_| sluice_core::fresh_weight_id())
+                    .collect();
+                all.push((kv_b.id, ids.clone()));
+                ids
+            }
+        }
     };
     let c = &model.config;
     let m = c.mla.expect("a latent layer has its shape");
@@ -94,7 +112,7 @@ fn transposed_keys(model: &Model, a: &LatentAttn) -> Result<Option<Vec<HeadKeys>
     let view = kv_b.view();
     let mut row = vec![0f32; l];
     let mut heads = Vec::with_capacity(c.n_heads);
-    for h in 0..c.n_heads {
+    for (h, &id) in ids.iter().enumerate() {
         let mut t = vec![0f32; l * nope];
         for i in 0..nope {
             view.row_into(h * (nope + vd) + i, &mut row);
@@ -103,7 +121,7 @@ fn transposed_keys(model: &Model, a: &LatentAttn) -> Result<Option<Vec<HeadKeys>
             }
         }
         let bytes: Vec<u8> = t.iter().flat_map(|v| v.to_le_bytes()).collect();
-        heads.push((bytes, sluice_core::fresh_weight_id()));
+        heads.push((bytes, id));
     }
     Ok(Some(heads))
 }
