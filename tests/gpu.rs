@@ -244,6 +244,11 @@ fn device_sessions_reset_snapshot_and_park_exactly() {
         let mut s = Session::new(model.clone(), g.clone());
         assert!(s.is_device_resident(), "{name}");
         let first = s.forward(&[1, 5, 9], false).unwrap();
+        // The state it reports holds what the per-call path's would.
+        let mut host = Session::new(model.clone(), g.clone());
+        host.set_device_forward(false);
+        host.forward(&[1, 5, 9], false).unwrap();
+        assert_eq!(s.kv_bytes(), host.kv_bytes(), "{name}");
         let snap = s.snapshot().unwrap();
         let a = s.forward(&[2, 7], true).unwrap();
         s.restore(&snap).unwrap();

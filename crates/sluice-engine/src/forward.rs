@@ -288,11 +288,19 @@ impl Session {
 
     /// Bytes held by the KV cache and the linear layers' states.
     pub fn kv_bytes(&self) -> usize {
-        if self.dev.is_some() {
-            let (kd, vd) = self.model.config.kv_widths();
-            return self.kv.len() * self.pos * (kd + vd) * 4;
-        }
-        let kv: usize = self.kv.iter().map(|(k, v)| (k.len() + v.len()) * 4).sum();
+        let kv: usize = match &self.dev {
+            // The caches are on the device: one entry per position.
+            Some(_) => {
+                let c = &self.model.config;
+                let (kd, vd) = c.kv_widths();
+                let caches = c
+                    .mixers
+                    .iter()
+                    .filter(|&&m| m == crate::config::Mixer::Attention);
+                caches.count() * self.pos * (kd + vd) * 4
+            }
+            None => self.kv.iter().map(|(k, v)| (k.len() + v.len()) * 4).sum(),
+        };
         let lin: usize = self
             .lin
             .iter()

@@ -152,6 +152,27 @@ impl Batch<'_> {
             .ops_pass(&mut self.lease, &mut self.enc, k, [a, b, c, d, e], q, grid)
     }
 
+    /// An in-place kernel over `len` values of `x` with one operand.
+    fn simple(
+        &mut self,
+        k: Kernel,
+        x: DevBuf,
+        b: Option<DevBuf>,
+        len: usize,
+        d: usize,
+        f0: f32,
+    ) -> Result<()> {
+        let bufs = [
+            self.buf(x)?,
+            self.opt(b, false)?,
+            self.be.dummy.clone(),
+            self.be.dummy_rw.clone(),
+            self.be.dummy_rw.clone(),
+        ];
+        let q = [len as u32, d.max(1) as u32, 0, 0, 0, 0, f0.to_bits(), 0];
+        self.flat(k, bufs, q, len)
+    }
+
     fn temp(&mut self, b: Buf, len: usize) -> DevBuf {
         let id = self.be.dev_id();
         self.temps.insert(id, b);
@@ -518,10 +539,7 @@ impl DeviceBatch for Batch<'_> {
         let mut bufs = Vec::with_capacity(reads.len());
         for (d, off, out) in reads.iter() {
             need(*d, off + out.len(), "a read-back")?;
-            bufs.push(match this.temps.get(&d.id) {
-                Some(b) => b.clone(),
-                None => this.be.kept_buf(*d)?,
-            });
+            bufs.push(this.buf(*d)?);
         }
         let mut r: Vec<(&Buf, u64, &mut [u8])> = bufs
             .iter()
@@ -529,28 +547,5 @@ impl DeviceBatch for Batch<'_> {
             .map(|(b, (_, off, out))| (b, *off as u64 * 4, bytemuck::cast_slice_mut(out)))
             .collect();
         this.be.finish(this.lease, this.enc, &mut r)
-    }
-}
-
-impl Batch<'_> {
-    /// An in-place kernel over `len` values of `x` with one operand.
-    fn simple(
-        &mut self,
-        k: Kernel,
-        x: DevBuf,
-        b: Option<DevBuf>,
-        len: usize,
-        d: usize,
-        f0: f32,
-    ) -> Result<()> {
-        let bufs = [
-            self.buf(x)?,
-            self.opt(b, false)?,
-            self.be.dummy.clone(),
-            self.be.dummy_rw.clone(),
-            self.be.dummy_rw.clone(),
-        ];
-        let q = [len as u32, d.max(1) as u32, 0, 0, 0, 0, f0.to_bits(), 0];
-        self.flat(k, bufs, q, len)
     }
 }

@@ -127,7 +127,7 @@ fn transposed_keys(model: &Model, a: &LatentAttn) -> Result<Option<Vec<HeadKeys>
 }
 
 /// A layer's small resident vectors, on the device.
-#[derive(Clone)]
+#[derive(Clone, Copy)]
 struct LayerBufs {
     attn_norm: DevBuf,
     ffn_norm: DevBuf,
@@ -537,28 +537,16 @@ impl Session {
             .expect("device state")
             .clear_lin(&mut *b)?;
         for (li, layer) in model.layers.iter().enumerate() {
-            let lb = self.dev.as_ref().expect("device state").layers[li].clone();
+            let lb = self.dev.as_ref().expect("device state").layers[li];
             let hs = b.scratch(n * h)?;
-            b.copy(x, 0, hs, 0, n * h)?;
-            b.op(DevOp::RmsNorm {
-                x: hs,
-                w: lb.attn_norm,
-                rows: n,
-                eps: c.rms_eps,
-            })?;
+            normed(&mut *b, x, 0, hs, lb.attn_norm, n, h, c.rms_eps)?;
             let o = match &layer.mixer {
                 MixerWeights::Attention(a) => self.dev_attention(&mut *b, li, a, &lb, hs, n)?,
                 MixerWeights::DeltaNet(d) => self.dev_delta_net(&mut *b, li, d, &lb, hs, n)?,
                 MixerWeights::Latent(a) => self.dev_latent(&mut *b, li, a, hs, n)?,
             };
             add(&mut *b, x, o, n, h)?;
-            b.copy(x, 0, hn, 0, n * h)?;
-            b.op(DevOp::RmsNorm {
-                x: hn,
-                w: lb.ffn_norm,
-                rows: n,
-                eps: c.rms_eps,
-            })?;
+            normed(&mut *b, x, 0, hn, lb.ffn_norm, n, h, c.rms_eps)?;
             match &layer.ffn {
                 Ffn::Dense(m) => {
                     let w = [m.gate.view(), m.up.view(), m.down.view()];
@@ -594,13 +582,7 @@ impl Session {
         let m = if all { n } else { 1 };
         let d = self.dev.as_ref().expect("device state");
         let xn = b.scratch(m * h)?;
-        b.copy(x, (n - m) * h, xn, 0, m * h)?;
-        b.op(DevOp::RmsNorm {
-            x: xn,
-            w: d.norm,
-            rows: m,
-            eps: c.rms_eps,
-        })?;
+        normed(&mut *b, x, n - m, xn, d.norm, m, h, c.rms_eps)?;
         let lg = b.scratch(m * c.vocab)?;
         b.matmul(&model.lm_head.view(), xn, m, lg)?;
         let mut logits = vec![0f32; m * c.vocab];
@@ -1010,27 +992,33 @@ impl Session {
                 let nt = toks.len();
                 let rows: Vec<u32> = toks.iter().map(|&(t, _)| t as u32).collect();
                 let wts: Vec<f32> = toks.iter().map(|&(_, wt)| wt).collect();
-                let ran = (|| -> Result<DevBuf> {
+                let ran = (|| -> Result<()> {
                     // Llama 4 weights the expert's input, the others its
                     // output.
-                    let xe = if n == 1 && !routing.gate_input {
-                        hn
-                    } else {
-                        let xe = b.scratch(nt * h)?;
-                        let idx = b.upload_u32(&rows)?;
-                        let scale = match routing.gate_input {
-                            true => Some(b.upload(&wts)?),
-                            false => None,
-                        };
-                        b.op(DevOp::Gather {
-                            x: hn,
-                            idx,
-                            scale,
-                            out: xe,
-                            rows: nt,
-                            d: h,
-                        })?;
-                        xe
+                    let wb = b.upload(&wts)?;
+                    let (scale, coef) = match routing.gate_input {
+                        true => (Some(wb), None),
+                        false => (None, Some(wb)),
+                    };
+                    // One token's own row is bound as it is.
+                    let idx = match n > 1 || routing.gate_input {
+                        true => Some(b.upload_u32(&rows)?),
+                        false => None,
+                    };
+                    let xe = match idx {
+                        Some(idx) => {
+                            let xe = b.scratch(nt * h)?;
+                            b.op(DevOp::Gather {
+                                x: hn,
+                                idx,
+                                scale,
+                                out: xe,
+                                rows: nt,
+                                d: h,
+                            })?;
+                            xe
+                        }
+                        None => hn,
                     };
                     let w3 = self.experts.expert(li, e, handle);
                     let bias = lb.expert_bias.map(|bs| {
@@ -1038,14 +1026,6 @@ impl Session {
                         [(bs[0], e * i), (bs[1], e * i), (bs[2], e * h)]
                     });
                     let y = dev_mlp(b, w3, bias, act, xe, nt)?;
-                    let idx = match n {
-                        1 => None,
-                        _ => Some(b.upload_u32(&rows)?),
-                    };
-                    let coef = match routing.gate_input {
-                        true => None,
-                        false => Some(b.upload(&wts)?),
-                    };
                     b.op(DevOp::Axpy {
                         y: out,
                         x: y,
@@ -1054,8 +1034,7 @@ impl Session {
                         idx,
                         coef,
                         sigmoid: false,
-                    })?;
-                    Ok(y)
+                    })
                 })();
                 if let Err(err) = ran {
                     return self.experts.abort(&wave[w..], err);
@@ -1147,6 +1126,28 @@ fn ungroup(
         }
     }
     Ok((out[0], out[1]))
+}
+
+/// Records `dst = RMSNorm(rows..rows + n of src)` for rows of `h` values
+/// (the residual stream stays as it is).
+#[allow(clippy::too_many_arguments)]
+fn normed(
+    b: &mut dyn DeviceBatch,
+    src: DevBuf,
+    row0: usize,
+    dst: DevBuf,
+    w: DevBuf,
+    n: usize,
+    h: usize,
+    eps: f32,
+) -> Result<()> {
+    b.copy(src, row0 * h, dst, 0, n * h)?;
+    b.op(DevOp::RmsNorm {
+        x: dst,
+        w,
+        rows: n,
+        eps,
+    })
 }
 
 /// `y += x` over `n` rows of `h`.
