@@ -166,6 +166,75 @@ fn bench_reports_gpu_time() {
     assert!(v.to_string().contains("GPU copies"), "{v}");
 }
 
+#[test]
+fn streamed_experts_are_bound_in_place_on_unified_memory() {
+    use sluice_core::DeviceExec;
+    let Some(g) = gpu() else { return };
+    let Some(align) = g.device_exec().and_then(|x| x.host_align()) else {
+        // Only a CPU adapter without the import extension may lack it.
+        assert!(!g.is_cpu_adapter(), "lavapipe imports host memory");
+        eprintln!("skipped: {} binds no host memory", g.describe());
+        return;
+    };
+    assert!(align.is_power_of_two(), "{align}");
+    let bench = |name: &str, io: &str, copy: bool| {
+        let p = fixtures().join("models").join(name);
+        let mut a = vec![
+            "bench",
+            "--model",
+            p.to_str().unwrap(),
+            "--backend",
+            "wgpu",
+            "--ram-cap",
+            "256M",
+            "--cache-slots",
+            "8",
+            "--io",
+            io,
+            "--tokens",
+            "4",
+            "--prompt-tokens",
+            "3",
+            "--json",
+        ];
+        if copy {
+            a.push("--gpu-copy-experts");
+        }
+        let (out, _) = run_ok(&a);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let w = &v["warm"];
+        let f = |k: &str| w[k].as_f64().unwrap_or_else(|| panic!("{k}: {v}"));
+        (
+            f("gpu_weight_bytes_up_per_token"),
+            f("gpu_weight_bytes_bound_per_token"),
+        )
+    };
+    // Safetensors, MLX (scales and biases bound too), GGUF's Q4_0 and
+    // 16-bit types, latent attention; O_DIRECT reads and buffered ones.
+    for (name, ios) in [
+        ("qwen3_moe", &["pread", "uring"][..]),
+        ("qwen2_moe.q4_0.gguf", &["pread", "uring"]),
+        ("qwen3_5_moe_mlx", &["pread"]),
+        ("olmoe.bf16.gguf", &["pread"]),
+        ("mixtral.f16.gguf", &["uring"]),
+        ("deepseek_v3", &["pread"]),
+    ] {
+        for &io in ios {
+            // A decode token copies no weight byte: the drive wrote the
+            // experts where the kernels read them.
+            let (up, bound) = bench(name, io, false);
+            assert_eq!(
+                up, 0.0,
+                "{name} with {io}: {up} weight bytes copied per token"
+            );
+            assert!(bound > 0.0, "{name} with {io}");
+            // Copying instead moves the same bytes.
+            let (up_c, bound_c) = bench(name, io, true);
+            assert_eq!((up_c, bound_c), (bound, 0.0), "{name} with {io}");
+        }
+    }
+}
+
 /// Every fixture model (folders and GGUF files).
 fn fixture_models() -> Vec<std::path::PathBuf> {
     let mut v: Vec<_> = std::fs::read_dir(fixtures().join("models"))

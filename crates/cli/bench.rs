@@ -136,6 +136,7 @@ impl Pass {
             "gpu_buffers_created_per_token": self.gpu_traffic.map(|t| per(t.buffers_created)),
             "gpu_activation_bytes_up_per_token": self.gpu_traffic.map(|t| per(t.activation_bytes_up)),
             "gpu_weight_bytes_up_per_token": self.gpu_traffic.map(|t| per(t.weight_bytes_up)),
+            "gpu_weight_bytes_bound_per_token": self.gpu_traffic.map(|t| per(t.weight_bytes_bound)),
             "gpu_bytes_down_per_token": self.gpu_traffic.map(|t| per(t.bytes_down)),
         })
     }
@@ -525,13 +526,14 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             );
             let kb = |k: &str| p[k].as_f64().unwrap_or(0.0) / 1e3;
             println!(
-                "  {name:<5} gpu        per token: {} submissions ({} per layer), {} waits, {} buffers created, {:.1} kB of activations and {:.1} kB of weights up, {:.1} kB back",
+                "  {name:<5} gpu        per token: {} submissions ({} per layer), {} waits, {} buffers created, {:.1} kB of activations and {:.1} kB of weights up, {:.1} kB of streamed weights bound in place, {:.1} kB back",
                 f(&p["gpu_submissions_per_token"]),
                 f(&p["gpu_submissions_per_layer"]),
                 f(&p["gpu_waits_per_token"]),
                 f(&p["gpu_buffers_created_per_token"]),
                 kb("gpu_activation_bytes_up_per_token"),
                 kb("gpu_weight_bytes_up_per_token"),
+                kb("gpu_weight_bytes_bound_per_token"),
                 kb("gpu_bytes_down_per_token"),
             );
         }

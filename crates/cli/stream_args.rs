@@ -44,6 +44,11 @@ pub struct ModelArgs {
     /// MoE layer), to compare the two.
     #[arg(long)]
     pub gpu_per_call: bool,
+    /// With --backend wgpu on a GPU that shares the host's RAM: copy each
+    /// streamed expert into a device buffer per use instead of binding its
+    /// slot in place, to compare the two.
+    #[arg(long)]
+    pub gpu_copy_experts: bool,
     /// How the CPU multiplies quantized weights: q16 (activations as 8-bit
     /// codes plus an 8-bit residual per 32 values, integer kernels; within
     /// 1e-3 × max|logit| of exact on the oracle fixtures but one, 2.6e-3 on
@@ -239,6 +244,7 @@ pub fn run_options(m: &ModelArgs) -> Result<RunOptions> {
         flash_gbps: m.flash_gbps,
         gpu_resident: parse_size(&m.gpu_resident).context("--gpu-resident")?,
         gpu_per_call: m.gpu_per_call,
+        gpu_copy_experts: m.gpu_copy_experts,
         activations: m.activations,
         experts_k: m.experts_k,
         ram_cap: s.ram_cap,

@@ -3,11 +3,12 @@
 use crate::wgsl;
 
 mod exec;
+mod host;
 
 use parking_lot::Mutex;
 use sluice_core::ops::{Rope, RopeStyle};
 use sluice_core::{AttnParams, Backend, DType, DeviceTraffic, Error, Result, WeightView};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -47,6 +48,11 @@ pub struct WgpuOptions {
     /// the device and submits once per layer. `false` keeps one round
     /// trip per operation (the path to compare against).
     pub device_forward: bool,
+    /// On unified-memory adapters that can import host memory, bind
+    /// streamed experts where the drive wrote them
+    /// ([`sluice_core::DeviceExec::map_host`]); `false` copies them into
+    /// device buffers per use (the path to compare against).
+    pub bind_host: bool,
 }
 
 impl Default for WgpuOptions {
@@ -60,6 +66,7 @@ impl Default for WgpuOptions {
             rows_per_invocation: None,
             mapped: true,
             device_forward: true,
+            bind_host: true,
         }
     }
 }
@@ -96,12 +103,17 @@ struct Chunk {
     rows: usize,
     w: Buf,
     aux: Option<[Buf; 2]>,
+    /// Where the data, scales and biases start in their bindings: a word
+    /// of the data, a value of the scales and biases (non-zero for weights
+    /// bound in place in host memory).
+    offs: [u32; 3],
 }
 
 /// A device buffer and the bytes of it that a call binds.
 #[derive(Clone)]
 struct Buf {
     b: wgpu::Buffer,
+    off: u64,
     len: u64,
 }
 
@@ -171,6 +183,8 @@ struct State {
     resident_bytes: u64,
     /// Session buffers of the device-resident executor.
     dev: HashMap<u64, Buf>,
+    /// Host memory bound in place, by start address.
+    hosts: BTreeMap<usize, host::HostMap>,
 }
 
 /// The wgpu backend.
@@ -201,6 +215,8 @@ pub struct WgpuBackend {
     /// Names of device-resident buffers (session and batch).
     dev_ids: AtomicU64,
     device_forward: bool,
+    /// Alignment of host memory the device imports; `None`: no imports.
+    host_align: Option<usize>,
     errors: Arc<Mutex<Option<String>>>,
 }
 
@@ -256,15 +272,18 @@ impl WgpuBackend {
         limits.max_storage_buffers_per_shader_stage =
             alimits.max_storage_buffers_per_shader_stage.min(8);
         limits.max_compute_workgroup_storage_size = alimits.max_compute_workgroup_storage_size;
-        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        let desc = wgpu::DeviceDescriptor {
             label: Some("sluice"),
             required_features: want,
             required_limits: limits.clone(),
             experimental_features: wgpu::ExperimentalFeatures::disabled(),
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
-        }))
-        .map_err(|e| gpu_err(&format!("cannot open {}", info.name), e))?;
+        };
+        // Host memory is bound in place only where the device reads the
+        // host's RAM anyway.
+        let (device, queue, host_align) = host::open(&adapter, &desc, unified && opts.bind_host)
+            .map_err(|e| gpu_err(&format!("cannot open {}", info.name), e))?;
         let errors: Arc<Mutex<Option<String>>> = Arc::default();
         let sink = errors.clone();
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
@@ -331,6 +350,7 @@ impl WgpuBackend {
                 usage: wgpu::BufferUsages::STORAGE,
                 mapped_at_creation: false,
             }),
+            off: 0,
             len: 16,
         };
         let (dummy, dummy_rw) = (filler("dummy"), filler("dummy_rw"));
@@ -364,6 +384,7 @@ impl WgpuBackend {
             gpu_ns: AtomicU64::new(0),
             dev_ids: AtomicU64::new(1),
             device_forward: opts.device_forward,
+            host_align,
             errors,
         })
     }
@@ -529,6 +550,7 @@ impl WgpuBackend {
         });
         let b = Buf {
             b: p.b.clone(),
+            off: 0,
             len,
         };
         lease.held.push((u, class, p));
@@ -650,7 +672,7 @@ impl WgpuBackend {
             t.weight_bytes_up += n;
         });
         self.check()?;
-        Ok(Buf { b, len })
+        Ok(Buf { b, off: 0, len })
     }
 
     /// The first device error since the last check (wgpu reports them
@@ -663,10 +685,11 @@ impl WgpuBackend {
     }
 
     /// Kernel parameters in a pooled uniform buffer.
-    fn params(&self, lease: &mut Lease<'_>, q: &[u32; 8]) -> Buf {
-        let b = self.take(lease, Use::Uniform, 32);
+    fn params(&self, lease: &mut Lease<'_>, q: &[u32]) -> Buf {
+        let bytes = std::mem::size_of_val(q) as u64;
+        let b = self.take(lease, Use::Uniform, bytes);
         self.queue.write_buffer(&b.b, 0, bytemuck::cast_slice(q));
-        self.count(|t| t.activation_bytes_up += 32);
+        self.count(|t| t.activation_bytes_up += bytes);
         b
     }
 
@@ -724,6 +747,7 @@ impl WgpuBackend {
                 rows,
                 w: buf,
                 aux,
+                offs: [0; 3],
             });
             r0 += rows;
         }
@@ -732,8 +756,9 @@ impl WgpuBackend {
     }
 
     /// The device copy of `w`: the kept one for a resident weight (made on
-    /// first use while the budget allows), else one in buffers the call
-    /// holds.
+    /// first use while the budget allows), the bytes where they lie for a
+    /// weight in imported host memory (a streamed expert's slot), else one
+    /// in buffers the call holds.
     fn weight(&self, w: &WeightView<'_>, lease: &mut Lease<'_>) -> Result<Arc<GpuWeight>> {
         if let Some(id) = w.id.map(|i| (i, w.part)) {
             if let Some(g) = self.state.lock().resident.get(&id) {
@@ -747,6 +772,10 @@ impl WgpuBackend {
                 st.resident.insert(id, g.clone());
                 return Ok(g);
             }
+        }
+        if let Some(g) = self.in_place(w) {
+            w.check()?;
+            return Ok(Arc::new(g));
         }
         Ok(Arc::new(self.to_device(w, Some(lease))?))
     }
@@ -780,7 +809,7 @@ impl WgpuBackend {
         let maxg = self.limits.max_compute_workgroups_per_dimension as usize;
         let mut binds = Vec::with_capacity(g.chunks.len());
         for c in &g.chunks {
-            let params: [u32; 8] = [
+            let params: [u32; 12] = [
                 c.rows as u32,
                 w.cols as u32,
                 n as u32,
@@ -789,6 +818,10 @@ impl WgpuBackend {
                 c.r0 as u32,
                 w.cols.div_ceil(32) as u32,
                 ab,
+                c.offs[0] * 4,
+                c.offs[1],
+                c.offs[2],
+                0,
             ];
             let pb = self.params(lease, &params);
             let (sc, bi) = match &c.aux {
@@ -1211,7 +1244,7 @@ fn bind(binding: u32, b: &Buf) -> wgpu::BindGroupEntry<'_> {
         binding,
         resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
             buffer: &b.b,
-            offset: 0,
+            offset: b.off,
             size: std::num::NonZeroU64::new(b.len),
         }),
     }

@@ -28,6 +28,10 @@ struct P {
     y_off: u32,
     units: u32,
     aux_row: u32,
+    w_off: u32,
+    sc_off: u32,
+    bi_off: u32,
+    pad: u32,
 }
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
@@ -240,7 +244,8 @@ fn decoder(dtype: DType, f16: bool) -> String {
         };
         src.push_str(&format!(
             "const BITS: u32 = {}u;\nconst GROUP: u32 = {}u;\n\
-             fn scale(i: u32) -> f32 {{ {} }}\nfn bias(i: u32) -> f32 {{ {} }}\n",
+             fn scale(g: u32) -> f32 {{ let i = g + p.sc_off; {} }}\n\
+             fn bias(g: u32) -> f32 {{ let i = g + p.bi_off; {} }}\n",
             q.bits,
             q.group,
             conv("sc"),
@@ -297,7 +302,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let t0 = wid.z * TT;
     let nt = min(TT, p.n - t0);
     var acc: array<f32, 8>;
-    let rb = r * p.row_bytes;
+    let rb = p.w_off + r * p.row_bytes;
     for (var u = li; u < p.units; u += WG) {{
         deq(rb, u, r);
         let e0 = u * 32u;
@@ -523,7 +528,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 }}
 ",
             unroll(rl, |j| format!(
-                "    let r{j} = min(first + {j}u, p.rows - 1u); let rb{j} = r{j} * p.row_bytes; var acc{j} = 0.0;"
+                "    let r{j} = min(first + {j}u, p.rows - 1u); let rb{j} = p.w_off + r{j} * p.row_bytes; var acc{j} = 0.0;"
             )),
             load_unit("        "),
             unroll(rl, |j| format!("        acc{j} += dotx(rb{j}, u, r{j}, {xs}xs);")),
@@ -563,7 +568,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         @builtin(local_invocation_index) li: u32{extra_args}) {{
     let r = wid.x + wid.y * nwg.x;
     if (r >= p.rows) {{ return; }}
-    let rb = r * p.row_bytes;
+    let rb = p.w_off + r * p.row_bytes;
     var acc = 0.0;
     for (var u = li; u < p.units; u += WG) {{
 {}

@@ -205,6 +205,109 @@ fn split_bindings_give_the_same_products() {
     }
 }
 
+/// Weights lying in host memory the device imported (a streamer's slots)
+/// are bound where they lie, at any word offset, split across bindings,
+/// and multiply as the copied ones do; FP8 (whose scales are expanded) and
+/// data off a word boundary are copied instead.
+#[test]
+fn weights_in_imported_host_memory_are_bound_in_place() {
+    use sluice_core::DeviceExec;
+    let cpu = exact_cpu();
+    for max_binding in [None, Some(1024)] {
+        let Some(g) = gpu(WgpuOptions {
+            max_binding,
+            ..WgpuOptions::default()
+        }) else {
+            return;
+        };
+        let x: &dyn DeviceExec = &g;
+        let Some(align) = x.host_align() else {
+            assert!(!g.is_cpu_adapter(), "lavapipe imports host memory");
+            eprintln!("skipped: {} binds no host memory", g.describe());
+            return;
+        };
+        let len = 64 * align;
+        let mut store = vec![0u8; len + align];
+        let start = store.as_ptr().align_offset(align);
+        let region = &mut store[start..start + len];
+        // SAFETY: `store` outlives the import (forgotten below) and is not
+        // written while a product that reads it runs.
+        assert!(unsafe { x.map_host(region.as_ptr(), len) }.unwrap());
+        // Split bindings (1 KiB) for types whose rows fit one.
+        let types = match max_binding {
+            None => all_types(),
+            Some(_) => vec![
+                DType::Q8_0,
+                DType::Q4_K,
+                DType::Q6_K,
+                DType::F16,
+                DType::Mlx(MlxQuant::new(4, 64, HalfType::Bf16).unwrap()),
+            ],
+        };
+        for dt in types {
+            let cols = match (max_binding, dt.block_size()) {
+                (Some(_), _) => 256,
+                (None, 1) => 301,
+                (None, _) => 512,
+            };
+            let w = Owned::random(dt, 37, cols, 11);
+            for (off, in_place) in [(0, true), (36, true), (4100, true), (2, false)] {
+                let in_place = in_place && !matches!(dt, DType::FP8(_));
+                // Data at `off`, then the scales and biases, each at an odd
+                // multiple of 4 bytes.
+                let so = (off + w.data.len()).next_multiple_of(4) + 12;
+                let bo = (so + w.scales.len()).next_multiple_of(4) + 4;
+                assert!(bo + w.biases.len() <= len);
+                region[off..off + w.data.len()].copy_from_slice(&w.data);
+                region[so..so + w.scales.len()].copy_from_slice(&w.scales);
+                region[bo..bo + w.biases.len()].copy_from_slice(&w.biases);
+                let v = WeightView::with_aux(
+                    dt,
+                    37,
+                    cols,
+                    &region[off..off + w.data.len()],
+                    &region[so..so + w.scales.len()],
+                    &region[bo..bo + w.biases.len()],
+                )
+                .unwrap();
+                for n in [1usize, 3] {
+                    let xs = floats(n * cols, 5 + n as u64);
+                    let (mut a, mut b) = (vec![0f32; n * 37], vec![0f32; n * 37]);
+                    let before = g.device_traffic().unwrap();
+                    g.matmul(v, &xs, n, &mut a).unwrap();
+                    let t = g.device_traffic().unwrap().since(&before);
+                    cpu.matmul(w.view(), &xs, n, &mut b).unwrap();
+                    let e = rel_err(&a, &b);
+                    let what = format!("{dt} at {off}, n={n}, binding {max_binding:?}");
+                    assert!(e < 1e-5, "{what}: relative error {e}");
+                    let bytes = (w.data.len() + w.scales.len() + w.biases.len()) as u64;
+                    match in_place {
+                        true => assert_eq!(
+                            (t.weight_bytes_up, t.weight_bytes_bound),
+                            (0, bytes),
+                            "{what}"
+                        ),
+                        false => assert_eq!(t.weight_bytes_bound, 0, "{what}"),
+                    }
+                }
+            }
+        }
+        x.forget_host(region.as_ptr());
+        // Forgotten: copied again.
+        let w = Owned::random(DType::Q8_0, 8, 64, 1);
+        region[..w.data.len()].copy_from_slice(&w.data);
+        let v =
+            WeightView::with_aux(DType::Q8_0, 8, 64, &region[..w.data.len()], &[], &[]).unwrap();
+        let before = g.device_traffic().unwrap();
+        g.matmul(v, &floats(64, 1), 1, &mut [0f32; 8]).unwrap();
+        let t = g.device_traffic().unwrap().since(&before);
+        assert_eq!(
+            (t.weight_bytes_up, t.weight_bytes_bound),
+            (w.data.len() as u64, 0)
+        );
+    }
+}
+
 #[test]
 fn resident_weights_are_uploaded_once() {
     let Some(g) = gpu(WgpuOptions::default()) else {

@@ -253,6 +253,9 @@ pub struct DeviceTraffic {
     pub weight_bytes_up: u64,
     /// Bytes read back from the device to the host.
     pub bytes_down: u64,
+    /// Streamed weight bytes the kernels read in place, from host memory
+    /// the device shares (not copied).
+    pub weight_bytes_bound: u64,
 }
 
 impl DeviceTraffic {
@@ -265,6 +268,7 @@ impl DeviceTraffic {
             activation_bytes_up: self.activation_bytes_up - earlier.activation_bytes_up,
             weight_bytes_up: self.weight_bytes_up - earlier.weight_bytes_up,
             bytes_down: self.bytes_down - earlier.bytes_down,
+            weight_bytes_bound: self.weight_bytes_bound - earlier.weight_bytes_bound,
         }
     }
 }

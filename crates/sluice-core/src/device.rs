@@ -286,4 +286,33 @@ pub trait DeviceExec: Send + Sync {
     fn release(&self, b: DevBuf);
     /// A new batch.
     fn batch(&self) -> Box<dyn DeviceBatch + '_>;
+
+    /// The alignment (of its start and of its length) host memory needs
+    /// for [`map_host`](Self::map_host); `None` when the device cannot
+    /// bind host memory in place (a discrete GPU, or a driver without host
+    /// memory import).
+    fn host_align(&self) -> Option<usize> {
+        None
+    }
+
+    /// From now on, weights whose bytes lie in `[ptr, ptr + len)` (a
+    /// streamer's expert slot) are bound by the kernels where they are
+    /// instead of being copied into device buffers. Returns whether the
+    /// device took the memory (`false`: weights in it are still copied).
+    ///
+    /// # Safety
+    ///
+    /// The memory must stay allocated until [`forget_host`](Self::forget_host)
+    /// returns for `ptr`, and the caller must not write it while a batch
+    /// that reads it has not been submitted and waited for.
+    unsafe fn map_host(&self, ptr: *const u8, len: usize) -> Result<bool> {
+        let _ = (ptr, len);
+        Ok(false)
+    }
+
+    /// Stops binding the memory mapped at `ptr`; returns once the device
+    /// holds no reference to it.
+    fn forget_host(&self, ptr: *const u8) {
+        let _ = ptr;
+    }
 }

@@ -49,6 +49,14 @@ pub trait ExpertSource: Send {
         None
     }
 
+    /// Whether the backend binds this source's fetched experts where they
+    /// lie (streamer slots imported by the device): a slot must then stay
+    /// pinned until the device has run the work that reads it, not only
+    /// until that work is recorded.
+    fn bound_in_place(&self) -> bool {
+        false
+    }
+
     /// Replayed routes are in use: a source that prefetches by the
     /// oracle learns the future from them.
     fn set_replay(&mut self, replay: &Arc<Replay>) {
@@ -110,16 +118,51 @@ impl ExpertSource for Resident {
 /// Experts streamed from storage under the RAM cap.
 pub struct Streamed {
     streamer: Streamer,
+    backend: Arc<dyn Backend>,
+    /// Slots the backend's device binds in place (imported host memory),
+    /// let go before the streamer frees them.
+    mapped: Vec<*const u8>,
 }
+
+// SAFETY: `mapped` only names slot memory the streamer owns (which is
+// Send); the pointers are handed back to the backend, never dereferenced.
+unsafe impl Send for Streamed {}
 
 impl Streamed {
     /// `streamer` (opened on `model`) as the experts' source; speculative
-    /// gating, when chosen, runs `model`'s routers on `backend`.
+    /// gating, when chosen, runs `model`'s routers on `backend`. A backend
+    /// whose device can bind host memory gets the slots to bind in place.
     pub fn new(mut streamer: Streamer, model: Arc<Model>, backend: Arc<dyn Backend>) -> Self {
         if streamer.prefetch() == Prefetch::Gate {
-            streamer.set_predictor(Box::new(Gate::new(model, backend)));
+            streamer.set_predictor(Box::new(Gate::new(model, backend.clone())));
         }
-        Streamed { streamer }
+        let mut mapped = Vec::new();
+        if let Some(x) = backend.device_exec() {
+            for (p, len) in streamer.slot_memory() {
+                // SAFETY: the slots live as long as the streamer, which
+                // outlives the mapping (`Drop` forgets it first), and a slot
+                // is written only once unpinned, which `done` defers until
+                // the device has run the work that reads it.
+                if let Ok(true) = unsafe { x.map_host(p, len) } {
+                    mapped.push(p);
+                }
+            }
+        }
+        Streamed {
+            streamer,
+            backend,
+            mapped,
+        }
+    }
+}
+
+impl Drop for Streamed {
+    fn drop(&mut self) {
+        if let Some(x) = self.backend.device_exec() {
+            for &p in &self.mapped {
+                x.forget_host(p);
+            }
+        }
     }
 }
 
@@ -161,6 +204,10 @@ impl ExpertSource for Streamed {
 
     fn streamer(&self) -> Option<&Streamer> {
         Some(&self.streamer)
+    }
+
+    fn bound_in_place(&self) -> bool {
+        !self.mapped.is_empty()
     }
 
     fn set_replay(&mut self, replay: &Arc<Replay>) {

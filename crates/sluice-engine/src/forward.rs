@@ -53,6 +53,9 @@ pub struct Session {
     device_forward: bool,
     /// What the session keeps on the device, once on that path.
     dev: Option<device::DevState>,
+    /// Experts `(id, handle)` bound in place that the device has not run
+    /// yet: pinned until the batch that reads them is waited for.
+    held: Vec<(usize, usize)>,
     /// Positions the caller reserved room for (0: unknown).
     ctx_hint: usize,
 }
@@ -88,6 +91,7 @@ impl Session {
             replay: None,
             device_forward: true,
             dev: None,
+            held: Vec::new(),
             ctx_hint: 0,
         }
     }

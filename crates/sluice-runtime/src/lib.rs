@@ -55,6 +55,9 @@ pub struct RunOptions {
     /// With [`BackendKind::Gpu`]: one round trip per operation instead of
     /// the device-resident forward pass.
     pub gpu_per_call: bool,
+    /// With [`BackendKind::Gpu`]: copy streamed experts into device
+    /// buffers per use even where the GPU could bind their slots in place.
+    pub gpu_copy_experts: bool,
     /// How the CPU multiplies quantized weights.
     pub activations: Activations,
     /// Routed experts per token instead of the model's own (announced).
@@ -110,6 +113,7 @@ impl Default for RunOptions {
             flash_gbps: None,
             gpu_resident: 1 << 30,
             gpu_per_call: false,
+            gpu_copy_experts: false,
             activations: Activations::Q16,
             experts_k: None,
             ram_cap: None,
@@ -319,6 +323,12 @@ pub fn open(o: &RunOptions, ctx: usize, batch: usize) -> Result<Opened> {
         BackendKind::Gpu => Some(open_gpu(&o, &mut notes, &mut device_copies)?),
         _ => None,
     };
+    // A GPU that binds expert slots in place takes them page-aligned.
+    let slot_align = gpu
+        .as_ref()
+        .and_then(|g| g.device_exec())
+        .and_then(|x| x.host_align())
+        .unwrap_or(0);
     if o.prefetch == Some(Prefetch::Oracle) && o.replay.is_none() {
         return Err(Error::Invalid(
             "the oracle predictor needs a replayed trace (--replay) to know the future from".into(),
@@ -432,6 +442,7 @@ pub fn open(o: &RunOptions, ctx: usize, batch: usize) -> Result<Opened> {
         device_copies,
         state_copies: o.state_copies,
         kv_copies: o.kv_copies,
+        slot_align,
         engine_wrap: clock.clone().map(|c| {
             EngineWrap(Arc::new(move |e| {
                 Box::new(PacedEngine::new(e, c.clone())) as Box<dyn sluice_io::ReadEngine>
@@ -507,6 +518,7 @@ fn open_gpu(
     let g = WgpuBackend::new(&WgpuOptions {
         resident_budget: o.gpu_resident,
         device_forward: !o.gpu_per_call,
+        bind_host: !o.gpu_copy_experts,
         ..WgpuOptions::default()
     })?;
     notes.push(format!("GPU backend: {}", g.describe()));

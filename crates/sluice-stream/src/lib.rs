@@ -89,6 +89,10 @@ pub struct StreamOptions {
     /// layers' state each) the caller keeps: conversations a server puts
     /// aside between requests.
     pub kv_copies: usize,
+    /// Alignment of each slot's start and length (0: the read engine's):
+    /// a GPU that binds slots in place takes whole pages
+    /// (`DeviceExec::host_align`).
+    pub slot_align: usize,
 }
 
 /// A function that wraps a read engine in another.
@@ -124,6 +128,7 @@ impl Default for StreamOptions {
             device_copies: 0,
             state_copies: 0,
             kv_copies: 0,
+            slot_align: 0,
         }
     }
 }

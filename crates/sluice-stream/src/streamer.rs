@@ -182,7 +182,15 @@ impl Streamer {
                 }
             }
         }
-        let max_plan = plans.max_plan;
+        // A slot holds the largest expert, whole pages of it when a device
+        // binds slots in place.
+        let slot_align = opts.slot_align.max(1);
+        if !slot_align.is_power_of_two() {
+            return Err(Error::Invalid(format!(
+                "slot alignment {slot_align} is not a power of two"
+            )));
+        }
+        let max_plan = plans.max_plan.max(1).next_multiple_of(slot_align);
         let cap = opts.ram_cap.unwrap_or(u64::MAX);
         let b = Budget {
             cap,
@@ -223,7 +231,7 @@ impl Streamer {
         // Slots: one aligned buffer each, allocated now, never per read.
         let mut bufs = Vec::with_capacity(slots);
         for _ in 0..slots {
-            bufs.push(AlignedBuf::new(max_plan.max(1), align.max(64))?);
+            bufs.push(AlignedBuf::new(max_plan, align.max(64).max(slot_align))?);
         }
         // The pointers stay valid when the buffers move into the engine
         // (an AlignedBuf's memory does not move with it).
@@ -669,6 +677,13 @@ impl Streamer {
             out.push((e, s));
         }
         Ok(out.into_iter().map(|(_, s)| s).collect())
+    }
+
+    /// Each slot's memory, `(start, bytes)`: what a device that binds
+    /// slots in place imports. The memory lives as long as the streamer.
+    pub fn slot_memory(&self) -> Vec<(*const u8, usize)> {
+        let n = self.io.slot_bytes;
+        self.io.ptrs.iter().map(|&p| (p as *const u8, n)).collect()
     }
 
     /// Undoes one pin taken by [`pin_experts`](Self::pin_experts).

@@ -51,7 +51,14 @@ impl DeviceExec for WgpuBackend {
         self.count(|t| t.buffers_created += 1);
         self.check()?;
         let id = self.dev_id();
-        self.state.lock().dev.insert(id, Buf { b, len: bytes });
+        self.state.lock().dev.insert(
+            id,
+            Buf {
+                b,
+                off: 0,
+                len: bytes,
+            },
+        );
         Ok(DevBuf { id, len })
     }
 
@@ -94,6 +101,19 @@ impl DeviceExec for WgpuBackend {
             enc: self.encoder(),
             temps: HashMap::new(),
         })
+    }
+
+    fn host_align(&self) -> Option<usize> {
+        self.host_align
+    }
+
+    unsafe fn map_host(&self, ptr: *const u8, len: usize) -> Result<bool> {
+        // SAFETY: the caller's promise is the one `import_host` needs.
+        Ok(unsafe { self.import_host(ptr, len) })
+    }
+
+    fn forget_host(&self, ptr: *const u8) {
+        self.forget_import(ptr)
     }
 }
 

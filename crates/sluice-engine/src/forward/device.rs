@@ -164,6 +164,8 @@ pub(super) struct DevState {
     x: DevBuf,
     /// The MoE block's normalized input, `CHUNK × hidden`.
     hn: DevBuf,
+    /// The routed experts' sum, `CHUNK × hidden`.
+    moe_out: DevBuf,
     /// A decode token's attention scores, `heads × cap`.
     scores: DevBuf,
     /// `head_dim` ones (Llama 4's weightless q/k norm).
@@ -266,6 +268,7 @@ impl DevState {
             norm: put(x, &model.norm)?,
             x: x.alloc(CHUNK * c.hidden)?,
             hn: x.alloc(CHUNK * c.hidden)?,
+            moe_out: x.alloc(CHUNK * c.hidden)?,
             scores: x.alloc(c.n_heads * cap)?,
             ones: put(x, &vec![1f32; c.head_dim])?,
             no_sinks: put(x, &vec![f32::MIN; c.n_heads])?,
@@ -278,6 +281,7 @@ impl DevState {
             self.norm,
             self.x,
             self.hn,
+            self.moe_out,
             self.scores,
             self.ones,
             self.no_sinks,
@@ -501,10 +505,10 @@ impl Session {
         let passes = n.div_ceil(CHUNK);
         for (i, chunk) in tokens.chunks(CHUNK).enumerate() {
             let last = i + 1 == passes;
-            if !all_logits && !last {
-                self.pass(exec, chunk, None)?;
-            } else {
-                out.extend(self.pass(exec, chunk, Some(all_logits))?);
+            let logits_of = (all_logits || last).then_some(all_logits);
+            match self.pass(exec, chunk, logits_of) {
+                Ok(l) => out.extend(l),
+                Err(e) => return Err(self.drop_held(e)),
             }
         }
         Ok(out)
@@ -566,18 +570,21 @@ impl Session {
                     }
                     let mut logits = vec![0f32; n * ne];
                     b.submit(&mut [(lg, 0, &mut logits)])?;
+                    self.release_held()?;
                     self.tick()?;
                     b = exec.batch();
                     let mut chosen = vec![0usize; n * c.top_k];
                     self.choose(m, &mut logits, n, &mut chosen, false)?;
                     let assigned = self.assign(li, &logits, &mut chosen, n);
-                    self.dev_experts(&mut *b, li, m, &lb, x, hn, n, &chosen, &assigned)?;
+                    self.dev_experts(exec, &mut b, li, m, &lb, x, hn, n, &chosen, &assigned)?;
                 }
             }
         }
         self.pos += n;
         let Some(all) = logits_of else {
-            return b.submit(&mut []).map(|_| Vec::new());
+            b.submit(&mut [])?;
+            self.release_held()?;
+            return Ok(Vec::new());
         };
         let m = if all { n } else { 1 };
         let d = self.dev.as_ref().expect("device state");
@@ -587,7 +594,31 @@ impl Session {
         b.matmul(&model.lm_head.view(), xn, m, lg)?;
         let mut logits = vec![0f32; m * c.vocab];
         b.submit(&mut [(lg, 0, &mut logits)])?;
+        self.release_held()?;
         Ok(logits)
+    }
+
+    /// Lets go of the slots of experts bound in place, which stay pinned
+    /// until the batch that reads them has been submitted and waited for
+    /// (the drive may then overwrite them).
+    fn release_held(&mut self) -> Result<()> {
+        let held = std::mem::take(&mut self.held);
+        for (i, &(_, h)) in held.iter().enumerate() {
+            self.experts.done(h, &held[i + 1..])?;
+        }
+        Ok(())
+    }
+
+    /// After a failed pass: lets go of the slots still held; returns
+    /// `err`.
+    pub(super) fn drop_held(&mut self, err: Error) -> Error {
+        let held = std::mem::take(&mut self.held);
+        match held.is_empty() {
+            true => err,
+            false => self.experts.abort(&held, err).err().unwrap_or_else(|| {
+                Error::Invalid("a device pass failed and its experts were let go".into())
+            }),
+        }
     }
 
     /// Records softmax attention of the normalized rows `hn`; returns the
@@ -960,9 +991,10 @@ impl Session {
     /// ascending order, as on the per-call path) and the shared expert,
     /// and adds their sum to the residual stream `x`.
     #[allow(clippy::too_many_arguments)]
-    fn dev_experts(
+    fn dev_experts<'e>(
         &mut self,
-        b: &mut dyn DeviceBatch,
+        exec: &'e dyn DeviceExec,
+        bx: &mut Box<dyn DeviceBatch + 'e>,
         li: usize,
         m: &Moe,
         lb: &LayerBufs,
@@ -980,12 +1012,23 @@ impl Session {
         self.experts.routed(li, &per_token, &[]);
         let wanted = super::wanted(assigned);
         let step = (self.pos + n - 1) as u64;
-        let out = b.scratch(n * h)?;
-        b.zero(out, n * h)?;
+        // A session buffer, so that the sum survives a batch submitted
+        // midway (below).
+        let out = self.dev.as_ref().expect("device state").moe_out;
+        bx.zero(out, n * h)?;
+        let in_place = self.experts.bound_in_place();
         let mut wave = Vec::new();
         let mut i = 0;
         while i < wanted.len() {
+            if in_place && !self.held.is_empty() {
+                // The slots hold fewer experts than the layer wants and the
+                // ones bound in place stay pinned until the device has read
+                // them: run what is recorded, then let them go.
+                std::mem::replace(bx, exec.batch()).submit(&mut [])?;
+                self.release_held()?;
+            }
             i += self.experts.fetch(li, &wanted, i, step, &mut wave)?;
+            let b = &mut **bx;
             for w in 0..wave.len() {
                 let (e, handle) = wave[w];
                 let toks = &assigned[e];
@@ -1039,9 +1082,13 @@ impl Session {
                 if let Err(err) = ran {
                     return self.experts.abort(&wave[w..], err);
                 }
-                self.experts.done(handle, &wave[w + 1..])?;
+                match in_place {
+                    true => self.held.push((e, handle)),
+                    false => self.experts.done(handle, &wave[w + 1..])?,
+                }
             }
         }
+        let b = &mut **bx;
         if let Some(s) = &m.shared {
             let y = dev_mlp(
                 b,
