@@ -75,6 +75,8 @@ impl Default for WgpuOptions {
 enum Kernel {
     Matmul(DType),
     Matvec(DType),
+    Rows(DType),
+    Argmax,
     RmsNorm,
     Swiglu,
     Rope,
@@ -465,6 +467,8 @@ impl WgpuBackend {
                 "main",
                 &self.mm_layout,
             ),
+            Kernel::Rows(dt) => (wgsl::rows(dt, self.f16), "main", &self.mm_layout),
+            Kernel::Argmax => (wgsl::OPS.to_string(), "argmax", &self.ops_layout),
             Kernel::RmsNorm => (wgsl::OPS.to_string(), "rms_norm", &self.ops_layout),
             Kernel::Swiglu => (wgsl::OPS.to_string(), "swiglu", &self.ops_layout),
             Kernel::Rope => (wgsl::OPS.to_string(), "rope", &self.ops_layout),
@@ -760,24 +764,114 @@ impl WgpuBackend {
     /// weight in imported host memory (a streamed expert's slot), else one
     /// in buffers the call holds.
     fn weight(&self, w: &WeightView<'_>, lease: &mut Lease<'_>) -> Result<Arc<GpuWeight>> {
-        if let Some(id) = w.id.map(|i| (i, w.part)) {
-            if let Some(g) = self.state.lock().resident.get(&id) {
-                return Ok(g.clone());
-            }
-            let bytes = (w.data.len() + w.scales.len() + w.biases.len()) as u64;
-            if self.state.lock().resident_bytes + bytes <= self.budget {
-                let g = Arc::new(self.to_device(w, None)?);
-                let mut st = self.state.lock();
-                st.resident_bytes += g.bytes;
-                st.resident.insert(id, g.clone());
-                return Ok(g);
-            }
+        if let Some(g) = self.resident(w)? {
+            return Ok(g);
         }
         if let Some(g) = self.in_place(w) {
             w.check()?;
             return Ok(Arc::new(g));
         }
         Ok(Arc::new(self.to_device(w, Some(lease))?))
+    }
+
+    /// The kept device copy of `w`, made now if the budget allows; `None`
+    /// for a weight without an id or beyond the budget.
+    fn resident(&self, w: &WeightView<'_>) -> Result<Option<Arc<GpuWeight>>> {
+        let Some(id) = w.id.map(|i| (i, w.part)) else {
+            return Ok(None);
+        };
+        if let Some(g) = self.state.lock().resident.get(&id) {
+            return Ok(Some(g.clone()));
+        }
+        let bytes = (w.data.len() + w.scales.len() + w.biases.len()) as u64;
+        if self.state.lock().resident_bytes + bytes > self.budget {
+            return Ok(None);
+        }
+        let g = Arc::new(self.to_device(w, None)?);
+        let mut st = self.state.lock();
+        st.resident_bytes += g.bytes;
+        st.resident.insert(id, g.clone());
+        Ok(Some(g))
+    }
+
+    /// The parameters of a product (or row gather) over chunk `c` of `w`.
+    fn mm_params(w: &WeightView<'_>, c: &Chunk, n: usize) -> [u32; 12] {
+        let ab = match w.dtype {
+            DType::Mlx(q) => (w.cols / q.group as usize) as u32,
+            DType::FP8(q) => q.scale_cols(w.cols) as u32,
+            _ => 0,
+        };
+        [
+            c.rows as u32,
+            w.cols as u32,
+            n as u32,
+            w.row_bytes() as u32,
+            w.rows as u32,
+            c.r0 as u32,
+            w.cols.div_ceil(32) as u32,
+            ab,
+            c.offs[0] * 4,
+            c.offs[1],
+            c.offs[2],
+            0,
+        ]
+    }
+
+    /// The bind group of chunk `c` of a weight for `x` and `y`.
+    fn mm_group(
+        &self,
+        lease: &mut Lease<'_>,
+        params: &[u32],
+        c: &Chunk,
+        x: &Buf,
+        y: &Buf,
+    ) -> wgpu::BindGroup {
+        let pb = self.params(lease, params);
+        let (sc, bi) = match &c.aux {
+            Some([s, b]) => (s, b),
+            None => (&self.dummy, &self.dummy),
+        };
+        self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &self.mm_layout,
+            entries: &[
+                bind(0, &c.w),
+                bind(1, x),
+                bind(2, y),
+                bind(3, &pb),
+                bind(4, sc),
+                bind(5, bi),
+            ],
+        })
+    }
+
+    /// Records the dequantized rows `idx[t]` (u32) of `w` into the `n`
+    /// rows of `yb` (`w.cols` wide).
+    #[allow(clippy::too_many_arguments)]
+    fn encode_rows(
+        &self,
+        lease: &mut Lease<'_>,
+        enc: &mut wgpu::CommandEncoder,
+        w: &WeightView<'_>,
+        g: &GpuWeight,
+        idx: &Buf,
+        yb: &Buf,
+        n: usize,
+    ) -> Result<()> {
+        let pipe = self.pipeline(Kernel::Rows(w.dtype))?;
+        let grid = self.flat_grid(n * w.cols.div_ceil(32));
+        let mut groups = Vec::with_capacity(g.chunks.len());
+        for c in &g.chunks {
+            let params = Self::mm_params(w, c, n);
+            groups.push(self.mm_group(lease, &params, c, idx, yb));
+        }
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
+        pass.set_pipeline(&pipe);
+        for bg in &groups {
+            pass.set_bind_group(0, bg, &[]);
+            pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
+        }
+        Ok(())
     }
 
     /// Records `w · x` into `enc` for the `n` rows of `x` in `xb`, writing
@@ -801,45 +895,11 @@ impl WgpuBackend {
             Kernel::Matmul(w.dtype)
         };
         let pipe = self.pipeline(kernel)?;
-        let ab = match w.dtype {
-            DType::Mlx(q) => (w.cols / q.group as usize) as u32,
-            DType::FP8(q) => q.scale_cols(w.cols) as u32,
-            _ => 0,
-        };
         let maxg = self.limits.max_compute_workgroups_per_dimension as usize;
         let mut binds = Vec::with_capacity(g.chunks.len());
         for c in &g.chunks {
-            let params: [u32; 12] = [
-                c.rows as u32,
-                w.cols as u32,
-                n as u32,
-                w.row_bytes() as u32,
-                w.rows as u32,
-                c.r0 as u32,
-                w.cols.div_ceil(32) as u32,
-                ab,
-                c.offs[0] * 4,
-                c.offs[1],
-                c.offs[2],
-                0,
-            ];
-            let pb = self.params(lease, &params);
-            let (sc, bi) = match &c.aux {
-                Some([s, b]) => (s, b),
-                None => (&self.dummy, &self.dummy),
-            };
-            let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: None,
-                layout: &self.mm_layout,
-                entries: &[
-                    bind(0, &c.w),
-                    bind(1, xb),
-                    bind(2, yb),
-                    bind(3, &pb),
-                    bind(4, sc),
-                    bind(5, bi),
-                ],
-            });
+            let params = Self::mm_params(w, c, n);
+            let bg = self.mm_group(lease, &params, c, xb, yb);
             let groups = if kernel == Kernel::Matvec(w.dtype) && self.rows_per_lane > 0 {
                 c.rows.div_ceil((self.wg * self.rows_per_lane) as usize)
             } else {

@@ -63,7 +63,8 @@ fn fp8(b: u32) -> f32 {
 fn mxfp4(q: u32) -> f32 {
     let m = q & 7u;
     let big = f32((4u + 2u * (m & 1u)) << ((max(m, 4u) - 4u) >> 1u));
-    return select(1.0, -1.0, q >= 8u) * select(f32(m), big, m >= 4u);
+    // Code 8 (-0) decodes to +0, as on the host.
+    return select(1.0, -1.0, q >= 8u && m != 0u) * select(f32(m), big, m >= 4u);
 }
 "#;
 
@@ -599,6 +600,39 @@ pub fn matmul(dtype: DType, subgroups: bool, f16: bool) -> String {
     s
 }
 
+/// The row-gather shader for `dtype`: rows `x[t]` (u32 bits) of a weight
+/// dequantized into `y[t]`, one invocation per row unit. A weight split
+/// into chunks is gathered chunk by chunk; each writes the rows it holds.
+pub fn rows(dtype: DType, f16: bool) -> String {
+    let mut s = String::new();
+    if f16 && dtype == DType::F16 {
+        s.push_str("enable f16;\n");
+    }
+    s.push_str(PRELUDE);
+    if f16 && dtype == DType::F16 {
+        s.push_str("@group(0) @binding(0) var<storage, read> wh: array<f16>;\n");
+    } else {
+        s.push_str(WORDS);
+    }
+    s.push_str(&decoder(dtype, f16));
+    s.push_str(
+        "@compute @workgroup_size(WG)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * WG;
+    if (i >= p.n * p.units) { return; }
+    let t = i / p.units; let u = i % p.units;
+    let tok = bitcast<u32>(x[t]);
+    if (tok < p.y_off || tok >= p.y_off + p.rows) { return; }
+    let r = tok - p.y_off;
+    deq(p.w_off + r * p.row_bytes, u, r);
+    let e0 = u * 32u; let lim = min(32u, p.cols - e0);
+    for (var j = 0u; j < lim; j++) { y[t * p.cols + e0 + j] = v[j]; }
+}
+",
+    );
+    s
+}
+
 /// Element-wise and attention kernels on f32 activations.
 pub const OPS: &str = r#"
 struct Q {
@@ -865,6 +899,35 @@ fn route(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
         }
         if (li == 0u) { idx[wid.x * q.a + r] = redi[0]; idx[mark + redi[0]] = 1u; }
         workgroupBarrier();
+    }
+}
+
+// The index of the largest of q.n values of xb into idx[0], as the host's
+// arg-max picks it: the first of equal maxima, NaNs skipped, 0 when the
+// first value is NaN.
+@compute @workgroup_size(WG)
+fn argmax(@builtin(local_invocation_index) li: u32) {
+    let none = 0xffffffffu;
+    var bv = 0.0; var bi = none;
+    for (var i = li; i < q.n; i += WG) {
+        let v = xb[i];
+        let nan = (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
+        if (!nan && (bi == none || v > bv)) { bv = v; bi = i; }
+    }
+    red[li] = bv; redi[li] = bi;
+    workgroupBarrier();
+    for (var h = WG / 2u; h > 0u; h = h >> 1u) {
+        if (li < h) {
+            let ov = red[li + h]; let oi = redi[li + h];
+            if (oi != none && (redi[li] == none || ov > red[li] || (ov == red[li] && oi < redi[li]))) {
+                red[li] = ov; redi[li] = oi;
+            }
+        }
+        workgroupBarrier();
+    }
+    if (li == 0u) {
+        let first_nan = (bitcast<u32>(xb[0]) & 0x7fffffffu) > 0x7f800000u;
+        idx[0] = select(select(redi[0], 0u, redi[0] == none), 0u, first_nan);
     }
 }
 

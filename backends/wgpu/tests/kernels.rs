@@ -308,6 +308,100 @@ fn weights_in_imported_host_memory_are_bound_in_place() {
     }
 }
 
+/// Rows gathered on the device by indices it holds (an embedding lookup of
+/// a token it chose) are the host's dequantized rows exactly; the arg-max
+/// picks as the host does (first of equal maxima, NaNs skipped).
+#[test]
+fn gathered_rows_and_argmax_match_the_host_exactly() {
+    use sluice_core::{DevOp, DeviceExec};
+    for max_binding in [None, Some(1024)] {
+        let Some(g) = gpu(WgpuOptions {
+            max_binding,
+            ..WgpuOptions::default()
+        }) else {
+            return;
+        };
+        let x: &dyn DeviceExec = &g;
+        for dt in all_types() {
+            // 1 KiB bindings: rows split into chunks, fewer tokens.
+            let (cols, toks) = match max_binding {
+                Some(_) => (64, &[49u32, 0, 23][..]),
+                None => (256, &[0u32, 49, 7, 7, 23][..]),
+            };
+            let small = dt.row_bytes(cols).is_ok_and(|b| b <= 256);
+            if max_binding.is_some() && !small {
+                continue;
+            }
+            let w = Owned::random(dt, 50, cols, 3);
+            let v = w.view().with_id(sluice_core::fresh_weight_id());
+            let out = x.alloc(toks.len() * cols).unwrap();
+            let mut b = x.batch();
+            let ib = b.upload_u32(toks).unwrap();
+            assert!(b.gather_rows(&v, ib, toks.len(), out).unwrap(), "{dt}");
+            let mut got = vec![0f32; toks.len() * cols];
+            b.submit(&mut [(out, 0, &mut got)]).unwrap();
+            for (t, row) in toks.iter().zip(got.chunks_exact(cols)) {
+                let mut want = vec![0f32; cols];
+                w.view().row_into(*t as usize, &mut want);
+                let (a, e): (Vec<u32>, Vec<u32>) = (
+                    row.iter().map(|f| f.to_bits()).collect(),
+                    want.iter().map(|f| f.to_bits()).collect(),
+                );
+                assert_eq!(a, e, "{dt} row {t}, binding {max_binding:?}");
+            }
+            x.release(out);
+        }
+        // Without an id the weight is not resident: nothing is recorded.
+        let w = Owned::random(DType::Q8_0, 8, 64, 1);
+        let out = x.alloc(64).unwrap();
+        let mut b = x.batch();
+        let ib = b.upload_u32(&[3]).unwrap();
+        assert!(!b.gather_rows(&w.view(), ib, 1, out).unwrap());
+        b.submit(&mut []).unwrap();
+        x.release(out);
+    }
+    let Some(g) = gpu(WgpuOptions::default()) else {
+        return;
+    };
+    let x: &dyn DeviceExec = &g;
+    let host = |v: &[f32]| {
+        let mut best = 0;
+        for (i, &f) in v.iter().enumerate() {
+            if f > v[best] {
+                best = i;
+            }
+        }
+        best as u32
+    };
+    let mut cases: Vec<Vec<f32>> = vec![
+        floats(1000, 4),
+        vec![1.0, 3.0, 3.0, 2.0, 3.0],
+        vec![f32::NEG_INFINITY; 9],
+        vec![f32::NAN, 5.0, 7.0],
+        vec![1.0, f32::NAN, 7.0, 7.0, f32::NAN],
+        vec![-2.0],
+    ];
+    let mut ties = floats(517, 9);
+    ties[300] = 50.0;
+    ties[12] = 50.0;
+    ties[511] = 50.0;
+    cases.push(ties);
+    for c in cases {
+        let mut b = x.batch();
+        let lb = b.upload(&c).unwrap();
+        let o = b.scratch(1).unwrap();
+        b.op(DevOp::Argmax {
+            x: lb,
+            len: c.len(),
+            out: o,
+        })
+        .unwrap();
+        let mut got = [0f32];
+        b.submit(&mut [(o, 0, &mut got)]).unwrap();
+        assert_eq!(got[0].to_bits(), host(&c), "{c:?}");
+    }
+}
+
 #[test]
 fn resident_weights_are_uploaded_once() {
     let Some(g) = gpu(WgpuOptions::default()) else {

@@ -158,6 +158,17 @@ pub enum DevOp {
         /// Rows.
         rows: usize,
     },
+    /// The index of the largest of `len` values of `x`, as
+    /// `Sampler::argmax` picks it (the first of equal maxima; NaNs skipped,
+    /// 0 when the first value is NaN), into `out[0]` as u32 bits.
+    Argmax {
+        /// Values (a row of logits).
+        x: DevBuf,
+        /// Values in `x`.
+        len: usize,
+        /// One value: the index.
+        out: DevBuf,
+    },
     /// `x = clamp(x, -limit, limit)` over `len` values.
     Clamp {
         /// Values, in place.
@@ -267,6 +278,17 @@ pub trait DeviceBatch {
     fn matmul(&mut self, w: &WeightView<'_>, x: DevBuf, n: usize, y: DevBuf) -> Result<()>;
     /// Records a kernel.
     fn op(&mut self, op: DevOp) -> Result<()>;
+    /// Rows `idx[t]` (u32 bits, `t < n`) of `w`, dequantized, into the
+    /// first `n` rows of `out` (`w.cols` wide): an embedding lookup of
+    /// tokens the device chose. Only for a weight the device keeps
+    /// resident; returns `false`, recording nothing, for any other.
+    fn gather_rows(
+        &mut self,
+        w: &WeightView<'_>,
+        idx: DevBuf,
+        n: usize,
+        out: DevBuf,
+    ) -> Result<bool>;
     /// Submits the work once, waits once, and copies each `(buffer,
     /// offset, out)` from the device into `out`.
     fn submit(self: Box<Self>, reads: &mut [(DevBuf, usize, &mut [f32])]) -> Result<()>;

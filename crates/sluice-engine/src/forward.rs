@@ -56,6 +56,9 @@ pub struct Session {
     /// Experts `(id, handle)` bound in place that the device has not run
     /// yet: pinned until the batch that reads them is waited for.
     held: Vec<(usize, usize)>,
+    /// Whether the device path may guess the next token (see
+    /// [`set_guess_next`](Self::set_guess_next)).
+    guess_next: bool,
     /// Positions the caller reserved room for (0: unknown).
     ctx_hint: usize,
 }
@@ -92,6 +95,7 @@ impl Session {
             device_forward: true,
             dev: None,
             held: Vec::new(),
+            guess_next: true,
             ctx_hint: 0,
         }
     }
@@ -162,12 +166,27 @@ impl Session {
         self.pos
     }
 
+    /// On the device path, after the logits of a single token, the device
+    /// also takes their arg-max as its guess of the next token and runs it
+    /// through the layers up to the first MoE router in the same
+    /// submission; a next call with that token (a greedy sampler's) then
+    /// starts from the router's choice, which saves one submission and one
+    /// wait per token. Any other token undoes the guess (its DeltaNet
+    /// states are put back; the positions it wrote are written again), so
+    /// the output never depends on it. Guessing stops by itself after two
+    /// wrong guesses in a row, retrying now and then; `false` turns it off.
+    pub fn set_guess_next(&mut self, on: bool) {
+        self.guess_next = on;
+    }
+
     /// Forgets the sequence.
     pub fn reset(&mut self) {
         self.pos = 0;
         if let Some(d) = &mut self.dev {
             // Zeroed on the device at the next token.
             d.lin_stale = true;
+            d.guess = None;
+            d.lin_rollback = false;
         }
         for (k, v) in &mut self.kv {
             k.clear();
@@ -202,6 +221,9 @@ impl Session {
                 "a model with linear-attention layers cannot be rewound from position {} to {pos}",
                 self.pos
             )));
+        }
+        if let Some(d) = &mut self.dev {
+            d.lin_rollback |= d.guess.take().is_some();
         }
         let (kd, vd) = self.model.config.kv_widths();
         for (k, v) in &mut self.kv {
@@ -257,6 +279,8 @@ impl Session {
                 d.write_kv(x, &self.model, kv, s.pos)?;
                 d.write_lin(x, &s.lin)?;
                 d.lin_stale = false;
+                d.guess = None;
+                d.lin_rollback = false;
                 self.pos = s.pos;
                 return Ok(());
             }
@@ -274,6 +298,8 @@ impl Session {
         if let (Some(d), Some(x)) = (&mut self.dev, self.backend.device_exec()) {
             d.write_lin(x, &s.lin)?;
             d.lin_stale = false;
+            d.guess = None;
+            d.lin_rollback = false;
         }
         let (kd, vd) = self.model.config.kv_widths();
         for (k, v) in &mut self.kv {

@@ -269,9 +269,42 @@ impl DeviceBatch for Batch<'_> {
             .encode_matmul(&mut self.lease, &mut self.enc, w, &g, &xb, &yb, n)
     }
 
+    fn gather_rows(
+        &mut self,
+        w: &WeightView<'_>,
+        idx: DevBuf,
+        n: usize,
+        out: DevBuf,
+    ) -> Result<bool> {
+        need(idx, n, "the gathered rows' indices")?;
+        need(out, n * w.cols, "the gathered rows")?;
+        let Some(g) = self.be.resident(w)? else {
+            return Ok(false);
+        };
+        if n > 0 {
+            let (ib, ob) = (self.buf(idx)?, self.buf(out)?);
+            self.be
+                .encode_rows(&mut self.lease, &mut self.enc, w, &g, &ib, &ob, n)?;
+        }
+        Ok(true)
+    }
+
     fn op(&mut self, op: DevOp) -> Result<()> {
         let f = |v: f32| v.to_bits();
         match op {
+            DevOp::Argmax { x, len, out } => {
+                need(x, len, "the arg-max's values")?;
+                need(out, 1, "the arg-max's index")?;
+                let bufs = [
+                    self.be.dummy_rw.clone(),
+                    self.buf(x)?,
+                    self.be.dummy.clone(),
+                    self.be.dummy_rw.clone(),
+                    self.buf(out)?,
+                ];
+                let q = [len as u32, 0, 0, 0, 0, 0, 0, 0];
+                self.pass(Kernel::Argmax, bufs, q, [1, 1, 1])
+            }
             DevOp::RmsNorm { x, w, rows, eps } => {
                 need(x, rows * w.len, "RMSNorm")?;
                 if rows == 0 {

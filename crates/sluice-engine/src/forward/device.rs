@@ -126,6 +126,46 @@ fn transposed_keys(model: &Model, a: &LatentAttn) -> Result<Option<Vec<HeadKeys>
     Ok(Some(heads))
 }
 
+/// The device's guess of the next token (the arg-max of the logits it
+/// returned), run through every layer up to the first MoE layer's router.
+pub(super) struct Guess {
+    token: u32,
+    /// The first MoE layer.
+    layer: usize,
+    /// Its router's logits for the guessed token.
+    router: Vec<f32>,
+}
+
+/// Whether guessing pays: a caller that samples greedily takes the guess
+/// every time; one that samples otherwise mostly does not, and a wrong
+/// guess costs its layers' compute. After two wrong guesses in a row the
+/// device stops guessing, trying again every [`Tries::RETRY`] tokens.
+#[derive(Default)]
+struct Tries {
+    wrong_in_a_row: u32,
+    since: u32,
+}
+
+impl Tries {
+    const RETRY: u32 = 16;
+
+    fn want(&mut self, enabled: bool) -> bool {
+        let want = enabled && (self.wrong_in_a_row < 2 || self.since >= Self::RETRY);
+        if !want {
+            self.since += 1;
+        }
+        want
+    }
+
+    fn made(&mut self) {
+        self.since = 0;
+    }
+
+    fn taken(&mut self, right: bool) {
+        self.wrong_in_a_row = if right { 0 } else { self.wrong_in_a_row + 1 };
+    }
+}
+
 /// A layer's small resident vectors, on the device.
 #[derive(Clone, Copy)]
 struct LayerBufs {
@@ -158,6 +198,19 @@ pub(super) struct DevState {
     lin: Vec<Option<(DevBuf, DevBuf)>>,
     /// The sequence was reset: `lin` is zeroed before the next token.
     pub(super) lin_stale: bool,
+    /// Per DeltaNet layer a guessed token runs through (up to the first
+    /// MoE layer): its states before the guess.
+    lin_kept: Vec<Option<(DevBuf, DevBuf)>>,
+    /// The guess was wrong: `lin_kept` goes back into `lin` before the
+    /// next token.
+    pub(super) lin_rollback: bool,
+    /// The device's guess of the next token, run up to its first MoE
+    /// router.
+    pub(super) guess: Option<Guess>,
+    /// How guessing has fared.
+    tries: Tries,
+    /// The guessed token (u32 bits).
+    tok: DevBuf,
     layers: Vec<LayerBufs>,
     norm: DevBuf,
     /// The residual stream, `CHUNK × hidden`.
@@ -257,6 +310,21 @@ impl DevState {
                 delta,
             });
         }
+        // A guessed token runs the layers up to the first MoE layer.
+        let first_moe = model
+            .layers
+            .iter()
+            .position(|l| matches!(l.ffn, Ffn::Moe(_)))
+            .unwrap_or(0);
+        let mut lin_kept = Vec::with_capacity(lin.len());
+        for (li, l) in lin.iter().enumerate() {
+            lin_kept.push(match l {
+                Some((conv, state)) if li <= first_moe => {
+                    Some((x.alloc(conv.len)?, x.alloc(state.len)?))
+                }
+                _ => None,
+            });
+        }
         Ok(DevState {
             cap,
             kv,
@@ -264,6 +332,11 @@ impl DevState {
             key_t,
             lin,
             lin_stale: false,
+            lin_kept,
+            lin_rollback: false,
+            guess: None,
+            tries: Tries::default(),
+            tok: x.alloc(1)?,
             layers,
             norm: put(x, &model.norm)?,
             x: x.alloc(CHUNK * c.hidden)?,
@@ -286,9 +359,16 @@ impl DevState {
             self.ones,
             self.no_sinks,
         ];
-        for (k, vv) in self.kv.iter().chain(&self.lin).flatten() {
+        for (k, vv) in self
+            .kv
+            .iter()
+            .chain(&self.lin)
+            .chain(&self.lin_kept)
+            .flatten()
+        {
             v.extend([*k, *vv]);
         }
+        v.push(self.tok);
         for l in &self.layers {
             v.extend([l.attn_norm, l.ffn_norm]);
             v.extend(
@@ -364,9 +444,16 @@ impl DevState {
         Ok(())
     }
 
-    /// The linear layers' states, read back into `lin` (a snapshot).
+    /// The linear layers' states, read back into `lin` (a snapshot): as
+    /// of the last token the session was given, not of a guess made past
+    /// it.
     pub(super) fn read_lin(&self, x: &dyn DeviceExec, lin: &mut [super::LinState]) -> Result<()> {
-        for (d, h) in self.lin.iter().zip(lin) {
+        let ahead = self.guess.is_some() || self.lin_rollback;
+        for ((live, kept), h) in self.lin.iter().zip(&self.lin_kept).zip(lin) {
+            let d = match (ahead, kept) {
+                (true, Some(_)) => kept,
+                _ => live,
+            };
             if let Some((conv, state)) = d {
                 x.read(*conv, 0, &mut h.conv)?;
                 x.read(*state, 0, &mut h.state)?;
@@ -406,9 +493,17 @@ impl DevState {
         }
     }
 
-    /// Records the zeroing of the linear layers' states if the sequence
-    /// was reset.
+    /// Records the return of the linear layers' states from before a
+    /// wrong guess, and their zeroing if the sequence was reset.
     fn clear_lin(&mut self, b: &mut dyn DeviceBatch) -> Result<()> {
+        if std::mem::take(&mut self.lin_rollback) {
+            for (live, kept) in self.lin.iter().zip(&self.lin_kept) {
+                if let (Some((lc, ls)), Some((kc, ks))) = (live, kept) {
+                    b.copy(*kc, 0, *lc, 0, lc.len)?;
+                    b.copy(*ks, 0, *ls, 0, ls.len)?;
+                }
+            }
+        }
         if std::mem::take(&mut self.lin_stale) {
             for (conv, state) in self.lin.iter().flatten() {
                 b.zero(*conv, conv.len)?;
@@ -497,16 +592,25 @@ impl Session {
         }
         let (pos, n) = (self.pos, tokens.len());
         let ctx = self.ctx_hint;
-        self.dev
-            .as_mut()
-            .expect("made above")
-            .reserve(exec, &model, pos + n, pos, ctx)?;
+        let d = self.dev.as_mut().expect("made above");
+        // A guess made after the last call: taken when this is its token,
+        // else undone (the positions it wrote are written again).
+        let guess = d.guess.take();
+        let right = guess.as_ref().map(|g| tokens == [g.token]);
+        if let Some(r) = right {
+            d.tries.taken(r);
+            d.lin_rollback |= !r;
+        }
+        let mut resume = guess.filter(|_| right == Some(true));
+        // Room for this call's tokens and a guess past them.
+        let room = if ctx == 0 || pos + n < ctx { 1 } else { 0 };
+        d.reserve(exec, &model, pos + n + room, pos, ctx)?;
         let mut out = Vec::new();
         let passes = n.div_ceil(CHUNK);
         for (i, chunk) in tokens.chunks(CHUNK).enumerate() {
             let last = i + 1 == passes;
             let logits_of = (all_logits || last).then_some(all_logits);
-            match self.pass(exec, chunk, logits_of) {
+            match self.pass(exec, chunk, logits_of, resume.take()) {
                 Ok(l) => out.extend(l),
                 Err(e) => return Err(self.drop_held(e)),
             }
@@ -515,67 +619,68 @@ impl Session {
     }
 
     /// One pass of at most [`CHUNK`] tokens; returns the logits of every
-    /// row (`Some(true)`), of the last (`Some(false)`) or none.
+    /// row (`Some(true)`), of the last (`Some(false)`) or none. `resume`:
+    /// the device's guess of this (single) token was right, and its first
+    /// MoE layer's router has run.
     fn pass(
         &mut self,
         exec: &dyn DeviceExec,
         tokens: &[u32],
         logits_of: Option<bool>,
+        resume: Option<Guess>,
     ) -> Result<Vec<f32>> {
         let model = self.model.clone();
         let c = &model.config;
         let (n, h) = (tokens.len(), c.hidden);
         self.experts.begin(tokens);
-        let mut emb = vec![0f32; n * h];
-        for (t, row) in tokens.iter().zip(emb.chunks_exact_mut(h)) {
-            model.embed.row_f32(*t as usize, row)?;
-        }
-        let (x, hn) = {
-            let d = self.dev.as_ref().expect("device state");
-            (d.x, d.hn)
+        let x = self.dev.as_ref().expect("device state").x;
+        let (start, mut router) = match resume {
+            Some(g) => (g.layer, Some(g.router)),
+            None => {
+                let mut emb = vec![0f32; n * h];
+                for (t, row) in tokens.iter().zip(emb.chunks_exact_mut(h)) {
+                    model.embed.row_f32(*t as usize, row)?;
+                }
+                exec.write(x, 0, &emb)?;
+                (0, None)
+            }
         };
-        exec.write(x, 0, &emb)?;
         let mut b = exec.batch();
         self.dev
             .as_mut()
             .expect("device state")
             .clear_lin(&mut *b)?;
-        for (li, layer) in model.layers.iter().enumerate() {
-            let lb = self.dev.as_ref().expect("device state").layers[li];
-            let hs = b.scratch(n * h)?;
-            normed(&mut *b, x, 0, hs, lb.attn_norm, n, h, c.rms_eps)?;
-            let o = match &layer.mixer {
-                MixerWeights::Attention(a) => self.dev_attention(&mut *b, li, a, &lb, hs, n)?,
-                MixerWeights::DeltaNet(d) => self.dev_delta_net(&mut *b, li, d, &lb, hs, n)?,
-                MixerWeights::Latent(a) => self.dev_latent(&mut *b, li, a, hs, n)?,
-            };
-            add(&mut *b, x, o, n, h)?;
-            normed(&mut *b, x, 0, hn, lb.ffn_norm, n, h, c.rms_eps)?;
+        if router.is_some() {
+            self.tick()?;
+        }
+        for (li, layer) in model.layers.iter().enumerate().skip(start) {
+            // A resumed token's first layer ran up to its router.
+            if router.is_none() || li != start {
+                self.record_mixer(&mut *b, li, n)?;
+            }
             match &layer.ffn {
-                Ffn::Dense(m) => {
-                    let w = [m.gate.view(), m.up.view(), m.down.view()];
-                    let y = dev_mlp(&mut *b, w, None, None, hn, n)?;
-                    add(&mut *b, x, y, n, h)?;
-                }
+                Ffn::Dense(_) => self.record_dense(&mut *b, li, n)?,
                 Ffn::Moe(m) => {
-                    let ne = c.n_experts;
-                    let lg = b.scratch(n * ne)?;
-                    b.matmul(&m.router.view(), hn, n, lg)?;
-                    if let Some(rb) = lb.router_bias {
-                        b.op(DevOp::AddRows {
-                            x: lg,
-                            b: rb,
-                            rows: n,
-                        })?;
-                    }
-                    let mut logits = vec![0f32; n * ne];
-                    b.submit(&mut [(lg, 0, &mut logits)])?;
-                    self.release_held()?;
-                    self.tick()?;
-                    b = exec.batch();
+                    let logits = match router.take() {
+                        Some(l) => l,
+                        None => {
+                            let lg = self.record_router(&mut *b, li, m, n)?;
+                            let mut logits = vec![0f32; n * c.n_experts];
+                            b.submit(&mut [(lg, 0, &mut logits)])?;
+                            self.release_held()?;
+                            self.tick()?;
+                            b = exec.batch();
+                            logits
+                        }
+                    };
+                    let mut logits = logits;
                     let mut chosen = vec![0usize; n * c.top_k];
                     self.choose(m, &mut logits, n, &mut chosen, false)?;
                     let assigned = self.assign(li, &logits, &mut chosen, n);
+                    let (lb, hn) = {
+                        let d = self.dev.as_ref().expect("device state");
+                        (d.layers[li], d.hn)
+                    };
                     self.dev_experts(exec, &mut b, li, m, &lb, x, hn, n, &chosen, &assigned)?;
                 }
             }
@@ -593,9 +698,130 @@ impl Session {
         let lg = b.scratch(m * c.vocab)?;
         b.matmul(&model.lm_head.view(), xn, m, lg)?;
         let mut logits = vec![0f32; m * c.vocab];
-        b.submit(&mut [(lg, 0, &mut logits)])?;
+        match self.record_guess(&mut *b, lg, m)? {
+            Some((layer, tok, rg)) => {
+                let mut t = [0f32];
+                let mut router = vec![0f32; c.n_experts];
+                b.submit(&mut [(lg, 0, &mut logits), (tok, 0, &mut t), (rg, 0, &mut router)])?;
+                self.dev.as_mut().expect("device state").guess = Some(Guess {
+                    token: t[0].to_bits(),
+                    layer,
+                    router,
+                });
+            }
+            None => b.submit(&mut [(lg, 0, &mut logits)])?,
+        }
         self.release_held()?;
         Ok(logits)
+    }
+
+    /// Records layer `li` up to its feed-forward block: norm, mixer,
+    /// residual, and the block's normalized input in `hn`.
+    fn record_mixer(&mut self, b: &mut dyn DeviceBatch, li: usize, n: usize) -> Result<()> {
+        let model = self.model.clone();
+        let c = &model.config;
+        let h = c.hidden;
+        let (lb, x, hn) = {
+            let d = self.dev.as_ref().expect("device state");
+            (d.layers[li], d.x, d.hn)
+        };
+        let hs = b.scratch(n * h)?;
+        normed(b, x, 0, hs, lb.attn_norm, n, h, c.rms_eps)?;
+        let o = match &model.layers[li].mixer {
+            MixerWeights::Attention(a) => self.dev_attention(b, li, a, &lb, hs, n)?,
+            MixerWeights::DeltaNet(d) => self.dev_delta_net(b, li, d, &lb, hs, n)?,
+            MixerWeights::Latent(a) => self.dev_latent(b, li, a, hs, n)?,
+        };
+        add(b, x, o, n, h)?;
+        normed(b, x, 0, hn, lb.ffn_norm, n, h, c.rms_eps)
+    }
+
+    /// Records dense layer `li`'s MLP on `hn` into the residual stream.
+    fn record_dense(&mut self, b: &mut dyn DeviceBatch, li: usize, n: usize) -> Result<()> {
+        let Ffn::Dense(m) = &self.model.layers[li].ffn else {
+            return Ok(());
+        };
+        let d = self.dev.as_ref().expect("device state");
+        let w = [m.gate.view(), m.up.view(), m.down.view()];
+        let y = dev_mlp(b, w, None, None, d.hn, n)?;
+        add(b, d.x, y, n, self.model.config.hidden)
+    }
+
+    /// Records MoE layer `li`'s router on `hn`; returns its logits.
+    fn record_router(
+        &self,
+        b: &mut dyn DeviceBatch,
+        li: usize,
+        m: &Moe,
+        n: usize,
+    ) -> Result<DevBuf> {
+        let d = self.dev.as_ref().expect("device state");
+        let lg = b.scratch(n * self.model.config.n_experts)?;
+        b.matmul(&m.router.view(), d.hn, n, lg)?;
+        if let Some(rb) = d.layers[li].router_bias {
+            b.op(DevOp::AddRows {
+                x: lg,
+                b: rb,
+                rows: n,
+            })?;
+        }
+        Ok(lg)
+    }
+
+    /// After a single row of logits `lg`: when guessing pays, records the
+    /// device's guess of the next token (their arg-max, the token a greedy
+    /// sampler takes), its embedding, and every layer up to the first MoE
+    /// layer's router at the next position, so that a next call with that
+    /// token starts from the router's choice instead of submitting once
+    /// more. Returns that layer, the token's buffer and the router's
+    /// logits; `None` when nothing was guessed. The DeltaNet states it
+    /// advances are kept to be put back if the guess is wrong.
+    fn record_guess(
+        &mut self,
+        b: &mut dyn DeviceBatch,
+        lg: DevBuf,
+        m: usize,
+    ) -> Result<Option<(usize, DevBuf, DevBuf)>> {
+        let model = self.model.clone();
+        let c = &model.config;
+        let Some(layer) = model
+            .layers
+            .iter()
+            .position(|l| matches!(l.ffn, Ffn::Moe(_)))
+        else {
+            return Ok(None);
+        };
+        let d = self.dev.as_mut().expect("device state");
+        let room = self.pos < d.cap;
+        if m != 1 || !room || !d.tries.want(self.guess_next) {
+            return Ok(None);
+        }
+        let (tok, x) = (d.tok, d.x);
+        b.op(DevOp::Argmax {
+            x: lg,
+            len: c.vocab,
+            out: tok,
+        })?;
+        if !b.gather_rows(&model.embed.view(), tok, 1, x)? {
+            // The embedding is not on the device (beyond its budget).
+            return Ok(None);
+        }
+        d.tries.made();
+        for (live, kept) in d.lin.iter().zip(&d.lin_kept) {
+            if let (Some((lc, ls)), Some((kc, ks))) = (live, kept) {
+                b.copy(*lc, 0, *kc, 0, lc.len)?;
+                b.copy(*ls, 0, *ks, 0, ls.len)?;
+            }
+        }
+        for li in 0..=layer {
+            self.record_mixer(b, li, 1)?;
+            self.record_dense(b, li, 1)?;
+        }
+        let Ffn::Moe(moe) = &model.layers[layer].ffn else {
+            unreachable!("found above")
+        };
+        let rg = self.record_router(b, layer, moe, 1)?;
+        Ok(Some((layer, tok, rg)))
     }
 
     /// Lets go of the slots of experts bound in place, which stay pinned
