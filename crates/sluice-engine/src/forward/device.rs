@@ -8,12 +8,15 @@
 //! attention of layer `l` and its router are recorded together, and the
 //! host waits once, to read the router's logits and choose the experts
 //! (the reads it must issue); the last submission adds the final norm and
-//! the output projection and reads back the logits. Dense layers add no
+//! the output projection and reads back the logits, and guesses the next
+//! token (their arg-max), running it up to the first MoE router so that a
+//! greedy next call starts from the router's choice. Dense layers add no
 //! submission. Routing, replay and the observer run on the host exactly
 //! as on the per-call path ([`Session::choose`], [`Session::assign`]);
-//! experts come from the same [`ExpertSource`](crate::ExpertSource), and a
+//! experts come from the same [`ExpertSource`](crate::ExpertSource). A
 //! streamed expert's slot is released as soon as its bytes are recorded
-//! (the batch copied them).
+//! when the batch copied them, or once the batch has run when the device
+//! binds the slot in place.
 
 use super::{rope_of, Session};
 use crate::config::ClampedSwiglu;
