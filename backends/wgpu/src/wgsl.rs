@@ -585,6 +585,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 
 /// The whole matmul shader for `dtype`.
 pub fn matmul(dtype: DType, subgroups: bool, f16: bool) -> String {
+    let mut s = weight_shader(dtype, f16);
+    s.push_str(&matmul_main(subgroups));
+    s
+}
+
+/// The bindings, the weight's reads and the decoder of `dtype`: what the
+/// matmul and row-gather shaders share.
+fn weight_shader(dtype: DType, f16: bool) -> String {
     let mut s = String::new();
     if f16 && dtype == DType::F16 {
         s.push_str("enable f16;\n");
@@ -596,7 +604,6 @@ pub fn matmul(dtype: DType, subgroups: bool, f16: bool) -> String {
         s.push_str(WORDS);
     }
     s.push_str(&decoder(dtype, f16));
-    s.push_str(&matmul_main(subgroups));
     s
 }
 
@@ -604,17 +611,7 @@ pub fn matmul(dtype: DType, subgroups: bool, f16: bool) -> String {
 /// dequantized into `y[t]`, one invocation per row unit. A weight split
 /// into chunks is gathered chunk by chunk; each writes the rows it holds.
 pub fn rows(dtype: DType, f16: bool) -> String {
-    let mut s = String::new();
-    if f16 && dtype == DType::F16 {
-        s.push_str("enable f16;\n");
-    }
-    s.push_str(PRELUDE);
-    if f16 && dtype == DType::F16 {
-        s.push_str("@group(0) @binding(0) var<storage, read> wh: array<f16>;\n");
-    } else {
-        s.push_str(WORDS);
-    }
-    s.push_str(&decoder(dtype, f16));
+    let mut s = weight_shader(dtype, f16);
     s.push_str(
         "@compute @workgroup_size(WG)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {

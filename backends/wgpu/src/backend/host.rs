@@ -17,6 +17,22 @@ pub(super) struct HostMap {
     freed: Arc<AtomicBool>,
 }
 
+/// How wgpu sees an imported slot of `len` bytes.
+#[cfg(any(
+    target_os = "linux",
+    target_os = "android",
+    windows,
+    target_vendor = "apple"
+))]
+fn slot_desc(len: usize) -> wgpu::BufferDescriptor<'static> {
+    wgpu::BufferDescriptor {
+        label: Some("host slot"),
+        size: len as u64,
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    }
+}
+
 /// Opens the device for `desc`; on a Vulkan adapter that can import host
 /// memory, with that extension enabled. Returns the import alignment when
 /// imports are possible.
@@ -329,17 +345,7 @@ mod sys {
         };
         // SAFETY: the buffer was created on this device, bound to memory
         // (initialised: it is the host's), for the usages given.
-        Some(unsafe {
-            device.create_buffer_from_hal::<Vulkan>(
-                hb,
-                &wgpu::BufferDescriptor {
-                    label: Some("host slot"),
-                    size: len as u64,
-                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-                    mapped_at_creation: false,
-                },
-            )
-        })
+        Some(unsafe { device.create_buffer_from_hal::<Vulkan>(hb, &super::slot_desc(len)) })
     }
 }
 
@@ -392,17 +398,7 @@ mod sys {
         // The buffer owns no memory: releasing it frees nothing of ours.
         freed.store(true, Ordering::Release);
         // SAFETY: made on this device, over initialised memory.
-        Some(unsafe {
-            device.create_buffer_from_hal::<Metal>(
-                hb,
-                &wgpu::BufferDescriptor {
-                    label: Some("host slot"),
-                    size: len as u64,
-                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-                    mapped_at_creation: false,
-                },
-            )
-        })
+        Some(unsafe { device.create_buffer_from_hal::<Metal>(hb, &super::slot_desc(len)) })
     }
 }
 
