@@ -438,6 +438,19 @@ fn the_device_path_runs_long_batches_and_grows_its_cache() {
             .collect()
     };
     assert_close("qwen3_moe, 301 positions", &rows(got), &rows(want), 1e-3);
+    // Greedy tokens across the cache's growth: the entries of a right
+    // guess (written past the last token) survive the doubling.
+    let mut on = Session::new(model.clone(), g.clone());
+    let mut off = Session::new(model.clone(), g.clone());
+    off.set_guess_next(false);
+    let mut a = on.forward(&tokens[..250], false).unwrap();
+    let b = off.forward(&tokens[..250], false).unwrap();
+    assert_eq!(a, b);
+    for i in 250..262 {
+        let t = sluice_engine::Sampler::argmax(&a);
+        a = on.forward(&[t], false).unwrap();
+        assert_eq!(a, off.forward(&[t], false).unwrap(), "position {i}");
+    }
 }
 
 #[test]

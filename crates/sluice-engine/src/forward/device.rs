@@ -155,7 +155,7 @@ impl Tries {
     fn want(&mut self, enabled: bool) -> bool {
         let want = enabled && (self.wrong_in_a_row < 2 || self.since >= Self::RETRY);
         if !want {
-            self.since += 1;
+            self.since = self.since.saturating_add(1);
         }
         want
     }
@@ -605,9 +605,11 @@ impl Session {
             d.lin_rollback |= !r;
         }
         let mut resume = guess.filter(|_| right == Some(true));
-        // Room for this call's tokens and a guess past them.
+        // Room for this call's tokens and a guess past them; a cache that
+        // grows keeps the right guess's entries (written at `pos`).
         let room = if ctx == 0 || pos + n < ctx { 1 } else { 0 };
-        d.reserve(exec, &model, pos + n + room, pos, ctx)?;
+        let keep = pos + usize::from(resume.is_some());
+        d.reserve(exec, &model, pos + n + room, keep, ctx)?;
         let mut out = Vec::new();
         let passes = n.div_ceil(CHUNK);
         for (i, chunk) in tokens.chunks(CHUNK).enumerate() {
