@@ -366,6 +366,15 @@ fn guessing_the_next_token_never_changes_the_output() {
         let t = sluice_engine::Sampler::argmax(&at);
         off.restore(&parked).unwrap();
         let want = off.forward(&[t], false).unwrap();
+        // A new session taking the parked state up runs on the device too.
+        let mut fresh = Session::new(model.clone(), g.clone());
+        fresh.restore(&parked).unwrap();
+        assert!(fresh.is_device_resident(), "{name}");
+        assert_eq!(
+            fresh.forward(&[t], false).unwrap(),
+            want,
+            "{name}: new session"
+        );
         on.restore(&parked).unwrap();
         assert_eq!(on.forward(&[t], false).unwrap(), want, "{name}: parked");
         on.restore(&snap).unwrap();

@@ -272,6 +272,13 @@ impl Session {
             if kv.len() != self.kv.len() || s.lin.len() != self.lin.len() {
                 return Err(Error::Invalid("a parked state of another model".into()));
             }
+            // A new session taking up a parked state runs on the path it
+            // would have started on.
+            if self.on_device() {
+                if let Some(x) = self.backend.clone().device_exec() {
+                    self.start_device(x)?;
+                }
+            }
             if let Some(d) = &mut self.dev {
                 let x = self.backend.device_exec().ok_or_else(|| {
                     Error::Unsupported("the backend has no device executor".into())

@@ -574,6 +574,23 @@ impl Session {
                 && supported(&self.model))
     }
 
+    /// Allocates the session's device state, once.
+    pub(super) fn start_device(&mut self, exec: &dyn DeviceExec) -> Result<()> {
+        if self.dev.is_none() {
+            let cap = match self.ctx_hint {
+                0 => FIRST_CAP,
+                ctx => ctx.min(FIRST_CAP),
+            };
+            self.dev = Some(DevState::new(exec, &self.model, cap)?);
+            // The cache lives on the device; give back the host's.
+            for (k, v) in &mut self.kv {
+                *k = Vec::new();
+                *v = Vec::new();
+            }
+        }
+        Ok(())
+    }
+
     /// [`Session::forward`] on the device path.
     pub(super) fn forward_device(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
         let be = self.backend.clone();
@@ -581,18 +598,7 @@ impl Session {
             .device_exec()
             .ok_or_else(|| Error::Unsupported("the backend has no device executor".into()))?;
         let model = self.model.clone();
-        if self.dev.is_none() {
-            let cap = match self.ctx_hint {
-                0 => FIRST_CAP,
-                ctx => ctx.min(FIRST_CAP),
-            };
-            self.dev = Some(DevState::new(exec, &model, cap)?);
-            // The cache lives on the device; give back the host's.
-            for (k, v) in &mut self.kv {
-                *k = Vec::new();
-                *v = Vec::new();
-            }
-        }
+        self.start_device(exec)?;
         let (pos, n) = (self.pos, tokens.len());
         let ctx = self.ctx_hint;
         let d = self.dev.as_mut().expect("made above");
