@@ -230,8 +230,8 @@ fn weights_in_imported_host_memory_are_bound_in_place() {
         let mut store = vec![0u8; len + align];
         let start = store.as_ptr().align_offset(align);
         let region = &mut store[start..start + len];
-        // SAFETY: `store` outlives the import (forgotten below) and is not
-        // written while a product that reads it runs.
+        // `store` outlives the import (forgotten below).
+        // SAFETY: not written while a product that reads it runs.
         assert!(unsafe { x.map_host(region.as_ptr(), len) }.unwrap());
         // Split bindings (1 KiB) for types whose rows fit one.
         let types = match max_binding {

@@ -124,8 +124,8 @@ pub struct Streamed {
     mapped: Vec<*const u8>,
 }
 
-// SAFETY: `mapped` only names slot memory the streamer owns (which is
-// Send); the pointers are handed back to the backend, never dereferenced.
+// `mapped` only names slot memory the streamer (which is Send) owns.
+// SAFETY: the pointers go back to the backend, never dereferenced.
 unsafe impl Send for Streamed {}
 
 impl Streamed {
@@ -139,10 +139,11 @@ impl Streamed {
         let mut mapped = Vec::new();
         if let Some(x) = backend.device_exec() {
             for (p, len) in streamer.slot_memory() {
-                // SAFETY: the slots live as long as the streamer, which
-                // outlives the mapping (`Drop` forgets it first), and a slot
-                // is written only once unpinned, which `done` defers until
-                // the device has run the work that reads it.
+                // The slots live as long as the streamer, which outlives the
+                // mapping (`Drop` forgets it first); a slot is written only
+                // once unpinned, which the device path defers until the
+                // batch that reads it has run.
+                // SAFETY: the memory outlives the mapping, unwritten while read.
                 if let Ok(true) = unsafe { x.map_host(p, len) } {
                     mapped.push(p);
                 }

@@ -6,15 +6,11 @@
 
 use super::{Buf, Chunk, GpuWeight, WgpuBackend};
 use sluice_core::{DType, WeightView};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 /// A range of host memory imported as a device buffer.
 pub(super) struct HostMap {
     len: usize,
     buf: wgpu::Buffer,
-    /// Set once the driver has let go of the memory.
-    freed: Arc<AtomicBool>,
 }
 
 /// How wgpu sees an imported slot of `len` bytes.
@@ -66,9 +62,8 @@ impl WgpuBackend {
         if self.state.lock().hosts.contains_key(&(ptr as usize)) {
             return true;
         }
-        let freed = Arc::new(AtomicBool::new(false));
         // SAFETY: the caller keeps the memory allocated until `forget_host`.
-        let Some(buf) = (unsafe { sys::import(&self.device, ptr, len, freed.clone()) }) else {
+        let Some(buf) = (unsafe { sys::import(&self.device, ptr, len) }) else {
             return false;
         };
         if self.check().is_err() {
@@ -77,7 +72,7 @@ impl WgpuBackend {
         self.state
             .lock()
             .hosts
-            .insert(ptr as usize, HostMap { len, buf, freed });
+            .insert(ptr as usize, HostMap { len, buf });
         true
     }
 
@@ -86,16 +81,10 @@ impl WgpuBackend {
         let Some(m) = self.state.lock().hosts.remove(&(ptr as usize)) else {
             return;
         };
-        let HostMap { buf, freed, .. } = m;
-        drop(buf);
-        // Resources wgpu destroys late go once their submissions are done.
+        drop(m);
+        // wgpu destroys a buffer a submission still uses once that
+        // submission is done (every batch is waited for, so none is).
         let _ = self.device.poll(wgpu::PollType::wait_indefinitely());
-        if !freed.load(Ordering::Acquire) {
-            // A batch still holds the buffer: it cannot be in flight (every
-            // batch is waited for), so one more pass of the device's
-            // maintenance frees it.
-            let _ = self.device.poll(wgpu::PollType::wait_indefinitely());
-        }
     }
 
     /// `(buffer, byte offset in it)` of `bytes` when they lie in imported
@@ -206,8 +195,6 @@ fn gcd(a: usize, b: usize) -> usize {
 #[cfg(any(target_os = "linux", target_os = "android", windows))]
 mod sys {
     use ash::vk;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
     use wgpu::hal::api::Vulkan;
 
     pub(super) fn open(
@@ -216,8 +203,9 @@ mod sys {
     ) -> Option<(wgpu::Device, wgpu::Queue, usize)> {
         let ext = ash::ext::external_memory_host::NAME;
         let (open, align) = {
-            // SAFETY: the hal adapter is only queried and asked for a
-            // device, which wgpu then adopts below.
+            // The hal adapter is only queried and asked for a device,
+            // which wgpu adopts below.
+            // SAFETY: nothing of wgpu's own is destroyed or changed.
             let hal = unsafe { adapter.as_hal::<Vulkan>() }?;
             let caps = hal.physical_device_capabilities();
             if !caps.supports_extension(ext) || caps.properties().api_version < vk::API_VERSION_1_1
@@ -233,9 +221,9 @@ mod sys {
             if !align.is_power_of_two() {
                 return None;
             }
-            // SAFETY: the features and limits are the descriptor's, which
-            // the adapter offers; the callback only adds an extension the
-            // device supports.
+            // The features and limits are the descriptor's, which the
+            // adapter offers.
+            // SAFETY: the callback only adds an extension the device has.
             let open = unsafe {
                 hal.open_with_callback(
                     desc.required_features,
@@ -247,28 +235,26 @@ mod sys {
             .ok()?;
             (open, align)
         };
-        // SAFETY: the device was opened from this adapter with the
-        // descriptor's features.
+        // SAFETY: opened from this adapter with the descriptor's features.
         let (d, q) = unsafe { adapter.create_device_from_hal(open, desc) }.ok()?;
         Some((d, q, align))
     }
 
     /// A storage buffer over `[ptr, ptr + len)`, memory imported from the
-    /// host; `freed` is set when the driver has released it.
+    /// host; its Vulkan objects are freed when wgpu drops it.
     ///
     /// # Safety
     ///
-    /// The memory stays allocated until `freed` is set.
+    /// The memory stays allocated until wgpu has dropped the buffer.
     pub(super) unsafe fn import(
         device: &wgpu::Device,
         ptr: *const u8,
         len: usize,
-        freed: Arc<AtomicBool>,
     ) -> Option<wgpu::Buffer> {
         let ht = vk::ExternalMemoryHandleTypeFlags::HOST_ALLOCATION_EXT;
         let hb = {
-            // SAFETY: the hal device is used to create objects wgpu then
-            // adopts; none of its own objects is touched.
+            // The hal device creates objects wgpu then adopts.
+            // SAFETY: none of wgpu's own objects is touched.
             let hal = unsafe { device.as_hal::<Vulkan>() }?;
             if !hal
                 .enabled_device_extensions()
@@ -282,8 +268,9 @@ mod sys {
                 &raw,
             );
             let mut hp = vk::MemoryHostPointerPropertiesEXT::default();
-            // SAFETY: `ptr` is a host allocation of `len` bytes, aligned
-            // as the device asks (checked by the caller).
+            // `ptr` is a host allocation of `len` bytes, aligned as the
+            // device asks (checked by the caller).
+            // SAFETY: a query on that pointer, which the driver only reads.
             let r = unsafe {
                 (emh.fp().get_memory_host_pointer_properties_ext)(
                     emh.device(),
@@ -337,14 +324,13 @@ mod sys {
                     drop_raw.destroy_buffer(buffer, None);
                     drop_raw.free_memory(mem, None);
                 }
-                freed.store(true, Ordering::Release);
             });
-            // SAFETY: wgpu never destroys the buffer itself; `release`
-            // does, once wgpu has dropped it.
+            // wgpu never destroys the buffer itself; `release` does.
+            // SAFETY: `release` runs once wgpu has dropped the buffer.
             unsafe { wgpu::hal::vulkan::Buffer::from_raw_externally_owned(buffer, release) }
         };
-        // SAFETY: the buffer was created on this device, bound to memory
-        // (initialised: it is the host's), for the usages given.
+        // Created on this device for the usages given.
+        // SAFETY: bound to memory, initialised (it is the host's).
         Some(unsafe { device.create_buffer_from_hal::<Vulkan>(hb, &super::slot_desc(len)) })
     }
 }
@@ -353,8 +339,6 @@ mod sys {
 #[cfg(target_vendor = "apple")]
 mod sys {
     use objc2_metal::{MTLDevice, MTLResourceOptions};
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
     use wgpu::hal::api::Metal;
 
     /// Apple's largest page size: no-copy buffers take whole pages.
@@ -370,19 +354,19 @@ mod sys {
 
     /// # Safety
     ///
-    /// The memory stays allocated until `freed` is set.
+    /// The memory stays allocated until wgpu has dropped the buffer.
     pub(super) unsafe fn import(
         device: &wgpu::Device,
         ptr: *const u8,
         len: usize,
-        freed: Arc<AtomicBool>,
     ) -> Option<wgpu::Buffer> {
         let hb = {
             // SAFETY: the hal device only makes a buffer wgpu adopts.
             let hal = unsafe { device.as_hal::<Metal>() }?;
             let p = std::ptr::NonNull::new(ptr as *mut std::ffi::c_void)?;
-            // SAFETY: `ptr` is a page-aligned host allocation of `len`
-            // bytes (checked by the caller) that outlives the buffer.
+            // `ptr` is page-aligned, `len` whole pages (checked by the
+            // caller).
+            // SAFETY: the allocation outlives the buffer (caller's promise).
             let raw = unsafe {
                 hal.raw_device()
                     .newBufferWithBytesNoCopy_length_options_deallocator(
@@ -395,8 +379,6 @@ mod sys {
             // SAFETY: `raw` is a buffer of `len` bytes on this device.
             unsafe { wgpu::hal::metal::Device::buffer_from_raw(raw, len as u64) }
         };
-        // The buffer owns no memory: releasing it frees nothing of ours.
-        freed.store(true, Ordering::Release);
         // SAFETY: made on this device, over initialised memory.
         Some(unsafe { device.create_buffer_from_hal::<Metal>(hb, &super::slot_desc(len)) })
     }
@@ -410,9 +392,6 @@ mod sys {
     target_vendor = "apple"
 )))]
 mod sys {
-    use std::sync::atomic::AtomicBool;
-    use std::sync::Arc;
-
     pub(super) fn open(
         _: &wgpu::Adapter,
         _: &wgpu::DeviceDescriptor<'_>,
@@ -420,12 +399,7 @@ mod sys {
         None
     }
 
-    pub(super) unsafe fn import(
-        _: &wgpu::Device,
-        _: *const u8,
-        _: usize,
-        _: Arc<AtomicBool>,
-    ) -> Option<wgpu::Buffer> {
+    pub(super) unsafe fn import(_: &wgpu::Device, _: *const u8, _: usize) -> Option<wgpu::Buffer> {
         None
     }
 }

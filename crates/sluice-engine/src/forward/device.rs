@@ -672,7 +672,7 @@ impl Session {
             match &layer.ffn {
                 Ffn::Dense(_) => self.record_dense(&mut *b, li, n)?,
                 Ffn::Moe(m) => {
-                    let logits = match router.take() {
+                    let mut logits = match router.take() {
                         Some(l) => l,
                         None => {
                             let lg = self.record_router(&mut *b, li, m, n)?;
@@ -684,7 +684,6 @@ impl Session {
                             logits
                         }
                     };
-                    let mut logits = logits;
                     let mut chosen = vec![0usize; n * c.top_k];
                     self.choose(m, &mut logits, n, &mut chosen, false)?;
                     let assigned = self.assign(li, &logits, &mut chosen, n);
